@@ -1,0 +1,5 @@
+"""Allow ``python -m runcache``."""
+
+from runcache.cli import main
+
+main()

@@ -1,0 +1,222 @@
+"""Running one command: its own process group, a deadline, and capped output.
+
+A command runs as the leader of a new process group so that a timeout, or the
+server shutting down, can kill it together with everything it spawned. Output is
+read from both pipes by one selector loop in the calling thread (no helper
+threads per run); past the cap, output is still drained so the command never
+blocks on a full pipe, but it is not kept.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import selectors
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+#: How long to keep reading after the command itself exited, for output still
+#: held by processes it left behind; then the rest of its group is killed.
+EXIT_GRACE_SECONDS = 1.0
+
+#: How long to keep reading after a timeout killed the group, for output
+#: already written into the pipes.
+KILL_DRAIN_SECONDS = 0.5
+
+#: How often the read loop wakes to check whether the command has exited.
+_POLL_SECONDS = 0.1
+
+_READ_SIZE = 1 << 20
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one run of a command produced."""
+
+    stdout: str
+    stderr: str
+    return_code: int
+    timed_out: bool
+    stdout_truncated: bool
+    stderr_truncated: bool
+    execution_time: float
+    timestamp: str
+
+    @property
+    def success(self) -> bool:
+        return self.return_code == 0 and not self.timed_out
+
+    @property
+    def partial_results(self) -> bool:
+        return self.timed_out and bool(self.stdout or self.stderr)
+
+
+class _Capture:
+    """The bytes kept from one pipe, up to a cap."""
+
+    def __init__(self, cap: int) -> None:
+        self.data = bytearray()
+        self.cap = cap
+        self.truncated = False
+
+    def add(self, chunk: bytes) -> None:
+        room = self.cap - len(self.data)
+        if len(chunk) > room:
+            self.truncated = True
+            chunk = chunk[:room]
+        self.data += chunk
+
+    def text(self) -> str:
+        text = self.data.decode("utf-8", errors="replace")
+        self.data = bytearray()  # free the raw bytes before the caller encodes the text
+        return text
+
+
+class Runner:
+    """Runs commands and remembers which are running, so shutdown can kill them all."""
+
+    def __init__(
+        self,
+        max_output_bytes: int,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> None:
+        self.max_output_bytes = max_output_bytes
+        self.env = dict(env) if env is not None else None
+        self.cwd = cwd
+        self._lock = threading.Lock()
+        self._running: set[int] = set()
+        self._closed = False
+
+    @property
+    def running(self) -> int:
+        """How many commands are running now."""
+        return len(self._running)
+
+    def run(self, argv: Sequence[str], timeout: float) -> RunResult:
+        """Run ``argv`` until it exits or ``timeout`` seconds pass, whichever is first."""
+        timestamp = datetime.now(timezone.utc).isoformat()
+        started = time.monotonic()
+        try:
+            proc = self._start(argv)
+        except OSError as error:
+            message = f"runcache: cannot run {argv[0]!r}: {error.strerror or error}\n"
+            return RunResult("", message, 127, False, False, False, 0.0, timestamp)
+        try:
+            stdout, stderr, timed_out = self._collect(proc, started + timeout)
+        finally:
+            self._finish(proc)
+        return RunResult(
+            stdout=stdout.text(),
+            stderr=stderr.text(),
+            return_code=proc.returncode,
+            timed_out=timed_out,
+            stdout_truncated=stdout.truncated,
+            stderr_truncated=stderr.truncated,
+            execution_time=time.monotonic() - started,
+            timestamp=timestamp,
+        )
+
+    def _start(self, argv: Sequence[str]) -> subprocess.Popen[bytes]:
+        with self._lock:
+            if self._closed:
+                raise OSError("runcache is shutting down")
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                env=self.env,
+                cwd=self.cwd,
+            )
+            self._running.add(proc.pid)
+        for pipe in (proc.stdout, proc.stderr):
+            _widen_pipe(pipe)
+        return proc
+
+    def _collect(
+        self, proc: subprocess.Popen[bytes], deadline: float
+    ) -> tuple[_Capture, _Capture, bool]:
+        """Read both pipes until they close, the deadline passes, or the exit grace ends."""
+        assert proc.stdout is not None and proc.stderr is not None
+        captures = (_Capture(self.max_output_bytes), _Capture(self.max_output_bytes))
+        timed_out = False
+        with selectors.DefaultSelector() as selector:
+            selector.register(proc.stdout, selectors.EVENT_READ, captures[0])
+            selector.register(proc.stderr, selectors.EVENT_READ, captures[1])
+            exited_at: float | None = None
+            while selector.get_map():
+                now = time.monotonic()
+                if now >= deadline:
+                    timed_out = not _exited(proc.pid)
+                    break
+                if exited_at is None and _exited(proc.pid):
+                    exited_at = now
+                if exited_at is not None and now - exited_at >= EXIT_GRACE_SECONDS:
+                    break
+                _read_ready(selector, min(deadline - now, _POLL_SECONDS))
+            if selector.get_map():
+                _kill_group(proc.pid)
+                drain_until = time.monotonic() + KILL_DRAIN_SECONDS
+                while selector.get_map() and time.monotonic() < drain_until:
+                    _read_ready(selector, _POLL_SECONDS)
+        return captures[0], captures[1], timed_out
+
+    def _finish(self, proc: subprocess.Popen[bytes]) -> None:
+        # Kill whatever the command left in its group while the leader's pid is
+        # still unreaped, so the group id cannot have been reused yet.
+        if not _exited(proc.pid):
+            _kill_group(proc.pid)
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+        _kill_group(proc.pid)
+        proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        with self._lock:
+            self._running.discard(proc.pid)
+
+    def kill_all(self) -> None:
+        """Kill every running command's process group and refuse new runs."""
+        with self._lock:
+            self._closed = True
+            groups = list(self._running)
+        for pgid in groups:
+            _kill_group(pgid)
+
+
+def _read_ready(selector: selectors.BaseSelector, timeout: float) -> None:
+    for key, _ in selector.select(timeout):
+        chunk = os.read(key.fd, _READ_SIZE)
+        if chunk:
+            key.data.add(chunk)
+        else:
+            selector.unregister(key.fileobj)
+
+
+def _exited(pid: int) -> bool:
+    """Whether the process has exited, without reaping it."""
+    status = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    return status is not None and status.si_pid == pid
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _widen_pipe(pipe: object) -> None:
+    # Larger pipe buffers mean fewer wake-ups for commands with a lot of output.
+    try:
+        fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _READ_SIZE)  # type: ignore[attr-defined]
+    except OSError:
+        pass

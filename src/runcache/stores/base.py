@@ -1,0 +1,62 @@
+"""The interface every store implements, and the one test suite checks them all against.
+
+A store is a whole cache, not a dictionary: it enforces the entry and byte
+bounds, evicts the least recently used entry first, expires entries, and counts
+hits, misses, evictions and expirations. It does so itself because SQLite and
+Redis stores must keep those rules across every process that shares them.
+
+The *epoch* is a counter that :meth:`Store.clear` advances. A caller reads it
+before running a command and passes it to :meth:`Store.put`; a put whose epoch
+is stale is dropped, so nothing that began before a clear is in the cache after it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from runcache.cache import CacheStats
+
+
+class Store(Protocol):
+    """A bounded, expiring, least-recently-used cache of byte strings."""
+
+    #: The store's URL with any password masked, for logs and ``/health``.
+    description: str
+
+    def get(self, key: str) -> bytes | None:
+        """Return the live value for ``key`` and mark it most recently used.
+
+        Counts a hit, or a miss (and an expiration when the entry had expired).
+        """
+        ...
+
+    def put(self, key: str, value: bytes, ttl: float, epoch: int) -> bool:
+        """Store ``value`` for ``ttl`` seconds, evicting least recently used entries to fit.
+
+        Returns False, storing nothing, when ``epoch`` is no longer current or the
+        value alone is larger than the byte bound.
+        """
+        ...
+
+    def epoch(self) -> int:
+        """The current clear counter."""
+        ...
+
+    def record_coalesced(self) -> None:
+        """Count a request that was answered by another request's run."""
+        ...
+
+    def clear(self) -> CacheStats:
+        """Empty the store, reset every count and advance the epoch, as one step.
+
+        Returns the statistics as they were just before the clear.
+        """
+        ...
+
+    def stats(self) -> CacheStats:
+        """A consistent snapshot of the counts and sizes."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and files."""
+        ...
