@@ -1,0 +1,245 @@
+"""Fixtures shared by every test: a fake clock, the app, real servers, and a leak check."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from runcache.app import create_app
+from runcache.config import Config
+from runcache.service import Engine
+
+#: Child processes that outlive a single test on purpose (session servers).
+_LONG_LIVED: set[int] = set()
+
+
+class FakeClock:
+    """A clock that moves only when a test says so."""
+
+    def __init__(self, start: float = 1_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def tick(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def fake_clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def config() -> Config:
+    """Defaults, untouched by the environment of whoever runs the tests."""
+    return Config.load(environ={})
+
+
+@pytest.fixture
+def engine(config: Config) -> Iterator[Engine]:
+    built = Engine.from_config(config)
+    yield built
+    built.close()
+
+
+@pytest.fixture
+def app(engine: Engine) -> Flask:
+    return create_app(engine=engine, test_config={"TESTING": True})
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that leaves a child process of the test run behind."""
+    yield
+    deadline = time.monotonic() + 5
+    while True:
+        children = [
+            child
+            for child in psutil.Process().children(recursive=True)
+            if child.pid not in _LONG_LIVED and _alive(child)
+        ]
+        if not children or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if children:
+        described = [f"{child.pid} {' '.join(_cmdline(child))}" for child in children]
+        for child in children:
+            child.kill()
+        pytest.fail(f"{request.node.nodeid} left processes running: {described}")
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return ["?"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# -- a real redis-server ---------------------------------------------------------
+
+
+@dataclass
+class RedisServer:
+    """A redis-server process on a free loopback port, which tests may stop and restart."""
+
+    port: int
+    directory: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        executable = shutil.which("redis-server")
+        if executable is None:
+            pytest.fail("redis-server is not installed; the README's test command installs it")
+        self.process = subprocess.Popen(
+            [executable, "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL,
+        )
+        _LONG_LIVED.add(self.process.pid)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        pytest.fail(f"redis-server did not answer on port {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            _LONG_LIVED.discard(self.process.pid)
+            self.process = None
+
+    def flush(self) -> None:
+        import redis
+
+        with redis.Redis(port=self.port) as connection:
+            connection.flushall()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+# -- a real runcache server --------------------------------------------------------
+
+
+@dataclass
+class LiveServer:
+    """A ``runcache serve`` process, started on port 0 and found by its listening line."""
+
+    process: subprocess.Popen[str]
+    url: str
+    output: list[str] = field(default_factory=list)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(*args: str, env: dict[str, str] | None = None) -> LiveServer:
+    """Start ``runcache serve`` with the given flags and wait until it listens."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")}
+    environment.update(env or {})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "runcache", "serve", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=environment,
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("runcache listening on "):
+            server = LiveServer(process, line.split()[-1], lines)
+            _drain_in_background(server)
+            return server
+    process.wait()
+    raise AssertionError("runcache serve exited before listening:\n" + "".join(lines))
+
+
+def _drain_in_background(server: LiveServer) -> None:
+    # Keep reading the server's log so it never blocks on a full pipe.
+    import threading
+
+    def drain() -> None:
+        assert server.process.stdout is not None
+        for line in server.process.stdout:
+            server.output.append(line)
+
+    threading.Thread(target=drain, daemon=True).start()
+
+
+@pytest.fixture
+def live_server_factory() -> Iterator[Callable[..., LiveServer]]:
+    """Start real servers; every one still running is stopped after the test."""
+    started: list[LiveServer] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> LiveServer:
+        server = start_server(*args, env=env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def live_server(live_server_factory: Callable[..., LiveServer]) -> LiveServer:
+    server: LiveServer = live_server_factory()
+    return server
