@@ -21,6 +21,7 @@ from flask.testing import FlaskClient
 from runcache.app import create_app
 from runcache.config import Config
 from runcache.service import Engine
+from runcache.stores import MemoryStore, Store
 
 #: Child processes that outlive a single test on purpose (session servers).
 _LONG_LIVED: set[int] = set()
@@ -65,6 +66,31 @@ def app(engine: Engine) -> Flask:
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
+
+
+StoreFactory = Callable[..., Store]
+
+
+@pytest.fixture(params=["memory"])
+def store_factory(request: pytest.FixtureRequest, fake_clock: FakeClock) -> Iterator[StoreFactory]:
+    """Make stores of one kind, all on the fake clock; each kind is one parameter.
+
+    Every test that takes this fixture runs once per store, so a store that
+    breaks the cache's rules fails the same test as the others pass.
+    """
+    made: list[Store] = []
+
+    def make(max_entries: int = 1000, max_bytes: int = 1 << 20) -> Store:
+        if request.param == "memory":
+            store: Store = MemoryStore(max_entries, max_bytes, clock=fake_clock)
+        else:
+            raise AssertionError(f"unknown store kind {request.param}")
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        store.close()
 
 
 @pytest.fixture(autouse=True)
