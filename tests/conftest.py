@@ -19,7 +19,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from runcache.app import create_app
+from runcache.cache import Cache
 from runcache.config import Config
+from runcache.runner import Runner
 from runcache.service import Engine
 from runcache.stores import MemoryStore, Store
 
@@ -52,8 +54,10 @@ def config() -> Config:
 
 
 @pytest.fixture
-def engine(config: Config) -> Iterator[Engine]:
-    built = Engine.from_config(config)
+def engine(config: Config, fake_clock: FakeClock) -> Iterator[Engine]:
+    """An engine on the default config whose cache runs on ``fake_clock``."""
+    store = MemoryStore(config.max_entries, config.max_bytes, clock=fake_clock)
+    built = Engine(config, Cache(store), Runner(config.max_output_bytes))
     yield built
     built.close()
 

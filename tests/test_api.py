@@ -1,0 +1,222 @@
+"""The HTTP API through Flask's test client: the contract's fields and every bad input."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from conftest import FakeClock
+from flask.testing import FlaskClient
+
+from runcache.app import create_app
+from runcache.config import Config
+from runcache.service import Engine
+
+RESULT_FIELDS = {
+    "stdout": str,
+    "stderr": str,
+    "return_code": int,
+    "success": bool,
+    "timed_out": bool,
+    "partial_results": bool,
+    "execution_time": float,
+    "timestamp": str,
+    "cached": bool,
+    "cache_key": str,
+    "coalesced": bool,
+    "stdout_truncated": bool,
+    "stderr_truncated": bool,
+}
+
+
+def run(client: FlaskClient, **body: object) -> dict[str, object]:
+    response = client.post("/api/command", json=body)
+    assert response.status_code == 200, response.get_json()
+    payload: dict[str, object] = response.get_json()
+    return payload
+
+
+def stats(client: FlaskClient) -> dict[str, object]:
+    payload: dict[str, object] = client.get("/api/cache/stats").get_json()
+    return payload
+
+
+def test_command_result_has_every_contract_field(client: FlaskClient) -> None:
+    result = run(client, command="echo hello")
+    for name, kind in RESULT_FIELDS.items():
+        assert isinstance(result[name], kind), name
+    assert result["stdout"] == "hello\n" and result["success"] is True
+    assert result["cached"] is False
+
+
+def test_second_identical_command_is_a_cache_hit(client: FlaskClient) -> None:
+    first = run(client, command="echo $$")  # the shell's pid: differs on every real run
+    second = run(client, command="echo $$")
+    assert second["cached"] is True and first["cached"] is False
+    assert second["stdout"] == first["stdout"]
+    assert second["cache_key"] == first["cache_key"]
+    counts = stats(client)
+    assert (counts["hits"], counts["misses"], counts["size"]) == (1, 1, 1)
+
+
+def test_use_cache_false_runs_again_and_does_not_look_up(client: FlaskClient) -> None:
+    first = run(client, command="echo $$")
+    second = run(client, command="echo $$", use_cache=False)
+    assert second["cached"] is False and second["stdout"] != first["stdout"]
+    assert stats(client)["misses"] == 1
+
+
+def test_failed_commands_are_not_cached(client: FlaskClient) -> None:
+    run(client, command="echo $$; exit 1")
+    again = run(client, command="echo $$; exit 1")
+    assert again["cached"] is False and again["return_code"] == 1
+    assert stats(client)["size"] == 0
+
+
+def test_timed_out_command_reports_partial_results(client: FlaskClient) -> None:
+    result = run(client, command="echo partial; sleep 30", timeout=0.5)
+    assert result["timed_out"] is True and result["partial_results"] is True
+    assert result["success"] is False and result["stdout"] == "partial\n"
+    assert stats(client)["size"] == 0
+
+
+def test_request_ttl_applies_to_its_entry(client: FlaskClient, fake_clock: FakeClock) -> None:
+    run(client, command="echo short", ttl=5)
+    run(client, command="echo default")
+    fake_clock.tick(6)
+    assert run(client, command="echo short")["cached"] is False
+    assert run(client, command="echo default")["cached"] is True
+    assert stats(client)["expirations"] == 1
+
+
+def test_stats_fields(client: FlaskClient) -> None:
+    counts = stats(client)
+    for name in ("size", "max_size", "hits", "misses", "evictions", "expirations", "coalesced",
+                 "bytes", "max_bytes"):
+        assert isinstance(counts[name], int), name
+    assert counts["hit_rate"] == "0.0%" and counts["max_size"] == 1000
+
+
+def test_clear_is_exactly_as_specified(
+    client: FlaskClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    run(client, command="echo a")
+    run(client, command="echo a")
+    run(client, command="echo b")
+    with caplog.at_level(logging.INFO):
+        response = client.post("/api/cache/clear")
+    assert response.status_code == 200
+    assert response.get_json() == {"success": True, "message": "Cache cleared"}
+    assert response.content_type == "application/json"
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
+        "🧹 Cache cleared"
+    ]
+    counts = stats(client)
+    assert (counts["hits"], counts["misses"], counts["evictions"], counts["size"]) == (0, 0, 0, 0)
+    assert run(client, command="echo a")["cached"] is False
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type"),
+    [(None, None), (b"", "text/plain"), (b"not json", "application/json"), (b"[1]", None),
+     (b'{"anything": "else"}', "application/x-www-form-urlencoded")],
+)
+def test_clear_takes_any_body_or_none(
+    client: FlaskClient, data: bytes | None, content_type: str | None
+) -> None:
+    response = client.post("/api/cache/clear", data=data, content_type=content_type)
+    assert response.status_code == 200
+    assert response.get_json() == {"success": True, "message": "Cache cleared"}
+
+
+def test_health_and_telemetry(client: FlaskClient) -> None:
+    run(client, command="echo x")
+    run(client, command="exit 2")
+    health = client.get("/health").get_json()
+    assert health["status"] == "healthy" and isinstance(health["version"], str)
+    assert isinstance(health["uptime"], float)
+    assert health["cache_stats"].keys() >= {"size", "hits", "hit_rate"}
+    telemetry = client.get("/api/telemetry").get_json()
+    assert health["telemetry"].keys() == telemetry.keys()
+    assert telemetry["commands_executed"] == 2
+    assert telemetry["success_rate"] == "50.0%"
+    assert telemetry["average_execution_time"].endswith("s")
+    assert isinstance(telemetry["uptime_seconds"], float)
+    assert telemetry["system_metrics"].keys() >= {"cpu_percent", "memory_percent", "disk_usage"}
+
+
+def test_livez(client: FlaskClient) -> None:
+    assert client.get("/livez").get_json() == {"status": "ok"}
+
+
+BAD_COMMAND_BODIES = [
+    (b"", "Command parameter is required"),
+    (b"{}", "Command parameter is required"),
+    (b'{"command": ""}', "Command parameter is required"),
+    (b'{"command": "   "}', "Command parameter is required"),
+    (b'{"command": null}', "Command parameter is required"),
+    (b"not json", "valid JSON"),
+    (b'{"command": "echo"', "valid JSON"),
+    (b'["echo hi"]', "JSON object"),
+    (b'"echo hi"', "JSON object"),
+    (b'{"command": 123}', "command must be a string"),
+    (b'{"command": ["echo"]}', "command must be a string"),
+    (b'{"command": "echo \\u0000"}', "NUL"),
+    (b'{"command": "echo", "use_cache": "no"}', "use_cache"),
+    (b'{"command": "echo", "use_cache": 1}', "use_cache"),
+    (b'{"command": "echo", "timeout": -1}', "timeout"),
+    (b'{"command": "echo", "timeout": 0}', "timeout"),
+    (b'{"command": "echo", "timeout": 1e300}', "timeout must be at most"),
+    (b'{"command": "echo", "timeout": "5"}', "timeout"),
+    (b'{"command": "echo", "timeout": true}', "timeout"),
+    (b'{"command": "echo", "ttl": -5}', "ttl"),
+    (b'{"command": "echo", "ttl": 0}', "ttl"),
+    (b'{"command": "echo", "ttl": 1e12}', "ttl must be at most"),
+    (b'{"command": "echo", "ttl": {}}', "ttl"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), BAD_COMMAND_BODIES)
+def test_bad_command_requests_get_400_and_change_nothing(
+    client: FlaskClient, body: bytes, message: str
+) -> None:
+    before = stats(client)
+    response = client.post("/api/command", data=body, content_type="application/json")
+    assert response.status_code == 400
+    assert response.content_type == "application/json"
+    assert message in response.get_json()["error"]
+    assert stats(client) == before
+    assert client.get("/api/telemetry").get_json()["commands_executed"] == 0
+
+
+def test_missing_command_error_is_the_contract_body(client: FlaskClient) -> None:
+    response = client.post("/api/command", json={})
+    assert response.get_json() == {"error": "Command parameter is required"}
+
+
+def test_body_over_the_limit_is_413(config: Config) -> None:
+    small = Config.load({"max_body_bytes": 100}, environ={})
+    engine = Engine.from_config(small)
+    try:
+        client = create_app(engine=engine).test_client()
+        response = client.post("/api/command", json={"command": "echo " + "x" * 200})
+        assert response.status_code == 413
+        assert "100 bytes" in response.get_json()["error"]
+        assert engine.telemetry.as_dict()["commands_executed"] == 0
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("GET", "/api/command", 405), ("PUT", "/api/cache/clear", 405),
+     ("DELETE", "/api/cache/stats", 405), ("POST", "/health", 405),
+     ("GET", "/nowhere", 404), ("POST", "/api/commands", 404)],
+)
+def test_wrong_method_and_unknown_path_are_json(
+    client: FlaskClient, method: str, path: str, status: int
+) -> None:
+    response = client.open(path, method=method)
+    assert response.status_code == status
+    assert response.content_type == "application/json"
+    assert path in response.get_json()["error"]

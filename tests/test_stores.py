@@ -1,0 +1,194 @@
+"""The cache's rules, checked against every store through the parametrized ``store_factory``."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+from conftest import FakeClock, StoreFactory
+
+from runcache.cache import CacheStats
+
+
+def test_get_of_missing_key_is_a_miss(store_factory: StoreFactory) -> None:
+    store = store_factory()
+    assert store.get("absent") is None
+    stats = store.stats()
+    assert (stats.hits, stats.misses, stats.size) == (0, 1, 0)
+
+
+def test_put_then_get_is_a_hit(store_factory: StoreFactory) -> None:
+    store = store_factory()
+    assert store.put("k", b'{"v":1}', 60, store.epoch())
+    assert store.get("k") == b'{"v":1}'
+    stats = store.stats()
+    assert (stats.hits, stats.misses, stats.size, stats.bytes) == (1, 0, 1, 7)
+
+
+def test_put_replaces_value_and_byte_count(store_factory: StoreFactory) -> None:
+    store = store_factory()
+    store.put("k", b"12345", 60, store.epoch())
+    store.put("k", b"12", 60, store.epoch())
+    assert store.get("k") == b"12"
+    stats = store.stats()
+    assert (stats.size, stats.bytes) == (1, 2)
+
+
+def test_least_recently_used_is_evicted_first(store_factory: StoreFactory) -> None:
+    store = store_factory(max_entries=3)
+    epoch = store.epoch()
+    for key in ("a", "b", "c"):
+        store.put(key, key.encode(), 60, epoch)
+    assert store.get("a") == b"a"  # "b" is now the least recently used
+    store.put("d", b"d", 60, epoch)
+    assert store.get("b") is None
+    assert [store.get(key) for key in ("a", "c", "d")] == [b"a", b"c", b"d"]
+    stats = store.stats()
+    assert (stats.evictions, stats.size, stats.max_size) == (1, 3, 3)
+
+
+def test_byte_bound_evicts_until_the_new_value_fits(store_factory: StoreFactory) -> None:
+    store = store_factory(max_entries=100, max_bytes=10)
+    epoch = store.epoch()
+    store.put("a", b"1234", 60, epoch)
+    store.put("b", b"1234", 60, epoch)
+    store.put("c", b"123456", 60, epoch)  # 14 bytes: "a" must go
+    assert store.get("a") is None
+    assert store.get("b") == b"1234"
+    assert store.get("c") == b"123456"
+    stats = store.stats()
+    assert (stats.bytes, stats.evictions, stats.max_bytes) == (10, 1, 10)
+
+
+def test_value_larger_than_the_byte_bound_is_not_stored(store_factory: StoreFactory) -> None:
+    store = store_factory(max_bytes=10)
+    epoch = store.epoch()
+    store.put("small", b"12", 60, epoch)
+    assert not store.put("huge", b"x" * 11, 60, epoch)
+    assert store.get("huge") is None
+    assert store.get("small") == b"12"
+    assert store.stats().evictions == 0
+
+
+def test_entry_expires_after_its_ttl(store_factory: StoreFactory, fake_clock: FakeClock) -> None:
+    store = store_factory()
+    store.put("k", b"v", 10, store.epoch())
+    fake_clock.tick(9.9)
+    assert store.get("k") == b"v"
+    fake_clock.tick(0.2)
+    assert store.get("k") is None
+    stats = store.stats()
+    assert (stats.hits, stats.misses, stats.expirations, stats.evictions) == (1, 1, 1, 0)
+    assert stats.size == 0
+
+
+def test_each_entry_keeps_its_own_ttl(store_factory: StoreFactory, fake_clock: FakeClock) -> None:
+    store = store_factory()
+    epoch = store.epoch()
+    store.put("short", b"s", 5, epoch)
+    store.put("long", b"l", 50, epoch)
+    fake_clock.tick(6)
+    assert store.get("short") is None
+    assert store.get("long") == b"l"
+    fake_clock.tick(45)
+    assert store.get("long") is None
+    assert store.stats().expirations == 2
+
+
+def test_stats_do_not_count_expired_entries(
+    store_factory: StoreFactory, fake_clock: FakeClock
+) -> None:
+    store = store_factory()
+    store.put("k", b"value", 5, store.epoch())
+    fake_clock.tick(6)
+    stats = store.stats()
+    assert (stats.size, stats.bytes, stats.expirations) == (0, 0, 1)
+
+
+def test_expired_entry_pushed_out_by_bounds_counts_as_expiration(
+    store_factory: StoreFactory, fake_clock: FakeClock
+) -> None:
+    store = store_factory(max_entries=1)
+    store.put("old", b"o", 5, store.epoch())
+    fake_clock.tick(6)
+    store.put("new", b"n", 5, store.epoch())
+    stats = store.stats()
+    assert (stats.evictions, stats.expirations, stats.size) == (0, 1, 1)
+
+
+def test_clear_empties_and_resets_every_count(store_factory: StoreFactory) -> None:
+    store = store_factory(max_entries=2)
+    epoch = store.epoch()
+    for key in ("a", "b", "c"):
+        store.put(key, b"x", 60, epoch)
+    store.get("c")
+    store.get("a")
+    store.record_coalesced()
+    before = store.clear()
+    assert (before.hits, before.misses, before.evictions, before.coalesced) == (1, 1, 1, 1)
+    assert before.size == 2
+    after = store.stats()
+    assert after == CacheStats(0, 0, 0, 0, 0, 0, 2, 0, store.stats().max_bytes)
+    assert after.as_dict()["hit_rate"] == "0.0%"
+    assert store.get("c") is None
+
+
+def test_put_from_before_a_clear_is_dropped(store_factory: StoreFactory) -> None:
+    store = store_factory()
+    epoch = store.epoch()
+    store.clear()
+    assert not store.put("k", b"stale", 60, epoch)
+    assert store.get("k") is None
+    assert store.put("k", b"fresh", 60, store.epoch())
+
+
+def test_hit_rate_is_the_contract_string(store_factory: StoreFactory) -> None:
+    store = store_factory()
+    store.put("k", b"v", 60, store.epoch())
+    for _ in range(7):
+        store.get("k")
+    store.get("absent")
+    stats = store.stats().as_dict()
+    assert stats["hit_rate"] == "87.5%"
+    assert stats["hit_ratio"] == 0.875
+
+
+def test_concurrent_get_put_clear_loses_no_count(store_factory: StoreFactory) -> None:
+    """8 threads of mixed operations: no error, and every lookup is counted exactly once.
+
+    ``clear`` returns the counts it reset, so the counts of every clear plus the
+    final counts must add up to all the lookups the threads made.
+    """
+    store = store_factory(max_entries=16, max_bytes=4096)
+    operations = 1500
+    lookups = [0] * 8
+    cleared: list[CacheStats] = []
+    errors: list[BaseException] = []
+
+    def work(index: int) -> None:
+        rng = random.Random(index)
+        try:
+            for _ in range(operations):
+                roll = rng.random()
+                key = f"k{rng.randrange(40)}"
+                if roll < 0.6:
+                    store.get(key)
+                    lookups[index] += 1
+                elif roll < 0.98:
+                    store.put(key, b"v" * rng.randrange(1, 300), 60, store.epoch())
+                else:
+                    cleared.append(store.clear())
+        except BaseException as error:  # noqa: B036 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    final = store.stats()
+    counted = final.lookups + sum(stats.lookups for stats in cleared)
+    assert counted == sum(lookups)
+    assert final.size <= 16 and final.bytes <= 4096
