@@ -6,13 +6,16 @@ turns any runcache error into one line on stderr and an exit code.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
+import orjson
 
 from runcache import __version__
+from runcache.client import ADMIN_TOKEN_ENV, TOKEN_ENV, URL_ENV, connect
 from runcache.config import Config, settings
 from runcache.errors import RuncacheError
 
@@ -32,8 +35,12 @@ class DefaultGroup(click.Group):
 
 
 def setting_options(command: F) -> F:
-    """Add a flag for every setting in the table; unset flags fall back to env, then default."""
-    for setting in reversed(list(settings())):
+    """Add a flag for every setting in the table; unset flags fall back to env, then default.
+
+    Secrets (tokens) get no flag: a flag's value is visible to every user in ``ps``;
+    they come from the environment or from a ``--*-file``.
+    """
+    for setting in reversed([setting for setting in settings() if not setting.secret]):
         command = click.option(
             setting.flag,
             setting.name,
@@ -61,6 +68,120 @@ def serve(**options: Any) -> None:
     config = Config.load(options)
     configure_logging(config.log_level)
     serve_forever(Engine.from_config(config))
+
+
+# -- client commands: through a server when given one, else an engine in this process --
+
+#: Exit status of a command that ran out of time, as coreutils ``timeout`` uses.
+EXIT_TIMED_OUT = 124
+
+
+def client_options(command: F) -> F:
+    """``--server`` and the tokens, each falling back to its environment variable."""
+    command = click.option(
+        "--admin-token",
+        envvar=ADMIN_TOKEN_ENV,
+        default=None,
+        help=f"Token sent to clear the cache (else --token). [env {ADMIN_TOKEN_ENV}]",
+    )(command)
+    command = click.option(
+        "--token",
+        envvar=TOKEN_ENV,
+        default=None,
+        help=f"Bearer token sent to a server that requires one. [env {TOKEN_ENV}]",
+    )(command)
+    command = click.option(
+        "--server",
+        envvar=URL_ENV,
+        default=None,
+        metavar="URL",
+        help=f"A running runcache server, e.g. http://127.0.0.1:8888; without one the "
+        f"engine runs in this process with the store of RUNCACHE_STORE. [env {URL_ENV}]",
+    )(command)
+    return command
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--no-cache", is_flag=True, help="Run the command even if a result is cached.")
+@click.option("--ttl", type=float, default=None, help="Seconds to keep this result cached.")
+@click.option("--timeout", type=float, default=None, help="Most seconds the command may run.")
+@client_options
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
+def run(
+    argv: tuple[str, ...],
+    no_cache: bool,
+    ttl: float | None,
+    timeout: float | None,
+    server: str | None,
+    token: str | None,
+    admin_token: str | None,
+) -> None:
+    """Run a command through the cache, as if run directly: same output, same exit code."""
+    with connect(server, token, admin_token) as backend:
+        result = backend.execute(
+            shlex.join(argv), use_cache=not no_cache, timeout=timeout, ttl=ttl
+        )
+    _write(sys.stdout, result.get("stdout", ""))
+    _write(sys.stderr, result.get("stderr", ""))
+    for stream in ("stdout", "stderr"):
+        if result.get(f"{stream}_truncated"):
+            click.echo(f"runcache: {stream} was cut at the output cap", err=True)
+    sys.exit(_exit_status(result))
+
+
+def _write(stream: Any, text: str) -> None:
+    stream.flush()
+    stream.buffer.write(text.encode("utf-8", errors="replace"))
+    stream.buffer.flush()
+
+
+def _exit_status(result: dict[str, Any]) -> int:
+    """The command's exit code, as a shell would report it."""
+    if result.get("timed_out"):
+        click.echo("runcache: the command timed out and was killed", err=True)
+        return EXIT_TIMED_OUT
+    code = int(result.get("return_code", 1))
+    return 128 - code if code < 0 else code
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON object.")
+@client_options
+def stats(as_json: bool, server: str | None, token: str | None, admin_token: str | None) -> None:
+    """Print the cache statistics."""
+    with connect(server, token, admin_token) as backend:
+        found = backend.cache_stats()
+    if as_json:
+        click.echo(orjson.dumps(found, option=orjson.OPT_INDENT_2).decode())
+        return
+    width = max(map(len, found), default=0)
+    for name, value in found.items():
+        click.echo(f"{name:<{width}}  {value}")
+
+
+@cli.command()
+@client_options
+def clear(server: str | None, token: str | None, admin_token: str | None) -> None:
+    """Empty the cache and reset its statistics."""
+    with connect(server, token, admin_token) as backend:
+        answer = backend.clear()
+    click.echo(answer.get("message", "Cache cleared"))
+
+
+@cli.command("mcp")
+@client_options
+def mcp_command(server: str | None, token: str | None, admin_token: str | None) -> None:
+    """Serve MCP over stdio for AI agents (tools: execute_command and the rest)."""
+    try:
+        from runcache.mcp import serve_stdio
+    except ModuleNotFoundError as error:
+        if (error.name or "").partition(".")[0] not in ("mcp", "mcp_types"):
+            raise
+        raise RuncacheError(
+            "the MCP server needs the MCP SDK: pip install 'runcache[mcp]'"
+        ) from None
+    log_level = Config.load().log_level
+    serve_stdio(connect(server, token, admin_token), log_level)
 
 
 def main() -> None:

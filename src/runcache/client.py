@@ -1,0 +1,292 @@
+"""Talking to runcache: over HTTP to a running server, or to an engine in this process.
+
+The CLI's client commands and the MCP adapter both need the same five
+operations. :class:`Backend` names them once; :class:`Client` answers them from
+a server and :class:`LocalClient` from an :class:`Engine` of its own, so each
+caller has one code path whichever way it was started, and HTTP handling lives
+only here.
+
+HTTP goes through the standard library's ``urllib``: a handful of small JSON
+requests per process does not justify a dependency, and it honours
+``http_proxy``/``no_proxy`` the way curl does.
+"""
+
+from __future__ import annotations
+
+import http.client
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import orjson
+
+from runcache import __version__
+from runcache.errors import BadRequest, Forbidden, RuncacheError, Unauthorized
+
+if TYPE_CHECKING:  # the engine is imported only when one runs in this process
+    from runcache.service import Engine
+
+#: Environment variables the client reads when no option is given.
+URL_ENV = "RUNCACHE_URL"
+TOKEN_ENV = "RUNCACHE_TOKEN"
+ADMIN_TOKEN_ENV = "RUNCACHE_ADMIN_TOKEN"
+
+#: Seconds to wait for a server's answer to anything but running a command.
+REQUEST_TIMEOUT = 30.0
+
+#: Seconds to wait past a command's own timeout, for the server to kill it and answer.
+EXECUTE_MARGIN = 60.0
+
+#: The answer to a clear, as the contract fixes it for ``POST /api/cache/clear``.
+CLEARED: dict[str, Any] = {"success": True, "message": "Cache cleared"}
+
+
+class ServerUnreachable(RuncacheError):
+    """No runcache server answered at the URL tried."""
+
+    status = 503
+
+
+class ServerError(RuncacheError):
+    """The server answered with an error; ``status`` is its HTTP status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+#: Statuses that map back to the error the server raised, so callers can catch it by name.
+_ERRORS_BY_STATUS: dict[int, type[RuncacheError]] = {
+    400: BadRequest,
+    401: Unauthorized,
+    403: Forbidden,
+}
+
+
+class Backend(Protocol):
+    """The operations the CLI and the MCP adapter use, wherever the engine runs."""
+
+    description: str
+
+    def execute(
+        self,
+        command: str,
+        use_cache: bool = True,
+        timeout: float | None = None,
+        ttl: float | None = None,
+    ) -> dict[str, Any]: ...
+
+    def cache_stats(self) -> dict[str, Any]: ...
+
+    def clear(self) -> dict[str, Any]: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+    def telemetry(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+_Self = TypeVar("_Self", bound="_Closing")
+
+
+class _Closing:
+    """``with`` support: leaving the block closes the backend."""
+
+    def close(self) -> None:
+        """Release what the backend holds."""
+
+    def __enter__(self: _Self) -> _Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def command_payload(
+    command: str, use_cache: bool, timeout: float | None, ttl: float | None
+) -> dict[str, Any]:
+    """The JSON body of ``POST /api/command``; unset optional fields are left out."""
+    payload: dict[str, Any] = {"command": command, "use_cache": use_cache}
+    if timeout is not None:
+        payload["timeout"] = timeout
+    if ttl is not None:
+        payload["ttl"] = ttl
+    return payload
+
+
+class Client(_Closing):
+    """A runcache server over HTTP; every failure is a :class:`RuncacheError` with one line."""
+
+    def __init__(
+        self, url: str, token: str | None = None, admin_token: str | None = None
+    ) -> None:
+        self.url = normalize_url(url)
+        self.token = token or None
+        self.admin_token = admin_token or None
+        self.description = f"runcache server at {self.url}"
+
+    def execute(
+        self,
+        command: str,
+        use_cache: bool = True,
+        timeout: float | None = None,
+        ttl: float | None = None,
+    ) -> dict[str, Any]:
+        """Run a command on the server; wait as long as the server lets it run."""
+        wait = None if timeout is None else timeout + EXECUTE_MARGIN
+        payload = command_payload(command, use_cache, timeout, ttl)
+        return self._request("POST", "/api/command", payload, wait=wait)
+
+    def cache_stats(self) -> dict[str, Any]:
+        return self._request("GET", "/api/cache/stats")
+
+    def clear(self) -> dict[str, Any]:
+        """Clear the cache, with the admin token when there is one."""
+        return self._request("POST", "/api/cache/clear", token=self.admin_token or self.token)
+
+    def health(self) -> dict[str, Any]:
+        return self._request("GET", "/health")
+
+    def telemetry(self) -> dict[str, Any]:
+        return self._request("GET", "/api/telemetry")
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        payload: Mapping[str, Any] | None = None,
+        token: str | None = None,
+        wait: float | None = REQUEST_TIMEOUT,
+    ) -> dict[str, Any]:
+        request = urllib.request.Request(
+            self.url + path,
+            data=None if payload is None else orjson.dumps(payload),
+            headers=self._headers(token or self.token, json_body=payload is not None),
+            method=method,
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=wait) as response:
+                return _decode(response.read(), self.url + path)
+        except urllib.error.HTTPError as error:
+            try:
+                body = error.read()
+            finally:
+                error.close()
+            raise _server_error(error.code, body, self.url + path) from None
+        except urllib.error.URLError as error:
+            raise self._unreachable(error.reason) from None
+        except (OSError, http.client.HTTPException) as error:
+            raise self._unreachable(error) from None
+
+    @staticmethod
+    def _headers(token: str | None, json_body: bool) -> dict[str, str]:
+        headers = {"Accept": "application/json", "User-Agent": f"runcache/{__version__}"}
+        if json_body:
+            headers["Content-Type"] = "application/json"
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return headers
+
+    def _unreachable(self, reason: object) -> ServerUnreachable:
+        if isinstance(reason, OSError) and reason.strerror:
+            reason = reason.strerror
+        return ServerUnreachable(f"cannot reach a runcache server at {self.url}: {reason}")
+
+
+class LocalClient(_Closing):
+    """An engine in this process, behind the same interface as :class:`Client`.
+
+    Requests are checked by the engine's own :meth:`CommandRequest.from_json`, so
+    a bad one fails with the very message the API would give.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.description = f"runcache in-process (store {engine.cache.store.description})"
+
+    @classmethod
+    def from_environment(cls) -> LocalClient:
+        """An engine with the settings of the environment (``RUNCACHE_STORE`` and the rest)."""
+        from runcache.config import Config
+        from runcache.service import Engine
+
+        return cls(Engine.from_config(Config.load()))
+
+    def execute(
+        self,
+        command: str,
+        use_cache: bool = True,
+        timeout: float | None = None,
+        ttl: float | None = None,
+    ) -> dict[str, Any]:
+        from runcache.service import CommandRequest
+
+        request = CommandRequest.from_json(command_payload(command, use_cache, timeout, ttl))
+        return self.engine.execute(request, client="local").as_dict()
+
+    def cache_stats(self) -> dict[str, Any]:
+        return self.engine.cache_stats()
+
+    def clear(self) -> dict[str, Any]:
+        self.engine.clear()
+        return dict(CLEARED)
+
+    def health(self) -> dict[str, Any]:
+        return self.engine.health()
+
+    def telemetry(self) -> dict[str, Any]:
+        return self.engine.telemetry.as_dict()
+
+    def close(self) -> None:
+        """Kill commands still running and release the store."""
+        self.engine.close()
+
+
+def connect(
+    url: str | None, token: str | None = None, admin_token: str | None = None
+) -> Client | LocalClient:
+    """A client for the server at ``url``, or an engine in this process when there is none."""
+    if url:
+        return Client(url, token, admin_token)
+    return LocalClient.from_environment()
+
+
+def normalize_url(url: str) -> str:
+    """``host:port`` or a full URL, as the base URL every path is appended to."""
+    url = url.strip()
+    if "://" not in url:
+        url = "http://" + url
+    return url.rstrip("/")
+
+
+def _decode(body: bytes, where: str) -> dict[str, Any]:
+    try:
+        decoded = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        message = f"{where} did not answer with JSON; is it a runcache server?"
+        raise ServerError(message, 502) from None
+    if not isinstance(decoded, dict):
+        raise ServerError(f"{where} answered with JSON that is not an object", 502)
+    return decoded
+
+
+def _server_error(status: int, body: bytes, where: str) -> RuncacheError:
+    """The server's own message when it sent one, with the error class its status names."""
+    try:
+        message = orjson.loads(body).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        message = None
+    if not isinstance(message, str):
+        message = f"{where} answered HTTP {status}"
+    error_class = _ERRORS_BY_STATUS.get(status)
+    if error_class is not None:
+        return error_class(message)
+    return ServerError(message, status)

@@ -1,0 +1,155 @@
+"""The MCP adapter: runcache's operations as tools over stdio, for AI agents.
+
+The tools keep the names agent setups for this API already call. Each is a thin
+call on a :class:`~runcache.client.Backend`, so the adapter behaves the same
+whether it forwards to a server or runs the engine in this process. A runcache
+error comes back as an MCP tool error carrying its message; the process keeps
+serving. Stdout is the protocol, so every log line goes to stderr.
+
+This module is ``runcache.mcp``; the absolute ``import mcp...`` lines below
+resolve to the MCP SDK, never to this module.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, TypeVar
+
+import anyio.to_thread
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import ToolAnnotations
+
+from runcache import __version__
+from runcache.client import Backend
+from runcache.errors import RuncacheError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+INSTRUCTIONS = (
+    "runcache runs shell commands and caches successful results, so asking for the same "
+    "command again answers at once from the cache. Use execute_command to run a command "
+    "(use_cache=false forces a fresh run); the other tools report on the cache and the "
+    "service or empty the cache."
+)
+
+_READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, open_world_hint=False)
+
+
+def build_server(backend: Backend) -> MCPServer:
+    """An MCP server whose tools call ``backend``."""
+    server: MCPServer = MCPServer(
+        "runcache",
+        title="runcache",
+        instructions=INSTRUCTIONS,
+        version=__version__,
+    )
+
+    @server.tool(
+        description=(
+            "Run a shell command (with /bin/sh -c) and return its result: stdout, stderr, "
+            "return_code, success (exit code 0 and not timed out), timed_out, "
+            "partial_results, execution_time (seconds), timestamp, and cached (true when "
+            "the answer came from the cache). Successful results are cached; set "
+            "use_cache=false to run the command again regardless. timeout is the most "
+            "seconds the command may run (the server's default when omitted)."
+        ),
+        annotations=ToolAnnotations(destructive_hint=True, open_world_hint=True),
+    )
+    async def execute_command(
+        command: str, use_cache: bool = True, timeout: float | None = None
+    ) -> dict[str, Any]:
+        return await _call(backend.execute, command, use_cache, timeout)
+
+    @server.tool(
+        description=(
+            "Return the cache statistics: size (entries held), max_size, hits, misses, "
+            "evictions and hit_rate (a percentage string such as \"87.5%\")."
+        ),
+        annotations=_READ_ONLY,
+    )
+    async def get_cache_stats() -> dict[str, Any]:
+        return await _call(backend.cache_stats)
+
+    @server.tool(
+        description=(
+            "Empty the cache and reset its statistics to zero. Returns "
+            '{"success": true, "message": "Cache cleared"}.'
+        ),
+        annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=True),
+    )
+    async def clear_cache() -> dict[str, Any]:
+        return await _call(backend.clear)
+
+    @server.tool(
+        description=(
+            "Return the service's health: status (\"healthy\" when all is well), version, "
+            "cache_stats, telemetry and uptime (seconds)."
+        ),
+        annotations=_READ_ONLY,
+    )
+    async def server_health() -> dict[str, Any]:
+        return await _call(backend.health)
+
+    @server.tool(
+        description=(
+            "Return execution telemetry: uptime_seconds, commands_executed, success_rate, "
+            "average_execution_time and system_metrics (cpu_percent, memory_percent, "
+            "disk_usage)."
+        ),
+        annotations=_READ_ONLY,
+    )
+    async def get_telemetry() -> dict[str, Any]:
+        return await _call(backend.telemetry)
+
+    return server
+
+
+async def _call(operation: Callable[..., T], *args: Any) -> T:
+    """Run a blocking backend call in a worker thread; a runcache error becomes a tool error.
+
+    The thread is abandoned if the MCP session ends while it waits, so shutting
+    down never waits on a long command: closing the backend kills it instead.
+    """
+    try:
+        return await anyio.to_thread.run_sync(
+            functools.partial(operation, *args), abandon_on_cancel=True
+        )
+    except RuncacheError as error:
+        raise ToolError(error.message) from None
+
+
+def serve_stdio(backend: Backend, log_level: str = "INFO") -> None:
+    """Serve MCP on stdin/stdout until the client hangs up, then close the backend.
+
+    SIGTERM (what an MCP client sends when stdin's closing was not enough) ends
+    the server the same way, so commands running in this process die with it.
+    """
+    # Configured before the SDK's own set-up, which then leaves it alone.
+    logging.basicConfig(
+        level=log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    server = build_server(backend)
+    log.info("runcache MCP server on stdio, using %s", backend.description)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(0)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        server.run("stdio")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        backend.close()
+        sys.stderr.flush()
