@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -207,6 +208,7 @@ class LiveServer:
     process: subprocess.Popen[str]
     url: str
     output: list[str] = field(default_factory=list)
+    reader: threading.Thread | None = None
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -216,6 +218,10 @@ class LiveServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.reader is not None:
+            self.reader.join(10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
         return self.process.returncode
 
 
@@ -239,19 +245,19 @@ def start_server(*args: str, env: dict[str, str] | None = None) -> LiveServer:
             _drain_in_background(server)
             return server
     process.wait()
+    process.stdout.close()
     raise AssertionError("runcache serve exited before listening:\n" + "".join(lines))
 
 
 def _drain_in_background(server: LiveServer) -> None:
     # Keep reading the server's log so it never blocks on a full pipe.
-    import threading
-
     def drain() -> None:
         assert server.process.stdout is not None
         for line in server.process.stdout:
             server.output.append(line)
 
-    threading.Thread(target=drain, daemon=True).start()
+    server.reader = threading.Thread(target=drain, daemon=True)
+    server.reader.start()
 
 
 @pytest.fixture

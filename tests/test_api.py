@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 
 import pytest
-from conftest import FakeClock
 from flask.testing import FlaskClient
 
 from runcache.app import create_app
 from runcache.config import Config
 from runcache.service import Engine
+
+from conftest import FakeClock
 
 RESULT_FIELDS = {
     "stdout": str,

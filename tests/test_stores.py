@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 import threading
 
-from conftest import FakeClock, StoreFactory
-
 from runcache.cache import CacheStats
+
+from conftest import FakeClock, StoreFactory
 
 
 def test_get_of_missing_key_is_a_miss(store_factory: StoreFactory) -> None:

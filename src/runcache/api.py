@@ -9,7 +9,8 @@ import orjson
 from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
-from runcache.errors import BadRequest, Busy, RuncacheError
+from runcache.auth import admin_only
+from runcache.errors import BadRequest, Busy, RuncacheError, Unauthorized
 from runcache.service import CommandRequest, Engine
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ def cache_stats() -> Response:
 
 
 @api.post("/api/cache/clear")
+@admin_only
 def clear_cache() -> Response:
     engine().clear()
     return Response(CLEAR_BODY, mimetype="application/json")
@@ -83,6 +85,8 @@ def register_error_handlers(app: Flask) -> None:
         response = json_response({"error": error.message}, error.status)
         if isinstance(error, Busy):
             response.headers["Retry-After"] = str(error.retry_after)
+        if isinstance(error, Unauthorized):
+            response.headers["WWW-Authenticate"] = 'Bearer realm="runcache"'
         return response
 
     @app.errorhandler(HTTPException)

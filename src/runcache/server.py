@@ -11,10 +11,15 @@ import logging
 import signal
 import sys
 from types import FrameType
+from typing import Any
+
+from flask import Flask
 
 from waitress.server import create_server
 
 from runcache.app import create_app
+from runcache.config import Config
+from runcache.errors import ConfigError
 from runcache.service import Engine
 
 log = logging.getLogger(__name__)
@@ -24,17 +29,13 @@ def serve(engine: Engine) -> None:
     """Serve the API until interrupted, then kill running commands and close the store."""
     config = engine.config
     app = create_app(engine=engine)
-    server = create_server(
-        app,
-        host=config.host,
-        port=config.port,
-        threads=config.threads,
-        # Commands may run for minutes; a connection waiting on one is not idle.
-        channel_timeout=config.max_timeout + 60,
-        asyncore_use_poll=True,
-        ident="runcache",
-    )
-    port = server.effective_port  # type: ignore[union-attr]
+    try:
+        server = _listen(app, config)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot listen on {config.host}:{config.port}: {error.strerror or error}"
+        ) from None
+    port = server.effective_port
     url = f"http://{config.host}:{port}"
     log.info("runcache serving on %s (store %s)", url, engine.cache.store.description)
     # A machine-readable line for scripts and tests that start on port 0.
@@ -54,3 +55,16 @@ def serve(engine: Engine) -> None:
         engine.close()
         server.close()
         sys.stdout.flush()
+
+
+def _listen(app: Flask, config: Config) -> Any:
+    return create_server(
+        app,
+        host=config.host,
+        port=config.port,
+        threads=config.threads,
+        # Commands may run for minutes; a connection waiting on one is not idle.
+        channel_timeout=config.max_timeout + 60,
+        asyncore_use_poll=True,
+        ident="runcache",
+    )

@@ -210,7 +210,7 @@ class Engine:
         log.info("🧹 Cache cleared")
 
     def cache_stats(self) -> dict[str, Any]:
-        """The statistics of ``GET /api/cache/stats``; the last known ones while the store is down."""
+        """The statistics of ``GET /api/cache/stats``, or the last known while the store is down."""
         try:
             self._last_stats = self.cache.stats()
         except StoreError as error:

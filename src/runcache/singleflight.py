@@ -14,6 +14,7 @@ class _Flight(Generic[T]):
         self.done = threading.Event()
         self.value: T | None = None
         self.error: BaseException | None = None
+        self.waiters = 0
 
 
 class SingleFlight(Generic[T]):
@@ -30,6 +31,8 @@ class SingleFlight(Generic[T]):
             leading = flight is None
             if flight is None:
                 flight = self._flights[key] = _Flight()
+            else:
+                flight.waiters += 1
         if not leading:
             flight.done.wait()
             if flight.error is not None:
@@ -45,6 +48,12 @@ class SingleFlight(Generic[T]):
                 del self._flights[key]
             flight.done.set()
         return flight.value, False
+
+    def waiters(self, key: str) -> int:
+        """How many callers are waiting for the run of ``key`` in flight now."""
+        with self._lock:
+            flight = self._flights.get(key)
+            return flight.waiters if flight is not None else 0
 
     def __len__(self) -> int:
         return len(self._flights)
