@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Flask
 
+from runcache import auth
 from runcache.api import api, register_error_handlers
 from runcache.config import Config
 from runcache.service import Engine
@@ -29,6 +30,7 @@ def create_app(
     app.config.update(test_config or {})
     app.extensions["runcache"] = engine
     app.register_blueprint(api)
+    auth.init_app(app, engine.config)
     register_error_handlers(app)
     return app
 

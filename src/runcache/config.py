@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,8 +20,16 @@ from runcache.errors import ConfigError
 MiB = 1024 * 1024
 
 
-def _setting(default: Any, help: str, minimum: float | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "minimum": minimum})
+def _setting(
+    default: Any, help: str, minimum: float | None = None, *, secret: bool = False
+) -> Any:
+    """A row of the table.
+
+    A ``secret`` is kept out of ``repr`` and gets no command-line flag, because a
+    flag's value is visible to every user of the machine in ``ps``.
+    """
+    metadata = {"help": help, "minimum": minimum, "secret": secret}
+    return field(default=default, repr=not secret, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,25 @@ class Config:
     max_body_bytes: int = _setting(1 * MiB, "Largest request body accepted (413 past it).", 1)
     threads: int = _setting(64, "Worker threads serving HTTP requests.", 1)
     log_level: str = _setting("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.")
+    token: str = _setting(
+        "", "Bearer token every /api/* request must send (environment only).", secret=True
+    )
+    token_file: str = _setting("", "File holding the token, instead of RUNCACHE_TOKEN.")
+    admin_token: str = _setting(
+        "", "Bearer token for cache clearing (environment only); defaults to the token.",
+        secret=True,
+    )
+    admin_token_file: str = _setting("", "File holding the admin token.")
+    allow: str = _setting(
+        "", "Comma-separated executables to allow; set, commands run without a shell."
+    )
+    max_concurrent: int = _setting(32, "Most commands running at once; cache hits never wait.", 1)
+    queue_timeout: float = _setting(
+        30.0, "Seconds a command waits for a free slot before a 503 with Retry-After.", 0
+    )
+    env_allow: str = _setting(
+        "", "Comma-separated environment variables commands see (empty: all of runcache's)."
+    )
 
     def __post_init__(self) -> None:
         for setting in dataclasses.fields(self):
@@ -55,7 +83,53 @@ class Config:
         if self.default_ttl > self.max_ttl:
             raise ConfigError("default_ttl must not exceed max_ttl")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-            raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level}")
+            raise ConfigError(
+                f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level}"
+            )
+        if self.threads <= self.max_concurrent:
+            raise ConfigError(
+                f"threads ({self.threads}) must be more than max_concurrent "
+                f"({self.max_concurrent}), so cache hits are served while every slot runs "
+                "a command: raise --threads or lower --max-concurrent"
+            )
+        self._load_tokens()
+        for name in self.allowed_commands:
+            if "/" in name:
+                raise ConfigError(f"allow takes executable names, not paths: {name!r}")
+        for name in self.env_names:
+            if not _ENV_NAME.fullmatch(name):
+                raise ConfigError(f"env_allow: {name!r} is not an environment variable name")
+
+    def _load_tokens(self) -> None:
+        # Frozen, but a token read from a file belongs in the token field itself.
+        for name in ("token", "admin_token"):
+            token = _token_from_file(name, getattr(self, name), getattr(self, name + "_file"))
+            if token and not _TOKEN.fullmatch(token):
+                raise ConfigError(
+                    f"{name} must be at least {MIN_TOKEN_LENGTH} characters of letters, digits "
+                    "and -._~+/ (e.g. the output of `openssl rand -hex 32`)"
+                )
+            object.__setattr__(self, name, token)
+        if self.admin_token and not self.token:
+            raise ConfigError(
+                "admin_token is set but token is not: set RUNCACHE_TOKEN too, "
+                "or use the one token for both"
+            )
+
+    @property
+    def admin_secret(self) -> str:
+        """The token administrative operations need: the admin token, else the token."""
+        return self.admin_token or self.token
+
+    @property
+    def allowed_commands(self) -> tuple[str, ...]:
+        """The executables of ``allow``; empty means commands run through the shell."""
+        return _names(self.allow)
+
+    @property
+    def env_names(self) -> tuple[str, ...]:
+        """The variables of ``env_allow``; empty means commands see the whole environment."""
+        return _names(self.env_allow)
 
     @classmethod
     def load(
@@ -85,6 +159,8 @@ class Setting:
     name: str
     default: Any
     help: str
+    #: Set only from the environment (or a file), never by a flag; kept out of logs.
+    secret: bool = False
 
     @property
     def env_var(self) -> str:
@@ -109,7 +185,34 @@ class Setting:
 def settings() -> Iterator[Setting]:
     """The settings table, in the order the fields are declared."""
     for item in dataclasses.fields(Config):
-        yield Setting(item.name, item.default, item.metadata["help"])
+        yield Setting(item.name, item.default, item.metadata["help"], item.metadata["secret"])
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _token_from_file(name: str, token: str, path: str) -> str:
+    if not path:
+        return token
+    try:
+        with open(path, encoding="utf-8") as file:
+            from_file = file.read().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{name}_file {path!r} cannot be read: {error}") from None
+    if not from_file:
+        raise ConfigError(f"{name}_file {path!r} is empty")
+    if token and token != from_file:
+        raise ConfigError(f"both {name} and {name}_file are set: use one")
+    return from_file
+
+
+#: Shorter tokens can be guessed; 16 characters of hex are 64 bits.
+MIN_TOKEN_LENGTH = 16
+
+#: RFC 6750's token characters, so a token always fits in an Authorization header.
+_TOKEN = re.compile(rf"[A-Za-z0-9\-._~+/]{{{MIN_TOKEN_LENGTH},}}=*")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 _FIELD_NAMES = frozenset(item.name for item in dataclasses.fields(Config))

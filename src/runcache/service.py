@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +17,11 @@ from typing import Any
 import orjson
 
 from runcache import __version__
+from runcache.allowlist import Allowlist
 from runcache.cache import Cache, CacheStats
 from runcache.config import Config
 from runcache.errors import BadRequest, StoreError
+from runcache.limits import Slots
 from runcache.runner import Runner, RunResult
 from runcache.singleflight import SingleFlight
 from runcache.stores import open_store
@@ -114,12 +117,17 @@ class Engine:
         self.telemetry = Telemetry()
         self._flights: SingleFlight[bytes] = SingleFlight()
         self._last_stats = CacheStats(0, 0, 0, 0, 0, 0, config.max_entries, 0, config.max_bytes)
+        self.slots = Slots(config.max_concurrent, config.queue_timeout)
+        self.allowlist: Allowlist | None = None
+        if config.allowed_commands:
+            env = runner.env if runner.env is not None else os.environ
+            self.allowlist = Allowlist(config.allowed_commands, env, runner.cwd)
         self._key_prefix = self._key_context()
 
     @classmethod
     def from_config(cls, config: Config) -> Engine:
         store = open_store(config.store, config.max_entries, config.max_bytes)
-        return cls(config, Cache(store), Runner(config.max_output_bytes))
+        return cls(config, Cache(store), Runner(config.max_output_bytes, _command_env(config)))
 
     def close(self) -> None:
         """Kill running commands and release the store."""
@@ -140,7 +148,7 @@ class Engine:
         cached = self.cache.get(key)
         if cached is not None:
             self.telemetry.record_hit()
-            log.debug("%s hit %s", client, request.command)
+            log.info("%s hit %r", client, request.command)
             return Outcome(cached, cached=True)
         body, shared = self._flights.run(
             key, lambda: self._run_and_store(argv, timeout, key, ttl, client)
@@ -150,7 +158,9 @@ class Engine:
         return Outcome(body, coalesced=shared)
 
     def argv(self, command: str) -> list[str]:
-        """The argument vector that runs ``command``."""
+        """The argument vector that runs ``command``: the shell's, or the allowlist's."""
+        if self.allowlist is not None:
+            return self.allowlist.argv(command)
         return [*SHELL, command]
 
     def cache_key(self, command: str) -> str:
@@ -160,7 +170,7 @@ class Engine:
     def _key_context(self) -> bytes:
         env = self.runner.env if self.runner.env is not None else os.environ
         context = {
-            "shell": SHELL,
+            "shell": SHELL if self.allowlist is None else "none: allowlist mode",
             "cwd": self.runner.cwd or os.getcwd(),
             "env": {name: env.get(name) for name in KEY_ENV_VARS},
             "max_output_bytes": self.runner.max_output_bytes,
@@ -182,12 +192,13 @@ class Engine:
     def _execute(
         self, argv: list[str], timeout: float, key: str, client: str
     ) -> tuple[RunResult, bytes]:
-        result = self.runner.run(argv, timeout)
+        with self.slots.hold():
+            result = self.runner.run(argv, timeout)
         self.telemetry.record_run(result)
         log.info(
             "%s ran %r: exit %d in %.3fs%s",
             client,
-            argv[-1],
+            argv[-1] if argv[:2] == list(SHELL) else shlex.join(argv),
             result.return_code,
             result.execution_time,
             " (timed out)" if result.timed_out else "",
@@ -233,6 +244,13 @@ class Engine:
         if reason:
             health["reason"] = f"cache store failed: {reason}"
         return health
+
+
+def _command_env(config: Config) -> dict[str, str] | None:
+    """The environment commands run with: runcache's own, or only the variables allowed."""
+    if not config.env_names:
+        return None
+    return {name: os.environ[name] for name in config.env_names if name in os.environ}
 
 
 def encode_result(result: RunResult, key: str) -> bytes:
