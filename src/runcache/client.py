@@ -6,16 +6,18 @@ a server and :class:`LocalClient` from an :class:`Engine` of its own, so each
 caller has one code path whichever way it was started, and HTTP handling lives
 only here.
 
-HTTP goes through the standard library's ``urllib``: a handful of small JSON
-requests per process does not justify a dependency, and it honours
-``http_proxy``/``no_proxy`` the way curl does.
+HTTP goes through the standard library's ``http.client``: a handful of small
+JSON requests per process does not justify a dependency, and holding each
+connection lets :meth:`Client.close` cut a request that is still waiting.
+Requests go straight to the server, never through an ``http_proxy``.
 """
 
 from __future__ import annotations
 
 import http.client
-import urllib.error
-import urllib.request
+import socket
+import threading
+import urllib.parse
 from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import orjson
 
 from runcache import __version__
-from runcache.errors import BadRequest, Forbidden, RuncacheError, Unauthorized
+from runcache.errors import BadRequest, ConfigError, Forbidden, RuncacheError, Unauthorized
 
 if TYPE_CHECKING:  # the engine is imported only when one runs in this process
     from runcache.service import Engine
@@ -123,15 +125,31 @@ def command_payload(
 
 
 class Client(_Closing):
-    """A runcache server over HTTP; every failure is a :class:`RuncacheError` with one line."""
+    """A runcache server over HTTP; every failure is a :class:`RuncacheError` with one line.
+
+    Each request opens its own connection, so one client serves many threads.
+    :meth:`close` shuts the connections still waiting, so a caller that is
+    shutting down is never held up by a long command on the server.
+    """
 
     def __init__(
         self, url: str, token: str | None = None, admin_token: str | None = None
     ) -> None:
         self.url = normalize_url(url)
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"server URL must look like http://host:port, got {url!r}")
+        self._connection_class = (
+            http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        )
+        self._netloc = parts.netloc.rpartition("@")[2]
+        self._base_path = parts.path
         self.token = token or None
         self.admin_token = admin_token or None
         self.description = f"runcache server at {self.url}"
+        self._lock = threading.Lock()
+        self._open: set[http.client.HTTPConnection] = set()
+        self._closed = False
 
     def execute(
         self,
@@ -158,6 +176,18 @@ class Client(_Closing):
     def telemetry(self) -> dict[str, Any]:
         return self._request("GET", "/api/telemetry")
 
+    def close(self) -> None:
+        """Refuse new requests and cut the connections of those still waiting."""
+        with self._lock:
+            self._closed = True
+            waiting = list(self._open)
+        for connection in waiting:
+            if connection.sock is not None:
+                try:
+                    connection.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
     def _request(
         self,
         method: str,
@@ -166,25 +196,27 @@ class Client(_Closing):
         token: str | None = None,
         wait: float | None = REQUEST_TIMEOUT,
     ) -> dict[str, Any]:
-        request = urllib.request.Request(
-            self.url + path,
-            data=None if payload is None else orjson.dumps(payload),
-            headers=self._headers(token or self.token, json_body=payload is not None),
-            method=method,
-        )
+        where = self.url + path
+        body = None if payload is None else orjson.dumps(payload)
+        headers = self._headers(token or self.token, json_body=body is not None)
+        connection = self._connection_class(self._netloc, timeout=wait)
+        with self._lock:
+            if self._closed:
+                raise ServerUnreachable(f"the client of {self.url} is closed")
+            self._open.add(connection)
         try:
-            with urllib.request.urlopen(request, timeout=wait) as response:
-                return _decode(response.read(), self.url + path)
-        except urllib.error.HTTPError as error:
-            try:
-                body = error.read()
-            finally:
-                error.close()
-            raise _server_error(error.code, body, self.url + path) from None
-        except urllib.error.URLError as error:
-            raise self._unreachable(error.reason) from None
+            connection.request(method, self._base_path + path, body=body, headers=headers)
+            response = connection.getresponse()
+            status, data = response.status, response.read()
         except (OSError, http.client.HTTPException) as error:
             raise self._unreachable(error) from None
+        finally:
+            with self._lock:
+                self._open.discard(connection)
+            connection.close()
+        if status >= 400:
+            raise _server_error(status, data, where)
+        return _decode(data, where)
 
     @staticmethod
     def _headers(token: str | None, json_body: bool) -> dict[str, str]:
@@ -195,9 +227,12 @@ class Client(_Closing):
             headers["Authorization"] = f"Bearer {token}"
         return headers
 
-    def _unreachable(self, reason: object) -> ServerUnreachable:
-        if isinstance(reason, OSError) and reason.strerror:
-            reason = reason.strerror
+    def _unreachable(self, error: Exception) -> ServerUnreachable:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        if isinstance(error, TimeoutError):
+            reason = "no answer in time"
+        elif not str(reason):
+            reason = type(error).__name__
         return ServerUnreachable(f"cannot reach a runcache server at {self.url}: {reason}")
 
 
