@@ -15,7 +15,7 @@ import click
 import orjson
 
 from runcache import __version__
-from runcache.client import ADMIN_TOKEN_ENV, TOKEN_ENV, URL_ENV, connect
+from runcache.client import ADMIN_TOKEN_ENV, TOKEN_ENV, URL_ENV, LocalClient, connect
 from runcache.config import Config, settings
 from runcache.errors import RuncacheError
 
@@ -180,8 +180,10 @@ def mcp_command(server: str | None, token: str | None, admin_token: str | None) 
         raise RuncacheError(
             "the MCP server needs the MCP SDK: pip install 'runcache[mcp]'"
         ) from None
-    log_level = Config.load().log_level
-    serve_stdio(connect(server, token, admin_token), log_level)
+    backend = connect(server, token, admin_token)
+    # Settings apply to an engine in this process; a forwarding adapter needs none.
+    log_level = backend.engine.config.log_level if isinstance(backend, LocalClient) else "INFO"
+    serve_stdio(backend, log_level)
 
 
 def main() -> None:

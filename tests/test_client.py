@@ -1,0 +1,177 @@
+"""The client: one suite over a real server (HTTP) and an engine in this process."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from runcache.client import (
+    CLEARED,
+    Client,
+    LocalClient,
+    ServerError,
+    ServerUnreachable,
+    connect,
+    normalize_url,
+)
+from runcache.config import Config
+from runcache.errors import BadRequest, ConfigError, Forbidden, Unauthorized
+from runcache.service import Engine
+
+from conftest import LiveServer, free_port
+
+TOKEN = "t" * 24
+ADMIN_TOKEN = "a" * 24
+
+
+@pytest.fixture(params=["http", "local"])
+def backend(request: pytest.FixtureRequest) -> Iterator[Client | LocalClient]:
+    """Each test runs against a real server and against an in-process engine."""
+    if request.param == "http":
+        server: LiveServer = request.getfixturevalue("live_server")
+        with Client(server.url) as client:
+            yield client
+    else:
+        with LocalClient(Engine.from_config(Config.load(environ={}))) as local:
+            yield local
+
+
+def test_second_run_is_cached_and_use_cache_false_runs_again(
+    backend: Client | LocalClient,
+) -> None:
+    first = backend.execute("echo $$")
+    second = backend.execute("echo $$")
+    fresh = backend.execute("echo $$", use_cache=False)
+    assert (first["cached"], second["cached"], fresh["cached"]) == (False, True, False)
+    assert second["stdout"] == first["stdout"] != fresh["stdout"]
+    assert backend.cache_stats()["hits"] == 1
+
+
+def test_result_has_the_contract_fields(backend: Client | LocalClient) -> None:
+    result = backend.execute("echo out; echo err >&2; exit 3", timeout=10)
+    assert (result["stdout"], result["stderr"], result["return_code"]) == ("out\n", "err\n", 3)
+    assert result["success"] is False and result["timed_out"] is False
+    assert isinstance(result["execution_time"], float) and result["timestamp"]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda b: b.execute("   "), "Command parameter is required"),
+        (lambda b: b.execute("true", timeout=0), "timeout must be greater than 0 seconds"),
+        (lambda b: b.execute("true", timeout=10**9), "timeout must be at most 3600 seconds"),
+        (lambda b: b.execute("true", ttl=-1), "ttl must be greater than 0 seconds"),
+    ],
+)
+def test_bad_requests_fail_with_the_api_message_either_way(
+    backend: Client | LocalClient, call: Callable[[Any], object], message: str
+) -> None:
+    with pytest.raises(BadRequest) as raised:
+        call(backend)
+    assert raised.value.message == message
+    assert backend.cache_stats()["misses"] == 0
+
+
+def test_clear_empties_and_answers_as_the_contract_says(backend: Client | LocalClient) -> None:
+    backend.execute("echo x")
+    assert backend.clear() == CLEARED == {"success": True, "message": "Cache cleared"}
+    stats = backend.cache_stats()
+    assert (stats["size"], stats["hits"], stats["misses"], stats["hit_rate"]) == (0, 0, 0, "0.0%")
+
+
+def test_health_and_telemetry(backend: Client | LocalClient) -> None:
+    backend.execute("true")
+    health = backend.health()
+    assert health["status"] == "healthy" and health["cache_stats"]["size"] == 1
+    assert backend.telemetry()["commands_executed"] == 1
+
+
+def test_a_server_that_is_down_is_named_in_one_line() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    with Client(url) as client, pytest.raises(ServerUnreachable) as raised:
+        client.cache_stats()
+    assert raised.value.message == f"cannot reach a runcache server at {url}: Connection refused"
+
+
+def test_something_else_on_the_port_is_not_taken_for_runcache(live_server: LiveServer) -> None:
+    with Client(live_server.url + "/nowhere") as client, pytest.raises(ServerError) as raised:
+        client.cache_stats()
+    assert raised.value.status == 404
+    assert raised.value.message.startswith("no endpoint at /nowhere/api/cache/stats")
+
+
+def test_tokens_are_sent_and_clear_uses_the_admin_token(
+    live_server_factory: Callable[..., LiveServer],
+) -> None:
+    server = live_server_factory(env={"RUNCACHE_TOKEN": TOKEN, "RUNCACHE_ADMIN_TOKEN": ADMIN_TOKEN})
+    with Client(server.url) as anonymous, pytest.raises(Unauthorized):
+        anonymous.execute("true")
+    with Client(server.url, token=TOKEN) as user:
+        assert user.execute("echo hi")["stdout"] == "hi\n"
+        with pytest.raises(Forbidden) as refused:
+            user.clear()
+        assert refused.value.message == "this operation needs the admin token"
+    with Client(server.url, token=TOKEN, admin_token=ADMIN_TOKEN) as admin:
+        assert admin.execute("echo hi")["cached"] is True
+        assert admin.clear() == CLEARED
+
+
+def test_close_cuts_a_request_still_waiting(live_server: LiveServer) -> None:
+    client = Client(live_server.url)
+    errors: list[Exception] = []
+
+    def wait_for_sleep() -> None:
+        try:
+            client.execute("sleep 30", timeout=60)
+        except ServerUnreachable as error:
+            errors.append(error)
+
+    waiter = threading.Thread(target=wait_for_sleep)
+    waiter.start()
+    with Client(live_server.url) as probe:
+        while probe.health()["running_commands"] == 0:
+            threading.Event().wait(0.01)
+    client.close()
+    waiter.join(20)
+    assert not waiter.is_alive() and len(errors) == 1
+
+
+def test_closing_a_local_client_kills_its_running_command() -> None:
+    local = LocalClient(Engine.from_config(Config.load(environ={})))
+    results: list[dict[str, Any]] = []
+    waiter = threading.Thread(target=lambda: results.append(local.execute("sleep 30")))
+    waiter.start()
+    while local.engine.runner.running == 0:
+        threading.Event().wait(0.01)
+    local.close()
+    waiter.join(20)
+    assert results[0]["return_code"] == -9 and results[0]["success"] is False
+
+
+def test_connect_picks_http_with_a_url_and_the_engine_without(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("RUNCACHE_STORE", raising=False)
+    with connect("127.0.0.1:9") as remote, connect(None) as local:
+        assert isinstance(remote, Client) and remote.url == "http://127.0.0.1:9"
+        assert isinstance(local, LocalClient)
+
+
+@pytest.mark.parametrize(
+    ("given", "base"),
+    [
+        ("127.0.0.1:8888", "http://127.0.0.1:8888"),
+        ("http://127.0.0.1:8888/", "http://127.0.0.1:8888"),
+        ("https://runcache.example/base/", "https://runcache.example/base"),
+    ],
+)
+def test_normalize_url(given: str, base: str) -> None:
+    assert normalize_url(given) == base
+
+
+def test_a_url_that_is_not_http_is_refused() -> None:
+    with pytest.raises(ConfigError, match="server URL must look like http://host:port"):
+        Client("ftp://127.0.0.1:21")
