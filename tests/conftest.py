@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from runcache.cache import Cache
 from runcache.config import Config
 from runcache.runner import Runner
 from runcache.service import Engine
-from runcache.stores import MemoryStore, Store
+from runcache.stores import MemoryStore, Store, open_store
 
 #: Child processes that outlive a single test on purpose (session servers).
 _LONG_LIVED: set[int] = set()
@@ -76,18 +77,30 @@ def client(app: Flask) -> FlaskClient:
 StoreFactory = Callable[..., Store]
 
 
-@pytest.fixture(params=["memory"])
-def store_factory(request: pytest.FixtureRequest, fake_clock: FakeClock) -> Iterator[StoreFactory]:
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def store_factory(
+    request: pytest.FixtureRequest, fake_clock: FakeClock, tmp_path: Path
+) -> Iterator[StoreFactory]:
     """Make stores of one kind, all on the fake clock; each kind is one parameter.
 
     Every test that takes this fixture runs once per store, so a store that
-    breaks the cache's rules fails the same test as the others pass.
+    breaks the cache's rules fails the same test as the others pass. Each store
+    made gets a namespace of its own, so two stores of one test are as separate
+    as two memory stores, and tests never see each other's entries in Redis.
     """
     made: list[Store] = []
 
     def make(max_entries: int = 1000, max_bytes: int = 1 << 20) -> Store:
+        namespace = f"test-{uuid.uuid4().hex}"
         if request.param == "memory":
             store: Store = MemoryStore(max_entries, max_bytes, clock=fake_clock)
+        elif request.param == "sqlite":
+            url = f"sqlite://{tmp_path / 'cache.db'}?namespace={namespace}"
+            store = open_store(url, max_entries, max_bytes, clock=fake_clock)
+        elif request.param == "redis":
+            server: RedisServer = request.getfixturevalue("redis_server")
+            url = f"{server.url}?namespace={namespace}"
+            store = open_store(url, max_entries, max_bytes, clock=fake_clock)
         else:
             raise AssertionError(f"unknown store kind {request.param}")
         made.append(store)

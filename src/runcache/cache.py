@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +24,18 @@ if TYPE_CHECKING:
     from runcache.stores.base import Store
 
 log = logging.getLogger(__name__)
+
+#: Seconds a failed store is left alone before it is tried again, so that an
+#: unreachable store does not add a connect timeout to every request.
+RETRY_INTERVAL = 1.0
+
+#: Seconds a cross-instance lock outlives the run it guards, for killing a
+#: timed-out command and storing its result.
+LEASE_MARGIN = 10.0
+
+#: First and longest pause between looks for a result another instance is making.
+POLL_FIRST = 0.01
+POLL_LONGEST = 0.25
 
 
 @dataclass(frozen=True)
@@ -56,20 +71,24 @@ class CacheStats:
 class Cache:
     """A store plus fault tolerance: store errors become misses, logged once per outage.
 
-    While the store is failing, :attr:`degraded_reason` says why; the first call
-    that succeeds again clears it and logs the recovery.
+    While the store is failing, :attr:`degraded_reason` says why, and calls skip
+    the store for :data:`RETRY_INTERVAL` after each failure; the first call that
+    succeeds again clears the reason and logs the recovery.
     """
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self._fault_lock = threading.Lock()
         self._degraded_reason: str | None = None
+        self._retry_at = 0.0
 
     @property
     def degraded_reason(self) -> str | None:
         return self._degraded_reason
 
     def get(self, key: str) -> bytes | None:
+        if self._resting():
+            return None
         try:
             value = self.store.get(key)
         except StoreError as error:
@@ -80,7 +99,7 @@ class Cache:
 
     def put(self, key: str, value: bytes, ttl: float, epoch: int | None) -> bool:
         """Store a result unless the store is down or was cleared since ``epoch`` was read."""
-        if epoch is None:
+        if epoch is None or self._resting():
             return False
         try:
             stored = self.store.put(key, value, ttl, epoch)
@@ -92,6 +111,8 @@ class Cache:
 
     def epoch(self) -> int | None:
         """The store's clear counter, or None when the store cannot be reached."""
+        if self._resting():
+            return None
         try:
             epoch = self.store.epoch()
         except StoreError as error:
@@ -101,6 +122,8 @@ class Cache:
         return epoch
 
     def record_coalesced(self) -> None:
+        if self._resting():
+            return
         try:
             self.store.record_coalesced()
         except StoreError as error:
@@ -108,6 +131,7 @@ class Cache:
 
     def clear(self) -> CacheStats:
         """Empty the store and reset its counts; raises StoreError if the store is down."""
+        self._raise_if_resting()
         try:
             before = self.store.clear()
         except StoreError as error:
@@ -118,6 +142,7 @@ class Cache:
 
     def stats(self) -> CacheStats:
         """The store's statistics; raises StoreError if the store is down."""
+        self._raise_if_resting()
         try:
             stats = self.store.stats()
         except StoreError as error:
@@ -126,13 +151,71 @@ class Cache:
         self._succeeded()
         return stats
 
+    @contextmanager
+    def exclusive(self, key: str, run_timeout: float) -> Iterator[bytes | None]:
+        """Let one instance at a time run ``key``'s command.
+
+        Yields None to the caller that should run the command (holding the
+        store's lock for ``key`` meanwhile), or the result that another instance
+        stored while this one waited. The lock lapses on its own, so a crashed
+        holder delays the others by at most ``run_timeout`` plus a margin; a
+        store that fails lets the caller run the command unlocked.
+        """
+        token, found = self._claim(key, run_timeout + LEASE_MARGIN)
+        try:
+            yield found
+        finally:
+            if token is not None:
+                self._release(key, token)
+
+    def _claim(self, key: str, lease: float) -> tuple[str | None, bytes | None]:
+        """Wait until this instance holds ``key``'s lock or its result is stored."""
+        deadline = time.monotonic() + lease
+        pause = POLL_FIRST
+        while not self._resting():
+            try:
+                token = self.store.acquire(key, lease)
+                # Looked for after taking the lock too: another holder may have
+                # stored the result and let go since this caller's miss.
+                found = self.store.peek(key)
+            except StoreError as error:
+                self._failed(error)
+                break
+            if found is not None:
+                if token is not None:
+                    self._release(key, token)
+                return None, found
+            if token is not None:
+                return token, None
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(pause)
+            pause = min(pause * 2, POLL_LONGEST)
+        return None, None
+
+    def _release(self, key: str, token: str) -> None:
+        try:
+            self.store.release(key, token)
+        except StoreError as error:
+            self._failed(error)
+
     def close(self) -> None:
         self.store.close()
+
+    def _resting(self) -> bool:
+        """Whether the store failed so recently that it is not worth trying yet."""
+        return self._degraded_reason is not None and time.monotonic() < self._retry_at
+
+    def _raise_if_resting(self) -> None:
+        reason = self._degraded_reason
+        if reason is not None and time.monotonic() < self._retry_at:
+            raise StoreError(reason)
 
     def _failed(self, error: StoreError) -> None:
         with self._fault_lock:
             first = self._degraded_reason is None
             self._degraded_reason = error.message
+            self._retry_at = time.monotonic() + RETRY_INTERVAL
         if first:
             log.error("cache store failed, running commands uncached: %s", error.message)
 

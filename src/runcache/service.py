@@ -115,7 +115,7 @@ class Engine:
         self.cache = cache
         self.runner = runner
         self.telemetry = Telemetry()
-        self._flights: SingleFlight[bytes] = SingleFlight()
+        self._flights: SingleFlight[tuple[bytes, bool]] = SingleFlight()
         self._last_stats = CacheStats(0, 0, 0, 0, 0, 0, config.max_entries, 0, config.max_bytes)
         self.slots = Slots(config.max_concurrent, config.queue_timeout)
         self.allowlist: Allowlist | None = None
@@ -150,9 +150,10 @@ class Engine:
             self.telemetry.record_hit()
             log.info("%s hit %r", client, request.command)
             return Outcome(cached, cached=True)
-        body, shared = self._flights.run(
+        (body, elsewhere), shared = self._flights.run(
             key, lambda: self._run_and_store(argv, timeout, key, ttl, client)
         )
+        shared = shared or elsewhere
         if shared:
             self.cache.record_coalesced()
         return Outcome(body, coalesced=shared)
@@ -179,12 +180,16 @@ class Engine:
 
     def _run_and_store(
         self, argv: list[str], timeout: float, key: str, ttl: float, client: str
-    ) -> bytes:
-        epoch = self.cache.epoch()
-        result, body = self._execute(argv, timeout, key, client)
-        if result.success:
-            self.cache.put(key, body, ttl, epoch)
-        return body
+    ) -> tuple[bytes, bool]:
+        """Run and cache a command; or, if another instance runs it, its result and True."""
+        with self.cache.exclusive(key, self.config.queue_timeout + timeout) as elsewhere:
+            if elsewhere is not None:
+                return elsewhere, True
+            epoch = self.cache.epoch()
+            result, body = self._execute(argv, timeout, key, client)
+            if result.success:
+                self.cache.put(key, body, ttl, epoch)
+            return body, False
 
     def _run(self, argv: list[str], timeout: float, key: str, client: str) -> bytes:
         return self._execute(argv, timeout, key, client)[1]

@@ -1,25 +1,73 @@
-"""Store URLs and the one lookup that turns a URL into a store."""
+"""Store URLs and the one lookup that turns a URL into a store.
+
+``memory://`` keeps results in this process; ``sqlite:///path/cache.db`` in a
+file that survives restarts and that processes on one machine share;
+``redis://host:port/db`` (or ``rediss://``, password in the URL) in a Redis that
+instances on many machines share. Each takes ``?namespace=NAME`` (default
+``runcache``): stores with different namespaces in one file or one Redis never
+see each other's entries or counts.
+"""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
-from urllib.parse import urlsplit
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from runcache.errors import ConfigError
 from runcache.stores.base import Store
 from runcache.stores.memory import MemoryStore
 
-__all__ = ["Store", "MemoryStore", "open_store", "SCHEMES"]
+__all__ = ["Store", "MemoryStore", "open_store", "SCHEMES", "DEFAULT_NAMESPACE"]
+
+#: The namespace of a store URL that names none.
+DEFAULT_NAMESPACE = "runcache"
+
+_NAMESPACE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+Clock = Callable[[], float]
 
 
-def _open_memory(url: str, max_entries: int, max_bytes: int, clock: Callable[[], float]) -> Store:
-    return MemoryStore(max_entries, max_bytes, clock=clock)
+def _open_memory(url: str, max_entries: int, max_bytes: int, clock: Clock | None) -> Store:
+    _split_namespace(url)
+    return MemoryStore(max_entries, max_bytes, clock=clock or time.monotonic)
+
+
+def _open_sqlite(url: str, max_entries: int, max_bytes: int, clock: Clock | None) -> Store:
+    from runcache.stores.sqlite import SqliteStore
+
+    rest, namespace = _split_namespace(url)
+    parts = urlsplit(rest)
+    if parts.query:
+        raise ConfigError(f"store {url!r}: sqlite takes no options but namespace")
+    # sqlite:///abs/path.db is absolute; sqlite://relative/path.db is relative.
+    path = parts.netloc + parts.path
+    if not path:
+        raise ConfigError(f"store {url!r} names no file: use sqlite:///path/to/cache.db")
+    return SqliteStore(Path(path), max_entries, max_bytes, namespace, clock=clock or time.time)
+
+
+def _open_redis(url: str, max_entries: int, max_bytes: int, clock: Clock | None) -> Store:
+    try:
+        from runcache.stores.redis import RedisStore
+    except ModuleNotFoundError as error:
+        if error.name != "redis":
+            raise
+        raise ConfigError(
+            f"store {url!r} needs the redis package: pip install 'runcache[redis]'"
+        ) from None
+    rest, namespace = _split_namespace(url)
+    return RedisStore.from_url(rest, max_entries, max_bytes, namespace, clock=clock or time.time)
 
 
 #: Each URL scheme and the function that opens a store for it.
-SCHEMES: dict[str, Callable[[str, int, int, Callable[[], float]], Store]] = {
+SCHEMES: dict[str, Callable[[str, int, int, Clock | None], Store]] = {
     "memory": _open_memory,
+    "sqlite": _open_sqlite,
+    "redis": _open_redis,
+    "rediss": _open_redis,
 }
 
 
@@ -27,12 +75,31 @@ def open_store(
     url: str,
     max_entries: int,
     max_bytes: int,
-    clock: Callable[[], float] = time.monotonic,
+    clock: Clock | None = None,
 ) -> Store:
-    """Open the store a URL names; an unknown scheme names the valid ones."""
+    """Open the store a URL names; an unknown scheme names the valid ones.
+
+    ``clock`` defaults to the monotonic clock for memory and to the wall clock
+    for the stores that outlive the process or are shared between machines.
+    Opening never connects: a store that is down makes the server run degraded.
+    """
     scheme = urlsplit(url).scheme
     opener = SCHEMES.get(scheme)
     if opener is None:
         valid = ", ".join(f"{name}://" for name in SCHEMES)
         raise ConfigError(f"unknown store {url!r}: use one of {valid}")
     return opener(url, max_entries, max_bytes, clock)
+
+
+def _split_namespace(url: str) -> tuple[str, str]:
+    """The URL without its ``namespace`` option, and the namespace (checked)."""
+    parts = urlsplit(url)
+    options = parse_qsl(parts.query, keep_blank_values=True)
+    names = [value for name, value in options if name == "namespace"]
+    namespace = names[-1] if names else DEFAULT_NAMESPACE
+    if not _NAMESPACE.fullmatch(namespace):
+        raise ConfigError(
+            f"store namespace {namespace!r} must be 1 to 64 letters, digits, '.', '_' or '-'"
+        )
+    rest = urlencode([(name, value) for name, value in options if name != "namespace"])
+    return urlunsplit(parts._replace(query=rest)), namespace

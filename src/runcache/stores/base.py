@@ -57,6 +57,28 @@ class Store(Protocol):
         """A consistent snapshot of the counts and sizes."""
         ...
 
+    def peek(self, key: str) -> bytes | None:
+        """Return the live value for ``key`` without counting or reordering anything.
+
+        An instance waiting for another instance's run polls with this, so the
+        wait itself is not a string of misses.
+        """
+        ...
+
+    def acquire(self, key: str, lease: float) -> str | None:
+        """Take the lock that lets one instance run ``key``'s command; None if another holds it.
+
+        Returns a token for :meth:`release`. The lock lapses after ``lease``
+        seconds, so a holder that crashed cannot block the others for good. A
+        store that only one process uses returns a token at once: the engine's
+        in-process single flight already runs each key once.
+        """
+        ...
+
+    def release(self, key: str, token: str) -> None:
+        """Give up the lock taken by :meth:`acquire`, if ``token`` still holds it."""
+        ...
+
     def close(self) -> None:
         """Release connections and files."""
         ...

@@ -12,6 +12,9 @@ from runcache.cache import CacheStats
 #: A key's value and the clock reading after which it is expired.
 _Entry = tuple[bytes, float]
 
+#: The token :meth:`MemoryStore.acquire` grants: there is no lock to hold.
+LOCAL_TOKEN = "local"
+
 
 class MemoryStore:
     """A least-recently-used cache bounded by entries and bytes, guarded by one lock.
@@ -91,6 +94,20 @@ class MemoryStore:
 
     def epoch(self) -> int:
         return self._epoch
+
+    def peek(self, key: str) -> bytes | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry[1] <= self._clock():
+                return None
+            return entry[0]
+
+    def acquire(self, key: str, lease: float) -> str | None:
+        """Always granted: no other process shares this store."""
+        return LOCAL_TOKEN
+
+    def release(self, key: str, token: str) -> None:
+        """Nothing to release: :meth:`acquire` took no lock."""
 
     def record_coalesced(self) -> None:
         with self._lock:

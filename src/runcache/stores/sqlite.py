@@ -1,0 +1,316 @@
+"""A store in one SQLite file: results survive a restart, and processes on one machine share them.
+
+The file holds the entries and the counts of every namespace. Each thread has
+its own connection (SQLite connections must not be shared between threads
+mid-transaction); a forked child opens its own instead of reusing its parent's.
+The database runs in WAL mode, so readers never wait for the writer, and every
+change is one ``BEGIN IMMEDIATE`` transaction: a process killed mid-write leaves
+the previous state, never half an entry or counts that disagree with the entries.
+
+A file that cannot be opened, written or read (a missing directory that cannot
+be made, a corrupt file) raises :class:`StoreError` on use, never at start, so
+the server still starts and runs uncached until the file is usable again.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from runcache.cache import CacheStats
+from runcache.errors import StoreError
+from runcache.stores.memory import LOCAL_TOKEN
+
+#: Seconds a write waits for another process's write before it fails.
+BUSY_TIMEOUT = 5.0
+
+#: Tables shared by every namespace. ``used`` orders entries from least to most
+#: recently used; ``counts.used`` is the namespace's counter that hands it out.
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    namespace TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    expires_at REAL NOT NULL,
+    used INTEGER NOT NULL,
+    UNIQUE (namespace, key)
+);
+CREATE INDEX IF NOT EXISTS entries_by_use ON entries (namespace, used);
+CREATE INDEX IF NOT EXISTS entries_by_expiry ON entries (namespace, expires_at);
+CREATE TABLE IF NOT EXISTS counts (
+    namespace TEXT PRIMARY KEY,
+    hits INTEGER NOT NULL DEFAULT 0,
+    misses INTEGER NOT NULL DEFAULT 0,
+    evictions INTEGER NOT NULL DEFAULT 0,
+    expirations INTEGER NOT NULL DEFAULT 0,
+    coalesced INTEGER NOT NULL DEFAULT 0,
+    entries INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0,
+    epoch INTEGER NOT NULL DEFAULT 0,
+    used INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+_COUNTS = "SELECT hits, misses, evictions, expirations, coalesced, entries, bytes FROM counts"
+
+
+class _ThreadConnection(threading.local):
+    connection: sqlite3.Connection | None = None
+    pid: int = 0
+
+
+class SqliteStore:
+    """The cache's rules kept in SQL, one short transaction per operation."""
+
+    def __init__(
+        self,
+        path: Path,
+        max_entries: int,
+        max_bytes: int,
+        namespace: str = "runcache",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.namespace = namespace
+        self.description = f"sqlite://{path}?namespace={namespace}"
+        self._clock = clock
+        self._local = _ThreadConnection()
+        # Threads of one process queue here rather than in SQLite's busy handler,
+        # which polls with sleeps; other processes still wait in the busy handler.
+        self._write_lock = threading.Lock()
+        self._opened: list[sqlite3.Connection] = []
+        self._opened_lock = threading.Lock()
+
+    # -- the cache's operations -------------------------------------------------
+
+    def get(self, key: str) -> bytes | None:
+        now = self._clock()
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT rowid, value, size, expires_at FROM entries"
+                " WHERE namespace = ? AND key = ?",
+                (self.namespace, key),
+            ).fetchone()
+            if row is None:
+                self._count(db, misses=1)
+                return None
+            rowid, value, size, expires_at = row
+            if expires_at <= now:
+                db.execute("DELETE FROM entries WHERE rowid = ?", (rowid,))
+                self._count(db, misses=1, expirations=1, entries=-1, bytes=-size)
+                return None
+            self._count(db, hits=1, used=1)
+            db.execute(
+                "UPDATE entries SET used = (SELECT used FROM counts WHERE namespace = ?)"
+                " WHERE rowid = ?",
+                (self.namespace, rowid),
+            )
+            return bytes(value)
+
+    def put(self, key: str, value: bytes, ttl: float, epoch: int) -> bool:
+        size = len(value)
+        if size > self.max_bytes:
+            return False
+        now = self._clock()
+        with self._transaction() as db:
+            (current,) = db.execute(
+                "SELECT epoch FROM counts WHERE namespace = ?", (self.namespace,)
+            ).fetchone()
+            if current != epoch:
+                return False
+            replaced = db.execute(
+                "DELETE FROM entries WHERE namespace = ? AND key = ? RETURNING size",
+                (self.namespace, key),
+            ).fetchall()
+            old_size = replaced[0][0] if replaced else 0
+            self._count(db, used=1, entries=0 if replaced else 1, bytes=size - old_size)
+            db.execute(
+                "INSERT INTO entries (namespace, key, value, size, expires_at, used)"
+                " VALUES (?, ?, ?, ?, ?, (SELECT used FROM counts WHERE namespace = ?))",
+                (self.namespace, key, value, size, now + ttl, self.namespace),
+            )
+            self._shrink_to_bounds(db, now)
+        return True
+
+    def _shrink_to_bounds(self, db: sqlite3.Connection, now: float) -> None:
+        # The least recently used entry goes first; if it had already expired,
+        # that is an expiration, not an eviction.
+        while True:
+            entries, total = db.execute(
+                "SELECT entries, bytes FROM counts WHERE namespace = ?", (self.namespace,)
+            ).fetchone()
+            if entries <= self.max_entries and total <= self.max_bytes:
+                return
+            rowid, size, expires_at = db.execute(
+                "SELECT rowid, size, expires_at FROM entries WHERE namespace = ?"
+                " ORDER BY used LIMIT 1",
+                (self.namespace,),
+            ).fetchone()
+            db.execute("DELETE FROM entries WHERE rowid = ?", (rowid,))
+            expired = expires_at <= now
+            self._count(
+                db,
+                entries=-1,
+                bytes=-size,
+                expirations=int(expired),
+                evictions=int(not expired),
+            )
+
+    def epoch(self) -> int:
+        with self._reading() as db:
+            row = db.execute(
+                "SELECT epoch FROM counts WHERE namespace = ?", (self.namespace,)
+            ).fetchone()
+        return int(row[0])
+
+    def peek(self, key: str) -> bytes | None:
+        with self._reading() as db:
+            row = db.execute(
+                "SELECT value FROM entries WHERE namespace = ? AND key = ? AND expires_at > ?",
+                (self.namespace, key, self._clock()),
+            ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def acquire(self, key: str, lease: float) -> str | None:
+        """Always granted: processes sharing a file may each run a command once."""
+        return LOCAL_TOKEN
+
+    def release(self, key: str, token: str) -> None:
+        """Nothing to release: :meth:`acquire` took no lock."""
+
+    def record_coalesced(self) -> None:
+        with self._transaction() as db:
+            self._count(db, coalesced=1)
+
+    def clear(self) -> CacheStats:
+        with self._transaction() as db:
+            before = self._snapshot(db)
+            db.execute("DELETE FROM entries WHERE namespace = ?", (self.namespace,))
+            db.execute(
+                "UPDATE counts SET hits = 0, misses = 0, evictions = 0, expirations = 0,"
+                " coalesced = 0, entries = 0, bytes = 0, used = 0, epoch = epoch + 1"
+                " WHERE namespace = ?",
+                (self.namespace,),
+            )
+        return before
+
+    def stats(self) -> CacheStats:
+        with self._transaction() as db:
+            # So that ``size`` and ``bytes`` count only entries that could be served.
+            purged = db.execute(
+                "DELETE FROM entries WHERE namespace = ? AND expires_at <= ? RETURNING size",
+                (self.namespace, self._clock()),
+            ).fetchall()
+            if purged:
+                freed = sum(size for (size,) in purged)
+                self._count(db, expirations=len(purged), entries=-len(purged), bytes=-freed)
+            return self._snapshot(db)
+
+    def close(self) -> None:
+        with self._opened_lock:
+            opened, self._opened = self._opened, []
+        for connection in opened:
+            connection.close()
+        self._local.connection = None
+
+    # -- SQL helpers ----------------------------------------------------------------
+
+    def _count(self, db: sqlite3.Connection, **changes: int) -> None:
+        """Add to the namespace's counts; the names are this module's own, never input."""
+        assignments = ", ".join(f"{name} = {name} + ?" for name in changes)
+        db.execute(
+            f"UPDATE counts SET {assignments} WHERE namespace = ?",
+            (*changes.values(), self.namespace),
+        )
+
+    def _snapshot(self, db: sqlite3.Connection) -> CacheStats:
+        row: tuple[Any, ...] = db.execute(
+            _COUNTS + " WHERE namespace = ?", (self.namespace,)
+        ).fetchone()
+        hits, misses, evictions, expirations, coalesced, entries, total = row
+        return CacheStats(
+            hits=hits,
+            misses=misses,
+            evictions=evictions,
+            expirations=expirations,
+            coalesced=coalesced,
+            size=entries,
+            max_size=self.max_entries,
+            bytes=total,
+            max_bytes=self.max_bytes,
+        )
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: all of it is committed, or none of it."""
+        with self._write_lock, self._reading() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection; any SQLite failure becomes a StoreError."""
+        try:
+            yield self._connection()
+        except sqlite3.Error as error:
+            self._discard()
+            raise StoreError(f"sqlite store {self.path}: {error}") from error
+
+    def _connection(self) -> sqlite3.Connection:
+        local = self._local
+        if local.connection is None or local.pid != os.getpid():
+            local.connection = self._connect()
+            local.pid = os.getpid()
+        return local.connection
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise sqlite3.OperationalError(f"cannot create its directory: {error}") from error
+        # isolation_level=None: this module issues BEGIN and COMMIT itself.
+        db = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+        )
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            # In WAL mode NORMAL still commits atomically; it only skips an fsync
+            # per commit, so a power cut may lose the last commits, never corrupt.
+            db.execute("PRAGMA synchronous = NORMAL")
+            db.executescript(_SCHEMA)
+            db.execute("INSERT OR IGNORE INTO counts (namespace) VALUES (?)", (self.namespace,))
+        except BaseException:
+            db.close()
+            raise
+        with self._opened_lock:
+            self._opened.append(db)
+        return db
+
+    def _discard(self) -> None:
+        # After a failure, start the next attempt on a fresh connection: the file
+        # may have been replaced, repaired or made writable meanwhile.
+        connection, self._local.connection = self._local.connection, None
+        if connection is None:
+            return
+        with self._opened_lock:
+            if connection in self._opened:
+                self._opened.remove(connection)
+        try:
+            connection.close()
+        except sqlite3.Error:
+            pass
