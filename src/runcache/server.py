@@ -7,8 +7,10 @@ Waitress was chosen by measurement (see the README and benchmarks/http_hits.py).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
+import socket
 import sys
 from types import FrameType
 from typing import Any
@@ -28,6 +30,11 @@ log = logging.getLogger(__name__)
 def serve(engine: Engine) -> None:
     """Serve the API until interrupted, then kill running commands and close the store."""
     config = engine.config
+    try:
+        check_exposure(config)
+    except ConfigError:
+        engine.close()
+        raise
     app = create_app(engine=engine)
     try:
         server = _listen(app, config)
@@ -42,19 +49,44 @@ def serve(engine: Engine) -> None:
     print(f"runcache listening on {url}", flush=True)
 
     def stop(signum: int, frame: FrameType | None) -> None:
+        # Kill running commands first, so the threads serving them finish while
+        # waitress waits for its threads, instead of writing to closed sockets.
+        log.info("runcache stopping: killing %d running command(s)", engine.runner.running)
+        engine.runner.kill_all()
         raise SystemExit(0)
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server.run()
-    except KeyboardInterrupt:
-        pass
+        server.run()  # returns once stop() raised SystemExit and the threads are done
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        log.info("runcache stopping: killing %d running command(s)", engine.runner.running)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         engine.close()
         server.close()
         sys.stdout.flush()
+
+
+def check_exposure(config: Config) -> None:
+    """Refuse to serve beyond loopback without a token: anyone reaching it could run commands."""
+    if config.token or is_loopback(config.host):
+        return
+    raise ConfigError(
+        f"refusing to listen on {config.host} without a token: anyone who can reach it could "
+        "run commands on this machine; set RUNCACHE_TOKEN (or --token-file), or listen on "
+        "127.0.0.1"
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address ``host`` names is a loopback address (unresolvable: no)."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return False
+    addresses = {info[4][0] for info in infos}
+    return bool(addresses) and all(
+        ipaddress.ip_address(str(address).split("%")[0]).is_loopback for address in addresses
+    )
 
 
 def _listen(app: Flask, config: Config) -> Any:
