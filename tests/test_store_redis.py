@@ -1,0 +1,199 @@
+"""What only the Redis store has to get right: its keys, native expiry, locks and failures.
+
+The cache's rules themselves are checked for every store in ``test_stores.py``;
+these run against the real redis-server of the ``redis_server`` fixture.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+
+from runcache.errors import ConfigError, StoreError
+from runcache.stores import open_store
+from runcache.stores.redis import NATIVE_EXPIRY_GRACE, RedisStore
+
+from conftest import FakeClock, RedisServer, free_port
+
+MakeStore = Callable[..., RedisStore]
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"test-{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def connection(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    with redis.Redis(port=redis_server.port) as client:
+        yield client
+
+
+@pytest.fixture
+def make(redis_server: RedisServer, namespace: str) -> Iterator[MakeStore]:
+    """Stores on the session Redis; by default all of one test share its namespace."""
+    made: list[RedisStore] = []
+
+    def make_store(max_entries: int = 100, max_bytes: int = 1 << 20,
+                   name: str | None = None, clock: FakeClock | None = None) -> RedisStore:
+        url = f"{redis_server.url}?namespace={name or namespace}"
+        store = open_store(url, max_entries, max_bytes, clock=clock or FakeClock())
+        assert isinstance(store, RedisStore)
+        made.append(store)
+        return store
+
+    yield make_store
+    for store in made:
+        store.close()
+
+
+def namespace_keys(connection: redis.Redis, namespace: str) -> set[bytes]:
+    return set(connection.scan_iter(match=f"runcache:{{{namespace}}}:*"))
+
+
+def test_clear_removes_only_this_namespaces_keys(
+    make: MakeStore, connection: redis.Redis, namespace: str
+) -> None:
+    ours, theirs = make(), make(name=namespace + "-other")
+    connection.set("unrelated:key", b"keep me")
+    for index in range(5):
+        ours.put(f"k{index}", b"v", 60, ours.epoch())
+        theirs.put(f"k{index}", b"v", 60, theirs.epoch())
+    ours.get("k1")
+    assert len(namespace_keys(connection, namespace)) == 5 + 4
+    before = ours.clear()
+    assert (before.size, before.hits) == (5, 1)
+    assert namespace_keys(connection, namespace) == {ours.counts_key.encode()}
+    assert connection.hgetall(ours.counts_key) == {b"epoch": b"1"}
+    assert connection.get("unrelated:key") == b"keep me"
+    assert theirs.get("k3") == b"v" and theirs.stats().size == 5
+
+
+def test_entries_carry_a_native_expiry(make: MakeStore, connection: redis.Redis) -> None:
+    store = make()
+    store.put("k", b"v", 30, store.epoch())
+    remaining = connection.pttl(store.entry_prefix + "k")
+    assert 30_000 < remaining <= (30 + NATIVE_EXPIRY_GRACE) * 1000
+
+
+def test_entry_redis_expired_itself_counts_as_expiration(
+    make: MakeStore, connection: redis.Redis
+) -> None:
+    store = make()
+    store.put("gone", b"12345", 60, store.epoch())
+    connection.delete(store.entry_prefix + "gone")  # as Redis's own expiry does
+    assert store.get("gone") is None
+    stats = store.stats()
+    assert (stats.misses, stats.expirations, stats.size, stats.bytes) == (1, 1, 0, 0)
+
+
+def test_eviction_of_an_entry_redis_expired_counts_as_expiration(
+    make: MakeStore, connection: redis.Redis
+) -> None:
+    store = make(max_entries=2)
+    epoch = store.epoch()
+    store.put("a", b"1", 60, epoch)
+    store.put("b", b"2", 60, epoch)
+    connection.delete(store.entry_prefix + "a")
+    store.put("c", b"3", 60, epoch)
+    stats = store.stats()
+    assert (stats.expirations, stats.evictions, stats.size, stats.bytes) == (1, 0, 2, 2)
+
+
+def test_instances_share_entries_counts_and_bounds(make: MakeStore) -> None:
+    one, two = make(max_entries=5), make(max_entries=5)
+    for index in range(20):
+        store = one if index % 2 else two
+        assert store.put(f"k{index}", b"v", 60, store.epoch())
+    assert two.get("k19") == b"v"
+    stats = one.stats()
+    assert (stats.size, stats.evictions, stats.hits) == (5, 15, 1)
+
+
+def test_counts_from_many_clients_are_not_lost(make: MakeStore) -> None:
+    stores = [make() for _ in range(4)]
+    stores[0].put("k", b"v", 60, stores[0].epoch())
+    rounds = 200
+
+    def hammer(store: RedisStore) -> None:
+        for index in range(rounds):
+            store.get("k" if index % 2 else f"absent{index}")
+            store.record_coalesced()
+
+    threads = [threading.Thread(target=hammer, args=(store,)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stats = stores[1].stats()
+    half = len(stores) * rounds // 2
+    assert (stats.hits, stats.misses, stats.coalesced) == (half, half, 2 * half)
+
+
+def test_lock_is_exclusive_token_checked_and_lapses(
+    make: MakeStore, connection: redis.Redis
+) -> None:
+    one, two = make(), make()
+    token = one.acquire("k", 5)
+    assert token is not None
+    assert two.acquire("k", 5) is None
+    assert 0 < connection.pttl(one.lock_prefix + "k") <= 5000, "a crashed holder's lock lapses"
+    two.release("k", "not-the-token")
+    assert two.acquire("k", 5) is None
+    one.release("k", token)
+    assert two.acquire("k", 5) is not None
+
+
+def test_peek_neither_counts_nor_reorders(make: MakeStore) -> None:
+    store = make(max_entries=2)
+    epoch = store.epoch()
+    store.put("a", b"1", 60, epoch)
+    store.put("b", b"2", 60, epoch)
+    assert store.peek("a") == b"1" and store.peek("absent") is None
+    store.put("c", b"3", 60, epoch)  # "a" is still the least recently used
+    assert store.peek("a") is None
+    stats = store.stats()
+    assert (stats.hits, stats.misses, stats.evictions) == (0, 0, 1)
+
+
+def test_scripts_are_loaded_again_after_redis_forgets_them(
+    make: MakeStore, connection: redis.Redis
+) -> None:
+    store = make()
+    store.put("k", b"v", 60, store.epoch())
+    connection.script_flush()
+    assert store.get("k") == b"v"
+
+
+def test_unreachable_redis_raises_store_error_on_use_only() -> None:
+    store = open_store(f"redis://127.0.0.1:{free_port()}/0", 10, 100)
+    with pytest.raises(StoreError, match="Connection refused"):
+        store.get("k")
+    with pytest.raises(StoreError):
+        store.stats()
+    store.close()
+
+
+def test_description_masks_the_password() -> None:
+    store = open_store("rediss://alice:s3cret@cache.example:6380/2?namespace=team-a", 10, 100)
+    assert store.description == "rediss://alice:***@cache.example:6380/2?namespace=team-a"
+    assert isinstance(store, RedisStore)
+    assert store.lru_key == "runcache:{team-a}:lru"
+    store.close()
+
+
+def test_unknown_url_option_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="bogus"):
+        open_store("redis://127.0.0.1:6379/0?bogus=1", 10, 100)
+
+
+def test_missing_redis_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)
+    monkeypatch.delitem(sys.modules, "runcache.stores.redis")
+    with pytest.raises(ConfigError, match=r"pip install 'runcache\[redis\]'"):
+        open_store("redis://127.0.0.1:6379/0", 10, 100)

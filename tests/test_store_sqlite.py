@@ -1,0 +1,214 @@
+"""What only the SQLite store has to get right: the file, its transactions and its failures.
+
+The cache's rules themselves are checked for every store in ``test_stores.py``.
+"""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runcache.errors import ConfigError, StoreError
+from runcache.stores import open_store
+from runcache.stores.sqlite import SqliteStore
+
+from conftest import FakeClock
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "cache.db"
+
+
+@pytest.fixture
+def opened() -> Iterator[list[SqliteStore]]:
+    stores: list[SqliteStore] = []
+    yield stores
+    for store in stores:
+        store.close()
+
+
+def make(opened: list[SqliteStore], path: Path, namespace: str = "runcache",
+         max_entries: int = 100, clock: FakeClock | None = None) -> SqliteStore:
+    store = SqliteStore(path, max_entries, 1 << 20, namespace, clock=clock or FakeClock())
+    opened.append(store)
+    return store
+
+
+def test_entries_and_counts_survive_reopening_the_file(
+    db_path: Path, opened: list[SqliteStore]
+) -> None:
+    first = make(opened, db_path)
+    assert first.put("k", b'{"v":1}', 60, first.epoch())
+    assert first.get("k") == b'{"v":1}'
+    first.close()
+    again = make(opened, db_path)
+    assert again.get("k") == b'{"v":1}'
+    stats = again.stats()
+    assert (stats.hits, stats.size, stats.bytes) == (2, 1, 7)
+
+
+def test_file_is_in_wal_mode(db_path: Path, opened: list[SqliteStore]) -> None:
+    make(opened, db_path).get("k")
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_two_stores_on_one_file_share_entries_counts_and_clear(
+    db_path: Path, opened: list[SqliteStore]
+) -> None:
+    one, two = make(opened, db_path), make(opened, db_path)
+    one.put("k", b"v", 60, one.epoch())
+    assert two.get("k") == b"v"
+    assert one.stats().hits == 1
+    before = two.clear()
+    assert (before.hits, before.size) == (1, 1)
+    assert one.get("k") is None
+    assert not one.put("late", b"v", 60, 0), "a put from before the clear must be dropped"
+
+
+def test_namespaces_in_one_file_are_separate(db_path: Path, opened: list[SqliteStore]) -> None:
+    team_a, team_b = make(opened, db_path, "team-a"), make(opened, db_path, "team-b")
+    team_a.put("k", b"a", 60, team_a.epoch())
+    team_b.put("k", b"b", 60, team_b.epoch())
+    team_a.clear()
+    assert team_b.get("k") == b"b"
+    assert team_a.get("k") is None
+    assert (team_b.stats().size, team_b.stats().hits) == (1, 1)
+
+
+def test_bounds_hold_across_stores_sharing_a_file(
+    db_path: Path, opened: list[SqliteStore]
+) -> None:
+    one, two = make(opened, db_path, max_entries=5), make(opened, db_path, max_entries=5)
+    for index in range(20):
+        store = one if index % 2 else two
+        assert store.put(f"k{index}", b"v", 60, store.epoch())
+    stats = one.stats()
+    assert (stats.size, stats.evictions) == (5, 15)
+    assert [one.get(f"k{index}") for index in range(15, 20)] == [b"v"] * 5
+
+
+_FORKER = """
+import os
+import sys
+from pathlib import Path
+from runcache.stores.sqlite import SqliteStore
+
+store = SqliteStore(Path(sys.argv[1]), 100, 1 << 20)
+store.put("parent", b"p", 60, store.epoch())  # the parent's connection is open
+pid = os.fork()
+if pid == 0:
+    inherited = store._local.connection
+    ok = store.get("parent") == b"p" and store.put("child", b"c", 60, store.epoch())
+    os._exit(0 if ok and store._local.connection is not inherited else 1)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status) or (store.get("child") != b"c"))
+"""
+
+
+def test_forked_child_opens_its_own_connection(db_path: Path) -> None:
+    # In a process of its own: forking the multi-threaded test process is unsafe.
+    subprocess.run([sys.executable, "-c", _FORKER, str(db_path)], check=True, timeout=60)
+
+
+_WRITER = """
+import sys
+from pathlib import Path
+from runcache.stores.sqlite import SqliteStore
+
+store = SqliteStore(Path(sys.argv[1]), 50, 1 << 20)
+index = 0
+while True:
+    store.put(f"k{index}", b"x" * (index % 997 + 1), 60, store.epoch())
+    store.get(f"k{index // 2}")
+    index += 1
+    if index == 200:
+        print("writing", flush=True)
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_a_consistent_file(
+    db_path: Path, opened: list[SqliteStore]
+) -> None:
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(db_path)], stdout=subprocess.PIPE, text=True
+    )
+    assert writer.stdout is not None
+    assert writer.stdout.readline() == "writing\n"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    writer.stdout.close()
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        rows, total = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries").fetchone()
+        counted = db.execute("SELECT entries, bytes FROM counts").fetchone()
+        sizes = db.execute("SELECT COUNT(*) FROM entries WHERE size != LENGTH(value)").fetchone()
+    assert (rows, total) == counted
+    assert 0 < rows <= 50
+    assert sizes[0] == 0, "an entry is whole or absent"
+    assert make(opened, db_path, max_entries=50).stats().size == rows
+
+
+def test_corrupt_file_fails_on_use_not_on_open_and_recovers(
+    db_path: Path, opened: list[SqliteStore]
+) -> None:
+    db_path.write_bytes(b"this is not a database" * 100)
+    store = make(opened, db_path)
+    with pytest.raises(StoreError, match="not a database"):
+        store.get("k")
+    with pytest.raises(StoreError):
+        store.stats()
+    db_path.unlink()
+    assert store.put("k", b"v", 60, store.epoch())
+    assert store.get("k") == b"v"
+
+
+def test_unwritable_location_fails_on_use_with_the_reason(
+    tmp_path: Path, opened: list[SqliteStore]
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    store = make(opened, blocker / "cache.db")
+    with pytest.raises(StoreError, match="cannot create its directory"):
+        store.epoch()
+
+
+def test_missing_directories_are_made(tmp_path: Path, opened: list[SqliteStore]) -> None:
+    store = make(opened, tmp_path / "deep" / "er" / "cache.db")
+    assert store.put("k", b"v", 60, store.epoch())
+    assert (tmp_path / "deep" / "er" / "cache.db").is_file()
+
+
+@pytest.mark.parametrize(
+    ("url", "path", "namespace"),
+    [
+        ("sqlite:///var/cache/rc.db", "/var/cache/rc.db", "runcache"),
+        ("sqlite://rel/rc.db?namespace=team-a", "rel/rc.db", "team-a"),
+    ],
+)
+def test_url_names_the_file_and_namespace(url: str, path: str, namespace: str) -> None:
+    store = open_store(url, 10, 100)
+    assert isinstance(store, SqliteStore)
+    assert (store.path, store.namespace) == (Path(path), namespace)
+    assert store.description == f"sqlite://{path}?namespace={namespace}"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("sqlite://", "names no file"),
+        ("sqlite:///x.db?mode=ro", "no options but namespace"),
+        ("sqlite:///x.db?namespace=a b", "namespace"),
+        ("sqlite:///x.db?namespace=", "namespace"),
+    ],
+)
+def test_bad_urls_are_config_errors(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        open_store(url, 10, 100)
