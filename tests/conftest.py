@@ -74,6 +74,25 @@ def client(app: Flask) -> FlaskClient:
     return app.test_client()
 
 
+@pytest.fixture
+def client_factory() -> Iterator[Callable[..., FlaskClient]]:
+    """In-process clients of apps with non-default settings (``token=...``, ``allow=...``).
+
+    Settings come from the keyword arguments over the defaults, never from the
+    environment of whoever runs the tests; every engine made is closed after the test.
+    """
+    engines: list[Engine] = []
+
+    def make(**settings: object) -> FlaskClient:
+        built = Engine.from_config(Config.load(settings, environ={}))
+        engines.append(built)
+        return create_app(engine=built, test_config={"TESTING": True}).test_client()
+
+    yield make
+    for built in engines:
+        built.close()
+
+
 StoreFactory = Callable[..., Store]
 
 

@@ -10,6 +10,7 @@ from flask import Flask
 from runcache import auth
 from runcache.api import api, register_error_handlers
 from runcache.config import Config
+from runcache.openapi import docs
 from runcache.service import Engine
 
 
@@ -30,6 +31,7 @@ def create_app(
     app.config.update(test_config or {})
     app.extensions["runcache"] = engine
     app.register_blueprint(api)
+    app.register_blueprint(docs)
     auth.init_app(app, engine.config)
     register_error_handlers(app)
     return app
