@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import LiveServer
 from flask.testing import FlaskClient
 
 from runcache.cli import cli
 from runcache.config import Config
 from runcache.errors import ConfigError
 from runcache.server import check_exposure
+
+from conftest import LiveServer
 
 TOKEN = "user-token-0123456789abcdef"
 ADMIN = "admin-token-0123456789abcdef"
@@ -126,7 +127,8 @@ def test_refusals_are_logged_with_the_client_but_never_the_token(
     client.get("/api/cache/stats", headers=bearer(WRONG))
     client.post("/api/cache/clear", headers=bearer(TOKEN))
     client.get("/api/cache/stats", headers=bearer(TOKEN))
-    refusals = [record.getMessage() for record in caplog.records if "refused" in record.getMessage()]
+    messages = [record.getMessage() for record in caplog.records]
+    refusals = [message for message in messages if "refused" in message]
     assert refusals == [
         "127.0.0.1 refused GET /api/cache/stats: no bearer token",
         "127.0.0.1 refused GET /api/cache/stats: wrong token",
@@ -227,3 +229,31 @@ def test_serve_on_all_interfaces_without_a_token_exits_saying_why() -> None:
     assert "refusing to listen on 0.0.0.0 without a token" in finished.stderr
     assert "RUNCACHE_TOKEN" in finished.stderr
     assert "listening" not in finished.stdout
+
+
+# -- what the log says ----------------------------------------------------------------
+
+
+def test_log_says_who_ran_what_and_whether_it_hit_but_no_output_or_token(
+    client_factory: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = client_factory(token=TOKEN)
+    caplog.set_level(logging.INFO)
+    for _ in range(2):
+        client.post(
+            "/api/command", json={"command": "echo marker-$((6*7))"}, headers=bearer(TOKEN)
+        )
+    lines = [record.getMessage() for record in caplog.records if record.name == "runcache"]
+    assert lines[0].startswith("127.0.0.1 ran 'echo marker-$((6*7))': exit 0 in ")
+    assert lines[1] == "127.0.0.1 hit 'echo marker-$((6*7))'"
+    assert "marker-42" not in caplog.text  # the output, at INFO or any level
+    assert TOKEN not in caplog.text
+
+
+def test_a_command_cannot_forge_log_lines(
+    client: FlaskClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    client.post("/api/command", json={"command": "true\n127.0.0.1 ran 'forged'"})
+    messages = [record.getMessage() for record in caplog.records if record.name == "runcache"]
+    assert all("\n" not in message for message in messages)

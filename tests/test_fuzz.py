@@ -12,7 +12,6 @@ import shlex
 from collections.abc import Callable
 
 import schemathesis
-from conftest import LiveServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
@@ -24,6 +23,8 @@ from schemathesis.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+
+from conftest import LiveServer
 
 TOKEN = "fuzz-token-0123456789abcdef"
 
