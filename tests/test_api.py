@@ -221,3 +221,29 @@ def test_wrong_method_and_unknown_path_are_json(
     assert response.status_code == status
     assert response.content_type == "application/json"
     assert path in response.get_json()["error"]
+
+
+def test_large_results_stream_the_same_json(client: FlaskClient) -> None:
+    command = "head -c 600000 /dev/zero | tr '\\0' a; printf '\\377\"'"
+    first = client.post("/api/command", json={"command": command})
+    second = client.post("/api/command", json={"command": command})
+    for response, cached in ((first, False), (second, True)):
+        payload = response.get_json()
+        assert payload["stdout"] == "a" * 600000 + '\ufffd"'
+        assert payload["cached"] is cached
+        assert response.content_length == len(response.get_data())
+
+
+def test_result_reader_reads_in_blocks_and_seeks() -> None:
+    from runcache.api import ResultReader
+
+    reader = ResultReader(b'{"a":1}', b',"b":2}')
+    assert reader.size == 13
+    blocks = []
+    while block := reader.read(4):
+        blocks.append(block)
+    assert b"".join(blocks) == b'{"a":1,"b":2}'
+    reader.seek(0)
+    assert reader.read() == b'{"a":1,"b":2}'
+    reader.seek(-3, 2)
+    assert reader.tell() == 10 and reader.read(10) == b":2}"

@@ -37,10 +37,15 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 @dataclass(frozen=True)
 class RunResult:
-    """What one run of a command produced."""
+    """What one run of a command produced.
 
-    stdout: str
-    stderr: str
+    The output stays raw bytes: :func:`runcache.results.encode_result` decodes
+    and encodes it a slice at a time, so a large output is never held as both
+    bytes and text at once.
+    """
+
+    stdout: bytearray
+    stderr: bytearray
     return_code: int
     timed_out: bool
     stdout_truncated: bool
@@ -72,11 +77,6 @@ class _Capture:
             chunk = chunk[:room]
         self.data += chunk
 
-    def text(self) -> str:
-        text = self.data.decode("utf-8", errors="replace")
-        self.data = bytearray()  # free the raw bytes before the caller encodes the text
-        return text
-
 
 class Runner:
     """Runs commands and remembers which are running, so shutdown can kill them all."""
@@ -107,14 +107,15 @@ class Runner:
             proc = self._start(argv)
         except OSError as error:
             message = f"runcache: cannot run {argv[0]!r}: {error.strerror or error}\n"
-            return RunResult("", message, 127, False, False, False, 0.0, timestamp)
+            return RunResult(bytearray(), bytearray(message.encode()), 127, False, False, False,
+                             0.0, timestamp)
         try:
             stdout, stderr, timed_out = self._collect(proc, started + timeout)
         finally:
             self._finish(proc)
         return RunResult(
-            stdout=stdout.text(),
-            stderr=stderr.text(),
+            stdout=stdout.data,
+            stderr=stderr.data,
             return_code=proc.returncode,
             timed_out=timed_out,
             stdout_truncated=stdout.truncated,

@@ -22,6 +22,7 @@ from runcache.cache import Cache, CacheStats
 from runcache.config import Config
 from runcache.errors import BadRequest, StoreError
 from runcache.limits import Slots
+from runcache.results import encode_result
 from runcache.runner import Runner, RunResult
 from runcache.singleflight import SingleFlight
 from runcache.stores import open_store
@@ -98,9 +99,13 @@ class Outcome:
     cached: bool = False
     coalesced: bool = False
 
+    @property
+    def tail(self) -> bytes:
+        """What replaces the body's closing brace: this answer's flags, then the brace."""
+        return _HIT_TAIL if self.cached else _SHARED_TAIL if self.coalesced else _RUN_TAIL
+
     def to_json(self) -> bytes:
-        tail = _HIT_TAIL if self.cached else _SHARED_TAIL if self.coalesced else _RUN_TAIL
-        return self.body[:-1] + tail
+        return self.body[:-1] + self.tail
 
     def as_dict(self) -> dict[str, Any]:
         result: dict[str, Any] = orjson.loads(self.to_json())
@@ -256,22 +261,3 @@ def _command_env(config: Config) -> dict[str, str] | None:
     if not config.env_names:
         return None
     return {name: os.environ[name] for name in config.env_names if name in os.environ}
-
-
-def encode_result(result: RunResult, key: str) -> bytes:
-    """Encode a run's result once, in the form the cache stores and the API serves."""
-    return orjson.dumps(
-        {
-            "stdout": result.stdout,
-            "stderr": result.stderr,
-            "return_code": result.return_code,
-            "success": result.success,
-            "timed_out": result.timed_out,
-            "partial_results": result.partial_results,
-            "stdout_truncated": result.stdout_truncated,
-            "stderr_truncated": result.stderr_truncated,
-            "execution_time": round(result.execution_time, 6),
-            "timestamp": result.timestamp,
-            "cache_key": key,
-        }
-    )

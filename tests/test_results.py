@@ -1,0 +1,53 @@
+"""Encoding results: the JSON is what a plain encoder would give, however large the output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from runcache import results
+from runcache.results import encode_result, json_string_pieces
+from runcache.runner import RunResult
+
+
+def result(stdout: bytes, stderr: bytes = b"") -> RunResult:
+    return RunResult(bytearray(stdout), bytearray(stderr), 0, False, False, False, 0.5,
+                     "2026-01-01T00:00:00+00:00")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"plain\n", b'quotes " and \\ backslashes', b"\x00\x01\x1f controls \x7f",
+     "ünïcödé ✓ 😀".encode(), b"bad \xff\xfe utf-8", b"cut \xe2\x9c"],
+)
+def test_small_output_matches_a_plain_encoder(raw: bytes) -> None:
+    encoded = json.loads(b"".join(json_string_pieces(bytearray(raw))))
+    assert encoded == raw.decode("utf-8", errors="replace")
+
+
+def test_large_output_is_encoded_in_slices_without_changing_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(results, "SLICE_BYTES", 7)
+    # Multi-byte characters and escapes straddle slice boundaries.
+    raw = ("ab✓\"\\\n😀 " * 50).encode() + b"\xff tail \xe2\x9c"
+    pieces = json_string_pieces(bytearray(raw))
+    assert len(pieces) > 10
+    assert json.loads(b"".join(pieces)) == raw.decode("utf-8", errors="replace")
+
+
+def test_encoding_empties_the_raw_buffers() -> None:
+    run = result(b"out", b"err")
+    encode_result(run, "key")
+    assert run.stdout == b"" and run.stderr == b""
+
+
+def test_encoded_result_has_every_field() -> None:
+    decoded = json.loads(encode_result(result(b"out\n", b"err\n"), "k"))
+    assert decoded == {
+        "stdout": "out\n", "stderr": "err\n", "return_code": 0, "success": True,
+        "timed_out": False, "partial_results": False, "stdout_truncated": False,
+        "stderr_truncated": False, "execution_time": 0.5,
+        "timestamp": "2026-01-01T00:00:00+00:00", "cache_key": "k",
+    }
