@@ -42,7 +42,7 @@ class ResultReader:
         start = self._position
         end = self.size if size < 0 else min(self.size, start + size)
         split = len(self._head)
-        pieces = []
+        pieces: list[bytes | memoryview] = []
         if start < split:
             pieces.append(self._head[start : min(end, split)])
         if end > split:
@@ -96,7 +96,8 @@ def run_command() -> Response:
     # bytes: no copy of the whole body, and waitress does not buffer it again.
     reader = ResultReader(outcome.body, outcome.tail)
     response = Response(
-        wrap_file(request.environ, reader), mimetype="application/json", direct_passthrough=True
+        wrap_file(request.environ, reader),  # type: ignore[arg-type]
+        mimetype="application/json", direct_passthrough=True
     )
     response.content_length = reader.size
     return response

@@ -16,7 +16,6 @@ from types import FrameType
 from typing import Any
 
 from flask import Flask
-
 from waitress.server import create_server
 
 from runcache.app import create_app
