@@ -95,26 +95,24 @@ class SqliteStore:
     def get(self, key: str) -> bytes | None:
         now = self._clock()
         with self._transaction() as db:
-            row = db.execute(
-                "SELECT rowid, value, size, expires_at FROM entries"
-                " WHERE namespace = ? AND key = ?",
+            # A hit is one statement that finds, checks and touches the entry.
+            hit = db.execute(
+                "UPDATE entries SET used = (SELECT used + 1 FROM counts WHERE namespace = ?)"
+                " WHERE namespace = ? AND key = ? AND expires_at > ? RETURNING value",
+                (self.namespace, self.namespace, key, now),
+            ).fetchall()
+            if hit:
+                self._count(db, hits=1, used=1)
+                return bytes(hit[0][0])
+            expired = db.execute(
+                "DELETE FROM entries WHERE namespace = ? AND key = ? RETURNING size",
                 (self.namespace, key),
-            ).fetchone()
-            if row is None:
+            ).fetchall()
+            if expired:
+                self._count(db, misses=1, expirations=1, entries=-1, bytes=-expired[0][0])
+            else:
                 self._count(db, misses=1)
-                return None
-            rowid, value, size, expires_at = row
-            if expires_at <= now:
-                db.execute("DELETE FROM entries WHERE rowid = ?", (rowid,))
-                self._count(db, misses=1, expirations=1, entries=-1, bytes=-size)
-                return None
-            self._count(db, hits=1, used=1)
-            db.execute(
-                "UPDATE entries SET used = (SELECT used FROM counts WHERE namespace = ?)"
-                " WHERE rowid = ?",
-                (self.namespace, rowid),
-            )
-            return bytes(value)
+            return None
 
     def put(self, key: str, value: bytes, ttl: float, epoch: int) -> bool:
         size = len(value)
