@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import orjson
+import psutil
 import pytest
 
 from conftest import LiveServer, free_port
@@ -51,6 +54,31 @@ def test_a_timed_out_command_exits_124_and_says_so() -> None:
 def test_a_command_killed_by_a_signal_exits_128_plus_the_signal() -> None:
     done = runcache("run", "--", "exec", "sh", "-c", "kill -KILL $$")
     assert done.returncode == 128 + 9
+
+
+def test_terminating_run_kills_the_command_it_runs_in_process(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")}
+    process = subprocess.Popen(
+        [str(RUNCACHE), "run", "--", "sh", "-c", f"echo $$ > {pid_file}.new; "
+         f"mv {pid_file}.new {pid_file}; exec sleep 60"],
+        env=environment,
+    )
+    while not pid_file.exists():
+        assert process.poll() is None
+        time.sleep(0.01)
+    command = psutil.Process(int(pid_file.read_text()))
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 128 + signal.SIGTERM
+    # The command runs in a session of its own, so only runcache could have killed it.
+    assert _gone(command)
+
+
+def _gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def test_a_bad_option_value_is_one_line_and_exit_2() -> None:

@@ -7,8 +7,10 @@ turns any runcache error into one line on stderr and an exit code.
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
 from collections.abc import Callable
+from types import FrameType
 from typing import Any, TypeVar
 
 import click
@@ -117,6 +119,8 @@ def run(
     admin_token: str | None,
 ) -> None:
     """Run a command through the cache, as if run directly: same output, same exit code."""
+    # Killed as a whole, runcache kills the command it runs in this process too.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     with connect(server, token, admin_token) as backend:
         result = backend.execute(
             shlex.join(argv), use_cache=not no_cache, timeout=timeout, ttl=ttl
@@ -127,6 +131,10 @@ def run(
         if result.get(f"{stream}_truncated"):
             click.echo(f"runcache: {stream} was cut at the output cap", err=True)
     sys.exit(_exit_status(result))
+
+
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _write(stream: Any, text: str) -> None:
