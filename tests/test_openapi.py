@@ -1,0 +1,145 @@
+"""/openapi.json: a valid OpenAPI 3.1 document that describes every endpoint as served."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import requests
+from flask.testing import FlaskClient
+from jsonschema import Draft202012Validator, FormatChecker
+from openapi_spec_validator import validate
+
+from conftest import LiveServer
+
+TOKEN = "user-token-0123456789abcdef"
+ADMIN = "admin-token-0123456789abcdef"
+
+Document = dict[str, Any]
+
+
+def test_document_is_valid_openapi_3_1(client: FlaskClient) -> None:
+    document = client.get("/openapi.json").get_json()
+    assert document["openapi"] == "3.1.0"
+    validate(document)
+
+
+def test_every_route_is_described_and_nothing_else(client: FlaskClient) -> None:
+    document = client.get("/openapi.json").get_json()
+    described = {
+        (method.upper(), path) for path, item in document["paths"].items() for method in item
+    }
+    served = {
+        (method, rule.rule)
+        for rule in client.application.url_map.iter_rules()
+        if rule.endpoint != "static"
+        for method in rule.methods or ()
+        if method not in ("HEAD", "OPTIONS")
+    }
+    assert described == served
+
+
+def test_without_a_token_no_operation_needs_one(client: FlaskClient) -> None:
+    document = client.get("/openapi.json").get_json()
+    for item in document["paths"].values():
+        for operation in item.values():
+            assert operation["security"] == []
+            assert not {"401", "403"} & set(operation["responses"])
+
+
+def test_document_states_this_servers_limits(client_factory: Callable[..., FlaskClient]) -> None:
+    client = client_factory(max_timeout=60.0, default_timeout=30.0, max_body_bytes=4096)
+    document = client.get("/openapi.json").get_json()
+    request = document["components"]["schemas"]["CommandRequest"]["properties"]
+    assert (request["timeout"]["maximum"], request["timeout"]["default"]) == (60.0, 30.0)
+    assert "4096 bytes" in document["components"]["responses"]["TooLarge"]["description"]
+
+
+def _check(document: Document, method: str, path: str, response: requests.Response) -> None:
+    """The response's status is documented for the operation and its body fits that schema."""
+    status = str(response.status_code)
+    if status == "405":  # a method the path does not take has no operation to describe it
+        assert method.lower() not in document["paths"][path]
+        documented = {"$ref": "#/components/responses/MethodNotAllowed"}
+    else:
+        operation = document["paths"][path][method.lower()]
+        assert status in operation["responses"], f"{method} {path} answered undocumented {status}"
+        documented = operation["responses"][status]
+    if "$ref" in documented:
+        documented = document["components"]["responses"][documented["$ref"].split("/")[-1]]
+    assert response.headers["Content-Type"] == "application/json"
+    for header in documented.get("headers", {}):
+        assert header in response.headers, f"{method} {path} {status} lacks {header}"
+    schema = {**documented["content"]["application/json"]["schema"],
+              "components": document["components"]}
+    Draft202012Validator(schema, format_checker=FormatChecker()).validate(response.json())
+
+
+#: Requests covering every operation and every error a client can cause, with the
+#: status each must get: (method, path, headers, JSON body, status).
+_USER = {"Authorization": f"Bearer {TOKEN}"}
+_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
+_WRONG = {"Authorization": "Bearer wrong-token-0123456789abcdef"}
+REQUESTS: list[tuple[str, str, dict[str, str], Any, int]] = [
+    ("POST", "/api/command", _USER, {"command": "echo one"}, 200),
+    ("POST", "/api/command", _USER, {"command": "echo one"}, 200),
+    ("POST", "/api/command", _USER, {"command": "true", "use_cache": False, "ttl": 5}, 200),
+    ("POST", "/api/command", _USER, {"command": "echo 'slow'", "timeout": 0.001}, 200),
+    ("POST", "/api/command", _USER, {"command": "id"}, 400),
+    ("POST", "/api/command", _USER, {"command": "echo a; id"}, 400),
+    ("POST", "/api/command", _USER, {}, 400),
+    ("POST", "/api/command", _USER, [1, 2], 400),
+    ("POST", "/api/command", _USER, {"command": "true", "timeout": 10_000}, 400),
+    ("POST", "/api/command", _USER, {"command": "echo " + "x" * 2048}, 413),
+    ("POST", "/api/command", {}, {"command": "echo one"}, 401),
+    ("POST", "/api/command", _WRONG, {"command": "echo one"}, 403),
+    ("GET", "/api/command", _USER, None, 405),
+    ("GET", "/api/cache/stats", _USER, None, 200),
+    ("GET", "/api/cache/stats", {}, None, 401),
+    ("GET", "/api/cache/stats", _WRONG, None, 403),
+    ("GET", "/api/telemetry", _USER, None, 200),
+    ("GET", "/api/telemetry", {}, None, 401),
+    ("POST", "/api/cache/clear", _USER, None, 403),
+    ("POST", "/api/cache/clear", {}, None, 401),
+    ("POST", "/api/cache/clear", _ADMIN, None, 200),
+    ("DELETE", "/api/cache/clear", _ADMIN, None, 405),
+    ("GET", "/health", {}, None, 200),
+    ("POST", "/health", {}, None, 405),
+    ("GET", "/livez", {}, None, 200),
+    ("GET", "/openapi.json", {}, None, 200),
+]
+
+
+def test_live_responses_match_the_document(
+    live_server_factory: Callable[..., LiveServer],
+) -> None:
+    server = live_server_factory(
+        "--allow", "echo,true", "--max-body-bytes", "1024",
+        env={"RUNCACHE_TOKEN": TOKEN, "RUNCACHE_ADMIN_TOKEN": ADMIN},
+    )
+    document = requests.get(f"{server.url}/openapi.json", timeout=10).json()
+    with requests.Session() as session:
+        for method, path, headers, body, status in REQUESTS:
+            response = session.request(
+                method, server.url + path, headers=headers, json=body, timeout=30
+            )
+            assert response.status_code == status, (method, path, body, response.text)
+            _check(document, method, path, response)
+        missing = session.get(f"{server.url}/no/such/path", timeout=10)
+    assert missing.status_code == 404
+    error = {**document["components"]["schemas"]["Error"]}
+    Draft202012Validator(error).validate(missing.json())
+
+
+@pytest.mark.parametrize("status", ["400", "401", "403", "404", "405", "413", "503"])
+def test_every_error_status_is_the_json_error(client: FlaskClient, status: str) -> None:
+    document = client.get("/openapi.json").get_json()
+    names = {
+        "400": "BadRequest", "401": "Unauthorized", "403": "Forbidden", "404": "NotFound",
+        "405": "MethodNotAllowed", "413": "TooLarge", "503": "Unavailable",
+    }
+    response = document["components"]["responses"][names[status]]
+    assert response["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Error"
+    }
