@@ -16,7 +16,11 @@ from typing import Any
 import pytest
 import requests
 
-from conftest import LiveServer, RedisServer
+from runcache.cache import Cache
+from runcache.errors import StoreError
+from runcache.stores import open_store
+
+from conftest import LiveServer, RedisServer, free_port
 
 StartServer = Callable[..., LiveServer]
 
@@ -153,3 +157,24 @@ def test_unusable_sqlite_file_starts_degraded_and_runs_uncached(
     wait_for_status(server, "healthy")
     run(server, "echo hi")
     assert run(server, "echo hi")["cached"] is True
+
+
+def test_cache_leaves_a_failed_store_alone_until_the_retry_interval(tmp_path: Path) -> None:
+    port = free_port()
+    resting = Cache(open_store(f"redis://127.0.0.1:{port}/0", 10, 1000), retry_interval=3600)
+    eager = Cache(open_store(f"redis://127.0.0.1:{port}/0", 10, 1000), retry_interval=0)
+    for cache in (resting, eager):
+        assert cache.get("k") is None
+        assert cache.degraded_reason is not None and "Connection refused" in cache.degraded_reason
+    redis = RedisServer(port, tmp_path)
+    redis.start()
+    try:
+        assert resting.epoch() is None, "a resting cache must not try the store yet"
+        with pytest.raises(StoreError):
+            resting.stats()
+        assert eager.epoch() == 0 and eager.degraded_reason is None
+        assert eager.stats().misses == 0, "the miss during the outage was never counted"
+    finally:
+        resting.close()
+        eager.close()
+        redis.stop()

@@ -72,12 +72,13 @@ class Cache:
     """A store plus fault tolerance: store errors become misses, logged once per outage.
 
     While the store is failing, :attr:`degraded_reason` says why, and calls skip
-    the store for :data:`RETRY_INTERVAL` after each failure; the first call that
+    the store for ``retry_interval`` seconds after each failure; the first call that
     succeeds again clears the reason and logs the recovery.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, retry_interval: float = RETRY_INTERVAL) -> None:
         self.store = store
+        self.retry_interval = retry_interval
         self._fault_lock = threading.Lock()
         self._degraded_reason: str | None = None
         self._retry_at = 0.0
@@ -215,7 +216,7 @@ class Cache:
         with self._fault_lock:
             first = self._degraded_reason is None
             self._degraded_reason = error.message
-            self._retry_at = time.monotonic() + RETRY_INTERVAL
+            self._retry_at = time.monotonic() + self.retry_interval
         if first:
             log.error("cache store failed, running commands uncached: %s", error.message)
 
