@@ -1,0 +1,52 @@
+"""The settings table: defaults, environment, overrides, validation, and the docs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from runcache.config import Config, settings
+from runcache.errors import ConfigError
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_defaults_are_what_clients_expect() -> None:
+    config = Config.load(environ={})
+    assert (config.host, config.port) == ("127.0.0.1", 8888)
+    assert (config.max_entries, config.default_ttl, config.default_timeout) == (1000, 3600, 300)
+    assert config.max_bytes == 256 * 1024 * 1024 and config.max_body_bytes == 1024 * 1024
+    assert config.max_output_bytes == 8 * 1024 * 1024 and config.store == "memory://"
+
+
+def test_environment_then_overrides() -> None:
+    environ = {"RUNCACHE_PORT": "9000", "RUNCACHE_MAX_ENTRIES": "5", "RUNCACHE_DEFAULT_TTL": "2.5"}
+    config = Config.load({"port": 9100, "host": None}, environ=environ)
+    assert (config.port, config.max_entries, config.default_ttl) == (9100, 5, 2.5)
+    assert config.host == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [({"RUNCACHE_PORT": "eighty"}, "RUNCACHE_PORT must be a int"),
+     ({"RUNCACHE_MAX_ENTRIES": "0"}, "max_entries must be at least 1"),
+     ({"RUNCACHE_DEFAULT_TIMEOUT": "99999"}, "default_timeout must not exceed max_timeout"),
+     ({"RUNCACHE_LOG_LEVEL": "LOUD"}, "log_level")],
+)
+def test_bad_values_are_refused_with_the_reason(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Config.load(environ=environ)
+
+
+def test_unknown_override_is_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown setting"):
+        Config.load({"colour": "blue"}, environ={})
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    text = README.read_text()
+    for setting in settings():
+        row = re.search(rf"^\| `{setting.flag}` \| `{setting.env_var}` \|.*$", text, re.MULTILINE)
+        assert row, f"README's configuration table has no row for {setting.flag}"
