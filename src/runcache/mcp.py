@@ -16,7 +16,7 @@ import functools
 import logging
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -41,6 +41,24 @@ INSTRUCTIONS = (
 )
 
 _READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, open_world_hint=False)
+_CLEARS = ToolAnnotations(destructive_hint=True, idempotent_hint=True, open_world_hint=False)
+
+_STATS = (
+    "Return the cache statistics: size (entries held), max_size, hits, misses, evictions "
+    'and hit_rate (a percentage string such as "87.5%").'
+)
+_CLEAR = (
+    "Empty the cache and reset its statistics to zero. Returns "
+    '{"success": true, "message": "Cache cleared"}.'
+)
+_HEALTH = (
+    'Return the service\'s health: status ("healthy" when all is well), version, '
+    "cache_stats, telemetry and uptime (seconds)."
+)
+_TELEMETRY = (
+    "Return execution telemetry: uptime_seconds, commands_executed, success_rate, "
+    "average_execution_time and system_metrics (cpu_percent, memory_percent, disk_usage)."
+)
 
 
 def build_server(backend: Backend) -> MCPServer:
@@ -68,48 +86,28 @@ def build_server(backend: Backend) -> MCPServer:
     ) -> dict[str, Any]:
         return await _call(backend.execute, command, use_cache, timeout)
 
-    @server.tool(
-        description=(
-            "Return the cache statistics: size (entries held), max_size, hits, misses, "
-            "evictions and hit_rate (a percentage string such as \"87.5%\")."
-        ),
-        annotations=_READ_ONLY,
-    )
-    async def get_cache_stats() -> dict[str, Any]:
-        return await _call(backend.cache_stats)
-
-    @server.tool(
-        description=(
-            "Empty the cache and reset its statistics to zero. Returns "
-            '{"success": true, "message": "Cache cleared"}.'
-        ),
-        annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=True),
-    )
-    async def clear_cache() -> dict[str, Any]:
-        return await _call(backend.clear)
-
-    @server.tool(
-        description=(
-            "Return the service's health: status (\"healthy\" when all is well), version, "
-            "cache_stats, telemetry and uptime (seconds)."
-        ),
-        annotations=_READ_ONLY,
-    )
-    async def server_health() -> dict[str, Any]:
-        return await _call(backend.health)
-
-    @server.tool(
-        description=(
-            "Return execution telemetry: uptime_seconds, commands_executed, success_rate, "
-            "average_execution_time and system_metrics (cpu_percent, memory_percent, "
-            "disk_usage)."
-        ),
-        annotations=_READ_ONLY,
-    )
-    async def get_telemetry() -> dict[str, Any]:
-        return await _call(backend.telemetry)
-
+    for name, description, hints, operation in [
+        ("get_cache_stats", _STATS, _READ_ONLY, backend.cache_stats),
+        ("clear_cache", _CLEAR, _CLEARS, backend.clear),
+        ("server_health", _HEALTH, _READ_ONLY, backend.health),
+        ("get_telemetry", _TELEMETRY, _READ_ONLY, backend.telemetry),
+    ]:
+        server.add_tool(
+            _without_arguments(name, operation), name, description=description, annotations=hints
+        )
     return server
+
+
+def _without_arguments(
+    name: str, operation: Callable[[], dict[str, Any]]
+) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """A tool that takes no arguments and answers with what ``operation`` returns."""
+
+    async def tool() -> dict[str, Any]:
+        return await _call(operation)
+
+    tool.__name__ = tool.__qualname__ = name  # the SDK names the output schema after it
+    return tool
 
 
 async def _call(operation: Callable[..., T], *args: Any) -> T:
