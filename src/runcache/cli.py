@@ -78,28 +78,21 @@ def serve(**options: Any) -> None:
 EXIT_TIMED_OUT = 124
 
 
+#: The options of every client command: flag, environment variable, metavar, help.
+_CLIENT_OPTIONS = (
+    ("--server", URL_ENV, "URL", "A running runcache server, e.g. http://127.0.0.1:8888; "
+     "without one the engine runs in this process with the store of RUNCACHE_STORE."),
+    ("--token", TOKEN_ENV, "TOKEN", "Bearer token sent to a server that requires one."),
+    ("--admin-token", ADMIN_TOKEN_ENV, "TOKEN", "Token sent to clear the cache (else --token)."),
+)
+
+
 def client_options(command: F) -> F:
     """``--server`` and the tokens, each falling back to its environment variable."""
-    command = click.option(
-        "--admin-token",
-        envvar=ADMIN_TOKEN_ENV,
-        default=None,
-        help=f"Token sent to clear the cache (else --token). [env {ADMIN_TOKEN_ENV}]",
-    )(command)
-    command = click.option(
-        "--token",
-        envvar=TOKEN_ENV,
-        default=None,
-        help=f"Bearer token sent to a server that requires one. [env {TOKEN_ENV}]",
-    )(command)
-    command = click.option(
-        "--server",
-        envvar=URL_ENV,
-        default=None,
-        metavar="URL",
-        help=f"A running runcache server, e.g. http://127.0.0.1:8888; without one the "
-        f"engine runs in this process with the store of RUNCACHE_STORE. [env {URL_ENV}]",
-    )(command)
+    for flag, env_var, metavar, help in reversed(_CLIENT_OPTIONS):
+        command = click.option(
+            flag, envvar=env_var, default=None, metavar=metavar, help=f"{help} [env {env_var}]"
+        )(command)
     return command
 
 
