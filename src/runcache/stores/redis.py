@@ -237,7 +237,13 @@ class RedisStore:
     # -- the cache's operations -------------------------------------------------
 
     def get(self, key: str) -> bytes | None:
-        value = self._run(self._get, self._entry_keys(key), key, self._clock())
+        # Every cache hit comes through here: one script call, no helper layers.
+        try:
+            value = self._get(
+                keys=[self.entry_prefix + key, *self._index_keys], args=[key, repr(self._clock())]
+            )
+        except redis.RedisError as error:
+            raise self._failure(error) from error
         return value if isinstance(value, bytes) else None
 
     def put(self, key: str, value: bytes, ttl: float, epoch: int) -> bool:
@@ -318,7 +324,10 @@ class RedisStore:
         try:
             return function(*args, **kwargs)
         except redis.RedisError as error:
-            raise StoreError(f"redis store {self.description}: {error}") from error
+            raise self._failure(error) from error
+
+    def _failure(self, error: redis.RedisError) -> StoreError:
+        return StoreError(f"redis store {self.description}: {error}")
 
 
 def _argument(value: Any) -> Any:

@@ -32,11 +32,13 @@ BUSY_TIMEOUT = 5.0
 
 #: Tables shared by every namespace. ``used`` orders entries from least to most
 #: recently used; ``counts.used`` is the namespace's counter that hands it out.
+#: Values live apart from ``entries`` because SQLite rewrites a whole row on any
+#: update: marking a hit as recently used must not rewrite a megabyte of output.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
+    id INTEGER PRIMARY KEY,
     namespace TEXT NOT NULL,
     key TEXT NOT NULL,
-    value BLOB NOT NULL,
     size INTEGER NOT NULL,
     expires_at REAL NOT NULL,
     used INTEGER NOT NULL,
@@ -44,6 +46,11 @@ CREATE TABLE IF NOT EXISTS entries (
 );
 CREATE INDEX IF NOT EXISTS entries_by_use ON entries (namespace, used);
 CREATE INDEX IF NOT EXISTS entries_by_expiry ON entries (namespace, expires_at);
+CREATE TABLE IF NOT EXISTS "values" (id INTEGER PRIMARY KEY, value BLOB NOT NULL);
+CREATE TRIGGER IF NOT EXISTS entries_drop_value AFTER DELETE ON entries
+BEGIN
+    DELETE FROM "values" WHERE id = old.id;
+END;
 CREATE TABLE IF NOT EXISTS counts (
     namespace TEXT PRIMARY KEY,
     hits INTEGER NOT NULL DEFAULT 0,
@@ -85,8 +92,10 @@ class SqliteStore:
         self._clock = clock
         self._local = _ThreadConnection()
         # Threads of one process queue here rather than in SQLite's busy handler,
-        # which polls with sleeps; other processes still wait in the busy handler.
-        self._write_lock = threading.Lock()
+        # which polls with sleeps and can starve a thread for its whole timeout;
+        # other processes still wait in the busy handler. Reentrant because a
+        # transaction may open its thread's connection, which writes the schema.
+        self._write_lock = threading.RLock()
         self._opened: list[sqlite3.Connection] = []
         self._opened_lock = threading.Lock()
 
@@ -98,12 +107,15 @@ class SqliteStore:
             # A hit is one statement that finds, checks and touches the entry.
             hit = db.execute(
                 "UPDATE entries SET used = (SELECT used + 1 FROM counts WHERE namespace = ?)"
-                " WHERE namespace = ? AND key = ? AND expires_at > ? RETURNING value",
+                " WHERE namespace = ? AND key = ? AND expires_at > ? RETURNING id",
                 (self.namespace, self.namespace, key, now),
             ).fetchall()
             if hit:
                 self._count(db, hits=1, used=1)
-                return bytes(hit[0][0])
+                (value,) = db.execute(
+                    'SELECT value FROM "values" WHERE id = ?', (hit[0][0],)
+                ).fetchone()
+                return bytes(value)
             expired = db.execute(
                 "DELETE FROM entries WHERE namespace = ? AND key = ? RETURNING size",
                 (self.namespace, key),
@@ -131,11 +143,12 @@ class SqliteStore:
             ).fetchall()
             old_size = replaced[0][0] if replaced else 0
             self._count(db, used=1, entries=0 if replaced else 1, bytes=size - old_size)
-            db.execute(
-                "INSERT INTO entries (namespace, key, value, size, expires_at, used)"
-                " VALUES (?, ?, ?, ?, ?, (SELECT used FROM counts WHERE namespace = ?))",
-                (self.namespace, key, value, size, now + ttl, self.namespace),
+            added = db.execute(
+                "INSERT INTO entries (namespace, key, size, expires_at, used)"
+                " VALUES (?, ?, ?, ?, (SELECT used FROM counts WHERE namespace = ?))",
+                (self.namespace, key, size, now + ttl, self.namespace),
             )
+            db.execute('INSERT INTO "values" (id, value) VALUES (?, ?)', (added.lastrowid, value))
             self._shrink_to_bounds(db, now)
         return True
 
@@ -148,12 +161,12 @@ class SqliteStore:
             ).fetchone()
             if entries <= self.max_entries and total <= self.max_bytes:
                 return
-            rowid, size, expires_at = db.execute(
-                "SELECT rowid, size, expires_at FROM entries WHERE namespace = ?"
+            entry_id, size, expires_at = db.execute(
+                "SELECT id, size, expires_at FROM entries WHERE namespace = ?"
                 " ORDER BY used LIMIT 1",
                 (self.namespace,),
             ).fetchone()
-            db.execute("DELETE FROM entries WHERE rowid = ?", (rowid,))
+            db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
             expired = expires_at <= now
             self._count(
                 db,
@@ -173,7 +186,8 @@ class SqliteStore:
     def peek(self, key: str) -> bytes | None:
         with self._reading() as db:
             row = db.execute(
-                "SELECT value FROM entries WHERE namespace = ? AND key = ? AND expires_at > ?",
+                'SELECT value FROM entries JOIN "values" USING (id)'
+                " WHERE namespace = ? AND key = ? AND expires_at > ?",
                 (self.namespace, key, self._clock()),
             ).fetchone()
         return None if row is None else bytes(row[0])
@@ -286,18 +300,23 @@ class SqliteStore:
             self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
         )
         try:
-            db.execute("PRAGMA journal_mode = WAL")
-            # In WAL mode NORMAL still commits atomically; it only skips an fsync
-            # per commit, so a power cut may lose the last commits, never corrupt.
-            db.execute("PRAGMA synchronous = NORMAL")
-            db.executescript(_SCHEMA)
-            db.execute("INSERT OR IGNORE INTO counts (namespace) VALUES (?)", (self.namespace,))
+            with self._write_lock:
+                self._prepare(db)
         except BaseException:
             db.close()
             raise
         with self._opened_lock:
             self._opened.append(db)
         return db
+
+    def _prepare(self, db: sqlite3.Connection) -> None:
+        """Set up a new connection and make sure the file has the tables and this namespace."""
+        db.execute("PRAGMA journal_mode = WAL")
+        # In WAL mode NORMAL still commits atomically; it only skips an fsync
+        # per commit, so a power cut may lose the last commits, never corrupt.
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.executescript(_SCHEMA)
+        db.execute("INSERT OR IGNORE INTO counts (namespace) VALUES (?)", (self.namespace,))
 
     def _discard(self) -> None:
         # After a failure, start the next attempt on a fresh connection: the file
