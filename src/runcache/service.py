@@ -153,7 +153,7 @@ class Engine:
         cached = self.cache.get(key)
         if cached is not None:
             self.telemetry.record_hit()
-            log.info("%s hit %r", client, request.command)
+            log.debug("%s hit %r", client, request.command)
             return Outcome(cached, cached=True)
         (body, elsewhere), shared = self._flights.run(
             key, lambda: self._run_and_store(argv, timeout, key, ttl, client)
