@@ -40,7 +40,8 @@ class Config:
     port: int = _setting(8888, "TCP port to listen on (0 picks a free one).", 0)
     store: str = _setting(
         "memory://",
-        "Where cached results live: memory://, sqlite:///path.db or redis://host:port/db.",
+        "Where cached results live: memory://, sqlite:///path.db or redis://host:port/db"
+        " (also rediss://), each with an optional ?namespace=NAME.",
     )
     max_entries: int = _setting(1000, "Most cached results held at once.", 1)
     max_bytes: int = _setting(256 * MiB, "Most bytes of cached results held at once.", 1)
