@@ -178,3 +178,15 @@ def test_cache_leaves_a_failed_store_alone_until_the_retry_interval(tmp_path: Pa
         resting.close()
         eager.close()
         redis.stop()
+
+
+def test_server_starts_degraded_when_redis_is_unreachable(
+    live_server_factory: StartServer,
+) -> None:
+    server = live_server_factory("--store", f"redis://127.0.0.1:{free_port()}/0")
+    assert run(server, "echo hi")["stdout"] == "hi\n"
+    health = wait_for_status(server, "degraded")
+    assert "Connection refused" in health["reason"]
+    # Nothing could be cleared, and saying "Cache cleared" would be a lie.
+    cleared = requests.post(server.url + "/api/cache/clear", timeout=30)
+    assert cleared.status_code == 503 and "Connection refused" in cleared.json()["error"]
