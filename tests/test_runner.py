@@ -105,3 +105,14 @@ def _running(pid: int) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+def test_command_that_closes_its_output_still_runs_to_the_end(tmp_path: Path) -> None:
+    marker = tmp_path / "finished"
+    result = Runner(1024).run(sh(f"exec >&- 2>&-; sleep 0.3; touch {marker}"), timeout=30)
+    assert result.success and not result.timed_out and marker.exists()
+
+
+def test_command_that_closes_its_output_still_times_out() -> None:
+    result = Runner(1024).run(sh("exec >&- 2>&-; sleep 30"), timeout=0.3)
+    assert result.timed_out and not result.success and result.return_code < 0

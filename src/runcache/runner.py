@@ -148,22 +148,14 @@ class Runner:
         """Read both pipes until they close, the deadline passes, or the exit grace ends."""
         assert proc.stdout is not None and proc.stderr is not None
         captures = (_Capture(self.max_output_bytes), _Capture(self.max_output_bytes))
-        timed_out = False
         with selectors.DefaultSelector() as selector:
             selector.register(proc.stdout, selectors.EVENT_READ, captures[0])
             selector.register(proc.stderr, selectors.EVENT_READ, captures[1])
-            exited_at: float | None = None
-            while selector.get_map():
-                now = time.monotonic()
-                if now >= deadline:
-                    timed_out = not _exited(proc.pid)
-                    break
-                if exited_at is None and _exited(proc.pid):
-                    exited_at = now
-                if exited_at is not None and now - exited_at >= EXIT_GRACE_SECONDS:
-                    break
-                _read_ready(selector, min(deadline - now, _POLL_SECONDS))
-            if selector.get_map():
+            timed_out = _read_until_closed(selector, proc.pid, deadline)
+            if not timed_out and not selector.get_map():
+                # Both pipes closed, but the command itself may still be running.
+                timed_out = not _wait_for_exit(proc.pid, deadline)
+            if timed_out or selector.get_map():
                 _kill_group(proc.pid)
                 drain_until = time.monotonic() + KILL_DRAIN_SECONDS
                 while selector.get_map() and time.monotonic() < drain_until:
@@ -191,6 +183,33 @@ class Runner:
             groups = list(self._running)
         for pgid in groups:
             _kill_group(pgid)
+
+
+def _read_until_closed(selector: selectors.BaseSelector, pid: int, deadline: float) -> bool:
+    """Read until both pipes close or the exit grace ends; True if the deadline came first."""
+    exited_at: float | None = None
+    while selector.get_map():
+        now = time.monotonic()
+        if now >= deadline:
+            return not _exited(pid)
+        if exited_at is None and _exited(pid):
+            exited_at = now
+        if exited_at is not None and now - exited_at >= EXIT_GRACE_SECONDS:
+            return False
+        _read_ready(selector, min(deadline - now, _POLL_SECONDS))
+    return False
+
+
+def _wait_for_exit(pid: int, deadline: float) -> bool:
+    """Wait, without reaping, until the process exits; False if the deadline comes first."""
+    pause = 0.001
+    while not _exited(pid):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        time.sleep(min(pause, remaining))
+        pause = min(pause * 2, _POLL_SECONDS)
+    return True
 
 
 def _read_ready(selector: selectors.BaseSelector, timeout: float) -> None:
