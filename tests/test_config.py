@@ -48,5 +48,6 @@ def test_unknown_override_is_refused() -> None:
 def test_every_setting_is_documented_in_the_readme() -> None:
     text = README.read_text()
     for setting in settings():
-        row = re.search(rf"^\| `{setting.flag}` \| `{setting.env_var}` \|.*$", text, re.MULTILINE)
-        assert row, f"README's configuration table has no row for {setting.flag}"
+        flag = "—" if setting.secret else f"`{setting.flag}`"
+        row = rf"^\| {flag} \| `{setting.env_var}` \| .+ \| {re.escape(setting.help)} \|$"
+        assert re.search(row, text, re.MULTILINE), f"README has no row for {setting.env_var}"
