@@ -12,7 +12,8 @@ is stale is dropped, so nothing that began before a clear is in the cache after 
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 from runcache.cache import CacheStats
 
@@ -82,3 +83,23 @@ class Store(Protocol):
     def close(self) -> None:
         """Release connections and files."""
         ...
+
+
+def stats_from_counts(counts: Iterable[Any], max_entries: int, max_bytes: int) -> CacheStats:
+    """Statistics from the counts a shared store keeps, in the order hits, misses,
+    evictions, expirations, coalesced, size, bytes; a count never written yet
+    (None) is 0, and Redis's byte strings of digits are numbers."""
+    hits, misses, evictions, expirations, coalesced, size, total = (
+        int(count or 0) for count in counts
+    )
+    return CacheStats(
+        hits=hits,
+        misses=misses,
+        evictions=evictions,
+        expirations=expirations,
+        coalesced=coalesced,
+        size=size,
+        max_size=max_entries,
+        bytes=total,
+        max_bytes=max_bytes,
+    )

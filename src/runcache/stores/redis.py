@@ -37,6 +37,7 @@ from redis.retry import Retry
 
 from runcache.cache import CacheStats
 from runcache.errors import ConfigError, StoreError
+from runcache.stores.base import stats_from_counts
 
 #: Seconds to wait for a TCP connection to Redis; short, because while Redis is
 #: unreachable every request that tries it waits this long.
@@ -127,8 +128,9 @@ return false
 
 _COUNTS = """
 local counts = redis.call('HMGET', KEYS[4], 'hits', 'misses', 'evictions', 'expirations',
-                          'coalesced', 'bytes')
-counts[7] = redis.call('ZCARD', KEYS[1])
+                          'coalesced')
+counts[6] = redis.call('ZCARD', KEYS[1])
+counts[7] = redis.call('HGET', KEYS[4], 'bytes')
 """
 
 _STATS = """
@@ -301,20 +303,7 @@ class RedisStore:
         return [self.entry_prefix + key, *self._index_keys]
 
     def _snapshot(self, counts: Sequence[Any]) -> CacheStats:
-        hits, misses, evictions, expirations, coalesced, total, size = (
-            int(value or 0) for value in counts
-        )
-        return CacheStats(
-            hits=hits,
-            misses=misses,
-            evictions=evictions,
-            expirations=expirations,
-            coalesced=coalesced,
-            size=size,
-            max_size=self.max_entries,
-            bytes=total,
-            max_bytes=self.max_bytes,
-        )
+        return stats_from_counts(counts, self.max_entries, self.max_bytes)
 
     def _run(self, script: Any, keys: list[str], *args: Any) -> Any:
         """Run a Lua script (loading it again if Redis restarted and forgot it)."""

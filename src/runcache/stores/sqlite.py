@@ -25,6 +25,7 @@ from typing import Any
 
 from runcache.cache import CacheStats
 from runcache.errors import StoreError
+from runcache.stores.base import stats_from_counts
 from runcache.stores.memory import LOCAL_TOKEN
 
 #: Seconds a write waits for another process's write before it fails.
@@ -248,18 +249,7 @@ class SqliteStore:
         row: tuple[Any, ...] = db.execute(
             _COUNTS + " WHERE namespace = ?", (self.namespace,)
         ).fetchone()
-        hits, misses, evictions, expirations, coalesced, entries, total = row
-        return CacheStats(
-            hits=hits,
-            misses=misses,
-            evictions=evictions,
-            expirations=expirations,
-            coalesced=coalesced,
-            size=entries,
-            max_size=self.max_entries,
-            bytes=total,
-            max_bytes=self.max_bytes,
-        )
+        return stats_from_counts(row, self.max_entries, self.max_bytes)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
