@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import select
 import selectors
 import signal
 import subprocess
@@ -148,17 +149,18 @@ class Runner:
         """Read both pipes until they close, the deadline passes, or the exit grace ends."""
         assert proc.stdout is not None and proc.stderr is not None
         captures = (_Capture(self.max_output_bytes), _Capture(self.max_output_bytes))
-        with selectors.DefaultSelector() as selector:
+        with selectors.DefaultSelector() as selector, _ExitWatch(proc.pid) as exit_watch:
             selector.register(proc.stdout, selectors.EVENT_READ, captures[0])
             selector.register(proc.stderr, selectors.EVENT_READ, captures[1])
-            timed_out = _read_until_closed(selector, proc.pid, deadline)
-            if not timed_out and not selector.get_map():
+            exit_watch.register(selector)
+            timed_out = _read_until_closed(selector, exit_watch, deadline)
+            if not timed_out and not _pipes_open(selector):
                 # Both pipes closed, but the command itself may still be running.
-                timed_out = not _wait_for_exit(proc.pid, deadline)
-            if timed_out or selector.get_map():
+                timed_out = not exit_watch.wait(deadline)
+            if timed_out or _pipes_open(selector):
                 _kill_group(proc.pid)
                 drain_until = time.monotonic() + KILL_DRAIN_SECONDS
-                while selector.get_map() and time.monotonic() < drain_until:
+                while _pipes_open(selector) and time.monotonic() < drain_until:
                     _read_ready(selector, _POLL_SECONDS)
         return captures[0], captures[1], timed_out
 
@@ -185,10 +187,56 @@ class Runner:
             _kill_group(pgid)
 
 
-def _read_until_closed(selector: selectors.BaseSelector, pid: int, deadline: float) -> bool:
+class _ExitWatch:
+    """Learns that a process exited without reaping it, so its group id stays reserved.
+
+    A pidfd (Linux 5.3+) becomes readable when the process exits, so a run
+    sleeps until output, exit or deadline instead of waking to poll; where there
+    is none, the read loop polls every ``_POLL_SECONDS``.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        try:
+            self.fd: int | None = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            self.fd = None
+
+    def register(self, selector: selectors.BaseSelector) -> None:
+        if self.fd is not None:
+            selector.register(self.fd, selectors.EVENT_READ, None)
+
+    def armed(self, selector: selectors.BaseSelector) -> bool:
+        """Whether the selector will wake when the process exits."""
+        return self.fd is not None and self.fd in selector.get_map()
+
+    def wait(self, deadline: float) -> bool:
+        """Wait until the process exits; False if the deadline comes first."""
+        while not _exited(self.pid):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if self.fd is not None:
+                select.select([self.fd], [], [], remaining)
+            else:
+                time.sleep(min(_POLL_SECONDS, remaining))
+        return True
+
+    def __enter__(self) -> _ExitWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+def _read_until_closed(
+    selector: selectors.BaseSelector, exit_watch: _ExitWatch, deadline: float
+) -> bool:
     """Read until both pipes close or the exit grace ends; True if the deadline came first."""
+    pid = exit_watch.pid
     exited_at: float | None = None
-    while selector.get_map():
+    while _pipes_open(selector):
         now = time.monotonic()
         if now >= deadline:
             return not _exited(pid)
@@ -196,24 +244,21 @@ def _read_until_closed(selector: selectors.BaseSelector, pid: int, deadline: flo
             exited_at = now
         if exited_at is not None and now - exited_at >= EXIT_GRACE_SECONDS:
             return False
-        _read_ready(selector, min(deadline - now, _POLL_SECONDS))
+        # While a pidfd watches for the exit, nothing needs a periodic wake-up.
+        watched = exited_at is None and exit_watch.armed(selector)
+        _read_ready(selector, deadline - now if watched else min(deadline - now, _POLL_SECONDS))
     return False
 
 
-def _wait_for_exit(pid: int, deadline: float) -> bool:
-    """Wait, without reaping, until the process exits; False if the deadline comes first."""
-    pause = 0.001
-    while not _exited(pid):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        time.sleep(min(pause, remaining))
-        pause = min(pause * 2, _POLL_SECONDS)
-    return True
+def _pipes_open(selector: selectors.BaseSelector) -> bool:
+    return any(key.data is not None for key in selector.get_map().values())
 
 
 def _read_ready(selector: selectors.BaseSelector, timeout: float) -> None:
     for key, _ in selector.select(timeout):
+        if key.data is None:  # the exit watch: the command has exited
+            selector.unregister(key.fileobj)
+            continue
         chunk = os.read(key.fd, _READ_SIZE)
         if chunk:
             key.data.add(chunk)
