@@ -13,15 +13,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from runcache.errors import StoreError
 
 if TYPE_CHECKING:
     from runcache.stores.base import Store
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -88,69 +90,51 @@ class Cache:
         return self._degraded_reason
 
     def get(self, key: str) -> bytes | None:
-        if self._resting():
-            return None
-        try:
-            value = self.store.get(key)
-        except StoreError as error:
-            self._failed(error)
-            return None
-        self._succeeded()
-        return value
+        return self._attempt(lambda: self.store.get(key), None)
 
     def put(self, key: str, value: bytes, ttl: float, epoch: int | None) -> bool:
         """Store a result unless the store is down or was cleared since ``epoch`` was read."""
-        if epoch is None or self._resting():
+        if epoch is None:
             return False
-        try:
-            stored = self.store.put(key, value, ttl, epoch)
-        except StoreError as error:
-            self._failed(error)
-            return False
-        self._succeeded()
-        return stored
+        return self._attempt(lambda: self.store.put(key, value, ttl, epoch), False)
 
     def epoch(self) -> int | None:
         """The store's clear counter, or None when the store cannot be reached."""
-        if self._resting():
-            return None
-        try:
-            epoch = self.store.epoch()
-        except StoreError as error:
-            self._failed(error)
-            return None
-        self._succeeded()
-        return epoch
+        return self._attempt(self.store.epoch, None)
 
     def record_coalesced(self) -> None:
-        if self._resting():
-            return
-        try:
-            self.store.record_coalesced()
-        except StoreError as error:
-            self._failed(error)
+        self._attempt(self.store.record_coalesced, None)
 
     def clear(self) -> CacheStats:
         """Empty the store and reset its counts; raises StoreError if the store is down."""
-        self._raise_if_resting()
-        try:
-            before = self.store.clear()
-        except StoreError as error:
-            self._failed(error)
-            raise
-        self._succeeded()
-        return before
+        return self._insist(self.store.clear)
 
     def stats(self) -> CacheStats:
         """The store's statistics; raises StoreError if the store is down."""
+        return self._insist(self.store.stats)
+
+    def _attempt(self, operation: Callable[[], T], fallback: T) -> T:
+        """``operation()``, or ``fallback`` while the store is failing or resting."""
+        if self._resting():
+            return fallback
+        try:
+            result = operation()
+        except StoreError as error:
+            self._failed(error)
+            return fallback
+        self._succeeded()
+        return result
+
+    def _insist(self, operation: Callable[[], T]) -> T:
+        """``operation()``, raising StoreError while the store is failing or resting."""
         self._raise_if_resting()
         try:
-            stats = self.store.stats()
+            result = operation()
         except StoreError as error:
             self._failed(error)
             raise
         self._succeeded()
-        return stats
+        return result
 
     @contextmanager
     def exclusive(self, key: str, run_timeout: float) -> Iterator[bytes | None]:
