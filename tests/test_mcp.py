@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -22,12 +23,15 @@ Scenario = Callable[[ClientSession], Awaitable[None]]
 
 
 @asynccontextmanager
-async def mcp_session(args: list[str], log: Path) -> AsyncIterator[ClientSession]:
-    """Start ``runcache mcp`` with ``args`` and an initialized session to it."""
+async def mcp_session(
+    args: list[str], log: Path, env: dict[str, str] | None = None
+) -> AsyncIterator[ClientSession]:
+    """Start ``runcache mcp`` with ``args`` (and ``env`` added) and a session to it."""
     params = StdioServerParameters(
         command=sys.executable,
         args=["-m", "runcache", "mcp", *args],
         cwd=str(log.parent),
+        env={**os.environ, **env} if env else None,
     )
     with log.open("w") as errlog:
         async with stdio_client(params, errlog=errlog) as (read, write):
@@ -36,11 +40,13 @@ async def mcp_session(args: list[str], log: Path) -> AsyncIterator[ClientSession
                 yield session
 
 
-def drive(args: list[str], log: Path, scenario: Scenario) -> None:
+def drive(
+    args: list[str], log: Path, scenario: Scenario, env: dict[str, str] | None = None
+) -> None:
     """Run one scenario against a fresh ``runcache mcp`` process."""
 
     async def main() -> None:
-        async with mcp_session(args, log) as session:
+        async with mcp_session(args, log, env) as session:
             await scenario(session)
 
     anyio.run(main)
@@ -136,7 +142,7 @@ def test_the_token_is_sent(
         assert (await call(session, "execute_command", command="echo hi"))["stdout"] == "hi\n"
         assert (await call(session, "clear_cache"))["success"] is True
 
-    drive(["--server", server.url, "--token", token], tmp_path / "mcp.log", scenario)
+    drive(["--server", server.url], tmp_path / "mcp.log", scenario, {"RUNCACHE_TOKEN": token})
 
 
 def test_logs_go_to_stderr_and_hanging_up_kills_a_running_command(tmp_path: Path) -> None:

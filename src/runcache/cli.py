@@ -6,6 +6,7 @@ turns any runcache error into one line on stderr and an exit code.
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import sys
@@ -17,7 +18,14 @@ import click
 import orjson
 
 from runcache import __version__
-from runcache.client import ADMIN_TOKEN_ENV, TOKEN_ENV, URL_ENV, LocalClient, connect
+from runcache.client import (
+    ADMIN_TOKEN_ENV,
+    TOKEN_ENV,
+    URL_ENV,
+    Client,
+    LocalClient,
+    connect,
+)
 from runcache.config import Config, settings
 from runcache.errors import RuncacheError
 
@@ -78,22 +86,21 @@ def serve(**options: Any) -> None:
 EXIT_TIMED_OUT = 124
 
 
-#: The options of every client command: flag, environment variable, metavar, help.
-_CLIENT_OPTIONS = (
-    ("--server", URL_ENV, "URL", "A running runcache server, e.g. http://127.0.0.1:8888; "
-     "without one the engine runs in this process with the store of RUNCACHE_STORE."),
-    ("--token", TOKEN_ENV, "TOKEN", "Bearer token sent to a server that requires one."),
-    ("--admin-token", ADMIN_TOKEN_ENV, "TOKEN", "Token sent to clear the cache (else --token)."),
-)
-
-
 def client_options(command: F) -> F:
-    """``--server`` and the tokens, each falling back to its environment variable."""
-    for flag, env_var, metavar, help in reversed(_CLIENT_OPTIONS):
-        command = click.option(
-            flag, envvar=env_var, default=None, metavar=metavar, help=f"{help} [env {env_var}]"
-        )(command)
-    return command
+    """``--server``, falling back to RUNCACHE_URL.
+
+    Tokens come only from RUNCACHE_TOKEN and RUNCACHE_ADMIN_TOKEN, as for the
+    server: a flag's value is visible to every user of the machine in ``ps``.
+    """
+    return click.option(
+        "--server", envvar=URL_ENV, default=None, metavar="URL",
+        help="A running runcache server, e.g. http://127.0.0.1:8888; without one the engine "
+        f"runs in this process with the store of RUNCACHE_STORE. [env {URL_ENV}]",
+    )(command)
+
+
+def _connect(server: str | None) -> Client | LocalClient:
+    return connect(server, os.environ.get(TOKEN_ENV), os.environ.get(ADMIN_TOKEN_ENV))
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -108,13 +115,11 @@ def run(
     ttl: float | None,
     timeout: float | None,
     server: str | None,
-    token: str | None,
-    admin_token: str | None,
 ) -> None:
     """Run a command through the cache, as if run directly: same output, same exit code."""
     # Killed as a whole, runcache kills the command it runs in this process too.
     signal.signal(signal.SIGTERM, _exit_on_signal)
-    with connect(server, token, admin_token) as backend:
+    with _connect(server) as backend:
         result = backend.execute(
             shlex.join(argv), use_cache=not no_cache, timeout=timeout, ttl=ttl
         )
@@ -148,9 +153,9 @@ def _exit_status(result: dict[str, Any]) -> int:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON object.")
 @client_options
-def stats(as_json: bool, server: str | None, token: str | None, admin_token: str | None) -> None:
+def stats(as_json: bool, server: str | None) -> None:
     """Print the cache statistics."""
-    with connect(server, token, admin_token) as backend:
+    with _connect(server) as backend:
         found = backend.cache_stats()
     if as_json:
         click.echo(orjson.dumps(found, option=orjson.OPT_INDENT_2).decode())
@@ -162,16 +167,16 @@ def stats(as_json: bool, server: str | None, token: str | None, admin_token: str
 
 @cli.command()
 @client_options
-def clear(server: str | None, token: str | None, admin_token: str | None) -> None:
+def clear(server: str | None) -> None:
     """Empty the cache and reset its statistics."""
-    with connect(server, token, admin_token) as backend:
+    with _connect(server) as backend:
         answer = backend.clear()
     click.echo(answer.get("message", "Cache cleared"))
 
 
 @cli.command("mcp")
 @client_options
-def mcp_command(server: str | None, token: str | None, admin_token: str | None) -> None:
+def mcp_command(server: str | None) -> None:
     """Serve MCP over stdio for AI agents (tools: execute_command and the rest)."""
     try:
         from runcache.mcp import serve_stdio
@@ -181,7 +186,7 @@ def mcp_command(server: str | None, token: str | None, admin_token: str | None) 
         raise RuncacheError(
             "the MCP server needs the MCP SDK: pip install 'runcache[mcp]'"
         ) from None
-    backend = connect(server, token, admin_token)
+    backend = _connect(server)
     # Settings apply to an engine in this process; a forwarding adapter needs none.
     log_level = backend.engine.config.log_level if isinstance(backend, LocalClient) else "INFO"
     serve_stdio(backend, log_level)
