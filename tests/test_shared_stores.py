@@ -103,11 +103,11 @@ def test_sqlite_entries_and_stats_survive_a_restart(
     assert (stats["hits"], stats["misses"], stats["size"]) == (1, 1, 1)
 
 
-def test_identical_requests_on_two_redis_instances_run_once(
-    live_server_factory: StartServer, redis_url: str, tmp_path: Path
+def test_identical_requests_on_two_servers_run_once(
+    live_server_factory: StartServer, shared_url: str, tmp_path: Path
 ) -> None:
-    one = live_server_factory("--store", redis_url)
-    two = live_server_factory("--store", redis_url)
+    one = live_server_factory("--store", shared_url)
+    two = live_server_factory("--store", shared_url)
     runs = tmp_path / "runs"
     command = f"echo run >> {runs}; sleep 1; echo done"
     with ThreadPoolExecutor(10) as pool:

@@ -7,6 +7,12 @@ The database runs in WAL mode, so readers never wait for the writer, and every
 change is one ``BEGIN IMMEDIATE`` transaction: a process killed mid-write leaves
 the previous state, never half an entry or counts that disagree with the entries.
 
+The single-flight lock is a row of the ``locks`` table, taken and given up in
+such transactions too, so identical requests arriving at several processes at
+once run once. A row carries its expiry on the store's clock; a holder that
+crashed leaves a row that the next :meth:`SqliteStore.acquire` of its key finds
+lapsed and replaces.
+
 A file that cannot be opened, written or read (a missing directory that cannot
 be made, a corrupt file) raises :class:`StoreError` on use, never at start, so
 the server still starts and runs uncached until the file is usable again.
@@ -15,6 +21,7 @@ the server still starts and runs uncached until the file is usable again.
 from __future__ import annotations
 
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -26,7 +33,6 @@ from typing import Any
 from runcache.cache import CacheStats
 from runcache.errors import StoreError
 from runcache.stores.base import stats_from_counts
-from runcache.stores.memory import LOCAL_TOKEN
 
 #: Seconds a write waits for another process's write before it fails.
 BUSY_TIMEOUT = 5.0
@@ -35,6 +41,8 @@ BUSY_TIMEOUT = 5.0
 #: recently used; ``counts.used`` is the namespace's counter that hands it out.
 #: Values live apart from ``entries`` because SQLite rewrites a whole row on any
 #: update: marking a hit as recently used must not rewrite a megabyte of output.
+#: ``IF NOT EXISTS`` also adds to a file made by an older runcache the tables it
+#: lacks (``locks`` came later), as every new connection runs this script.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     id INTEGER PRIMARY KEY,
@@ -63,6 +71,13 @@ CREATE TABLE IF NOT EXISTS counts (
     bytes INTEGER NOT NULL DEFAULT 0,
     epoch INTEGER NOT NULL DEFAULT 0,
     used INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS locks (
+    namespace TEXT NOT NULL,
+    key TEXT NOT NULL,
+    token TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (namespace, key)
 );
 """
 
@@ -194,11 +209,28 @@ class SqliteStore:
         return None if row is None else bytes(row[0])
 
     def acquire(self, key: str, lease: float) -> str | None:
-        """Always granted: processes sharing a file may each run a command once."""
-        return LOCAL_TOKEN
+        token = secrets.token_hex(16)
+        with self._transaction() as db:
+            # The clock is read inside the transaction, after any wait for
+            # another process's write, so the lease starts when the lock does.
+            now = self._clock()
+            db.execute(
+                "DELETE FROM locks WHERE namespace = ? AND key = ? AND expires_at < ?",
+                (self.namespace, key, now),
+            )
+            taken = db.execute(
+                "INSERT OR IGNORE INTO locks (namespace, key, token, expires_at)"
+                " VALUES (?, ?, ?, ?)",
+                (self.namespace, key, token, now + lease),
+            ).rowcount
+        return token if taken else None
 
     def release(self, key: str, token: str) -> None:
-        """Nothing to release: :meth:`acquire` took no lock."""
+        with self._transaction() as db:
+            db.execute(
+                "DELETE FROM locks WHERE namespace = ? AND key = ? AND token = ?",
+                (self.namespace, key, token),
+            )
 
     def record_coalesced(self) -> None:
         with self._transaction() as db:
@@ -207,6 +239,8 @@ class SqliteStore:
     def clear(self) -> CacheStats:
         with self._transaction() as db:
             before = self._snapshot(db)
+            # Locks stay, as in Redis: the commands holding them are still running,
+            # and their twins must keep waiting rather than run them again.
             db.execute("DELETE FROM entries WHERE namespace = ?", (self.namespace,))
             db.execute(
                 "UPDATE counts SET hits = 0, misses = 0, evictions = 0, expirations = 0,"
