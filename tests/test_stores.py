@@ -160,7 +160,7 @@ def test_concurrent_get_put_clear_loses_no_count(store_factory: StoreFactory) ->
     final counts must add up to all the lookups the threads made.
     """
     store = store_factory(max_entries=16, max_bytes=4096)
-    operations = 1500
+    operations = 2500
     lookups = [0] * 8
     cleared: list[CacheStats] = []
     errors: list[BaseException] = []
