@@ -6,10 +6,10 @@ With ``--allow nmap,curl,dig`` a command string is split like a shell would
 part, rather than passed on as a literal a client did not mean. Quoted text
 stays literal, so ``curl 'https://host/?a=1&b=2'`` is fine.
 
-The executable is resolved on the PATH commands run with, and must be the very
-file an allowed name resolves to: ``/tmp/evil/nmap`` does not pass because it is
-called ``nmap``. The command then runs that resolved path, so what was checked
-is what runs.
+The executable is resolved once, at start, on the PATH commands run with, and
+must be the very file an allowed name resolves to: ``/tmp/evil/nmap`` does not
+pass because it is called ``nmap``. The command then runs that resolved path,
+so what was checked is what runs.
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ class Allowlist:
         self.names = tuple(sorted(set(names)))
         self._path = env.get("PATH", os.defpath)
         self._cwd = cwd or os.getcwd()
-        missing = [name for name in self.names if self.resolve(name) is None]
+        # Resolved once: checking a request (every one, hits included) then
+        # touches no file system.
+        self._paths = {name: self.resolve(name) for name in self.names}
+        missing = [name for name, path in self._paths.items() if path is None]
         if missing:
             raise ConfigError(
                 f"allow: {', '.join(missing)} not found on PATH {self._path!r}; "
@@ -70,17 +73,15 @@ class Allowlist:
         if "/" in program:
             path = os.path.normpath(os.path.join(self._cwd, program))
             name = os.path.basename(path)
-            if name in self.names and self.resolve(name) == path:
+            if self._paths.get(name) == path:
                 return path
             raise BadRequest(
                 f"{program!r} is not an allowed executable: allowed are {allowed}, "
                 "by name or by the path PATH resolves them to"
             )
-        if program not in self.names:
-            raise BadRequest(f"{program!r} is not an allowed executable: allowed are {allowed}")
-        resolved = self.resolve(program)
+        resolved = self._paths.get(program)
         if resolved is None:
-            raise BadRequest(f"{program!r} is allowed but no longer found on PATH")
+            raise BadRequest(f"{program!r} is not an allowed executable: allowed are {allowed}")
         return resolved
 
 
