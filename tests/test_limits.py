@@ -13,7 +13,7 @@ from flask.testing import FlaskClient
 
 from runcache.config import Config
 from runcache.errors import Busy, ConfigError
-from runcache.limits import RETRY_AFTER_SECONDS, Slots
+from runcache.limits import RETRY_AFTER_SECONDS, Slots, waiting_limit
 from runcache.service import Engine
 
 ClientFactory = Callable[..., FlaskClient]
@@ -33,6 +33,37 @@ def test_slots_count_holders_and_refuse_past_the_wait() -> None:
     assert slots.held == 0
     with slots.hold():
         assert slots.held == 1
+
+
+def test_past_the_waiting_limit_a_caller_is_refused_at_once() -> None:
+    slots = Slots(1, wait=60, max_waiting=1)
+    errors: list[Busy] = []
+
+    def wait_for_a_slot() -> None:
+        try:
+            with slots.hold():
+                pass
+        except Busy as error:
+            errors.append(error)
+
+    with slots.hold():
+        waiter = threading.Thread(target=wait_for_a_slot)
+        waiter.start()
+        while slots.waiting == 0:
+            time.sleep(0.005)
+        with pytest.raises(Busy, match="1 requests are waiting for one"):
+            with slots.hold():
+                pass
+        assert waiter.is_alive()  # refused while the first waiter still waits
+    waiter.join()
+    assert errors == [] and slots.waiting == 0 and slots.held == 0
+
+
+@pytest.mark.parametrize(
+    ("threads", "slots", "limit"), [(64, 32, 24), (40, 32, 4), (33, 32, 1), (10, 1, 5)]
+)
+def test_waiting_limit_keeps_threads_for_hits(threads: int, slots: int, limit: int) -> None:
+    assert waiting_limit(threads, slots) == limit
 
 
 @pytest.mark.parametrize(

@@ -19,30 +19,48 @@ from runcache.errors import Busy
 RETRY_AFTER_SECONDS = 5
 
 
-class Slots:
-    """At most ``size`` holders at once; a caller waits at most ``wait`` seconds for a turn."""
+#: Worker threads kept free of requests waiting for a slot, so that hits always
+#: find a thread even while runs queue up.
+THREADS_KEPT_FOR_HITS = 8
 
-    def __init__(self, size: int, wait: float) -> None:
+
+def waiting_limit(threads: int, slots: int) -> int:
+    """How many requests may wait for a slot and still leave threads for hits."""
+    spare = threads - slots
+    return max(0, spare - min(THREADS_KEPT_FOR_HITS, spare // 2))
+
+
+class Slots:
+    """At most ``size`` holders at once; a caller waits at most ``wait`` seconds for a turn.
+
+    At most ``max_waiting`` callers wait at once; past that a caller is refused
+    at once, since each waiting request holds one of the server's threads.
+    """
+
+    def __init__(self, size: int, wait: float, max_waiting: int | None = None) -> None:
         self.size = size
         self.wait = wait
+        self.max_waiting = size if max_waiting is None else max_waiting
         self._semaphore = threading.BoundedSemaphore(size)
         self._lock = threading.Lock()
         self._held = 0
+        self._waiting = 0
 
     @property
     def held(self) -> int:
         """How many slots are taken now."""
         return self._held
 
+    @property
+    def waiting(self) -> int:
+        """How many callers are waiting for a slot now."""
+        return self._waiting
+
     @contextmanager
     def hold(self) -> Iterator[None]:
         """Hold a slot for the block; Busy (a 503 with Retry-After) if none frees up in time."""
-        if not self._semaphore.acquire(timeout=self.wait):
-            raise Busy(
-                f"all {self.size} command slots stayed busy for {self.wait:g}s; "
-                f"retry in {RETRY_AFTER_SECONDS}s",
-                retry_after=RETRY_AFTER_SECONDS,
-            )
+        if not self._semaphore.acquire(blocking=False):
+            self._wait_for_turn()
         with self._lock:
             self._held += 1
         try:
@@ -51,3 +69,22 @@ class Slots:
             with self._lock:
                 self._held -= 1
             self._semaphore.release()
+
+    def _wait_for_turn(self) -> None:
+        with self._lock:
+            if self._waiting >= self.max_waiting:
+                raise self._busy(f"and {self._waiting} requests are waiting for one")
+            self._waiting += 1
+        try:
+            acquired = self._semaphore.acquire(timeout=self.wait)
+        finally:
+            with self._lock:
+                self._waiting -= 1
+        if not acquired:
+            raise self._busy(f"for {self.wait:g}s")
+
+    def _busy(self, detail: str) -> Busy:
+        return Busy(
+            f"all {self.size} command slots stayed busy {detail}; retry in {RETRY_AFTER_SECONDS}s",
+            retry_after=RETRY_AFTER_SECONDS,
+        )

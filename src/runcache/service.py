@@ -21,7 +21,7 @@ from runcache.allowlist import Allowlist
 from runcache.cache import Cache, CacheStats
 from runcache.config import Config
 from runcache.errors import BadRequest, StoreError
-from runcache.limits import Slots
+from runcache.limits import Slots, waiting_limit
 from runcache.results import encode_result
 from runcache.runner import Runner, RunResult
 from runcache.singleflight import SingleFlight
@@ -122,7 +122,11 @@ class Engine:
         self.telemetry = Telemetry()
         self._flights: SingleFlight[tuple[bytes, bool]] = SingleFlight()
         self._last_stats = CacheStats(0, 0, 0, 0, 0, 0, config.max_entries, 0, config.max_bytes)
-        self.slots = Slots(config.max_concurrent, config.queue_timeout)
+        self.slots = Slots(
+            config.max_concurrent,
+            config.queue_timeout,
+            waiting_limit(config.threads, config.max_concurrent),
+        )
         self.allowlist: Allowlist | None = None
         if config.allowed_commands:
             env = runner.env if runner.env is not None else os.environ
