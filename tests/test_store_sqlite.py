@@ -124,6 +124,19 @@ def test_lock_of_a_crashed_holder_lapses_after_its_lease(
     assert one.acquire("k", 5) is None, "a lapsed holder must not release its successor"
 
 
+def test_stats_sweep_away_lapsed_locks_only(
+    db_path: Path, opened: list[SqliteStore], fake_clock: FakeClock
+) -> None:
+    store = make(opened, db_path, clock=fake_clock)
+    assert store.acquire("crashed", 5) is not None
+    fake_clock.tick(3)
+    assert store.acquire("running", 5) is not None
+    fake_clock.tick(3)
+    store.stats()
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("SELECT key FROM locks").fetchall() == [("running",)]
+
+
 def test_locks_are_per_namespace_and_survive_a_clear(
     db_path: Path, opened: list[SqliteStore]
 ) -> None:

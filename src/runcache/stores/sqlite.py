@@ -252,11 +252,16 @@ class SqliteStore:
 
     def stats(self) -> CacheStats:
         with self._transaction() as db:
+            now = self._clock()
             # So that ``size`` and ``bytes`` count only entries that could be served.
             purged = db.execute(
                 "DELETE FROM entries WHERE namespace = ? AND expires_at <= ? RETURNING size",
-                (self.namespace, self._clock()),
+                (self.namespace, now),
             ).fetchall()
+            # Locks left by crashed holders of keys nobody asked for again.
+            db.execute(
+                "DELETE FROM locks WHERE namespace = ? AND expires_at < ?", (self.namespace, now)
+            )
             if purged:
                 freed = sum(size for (size,) in purged)
                 self._count(db, expirations=len(purged), entries=-len(purged), bytes=-freed)
