@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,7 @@ def test_entries_and_counts_survive_reopening_the_file(
 
 def test_file_is_in_wal_mode(db_path: Path, opened: list[SqliteStore]) -> None:
     make(opened, db_path).get("k")
-    with sqlite3.connect(db_path) as db:
+    with closing(sqlite3.connect(db_path)) as db, db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
@@ -133,7 +134,7 @@ def test_stats_sweep_away_lapsed_locks_only(
     assert store.acquire("running", 5) is not None
     fake_clock.tick(3)
     store.stats()
-    with sqlite3.connect(db_path) as db:
+    with closing(sqlite3.connect(db_path)) as db, db:
         assert db.execute("SELECT key FROM locks").fetchall() == [("running",)]
 
 
@@ -154,7 +155,7 @@ def test_a_file_without_the_locks_table_gains_it(
     old = make(opened, db_path)
     assert old.put("k", b"v", 60, old.epoch())
     old.close()
-    with sqlite3.connect(db_path) as db:
+    with closing(sqlite3.connect(db_path)) as db, db:
         db.execute("DROP TABLE locks")
     upgraded = make(opened, db_path)
     assert upgraded.acquire("k", 5) is not None
@@ -211,7 +212,7 @@ def test_a_writer_killed_mid_write_leaves_a_consistent_file(
     writer.send_signal(signal.SIGKILL)
     writer.wait()
     writer.stdout.close()
-    with sqlite3.connect(db_path) as db:
+    with closing(sqlite3.connect(db_path)) as db, db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         rows, total = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries").fetchone()
         counted = db.execute("SELECT entries, bytes FROM counts").fetchone()
