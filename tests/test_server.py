@@ -118,3 +118,9 @@ def _ignore_errors(call: Callable[..., object], *args: object, **kwargs: object)
         call(*args, **kwargs)
     except requests.RequestException:
         pass
+
+
+def test_serves_on_ipv6_loopback(live_server_factory: Callable[..., LiveServer]) -> None:
+    server = live_server_factory("--host", "::1")
+    assert server.url.startswith("http://[::1]:")
+    assert requests.get(server.url + "/livez", timeout=10).json() == {"status": "ok"}

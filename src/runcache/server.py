@@ -42,7 +42,8 @@ def serve(engine: Engine) -> None:
             f"cannot listen on {config.host}:{config.port}: {error.strerror or error}"
         ) from None
     port = server.effective_port
-    url = f"http://{config.host}:{port}"
+    host = f"[{config.host}]" if ":" in config.host else config.host  # IPv6 literal
+    url = f"http://{host}:{port}"
     log.info("runcache serving on %s (store %s)", url, engine.cache.store.description)
     # A machine-readable line for scripts and tests that start on port 0.
     print(f"runcache listening on {url}", flush=True)
