@@ -139,7 +139,11 @@ def test_tokens_come_from_the_environment(live_server_factory: Callable[..., Liv
 
 def test_mcp_without_the_sdk_names_the_extra_to_install() -> None:
     # A real interpreter in which importing the SDK fails, as when it is not installed.
-    block_sdk = "import sys; sys.modules['mcp'] = None; from runcache.cli import main; main()"
+    # The SDK's own dependencies go with it, as in an install without the extra.
+    block_sdk = (
+        "import sys; sys.modules.update(mcp=None, anyio=None, pydantic=None); "
+        "from runcache.cli import main; main()"
+    )
     done = subprocess.run(
         [sys.executable, "-c", block_sdk, "mcp"], capture_output=True, timeout=60, check=False
     )

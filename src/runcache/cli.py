@@ -180,8 +180,8 @@ def mcp_command(server: str | None) -> None:
     """Serve MCP over stdio for AI agents (tools: execute_command and the rest)."""
     try:
         from runcache.mcp import serve_stdio
-    except ModuleNotFoundError as error:
-        if (error.name or "").partition(".")[0] not in ("mcp", "mcp_types"):
+    except ModuleNotFoundError:
+        if _mcp_sdk_installed():
             raise
         raise RuncacheError(
             "the MCP server needs the MCP SDK: pip install 'runcache[mcp]'"
@@ -190,6 +190,16 @@ def mcp_command(server: str | None) -> None:
     # Settings apply to an engine in this process; a forwarding adapter needs none.
     log_level = backend.engine.config.log_level if isinstance(backend, LocalClient) else "INFO"
     serve_stdio(backend, log_level)
+
+
+def _mcp_sdk_installed() -> bool:
+    # Asked after the adapter failed to import, whichever of the SDK's own
+    # dependencies (anyio, pydantic, ...) it happened to import first.
+    try:
+        import mcp  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def main() -> None:
