@@ -51,3 +51,11 @@ def test_every_setting_is_documented_in_the_readme() -> None:
         flag = "—" if setting.secret else f"`{setting.flag}`"
         row = rf"^\| {flag} \| `{setting.env_var}` \| .+ \| {re.escape(setting.help)} \|$"
         assert re.search(row, text, re.MULTILINE), f"README has no row for {setting.env_var}"
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    text = README.read_text()
+    after = text.split("Install what the tests need", 1)[1]
+    command = after.split("```sh\n", 1)[1].split("\n```", 1)[0]
+    ci_script = (README.parent / ".ci" / "run").read_text().rstrip("\n").splitlines()
+    assert ci_script[-1] == command
