@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -165,6 +166,7 @@ def test_a_file_without_the_locks_table_gains_it(
 _FORKER = """
 import os
 import sys
+import time
 from pathlib import Path
 from runcache.stores.sqlite import SqliteStore
 
@@ -187,6 +189,7 @@ def test_forked_child_opens_its_own_connection(db_path: Path) -> None:
 
 _WRITER = """
 import sys
+import time
 from pathlib import Path
 from runcache.stores.sqlite import SqliteStore
 
@@ -285,3 +288,30 @@ def test_url_names_the_file_and_namespace(url: str, path: str, namespace: str) -
 def test_bad_urls_are_config_errors(url: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         open_store(url, 10, 100)
+
+
+_OPEN_AT = """
+import sys, time
+from pathlib import Path
+from runcache.stores.sqlite import SqliteStore
+start = float(sys.argv[2])
+while time.time() < start:
+    pass
+store = SqliteStore(Path(sys.argv[1]), 10, 1000)
+store.put("k", b"v", 60, store.epoch())
+store.close()
+"""
+
+
+def test_processes_opening_a_new_file_at_once_all_succeed(tmp_path: Path) -> None:
+    """The race to switch a new file to WAL must not fail the losers with "locked"."""
+    for round_number in range(5):
+        path = tmp_path / f"new-{round_number}.db"
+        start = time.time() + 0.5  # far enough for every interpreter to be up and waiting
+        processes = [
+            subprocess.Popen([sys.executable, "-c", _OPEN_AT, str(path), str(start)],
+                             stderr=subprocess.PIPE)
+            for _ in range(4)
+        ]
+        failures = [process.communicate(timeout=60)[1] for process in processes]
+        assert [process.returncode for process in processes] == [0] * 4, failures

@@ -330,7 +330,7 @@ class SqliteStore:
         )
         try:
             with self._write_lock:
-                self._prepare(db)
+                _retry_while_locked(lambda: self._prepare(db))
         except BaseException:
             db.close()
             raise
@@ -360,3 +360,23 @@ class SqliteStore:
             connection.close()
         except sqlite3.Error:
             pass
+
+
+def _retry_while_locked(step: Callable[[], None]) -> None:
+    """Run ``step``, retrying while another process holds the file to itself.
+
+    Processes opening a new file at the same moment race to switch it to WAL,
+    and SQLite answers the loser "database is locked" at once, without calling
+    the busy handler; so wait here as the handler would, up to BUSY_TIMEOUT.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    pause = 0.001
+    while True:
+        try:
+            step()
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
