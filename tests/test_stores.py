@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import threading
 
-from runcache.cache import CacheStats
+from runcache.stores.base import CacheStats
 
 from conftest import FakeClock, StoreFactory
 

@@ -15,13 +15,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TypeVar
 
 from runcache.errors import StoreError
-
-if TYPE_CHECKING:
-    from runcache.stores.base import Store
+from runcache.stores.base import CacheStats, Store
 
 T = TypeVar("T")
 
@@ -38,36 +35,6 @@ LEASE_MARGIN = 10.0
 #: First and longest pause between looks for a result another instance is making.
 POLL_FIRST = 0.01
 POLL_LONGEST = 0.25
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    """A consistent snapshot of a store's counts, taken in one step."""
-
-    hits: int
-    misses: int
-    evictions: int
-    expirations: int
-    coalesced: int
-    size: int
-    max_size: int
-    bytes: int
-    max_bytes: int
-
-    @property
-    def lookups(self) -> int:
-        return self.hits + self.misses
-
-    @property
-    def hit_ratio(self) -> float:
-        return self.hits / self.lookups if self.lookups else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        """The JSON object of ``GET /api/cache/stats``; ``hit_rate`` is the contract's string."""
-        fields = asdict(self)
-        fields["hit_rate"] = f"{self.hit_ratio * 100:.1f}%"
-        fields["hit_ratio"] = round(self.hit_ratio, 6)
-        return fields
 
 
 class Cache:

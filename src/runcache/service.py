@@ -18,7 +18,7 @@ import orjson
 
 from runcache import __version__
 from runcache.allowlist import Allowlist
-from runcache.cache import Cache, CacheStats
+from runcache.cache import Cache
 from runcache.config import Config
 from runcache.errors import BadRequest, StoreError
 from runcache.limits import Slots, waiting_limit
@@ -26,6 +26,7 @@ from runcache.results import encode_result
 from runcache.runner import Runner, RunResult
 from runcache.singleflight import SingleFlight
 from runcache.stores import open_store
+from runcache.stores.base import CacheStats
 from runcache.telemetry import Telemetry
 
 log = logging.getLogger("runcache")

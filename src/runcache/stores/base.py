@@ -13,9 +13,38 @@ is stale is dropped, so nothing that began before a clear is in the cache after 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from runcache.cache import CacheStats
+
+@dataclass(frozen=True)
+class CacheStats:
+    """A consistent snapshot of a store's counts, taken in one step."""
+
+    hits: int
+    misses: int
+    evictions: int
+    expirations: int
+    coalesced: int
+    size: int
+    max_size: int
+    bytes: int
+    max_bytes: int
+
+    @property
+    def lookups(self) -> int:
+        return self.hits + self.misses
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.hits / self.lookups if self.lookups else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON object of ``GET /api/cache/stats``; ``hit_rate`` is the contract's string."""
+        fields = asdict(self)
+        fields["hit_rate"] = f"{self.hit_ratio * 100:.1f}%"
+        fields["hit_ratio"] = round(self.hit_ratio, 6)
+        return fields
 
 
 class Store(Protocol):

@@ -7,7 +7,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from runcache.cache import CacheStats
+from runcache.stores.base import CacheStats
 
 #: A key's value and the clock reading after which it is expired.
 _Entry = tuple[bytes, float]

@@ -35,9 +35,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from runcache.cache import CacheStats
 from runcache.errors import ConfigError, StoreError
-from runcache.stores.base import stats_from_counts
+from runcache.stores.base import CacheStats, stats_from_counts
 
 #: Seconds to wait for a TCP connection to Redis; short, because while Redis is
 #: unreachable every request that tries it waits this long.

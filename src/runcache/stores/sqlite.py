@@ -30,9 +30,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from runcache.cache import CacheStats
 from runcache.errors import StoreError
-from runcache.stores.base import stats_from_counts
+from runcache.stores.base import CacheStats, stats_from_counts
 
 #: Seconds a write waits for another process's write before it fails.
 BUSY_TIMEOUT = 5.0
