@@ -1,169 +1,150 @@
-"""The HTTP API: a Flask blueprint over the engine, and the one JSON error shape."""
+"""The HTTP API: Starlette routes over the engine, and every error as the one JSON shape.
+
+Each route is a short coroutine: read and check the request against its
+declared shape (:mod:`runcache.wire`), call the engine, encode its typed
+answer. A cache hit on the memory store runs from the first byte read to the
+last byte written on the event loop.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Awaitable, Callable
 
-import orjson
-from flask import Blueprint, Flask, Response, current_app, request
-from werkzeug.exceptions import HTTPException
-from werkzeug.wsgi import wrap_file
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
-from runcache.auth import admin_only
-from runcache.errors import BadRequest, Busy, RuncacheError, Unauthorized
-from runcache.service import CommandRequest, Engine
+from runcache import wire
+from runcache.errors import MethodNotAllowed, NotFound, RuncacheError, TooLarge
+from runcache.responses import (
+    STREAM_THRESHOLD,
+    JSONBytes,
+    ResultResponse,
+    error_answer,
+    json_answer,
+)
+from runcache.service import Engine
 
 log = logging.getLogger(__name__)
 
-api = Blueprint("api", __name__)
-
-#: Results at least this large are streamed from the cached bytes instead of copied.
-STREAM_THRESHOLD = 256 * 1024
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 #: The body of ``POST /api/cache/clear``, fixed to the letter by the user's specification.
-CLEAR_BODY = orjson.dumps({"success": True, "message": "Cache cleared"})
+CLEAR_BODY = wire.encode(wire.Cleared())
+
+_LIVE_BODY = wire.encode(wire.Live())
+
+_ADMIN_ATTRIBUTE = "_runcache_admin"
 
 
-class ResultReader:
-    """A stored result with its answer's flags, read as one seekable file without a copy.
-
-    The stored JSON object's closing brace is replaced by ``tail``; waitress
-    reads the file in blocks with ``read``, ``seek`` and ``tell``.
-    """
-
-    def __init__(self, body: bytes, tail: bytes) -> None:
-        self._head = memoryview(body)[:-1]
-        self._tail = tail
-        self._position = 0
-        self.size = len(self._head) + len(tail)
-
-    def read(self, size: int = -1) -> bytes:
-        start = self._position
-        end = self.size if size < 0 else min(self.size, start + size)
-        split = len(self._head)
-        pieces: list[bytes | memoryview] = []
-        if start < split:
-            pieces.append(self._head[start : min(end, split)])
-        if end > split:
-            pieces.append(self._tail[max(start - split, 0) : end - split])
-        self._position = max(start, end)
-        return b"".join(pieces)
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = (0, self._position, self.size)[whence]
-        self._position = max(0, base + offset)
-        return self._position
-
-    def tell(self) -> int:
-        return self._position
-
-    def seekable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        """Nothing to release: the bytes belong to the cache."""
+def admin_only(endpoint: Endpoint) -> Endpoint:
+    """Mark an endpoint as an administrative operation: only the admin token may call it."""
+    setattr(endpoint, _ADMIN_ATTRIBUTE, True)
+    return endpoint
 
 
-def json_response(payload: Any, status: int = 200) -> Response:
-    """A JSON response encoded with orjson (several times faster than the json module)."""
-    return Response(orjson.dumps(payload), status=status, mimetype="application/json")
+def is_admin(route: Route) -> bool:
+    return bool(getattr(route.endpoint, _ADMIN_ATTRIBUTE, False))
 
 
-def engine() -> Engine:
+def engine_of(request: Request) -> Engine:
     """The engine of the app serving this request."""
-    found: Engine = current_app.extensions["runcache"]
+    found: Engine = request.app.state.engine
     return found
 
 
-def _client() -> str:
-    return request.remote_addr or "-"
+def client_of(request: Request) -> str:
+    return request.client.host if request.client else "-"
 
 
-@api.post("/api/command")
-def run_command() -> Response:
-    body = request.get_data(cache=False)
-    if not body.strip():
-        raise BadRequest("Command parameter is required")
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as error:
-        raise BadRequest(f"request body must be valid JSON: {error}") from None
-    outcome = engine().execute(CommandRequest.from_json(payload), client=_client())
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with a 413 as soon as it is known to pass ``limit``.
+
+    A declared ``Content-Length`` over the limit is refused before a byte of
+    the body is read; a chunked body is refused the moment it passes the limit.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> TooLarge:
+    return TooLarge(f"request body is larger than the limit of {limit} bytes")
+
+
+async def run_command(request: Request) -> Response:
+    engine = engine_of(request)
+    body = await read_body(request, engine.config.max_body_bytes)
+    outcome = await engine.execute(wire.decode_command_request(body), client_of(request))
     if len(outcome.body) < STREAM_THRESHOLD:
-        return Response(outcome.to_json(), mimetype="application/json")
-    # A large result goes out as a file, read in blocks straight from the cached
-    # bytes: no copy of the whole body, and waitress does not buffer it again.
-    reader = ResultReader(outcome.body, outcome.tail)
-    response = Response(
-        wrap_file(request.environ, reader),  # type: ignore[arg-type]
-        mimetype="application/json", direct_passthrough=True
-    )
-    response.content_length = reader.size
-    return response
+        return JSONBytes(outcome.to_json())
+    return ResultResponse(outcome.body, outcome.tail)
 
 
-@api.get("/api/cache/stats")
-def cache_stats() -> Response:
-    return json_response(engine().cache_stats())
+async def cache_stats(request: Request) -> Response:
+    return json_answer(await engine_of(request).cache_stats())
 
 
-@api.post("/api/cache/clear")
 @admin_only
-def clear_cache() -> Response:
-    engine().clear()
-    return Response(CLEAR_BODY, mimetype="application/json")
+async def clear_cache(request: Request) -> Response:
+    await engine_of(request).clear()
+    return JSONBytes(CLEAR_BODY)
 
 
-@api.get("/api/telemetry")
-def telemetry() -> Response:
-    return json_response(engine().telemetry.as_dict())
+async def telemetry(request: Request) -> Response:
+    return json_answer(engine_of(request).telemetry.snapshot())
 
 
-@api.get("/health")
-def health() -> Response:
-    return json_response(engine().health())
+async def health(request: Request) -> Response:
+    return json_answer(await engine_of(request).health())
 
 
-@api.get("/livez")
-def livez() -> Response:
+async def livez(request: Request) -> Response:
     """Liveness for load balancers: answers without touching the store or the machine."""
-    return Response(b'{"status":"ok"}', mimetype="application/json")
+    return JSONBytes(_LIVE_BODY)
 
 
-def register_error_handlers(app: Flask) -> None:
-    """Every error leaves as ``{"error": "..."}`` with its status: no HTML, no traceback."""
-
-    @app.errorhandler(RuncacheError)
-    def _runcache_error(error: RuncacheError) -> Response:
-        response = json_response({"error": error.message}, error.status)
-        if isinstance(error, Busy):
-            response.headers["Retry-After"] = str(error.retry_after)
-        if isinstance(error, Unauthorized):
-            response.headers["WWW-Authenticate"] = 'Bearer realm="runcache"'
-        return response
-
-    @app.errorhandler(HTTPException)
-    def _http_error(error: HTTPException) -> Response:
-        status = error.code or 500
-        response = json_response({"error": _http_message(status, error)}, status)
-        allowed = getattr(error, "valid_methods", None)
-        if allowed:
-            response.headers["Allow"] = ", ".join(allowed)
-        return response
-
-    @app.errorhandler(Exception)
-    def _unexpected(error: Exception) -> Response:
-        log.exception("unexpected error on %s %s", request.method, request.path)
-        return json_response({"error": "internal error; see the server log"}, 500)
+ROUTES = [
+    Route("/api/command", run_command, methods=["POST"]),
+    Route("/api/cache/stats", cache_stats, methods=["GET"]),
+    Route("/api/cache/clear", clear_cache, methods=["POST"]),
+    Route("/api/telemetry", telemetry, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
+    Route("/livez", livez, methods=["GET"]),
+]
 
 
-def _http_message(status: int, error: HTTPException) -> str:
-    if status == 404:
-        return f"no endpoint at {request.path}; see the README for the API"
-    if status == 405:
-        return f"method {request.method} is not allowed on {request.path}"
-    if status == 413:
-        limit = current_app.config["MAX_CONTENT_LENGTH"]
-        return f"request body is larger than the limit of {limit} bytes"
-    return error.description or error.name
+async def on_runcache_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, RuncacheError)
+    return error_answer(error)
+
+
+async def on_http_error(request: Request, error: Exception) -> Response:
+    """Routing's own errors (no such path, a method it does not take) as runcache errors."""
+    assert isinstance(error, HTTPException)
+    path, method = request.url.path, request.method
+    if error.status_code == 405:
+        allowed = (*(error.headers or {}).get("Allow", "").split(", "), "OPTIONS")
+        if method == "OPTIONS":  # what the path takes: the answer HTTP gives OPTIONS
+            return Response(status_code=200, headers={"Allow": ", ".join(allowed)})
+        return error_answer(MethodNotAllowed(f"method {method} is not allowed on {path}", allowed))
+    if error.status_code == 404:
+        return error_answer(NotFound(f"no endpoint at {path}; see the README for the API"))
+    problem = RuncacheError(error.detail)
+    problem.status = error.status_code
+    return error_answer(problem)
+
+
+async def on_unexpected(request: Request, error: Exception) -> Response:
+    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=error)
+    return error_answer(RuncacheError("internal error; see the server log"))

@@ -1,45 +1,60 @@
-"""The app factory: a Flask app around one engine."""
+"""The app factory: a Starlette app around one engine."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-from flask import Flask
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.routing import Route
 
-from runcache import auth
-from runcache.api import api, register_error_handlers
+from runcache import api
+from runcache.auth import TokenGate
 from runcache.config import Config
-from runcache.openapi import docs
+from runcache.errors import RuncacheError
+from runcache.openapi import openapi_json
 from runcache.service import Engine
 
 
-def create_app(
-    config: Config | None = None,
-    engine: Engine | None = None,
-    test_config: dict[str, Any] | None = None,
-) -> Flask:
+def create_app(config: Config | None = None, engine: Engine | None = None) -> Starlette:
     """Build the app from a config (defaults, then the environment, when none is given).
 
-    ``engine`` lets the CLI and the tests supply one already built; otherwise the
-    app builds its own from the config. ``test_config`` overrides Flask settings.
+    ``engine`` lets the server, the CLI and the tests supply one already built;
+    otherwise the app builds its own from the config. Whoever built the engine
+    closes it.
     """
     if engine is None:
         engine = Engine.from_config(config or Config.load())
-    app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = engine.config.max_body_bytes
-    app.config.update(test_config or {})
-    app.extensions["runcache"] = engine
-    app.register_blueprint(api)
-    app.register_blueprint(docs)
-    auth.init_app(app, engine.config)
-    register_error_handlers(app)
+    routes = [*api.ROUTES, Route("/openapi.json", openapi_json, methods=["GET"])]
+    middleware = []
+    if engine.config.token:
+        admin_routes = [(method, route.path) for route in routes if api.is_admin(route)
+                        for method in route.methods or ()]
+        middleware.append(Middleware(
+            TokenGate, token=engine.config.token, admin_token=engine.config.admin_secret,
+            admin_routes=admin_routes,
+        ))
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={
+            RuncacheError: api.on_runcache_error,
+            HTTPException: api.on_http_error,
+            Exception: api.on_unexpected,
+        },
+    )
+    app.state.engine = engine
     return app
 
 
 def configure_logging(level: str) -> None:
-    """Readable one-line logs on stderr; the per-request access log stays off."""
+    """Readable one-line logs on stderr; the per-request access log stays off.
+
+    uvicorn's own start and stop lines repeat runcache's, so only its warnings show.
+    """
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
+    logging.getLogger("uvicorn.error").setLevel(max(logging.WARNING, logging.root.level))

@@ -1,81 +1,86 @@
 """Bearer tokens for ``/api/*``: who may run commands, and who may manage the cache.
 
 A server that runs commands is a remote shell, so once a token is configured
-every ``/api/*`` request must present it. Administrative operations (emptying
-the cache) need the admin token, which is the same token unless a separate one
-is set. ``/health``, ``/livez`` and ``/openapi.json`` stay open: they show no
-command output. Tokens are compared in constant time and never logged.
+every ``/api/*`` request must present it, known path or not. Administrative
+operations (emptying the cache) need the admin token, which is the same token
+unless a separate one is set. ``/health``, ``/livez`` and ``/openapi.json``
+stay open: they show no command output. Tokens are compared in constant time
+and never logged.
+
+The gate is plain ASGI in front of the routes, so a refused request costs no
+routing and no request object, and a server without tokens has no gate at all.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Iterable
 
-from flask import Flask, current_app, request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from runcache.config import Config
-from runcache.errors import Forbidden, Unauthorized
+from runcache.errors import Forbidden, RuncacheError, Unauthorized
+from runcache.responses import error_answer
 
 log = logging.getLogger(__name__)
-
-F = TypeVar("F", bound=Callable[..., object])
 
 #: Requests under this prefix need a token once one is configured.
 PROTECTED_PREFIX = "/api/"
 
-_ADMIN_ATTRIBUTE = "_runcache_admin"
 
+class TokenGate:
+    """Refuses ``/api/*`` requests without the token, and admin routes without the admin token.
 
-def admin_only(view: F) -> F:
-    """Mark a view as an administrative operation: only the admin token may call it."""
-    setattr(view, _ADMIN_ATTRIBUTE, True)
-    return view
+    ``admin_routes`` are the (method, path) pairs only the admin token may call.
+    """
 
+    def __init__(
+        self, app: ASGIApp, token: str, admin_token: str, admin_routes: Iterable[tuple[str, str]]
+    ) -> None:
+        self.app = app
+        self._token = token.encode()
+        self._admin = admin_token.encode()
+        self._admin_routes = frozenset(admin_routes)
 
-def init_app(app: Flask, config: Config) -> None:
-    """Check the token before every protected request, if a token is configured."""
-    if not config.token:
-        return
-    token = config.token.encode()
-    admin = config.admin_secret.encode()
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIX):
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await error_answer(refusal)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
-    @app.before_request
-    def _check_token() -> None:
-        if not request.path.startswith(PROTECTED_PREFIX):
-            return
-        presented = _bearer_token()
+    def _refusal(self, scope: Scope) -> RuncacheError | None:
+        presented = _bearer_token(scope)
         if presented is None:
-            _refuse("no bearer token")
-            raise Unauthorized(
+            _refuse(scope, "no bearer token")
+            return Unauthorized(
                 "this server needs a token: send the header Authorization: Bearer <token>"
             )
-        if _is_admin_request():
-            if not hmac.compare_digest(presented, admin):
-                _refuse("wrong admin token")
-                raise Forbidden("this operation needs the admin token")
-        elif not (hmac.compare_digest(presented, token) | hmac.compare_digest(presented, admin)):
-            _refuse("wrong token")
-            raise Forbidden("the token sent is not valid for this server")
-
-
-def _bearer_token() -> bytes | None:
-    """The token of an ``Authorization: Bearer`` header, as bytes so any value compares safely."""
-    scheme, _, value = request.headers.get("Authorization", "").strip().partition(" ")
-    value = value.strip()
-    if scheme.lower() != "bearer" or not value:
+        if (scope["method"], scope["path"]) in self._admin_routes:
+            if not hmac.compare_digest(presented, self._admin):
+                _refuse(scope, "wrong admin token")
+                return Forbidden("this operation needs the admin token")
+        elif not (hmac.compare_digest(presented, self._token)
+                  | hmac.compare_digest(presented, self._admin)):
+            _refuse(scope, "wrong token")
+            return Forbidden("the token sent is not valid for this server")
         return None
-    return value.encode("utf-8", "surrogateescape")
 
 
-def _is_admin_request() -> bool:
-    view = current_app.view_functions.get(request.endpoint or "")
-    return bool(getattr(view, _ADMIN_ATTRIBUTE, False))
+def _bearer_token(scope: Scope) -> bytes | None:
+    """The token of an ``Authorization: Bearer`` header, as bytes so any value compares safely."""
+    header = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
+    scheme, _, value = header.strip().partition(b" ")
+    value = value.strip()
+    if scheme.lower() != b"bearer" or not value:
+        return None
+    return value
 
 
-def _refuse(reason: str) -> None:
+def _refuse(scope: Scope, reason: str) -> None:
+    client = scope.get("client")
     log.warning(
-        "%s refused %s %s: %s", request.remote_addr or "-", request.method, request.path, reason
+        "%s refused %s %s: %s", client[0] if client else "-", scope["method"], scope["path"],
+        reason,
     )

@@ -10,12 +10,15 @@ requests.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import TypeVar
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
 from runcache.errors import StoreError
 from runcache.stores.base import CacheStats, Store
@@ -32,6 +35,11 @@ RETRY_INTERVAL = 1.0
 #: timed-out command and storing its result.
 LEASE_MARGIN = 10.0
 
+#: Threads that call a store which blocks (SQLite, Redis). A call takes tens to
+#: hundreds of microseconds and holds the GIL for most of it, so a few threads
+#: keep the event loop free without adding threads that would only queue.
+STORE_THREADS = 8
+
 #: First and longest pause between looks for a result another instance is making.
 POLL_FIRST = 0.01
 POLL_LONGEST = 0.25
@@ -39,6 +47,10 @@ POLL_LONGEST = 0.25
 
 class Cache:
     """A store plus fault tolerance: store errors become misses, logged once per outage.
+
+    Every operation is a coroutine. A store that answers from memory is called
+    on the event loop, so a hit costs no thread hop; a store that may block on
+    disk or network (``store.blocking``) is called in one of a few threads.
 
     While the store is failing, :attr:`degraded_reason` says why, and calls skip
     the store for ``retry_interval`` seconds after each failure; the first call that
@@ -51,60 +63,70 @@ class Cache:
         self._fault_lock = threading.Lock()
         self._degraded_reason: str | None = None
         self._retry_at = 0.0
+        self._threads: ThreadPoolExecutor | None = None
+        if store.blocking:
+            self._threads = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="runcache-store")
 
     @property
     def degraded_reason(self) -> str | None:
         return self._degraded_reason
 
-    def get(self, key: str) -> bytes | None:
-        return self._attempt(lambda: self.store.get(key), None)
+    async def get(self, key: str) -> bytes | None:
+        return await self._attempt(None, self.store.get, key)
 
-    def put(self, key: str, value: bytes, ttl: float, epoch: int | None) -> bool:
+    async def put(self, key: str, value: bytes, ttl: float, epoch: int | None) -> bool:
         """Store a result unless the store is down or was cleared since ``epoch`` was read."""
         if epoch is None:
             return False
-        return self._attempt(lambda: self.store.put(key, value, ttl, epoch), False)
+        return await self._attempt(False, self.store.put, key, value, ttl, epoch)
 
-    def epoch(self) -> int | None:
+    async def epoch(self) -> int | None:
         """The store's clear counter, or None when the store cannot be reached."""
-        return self._attempt(self.store.epoch, None)
+        return await self._attempt(None, self.store.epoch)
 
-    def record_coalesced(self) -> None:
-        self._attempt(self.store.record_coalesced, None)
+    async def record_coalesced(self) -> None:
+        await self._attempt(None, self.store.record_coalesced)
 
-    def clear(self) -> CacheStats:
+    async def clear(self) -> CacheStats:
         """Empty the store and reset its counts; raises StoreError if the store is down."""
-        return self._insist(self.store.clear)
+        return await self._insist(self.store.clear)
 
-    def stats(self) -> CacheStats:
+    async def stats(self) -> CacheStats:
         """The store's statistics; raises StoreError if the store is down."""
-        return self._insist(self.store.stats)
+        return await self._insist(self.store.stats)
 
-    def _attempt(self, operation: Callable[[], T], fallback: T) -> T:
-        """``operation()``, or ``fallback`` while the store is failing or resting."""
+    async def _call(self, operation: Callable[..., T], *args: Any) -> T:
+        """``operation(*args)``: here when the store answers from memory, else in a thread."""
+        if self._threads is None:
+            return operation(*args)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, functools.partial(operation, *args))
+
+    async def _attempt(self, fallback: T, operation: Callable[..., T], *args: Any) -> T:
+        """``operation(*args)``, or ``fallback`` while the store is failing or resting."""
         if self._resting():
             return fallback
         try:
-            result = operation()
+            result = await self._call(operation, *args)
         except StoreError as error:
             self._failed(error)
             return fallback
         self._succeeded()
         return result
 
-    def _insist(self, operation: Callable[[], T]) -> T:
+    async def _insist(self, operation: Callable[[], T]) -> T:
         """``operation()``, raising StoreError while the store is failing or resting."""
         self._raise_if_resting()
         try:
-            result = operation()
+            result = await self._call(operation)
         except StoreError as error:
             self._failed(error)
             raise
         self._succeeded()
         return result
 
-    @contextmanager
-    def exclusive(self, key: str, run_timeout: float) -> Iterator[bytes | None]:
+    @asynccontextmanager
+    async def exclusive(self, key: str, run_timeout: float) -> AsyncIterator[bytes | None]:
         """Let one instance at a time run ``key``'s command.
 
         Yields None to the caller that should run the command (holding the
@@ -113,45 +135,50 @@ class Cache:
         holder delays the others by at most ``run_timeout`` plus a margin; a
         store that fails lets the caller run the command unlocked.
         """
-        token, found = self._claim(key, run_timeout + LEASE_MARGIN)
+        token, found = await self._claim(key, run_timeout + LEASE_MARGIN)
         try:
             yield found
         finally:
             if token is not None:
-                self._release(key, token)
+                await self._release(key, token)
 
-    def _claim(self, key: str, lease: float) -> tuple[str | None, bytes | None]:
+    async def _claim(self, key: str, lease: float) -> tuple[str | None, bytes | None]:
         """Wait until this instance holds ``key``'s lock or its result is stored."""
         deadline = time.monotonic() + lease
         pause = POLL_FIRST
         while not self._resting():
             try:
-                token = self.store.acquire(key, lease)
-                # Looked for after taking the lock too: another holder may have
-                # stored the result and let go since this caller's miss.
-                found = self.store.peek(key)
+                token, found = await self._call(self._try_claim, key, lease)
             except StoreError as error:
                 self._failed(error)
                 break
             if found is not None:
                 if token is not None:
-                    self._release(key, token)
+                    await self._release(key, token)
                 return None, found
             if token is not None:
                 return token, None
             if time.monotonic() >= deadline:
                 break
-            time.sleep(pause)
+            await asyncio.sleep(pause)
             pause = min(pause * 2, POLL_LONGEST)
         return None, None
 
-    def _release(self, key: str, token: str) -> None:
+    def _try_claim(self, key: str, lease: float) -> tuple[str | None, bytes | None]:
+        token = self.store.acquire(key, lease)
+        # Looked for after taking the lock too: another holder may have
+        # stored the result and let go since this caller's miss.
+        return token, self.store.peek(key)
+
+    async def _release(self, key: str, token: str) -> None:
         try:
-            self.store.release(key, token)
+            await self._call(self.store.release, key, token)
         except StoreError as error:
             self._failed(error)
 
     def close(self) -> None:
+        if self._threads is not None:
+            self._threads.shutdown(wait=True)
         self.store.close()
 
     def _resting(self) -> bool:

@@ -28,6 +28,7 @@ from runcache.client import (
 )
 from runcache.config import Config, settings
 from runcache.errors import RuncacheError
+from runcache.wire import CommandResult, to_builtins
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -73,11 +74,10 @@ def serve(**options: Any) -> None:
     """Start the HTTP API (the default command)."""
     from runcache.app import configure_logging
     from runcache.server import serve as serve_forever
-    from runcache.service import Engine
 
     config = Config.load(options)
     configure_logging(config.log_level)
-    serve_forever(Engine.from_config(config))
+    serve_forever(config)
 
 
 # -- client commands: through a server when given one, else an engine in this process --
@@ -123,10 +123,11 @@ def run(
         result = backend.execute(
             shlex.join(argv), use_cache=not no_cache, timeout=timeout, ttl=ttl
         )
-    _write(sys.stdout, result.get("stdout", ""))
-    _write(sys.stderr, result.get("stderr", ""))
-    for stream in ("stdout", "stderr"):
-        if result.get(f"{stream}_truncated"):
+    _write(sys.stdout, result.stdout)
+    _write(sys.stderr, result.stderr)
+    for stream, truncated in (("stdout", result.stdout_truncated),
+                              ("stderr", result.stderr_truncated)):
+        if truncated:
             click.echo(f"runcache: {stream} was cut at the output cap", err=True)
     sys.exit(_exit_status(result))
 
@@ -141,12 +142,12 @@ def _write(stream: Any, text: str) -> None:
     stream.buffer.flush()
 
 
-def _exit_status(result: dict[str, Any]) -> int:
+def _exit_status(result: CommandResult) -> int:
     """The command's exit code, as a shell would report it."""
-    if result.get("timed_out"):
+    if result.timed_out:
         click.echo("runcache: the command timed out and was killed", err=True)
         return EXIT_TIMED_OUT
-    code = int(result.get("return_code", 1))
+    code = result.return_code
     return 128 - code if code < 0 else code
 
 
@@ -156,7 +157,7 @@ def _exit_status(result: dict[str, Any]) -> int:
 def stats(as_json: bool, server: str | None) -> None:
     """Print the cache statistics."""
     with _connect(server) as backend:
-        found = backend.cache_stats()
+        found = to_builtins(backend.cache_stats())
     if as_json:
         click.echo(orjson.dumps(found, option=orjson.OPT_INDENT_2).decode())
         return
@@ -171,7 +172,7 @@ def clear(server: str | None) -> None:
     """Empty the cache and reset its statistics."""
     with _connect(server) as backend:
         answer = backend.clear()
-    click.echo(answer.get("message", "Cache cleared"))
+    click.echo(answer.message)
 
 
 @cli.command("mcp")

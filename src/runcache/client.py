@@ -1,10 +1,10 @@
 """Talking to runcache: over HTTP to a running server, or to an engine in this process.
 
 The CLI's client commands and the MCP adapter both need the same five
-operations. :class:`Backend` names them once; :class:`Client` answers them from
-a server and :class:`LocalClient` from an :class:`Engine` of its own, so each
-caller has one code path whichever way it was started, and HTTP handling lives
-only here.
+operations. :class:`Backend` names them once, with the typed answers of
+:mod:`runcache.wire`; :class:`Client` answers them from a server and
+:class:`LocalClient` from an :class:`Engine` of its own, so each caller has one
+code path whichever way it was started, and HTTP handling lives only here.
 
 HTTP goes through the standard library's ``http.client``: a handful of small
 JSON requests per process does not justify a dependency, and holding each
@@ -18,17 +18,32 @@ import http.client
 import socket
 import threading
 import urllib.parse
-from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+import msgspec
 import orjson
+from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from runcache import __version__
-from runcache.errors import BadRequest, ConfigError, Forbidden, RuncacheError, Unauthorized
+from runcache import __version__, wire
+from runcache.errors import (
+    BadRequest,
+    ConfigError,
+    Forbidden,
+    RuncacheError,
+    ServerError,
+    ServerUnreachable,
+    Unauthorized,
+)
+from runcache.wire import CacheStats, Cleared, CommandResult, Health, Telemetry
 
 if TYPE_CHECKING:  # the engine is imported only when one runs in this process
     from runcache.service import Engine
+
+__all__ = ["Backend", "Client", "LocalClient", "ServerError", "ServerUnreachable", "connect"]
+
+S = TypeVar("S", bound=msgspec.Struct)
 
 #: Environment variables the client reads when no option is given.
 URL_ENV = "RUNCACHE_URL"
@@ -42,21 +57,7 @@ REQUEST_TIMEOUT = 30.0
 EXECUTE_MARGIN = 60.0
 
 #: The answer to a clear, as the contract fixes it for ``POST /api/cache/clear``.
-CLEARED: dict[str, Any] = {"success": True, "message": "Cache cleared"}
-
-
-class ServerUnreachable(RuncacheError):
-    """No runcache server answered at the URL tried."""
-
-    status = 503
-
-
-class ServerError(RuncacheError):
-    """The server answered with an error; ``status`` is its HTTP status."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
+CLEARED = Cleared()
 
 
 #: Statuses that map back to the error the server raised, so callers can catch it by name.
@@ -78,15 +79,15 @@ class Backend(Protocol):
         use_cache: bool = True,
         timeout: float | None = None,
         ttl: float | None = None,
-    ) -> dict[str, Any]: ...
+    ) -> CommandResult: ...
 
-    def cache_stats(self) -> dict[str, Any]: ...
+    def cache_stats(self) -> CacheStats: ...
 
-    def clear(self) -> dict[str, Any]: ...
+    def clear(self) -> Cleared: ...
 
-    def health(self) -> dict[str, Any]: ...
+    def health(self) -> Health: ...
 
-    def telemetry(self) -> dict[str, Any]: ...
+    def telemetry(self) -> Telemetry: ...
 
     def close(self) -> None: ...
 
@@ -112,16 +113,20 @@ class _Closing:
         self.close()
 
 
-def command_payload(
+def command_request(
     command: str, use_cache: bool, timeout: float | None, ttl: float | None
-) -> dict[str, Any]:
-    """The JSON body of ``POST /api/command``; unset optional fields are left out."""
+) -> wire.CommandRequest:
+    """A ``POST /api/command`` body, checked as the server checks it.
+
+    Encoded and decoded once, so a bad value fails here with the very message
+    the server would answer, before anything is sent or run.
+    """
     payload: dict[str, Any] = {"command": command, "use_cache": use_cache}
     if timeout is not None:
         payload["timeout"] = timeout
     if ttl is not None:
         payload["ttl"] = ttl
-    return payload
+    return wire.decode_command_request(orjson.dumps(payload))
 
 
 class Client(_Closing):
@@ -157,24 +162,26 @@ class Client(_Closing):
         use_cache: bool = True,
         timeout: float | None = None,
         ttl: float | None = None,
-    ) -> dict[str, Any]:
+    ) -> CommandResult:
         """Run a command on the server; wait as long as the server lets it run."""
         wait = None if timeout is None else timeout + EXECUTE_MARGIN
-        payload = command_payload(command, use_cache, timeout, ttl)
-        return self._request("POST", "/api/command", payload, wait=wait)
+        body = wire.encode(command_request(command, use_cache, timeout, ttl))
+        return self._request(CommandResult, "POST", "/api/command", body, wait=wait)
 
-    def cache_stats(self) -> dict[str, Any]:
-        return self._request("GET", "/api/cache/stats")
+    def cache_stats(self) -> CacheStats:
+        return self._request(CacheStats, "GET", "/api/cache/stats")
 
-    def clear(self) -> dict[str, Any]:
+    def clear(self) -> Cleared:
         """Clear the cache, with the admin token when there is one."""
-        return self._request("POST", "/api/cache/clear", token=self.admin_token or self.token)
+        return self._request(
+            Cleared, "POST", "/api/cache/clear", token=self.admin_token or self.token
+        )
 
-    def health(self) -> dict[str, Any]:
-        return self._request("GET", "/health")
+    def health(self) -> Health:
+        return self._request(Health, "GET", "/health")
 
-    def telemetry(self) -> dict[str, Any]:
-        return self._request("GET", "/api/telemetry")
+    def telemetry(self) -> Telemetry:
+        return self._request(Telemetry, "GET", "/api/telemetry")
 
     def close(self) -> None:
         """Refuse new requests and cut the connections of those still waiting."""
@@ -190,14 +197,14 @@ class Client(_Closing):
 
     def _request(
         self,
+        shape: type[S],
         method: str,
         path: str,
-        payload: Mapping[str, Any] | None = None,
+        body: bytes | None = None,
         token: str | None = None,
         wait: float | None = REQUEST_TIMEOUT,
-    ) -> dict[str, Any]:
+    ) -> S:
         where = self.url + path
-        body = None if payload is None else orjson.dumps(payload)
         headers = self._headers(token or self.token, json_body=body is not None)
         connection = self._connection_class(self._netloc, timeout=wait)
         with self._lock:
@@ -216,7 +223,7 @@ class Client(_Closing):
             connection.close()
         if status >= 400:
             raise _server_error(status, data, where)
-        return _decode(data, where)
+        return _decode(shape, data, where)
 
     @staticmethod
     def _headers(token: str | None, json_body: bool) -> dict[str, str]:
@@ -239,13 +246,17 @@ class Client(_Closing):
 class LocalClient(_Closing):
     """An engine in this process, behind the same interface as :class:`Client`.
 
-    Requests are checked by the engine's own :meth:`CommandRequest.from_json`, so
-    a bad one fails with the very message the API would give.
+    The engine's coroutines run on an event loop of the client's own, in a
+    thread, so the calls here block like :class:`Client`'s and may come from
+    any thread. Requests are checked by the wire's own decoder, so a bad one
+    fails with the very message the API would give.
     """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.description = f"runcache in-process (store {engine.cache.store.description})"
+        self._loop: AbstractContextManager[BlockingPortal] = start_blocking_portal()
+        self._portal = self._loop.__enter__()
 
     @classmethod
     def from_environment(cls) -> LocalClient:
@@ -261,27 +272,26 @@ class LocalClient(_Closing):
         use_cache: bool = True,
         timeout: float | None = None,
         ttl: float | None = None,
-    ) -> dict[str, Any]:
-        from runcache.service import CommandRequest
+    ) -> CommandResult:
+        request = command_request(command, use_cache, timeout, ttl)
+        return self._portal.call(self.engine.execute, request, "local").result()
 
-        request = CommandRequest.from_json(command_payload(command, use_cache, timeout, ttl))
-        return self.engine.execute(request, client="local").as_dict()
+    def cache_stats(self) -> CacheStats:
+        return self._portal.call(self.engine.cache_stats)
 
-    def cache_stats(self) -> dict[str, Any]:
-        return self.engine.cache_stats()
+    def clear(self) -> Cleared:
+        return self._portal.call(self.engine.clear)
 
-    def clear(self) -> dict[str, Any]:
-        self.engine.clear()
-        return dict(CLEARED)
+    def health(self) -> Health:
+        return self._portal.call(self.engine.health)
 
-    def health(self) -> dict[str, Any]:
-        return self.engine.health()
-
-    def telemetry(self) -> dict[str, Any]:
-        return self.engine.telemetry.as_dict()
+    def telemetry(self) -> Telemetry:
+        return self.engine.telemetry.snapshot()
 
     def close(self) -> None:
-        """Kill commands still running and release the store."""
+        """Kill commands still running, stop the client's loop, and release the store."""
+        self.engine.runner.kill_all()
+        self._loop.__exit__(None, None, None)
         self.engine.close()
 
 
@@ -302,15 +312,15 @@ def normalize_url(url: str) -> str:
     return url.rstrip("/")
 
 
-def _decode(body: bytes, where: str) -> dict[str, Any]:
+def _decode(shape: type[S], body: bytes, where: str) -> S:
     try:
-        decoded = orjson.loads(body)
-    except orjson.JSONDecodeError:
+        return msgspec.json.decode(body, type=shape)
+    except msgspec.ValidationError as error:
+        message = f"{where} answered JSON that is not a runcache {shape.__name__}: {error}"
+        raise ServerError(message, 502) from None
+    except msgspec.DecodeError:
         message = f"{where} did not answer with JSON; is it a runcache server?"
         raise ServerError(message, 502) from None
-    if not isinstance(decoded, dict):
-        raise ServerError(f"{where} answered with JSON that is not an object", 502)
-    return decoded
 
 
 def _server_error(status: int, body: bytes, where: str) -> RuncacheError:

@@ -51,7 +51,22 @@ class Config:
     max_timeout: float = _setting(3600.0, "Longest timeout a request may ask for.", 0.001)
     max_output_bytes: int = _setting(8 * MiB, "Bytes of stdout and of stderr kept per run.", 1)
     max_body_bytes: int = _setting(1 * MiB, "Largest request body accepted (413 past it).", 1)
-    threads: int = _setting(64, "Worker threads serving HTTP requests.", 1)
+    workers: int = _setting(
+        1, "Server processes sharing the port; more than 1 needs a sqlite:// or redis:// store.", 1
+    )
+    max_connections: int = _setting(
+        10000, "Most open client connections; past it new requests get a 503.", 1
+    )
+    keepalive_timeout: int = _setting(
+        5, "Seconds an idle keep-alive connection stays open between requests.", 0.001
+    )
+    header_timeout: float = _setting(
+        10.0, "Seconds a client has to send a request's headers, from its first byte"
+        " (or from connecting).", 0.001
+    )
+    body_timeout: float = _setting(
+        30.0, "Seconds a client has to send a request's body once its headers are in.", 0.001
+    )
     log_level: str = _setting("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.")
     token: str = _setting(
         "", "Bearer token every /api/* request must send (environment only).", secret=True
@@ -87,11 +102,11 @@ class Config:
             raise ConfigError(
                 f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level}"
             )
-        if self.threads <= self.max_concurrent:
+        if self.workers > 1 and self.store.startswith("memory:"):
             raise ConfigError(
-                f"threads ({self.threads}) must be more than max_concurrent "
-                f"({self.max_concurrent}), so cache hits are served while every slot runs "
-                "a command: raise --threads or lower --max-concurrent"
+                f"--workers {self.workers} needs a store the workers share: with memory:// each "
+                "process would keep its own cache, statistics and clear; use "
+                "--store sqlite:///path/cache.db or redis://host:port/0"
             )
         self._load_tokens()
         for name in self.allowed_commands:

@@ -1,11 +1,15 @@
-"""The few errors runcache raises on purpose.
+"""The errors runcache reports, each carrying its HTTP status and headers.
 
-Each carries the HTTP status it maps to, so the API turns any of them into the
-one JSON error shape, and the CLI into one line and an exit code, without a
-table of special cases in either place.
+Each error knows the status it maps to and the headers that go with it
+(``Retry-After`` on a 503, ``WWW-Authenticate`` on a 401, ``Allow`` on a 405),
+as Starlette's ``HTTPException`` carries ``headers``: the API turns any of them
+into the one JSON error shape, and the CLI into one line and an exit code,
+without asking which class it holds.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 
 class RuncacheError(Exception):
@@ -16,6 +20,11 @@ class RuncacheError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """Headers the error's HTTP answer carries besides its JSON body."""
+        return {}
 
 
 class BadRequest(RuncacheError):
@@ -29,11 +38,41 @@ class Unauthorized(RuncacheError):
 
     status = 401
 
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="runcache"'}
+
 
 class Forbidden(RuncacheError):
     """Credentials were sent but do not grant this operation."""
 
     status = 403
+
+
+class NotFound(RuncacheError):
+    """No endpoint at the path asked for."""
+
+    status = 404
+
+
+class MethodNotAllowed(RuncacheError):
+    """The path exists but does not take this method; ``allowed`` lists those it takes."""
+
+    status = 405
+
+    def __init__(self, message: str, allowed: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.allowed = allowed
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return {"Allow": ", ".join(self.allowed)}
+
+
+class TooLarge(RuncacheError):
+    """The request body is larger than the server accepts."""
+
+    status = 413
 
 
 class Busy(RuncacheError):
@@ -44,6 +83,10 @@ class Busy(RuncacheError):
     def __init__(self, message: str, retry_after: int = 1) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class ConfigError(RuncacheError):
@@ -56,3 +99,17 @@ class StoreError(RuncacheError):
     """The cache store failed; the caller carries on without the cache."""
 
     status = 503
+
+
+class ServerUnreachable(RuncacheError):
+    """No runcache server answered at the URL a client tried."""
+
+    status = 503
+
+
+class ServerError(RuncacheError):
+    """A server answered a client with an error; ``status`` is its HTTP status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status

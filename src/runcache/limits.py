@@ -2,14 +2,17 @@
 
 Only a real run takes a slot. Cache hits and requests sharing another
 request's run never wait for one, so a server whose slots are all busy still
-answers everything it has cached at once.
+answers everything it has cached at once. A request waiting for a slot holds
+no thread, only a future on the event loop, so the wait is bounded in time
+(``queue_timeout``) rather than in the number of waiters.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from runcache.errors import Busy
 
@@ -19,32 +22,18 @@ from runcache.errors import Busy
 RETRY_AFTER_SECONDS = 5
 
 
-#: Worker threads kept free of requests waiting for a slot, so that hits always
-#: find a thread even while runs queue up.
-THREADS_KEPT_FOR_HITS = 8
-
-
-def waiting_limit(threads: int, slots: int) -> int:
-    """How many requests may wait for a slot and still leave threads for hits."""
-    spare = threads - slots
-    return max(0, spare - min(THREADS_KEPT_FOR_HITS, spare // 2))
-
-
 class Slots:
     """At most ``size`` holders at once; a caller waits at most ``wait`` seconds for a turn.
 
-    At most ``max_waiting`` callers wait at once; past that a caller is refused
-    at once, since each waiting request holds one of the server's threads.
+    Turns are handed out first come, first served. The slots belong to no event
+    loop until a caller has to wait, so one engine may serve several loops in turn.
     """
 
-    def __init__(self, size: int, wait: float, max_waiting: int | None = None) -> None:
+    def __init__(self, size: int, wait: float) -> None:
         self.size = size
         self.wait = wait
-        self.max_waiting = size if max_waiting is None else max_waiting
-        self._semaphore = threading.BoundedSemaphore(size)
-        self._lock = threading.Lock()
         self._held = 0
-        self._waiting = 0
+        self._queue: deque[asyncio.Future[None]] = deque()
 
     @property
     def held(self) -> int:
@@ -54,37 +43,47 @@ class Slots:
     @property
     def waiting(self) -> int:
         """How many callers are waiting for a slot now."""
-        return self._waiting
+        return len(self._queue)
 
-    @contextmanager
-    def hold(self) -> Iterator[None]:
+    @asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
         """Hold a slot for the block; Busy (a 503 with Retry-After) if none frees up in time."""
-        if not self._semaphore.acquire(blocking=False):
-            self._wait_for_turn()
-        with self._lock:
+        if self._held < self.size and not self._queue:
             self._held += 1
+        else:
+            await self._wait_for_turn()
         try:
             yield
         finally:
-            with self._lock:
-                self._held -= 1
-            self._semaphore.release()
+            self._hand_on()
 
-    def _wait_for_turn(self) -> None:
-        with self._lock:
-            if self._waiting >= self.max_waiting:
-                raise self._busy(f"and {self._waiting} requests are waiting for one")
-            self._waiting += 1
+    async def _wait_for_turn(self) -> None:
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(turn)
         try:
-            acquired = self._semaphore.acquire(timeout=self.wait)
-        finally:
-            with self._lock:
-                self._waiting -= 1
-        if not acquired:
-            raise self._busy(f"for {self.wait:g}s")
+            await asyncio.wait_for(turn, self.wait)
+        except BaseException as error:
+            if turn.done() and not turn.cancelled():
+                self._hand_on()  # a slot was handed over just as the wait ended: pass it on
+            elif turn in self._queue:
+                self._queue.remove(turn)
+            if isinstance(error, asyncio.TimeoutError):
+                raise self._busy() from None
+            raise
 
-    def _busy(self, detail: str) -> Busy:
+    def _hand_on(self) -> None:
+        """Give the slot being freed to the next waiter, or free it."""
+        while self._queue:
+            turn = self._queue.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self._held -= 1
+
+    def _busy(self) -> Busy:
         return Busy(
-            f"all {self.size} command slots stayed busy {detail}; retry in {RETRY_AFTER_SECONDS}s",
+            f"all {self.size} command slots stayed busy for {self.wait:g}s; "
+            f"retry in {RETRY_AFTER_SECONDS}s",
             retry_after=RETRY_AFTER_SECONDS,
         )
+

@@ -24,10 +24,12 @@ import anyio.to_thread
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
+from msgspec import Struct
 
 from runcache import __version__
 from runcache.client import Backend
 from runcache.errors import RuncacheError
+from runcache.wire import to_builtins
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,7 @@ def build_server(backend: Backend) -> MCPServer:
     async def execute_command(
         command: str, use_cache: bool = True, timeout: float | None = None
     ) -> dict[str, Any]:
-        return await _call(backend.execute, command, use_cache, timeout)
+        return to_builtins(await _call(backend.execute, command, use_cache, timeout))
 
     for name, description, hints, operation in [
         ("get_cache_stats", _STATS, _READ_ONLY, backend.cache_stats),
@@ -99,12 +101,12 @@ def build_server(backend: Backend) -> MCPServer:
 
 
 def _without_arguments(
-    name: str, operation: Callable[[], dict[str, Any]]
+    name: str, operation: Callable[[], Struct]
 ) -> Callable[[], Awaitable[dict[str, Any]]]:
     """A tool that takes no arguments and answers with what ``operation`` returns."""
 
     async def tool() -> dict[str, Any]:
-        return await _call(operation)
+        return to_builtins(await _call(operation))
 
     tool.__name__ = tool.__qualname__ = name  # the SDK names the output schema after it
     return tool

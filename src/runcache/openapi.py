@@ -1,31 +1,32 @@
 """The OpenAPI 3.1 description of the HTTP API, served at ``GET /openapi.json``.
 
-Built from the running config, so the limits it states (body size, timeout
-and ttl caps) and whether a token is needed are the ones this server enforces.
-Response objects list every field they carry and allow no others: a test checks
-live responses against these schemas, so the document cannot drift from the code.
+The schemas are those of :mod:`runcache.wire`, the shapes the server decodes
+and encodes, so the document cannot drift from the code. Built from the running
+config, so the limits it states (body size, timeout and ttl caps) and whether a
+token is needed are the ones this server enforces. Response objects list every
+field they carry and allow no others; a test checks live responses against them.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
 
-from runcache import __version__
-from runcache.api import engine, json_response
+from runcache import __version__, wire
+from runcache.api import engine_of
 from runcache.config import Config
-
-docs = Blueprint("openapi", __name__)
+from runcache.responses import JSONBytes
 
 Schema = dict[str, Any]
 
 _ERROR_REF = {"$ref": "#/components/schemas/Error"}
 
 
-@docs.get("/openapi.json")
-def openapi_json() -> Response:
-    return json_response(build(engine().config))
+async def openapi_json(request: Request) -> Response:
+    return JSONBytes(orjson.dumps(build(engine_of(request).config)))
 
 
 def build(config: Config) -> Schema:
@@ -154,85 +155,10 @@ def _error_responses(config: Config) -> Schema:
     return responses
 
 
-def _object(properties: Schema, optional: tuple[str, ...] = ()) -> Schema:
-    """An object with exactly these properties, all required but the ``optional`` ones."""
-    return {
-        "type": "object",
-        "properties": properties,
-        "required": [name for name in properties if name not in optional],
-        "additionalProperties": False,
-    }
-
-
-_INT = {"type": "integer", "minimum": 0}
-_NUMBER = {"type": "number", "minimum": 0}
-_PERCENT = {"type": "string", "pattern": r"^\d+\.\d%$"}
-
-
 def _schemas(config: Config) -> Schema:
-    seconds = {"type": "number", "exclusiveMinimum": 0}
-    return {
-        "Error": _object({"error": {"type": "string"}}),
-        "CommandRequest": {
-            "type": "object",
-            "properties": {
-                "command": {"type": "string", "minLength": 1},
-                "use_cache": {"type": "boolean", "default": True},
-                "timeout": {**seconds, "maximum": config.max_timeout,
-                            "default": config.default_timeout},
-                "ttl": {**seconds, "maximum": config.max_ttl, "default": config.default_ttl},
-            },
-            "required": ["command"],
-        },
-        "CommandResult": _object({
-            "stdout": {"type": "string"},
-            "stderr": {"type": "string"},
-            "return_code": {"type": "integer"},
-            "success": {"type": "boolean"},
-            "timed_out": {"type": "boolean"},
-            "partial_results": {"type": "boolean"},
-            "stdout_truncated": {"type": "boolean"},
-            "stderr_truncated": {"type": "boolean"},
-            "execution_time": _NUMBER,
-            "timestamp": {"type": "string", "format": "date-time"},
-            "cache_key": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-            "cached": {"type": "boolean"},
-            "coalesced": {"type": "boolean"},
-        }),
-        "CacheStats": _object({
-            "hits": _INT, "misses": _INT, "evictions": _INT, "expirations": _INT,
-            "coalesced": _INT, "size": _INT, "max_size": _INT, "bytes": _INT, "max_bytes": _INT,
-            "hit_rate": _PERCENT,
-            "hit_ratio": {"type": "number", "minimum": 0, "maximum": 1},
-            "store_error": {"type": "string"},
-        }, optional=("store_error",)),
-        "Cleared": _object({
-            "success": {"const": True},
-            "message": {"const": "Cache cleared"},
-        }),
-        "Telemetry": _object({
-            "uptime_seconds": _NUMBER,
-            "commands_executed": _INT,
-            "commands_succeeded": _INT,
-            "commands_failed": _INT,
-            "commands_timed_out": _INT,
-            "cache_hits_served": _INT,
-            "total_execution_time": _NUMBER,
-            "success_rate": _PERCENT,
-            "average_execution_time": {"type": "string", "pattern": r"^\d+\.\d\ds$"},
-            "system_metrics": _object({
-                "cpu_percent": _NUMBER, "memory_percent": _NUMBER, "disk_usage": _NUMBER,
-            }),
-        }),
-        "Health": _object({
-            "status": {"enum": ["healthy", "degraded"]},
-            "version": {"type": "string"},
-            "store": {"type": "string"},
-            "cache_stats": {"$ref": "#/components/schemas/CacheStats"},
-            "telemetry": {"$ref": "#/components/schemas/Telemetry"},
-            "uptime": _NUMBER,
-            "running_commands": _INT,
-            "reason": {"type": "string"},
-        }, optional=("reason",)),
-        "Live": _object({"status": {"const": "ok"}}),
-    }
+    """The components of :mod:`runcache.wire`, the request's with this server's bounds."""
+    components = wire.schema_components()
+    components["CommandRequest"] = wire.command_request_schema(
+        config.max_timeout, config.max_ttl, config.default_timeout, config.default_ttl
+    )
+    return components

@@ -10,33 +10,36 @@ are joined, so at most about twice the output is held.
 from __future__ import annotations
 
 import codecs
-from typing import Any
 
 import orjson
 
 from runcache.runner import RunResult
+from runcache.wire import RunSummary, encode
 
 #: Bytes of output decoded and escaped per step.
 SLICE_BYTES = 1 << 20
 
 
 def encode_result(result: RunResult, key: str) -> bytes:
-    """The result as a JSON object, consuming (emptying) its output buffers."""
-    fields: dict[str, Any] = {
-        "return_code": result.return_code,
-        "success": result.success,
-        "timed_out": result.timed_out,
-        "partial_results": result.partial_results,
-        "stdout_truncated": result.stdout_truncated,
-        "stderr_truncated": result.stderr_truncated,
-        "execution_time": round(result.execution_time, 6),
-        "timestamp": result.timestamp,
-        "cache_key": key,
-    }
+    """The result as a :class:`~runcache.wire.StoredResult`, consuming its output buffers.
+
+    The summary is encoded by its declaration; the output strings, which may be
+    megabytes, are spliced in after it as pieces escaped a slice at a time.
+    """
+    summary = encode(RunSummary(
+        return_code=result.return_code,
+        success=result.success,
+        timed_out=result.timed_out,
+        partial_results=result.partial_results,
+        stdout_truncated=result.stdout_truncated,
+        stderr_truncated=result.stderr_truncated,
+        execution_time=round(result.execution_time, 6),
+        timestamp=result.timestamp,
+        cache_key=key,
+    ))
     stdout = json_string_pieces(result.stdout)
     stderr = json_string_pieces(result.stderr)
-    rest = orjson.dumps(fields)
-    return b"".join([b'{"stdout":', *stdout, b',"stderr":', *stderr, b",", rest[1:]])
+    return b"".join([summary[:-1], b',"stdout":', *stdout, b',"stderr":', *stderr, b"}"])
 
 
 def json_string_pieces(data: bytearray) -> list[bytes]:

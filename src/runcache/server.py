@@ -1,69 +1,185 @@
-"""Serving the app: waitress in one process, stopped cleanly by Ctrl-C or SIGTERM.
+"""Serving the app: uvicorn in this process, or several processes on one port.
 
-One process, many threads: the in-memory cache and the single-flight table are
-shared by every request only if every request is served by the same process.
-Waitress was chosen by measurement (see the README and benchmarks/http_hits.py).
+One process serves every connection on one event loop: cache hits are answered
+on the loop, and requests waiting on a command hold no thread. With
+``--workers N`` (a shared store only) the port is bound once and N forked
+processes accept on it, each with an engine of its own. uvicorn was chosen by
+measurement against granian (see the README and benchmarks/asgi_servers.py).
+
+SIGTERM or Ctrl-C kills every running command's group first, so the requests
+waiting on them answer at once, then lets the server finish those requests and
+exit 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import sys
+import threading
+from collections.abc import Iterator
 from types import FrameType
-from typing import Any
 
-from flask import Flask
-from waitress.server import create_server
+import uvicorn
+from starlette.types import ASGIApp
 
 from runcache.app import create_app
 from runcache.config import Config
 from runcache.errors import ConfigError
+from runcache.http_protocol import GuardedHttpProtocol
 from runcache.service import Engine
 
 log = logging.getLogger(__name__)
 
+#: Seconds in-flight requests get to finish after a stop; their commands are dead by then.
+GRACEFUL_SECONDS = 10
 
-def serve(engine: Engine) -> None:
-    """Serve the API until interrupted, then kill running commands and close the store."""
-    config = engine.config
+#: Connections the kernel queues before the server accepts them.
+BACKLOG = 4096
+
+
+def serve(config: Config) -> None:
+    """Serve the API until interrupted; print the listening line once the port is bound."""
+    check_exposure(config)
+    listener = _bind(config)
+    port = listener.getsockname()[1]
+    host = f"[{config.host}]" if ":" in config.host else config.host  # IPv6 literal
+    url = f"http://{host}:{port}"
+    # A machine-readable line for scripts and tests that start on port 0.
+    print(f"runcache listening on {url}", flush=True)
     try:
-        check_exposure(config)
-    except ConfigError:
+        if config.workers == 1:
+            serve_process(config, listener, url)
+        else:
+            _supervise(config, listener, url)
+    finally:
+        listener.close()
+        sys.stdout.flush()
+
+
+def serve_process(config: Config, listener: socket.socket, url: str) -> None:
+    """One server process: an engine, the app, and uvicorn on ``listener``."""
+    engine = Engine.from_config(config)
+    log.info("runcache serving on %s (store %s, pid %d)", url, engine.cache.store.description,
+             os.getpid())
+    try:
+        server = _Server(engine, _uvicorn_config(create_app(engine=engine), config))
+        server.run(sockets=[listener])
+    finally:
         engine.close()
-        raise
-    app = create_app(engine=engine)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, stopped by a signal the way runcache stops: commands first, exit 0."""
+
+    def __init__(self, engine: Engine, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.engine = engine
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn's own version raises the signal again once it is done, which
+        # would end the process by SIGTERM instead of exit status 0.
+        previous = {sig: signal.signal(sig, self.handle_exit)
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            log.info("runcache stopping: killing %d running command(s)", self.engine.runner.running)
+            # Not in the handler itself: it may have interrupted a holder of the runner's lock.
+            threading.Thread(target=self.engine.runner.kill_all, name="runcache-stop").start()
+        super().handle_exit(sig, frame)
+
+
+def _uvicorn_config(app: ASGIApp, config: Config) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        http=GuardedHttpProtocol.with_timeouts(config.header_timeout, config.body_timeout),
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        date_header=False,
+        timeout_keep_alive=config.keepalive_timeout,
+        limit_concurrency=config.max_connections,
+        timeout_graceful_shutdown=GRACEFUL_SECONDS,
+        backlog=BACKLOG,
+    )
+
+
+def _bind(config: Config) -> socket.socket:
     try:
-        server = _listen(app, config)
+        infos = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        listener = socket.socket(family, kind, proto)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(BACKLOG)
     except OSError as error:
         raise ConfigError(
             f"cannot listen on {config.host}:{config.port}: {error.strerror or error}"
         ) from None
-    port = server.effective_port
-    host = f"[{config.host}]" if ":" in config.host else config.host  # IPv6 literal
-    url = f"http://{host}:{port}"
-    log.info("runcache serving on %s (store %s)", url, engine.cache.store.description)
-    # A machine-readable line for scripts and tests that start on port 0.
-    print(f"runcache listening on {url}", flush=True)
+    listener.set_inheritable(True)
+    return listener
+
+
+def _supervise(config: Config, listener: socket.socket, url: str) -> None:
+    """Fork ``config.workers`` server processes on ``listener``; restart any that dies.
+
+    Forked before this process has an event loop, a thread or a store
+    connection, so each worker starts clean. SIGTERM or Ctrl-C is passed on to
+    every worker, which stops as a single server would.
+    """
+    workers: set[int] = set()
+    stopping = threading.Event()
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        # Kill running commands first, so the threads serving them finish while
-        # waitress waits for its threads, instead of writing to closed sockets.
-        log.info("runcache stopping: killing %d running command(s)", engine.runner.running)
-        engine.runner.kill_all()
-        raise SystemExit(0)
+        stopping.set()
+        for pid in list(workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server.run()  # returns once stop() raised SystemExit and the threads are done
+        for _ in range(config.workers):
+            workers.add(_fork_worker(config, listener, url))
+        while workers:
+            pid, status = os.wait()
+            workers.discard(pid)
+            if not stopping.is_set():
+                log.error("worker %d ended (status %d); starting another", pid, status)
+                workers.add(_fork_worker(config, listener, url))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        engine.close()
-        server.close()
+
+
+def _fork_worker(config: Config, listener: socket.socket, url: str) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 0
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        serve_process(config, listener, url)
+    except BaseException:  # noqa: B036 - a worker must never return into the supervisor's loop
+        log.exception("worker %d failed", os.getpid())
+        code = 1
+    finally:
         sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def check_exposure(config: Config) -> None:
@@ -86,17 +202,4 @@ def is_loopback(host: str) -> bool:
     addresses = {info[4][0] for info in infos}
     return bool(addresses) and all(
         ipaddress.ip_address(str(address).split("%")[0]).is_loopback for address in addresses
-    )
-
-
-def _listen(app: Flask, config: Config) -> Any:
-    return create_server(
-        app,
-        host=config.host,
-        port=config.port,
-        threads=config.threads,
-        # Commands may run for minutes; a connection waiting on one is not idle.
-        channel_timeout=config.max_timeout + 60,
-        asyncore_use_poll=True,
-        ident="runcache",
     )

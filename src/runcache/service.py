@@ -6,28 +6,30 @@ so a behaviour (a cache key, a bound, a log line) is written once here.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
 import shlex
-from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
+import msgspec
 import orjson
 
-from runcache import __version__
+from runcache import __version__, wire
 from runcache.allowlist import Allowlist
 from runcache.cache import Cache
 from runcache.config import Config
 from runcache.errors import BadRequest, StoreError
-from runcache.limits import Slots, waiting_limit
+from runcache.limits import Slots
 from runcache.results import encode_result
 from runcache.runner import Runner, RunResult
 from runcache.singleflight import SingleFlight
 from runcache.stores import open_store
 from runcache.stores.base import CacheStats
 from runcache.telemetry import Telemetry
+from runcache.wire import CommandRequest
 
 log = logging.getLogger("runcache")
 
@@ -42,49 +44,6 @@ KEY_ENV_VARS = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ")
 _HIT_TAIL = b',"cached":true,"coalesced":false}'
 _RUN_TAIL = b',"cached":false,"coalesced":false}'
 _SHARED_TAIL = b',"cached":false,"coalesced":true}'
-
-
-@dataclass(frozen=True)
-class CommandRequest:
-    """One request to run a command, its fields checked for type but not yet for bounds."""
-
-    command: str
-    use_cache: bool = True
-    timeout: float | None = None
-    ttl: float | None = None
-
-    @classmethod
-    def from_json(cls, payload: object) -> CommandRequest:
-        """Check a decoded JSON body; every problem raises BadRequest saying what is wrong."""
-        if not isinstance(payload, dict):
-            raise BadRequest("request body must be a JSON object")
-        command = payload.get("command")
-        if command is None or (isinstance(command, str) and not command.strip()):
-            raise BadRequest("Command parameter is required")
-        if not isinstance(command, str):
-            raise BadRequest("command must be a string")
-        if "\x00" in command:
-            raise BadRequest("command must not contain NUL characters")
-        use_cache = payload.get("use_cache", True)
-        if not isinstance(use_cache, bool):
-            raise BadRequest("use_cache must be true or false")
-        return cls(
-            command=command,
-            use_cache=use_cache,
-            timeout=_optional_seconds(payload, "timeout"),
-            ttl=_optional_seconds(payload, "ttl"),
-        )
-
-
-def _optional_seconds(payload: Mapping[str, Any], name: str) -> float | None:
-    value = payload.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadRequest(f"{name} must be a number of seconds")
-    if not value > 0:
-        raise BadRequest(f"{name} must be greater than 0 seconds")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -108,13 +67,19 @@ class Outcome:
     def to_json(self) -> bytes:
         return self.body[:-1] + self.tail
 
-    def as_dict(self) -> dict[str, Any]:
-        result: dict[str, Any] = orjson.loads(self.to_json())
-        return result
+    def result(self) -> wire.CommandResult:
+        """The answer decoded as the typed result clients read."""
+        return msgspec.json.decode(self.to_json(), type=wire.CommandResult)
 
 
 class Engine:
-    """Runs commands through the cache, once per key at a time, and keeps the counts."""
+    """Runs commands through the cache, once per key at a time, and keeps the counts.
+
+    Its operations are coroutines on one event loop at a time: a cache hit on
+    the memory store is answered without leaving the loop, and requests waiting
+    for an identical run or for a slot await futures, not threads. Commands run
+    in a pool of ``max_concurrent`` threads, one per slot.
+    """
 
     def __init__(self, config: Config, cache: Cache, runner: Runner) -> None:
         self.config = config
@@ -123,10 +88,9 @@ class Engine:
         self.telemetry = Telemetry()
         self._flights: SingleFlight[tuple[bytes, bool]] = SingleFlight()
         self._last_stats = CacheStats(0, 0, 0, 0, 0, 0, config.max_entries, 0, config.max_bytes)
-        self.slots = Slots(
-            config.max_concurrent,
-            config.queue_timeout,
-            waiting_limit(config.threads, config.max_concurrent),
+        self.slots = Slots(config.max_concurrent, config.queue_timeout)
+        self._run_threads = ThreadPoolExecutor(
+            config.max_concurrent, thread_name_prefix="runcache-run"
         )
         self.allowlist: Allowlist | None = None
         if config.allowed_commands:
@@ -142,11 +106,12 @@ class Engine:
     def close(self) -> None:
         """Kill running commands and release the store."""
         self.runner.kill_all()
+        self._run_threads.shutdown(wait=True)
         self.cache.close()
 
     # -- commands ---------------------------------------------------------------
 
-    def execute(self, request: CommandRequest, client: str = "-") -> Outcome:
+    async def execute(self, request: CommandRequest, client: str = "-") -> Outcome:
         """Answer a request from the cache, from an identical run in flight, or by running it."""
         timeout = self._bounded(request.timeout, "timeout", self.config.default_timeout,
                                 self.config.max_timeout)
@@ -154,18 +119,18 @@ class Engine:
         argv = self.argv(request.command)
         key = self.cache_key(request.command)
         if not request.use_cache:
-            return Outcome(self._run(argv, timeout, key, client))
-        cached = self.cache.get(key)
+            return Outcome(await self._run(argv, timeout, key, client))
+        cached = await self.cache.get(key)
         if cached is not None:
             self.telemetry.record_hit()
             log.debug("%s hit %r", client, request.command)
             return Outcome(cached, cached=True)
-        (body, elsewhere), shared = self._flights.run(
+        (body, elsewhere), shared = await self._flights.run(
             key, lambda: self._run_and_store(argv, timeout, key, ttl, client)
         )
         shared = shared or elsewhere
         if shared:
-            self.cache.record_coalesced()
+            await self.cache.record_coalesced()
         return Outcome(body, coalesced=shared)
 
     def argv(self, command: str) -> list[str]:
@@ -188,27 +153,30 @@ class Engine:
         }
         return orjson.dumps(context, option=orjson.OPT_SORT_KEYS) + b"\0"
 
-    def _run_and_store(
+    async def _run_and_store(
         self, argv: list[str], timeout: float, key: str, ttl: float, client: str
     ) -> tuple[bytes, bool]:
         """Run and cache a command; or, if another instance runs it, its result and True."""
-        with self.cache.exclusive(key, self.config.queue_timeout + timeout) as elsewhere:
+        async with self.cache.exclusive(key, self.config.queue_timeout + timeout) as elsewhere:
             if elsewhere is not None:
                 return elsewhere, True
-            epoch = self.cache.epoch()
-            result, body = self._execute(argv, timeout, key, client)
+            epoch = await self.cache.epoch()
+            result, body = await self._execute(argv, timeout, key, client)
             if result.success:
-                self.cache.put(key, body, ttl, epoch)
+                await self.cache.put(key, body, ttl, epoch)
             return body, False
 
-    def _run(self, argv: list[str], timeout: float, key: str, client: str) -> bytes:
-        return self._execute(argv, timeout, key, client)[1]
+    async def _run(self, argv: list[str], timeout: float, key: str, client: str) -> bytes:
+        return (await self._execute(argv, timeout, key, client))[1]
 
-    def _execute(
+    async def _execute(
         self, argv: list[str], timeout: float, key: str, client: str
     ) -> tuple[RunResult, bytes]:
-        with self.slots.hold():
-            result = self.runner.run(argv, timeout)
+        loop = asyncio.get_running_loop()
+        async with self.slots.hold():
+            result, body = await loop.run_in_executor(
+                self._run_threads, self._run_and_encode, argv, timeout, key
+            )
         self.telemetry.record_run(result)
         log.info(
             "%s ran %r: exit %d in %.3fs%s",
@@ -218,6 +186,11 @@ class Engine:
             result.execution_time,
             " (timed out)" if result.timed_out else "",
         )
+        return result, body
+
+    def _run_and_encode(self, argv: list[str], timeout: float, key: str) -> tuple[RunResult, bytes]:
+        """In a run thread: the command, then its result encoded (a large output takes a while)."""
+        result = self.runner.run(argv, timeout)
         return result, encode_result(result, key)
 
     @staticmethod
@@ -230,35 +203,54 @@ class Engine:
 
     # -- the cache and the service's state -------------------------------------
 
-    def clear(self) -> None:
+    async def clear(self) -> wire.Cleared:
         """Empty the cache and reset its statistics in one step."""
-        self.cache.clear()
+        await self.cache.clear()
         log.info("🧹 Cache cleared")
+        return wire.Cleared()
 
-    def cache_stats(self) -> dict[str, Any]:
+    async def cache_stats(self) -> wire.CacheStats:
         """The statistics of ``GET /api/cache/stats``, or the last known while the store is down."""
         try:
-            self._last_stats = self.cache.stats()
+            self._last_stats = await self.cache.stats()
         except StoreError as error:
-            return {**self._last_stats.as_dict(), "store_error": error.message}
-        return self._last_stats.as_dict()
+            return _stats_answer(self._last_stats, error.message)
+        return _stats_answer(self._last_stats)
 
-    def health(self) -> dict[str, Any]:
+    async def health(self) -> wire.Health:
         """The object of ``GET /health``: cheap enough to poll every second."""
-        stats = self.cache_stats()
+        stats = await self.cache_stats()
         reason = self.cache.degraded_reason
-        health: dict[str, Any] = {
-            "status": "degraded" if reason else "healthy",
-            "version": __version__,
-            "store": self.cache.store.description,
-            "cache_stats": stats,
-            "telemetry": self.telemetry.as_dict(),
-            "uptime": round(self.telemetry.uptime, 3),
-            "running_commands": self.runner.running,
-        }
-        if reason:
-            health["reason"] = f"cache store failed: {reason}"
-        return health
+        return wire.Health(
+            status="degraded" if reason else "healthy",
+            version=__version__,
+            store=self.cache.store.description,
+            cache_stats=stats,
+            telemetry=self.telemetry.snapshot(),
+            uptime=round(self.telemetry.uptime, 3),
+            running_commands=self.runner.running,
+            reason=f"cache store failed: {reason}" if reason else msgspec.UNSET,
+        )
+
+
+def _stats_answer(
+    stats: CacheStats, store_error: str | msgspec.UnsetType = msgspec.UNSET
+) -> wire.CacheStats:
+    """A store's snapshot as the API answers it; ``hit_rate`` is the contract's string."""
+    return wire.CacheStats(
+        hits=stats.hits,
+        misses=stats.misses,
+        evictions=stats.evictions,
+        expirations=stats.expirations,
+        coalesced=stats.coalesced,
+        size=stats.size,
+        max_size=stats.max_size,
+        bytes=stats.bytes,
+        max_bytes=stats.max_bytes,
+        hit_rate=f"{stats.hit_ratio * 100:.1f}%",
+        hit_ratio=round(stats.hit_ratio, 6),
+        store_error=store_error,
+    )
 
 
 def _command_env(config: Config) -> dict[str, str] | None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from typing import Any
 
 import psutil
 
 from runcache.runner import RunResult
+from runcache.wire import SystemMetrics
+from runcache.wire import Telemetry as TelemetryAnswer
 
 
 class Telemetry:
@@ -51,33 +52,28 @@ class Telemetry:
         with self._lock:
             self._cache_hits += 1
 
-    def as_dict(self) -> dict[str, Any]:
-        """The JSON object of ``GET /api/telemetry``."""
+    def snapshot(self) -> TelemetryAnswer:
+        """The answer of ``GET /api/telemetry``."""
         with self._lock:
-            executed = self._executed
-            succeeded = self._succeeded
-            counts = {
-                "commands_executed": executed,
-                "commands_succeeded": succeeded,
-                "commands_failed": self._failed,
-                "commands_timed_out": self._timed_out,
-                "cache_hits_served": self._cache_hits,
-                "total_execution_time": round(self._execution_seconds, 6),
-            }
-            average = self._execution_seconds / executed if executed else 0.0
-        rate = succeeded / executed * 100 if executed else 0.0
-        return {
-            "uptime_seconds": round(self.uptime, 3),
-            **counts,
-            "success_rate": f"{rate:.1f}%",
-            "average_execution_time": f"{average:.2f}s",
-            "system_metrics": self._system_metrics(),
-        }
+            executed, succeeded, seconds = self._executed, self._succeeded, self._execution_seconds
+            failed, timed_out, hits = self._failed, self._timed_out, self._cache_hits
+        return TelemetryAnswer(
+            uptime_seconds=round(self.uptime, 3),
+            commands_executed=executed,
+            commands_succeeded=succeeded,
+            commands_failed=failed,
+            commands_timed_out=timed_out,
+            cache_hits_served=hits,
+            total_execution_time=round(seconds, 6),
+            success_rate=f"{succeeded / executed * 100 if executed else 0.0:.1f}%",
+            average_execution_time=f"{seconds / executed if executed else 0.0:.2f}s",
+            system_metrics=self._system_metrics(),
+        )
 
-    def _system_metrics(self) -> dict[str, float]:
+    def _system_metrics(self) -> SystemMetrics:
         disk = shutil.disk_usage(self._disk_path)
-        return {
-            "cpu_percent": psutil.cpu_percent(interval=None),
-            "memory_percent": psutil.virtual_memory().percent,
-            "disk_usage": round(disk.used / disk.total * 100, 1) if disk.total else 0.0,
-        }
+        return SystemMetrics(
+            cpu_percent=psutil.cpu_percent(interval=None),
+            memory_percent=psutil.virtual_memory().percent,
+            disk_usage=round(disk.used / disk.total * 100, 1) if disk.total else 0.0,
+        )

@@ -53,6 +53,12 @@ class Store(Protocol):
     #: The store's URL with any password masked, for logs and ``/health``.
     description: str
 
+    #: Whether a call may block on I/O (a disk, the network). An async caller
+    #: must run the calls of a blocking store in a worker thread, or one slow
+    #: disk or Redis would stall every request on the event loop; a store that
+    #: only touches memory can be called on the loop itself, saving the hop.
+    blocking: bool
+
     def get(self, key: str) -> bytes | None:
         """Return the live value for ``key`` and mark it most recently used.
 

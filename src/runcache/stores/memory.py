@@ -25,6 +25,8 @@ class MemoryStore:
     """
 
     description = "memory://"
+    #: Every call only takes a lock held for a few dict operations.
+    blocking = False
 
     def __init__(
         self,

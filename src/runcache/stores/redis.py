@@ -172,6 +172,9 @@ return 0
 class RedisStore:
     """The cache's rules kept in Redis by Lua scripts, one round trip per operation."""
 
+    #: Every call is a round trip to Redis over the network.
+    blocking = True
+
     def __init__(
         self,
         client: redis.Redis,

@@ -91,6 +91,9 @@ class _ThreadConnection(threading.local):
 class SqliteStore:
     """The cache's rules kept in SQL, one short transaction per operation."""
 
+    #: Every call reads or writes the file, and may wait for another process's write.
+    blocking = True
+
     def __init__(
         self,
         path: Path,

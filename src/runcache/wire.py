@@ -1,0 +1,306 @@
+"""The wire: every request and response of the HTTP API, declared once.
+
+Each shape is a msgspec ``Struct``. From these declarations come the checking of
+requests (decoded and checked in one pass, with the messages clients already
+read), the encoding of answers, the OpenAPI components (``openapi.py``), the
+MCP tools' input and output schemas (``mcp.py``) and the typed results of the
+engine and the clients. A field is named in one place, so the five layers
+that speak it cannot drift apart.
+
+The JSON Schema of a request says exactly what the checking accepts: a command
+must hold something besides white space and no NUL character, which is what
+the server can run. Bounds that depend on the server's settings (the longest
+timeout and ttl) are checked by the engine and written into the OpenAPI
+document by :func:`command_request_schema`.
+"""
+
+from __future__ import annotations
+
+import re
+import typing
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from runcache.errors import BadRequest
+
+#: What a missing or empty command answers, as the contract fixes it.
+COMMAND_REQUIRED = "Command parameter is required"
+
+#: A command that is more than white space, without NUL (a C string cannot carry it).
+#: Linear to match: a NUL stops ``[^\x00]*`` and nothing can backtrack into it.
+COMMAND_PATTERN = r"^\s*[^\s\x00][^\x00]*$"
+
+_Count = Annotated[int, Meta(ge=0)]
+_Seconds = Annotated[float, Meta(ge=0)]
+_Percent = Annotated[str, Meta(pattern=r"^\d+\.\d%$", examples=["87.5%"])]
+
+Command = Annotated[
+    str,
+    Meta(
+        pattern=COMMAND_PATTERN,
+        description="The command line, run with /bin/sh -c (or split, in allowlist mode).",
+        extra={
+            "missing": COMMAND_REQUIRED,
+            "type": "command must be a string",
+            "constraint": COMMAND_REQUIRED,
+            "nul": "command must not contain NUL characters",
+        },
+    ),
+]
+UseCache = Annotated[
+    bool,
+    Meta(
+        description="false runs the command even when a result is cached, and stores nothing.",
+        extra={"type": "use_cache must be true or false"},
+    ),
+]
+
+
+def _seconds(name: str, description: str) -> Meta:
+    """More than 0 seconds, with the messages for ``name``."""
+    return Meta(
+        gt=0,
+        description=description,
+        extra={
+            "type": f"{name} must be a number of seconds",
+            "constraint": f"{name} must be greater than 0 seconds",
+        },
+    )
+
+
+Timeout = Annotated[float, _seconds("timeout", "Most seconds the command may run.")]
+Ttl = Annotated[float, _seconds("ttl", "Seconds this result is kept in the cache.")]
+
+
+class CommandRequest(Struct, frozen=True):
+    """The body of ``POST /api/command``. Fields it does not know are ignored."""
+
+    command: Command
+    use_cache: UseCache = True
+    timeout: Timeout | None = None
+    ttl: Ttl | None = None
+
+
+# Answers accept fields they do not declare when decoded, so a client keeps
+# working against a newer server; their schemas are closed all the same
+# (see ``schema_components``), since they say exactly what this server sends.
+
+
+class RunSummary(Struct, frozen=True):
+    """What a run produced, apart from its output."""
+
+    return_code: int
+    success: bool
+    timed_out: bool
+    partial_results: bool
+    stdout_truncated: bool
+    stderr_truncated: bool
+    execution_time: _Seconds
+    timestamp: Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
+    cache_key: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+
+
+class StoredResult(RunSummary, frozen=True):
+    """A run's result as the cache holds it: the summary, then the output."""
+
+    stdout: str
+    stderr: str
+
+
+class CommandResult(StoredResult, frozen=True):
+    """The answer of ``POST /api/command``: the stored result and where it came from."""
+
+    cached: bool
+    coalesced: bool
+
+
+class CacheStats(Struct, frozen=True):
+    """The answer of ``GET /api/cache/stats``; ``hit_rate`` is the contract's string."""
+
+    hits: _Count
+    misses: _Count
+    evictions: _Count
+    expirations: _Count
+    coalesced: _Count
+    size: _Count
+    max_size: _Count
+    bytes: _Count
+    max_bytes: _Count
+    hit_rate: _Percent
+    hit_ratio: Annotated[float, Meta(ge=0, le=1)]
+    store_error: str | UnsetType = UNSET
+
+
+class SystemMetrics(Struct, frozen=True):
+    cpu_percent: _Seconds
+    memory_percent: _Seconds
+    disk_usage: _Seconds
+
+
+class Telemetry(Struct, frozen=True):
+    """The answer of ``GET /api/telemetry``: counts since start, and the machine."""
+
+    uptime_seconds: _Seconds
+    commands_executed: _Count
+    commands_succeeded: _Count
+    commands_failed: _Count
+    commands_timed_out: _Count
+    cache_hits_served: _Count
+    total_execution_time: _Seconds
+    success_rate: _Percent
+    average_execution_time: Annotated[str, Meta(pattern=r"^\d+\.\d\ds$", examples=["1.25s"])]
+    system_metrics: SystemMetrics
+
+
+class Health(Struct, frozen=True):
+    """The answer of ``GET /health``; ``reason`` only while degraded."""
+
+    status: Literal["healthy", "degraded"]
+    version: str
+    store: str
+    cache_stats: CacheStats
+    telemetry: Telemetry
+    uptime: _Seconds
+    running_commands: _Count
+    reason: str | UnsetType = UNSET
+
+
+class Cleared(Struct, frozen=True):
+    """The answer of ``POST /api/cache/clear``, fixed to the letter by the user's spec."""
+
+    success: Literal[True] = True
+    message: Literal["Cache cleared"] = "Cache cleared"
+
+
+class Live(Struct, frozen=True):
+    """The answer of ``GET /livez``."""
+
+    status: Literal["ok"] = "ok"
+
+
+class Error(Struct, frozen=True):
+    """Every error answer: what is wrong, in one sentence."""
+
+    error: str
+
+
+#: Every shape the API sends or takes, named as the OpenAPI components name them.
+SHAPES: tuple[type[Struct], ...] = (
+    CommandRequest, CommandResult, CacheStats, Telemetry, Health, Cleared, Live, Error,
+)
+
+encode = msgspec.json.Encoder().encode
+
+_request_decoder = msgspec.json.Decoder(CommandRequest)
+_any_decoder = msgspec.json.Decoder()
+
+
+def decode_command_request(body: bytes) -> CommandRequest:
+    """Decode and check a ``POST /api/command`` body; BadRequest says what is wrong.
+
+    The checked decode is one pass. Only a body it refuses is decoded again,
+    loosely, to find the first field (in declaration order) that is wrong and
+    answer with that field's message.
+    """
+    if not body.strip():
+        raise BadRequest(COMMAND_REQUIRED)
+    try:
+        return _request_decoder.decode(body)
+    except msgspec.ValidationError as error:
+        refused = error
+    except msgspec.DecodeError as error:
+        raise BadRequest(f"request body must be valid JSON: {error}") from None
+    try:
+        payload = _any_decoder.decode(body)
+    except msgspec.ValidationError:  # a number out of any float's range, say
+        raise BadRequest(_field_type_problem(CommandRequest, str(refused))) from None
+    raise BadRequest(_first_problem(CommandRequest, payload))
+
+
+def _first_problem(shape: type[Struct], payload: object) -> str:
+    """The message of the first field of ``shape`` that ``payload`` gets wrong."""
+    if not isinstance(payload, dict):
+        return "request body must be a JSON object"
+    info = msgspec.inspect.type_info(shape)
+    assert isinstance(info, msgspec.inspect.StructType)
+    hints = typing.get_type_hints(shape, include_extras=True)
+    for field in info.fields:
+        value = payload.get(field.encode_name, UNSET)
+        messages = _messages(field.type)
+        if value is UNSET or (value is None and field.required):
+            if field.required:
+                return messages["missing"]
+            continue
+        try:
+            msgspec.convert(value, hints[field.name], strict=True)
+        except msgspec.ValidationError as error:
+            return _message_for(messages, value, str(error), field.name)
+    return "request body is not valid"
+
+
+_FIELD_PATH = re.compile(r"at `\$\.(\w+)`")
+
+
+def _field_type_problem(shape: type[Struct], error: str) -> str:
+    """The type message of the field a validation error names."""
+    found = _FIELD_PATH.search(error)
+    info = msgspec.inspect.type_info(shape)
+    assert isinstance(info, msgspec.inspect.StructType)
+    for field in info.fields:
+        if found and field.encode_name == found.group(1):
+            return _messages(field.type).get("type", f"{field.name} is not valid")
+    return f"request body is not valid: {error}"
+
+
+def _messages(field_type: msgspec.inspect.Type) -> dict[str, str]:
+    """The messages a field declares in its ``Meta(extra=...)``."""
+    if isinstance(field_type, msgspec.inspect.UnionType):
+        for member in field_type.types:
+            if not isinstance(member, msgspec.inspect.NoneType):
+                return _messages(member)
+    if isinstance(field_type, msgspec.inspect.Metadata):
+        return dict(field_type.extra or {})
+    return {}
+
+
+_TYPE_ERROR = re.compile(r"^Expected `[^`]+`, got `")
+
+
+def _message_for(messages: dict[str, str], value: object, error: str, name: str) -> str:
+    if isinstance(value, str) and "\x00" in value and "nul" in messages:
+        return messages["nul"]
+    kind = "type" if _TYPE_ERROR.match(error) or "out of range" in error else "constraint"
+    return messages.get(kind) or messages.get("type") or f"{name} is not valid: {error}"
+
+
+def command_request_schema(max_timeout: float, max_ttl: float,
+                           default_timeout: float, default_ttl: float) -> dict[str, Any]:
+    """The request's JSON Schema with this server's bounds and defaults written in."""
+    schema: dict[str, Any] = schema_components()["CommandRequest"]
+    properties = schema["properties"]
+    for name, limit, default in (("timeout", max_timeout, default_timeout),
+                                 ("ttl", max_ttl, default_ttl)):
+        number = next(option for option in properties[name]["anyOf"]
+                      if option.get("type") == "number")
+        number["maximum"] = limit
+        properties[name]["default"] = default
+    return schema
+
+
+def schema_components(ref_template: str = "#/components/schemas/{name}") -> dict[str, Any]:
+    """The JSON Schemas of every shape, keyed by name, referring to each other by
+    ``ref_template``; a fresh copy each call, free to edit."""
+    _, components = msgspec.json.schema_components(SHAPES, ref_template=ref_template)
+    for name, schema in components.items():
+        if name != CommandRequest.__name__:
+            schema["additionalProperties"] = False
+    return components
+
+
+def to_builtins(value: Struct) -> dict[str, Any]:
+    """A shape as plain JSON-ready Python objects (for MCP's structured content)."""
+    built: dict[str, Any] = msgspec.structs.asdict(value)
+    return {name: to_builtins(item) if isinstance(item, Struct) else item
+            for name, item in built.items() if item is not UNSET}
