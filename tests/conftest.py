@@ -17,8 +17,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from flask import Flask
-from flask.testing import FlaskClient
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
 
 from runcache.app import create_app
 from runcache.cache import Cache
@@ -65,30 +65,39 @@ def engine(config: Config, fake_clock: FakeClock) -> Iterator[Engine]:
 
 
 @pytest.fixture
-def app(engine: Engine) -> Flask:
-    return create_app(engine=engine, test_config={"TESTING": True})
+def app(engine: Engine) -> Starlette:
+    return create_app(engine=engine)
 
 
 @pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
+def client(app: Starlette) -> Iterator[TestClient]:
+    """Starlette's test client on one event loop for the whole test (so the engine's
+    futures and slots live on one loop, as in the server)."""
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
 
 
 @pytest.fixture
-def client_factory() -> Iterator[Callable[..., FlaskClient]]:
+def client_factory() -> Iterator[Callable[..., TestClient]]:
     """In-process clients of apps with non-default settings (``token=...``, ``allow=...``).
 
     Settings come from the keyword arguments over the defaults, never from the
-    environment of whoever runs the tests; every engine made is closed after the test.
+    environment of whoever runs the tests; every client and engine made is
+    closed after the test.
     """
     engines: list[Engine] = []
+    clients: list[TestClient] = []
 
-    def make(**settings: object) -> FlaskClient:
+    def make(**settings: object) -> TestClient:
         built = Engine.from_config(Config.load(settings, environ={}))
         engines.append(built)
-        return create_app(engine=built, test_config={"TESTING": True}).test_client()
+        test_client = TestClient(create_app(engine=built), raise_server_exceptions=False)
+        clients.append(test_client.__enter__())
+        return test_client
 
     yield make
+    for test_client in clients:
+        test_client.__exit__(None, None, None)
     for built in engines:
         built.close()
 
