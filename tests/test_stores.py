@@ -5,7 +5,10 @@ from __future__ import annotations
 import random
 import threading
 
+from runcache.stores import MemoryStore
 from runcache.stores.base import CacheStats
+from runcache.stores.redis import RedisStore
+from runcache.stores.sqlite import SqliteStore
 
 from conftest import FakeClock, StoreFactory
 
@@ -192,3 +195,12 @@ def test_concurrent_get_put_clear_loses_no_count(store_factory: StoreFactory) ->
     counted = final.lookups + sum(stats.lookups for stats in cleared)
     assert counted == sum(lookups)
     assert final.size <= 16 and final.bytes <= 4096
+
+
+def test_only_the_memory_store_may_be_called_on_the_event_loop(
+    store_factory: StoreFactory,
+) -> None:
+    """SQLite waits on the disk and Redis on the network, so an async caller needs a thread."""
+    store = store_factory()
+    expected = {MemoryStore: False, SqliteStore: True, RedisStore: True}[type(store)]
+    assert store.blocking is expected
