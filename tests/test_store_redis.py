@@ -6,6 +6,7 @@ these run against the real redis-server of the ``redis_server`` fixture.
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import uuid
@@ -16,6 +17,7 @@ import redis
 
 from runcache.errors import ConfigError, StoreError
 from runcache.stores import open_store
+from runcache.stores import redis as redis_store
 from runcache.stores.redis import NATIVE_EXPIRY_GRACE, RedisStore
 
 from conftest import FakeClock, RedisServer, free_port
@@ -168,6 +170,34 @@ def test_scripts_are_loaded_again_after_redis_forgets_them(
     store.put("k", b"v", 60, store.epoch())
     connection.script_flush()
     assert store.get("k") == b"v"
+
+
+
+_PARAMETER = re.compile(r"^local (\w+) = (?:tonumber\()?(KEYS|ARGV)\[(\d+)\]\)? +-- .*$", re.M)
+
+
+@pytest.mark.parametrize(
+    ("script", "keys", "args"),
+    [
+        (redis_store._GET, redis_store._EntryKeys._fields, redis_store._Lookup._fields),
+        (redis_store._PUT, redis_store._EntryKeys._fields, redis_store._PutArgs._fields),
+        (redis_store._PEEK, redis_store._PeekKeys._fields, redis_store._Lookup._fields),
+        (redis_store._STATS, redis_store._IndexKeys._fields, redis_store._StatsArgs._fields),
+        (redis_store._CLEAR, redis_store._IndexKeys._fields, ("entry_prefix",)),
+        (redis_store._RELEASE, ("lock_key",), ("token",)),
+    ],
+    ids=["get", "put", "peek", "stats", "clear", "release"],
+)
+def test_scripts_name_their_keys_and_arguments_in_the_order_the_store_passes_them(
+    script: str, keys: tuple[str, ...], args: tuple[str, ...]
+) -> None:
+    named: dict[str, list[str]] = {"KEYS": [], "ARGV": []}
+    for name, table, index in _PARAMETER.findall(script):
+        assert int(index) == len(named[table]) + 1, f"{table}[{index}] {name} is out of order"
+        named[table].append(name)
+    assert (tuple(named["KEYS"]), tuple(named["ARGV"])) == (keys, args)
+    body = _PARAMETER.sub("", script)
+    assert "KEYS[" not in body and "ARGV[" not in body, "read by name past the header only"
 
 
 def test_unreachable_redis_raises_store_error_on_use_only() -> None:

@@ -28,7 +28,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -49,67 +49,143 @@ SOCKET_TIMEOUT = 5.0
 #: natively; the margin absorbs clock skew between instances.
 NATIVE_EXPIRY_GRACE = 60.0
 
+# Each script opens by naming its KEYS and ARGV, in the order of the NamedTuple
+# (or the commented list) that its call site in RedisStore passes them in.
+
+
+class _EntryKeys(NamedTuple):
+    """The KEYS of ``_GET`` and ``_PUT``: one entry's key, then the namespace's index keys."""
+
+    entry_key: str
+    lru_key: str
+    expiry_key: str
+    sizes_key: str
+    counts_key: str
+
+
+class _IndexKeys(NamedTuple):
+    """The KEYS of ``_STATS`` and ``_CLEAR``: the namespace's index keys."""
+
+    lru_key: str
+    expiry_key: str
+    sizes_key: str
+    counts_key: str
+
+
+class _PeekKeys(NamedTuple):
+    """The KEYS of ``_PEEK``."""
+
+    entry_key: str
+    expiry_key: str
+
+
+class _Lookup(NamedTuple):
+    """The ARGV of ``_GET`` and ``_PEEK``."""
+
+    member: str
+    #: The store's clock, as ``repr`` writes it so that no digit is lost.
+    now: str
+
+
+class _PutArgs(NamedTuple):
+    """The ARGV of ``_PUT``."""
+
+    member: str
+    value: bytes
+    epoch: int
+    now: float
+    expires_at: float
+    native_ms: int
+    max_entries: int
+    max_bytes: int
+    entry_prefix: str
+
+
+class _StatsArgs(NamedTuple):
+    """The ARGV of ``_STATS``."""
+
+    now: float
+    entry_prefix: str
+
+
 _GET = """
-local value = redis.call('GET', KEYS[1])
-local expires_at = tonumber(redis.call('ZSCORE', KEYS[3], ARGV[1]))
-if value and expires_at and expires_at > tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[2], redis.call('HINCRBY', KEYS[5], 'used', 1), ARGV[1])
-  redis.call('HINCRBY', KEYS[5], 'hits', 1)
+local entry_key = KEYS[1]      -- the entry's bytes
+local lru_key = KEYS[2]        -- sorted set of keys by last use
+local expiry_key = KEYS[3]     -- sorted set of keys by expiry time
+local sizes_key = KEYS[4]      -- hash of each key's size in bytes
+local counts_key = KEYS[5]     -- hash of the counts, byte total, use counter and epoch
+local member = ARGV[1]         -- the cache key, as a member of the sets and the hash above
+local now = tonumber(ARGV[2])  -- the store's clock
+local value = redis.call('GET', entry_key)
+local expires_at = tonumber(redis.call('ZSCORE', expiry_key, member))
+if value and expires_at and expires_at > now then
+  redis.call('ZADD', lru_key, redis.call('HINCRBY', counts_key, 'used', 1), member)
+  redis.call('HINCRBY', counts_key, 'hits', 1)
   return value
 end
-local size = redis.call('HGET', KEYS[4], ARGV[1])
+local size = redis.call('HGET', sizes_key, member)
 if value then
-  redis.call('UNLINK', KEYS[1])
+  redis.call('UNLINK', entry_key)
 end
 if size then
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  redis.call('ZREM', KEYS[3], ARGV[1])
-  redis.call('HDEL', KEYS[4], ARGV[1])
-  redis.call('HINCRBY', KEYS[5], 'bytes', -tonumber(size))
-  redis.call('HINCRBY', KEYS[5], 'expirations', 1)
+  redis.call('ZREM', lru_key, member)
+  redis.call('ZREM', expiry_key, member)
+  redis.call('HDEL', sizes_key, member)
+  redis.call('HINCRBY', counts_key, 'bytes', -tonumber(size))
+  redis.call('HINCRBY', counts_key, 'expirations', 1)
 end
-redis.call('HINCRBY', KEYS[5], 'misses', 1)
+redis.call('HINCRBY', counts_key, 'misses', 1)
 return false
 """
 
 _PUT = """
-if tonumber(redis.call('HGET', KEYS[5], 'epoch') or '0') ~= tonumber(ARGV[3]) then
+local entry_key = KEYS[1]              -- the entry's bytes
+local lru_key = KEYS[2]                -- sorted set of keys by last use
+local expiry_key = KEYS[3]             -- sorted set of keys by expiry time
+local sizes_key = KEYS[4]              -- hash of each key's size in bytes
+local counts_key = KEYS[5]             -- hash of the counts, byte total, use counter and epoch
+local member = ARGV[1]                 -- the cache key, as a member of the sets and the hash
+local value = ARGV[2]                  -- the bytes to store
+local epoch = tonumber(ARGV[3])        -- the epoch the caller read before running
+local now = tonumber(ARGV[4])          -- the store's clock
+local expires_at = ARGV[5]             -- now + ttl, kept as sent so that no digit is lost
+local native_ms = ARGV[6]              -- milliseconds until Redis deletes the entry itself
+local max_entries = tonumber(ARGV[7])  -- the entry bound
+local max_bytes = tonumber(ARGV[8])    -- the byte bound
+local entry_prefix = ARGV[9]           -- entry_prefix .. member is a member's entry key
+if tonumber(redis.call('HGET', counts_key, 'epoch') or '0') ~= epoch then
   return 0
 end
-local member = ARGV[1]
-local size = string.len(ARGV[2])
-local now = tonumber(ARGV[4])
-local max_entries = tonumber(ARGV[7])
-local max_bytes = tonumber(ARGV[8])
+local size = string.len(value)
 if size > max_bytes then
   return 0
 end
-local old = redis.call('HGET', KEYS[4], member)
+local old = redis.call('HGET', sizes_key, member)
 if old then
-  redis.call('HINCRBY', KEYS[5], 'bytes', -tonumber(old))
+  redis.call('HINCRBY', counts_key, 'bytes', -tonumber(old))
 end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[6])
-redis.call('ZADD', KEYS[3], ARGV[5], member)
-redis.call('HSET', KEYS[4], member, size)
-redis.call('ZADD', KEYS[2], redis.call('HINCRBY', KEYS[5], 'used', 1), member)
-local total = redis.call('HINCRBY', KEYS[5], 'bytes', size)
-local count = redis.call('ZCARD', KEYS[2])
+redis.call('SET', entry_key, value, 'PX', native_ms)
+redis.call('ZADD', expiry_key, expires_at, member)
+redis.call('HSET', sizes_key, member, size)
+redis.call('ZADD', lru_key, redis.call('HINCRBY', counts_key, 'used', 1), member)
+local total = redis.call('HINCRBY', counts_key, 'bytes', size)
+local count = redis.call('ZCARD', lru_key)
 while count > max_entries or total > max_bytes do
   -- The least recently used entry goes first; if it had expired, on the clock
   -- or natively, that is an expiration, not an eviction.
-  local victim = redis.call('ZPOPMIN', KEYS[2])[1]
-  local entry = ARGV[9] .. victim
-  local alive = redis.call('EXISTS', entry) == 1
-  local expires_at = tonumber(redis.call('ZSCORE', KEYS[3], victim))
-  local victim_size = tonumber(redis.call('HGET', KEYS[4], victim) or '0')
-  redis.call('UNLINK', entry)
-  redis.call('ZREM', KEYS[3], victim)
-  redis.call('HDEL', KEYS[4], victim)
-  total = redis.call('HINCRBY', KEYS[5], 'bytes', -victim_size)
-  if alive and expires_at and expires_at > now then
-    redis.call('HINCRBY', KEYS[5], 'evictions', 1)
+  local victim = redis.call('ZPOPMIN', lru_key)[1]
+  local victim_entry = entry_prefix .. victim
+  local alive = redis.call('EXISTS', victim_entry) == 1
+  local victim_expires_at = tonumber(redis.call('ZSCORE', expiry_key, victim))
+  local victim_size = tonumber(redis.call('HGET', sizes_key, victim) or '0')
+  redis.call('UNLINK', victim_entry)
+  redis.call('ZREM', expiry_key, victim)
+  redis.call('HDEL', sizes_key, victim)
+  total = redis.call('HINCRBY', counts_key, 'bytes', -victim_size)
+  if alive and victim_expires_at and victim_expires_at > now then
+    redis.call('HINCRBY', counts_key, 'evictions', 1)
   else
-    redis.call('HINCRBY', KEYS[5], 'expirations', 1)
+    redis.call('HINCRBY', counts_key, 'expirations', 1)
   end
   count = count - 1
 end
@@ -117,53 +193,73 @@ return 1
 """
 
 _PEEK = """
-local value = redis.call('GET', KEYS[1])
-local expires_at = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]))
-if value and expires_at and expires_at > tonumber(ARGV[2]) then
+local entry_key = KEYS[1]      -- the entry's bytes
+local expiry_key = KEYS[2]     -- sorted set of keys by expiry time
+local member = ARGV[1]         -- the cache key, as a member of the set above
+local now = tonumber(ARGV[2])  -- the store's clock
+local value = redis.call('GET', entry_key)
+local expires_at = tonumber(redis.call('ZSCORE', expiry_key, member))
+if value and expires_at and expires_at > now then
   return value
 end
 return false
 """
 
+#: The counts in the order of ``stats_from_counts``; a fragment of ``_STATS`` and
+#: ``_CLEAR``, which name ``lru_key`` and ``counts_key`` before it.
 _COUNTS = """
-local counts = redis.call('HMGET', KEYS[4], 'hits', 'misses', 'evictions', 'expirations',
+local counts = redis.call('HMGET', counts_key, 'hits', 'misses', 'evictions', 'expirations',
                           'coalesced')
-counts[6] = redis.call('ZCARD', KEYS[1])
-counts[7] = redis.call('HGET', KEYS[4], 'bytes')
+counts[6] = redis.call('ZCARD', lru_key)
+counts[7] = redis.call('HGET', counts_key, 'bytes')
 """
 
 _STATS = """
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+local lru_key = KEYS[1]       -- sorted set of keys by last use
+local expiry_key = KEYS[2]    -- sorted set of keys by expiry time
+local sizes_key = KEYS[3]     -- hash of each key's size in bytes
+local counts_key = KEYS[4]    -- hash of the counts, byte total, use counter and epoch
+local now = ARGV[1]           -- the store's clock, as a score bound
+local entry_prefix = ARGV[2]  -- entry_prefix .. member is a member's entry key
+local expired = redis.call('ZRANGEBYSCORE', expiry_key, '-inf', now)
 if #expired > 0 then
   local freed = 0
   for _, member in ipairs(expired) do
-    freed = freed + tonumber(redis.call('HGET', KEYS[3], member) or '0')
-    redis.call('UNLINK', ARGV[2] .. member)
-    redis.call('ZREM', KEYS[1], member)
-    redis.call('HDEL', KEYS[3], member)
+    freed = freed + tonumber(redis.call('HGET', sizes_key, member) or '0')
+    redis.call('UNLINK', entry_prefix .. member)
+    redis.call('ZREM', lru_key, member)
+    redis.call('HDEL', sizes_key, member)
   end
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
-  redis.call('HINCRBY', KEYS[4], 'bytes', -freed)
-  redis.call('HINCRBY', KEYS[4], 'expirations', #expired)
+  redis.call('ZREMRANGEBYSCORE', expiry_key, '-inf', now)
+  redis.call('HINCRBY', counts_key, 'bytes', -freed)
+  redis.call('HINCRBY', counts_key, 'expirations', #expired)
 end
 """ + _COUNTS + """
 return counts
 """
 
-_CLEAR = _COUNTS + """
-for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  redis.call('UNLINK', ARGV[1] .. member)
+_CLEAR = """
+local lru_key = KEYS[1]       -- sorted set of keys by last use
+local expiry_key = KEYS[2]    -- sorted set of keys by expiry time
+local sizes_key = KEYS[3]     -- hash of each key's size in bytes
+local counts_key = KEYS[4]    -- hash of the counts, byte total, use counter and epoch
+local entry_prefix = ARGV[1]  -- entry_prefix .. member is a member's entry key
+""" + _COUNTS + """
+for _, member in ipairs(redis.call('ZRANGE', lru_key, 0, -1)) do
+  redis.call('UNLINK', entry_prefix .. member)
 end
-redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3])
-local epoch = tonumber(redis.call('HGET', KEYS[4], 'epoch') or '0') + 1
-redis.call('DEL', KEYS[4])
-redis.call('HSET', KEYS[4], 'epoch', epoch)
+redis.call('UNLINK', lru_key, expiry_key, sizes_key)
+local epoch = tonumber(redis.call('HGET', counts_key, 'epoch') or '0') + 1
+redis.call('DEL', counts_key)
+redis.call('HSET', counts_key, 'epoch', epoch)
 return counts
 """
 
 _RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+local lock_key = KEYS[1]  -- the key's single-flight lock
+local token = ARGV[1]     -- the token acquire returned to the holder
+if redis.call('GET', lock_key) == token then
+  return redis.call('DEL', lock_key)
 end
 return 0
 """
@@ -197,7 +293,12 @@ class RedisStore:
         self.expiry_key = base + "expiry"
         self.sizes_key = base + "sizes"
         self.counts_key = base + "counts"
-        self._index_keys = [self.lru_key, self.expiry_key, self.sizes_key, self.counts_key]
+        self._index_keys = _IndexKeys(
+            lru_key=self.lru_key,
+            expiry_key=self.expiry_key,
+            sizes_key=self.sizes_key,
+            counts_key=self.counts_key,
+        )
         self._get = client.register_script(_GET)
         self._put = client.register_script(_PUT)
         self._peek = client.register_script(_PEEK)
@@ -244,7 +345,7 @@ class RedisStore:
         # Every cache hit comes through here: one script call, no helper layers.
         try:
             value = self._get(
-                keys=[self.entry_prefix + key, *self._index_keys], args=[key, repr(self._clock())]
+                keys=self._entry_keys(key), args=_Lookup(member=key, now=repr(self._clock()))
             )
         except redis.RedisError as error:
             raise self._failure(error) from error
@@ -253,27 +354,26 @@ class RedisStore:
     def put(self, key: str, value: bytes, ttl: float, epoch: int) -> bool:
         now = self._clock()
         native_ms = math.ceil((ttl + NATIVE_EXPIRY_GRACE) * 1000)
-        stored = self._run(
-            self._put,
-            self._entry_keys(key),
-            key,
-            value,
-            epoch,
-            now,
-            now + ttl,
-            native_ms,
-            self.max_entries,
-            self.max_bytes,
-            self.entry_prefix,
+        args = _PutArgs(
+            member=key,
+            value=value,
+            epoch=epoch,
+            now=now,
+            expires_at=now + ttl,
+            native_ms=native_ms,
+            max_entries=self.max_entries,
+            max_bytes=self.max_bytes,
+            entry_prefix=self.entry_prefix,
         )
+        stored = self._run(self._put, self._entry_keys(key), args)
         return bool(stored == 1)
 
     def epoch(self) -> int:
         return int(self._call(self.client.hget, self.counts_key, "epoch") or 0)
 
     def peek(self, key: str) -> bytes | None:
-        keys = [self.entry_prefix + key, self.expiry_key]
-        value = self._run(self._peek, keys, key, self._clock())
+        keys = _PeekKeys(entry_key=self.entry_prefix + key, expiry_key=self.expiry_key)
+        value = self._run(self._peek, keys, _Lookup(member=key, now=repr(self._clock())))
         return value if isinstance(value, bytes) else None
 
     def acquire(self, key: str, lease: float) -> str | None:
@@ -284,16 +384,19 @@ class RedisStore:
         return token if taken else None
 
     def release(self, key: str, token: str) -> None:
-        self._run(self._release, [self.lock_prefix + key], token)
+        # KEYS: lock_key; ARGV: token.
+        self._run(self._release, [self.lock_prefix + key], [token])
 
     def record_coalesced(self) -> None:
         self._call(self.client.hincrby, self.counts_key, "coalesced", 1)
 
     def clear(self) -> CacheStats:
-        return self._snapshot(self._run(self._clear, self._index_keys, self.entry_prefix))
+        # ARGV: entry_prefix.
+        return self._snapshot(self._run(self._clear, self._index_keys, [self.entry_prefix]))
 
     def stats(self) -> CacheStats:
-        counts = self._run(self._stats, self._index_keys, self._clock(), self.entry_prefix)
+        args = _StatsArgs(now=self._clock(), entry_prefix=self.entry_prefix)
+        counts = self._run(self._stats, self._index_keys, args)
         return self._snapshot(counts)
 
     def close(self) -> None:
@@ -301,13 +404,13 @@ class RedisStore:
 
     # -- helpers ----------------------------------------------------------------
 
-    def _entry_keys(self, key: str) -> list[str]:
-        return [self.entry_prefix + key, *self._index_keys]
+    def _entry_keys(self, key: str) -> _EntryKeys:
+        return _EntryKeys(self.entry_prefix + key, *self._index_keys)
 
     def _snapshot(self, counts: Sequence[Any]) -> CacheStats:
         return stats_from_counts(counts, self.max_entries, self.max_bytes)
 
-    def _run(self, script: Any, keys: list[str], *args: Any) -> Any:
+    def _run(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run a Lua script (loading it again if Redis restarted and forgot it)."""
         return self._call(script, keys=keys, args=[_argument(arg) for arg in args])
 
