@@ -6,6 +6,7 @@ never carries one test's entries or counts into another.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable
@@ -163,17 +164,23 @@ def test_cache_leaves_a_failed_store_alone_until_the_retry_interval(tmp_path: Pa
     port = free_port()
     resting = Cache(open_store(f"redis://127.0.0.1:{port}/0", 10, 1000), retry_interval=3600)
     eager = Cache(open_store(f"redis://127.0.0.1:{port}/0", 10, 1000), retry_interval=0)
-    for cache in (resting, eager):
-        assert cache.get("k") is None
-        assert cache.degraded_reason is not None and "Connection refused" in cache.degraded_reason
     redis = RedisServer(port, tmp_path)
-    redis.start()
-    try:
-        assert resting.epoch() is None, "a resting cache must not try the store yet"
+
+    async def outage_then_recovery() -> None:
+        for cache in (resting, eager):
+            assert await cache.get("k") is None
+            reason = cache.degraded_reason
+            assert reason is not None and "Connection refused" in reason
+        redis.start()
+        assert await resting.epoch() is None, "a resting cache must not try the store yet"
         with pytest.raises(StoreError):
-            resting.stats()
-        assert eager.epoch() == 0 and eager.degraded_reason is None
-        assert eager.stats().misses == 0, "the miss during the outage was never counted"
+            await resting.stats()
+        assert await eager.epoch() == 0 and eager.degraded_reason is None
+        stats = await eager.stats()
+        assert stats.misses == 0, "the miss during the outage was never counted"
+
+    try:
+        asyncio.run(outage_then_recovery())
     finally:
         resting.close()
         eager.close()
