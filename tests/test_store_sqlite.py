@@ -1,6 +1,7 @@
 """What only the SQLite store has to get right: the file, its transactions and its failures.
 
-The cache's rules themselves are checked for every store in ``test_stores.py``.
+The cache's rules themselves are checked for every store in ``test_stores.py``, and
+the cross-process lock for SQLite and Redis alike in ``test_store_locks.py``.
 """
 
 from __future__ import annotations
@@ -97,35 +98,6 @@ def test_bounds_hold_across_stores_sharing_a_file(
     assert [one.get(f"k{index}") for index in range(15, 20)] == [b"v"] * 5
 
 
-def test_lock_is_exclusive_token_checked_and_lapses(
-    db_path: Path, opened: list[SqliteStore], fake_clock: FakeClock
-) -> None:
-    one, two = make(opened, db_path, clock=fake_clock), make(opened, db_path, clock=fake_clock)
-    token = one.acquire("k", 5)
-    assert token is not None
-    assert two.acquire("k", 5) is None
-    assert two.acquire("other", 5) is not None, "a lock holds one key only"
-    two.release("k", "not-the-token")
-    assert two.acquire("k", 5) is None
-    one.release("k", token)
-    assert two.acquire("k", 5) is not None
-
-
-def test_lock_of_a_crashed_holder_lapses_after_its_lease(
-    db_path: Path, opened: list[SqliteStore], fake_clock: FakeClock
-) -> None:
-    one, two = make(opened, db_path, clock=fake_clock), make(opened, db_path, clock=fake_clock)
-    stale = one.acquire("k", 5)
-    assert stale is not None
-    fake_clock.tick(5)
-    assert two.acquire("k", 5) is None, "held until the lease is over"
-    fake_clock.tick(0.5)
-    fresh = two.acquire("k", 5)
-    assert fresh is not None and fresh != stale
-    one.release("k", stale)
-    assert one.acquire("k", 5) is None, "a lapsed holder must not release its successor"
-
-
 def test_stats_sweep_away_lapsed_locks_only(
     db_path: Path, opened: list[SqliteStore], fake_clock: FakeClock
 ) -> None:
@@ -137,17 +109,6 @@ def test_stats_sweep_away_lapsed_locks_only(
     store.stats()
     with closing(sqlite3.connect(db_path)) as db, db:
         assert db.execute("SELECT key FROM locks").fetchall() == [("running",)]
-
-
-def test_locks_are_per_namespace_and_survive_a_clear(
-    db_path: Path, opened: list[SqliteStore]
-) -> None:
-    team_a, team_b = make(opened, db_path, "team-a"), make(opened, db_path, "team-b")
-    assert team_a.acquire("k", 5) is not None
-    assert team_b.acquire("k", 5) is not None
-    team_a.clear()
-    # A command that began before the clear is still running; its twin must wait.
-    assert make(opened, db_path, "team-a").acquire("k", 5) is None
 
 
 def test_a_file_without_the_locks_table_gains_it(

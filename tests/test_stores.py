@@ -145,6 +145,29 @@ def test_put_from_before_a_clear_is_dropped(store_factory: StoreFactory) -> None
     assert store.put("k", b"fresh", 60, store.epoch())
 
 
+def test_peek_neither_counts_nor_reorders(store_factory: StoreFactory) -> None:
+    store = store_factory(max_entries=2)
+    epoch = store.epoch()
+    store.put("a", b"1", 60, epoch)
+    store.put("b", b"2", 60, epoch)
+    assert store.peek("a") == b"1" and store.peek("absent") is None
+    store.put("c", b"3", 60, epoch)  # "a" is still the least recently used
+    assert store.peek("a") is None
+    stats = store.stats()
+    assert (stats.hits, stats.misses, stats.evictions) == (0, 0, 1)
+
+
+def test_peek_sees_only_live_entries_and_leaves_expiry_to_get(
+    store_factory: StoreFactory, fake_clock: FakeClock
+) -> None:
+    store = store_factory()
+    store.put("k", b"v", 10, store.epoch())
+    fake_clock.tick(10.1)
+    assert store.peek("k") is None
+    assert store.get("k") is None
+    stats = store.stats()
+    assert (stats.misses, stats.expirations) == (1, 1)
+
 def test_hit_rate_is_the_contract_string(store_factory: StoreFactory) -> None:
     store = store_factory()
     store.put("k", b"v", 60, store.epoch())
