@@ -58,18 +58,27 @@ class Slots:
             self._hand_on()
 
     async def _wait_for_turn(self) -> None:
-        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        turn: asyncio.Future[None] = loop.create_future()
         self._queue.append(turn)
+        # Not asyncio.wait_for: before Python 3.12 it swallows a cancellation that
+        # arrives just as the turn is handed over, so a cancelled request would run.
+        expiry = loop.call_later(self.wait, self._expire, turn)
         try:
-            await asyncio.wait_for(turn, self.wait)
-        except BaseException as error:
-            if turn.done() and not turn.cancelled():
+            await turn
+        except BaseException:
+            if turn.done() and not turn.cancelled() and turn.exception() is None:
                 self._hand_on()  # a slot was handed over just as the wait ended: pass it on
             elif turn in self._queue:
                 self._queue.remove(turn)
-            if isinstance(error, asyncio.TimeoutError):
-                raise self._busy() from None
             raise
+        finally:
+            expiry.cancel()
+
+    def _expire(self, turn: asyncio.Future[None]) -> None:
+        """The wait is over: the waiter gets Busy, unless its turn came first."""
+        if not turn.done():
+            turn.set_exception(self._busy())
 
     def _hand_on(self) -> None:
         """Give the slot being freed to the next waiter, or free it."""
