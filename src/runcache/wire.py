@@ -16,6 +16,7 @@ document by :func:`command_request_schema`.
 
 from __future__ import annotations
 
+import math
 import re
 import typing
 from typing import Annotated, Any, Literal
@@ -194,7 +195,16 @@ SHAPES: tuple[type[Struct], ...] = (
 encode = msgspec.json.Encoder().encode
 
 _request_decoder = msgspec.json.Decoder(CommandRequest)
-_any_decoder = msgspec.json.Decoder()
+
+
+def _loose_number(text: str) -> float | str:
+    """A JSON number with a fraction or exponent; past any float's range, its text,
+    which no number field accepts, so it is reported as its field's type problem."""
+    value = float(text)
+    return value if math.isfinite(value) else text
+
+
+_any_decoder = msgspec.json.Decoder(float_hook=_loose_number)
 
 
 def decode_command_request(body: bytes) -> CommandRequest:
@@ -208,15 +218,11 @@ def decode_command_request(body: bytes) -> CommandRequest:
         raise BadRequest(COMMAND_REQUIRED)
     try:
         return _request_decoder.decode(body)
-    except msgspec.ValidationError as error:
-        refused = error
+    except msgspec.ValidationError:
+        pass
     except msgspec.DecodeError as error:
         raise BadRequest(f"request body must be valid JSON: {error}") from None
-    try:
-        payload = _any_decoder.decode(body)
-    except msgspec.ValidationError:  # a number out of any float's range, say
-        raise BadRequest(_field_type_problem(CommandRequest, str(refused))) from None
-    raise BadRequest(_first_problem(CommandRequest, payload))
+    raise BadRequest(_first_problem(CommandRequest, _any_decoder.decode(body)))
 
 
 def _first_problem(shape: type[Struct], payload: object) -> str:
@@ -238,20 +244,6 @@ def _first_problem(shape: type[Struct], payload: object) -> str:
         except msgspec.ValidationError as error:
             return _message_for(messages, value, str(error), field.name)
     return "request body is not valid"
-
-
-_FIELD_PATH = re.compile(r"at `\$\.(\w+)`")
-
-
-def _field_type_problem(shape: type[Struct], error: str) -> str:
-    """The type message of the field a validation error names."""
-    found = _FIELD_PATH.search(error)
-    info = msgspec.inspect.type_info(shape)
-    assert isinstance(info, msgspec.inspect.StructType)
-    for field in info.fields:
-        if found and field.encode_name == found.group(1):
-            return _messages(field.type).get("type", f"{field.name} is not valid")
-    return f"request body is not valid: {error}"
 
 
 def _messages(field_type: msgspec.inspect.Type) -> dict[str, str]:
