@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 
@@ -227,3 +228,20 @@ def test_only_the_memory_store_may_be_called_on_the_event_loop(
     store = store_factory()
     expected = {MemoryStore: False, SqliteStore: True, RedisStore: True}[type(store)]
     assert store.blocking is expected
+
+
+def test_get_async_is_get_on_the_event_loop(store_factory: StoreFactory) -> None:
+    store = store_factory()
+    store.put("k", b"v", 60, store.epoch())
+
+    async def look_up() -> tuple[bytes | None, bytes | None]:
+        try:
+            return await store.get_async("k"), await store.get_async("missing")
+        finally:
+            await store.aclose()
+
+    # Twice, on two loops in turn: what the hit path opens belongs to one loop.
+    assert asyncio.run(look_up()) == (b"v", None)
+    assert asyncio.run(look_up()) == (b"v", None)
+    stats = store.stats()
+    assert (stats.hits, stats.misses) == (2, 2)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -35,8 +37,14 @@ def create_app(config: Config | None = None, engine: Engine | None = None) -> St
             TokenGate, token=engine.config.token, admin_token=engine.config.admin_secret,
             admin_routes=admin_routes,
         ))
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await engine.aclose()  # on the loop that served, before it ends
+
     app = Starlette(
         routes=routes,
+        lifespan=lifespan,
         middleware=middleware,
         exception_handlers={
             RuncacheError: api.on_runcache_error,

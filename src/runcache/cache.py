@@ -35,10 +35,11 @@ RETRY_INTERVAL = 1.0
 #: timed-out command and storing its result.
 LEASE_MARGIN = 10.0
 
-#: Threads that call a store which blocks (SQLite, Redis). A call takes tens to
-#: hundreds of microseconds and holds the GIL for most of it, so a few threads
-#: keep the event loop free without adding threads that would only queue.
-STORE_THREADS = 8
+#: Threads that call a store which blocks (SQLite, Redis), for all but hits
+#: (stores, clears, statistics, locks): rare next to hits, and a few threads
+#: keep the event loop free of them without threads that would only fight
+#: over the GIL.
+STORE_THREADS = 4
 
 #: First and longest pause between looks for a result another instance is making.
 POLL_FIRST = 0.01
@@ -72,7 +73,16 @@ class Cache:
         return self._degraded_reason
 
     async def get(self, key: str) -> bytes | None:
-        return await self._attempt(None, self.store.get, key)
+        """The hit path: the store's ``get_async``, on the loop whatever ``blocking`` says."""
+        if self._resting():
+            return None
+        try:
+            found = await self.store.get_async(key)
+        except StoreError as error:
+            self._failed(error)
+            return None
+        self._succeeded()
+        return found
 
     async def put(self, key: str, value: bytes, ttl: float, epoch: int | None) -> bool:
         """Store a result unless the store is down or was cleared since ``epoch`` was read."""
@@ -175,6 +185,10 @@ class Cache:
             await self._call(self.store.release, key, token)
         except StoreError as error:
             self._failed(error)
+
+    async def aclose(self) -> None:
+        """Release what the store opened on the running loop; await it before the loop ends."""
+        await self.store.aclose()
 
     def close(self) -> None:
         if self._threads is not None:

@@ -291,6 +291,7 @@ class LocalClient(_Closing):
     def close(self) -> None:
         """Kill commands still running, stop the client's loop, and release the store."""
         self.engine.runner.kill_all()
+        self._portal.call(self.engine.aclose)
         self._loop.__exit__(None, None, None)
         self.engine.close()
 

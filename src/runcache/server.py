@@ -104,7 +104,7 @@ def _uvicorn_config(app: ASGIApp, config: Config) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         http=GuardedHttpProtocol.with_timeouts(config.header_timeout, config.body_timeout),
-        lifespan="off",
+        lifespan="on",
         log_config=None,
         access_log=False,
         server_header=False,

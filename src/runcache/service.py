@@ -103,6 +103,10 @@ class Engine:
         store = open_store(config.store, config.max_entries, config.max_bytes)
         return cls(config, Cache(store), Runner(config.max_output_bytes, _command_env(config)))
 
+    async def aclose(self) -> None:
+        """Release what the engine opened on the running loop (the store's hit path)."""
+        await self.cache.aclose()
+
     def close(self) -> None:
         """Kill running commands and release the store."""
         self.runner.kill_all()

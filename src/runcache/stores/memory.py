@@ -65,6 +65,9 @@ class MemoryStore:
             self._hits += 1
             return entry[0]
 
+    async def get_async(self, key: str) -> bytes | None:
+        return self.get(key)
+
     def put(self, key: str, value: bytes, ttl: float, epoch: int) -> bool:
         size = len(value)
         with self._lock:
@@ -152,3 +155,6 @@ class MemoryStore:
 
     def close(self) -> None:
         """Nothing to release: the entries go with the process."""
+
+    async def aclose(self) -> None:
+        """Nothing to release."""

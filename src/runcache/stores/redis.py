@@ -24,6 +24,8 @@ ever removes entries that are expired already.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import math
 import secrets
 import time
@@ -32,6 +34,8 @@ from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -274,6 +278,7 @@ class RedisStore:
     def __init__(
         self,
         client: redis.Redis,
+        async_client: Callable[[], redis.asyncio.Redis],
         max_entries: int,
         max_bytes: int,
         namespace: str = "runcache",
@@ -281,6 +286,10 @@ class RedisStore:
         description: str = "redis://",
     ) -> None:
         self.client = client
+        # The hit path's client, made on the loop that first awaits a hit:
+        # redis.asyncio's connections belong to one event loop.
+        self._async_client = async_client
+        self._on_loop: tuple[asyncio.AbstractEventLoop, redis.asyncio.Redis, Any] | None = None
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.namespace = namespace
@@ -321,11 +330,13 @@ class RedisStore:
         start degraded, not fail.
         """
         description = f"{mask_password(url)}{'&' if '?' in url else '?'}namespace={namespace}"
+        timeouts: dict[str, Any] = {
+            "socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout": SOCKET_TIMEOUT,
+        }
         try:
             client = redis.Redis.from_url(
                 url,
-                socket_connect_timeout=CONNECT_TIMEOUT,
-                socket_timeout=SOCKET_TIMEOUT,
+                **timeouts,
                 # One immediate retry on a fresh connection covers a pooled
                 # connection that a restarted Redis closed; more would only
                 # multiply the wait while Redis is down.
@@ -337,7 +348,10 @@ class RedisStore:
             pool.connection_class(**pool.connection_kwargs)
         except (ValueError, TypeError) as error:
             raise ConfigError(f"bad redis store URL {mask_password(url)}: {error}") from None
-        return cls(client, max_entries, max_bytes, namespace, clock, description)
+        async_client = functools.partial(
+            redis.asyncio.Redis.from_url, url, **timeouts, retry=AsyncRetry(NoBackoff(), 1)
+        )
+        return cls(client, async_client, max_entries, max_bytes, namespace, clock, description)
 
     # -- the cache's operations -------------------------------------------------
 
@@ -350,6 +364,25 @@ class RedisStore:
         except redis.RedisError as error:
             raise self._failure(error) from error
         return value if isinstance(value, bytes) else None
+
+    async def get_async(self, key: str) -> bytes | None:
+        # The same script as get, through redis.asyncio: the loop serves other
+        # requests during the round trip instead of handing it to a thread.
+        try:
+            value = await self._loop_get()(
+                keys=self._entry_keys(key), args=_Lookup(member=key, now=repr(self._clock()))
+            )
+        except redis.RedisError as error:
+            raise self._failure(error) from error
+        return value if isinstance(value, bytes) else None
+
+    def _loop_get(self) -> Any:
+        """The get script on this loop's client, made on first use on each loop."""
+        loop = asyncio.get_running_loop()
+        if self._on_loop is None or self._on_loop[0] is not loop:
+            client = self._async_client()
+            self._on_loop = (loop, client, client.register_script(_GET))
+        return self._on_loop[2]
 
     def put(self, key: str, value: bytes, ttl: float, epoch: int) -> bool:
         now = self._clock()
@@ -401,6 +434,12 @@ class RedisStore:
 
     def close(self) -> None:
         self.client.close()
+
+    async def aclose(self) -> None:
+        if self._on_loop is not None:
+            client = self._on_loop[1]
+            self._on_loop = None
+            await client.aclose()
 
     # -- helpers ----------------------------------------------------------------
 
