@@ -7,14 +7,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from flask.testing import FlaskClient
+from starlette.testclient import TestClient
 
 from runcache.allowlist import shell_syntax
 from runcache.config import Config
 from runcache.errors import ConfigError
 from runcache.service import Engine
 
-ClientFactory = Callable[..., FlaskClient]
+ClientFactory = Callable[..., TestClient]
 
 
 @pytest.mark.parametrize(
@@ -60,7 +60,7 @@ def test_allowed_command_runs_without_a_shell(client_factory: ClientFactory) -> 
     client = client_factory(allow="echo,true")
     response = client.post("/api/command", json={"command": "echo '$HOME;' \"a & b\" c\\;d"})
     assert response.status_code == 200
-    assert response.get_json()["stdout"] == "$HOME; a & b c;d\n"
+    assert response.json()["stdout"] == "$HOME; a & b c;d\n"
 
 
 @pytest.mark.parametrize(
@@ -79,8 +79,8 @@ def test_shell_syntax_is_refused_with_400_naming_it(
     client = client_factory(allow="echo,true")
     response = client.post("/api/command", json={"command": command})
     assert response.status_code == 400
-    assert response.get_json()["error"].startswith(f"shell syntax {named} is not allowed")
-    assert client.get("/api/telemetry").get_json()["commands_executed"] == 0
+    assert response.json()["error"].startswith(f"shell syntax {named} is not allowed")
+    assert client.get("/api/telemetry").json()["commands_executed"] == 0
 
 
 @pytest.mark.parametrize("command", ["id", "sh -c 'echo hi'", "FOO=1 echo hi", "'' hi"])
@@ -90,7 +90,7 @@ def test_executables_not_in_the_list_are_refused(
     client = client_factory(allow="echo,true")
     response = client.post("/api/command", json={"command": command})
     assert response.status_code == 400
-    assert "is not an allowed executable: allowed are echo, true" in response.get_json()["error"]
+    assert "is not an allowed executable: allowed are echo, true" in response.json()["error"]
 
 
 def test_a_path_runs_only_if_it_is_where_path_resolves_the_name(
@@ -100,7 +100,7 @@ def test_a_path_runs_only_if_it_is_where_path_resolves_the_name(
     resolved = shutil.which("echo")
     assert resolved is not None
     response = client.post("/api/command", json={"command": f"{resolved} by-path"})
-    assert response.get_json()["stdout"] == "by-path\n"
+    assert response.json()["stdout"] == "by-path\n"
 
 
 def test_an_executable_elsewhere_with_an_allowed_name_is_refused(
@@ -113,7 +113,7 @@ def test_an_executable_elsewhere_with_an_allowed_name_is_refused(
     for command in (str(evil), f"{tmp_path}/../{tmp_path.name}/echo", "./echo"):
         response = client.post("/api/command", json={"command": f"{command} hi"})
         assert response.status_code == 400, command
-        assert "is not an allowed executable" in response.get_json()["error"]
+        assert "is not an allowed executable" in response.json()["error"]
     assert not (tmp_path / "echo.ran").exists()
 
 
@@ -121,14 +121,14 @@ def test_unbalanced_quotes_are_a_400(client_factory: ClientFactory) -> None:
     client = client_factory(allow="echo")
     response = client.post("/api/command", json={"command": "echo 'unclosed"})
     assert response.status_code == 400
-    assert response.get_json()["error"] == (
+    assert response.json()["error"] == (
         "command cannot be split into arguments: No closing quotation"
     )
 
 
-def test_without_the_setting_the_shell_runs_commands(client: FlaskClient) -> None:
+def test_without_the_setting_the_shell_runs_commands(client: TestClient) -> None:
     response = client.post("/api/command", json={"command": "echo a; echo b | tr b c"})
-    assert response.get_json()["stdout"] == "a\nc\n"
+    assert response.json()["stdout"] == "a\nc\n"
 
 
 def test_cache_keys_differ_between_shell_and_allowlist_mode() -> None:
@@ -162,7 +162,7 @@ def test_env_allow_passes_only_the_variables_named(
     monkeypatch.setenv("RUNCACHE_TEST_SECRET", "do-not-leak")
     monkeypatch.setenv("LANG", "C.UTF-8")
     client = client_factory(env_allow="PATH,LANG")
-    stdout = client.post("/api/command", json={"command": "env"}).get_json()["stdout"]
+    stdout = client.post("/api/command", json={"command": "env"}).json()["stdout"]
     names = {line.split("=", 1)[0] for line in stdout.splitlines()}
     assert {"PATH", "LANG"} <= names
     assert "RUNCACHE_TEST_SECRET" not in names and "do-not-leak" not in stdout
@@ -174,7 +174,7 @@ def test_without_env_allow_commands_see_the_whole_environment(
 ) -> None:
     monkeypatch.setenv("RUNCACHE_TEST_VISIBLE", "seen")
     client = client_factory()
-    stdout = client.post("/api/command", json={"command": "env"}).get_json()["stdout"]
+    stdout = client.post("/api/command", json={"command": "env"}).json()["stdout"]
     assert "RUNCACHE_TEST_VISIBLE=seen" in stdout
 
 

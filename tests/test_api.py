@@ -1,11 +1,11 @@
-"""The HTTP API through Flask's test client: the contract's fields and every bad input."""
+"""The HTTP API through Starlette's test client: the contract's fields and every bad input."""
 
 from __future__ import annotations
 
 import logging
 
 import pytest
-from flask.testing import FlaskClient
+from starlette.testclient import TestClient
 
 from runcache.app import create_app
 from runcache.config import Config
@@ -30,19 +30,19 @@ RESULT_FIELDS = {
 }
 
 
-def run(client: FlaskClient, **body: object) -> dict[str, object]:
+def run(client: TestClient, **body: object) -> dict[str, object]:
     response = client.post("/api/command", json=body)
-    assert response.status_code == 200, response.get_json()
-    payload: dict[str, object] = response.get_json()
+    assert response.status_code == 200, response.json()
+    payload: dict[str, object] = response.json()
     return payload
 
 
-def stats(client: FlaskClient) -> dict[str, object]:
-    payload: dict[str, object] = client.get("/api/cache/stats").get_json()
+def stats(client: TestClient) -> dict[str, object]:
+    payload: dict[str, object] = client.get("/api/cache/stats").json()
     return payload
 
 
-def test_command_result_has_every_contract_field(client: FlaskClient) -> None:
+def test_command_result_has_every_contract_field(client: TestClient) -> None:
     result = run(client, command="echo hello")
     for name, kind in RESULT_FIELDS.items():
         assert isinstance(result[name], kind), name
@@ -50,7 +50,7 @@ def test_command_result_has_every_contract_field(client: FlaskClient) -> None:
     assert result["cached"] is False
 
 
-def test_second_identical_command_is_a_cache_hit(client: FlaskClient) -> None:
+def test_second_identical_command_is_a_cache_hit(client: TestClient) -> None:
     first = run(client, command="echo $$")  # the shell's pid: differs on every real run
     second = run(client, command="echo $$")
     assert second["cached"] is True and first["cached"] is False
@@ -60,28 +60,28 @@ def test_second_identical_command_is_a_cache_hit(client: FlaskClient) -> None:
     assert (counts["hits"], counts["misses"], counts["size"]) == (1, 1, 1)
 
 
-def test_use_cache_false_runs_again_and_does_not_look_up(client: FlaskClient) -> None:
+def test_use_cache_false_runs_again_and_does_not_look_up(client: TestClient) -> None:
     first = run(client, command="echo $$")
     second = run(client, command="echo $$", use_cache=False)
     assert second["cached"] is False and second["stdout"] != first["stdout"]
     assert stats(client)["misses"] == 1
 
 
-def test_failed_commands_are_not_cached(client: FlaskClient) -> None:
+def test_failed_commands_are_not_cached(client: TestClient) -> None:
     run(client, command="echo $$; exit 1")
     again = run(client, command="echo $$; exit 1")
     assert again["cached"] is False and again["return_code"] == 1
     assert stats(client)["size"] == 0
 
 
-def test_timed_out_command_reports_partial_results(client: FlaskClient) -> None:
+def test_timed_out_command_reports_partial_results(client: TestClient) -> None:
     result = run(client, command="echo partial; sleep 30", timeout=0.5)
     assert result["timed_out"] is True and result["partial_results"] is True
     assert result["success"] is False and result["stdout"] == "partial\n"
     assert stats(client)["size"] == 0
 
 
-def test_request_ttl_applies_to_its_entry(client: FlaskClient, fake_clock: FakeClock) -> None:
+def test_request_ttl_applies_to_its_entry(client: TestClient, fake_clock: FakeClock) -> None:
     run(client, command="echo short", ttl=5)
     run(client, command="echo default")
     fake_clock.tick(6)
@@ -90,7 +90,7 @@ def test_request_ttl_applies_to_its_entry(client: FlaskClient, fake_clock: FakeC
     assert stats(client)["expirations"] == 1
 
 
-def test_stats_fields(client: FlaskClient) -> None:
+def test_stats_fields(client: TestClient) -> None:
     counts = stats(client)
     for name in ("size", "max_size", "hits", "misses", "evictions", "expirations", "coalesced",
                  "bytes", "max_bytes"):
@@ -99,7 +99,7 @@ def test_stats_fields(client: FlaskClient) -> None:
 
 
 def test_clear_is_exactly_as_specified(
-    client: FlaskClient, caplog: pytest.LogCaptureFixture
+    client: TestClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     run(client, command="echo a")
     run(client, command="echo a")
@@ -107,11 +107,12 @@ def test_clear_is_exactly_as_specified(
     with caplog.at_level(logging.INFO):
         response = client.post("/api/cache/clear")
     assert response.status_code == 200
-    assert response.get_json() == {"success": True, "message": "Cache cleared"}
-    assert response.content_type == "application/json"
-    assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
-        "🧹 Cache cleared"
-    ]
+    assert response.json() == {"success": True, "message": "Cache cleared"}
+    assert response.headers["content-type"] == "application/json"
+    # runcache's own INFO lines (the test client logs each request it sends too)
+    server_lines = [r.getMessage() for r in caplog.records
+                    if r.levelno == logging.INFO and r.name.startswith("runcache")]
+    assert server_lines == ["🧹 Cache cleared"]
     counts = stats(client)
     assert (counts["hits"], counts["misses"], counts["evictions"], counts["size"]) == (0, 0, 0, 0)
     assert run(client, command="echo a")["cached"] is False
@@ -123,21 +124,22 @@ def test_clear_is_exactly_as_specified(
      (b'{"anything": "else"}', "application/x-www-form-urlencoded")],
 )
 def test_clear_takes_any_body_or_none(
-    client: FlaskClient, data: bytes | None, content_type: str | None
+    client: TestClient, data: bytes | None, content_type: str | None
 ) -> None:
-    response = client.post("/api/cache/clear", data=data, content_type=content_type)
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = client.post("/api/cache/clear", content=data, headers=headers)
     assert response.status_code == 200
-    assert response.get_json() == {"success": True, "message": "Cache cleared"}
+    assert response.json() == {"success": True, "message": "Cache cleared"}
 
 
-def test_health_and_telemetry(client: FlaskClient) -> None:
+def test_health_and_telemetry(client: TestClient) -> None:
     run(client, command="echo x")
     run(client, command="exit 2")
-    health = client.get("/health").get_json()
+    health = client.get("/health").json()
     assert health["status"] == "healthy" and isinstance(health["version"], str)
     assert isinstance(health["uptime"], float)
     assert health["cache_stats"].keys() >= {"size", "hits", "hit_rate"}
-    telemetry = client.get("/api/telemetry").get_json()
+    telemetry = client.get("/api/telemetry").json()
     assert health["telemetry"].keys() == telemetry.keys()
     assert telemetry["commands_executed"] == 2
     assert telemetry["success_rate"] == "50.0%"
@@ -146,8 +148,8 @@ def test_health_and_telemetry(client: FlaskClient) -> None:
     assert telemetry["system_metrics"].keys() >= {"cpu_percent", "memory_percent", "disk_usage"}
 
 
-def test_livez(client: FlaskClient) -> None:
-    assert client.get("/livez").get_json() == {"status": "ok"}
+def test_livez(client: TestClient) -> None:
+    assert client.get("/livez").json() == {"status": "ok"}
 
 
 BAD_COMMAND_BODIES = [
@@ -179,31 +181,33 @@ BAD_COMMAND_BODIES = [
 
 @pytest.mark.parametrize(("body", "message"), BAD_COMMAND_BODIES)
 def test_bad_command_requests_get_400_and_change_nothing(
-    client: FlaskClient, body: bytes, message: str
+    client: TestClient, body: bytes, message: str
 ) -> None:
     before = stats(client)
-    response = client.post("/api/command", data=body, content_type="application/json")
+    response = client.post(
+        "/api/command", content=body, headers={"Content-Type": "application/json"}
+    )
     assert response.status_code == 400
-    assert response.content_type == "application/json"
-    assert message in response.get_json()["error"]
+    assert response.headers["content-type"] == "application/json"
+    assert message in response.json()["error"]
     assert stats(client) == before
-    assert client.get("/api/telemetry").get_json()["commands_executed"] == 0
+    assert client.get("/api/telemetry").json()["commands_executed"] == 0
 
 
-def test_missing_command_error_is_the_contract_body(client: FlaskClient) -> None:
+def test_missing_command_error_is_the_contract_body(client: TestClient) -> None:
     response = client.post("/api/command", json={})
-    assert response.get_json() == {"error": "Command parameter is required"}
+    assert response.json() == {"error": "Command parameter is required"}
 
 
-def test_body_over_the_limit_is_413(config: Config) -> None:
+def test_body_over_the_limit_is_413() -> None:
     small = Config.load({"max_body_bytes": 100}, environ={})
     engine = Engine.from_config(small)
     try:
-        client = create_app(engine=engine).test_client()
-        response = client.post("/api/command", json={"command": "echo " + "x" * 200})
+        with TestClient(create_app(engine=engine)) as client:
+            response = client.post("/api/command", json={"command": "echo " + "x" * 200})
         assert response.status_code == 413
-        assert "100 bytes" in response.get_json()["error"]
-        assert engine.telemetry.as_dict()["commands_executed"] == 0
+        assert "100 bytes" in response.json()["error"]
+        assert engine.telemetry.snapshot().commands_executed == 0
     finally:
         engine.close()
 
@@ -215,35 +219,20 @@ def test_body_over_the_limit_is_413(config: Config) -> None:
      ("GET", "/nowhere", 404), ("POST", "/api/commands", 404)],
 )
 def test_wrong_method_and_unknown_path_are_json(
-    client: FlaskClient, method: str, path: str, status: int
+    client: TestClient, method: str, path: str, status: int
 ) -> None:
-    response = client.open(path, method=method)
+    response = client.request(method, path)
     assert response.status_code == status
-    assert response.content_type == "application/json"
-    assert path in response.get_json()["error"]
+    assert response.headers["content-type"] == "application/json"
+    assert path in response.json()["error"]
 
 
-def test_large_results_stream_the_same_json(client: FlaskClient) -> None:
+def test_large_results_stream_the_same_json(client: TestClient) -> None:
     command = "head -c 600000 /dev/zero | tr '\\0' a; printf '\\377\"'"
     first = client.post("/api/command", json={"command": command})
     second = client.post("/api/command", json={"command": command})
     for response, cached in ((first, False), (second, True)):
-        payload = response.get_json()
+        payload = response.json()
         assert payload["stdout"] == "a" * 600000 + '\ufffd"'
         assert payload["cached"] is cached
-        assert response.content_length == len(response.get_data())
-
-
-def test_result_reader_reads_in_blocks_and_seeks() -> None:
-    from runcache.api import ResultReader
-
-    reader = ResultReader(b'{"a":1}', b',"b":2}')
-    assert reader.size == 13
-    blocks = []
-    while block := reader.read(4):
-        blocks.append(block)
-    assert b"".join(blocks) == b'{"a":1,"b":2}'
-    reader.seek(0)
-    assert reader.read() == b'{"a":1,"b":2}'
-    reader.seek(-3, 2)
-    assert reader.tell() == 10 and reader.read(10) == b":2}"
+        assert int(response.headers["content-length"]) == len(response.content)

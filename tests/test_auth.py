@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 from click.testing import CliRunner
-from flask.testing import FlaskClient
+from starlette.testclient import TestClient
 
 from runcache.cli import cli
 from runcache.config import Config
@@ -25,31 +25,34 @@ TOKEN = "user-token-0123456789abcdef"
 ADMIN = "admin-token-0123456789abcdef"
 WRONG = "wrong-token-0123456789abcdef"
 
-ClientFactory = Callable[..., FlaskClient]
+#: The client address Starlette's test client puts in each request's scope.
+CLIENT = "testclient"
+
+ClientFactory = Callable[..., TestClient]
 
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def test_without_a_token_setting_the_api_is_open(client: FlaskClient) -> None:
+def test_without_a_token_setting_the_api_is_open(client: TestClient) -> None:
     assert client.get("/api/cache/stats").status_code == 200
     assert client.post("/api/cache/clear").status_code == 200
 
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("post", "/api/command"), ("get", "/api/cache/stats"), ("post", "/api/cache/clear"),
-     ("get", "/api/telemetry"), ("get", "/api/no-such-endpoint")],
+    [("POST", "/api/command"), ("GET", "/api/cache/stats"), ("POST", "/api/cache/clear"),
+     ("GET", "/api/telemetry"), ("GET", "/api/no-such-endpoint")],
 )
 def test_missing_token_is_401_with_a_bearer_challenge(
     client_factory: ClientFactory, method: str, path: str
 ) -> None:
     client = client_factory(token=TOKEN)
-    response = getattr(client, method)(path, json={"command": "echo hi"})
+    response = client.request(method, path, json={"command": "echo hi"})
     assert response.status_code == 401
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
-    assert "Authorization: Bearer" in response.get_json()["error"]
+    assert "Authorization: Bearer" in response.json()["error"]
 
 
 @pytest.mark.parametrize(
@@ -59,7 +62,7 @@ def test_a_header_without_a_bearer_token_is_401(client_factory: ClientFactory, h
     client = client_factory(token=TOKEN)
     response = client.get("/api/cache/stats", headers={"Authorization": header})
     assert response.status_code == 401
-    assert response.get_json()["error"]
+    assert response.json()["error"]
 
 
 @pytest.mark.parametrize("presented", [WRONG, TOKEN[:-1], TOKEN + "x", "é" * 20, "\x00" * 3])
@@ -67,12 +70,12 @@ def test_wrong_token_is_403_and_runs_nothing(
     client_factory: ClientFactory, presented: str
 ) -> None:
     client = client_factory(token=TOKEN)
-    response = client.post(
-        "/api/command", json={"command": "echo ran"}, headers=bearer(presented)
-    )
+    # As bytes: a header value outside ASCII reaches the server as the client sent it.
+    header = {"Authorization": f"Bearer {presented}".encode()}
+    response = client.post("/api/command", json={"command": "echo ran"}, headers=header)
     assert response.status_code == 403
-    assert response.get_json() == {"error": "the token sent is not valid for this server"}
-    stats = client.get("/api/telemetry", headers=bearer(TOKEN)).get_json()
+    assert response.json() == {"error": "the token sent is not valid for this server"}
+    stats = client.get("/api/telemetry", headers=bearer(TOKEN)).json()
     assert stats["commands_executed"] == 0
 
 
@@ -84,13 +87,13 @@ def test_right_token_is_served_and_the_scheme_is_case_insensitive(
         "/api/command", json={"command": "echo ran"}, headers={"Authorization": f"bearer {TOKEN}"}
     )
     assert response.status_code == 200
-    assert response.get_json()["stdout"] == "ran\n"
+    assert response.json()["stdout"] == "ran\n"
 
 
 def test_one_token_serves_both_commands_and_clearing(client_factory: ClientFactory) -> None:
     client = client_factory(token=TOKEN)
     response = client.post("/api/cache/clear", headers=bearer(TOKEN))
-    assert response.get_json() == {"success": True, "message": "Cache cleared"}
+    assert response.json() == {"success": True, "message": "Cache cleared"}
 
 
 def test_clearing_needs_the_admin_token_once_one_is_set(client_factory: ClientFactory) -> None:
@@ -98,10 +101,10 @@ def test_clearing_needs_the_admin_token_once_one_is_set(client_factory: ClientFa
     client.post("/api/command", json={"command": "echo kept"}, headers=bearer(TOKEN))
     refused = client.post("/api/cache/clear", headers=bearer(TOKEN))
     assert refused.status_code == 403
-    assert refused.get_json() == {"error": "this operation needs the admin token"}
-    assert client.get("/api/cache/stats", headers=bearer(TOKEN)).get_json()["size"] == 1
+    assert refused.json() == {"error": "this operation needs the admin token"}
+    assert client.get("/api/cache/stats", headers=bearer(TOKEN)).json()["size"] == 1
     assert client.post("/api/cache/clear", headers=bearer(ADMIN)).status_code == 200
-    assert client.get("/api/cache/stats", headers=bearer(ADMIN)).get_json()["size"] == 0
+    assert client.get("/api/cache/stats", headers=bearer(ADMIN)).json()["size"] == 0
 
 
 @pytest.mark.parametrize("path", ["/health", "/livez", "/openapi.json"])
@@ -113,7 +116,7 @@ def test_open_endpoints_need_no_token(client_factory: ClientFactory, path: str) 
 def test_health_shows_no_command_output(client_factory: ClientFactory) -> None:
     client = client_factory(token=TOKEN)
     client.post("/api/command", json={"command": "echo s3cr3t-output"}, headers=bearer(TOKEN))
-    body = client.get("/health").get_data(as_text=True)
+    body = client.get("/health").text
     assert "s3cr3t-output" not in body
     assert '"commands_executed":1' in body
 
@@ -130,9 +133,9 @@ def test_refusals_are_logged_with_the_client_but_never_the_token(
     messages = [record.getMessage() for record in caplog.records]
     refusals = [message for message in messages if "refused" in message]
     assert refusals == [
-        "127.0.0.1 refused GET /api/cache/stats: no bearer token",
-        "127.0.0.1 refused GET /api/cache/stats: wrong token",
-        "127.0.0.1 refused POST /api/cache/clear: wrong admin token",
+        f"{CLIENT} refused GET /api/cache/stats: no bearer token",
+        f"{CLIENT} refused GET /api/cache/stats: wrong token",
+        f"{CLIENT} refused POST /api/cache/clear: wrong admin token",
     ]
     for secret in (TOKEN, ADMIN, WRONG):
         assert secret not in caplog.text
@@ -245,15 +248,15 @@ def test_log_says_who_ran_what_and_whether_it_hit_but_no_output_or_token(
         )
     lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "runcache"]
     assert lines[0][0] == logging.INFO
-    assert lines[0][1].startswith("127.0.0.1 ran 'echo marker-$((6*7))': exit 0 in ")
+    assert lines[0][1].startswith(f"{CLIENT} ran 'echo marker-$((6*7))': exit 0 in ")
     # Hits are the hot path: DEBUG, so a busy server's INFO log holds only real runs.
-    assert lines[1] == (logging.DEBUG, "127.0.0.1 hit 'echo marker-$((6*7))'")
+    assert lines[1] == (logging.DEBUG, f"{CLIENT} hit 'echo marker-$((6*7))'")
     assert "marker-42" not in caplog.text  # the output, at INFO or any level
     assert TOKEN not in caplog.text
 
 
 def test_a_command_cannot_forge_log_lines(
-    client: FlaskClient, caplog: pytest.LogCaptureFixture
+    client: TestClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     client.post("/api/command", json={"command": "true\n127.0.0.1 ran 'forged'"})

@@ -19,6 +19,8 @@ def test_defaults_are_what_clients_expect() -> None:
     assert (config.max_entries, config.default_ttl, config.default_timeout) == (1000, 3600, 300)
     assert config.max_bytes == 256 * 1024 * 1024 and config.max_body_bytes == 1024 * 1024
     assert config.max_output_bytes == 8 * 1024 * 1024 and config.store == "memory://"
+    assert (config.workers, config.max_connections) == (1, 10000)
+    assert (config.keepalive_timeout, config.header_timeout, config.body_timeout) == (5, 10, 30)
 
 
 def test_environment_then_overrides() -> None:
@@ -38,6 +40,30 @@ def test_environment_then_overrides() -> None:
 def test_bad_values_are_refused_with_the_reason(environ: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Config.load(environ=environ)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [({"keepalive_timeout": 0}, "keepalive_timeout must be at least"),
+     ({"header_timeout": 0}, "header_timeout must be at least"),
+     ({"body_timeout": -1}, "body_timeout must be at least"),
+     ({"max_connections": 0}, "max_connections must be at least 1"),
+     ({"workers": 0}, "workers must be at least 1")],
+)
+def test_server_settings_have_floors(settings: dict[str, float], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Config.load(settings, environ={})
+
+
+def test_several_workers_need_a_shared_store(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as refused:
+        Config.load({"workers": 2}, environ={})
+    message = refused.value.message
+    assert message.startswith("--workers 2 needs a store the workers share")
+    assert "sqlite://" in message and "redis://" in message and "\n" not in message
+    shared = Config.load({"workers": 2, "store": f"sqlite://{tmp_path / 'cache.db'}"}, environ={})
+    assert shared.workers == 2
+    assert Config.load({"workers": 1}, environ={}).store == "memory://"
 
 
 def test_unknown_override_is_refused() -> None:

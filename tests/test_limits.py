@@ -2,74 +2,195 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from flask.testing import FlaskClient
+from starlette.testclient import TestClient
 
 from runcache.config import Config
 from runcache.errors import Busy, ConfigError
-from runcache.limits import RETRY_AFTER_SECONDS, Slots, waiting_limit
+from runcache.limits import RETRY_AFTER_SECONDS, Slots
 from runcache.service import Engine
 
-ClientFactory = Callable[..., FlaskClient]
+ClientFactory = Callable[..., TestClient]
 
 QUEUE_TIMEOUT = 0.2
 
 
+async def _until(condition: Callable[[], bool]) -> None:
+    """Yield to the loop until ``condition`` holds; fail after ten seconds."""
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        await asyncio.sleep(0.001)
+
+
+async def _take(slots: Slots) -> AbstractAsyncContextManager[None]:
+    """Hold a slot outside any ``async with``, so a test picks the moment it is let go."""
+    holding = slots.hold()
+    await holding.__aenter__()
+    return holding
+
+
+async def _let_go(holding: AbstractAsyncContextManager[None]) -> None:
+    await holding.__aexit__(None, None, None)
+
+
 def test_slots_count_holders_and_refuse_past_the_wait() -> None:
     slots = Slots(1, wait=0.01)
-    with slots.hold():
-        assert slots.held == 1
+
+    async def main() -> None:
+        async with slots.hold():
+            assert slots.held == 1
+            with pytest.raises(Busy) as refused:
+                async with slots.hold():
+                    pass
+            assert refused.value.retry_after == RETRY_AFTER_SECONDS
+            assert refused.value.headers == {"Retry-After": str(RETRY_AFTER_SECONDS)}
+            assert "all 1 command slots stayed busy for 0.01s" in refused.value.message
+        assert slots.held == 0
+        async with slots.hold():
+            assert slots.held == 1
+
+    asyncio.run(main())
+    assert slots.held == 0 and slots.waiting == 0
+
+
+def test_a_waiter_is_refused_with_busy_after_the_wait_and_leaves_the_queue() -> None:
+    slots = Slots(2, wait=0.3)
+
+    async def main() -> float:
+        first, second = await _take(slots), await _take(slots)
+        started = time.monotonic()
         with pytest.raises(Busy) as refused:
-            with slots.hold():
+            async with slots.hold():
                 pass
+        waited = time.monotonic() - started
         assert refused.value.retry_after == RETRY_AFTER_SECONDS
-        assert "all 1 command slots stayed busy for 0.01s" in refused.value.message
-    assert slots.held == 0
-    with slots.hold():
-        assert slots.held == 1
+        assert "all 2 command slots stayed busy for 0.3s" in refused.value.message
+        assert (slots.held, slots.waiting) == (2, 0)
+        await _let_go(first)
+        await _let_go(second)
+        return waited
+
+    waited = asyncio.run(main())
+    assert 0.3 <= waited < 2
+    assert (slots.held, slots.waiting) == (0, 0)
 
 
-def test_past_the_waiting_limit_a_caller_is_refused_at_once() -> None:
-    slots = Slots(1, wait=60, max_waiting=1)
-    errors: list[Busy] = []
+def test_turns_are_first_come_first_served_and_waiting_costs_no_thread() -> None:
+    slots = Slots(1, wait=30)
+    order: list[int] = []
 
-    def wait_for_a_slot() -> None:
-        try:
-            with slots.hold():
-                pass
-        except Busy as error:
-            errors.append(error)
+    async def wait_for_a_turn(number: int) -> None:
+        async with slots.hold():
+            order.append(number)
+            await asyncio.sleep(0)  # hold the slot across a turn of the loop
 
-    with slots.hold():
-        waiter = threading.Thread(target=wait_for_a_slot)
-        waiter.start()
-        while slots.waiting == 0:
-            time.sleep(0.005)
-        with pytest.raises(Busy, match="1 requests are waiting for one"):
-            with slots.hold():
-                pass
-        assert waiter.is_alive()  # refused while the first waiter still waits
-    waiter.join()
-    assert errors == [] and slots.waiting == 0 and slots.held == 0
+    async def main() -> int:
+        holding = await _take(slots)
+        waiters = []
+        for number in range(500):
+            waiters.append(asyncio.ensure_future(wait_for_a_turn(number)))
+            await asyncio.sleep(0)  # each one queues before the next is made
+        assert (slots.held, slots.waiting) == (1, 500)
+        threads_while_waiting = threading.active_count()
+        await _let_go(holding)
+        # A newcomer while the queue is not empty takes no slot ahead of it.
+        await wait_for_a_turn(500)
+        await asyncio.gather(*waiters)
+        return threads_while_waiting
+
+    threads_before = threading.active_count()
+    assert asyncio.run(main()) == threads_before
+    assert order == list(range(501))
+    assert (slots.held, slots.waiting) == (0, 0)
 
 
-@pytest.mark.parametrize(
-    ("threads", "slots", "limit"), [(64, 32, 24), (40, 32, 4), (33, 32, 1), (10, 1, 5)]
-)
-def test_waiting_limit_keeps_threads_for_hits(threads: int, slots: int, limit: int) -> None:
-    assert waiting_limit(threads, slots) == limit
+def test_a_waiter_cancelled_before_its_turn_leaves_the_queue() -> None:
+    slots = Slots(1, wait=30)
+    order: list[str] = []
+
+    async def wait_for_a_turn(name: str) -> None:
+        async with slots.hold():
+            order.append(name)
+
+    async def main() -> None:
+        holding = await _take(slots)
+        gone = asyncio.ensure_future(wait_for_a_turn("gone"))
+        kept = asyncio.ensure_future(wait_for_a_turn("kept"))
+        await _until(lambda: slots.waiting == 2)
+        gone.cancel()
+        await _until(lambda: slots.waiting == 1)
+        await _let_go(holding)
+        await kept
+        assert gone.cancelled()
+
+    asyncio.run(main())
+    assert order == ["kept"]
+    assert (slots.held, slots.waiting) == (0, 0)
+
+
+def test_a_waiter_cancelled_as_its_turn_came_passes_the_slot_on() -> None:
+    slots = Slots(1, wait=30)
+    order: list[str] = []
+
+    async def wait_for_a_turn(name: str) -> None:
+        async with slots.hold():
+            order.append(name)
+
+    async def main() -> None:
+        holding = await _take(slots)
+        gone = asyncio.ensure_future(wait_for_a_turn("gone"))
+        kept = asyncio.ensure_future(wait_for_a_turn("kept"))
+        await _until(lambda: slots.waiting == 2)
+        await _let_go(holding)  # hands the slot to "gone", which has not woken yet
+        assert (slots.held, slots.waiting) == (1, 1)
+        gone.cancel()  # its client hung up just then: the slot goes on to "kept"
+        await asyncio.wait_for(kept, 5)
+        assert gone.cancelled()
+
+    asyncio.run(main())
+    assert order == ["kept"]
+    assert (slots.held, slots.waiting) == (0, 0)
+
+
+def test_slots_serve_several_event_loops_in_turn() -> None:
+    """An engine outlives a test client's loop; its slots must work on the next one."""
+    slots = Slots(1, wait=0.05)
+    order: list[str] = []
+
+    async def one_loop(name: str) -> None:
+        holding = await _take(slots)
+
+        async def waiter() -> None:
+            async with slots.hold():
+                order.append(name)
+
+        queued = asyncio.ensure_future(waiter())
+        await _until(lambda: slots.waiting == 1)
+        await _let_go(holding)
+        await queued
+        async with slots.hold():  # and a wait that times out on this loop
+            with pytest.raises(Busy):
+                async with slots.hold():
+                    pass
+
+    for name in ("first loop", "second loop", "third loop"):
+        asyncio.run(one_loop(name))
+        assert (slots.held, slots.waiting) == (0, 0)
+    assert order == ["first loop", "second loop", "third loop"]
 
 
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"threads": 32}, r"threads \(32\) must be more than max_concurrent \(32\)"),
         ({"max_concurrent": 0}, "max_concurrent must be at least 1"),
         ({"queue_timeout": -1.0}, "queue_timeout must be at least 0"),
     ],
@@ -79,10 +200,11 @@ def test_bad_limits_are_config_errors(settings: dict[str, Any], message: str) ->
         Config.load(settings, environ={})
 
 
-def test_defaults_leave_threads_for_hits() -> None:
+def test_default_limits() -> None:
     config = Config.load(environ={})
     assert (config.max_concurrent, config.queue_timeout) == (32, 30.0)
-    assert config.threads > config.max_concurrent
+    # Connections are not slots: far more clients may wait or hit than commands run.
+    assert config.max_connections >= 100 * config.max_concurrent
 
 
 class Blocker:
@@ -96,12 +218,11 @@ class Blocker:
         self.go.touch()
 
 
-def _post_in_thread(client: FlaskClient, command: str, answers: list[Any]) -> threading.Thread:
-    own = client.application.test_client()  # one client per thread
-
+def _post_in_thread(client: TestClient, command: str, answers: list[Any]) -> threading.Thread:
+    # The test client hands each request to its one event loop, from any thread.
     def post() -> None:
-        response = own.post("/api/command", json={"command": command})
-        answers.append((response.status_code, response.get_json()))
+        response = client.post("/api/command", json={"command": command})
+        answers.append((response.status_code, response.json()))
 
     thread = threading.Thread(target=post)
     thread.start()
@@ -118,8 +239,8 @@ def _wait_until(condition: Callable[[], bool]) -> None:
 def test_full_slots_serve_hits_refuse_runs_and_let_identical_requests_share(
     client_factory: ClientFactory, tmp_path: Path
 ) -> None:
-    client = client_factory(max_concurrent=1, threads=2, queue_timeout=QUEUE_TIMEOUT)
-    engine: Engine = client.application.extensions["runcache"]
+    client = client_factory(max_concurrent=1, queue_timeout=QUEUE_TIMEOUT)
+    engine: Engine = client.app.state.engine  # type: ignore[attr-defined]
     assert client.post("/api/command", json={"command": "echo cached"}).status_code == 200
     blocker = Blocker(tmp_path)
     answers: list[Any] = []
@@ -127,14 +248,15 @@ def test_full_slots_serve_hits_refuse_runs_and_let_identical_requests_share(
     _wait_until(lambda: engine.slots.held == 1)
     waiter = _post_in_thread(client, blocker.command, answers)
     try:
+        _wait_until(lambda: engine._flights.waiters(engine.cache_key(blocker.command)) == 1)
         hit = client.post("/api/command", json={"command": "echo cached"})
-        assert hit.status_code == 200 and hit.get_json()["cached"] is True
+        assert hit.status_code == 200 and hit.json()["cached"] is True
 
         for body in ({"command": "echo other"}, {"command": "echo cached", "use_cache": False}):
             busy = client.post("/api/command", json=body)
             assert busy.status_code == 503
             assert busy.headers["Retry-After"] == str(RETRY_AFTER_SECONDS)
-            assert "command slots stayed busy" in busy.get_json()["error"]
+            assert "command slots stayed busy" in busy.json()["error"]
         # Longer than the queue timeout: a waiter that wanted a slot would have had its 503.
         time.sleep(QUEUE_TIMEOUT * 2)
     finally:
@@ -153,7 +275,7 @@ def test_request_body_and_timeout_limits_are_settings(client_factory: ClientFact
     client = client_factory(max_body_bytes=64, max_timeout=2.0, default_timeout=1.0)
     large = client.post("/api/command", json={"command": "echo " + "x" * 100})
     assert large.status_code == 413
-    assert large.get_json() == {"error": "request body is larger than the limit of 64 bytes"}
+    assert large.json() == {"error": "request body is larger than the limit of 64 bytes"}
     capped = client.post("/api/command", json={"command": "true", "timeout": 3})
     assert capped.status_code == 400
-    assert capped.get_json() == {"error": "timeout must be at most 2 seconds"}
+    assert capped.json() == {"error": "timeout must be at most 2 seconds"}

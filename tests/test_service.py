@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import threading
-import time
+import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +11,8 @@ import pytest
 from runcache.cache import Cache
 from runcache.config import Config
 from runcache.errors import BadRequest
-from runcache.runner import Runner
+from runcache.results import encode_result
+from runcache.runner import Runner, RunResult
 from runcache.service import CommandRequest, Engine, Outcome
 from runcache.singleflight import SingleFlight
 from runcache.stores import MemoryStore, open_store
@@ -20,33 +21,30 @@ from runcache.stores import MemoryStore, open_store
 def test_concurrent_identical_requests_run_once(engine: Engine, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     request = CommandRequest(f"echo run >> {runs}; sleep 0.5; echo done")
-    outcomes: list[Outcome] = []
-    threads = [
-        threading.Thread(target=lambda: outcomes.append(engine.execute(request)))
-        for _ in range(20)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+
+    async def main() -> list[Outcome]:
+        return await asyncio.gather(*(engine.execute(request) for _ in range(20)))
+
+    outcomes = asyncio.run(main())
     assert runs.read_text() == "run\n"
-    assert {outcome.as_dict()["stdout"] for outcome in outcomes} == {"done\n"}
+    assert {outcome.result().stdout for outcome in outcomes} == {"done\n"}
     coalesced = sum(outcome.coalesced for outcome in outcomes)
-    stats = engine.cache_stats()
-    # Threads that looked up after the run was stored got hits; the rest waited for it.
-    assert coalesced + stats["hits"] == 19 and stats["coalesced"] == coalesced
-    assert stats["hits"] + stats["misses"] == 20
+    stats = asyncio.run(engine.cache_stats())
+    # Requests that looked up after the run was stored got hits; the rest waited for it.
+    assert coalesced + stats.hits == 19 and stats.coalesced == coalesced
+    assert stats.hits + stats.misses == 20
 
 
 def test_uncached_requests_are_not_coalesced(engine: Engine, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     request = CommandRequest(f"echo run >> {runs}; sleep 0.2", use_cache=False)
-    threads = [threading.Thread(target=engine.execute, args=(request,)) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+
+    async def main() -> list[Outcome]:
+        return await asyncio.gather(*(engine.execute(request) for _ in range(3)))
+
+    outcomes = asyncio.run(main())
     assert runs.read_text() == "run\n" * 3
+    assert not any(outcome.coalesced or outcome.cached for outcome in outcomes)
 
 
 def test_result_of_a_run_that_began_before_a_clear_is_returned_not_stored(
@@ -54,17 +52,20 @@ def test_result_of_a_run_that_began_before_a_clear_is_returned_not_stored(
 ) -> None:
     gate = tmp_path / "gate"
     request = CommandRequest(f"while [ ! -e {gate} ]; do sleep 0.01; done; echo finished")
-    outcomes: list[Outcome] = []
-    thread = threading.Thread(target=lambda: outcomes.append(engine.execute(request)))
-    thread.start()
-    while engine.runner.running == 0:
-        time.sleep(0.01)
-    engine.clear()
-    gate.touch()
-    thread.join()
-    assert outcomes[0].as_dict()["stdout"] == "finished\n"
-    assert engine.cache_stats()["size"] == 0
-    assert engine.execute(request).cached is False
+
+    async def main() -> tuple[Outcome, Outcome]:
+        running = asyncio.ensure_future(engine.execute(request))
+        while engine.runner.running == 0:
+            await asyncio.sleep(0.01)
+        await engine.clear()
+        gate.touch()
+        first = await running
+        assert (await engine.cache_stats()).size == 0
+        return first, await engine.execute(request)
+
+    first, again = asyncio.run(main())
+    assert first.result().stdout == "finished\n"
+    assert again.cached is False
 
 
 def test_singleflight_shares_errors_with_waiters() -> None:
@@ -72,24 +73,52 @@ def test_singleflight_shares_errors_with_waiters() -> None:
     calls: list[int] = []
     errors: list[BaseException] = []
 
-    def fail() -> int:
+    async def fail() -> int:
         calls.append(1)
         while flights.waiters("k") == 0:  # hold the flight open until the waiter joins
-            time.sleep(0.005)
+            await asyncio.sleep(0.005)
         raise ValueError("boom")
 
-    def call() -> None:
+    async def call() -> None:
         try:
-            flights.run("k", fail)
+            await flights.run("k", fail)
         except ValueError as error:
             errors.append(error)
 
-    threads = [threading.Thread(target=call) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    async def main() -> None:
+        await asyncio.gather(call(), call())
+
+    asyncio.run(main())
     assert len(calls) == 1 and len(errors) == 2 and len(flights) == 0
+
+
+def test_singleflight_run_outlives_a_caller_that_goes_away() -> None:
+    """A cancelled caller (its client hung up) cancels neither the run nor the others' answer."""
+    flights: SingleFlight[str] = SingleFlight()
+    calls: list[int] = []
+
+    async def main() -> tuple[str, bool]:
+        go = asyncio.Event()
+
+        async def work() -> str:
+            calls.append(1)
+            await go.wait()
+            return "answer"
+
+        first = asyncio.ensure_future(flights.run("k", work))
+        await asyncio.sleep(0)
+        second = asyncio.ensure_future(flights.run("k", work))
+        while flights.waiters("k") == 0:
+            await asyncio.sleep(0.001)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert len(flights) == 1  # the run goes on
+        go.set()
+        return await second
+
+    assert asyncio.run(main()) == ("answer", True)
+    assert calls == [1] and len(flights) == 0
 
 
 def test_cache_key_depends_on_command_and_output_cap(config: Config) -> None:
@@ -107,7 +136,11 @@ def test_cache_key_depends_on_command_and_output_cap(config: Config) -> None:
 def test_cache_key_depends_on_working_directory(config: Config, tmp_path: Path) -> None:
     here = Engine(config, Cache(MemoryStore(10, 1000)), Runner(100))
     there = Engine(config, Cache(MemoryStore(10, 1000)), Runner(100, cwd=str(tmp_path)))
-    assert here.cache_key("ls") != there.cache_key("ls")
+    try:
+        assert here.cache_key("ls") != there.cache_key("ls")
+    finally:
+        here.close()
+        there.close()
 
 
 def test_bounds_come_from_the_config() -> None:
@@ -115,19 +148,31 @@ def test_bounds_come_from_the_config() -> None:
                                              "max_ttl": 10, "default_ttl": 10}, environ={}))
     try:
         with pytest.raises(BadRequest, match="timeout must be at most 5 seconds"):
-            engine.execute(CommandRequest("echo", timeout=6))
+            asyncio.run(engine.execute(CommandRequest("echo", timeout=6)))
         with pytest.raises(BadRequest, match="ttl must be at most 10 seconds"):
-            engine.execute(CommandRequest("echo", ttl=11))
-        assert engine.telemetry.as_dict()["commands_executed"] == 0
+            asyncio.run(engine.execute(CommandRequest("echo", ttl=11)))
+        assert engine.telemetry.snapshot().commands_executed == 0
     finally:
         engine.close()
 
 
 def test_outcome_flags_are_appended_to_the_stored_body() -> None:
     body = b'{"stdout":"x"}'
-    assert Outcome(body, cached=True).as_dict() == {
+    assert json.loads(Outcome(body, cached=True).to_json()) == {
         "stdout": "x", "cached": True, "coalesced": False}
-    assert Outcome(body, coalesced=True).as_dict()["coalesced"] is True
+    assert json.loads(Outcome(body, coalesced=True).to_json())["coalesced"] is True
+    assert json.loads(Outcome(body).to_json())["cached"] is False
+
+
+def test_outcome_result_is_the_typed_answer() -> None:
+    run = RunResult(bytearray(b"out\n"), bytearray(), 0, False, False, False, 0.25,
+                    "2026-01-01T00:00:00+00:00")
+    stored = encode_result(run, "ab" * 32)
+    shared = Outcome(stored, coalesced=True).result()
+    assert (shared.stdout, shared.cache_key, shared.success) == ("out\n", "ab" * 32, True)
+    assert (shared.cached, shared.coalesced) == (False, True)
+    hit = Outcome(stored, cached=True).result()
+    assert (hit.cached, hit.coalesced) == (True, False)
 
 
 def test_unknown_store_scheme_names_the_valid_ones() -> None:
