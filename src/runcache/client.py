@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import msgspec
 import orjson
-from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from runcache import __version__, wire
 from runcache.errors import (
@@ -39,6 +38,8 @@ from runcache.errors import (
 from runcache.wire import CacheStats, Cleared, CommandResult, Health, Telemetry
 
 if TYPE_CHECKING:  # the engine is imported only when one runs in this process
+    from anyio.from_thread import BlockingPortal
+
     from runcache.service import Engine
 
 __all__ = ["Backend", "Client", "LocalClient", "ServerError", "ServerUnreachable", "connect"]
@@ -255,6 +256,8 @@ class LocalClient(_Closing):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.description = f"runcache in-process (store {engine.cache.store.description})"
+        from anyio.from_thread import start_blocking_portal
+
         self._loop: AbstractContextManager[BlockingPortal] = start_blocking_portal()
         self._portal = self._loop.__enter__()
 

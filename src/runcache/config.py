@@ -58,7 +58,7 @@ class Config:
         10000, "Most open client connections; past it new requests get a 503.", 1
     )
     keepalive_timeout: int = _setting(
-        5, "Seconds an idle keep-alive connection stays open between requests.", 0.001
+        5, "Seconds an idle keep-alive connection stays open between requests.", 1
     )
     header_timeout: float = _setting(
         10.0, "Seconds a client has to send a request's headers, from its first byte"

@@ -43,31 +43,43 @@ BACKLOG = 4096
 
 
 def serve(config: Config) -> None:
-    """Serve the API until interrupted; print the listening line once the port is bound."""
+    """Serve the API until interrupted; print the listening line once the port is bound.
+
+    Every start-up error (a bad store URL, an allowlisted name not found, a
+    port in use) is raised before the listening line, as one ConfigError.
+    """
     check_exposure(config)
-    listener = _bind(config)
+    if config.workers == 1:
+        engine = Engine.from_config(config)
+        try:
+            listener = _bind(config)
+        except ConfigError:
+            engine.close()
+            raise
+        with listener:
+            serve_process(engine, listener, _announce(config, listener))
+    else:
+        Engine.from_config(config).close()  # the workers' settings, checked before forking
+        with _bind(config) as listener:
+            _supervise(config, listener, _announce(config, listener))
+    sys.stdout.flush()
+
+
+def _announce(config: Config, listener: socket.socket) -> str:
+    """Print the machine-readable line scripts and tests that start on port 0 read."""
     port = listener.getsockname()[1]
     host = f"[{config.host}]" if ":" in config.host else config.host  # IPv6 literal
     url = f"http://{host}:{port}"
-    # A machine-readable line for scripts and tests that start on port 0.
     print(f"runcache listening on {url}", flush=True)
-    try:
-        if config.workers == 1:
-            serve_process(config, listener, url)
-        else:
-            _supervise(config, listener, url)
-    finally:
-        listener.close()
-        sys.stdout.flush()
+    return url
 
 
-def serve_process(config: Config, listener: socket.socket, url: str) -> None:
-    """One server process: an engine, the app, and uvicorn on ``listener``."""
-    engine = Engine.from_config(config)
+def serve_process(engine: Engine, listener: socket.socket, url: str) -> None:
+    """One server process: the engine's app on uvicorn on ``listener``, then the engine closed."""
     log.info("runcache serving on %s (store %s, pid %d)", url, engine.cache.store.description,
              os.getpid())
     try:
-        server = _Server(engine, _uvicorn_config(create_app(engine=engine), config))
+        server = _Server(engine, _uvicorn_config(create_app(engine=engine), engine.config))
         server.run(sockets=[listener])
     finally:
         engine.close()
@@ -172,7 +184,7 @@ def _fork_worker(config: Config, listener: socket.socket, url: str) -> int:
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
-        serve_process(config, listener, url)
+        serve_process(Engine.from_config(config), listener, url)
     except BaseException:  # noqa: B036 - a worker must never return into the supervisor's loop
         log.exception("worker %d failed", os.getpid())
         code = 1

@@ -29,9 +29,14 @@ from runcache.errors import BadRequest
 #: What a missing or empty command answers, as the contract fixes it.
 COMMAND_REQUIRED = "Command parameter is required"
 
+#: White space as Python's ``str.isspace`` has it, spelled out: ``\s`` means
+#: other characters in the ECMA-262 regular expressions of JSON Schema
+#: validators, so the schema would allow what the server refuses.
+_WHITE_SPACE = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+
 #: A command that is more than white space, without NUL (a C string cannot carry it).
 #: Linear to match: a NUL stops ``[^\x00]*`` and nothing can backtrack into it.
-COMMAND_PATTERN = r"^\s*[^\s\x00][^\x00]*$"
+COMMAND_PATTERN = rf"^[{_WHITE_SPACE}]*[^{_WHITE_SPACE}\x00][^\x00]*$"
 
 _Count = Annotated[int, Meta(ge=0)]
 _Seconds = Annotated[float, Meta(ge=0)]
