@@ -7,9 +7,13 @@ from typing import Any
 
 import pytest
 import requests
-from flask.testing import FlaskClient
 from jsonschema import Draft202012Validator, FormatChecker
 from openapi_spec_validator import validate
+from starlette.applications import Starlette
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from runcache import wire
 
 from conftest import LiveServer
 
@@ -19,41 +23,72 @@ ADMIN = "admin-token-0123456789abcdef"
 Document = dict[str, Any]
 
 
-def test_document_is_valid_openapi_3_1(client: FlaskClient) -> None:
-    document = client.get("/openapi.json").get_json()
+def test_document_is_valid_openapi_3_1(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
     assert document["openapi"] == "3.1.0"
     validate(document)
 
 
-def test_every_route_is_described_and_nothing_else(client: FlaskClient) -> None:
-    document = client.get("/openapi.json").get_json()
+def test_every_route_is_described_and_nothing_else(app: Starlette, client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
     described = {
         (method.upper(), path) for path, item in document["paths"].items() for method in item
     }
+    assert all(isinstance(route, Route) for route in app.routes), app.routes  # no mounts
     served = {
-        (method, rule.rule)
-        for rule in client.application.url_map.iter_rules()
-        if rule.endpoint != "static"
-        for method in rule.methods or ()
-        if method not in ("HEAD", "OPTIONS")
+        (method, route.path)
+        for route in app.routes
+        if isinstance(route, Route)
+        for method in route.methods or ()
+        if method != "HEAD"  # Starlette adds HEAD to every GET route
     }
     assert described == served
 
 
-def test_without_a_token_no_operation_needs_one(client: FlaskClient) -> None:
-    document = client.get("/openapi.json").get_json()
+def test_without_a_token_no_operation_needs_one(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
     for item in document["paths"].values():
         for operation in item.values():
             assert operation["security"] == []
             assert not {"401", "403"} & set(operation["responses"])
 
 
-def test_document_states_this_servers_limits(client_factory: Callable[..., FlaskClient]) -> None:
-    client = client_factory(max_timeout=60.0, default_timeout=30.0, max_body_bytes=4096)
-    document = client.get("/openapi.json").get_json()
+def test_document_states_this_servers_limits(client_factory: Callable[..., TestClient]) -> None:
+    client = client_factory(max_timeout=60.0, default_timeout=30.0, max_ttl=600.0,
+                            default_ttl=120.0, max_body_bytes=4096)
+    document = client.get("/openapi.json").json()
     request = document["components"]["schemas"]["CommandRequest"]["properties"]
-    assert (request["timeout"]["maximum"], request["timeout"]["default"]) == (60.0, 30.0)
+    for name, maximum, default in (("timeout", 60.0, 30.0), ("ttl", 600.0, 120.0)):
+        number = next(option for option in request[name]["anyOf"] if option["type"] == "number")
+        assert (number["maximum"], request[name]["default"]) == (maximum, default)
     assert "4096 bytes" in document["components"]["responses"]["TooLarge"]["description"]
+
+
+def test_components_are_the_wire_shapes_and_only_the_request_carries_the_config(
+    client_factory: Callable[..., TestClient],
+) -> None:
+    client = client_factory(max_timeout=60.0, default_timeout=30.0, max_ttl=600.0,
+                            default_ttl=120.0)
+    served = client.get("/openapi.json").json()["components"]["schemas"]
+    declared = wire.schema_components()
+    assert served.keys() == declared.keys()
+    request = served.pop("CommandRequest")
+    assert served == {name: schema for name, schema in declared.items()
+                      if name != "CommandRequest"}
+    # The request is wire's with each bound and default written in, and nothing else changed.
+    for name, maximum, default in (("timeout", 60.0, 30.0), ("ttl", 600.0, 120.0)):
+        field = request["properties"][name]
+        number = next(option for option in field["anyOf"] if option["type"] == "number")
+        assert (number.pop("maximum"), field["default"]) == (maximum, default)
+        field["default"] = None
+    assert request == declared["CommandRequest"]
+
+
+def test_every_answer_schema_allows_only_the_fields_it_lists(client: TestClient) -> None:
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    answers = {name: schema for name, schema in schemas.items() if name != "CommandRequest"}
+    assert {"CommandResult", "Error", "SystemMetrics"} <= answers.keys()
+    assert all(schema["additionalProperties"] is False for schema in answers.values())
 
 
 def _check(document: Document, method: str, path: str, response: requests.Response) -> None:
@@ -133,8 +168,8 @@ def test_live_responses_match_the_document(
 
 
 @pytest.mark.parametrize("status", ["400", "401", "403", "404", "405", "413", "503"])
-def test_every_error_status_is_the_json_error(client: FlaskClient, status: str) -> None:
-    document = client.get("/openapi.json").get_json()
+def test_every_error_status_is_the_json_error(client: TestClient, status: str) -> None:
+    document = client.get("/openapi.json").json()
     names = {
         "400": "BadRequest", "401": "Unauthorized", "403": "Forbidden", "404": "NotFound",
         "405": "MethodNotAllowed", "413": "TooLarge", "503": "Unavailable",
