@@ -225,9 +225,24 @@ def decode_command_request(body: bytes) -> CommandRequest:
         return _request_decoder.decode(body)
     except msgspec.ValidationError:
         pass
-    except msgspec.DecodeError as error:
-        raise BadRequest(f"request body must be valid JSON: {error}") from None
-    raise BadRequest(_first_problem(CommandRequest, _any_decoder.decode(body)))
+    except _MALFORMED as error:
+        raise _malformed(error) from None
+    try:
+        payload = _any_decoder.decode(body)
+    except _MALFORMED as error:  # past the wrong value the checked decode stopped at
+        raise _malformed(error) from None
+    raise BadRequest(_first_problem(CommandRequest, payload))
+
+
+#: A body that is not JSON; msgspec reports invalid UTF-8 in a string as a UnicodeDecodeError.
+_MALFORMED = (msgspec.DecodeError, UnicodeDecodeError)
+
+
+def _malformed(error: Exception) -> BadRequest:
+    if isinstance(error, UnicodeDecodeError):  # its own text counts bytes of the string alone
+        return BadRequest(f"request body must be valid JSON: a string is not UTF-8 "
+                          f"({error.reason})")
+    return BadRequest(f"request body must be valid JSON: {error}")
 
 
 def _first_problem(shape: type[Struct], payload: object) -> str:
