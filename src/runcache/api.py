@@ -12,12 +12,12 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from runcache import wire
-from runcache.errors import MethodNotAllowed, NotFound, RuncacheError, TooLarge
+from runcache.errors import BadRequest, MethodNotAllowed, NotFound, RuncacheError, TooLarge
 from runcache.responses import (
     STREAM_THRESHOLD,
     JSONBytes,
@@ -70,11 +70,16 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # Closed mid-body: the client hung up, or the server cut it (a bad chunk,
+        # the body deadline). The client's doing, not an unexpected error to log.
+        raise BadRequest("the connection closed before the request body ended") from None
     return b"".join(chunks)
 
 
