@@ -1,16 +1,41 @@
-"""Schemathesis against a real server: no 5xx, and every response as /openapi.json says.
+"""Schemathesis against a real server: positive and negative phases, never a 5xx.
 
-The server is a real ``runcache serve`` process on loopback, with a token (so
-the auth paths are exercised too) and an allowlist of two harmless commands,
-so whatever command text the fuzzer invents, at most ``echo`` or ``true`` runs.
-Examples are bounded and derandomized: the run is reproducible and quick.
+What the schema allows must be accepted (no 400) and what it forbids refused
+(a 4xx); every answer must be as /openapi.json describes it. The server is a
+real ``runcache serve`` process on loopback, with a token, so the auth paths
+are exercised too.
+
+Why no allowlist: with ``--allow`` the server refuses shell syntax and other
+programs with a 400 that the schema does not express, so the positive phase
+could not hold it to its schema. The server runs commands with /bin/sh as it
+does by default, and what the fuzzer invents is kept harmless by where it runs
+instead:
+
+- the commands' only environment variable is a ``PATH`` naming an empty
+  directory (``--env-allow PATH``), so no program can be found by name: only
+  the shell's builtins run, such as ``echo`` and ``true``;
+- the server's working directory, and so the commands', is a fresh temporary
+  directory, which is all a relative redirection can touch;
+- a command runs at most 2 seconds (``--max-timeout 2``, which the schema then
+  states as the timeout's maximum), with stdin from /dev/null, in a process
+  group that is killed once it ends.
+
+Reaching anything else would take spelling out an absolute path, or a chain of
+``cd ..``, to something harmful: random text does not, and neither does any of
+the string constants Hypothesis also borrows from runcache's own modules
+(messages, routes, ``/bin/sh``). This is containment, not a sandbox; the
+probe below checks it is in place before anything is fuzzed. Examples are
+bounded and derandomized: the run is reproducible and takes a few seconds.
 """
 
 from __future__ import annotations
 
 import shlex
 from collections.abc import Callable
+from pathlib import Path
 
+import pytest
+import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,14 +44,17 @@ from schemathesis.checks import (
     content_type_conformance,
     negative_data_rejection,
     not_a_server_error,
+    positive_data_acceptance,
     response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
 )
+from starlette.testclient import TestClient
 
 from conftest import LiveServer
 
 TOKEN = "fuzz-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 #: Every operation fuzzed, as "METHOD path": all that /openapi.json describes
 #: except itself, which schemathesis leaves out as the document it loaded.
@@ -39,6 +67,7 @@ OPERATIONS = {
     "GET /livez",
 }
 
+#: What every answer must be, whatever was asked.
 CHECKS = [
     not_a_server_error,
     response_schema_conformance,
@@ -47,28 +76,67 @@ CHECKS = [
     response_headers_conformance,
 ]
 
-EXAMPLES_PER_OPERATION = 25
+#: Requests the schema allows must not be refused as malformed, nor those it forbids accepted.
+POSITIVE = [*CHECKS, positive_data_acceptance]
+NEGATIVE = [*CHECKS, negative_data_rejection]
+
+EXAMPLES_PER_PHASE = 50
 
 
-def test_fuzzed_requests_get_no_5xx_and_match_the_schema(
+def test_fuzzed_requests_are_accepted_or_refused_as_the_schema_says(
     live_server_factory: Callable[..., LiveServer],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    empty_bin, workdir = tmp_path / "empty-bin", tmp_path / "work"
+    empty_bin.mkdir()
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)  # the server starts here, and its commands run here
     server = live_server_factory(
-        "--allow", "echo,true", "--max-timeout", "5", "--default-timeout", "5",
-        env={"RUNCACHE_TOKEN": TOKEN},
+        "--max-timeout", "2", "--default-timeout", "2", "--env-allow", "PATH",
+        env={"RUNCACHE_TOKEN": TOKEN, "PATH": str(empty_bin)},
     )
+    # What the commands see, before the fuzzer sends any: an empty PATH, the temporary directory.
+    probe = requests.post(f"{server.url}/api/command", headers=AUTH, timeout=10,
+                          json={"command": 'echo "$PATH"; pwd; command -v ls sh; exit 3'}).json()
+    # No ls nor sh found (``command -v`` prints nothing), and an exit of its own,
+    # so the probe counts neither as a fuzzed success nor as a fuzzed "not found".
+    assert probe["stdout"].splitlines() == [str(empty_bin), str(workdir)], probe
+    assert probe["return_code"] == 3, probe
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {operation.label for operation in operations} == OPERATIONS
     for operation in operations:
-        _fuzz(operation.as_strategy(), server.url, CHECKS)
+        _fuzz(operation.as_strategy(GenerationMode.POSITIVE), server.url, POSITIVE)
         if operation.body:
-            _fuzz(operation.as_strategy(), server.url, CHECKS, runs=True)
-            _fuzz(operation.as_strategy(generation_mode=GenerationMode.NEGATIVE), server.url,
-                  [*CHECKS, negative_data_rejection])
+            _fuzz(operation.as_strategy(GenerationMode.POSITIVE), server.url, POSITIVE,
+                  runs=True)
+            _fuzz(operation.as_strategy(GenerationMode.NEGATIVE), server.url, NEGATIVE)
     ran = [line for line in server.output if " ran " in line]
-    assert ran, "no fuzzed command ran: the fuzzing only reached the refusals"
+    assert any(": exit 0 in " in line for line in ran), "no fuzzed command ran to success"
+    assert any(": exit 127 in " in line for line in ran), "no fuzzed text reached the shell as is"
     assert not any("Traceback" in line for line in server.output), "".join(server.output)
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        # A wrong type first (5 for an object), then what is not JSON past it.
+        (b"5I\xfb\xb8\xd8", "request body must be valid JSON: JSON is malformed: "
+                              "trailing characters (byte 2)"),
+        (b'{"command": 5, "x": [}', "request body must be valid JSON: JSON is malformed: "
+                                    "invalid character (byte 21)"),
+        # Invalid UTF-8 in a string, which msgspec reports as a UnicodeDecodeError.
+        (b'{"command": "echo \xff"}', "request body must be valid JSON: "
+                                     "a string is not UTF-8 (invalid start byte)"),
+    ],
+    ids=["type-then-not-json", "wrong-field-then-not-json", "not-utf-8"],
+)
+def test_bodies_the_fuzzing_found_are_a_400_not_a_500(
+    client: TestClient, body: bytes, error: str
+) -> None:
+    response = client.post("/api/command", content=body)
+    assert (response.status_code, response.json()) == (400, {"error": error})
 
 
 def _fuzz(
@@ -77,27 +145,27 @@ def _fuzz(
     checks: list[schemathesis.CheckFunction],
     runs: bool = False,
 ) -> None:
-    """Send bounded, reproducible examples; with ``runs``, commands start with an allowed name.
+    """Send bounded, reproducible examples; with ``runs``, commands start with a builtin.
 
-    Text the fuzzer invents rarely starts with ``echo`` or ``true``, so on its own it
-    would reach only the refusals; ``runs`` puts an allowed executable in front of the
-    fuzzed text (quoted or not), so results of real runs are checked as well.
+    Text the fuzzer invents is rarely a command the shell can run, least of all
+    with nothing on the PATH, so on its own it reaches the shell's "not found";
+    ``runs`` puts ``echo`` or ``true`` in front of the fuzzed text (quoted or
+    not), so results of commands that ran, with their output, are checked too.
+    The command stays one the schema allows.
     """
     if runs:
         cases = st.builds(_runnable, cases, st.sampled_from(["echo", "true"]), st.booleans())
 
     @given(case=cases)
     @settings(
-        max_examples=EXAMPLES_PER_OPERATION,
+        max_examples=EXAMPLES_PER_PHASE,
         deadline=None,
         derandomize=True,
         database=None,
         suppress_health_check=list(HealthCheck),
     )
     def fuzz(case: schemathesis.Case) -> None:
-        case.call_and_validate(
-            base_url=base_url, headers={"Authorization": f"Bearer {TOKEN}"}, checks=checks
-        )
+        case.call_and_validate(base_url=base_url, headers=AUTH, checks=checks)
 
     fuzz()
 
