@@ -10,14 +10,27 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
+import orjson
 import pytest
+from jsonschema import Draft202012Validator, FormatChecker
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.types import CallToolResult, TextContent
 
+from runcache import wire
+
 from conftest import LiveServer, free_port
 
-TOOLS = {"execute_command", "get_cache_stats", "clear_cache", "server_health", "get_telemetry"}
+#: Each tool and the wire shape it answers with.
+ANSWERS: dict[str, type[msgspec.Struct]] = {
+    "execute_command": wire.CommandResult,
+    "get_cache_stats": wire.CacheStats,
+    "clear_cache": wire.Cleared,
+    "server_health": wire.Health,
+    "get_telemetry": wire.Telemetry,
+}
+TOOLS = set(ANSWERS)
 
 Scenario = Callable[[ClientSession], Awaitable[None]]
 
@@ -53,11 +66,15 @@ def drive(
 
 
 async def call(session: ClientSession, tool: str, **arguments: Any) -> dict[str, Any]:
-    """Call a tool that must succeed; its structured result."""
+    """Call a tool that must succeed; its structured result, checked against the wire's
+    schema of its answer (strictly: formats too), and the same JSON as its text."""
     result = await session.call_tool(tool, arguments)
     assert not result.is_error, _text(result)
     structured: dict[str, Any] | None = result.structured_content
     assert structured is not None
+    schema = wire.shape_schema(ANSWERS[tool])
+    Draft202012Validator(schema, format_checker=FormatChecker()).validate(structured)
+    assert orjson.loads(_text(result)) == structured
     return structured
 
 
@@ -74,11 +91,43 @@ def mcp_args(request: pytest.FixtureRequest) -> list[str]:
     return []
 
 
+@pytest.mark.parametrize("shape", [wire.CommandRequest, *ANSWERS.values()],
+                         ids=lambda shape: shape.__name__)
+def test_a_tool_schema_is_the_openapi_component_with_its_references_inside(
+    shape: type[msgspec.Struct],
+) -> None:
+    components = wire.schema_components(ref_template="#/$defs/{name}")
+    schema = wire.shape_schema(shape)
+    inside = schema.pop("$defs", {})
+    assert schema == components[shape.__name__]
+    assert inside == {name: components[name] for name in inside}
+
+
+def test_tools_list_the_wire_schemas(mcp_args: list[str], tmp_path: Path) -> None:
+    async def scenario(session: ClientSession) -> None:
+        tools = {tool.name: tool for tool in (await session.list_tools()).tools}
+        assert tools.keys() == TOOLS
+        for name, tool in tools.items():
+            assert tool.description, name
+            assert tool.output_schema == wire.shape_schema(ANSWERS[name]), name
+            Draft202012Validator.check_schema(tool.output_schema)
+        execute = tools["execute_command"]
+        assert execute.input_schema == wire.shape_schema(wire.CommandRequest)
+        assert execute.input_schema["required"] == ["command"]  # timeout and ttl optional
+        assert set(execute.input_schema["properties"]) == {"command", "use_cache", "timeout", "ttl"}
+        for name in TOOLS - {"execute_command"}:
+            assert tools[name].input_schema["properties"] == {}, name
+        hints = {name: tool.annotations for name, tool in tools.items()}
+        assert all(hints[name] and hints[name].read_only_hint
+                   for name in ("get_cache_stats", "server_health", "get_telemetry"))
+        assert hints["clear_cache"] and hints["clear_cache"].idempotent_hint
+        assert hints["execute_command"] and hints["execute_command"].open_world_hint
+
+    drive(mcp_args, tmp_path / "mcp.log", scenario)
+
+
 def test_tools_cache_stats_and_clear(mcp_args: list[str], tmp_path: Path) -> None:
     async def scenario(session: ClientSession) -> None:
-        listed = await session.list_tools()
-        assert {tool.name for tool in listed.tools} == TOOLS
-        assert all(tool.description for tool in listed.tools)
         first = await call(session, "execute_command", command="echo $$")
         second = await call(session, "execute_command", command="echo $$")
         assert (first["cached"], second["cached"]) == (False, True)
@@ -116,7 +165,10 @@ def test_errors_are_tool_errors_with_the_message_and_the_server_keeps_serving(
         assert empty.is_error and "Command parameter is required" in _text(empty)
         too_long = await session.call_tool("execute_command", {"command": "true", "timeout": 1e9})
         assert too_long.is_error and "timeout must be at most 3600 seconds" in _text(too_long)
-        assert (await call(session, "execute_command", command="echo ok"))["stdout"] == "ok\n"
+        no_ttl = await session.call_tool("execute_command", {"command": "true", "ttl": 0})
+        assert no_ttl.is_error and "ttl must be greater than 0 seconds" in _text(no_ttl)
+        kept = await call(session, "execute_command", command="echo ok", ttl=60)
+        assert kept["stdout"] == "ok\n"
 
     drive(mcp_args, tmp_path / "mcp.log", scenario)
 

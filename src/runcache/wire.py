@@ -305,6 +305,19 @@ def schema_components(ref_template: str = "#/components/schemas/{name}") -> dict
     """The JSON Schemas of every shape, keyed by name, referring to each other by
     ``ref_template``; a fresh copy each call, free to edit."""
     _, components = msgspec.json.schema_components(SHAPES, ref_template=ref_template)
+    return _closed(components)
+
+
+def shape_schema(shape: type[Struct]) -> dict[str, Any]:
+    """One shape's JSON Schema on its own, as an MCP tool's input or output schema:
+    its fields at the root, and the shapes it holds (only those) under ``$defs``."""
+    _, components = msgspec.json.schema_components((shape,), ref_template="#/$defs/{name}")
+    schema: dict[str, Any] = _closed(components).pop(shape.__name__)
+    return {**schema, "$defs": components} if components else schema
+
+
+def _closed(components: dict[str, Any]) -> dict[str, Any]:
+    """Answers allow no field they do not list; the request ignores those it does not know."""
     for name, schema in components.items():
         if name != CommandRequest.__name__:
             schema["additionalProperties"] = False
