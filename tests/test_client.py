@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from runcache import errors
 from runcache.client import (
     CLEARED,
     Client,
@@ -20,6 +21,7 @@ from runcache.client import (
 from runcache.config import Config
 from runcache.errors import BadRequest, ConfigError, Forbidden, Unauthorized
 from runcache.service import Engine
+from runcache.wire import Cleared, CommandResult, to_builtins
 
 from conftest import LiveServer, free_port
 
@@ -45,16 +47,17 @@ def test_second_run_is_cached_and_use_cache_false_runs_again(
     first = backend.execute("echo $$")
     second = backend.execute("echo $$")
     fresh = backend.execute("echo $$", use_cache=False)
-    assert (first["cached"], second["cached"], fresh["cached"]) == (False, True, False)
-    assert second["stdout"] == first["stdout"] != fresh["stdout"]
-    assert backend.cache_stats()["hits"] == 1
+    assert (first.cached, second.cached, fresh.cached) == (False, True, False)
+    assert second.stdout == first.stdout != fresh.stdout
+    assert backend.cache_stats().hits == 1
 
 
 def test_result_has_the_contract_fields(backend: Client | LocalClient) -> None:
     result = backend.execute("echo out; echo err >&2; exit 3", timeout=10)
-    assert (result["stdout"], result["stderr"], result["return_code"]) == ("out\n", "err\n", 3)
-    assert result["success"] is False and result["timed_out"] is False
-    assert isinstance(result["execution_time"], float) and result["timestamp"]
+    assert isinstance(result, CommandResult)
+    assert (result.stdout, result.stderr, result.return_code) == ("out\n", "err\n", 3)
+    assert result.success is False and result.timed_out is False
+    assert isinstance(result.execution_time, float) and result.timestamp
 
 
 @pytest.mark.parametrize(
@@ -72,21 +75,30 @@ def test_bad_requests_fail_with_the_api_message_either_way(
     with pytest.raises(BadRequest) as raised:
         call(backend)
     assert raised.value.message == message
-    assert backend.cache_stats()["misses"] == 0
+    assert backend.cache_stats().misses == 0
 
 
 def test_clear_empties_and_answers_as_the_contract_says(backend: Client | LocalClient) -> None:
     backend.execute("echo x")
-    assert backend.clear() == CLEARED == {"success": True, "message": "Cache cleared"}
+    answer = backend.clear()
+    assert isinstance(answer, Cleared) and answer == CLEARED
+    assert to_builtins(answer) == {"success": True, "message": "Cache cleared"}
     stats = backend.cache_stats()
-    assert (stats["size"], stats["hits"], stats["misses"], stats["hit_rate"]) == (0, 0, 0, "0.0%")
+    assert (stats.size, stats.hits, stats.misses, stats.hit_rate) == (0, 0, 0, "0.0%")
 
 
 def test_health_and_telemetry(backend: Client | LocalClient) -> None:
     backend.execute("true")
     health = backend.health()
-    assert health["status"] == "healthy" and health["cache_stats"]["size"] == 1
-    assert backend.telemetry()["commands_executed"] == 1
+    assert health.status == "healthy" and health.cache_stats.size == 1
+    assert backend.telemetry().commands_executed == 1
+
+
+def test_the_client_errors_live_with_the_others_and_are_still_importable_from_the_client() -> None:
+    assert ServerUnreachable is errors.ServerUnreachable
+    assert ServerError is errors.ServerError
+    assert issubclass(ServerUnreachable, errors.RuncacheError)
+    assert issubclass(ServerError, errors.RuncacheError)
 
 
 def test_a_server_that_is_down_is_named_in_one_line() -> None:
@@ -110,12 +122,12 @@ def test_tokens_are_sent_and_clear_uses_the_admin_token(
     with Client(server.url) as anonymous, pytest.raises(Unauthorized):
         anonymous.execute("true")
     with Client(server.url, token=TOKEN) as user:
-        assert user.execute("echo hi")["stdout"] == "hi\n"
+        assert user.execute("echo hi").stdout == "hi\n"
         with pytest.raises(Forbidden) as refused:
             user.clear()
         assert refused.value.message == "this operation needs the admin token"
     with Client(server.url, token=TOKEN, admin_token=ADMIN_TOKEN) as admin:
-        assert admin.execute("echo hi")["cached"] is True
+        assert admin.execute("echo hi").cached is True
         assert admin.clear() == CLEARED
 
 
@@ -132,7 +144,7 @@ def test_close_cuts_a_request_still_waiting(live_server: LiveServer) -> None:
     waiter = threading.Thread(target=wait_for_sleep)
     waiter.start()
     with Client(live_server.url) as probe:
-        while probe.health()["running_commands"] == 0:
+        while probe.health().running_commands == 0:
             threading.Event().wait(0.01)
     client.close()
     waiter.join(20)
@@ -141,14 +153,14 @@ def test_close_cuts_a_request_still_waiting(live_server: LiveServer) -> None:
 
 def test_closing_a_local_client_kills_its_running_command() -> None:
     local = LocalClient(Engine.from_config(Config.load(environ={})))
-    results: list[dict[str, Any]] = []
+    results: list[CommandResult] = []
     waiter = threading.Thread(target=lambda: results.append(local.execute("sleep 30")))
     waiter.start()
     while local.engine.runner.running == 0:
         threading.Event().wait(0.01)
     local.close()
     waiter.join(20)
-    assert results[0]["return_code"] == -9 and results[0]["success"] is False
+    assert results[0].return_code == -9 and results[0].success is False
 
 
 def test_connect_picks_http_with_a_url_and_the_engine_without(

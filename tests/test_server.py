@@ -2,34 +2,50 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
+import msgspec
 import psutil
+import pytest
 import requests
 
+from runcache.wire import CacheStats, Cleared, CommandResult
+
 from conftest import LiveServer
+
+S = TypeVar("S", bound=msgspec.Struct)
 
 
 def post(server: LiveServer, path: str, **body: object) -> requests.Response:
     return requests.post(server.url + path, json=body or None, timeout=30)
 
 
+def typed(shape: type[S], response: requests.Response) -> S:
+    """The answer decoded strictly as the wire shape the API declares for it."""
+    assert response.status_code == 200, response.text
+    return msgspec.json.decode(response.content, type=shape, strict=True)
+
+
 def test_run_twice_hit_clear_and_stats_zero(live_server: LiveServer) -> None:
-    first = post(live_server, "/api/command", command="echo $$").json()
-    second = post(live_server, "/api/command", command="echo $$").json()
-    assert first["cached"] is False and second["cached"] is True
-    assert second["stdout"] == first["stdout"]
+    first = typed(CommandResult, post(live_server, "/api/command", command="echo $$"))
+    second = typed(CommandResult, post(live_server, "/api/command", command="echo $$"))
+    assert first.cached is False and second.cached is True
+    assert second.stdout == first.stdout
     cleared = requests.post(live_server.url + "/api/cache/clear", timeout=10)
     assert cleared.status_code == 200
     assert cleared.json() == {"success": True, "message": "Cache cleared"}
-    stats = requests.get(live_server.url + "/api/cache/stats", timeout=10).json()
-    assert (stats["size"], stats["hits"], stats["misses"], stats["evictions"]) == (0, 0, 0, 0)
-    assert stats["hit_rate"] == "0.0%"
+    assert typed(Cleared, cleared) == Cleared()
+    stats = typed(CacheStats, requests.get(live_server.url + "/api/cache/stats", timeout=10))
+    assert (stats.size, stats.hits, stats.misses, stats.evictions) == (0, 0, 0, 0)
+    assert stats.hit_rate == "0.0%"
     assert any("🧹 Cache cleared" in line for line in live_server.output)
 
 
@@ -61,22 +77,30 @@ def test_bad_input_over_http_is_json_4xx(live_server: LiveServer) -> None:
     assert response.status_code == 404 and "error" in response.json()
 
 
-def test_sigterm_stops_cleanly_and_kills_running_commands(
-    live_server_factory: Callable[..., LiveServer], tmp_path: Path
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stop_signal_kills_running_commands_and_exits_0(
+    live_server_factory: Callable[..., LiveServer], tmp_path: Path, signum: int
 ) -> None:
     server = live_server_factory()
     pid_file = tmp_path / "pid"
+    # The shell waits on a child of its own: only killing the whole group ends both.
     command = f"sleep 120 & echo $! > {pid_file}; wait"
+    answers: list[requests.Response] = []
     thread = threading.Thread(
-        target=lambda: _ignore_errors(post, server, "/api/command", command=command)
+        target=lambda: answers.append(post(server, "/api/command", command=command))
     )
     thread.start()
     while not pid_file.exists() or not pid_file.read_text().strip():
         time.sleep(0.02)
     sleeper = psutil.Process(int(pid_file.read_text()))
-    assert server.stop() == 0
+    server.process.send_signal(signum)
+    assert server.process.wait(15) == 0
     sleeper.wait(10)  # raises if the command outlived the server
     thread.join(10)
+    # The request waiting on the command was answered before the server went.
+    assert [answer.status_code for answer in answers] == [200]
+    assert answers[0].json()["success"] is False
+    assert server.stop() == 0
     assert any("stopping" in line for line in server.output)
 
 
@@ -124,3 +148,70 @@ def test_serves_on_ipv6_loopback(live_server_factory: Callable[..., LiveServer])
     server = live_server_factory("--host", "::1")
     assert server.url.startswith("http://[::1]:")
     assert requests.get(server.url + "/livez", timeout=10).json() == {"status": "ok"}
+
+
+def test_two_workers_serve_one_port_share_the_cache_and_stop_together(
+    live_server_factory: Callable[..., LiveServer], tmp_path: Path
+) -> None:
+    server = live_server_factory("--workers", "2", "--store", f"sqlite://{tmp_path / 'cache.db'}")
+    url = server.url + "/api/command"
+
+    def worker_of(session: requests.Session) -> int:
+        # The shell's parent is the worker that runs it: the one that accepted the connection.
+        answer = session.post(url, json={"command": "echo $PPID", "use_cache": False}, timeout=30)
+        return int(answer.json()["stdout"])
+
+    # A kept-alive connection stays with the worker that accepted it; open
+    # connections until each worker holds one.
+    sessions: dict[int, requests.Session] = {}
+    try:
+        deadline = time.monotonic() + 20
+        while len(sessions) < 2:
+            assert time.monotonic() < deadline, f"only worker {list(sessions)} ever answered"
+            session = requests.Session()
+            pid = worker_of(session)
+            if pid in sessions:
+                session.close()
+            else:
+                sessions[pid] = session
+        server_children = psutil.Process(server.process.pid).children()
+        assert {child.pid for child in server_children} == set(sessions)
+        first, second = sessions.values()
+        command = {"command": "echo $PPID $(date +%s%N)"}
+        ran = first.post(url, json=command, timeout=30).json()
+        shared = second.post(url, json=command, timeout=30).json()
+        assert (ran["cached"], shared["cached"]) == (False, True)
+        assert shared["stdout"] == ran["stdout"]
+        # Still one worker each: the hit came from the worker that did not run it.
+        assert [worker_of(session) for session in sessions.values()] == list(sessions)
+    finally:
+        for session in sessions.values():
+            session.close()
+    workers = [psutil.Process(pid) for pid in sessions]
+    for pid in sessions:
+        assert sum(f"pid {pid})" in line for line in server.output) == 1
+
+    pid_file = tmp_path / "pid"
+    sleep = {"command": f"sleep 120 & echo $! > {pid_file}; wait", "use_cache": False}
+    waiter = threading.Thread(
+        target=lambda: _ignore_errors(requests.post, url, json=sleep, timeout=30)
+    )
+    waiter.start()
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        time.sleep(0.02)
+    sleeper = psutil.Process(int(pid_file.read_text()))
+    assert server.stop() == 0
+    waiter.join(10)
+    _, alive = psutil.wait_procs([*workers, sleeper], timeout=10)
+    assert alive == []
+
+
+def test_several_workers_refuse_the_memory_store_in_one_line() -> None:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "runcache", "serve", "--port", "0", "--workers", "2"],
+        capture_output=True, text=True, timeout=30, env=environment,
+    )
+    assert (result.returncode, result.stdout) == (2, "")
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("runcache: --workers 2 needs a store the workers share: with memory://")
