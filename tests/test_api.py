@@ -207,6 +207,7 @@ def test_body_over_the_limit_is_413() -> None:
             response = client.post("/api/command", json={"command": "echo " + "x" * 200})
         assert response.status_code == 413
         assert "100 bytes" in response.json()["error"]
+        assert response.headers["connection"] == "close"  # the unread rest is not drained
         assert engine.telemetry.snapshot().commands_executed == 0
     finally:
         engine.close()

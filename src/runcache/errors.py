@@ -74,6 +74,12 @@ class TooLarge(RuncacheError):
 
     status = 413
 
+    @property
+    def headers(self) -> Mapping[str, str]:
+        # The rest of the body is never read: the connection cannot carry
+        # another request, so it is closed rather than drained.
+        return {"Connection": "close"}
+
 
 class Busy(RuncacheError):
     """Every execution slot stayed taken for longer than a request may wait."""

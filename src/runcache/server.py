@@ -117,6 +117,7 @@ def _uvicorn_config(app: ASGIApp, config: Config) -> uvicorn.Config:
         app,
         http=GuardedHttpProtocol.with_timeouts(config.header_timeout, config.body_timeout),
         lifespan="on",
+        ws="none",  # no WebSocket routes: an Upgrade header is just a header
         log_config=None,
         access_log=False,
         server_header=False,
