@@ -215,3 +215,20 @@ def test_several_workers_refuse_the_memory_store_in_one_line() -> None:
     assert (result.returncode, result.stdout) == (2, "")
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("runcache: --workers 2 needs a store the workers share: with memory://")
+
+
+def test_workers_do_not_share_a_port_another_server_holds(
+    live_server_factory: Callable[..., LiveServer], tmp_path: Path
+) -> None:
+    store = f"sqlite://{tmp_path / 'cache.db'}"
+    first = live_server_factory("--workers", "2", "--store", store)
+    port = first.url.rsplit(":", 1)[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "runcache", "serve", "--port", port, "--workers", "2",
+         "--store", store],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"runcache: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]

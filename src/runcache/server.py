@@ -60,8 +60,12 @@ def serve(config: Config) -> None:
             serve_process(engine, listener, _announce(config, listener))
     else:
         Engine.from_config(config).close()  # the workers' settings, checked before forking
-        with _bind(config) as listener:
-            _supervise(config, listener, _announce(config, listener))
+        listeners = _bind_each(config)
+        try:
+            _supervise(config, listeners, _announce(config, listeners[0]))
+        finally:
+            for listener in listeners:
+                listener.close()
     sys.stdout.flush()
 
 
@@ -129,31 +133,59 @@ def _uvicorn_config(app: ASGIApp, config: Config) -> uvicorn.Config:
     )
 
 
-def _bind(config: Config) -> socket.socket:
+def _bind(config: Config, port: int | None = None, share: bool = False) -> socket.socket:
+    """A listening socket on the configured address; ``share`` lets others bind the port too."""
+    port = config.port if port is None else port
     try:
-        infos = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM,
+        infos = socket.getaddrinfo(config.host, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
         family, kind, proto, _, address = infos[0]
         listener = socket.socket(family, kind, proto)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if share:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         listener.bind(address)
         listener.listen(BACKLOG)
     except OSError as error:
         raise ConfigError(
-            f"cannot listen on {config.host}:{config.port}: {error.strerror or error}"
+            f"cannot listen on {config.host}:{port}: {error.strerror or error}"
         ) from None
     listener.set_inheritable(True)
     return listener
 
 
-def _supervise(config: Config, listener: socket.socket, url: str) -> None:
-    """Fork ``config.workers`` server processes on ``listener``; restart any that dies.
+def _bind_each(config: Config) -> list[socket.socket]:
+    """One listening socket per worker, all on one port (``SO_REUSEPORT``).
+
+    The kernel spreads new connections over the sockets evenly; with one
+    socket shared by every worker, whichever worker woke first would take most
+    of them. All are bound before the listening line, so a client that reads
+    it never finds the port closed, and a restarted worker takes over its
+    predecessor's socket with the connections queued on it. The port is first
+    bound alone, so a port that anything holds (another runcache's workers
+    included) is refused as for a single server, not silently shared.
+    """
+    with _bind(config) as alone:
+        port = alone.getsockname()[1]
+    listeners: list[socket.socket] = []
+    try:
+        for _ in range(config.workers):
+            listeners.append(_bind(config, port, share=True))
+    except ConfigError:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
+
+
+def _supervise(config: Config, listeners: list[socket.socket], url: str) -> None:
+    """Fork a server process for each listener; restart any that dies.
 
     Forked before this process has an event loop, a thread or a store
     connection, so each worker starts clean. SIGTERM or Ctrl-C is passed on to
     every worker, which stops as a single server would.
     """
-    workers: set[int] = set()
+    workers: dict[int, socket.socket] = {}
     stopping = threading.Event()
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -162,16 +194,19 @@ def _supervise(config: Config, listener: socket.socket, url: str) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
+    def start(listener: socket.socket) -> None:
+        workers[_fork_worker(config, listener, url)] = listener
+
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        for _ in range(config.workers):
-            workers.add(_fork_worker(config, listener, url))
+        for listener in listeners:
+            start(listener)
         while workers:
             pid, status = os.wait()
-            workers.discard(pid)
+            listener = workers.pop(pid)
             if not stopping.is_set():
                 log.error("worker %d ended (status %d); starting another", pid, status)
-                workers.add(_fork_worker(config, listener, url))
+                start(listener)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
