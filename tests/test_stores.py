@@ -6,6 +6,7 @@ import asyncio
 import random
 import threading
 
+from runcache.service import stats_answer
 from runcache.stores import MemoryStore
 from runcache.stores.base import CacheStats
 from runcache.stores.redis import RedisStore
@@ -133,7 +134,7 @@ def test_clear_empties_and_resets_every_count(store_factory: StoreFactory) -> No
     assert before.size == 2
     after = store.stats()
     assert after == CacheStats(0, 0, 0, 0, 0, 0, 2, 0, store.stats().max_bytes)
-    assert after.as_dict()["hit_rate"] == "0.0%"
+    assert stats_answer(after).hit_rate == "0.0%"
     assert store.get("c") is None
 
 
@@ -175,9 +176,9 @@ def test_hit_rate_is_the_contract_string(store_factory: StoreFactory) -> None:
     for _ in range(7):
         store.get("k")
     store.get("absent")
-    stats = store.stats().as_dict()
-    assert stats["hit_rate"] == "87.5%"
-    assert stats["hit_ratio"] == 0.875
+    stats = stats_answer(store.stats())
+    assert stats.hit_rate == "87.5%"
+    assert stats.hit_ratio == 0.875
 
 
 def test_concurrent_get_put_clear_loses_no_count(store_factory: StoreFactory) -> None:

@@ -218,8 +218,8 @@ class Engine:
         try:
             self._last_stats = await self.cache.stats()
         except StoreError as error:
-            return _stats_answer(self._last_stats, error.message)
-        return _stats_answer(self._last_stats)
+            return stats_answer(self._last_stats, error.message)
+        return stats_answer(self._last_stats)
 
     async def health(self) -> wire.Health:
         """The object of ``GET /health``: cheap enough to poll every second."""
@@ -237,7 +237,7 @@ class Engine:
         )
 
 
-def _stats_answer(
+def stats_answer(
     stats: CacheStats, store_error: str | msgspec.UnsetType = msgspec.UNSET
 ) -> wire.CacheStats:
     """A store's snapshot as the API answers it; ``hit_rate`` is the contract's string."""

@@ -13,7 +13,7 @@ is stale is dropped, so nothing that began before a clear is in the cache after 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 
@@ -38,13 +38,6 @@ class CacheStats:
     @property
     def hit_ratio(self) -> float:
         return self.hits / self.lookups if self.lookups else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        """The JSON object of ``GET /api/cache/stats``; ``hit_rate`` is the contract's string."""
-        fields = asdict(self)
-        fields["hit_rate"] = f"{self.hit_ratio * 100:.1f}%"
-        fields["hit_ratio"] = round(self.hit_ratio, 6)
-        return fields
 
 
 class Store(Protocol):
