@@ -49,5 +49,5 @@ def test_encoded_result_has_every_field() -> None:
         "stdout": "out\n", "stderr": "err\n", "return_code": 0, "success": True,
         "timed_out": False, "partial_results": False, "stdout_truncated": False,
         "stderr_truncated": False, "execution_time": 0.5,
-        "timestamp": "2026-01-01T00:00:00+00:00", "cache_key": "k",
+        "timestamp": "2026-01-01T00:00:00+00:00", "cache_key": "k", "cancelled": False,
     }

@@ -84,6 +84,9 @@ class Config:
     queue_timeout: float = _setting(
         30.0, "Seconds a command waits for a free slot before a 503 with Retry-After.", 0
     )
+    job_retention: float = _setting(
+        3600.0, "Seconds a finished job stays listed, with its output (at most 1,000 kept).", 0
+    )
     env_allow: str = _setting(
         "", "Comma-separated environment variables commands see (empty: all of runcache's)."
     )

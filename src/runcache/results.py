@@ -36,6 +36,7 @@ def encode_result(result: RunResult, key: str) -> bytes:
         execution_time=round(result.execution_time, 6),
         timestamp=result.timestamp,
         cache_key=key,
+        cancelled=result.cancelled,
     ))
     stdout = json_string_pieces(result.stdout)
     stderr = json_string_pieces(result.stderr)

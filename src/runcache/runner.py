@@ -9,6 +9,7 @@ blocks on a full pipe, but it is not kept.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import select
@@ -17,7 +18,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -33,6 +34,9 @@ KILL_DRAIN_SECONDS = 0.5
 _POLL_SECONDS = 0.1
 
 _READ_SIZE = 1 << 20
+
+#: When a run's time is up: a clock reading that moves on while the run is paused.
+Deadline = Callable[[], float]
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
@@ -53,6 +57,7 @@ class RunResult:
     stderr_truncated: bool
     execution_time: float
     timestamp: str
+    cancelled: bool = False
 
     @property
     def success(self) -> bool:
@@ -79,6 +84,93 @@ class _Capture:
         self.data += chunk
 
 
+class RunControl:
+    """One run as others see and steer it while it goes: its pid, its output so
+    far, pause, resume and cancel.
+
+    Made before the run and passed to :meth:`Runner.run`; safe to use from any
+    thread. ``on_output`` is called in the run's thread after each chunk is kept,
+    so a listener on an event loop can be woken. Time spent paused does not
+    count toward the run's timeout.
+    """
+
+    def __init__(self, max_output_bytes: int,
+                 on_output: Callable[[], None] | None = None) -> None:
+        self.stdout = _Capture(max_output_bytes)
+        self.stderr = _Capture(max_output_bytes)
+        self.on_output = on_output
+        self.pid: int | None = None
+        self.cancelled = False
+        #: Set once the run is over and its captures are being encoded (and emptied).
+        self.sealed = False
+        self._lock = threading.Lock()
+        self._paused_at: float | None = None
+        self._paused_for = 0.0
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_write, False)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused_at is not None
+
+    def paused_seconds(self) -> float:
+        """Seconds spent paused so far, the pause going on included."""
+        with self._lock:
+            ongoing = 0.0 if self._paused_at is None else time.monotonic() - self._paused_at
+            return self._paused_for + ongoing
+
+    def pause(self) -> bool:
+        """SIGSTOP to the run's whole group; False if it is not running or already paused."""
+        with self._lock:
+            if self.pid is None or self._paused_at is not None or self.cancelled:
+                return False
+            if not _signal_group(self.pid, signal.SIGSTOP):
+                return False
+            self._paused_at = time.monotonic()
+        return True
+
+    def resume(self) -> bool:
+        """SIGCONT to the run's whole group; False if it is not paused."""
+        with self._lock:
+            if self.pid is None or self._paused_at is None:
+                return False
+            _signal_group(self.pid, signal.SIGCONT)
+            self._paused_for += time.monotonic() - self._paused_at
+            self._paused_at = None
+        self._wake()  # the deadline moved
+        return True
+
+    def cancel(self) -> bool:
+        """Kill the run's whole group; False if it has not started or was cancelled already."""
+        with self._lock:
+            if self.pid is None or self.cancelled:
+                return False
+            self.cancelled = True
+            _kill_group(self.pid)
+        self._wake()
+        return True
+
+    def _started(self, pid: int) -> None:
+        with self._lock:
+            self.pid = pid
+
+    def _kept(self, capture: _Capture, chunk: bytes) -> None:
+        capture.add(chunk)
+        if self.on_output is not None:
+            self.on_output()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_write, b"x")
+        except BlockingIOError:
+            pass  # a wake-up is pending already
+
+    def close(self) -> None:
+        for fd in (self._wake_read, self._wake_write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 class Runner:
     """Runs commands and remembers which are running, so shutdown can kill them all."""
 
@@ -100,29 +192,48 @@ class Runner:
         """How many commands are running now."""
         return len(self._running)
 
-    def run(self, argv: Sequence[str], timeout: float) -> RunResult:
-        """Run ``argv`` until it exits or ``timeout`` seconds pass, whichever is first."""
+    def run(
+        self, argv: Sequence[str], timeout: float, control: RunControl | None = None
+    ) -> RunResult:
+        """Run ``argv`` until it exits, is cancelled, or ``timeout`` seconds pass
+        (not counting time paused), whichever is first."""
+        own_control = control is None
+        control = control or RunControl(self.max_output_bytes)
         timestamp = datetime.now(timezone.utc).isoformat()
         started = time.monotonic()
         try:
-            proc = self._start(argv)
-        except OSError as error:
-            message = f"runcache: cannot run {argv[0]!r}: {error.strerror or error}\n"
-            return RunResult(bytearray(), bytearray(message.encode()), 127, False, False, False,
-                             0.0, timestamp)
-        try:
-            stdout, stderr, timed_out = self._collect(proc, started + timeout)
+            try:
+                proc = self._start(argv)
+            except OSError as error:
+                message = f"runcache: cannot run {argv[0]!r}: {error.strerror or error}\n"
+                control.stderr.add(message.encode())
+                return self._result(control, 127, False, 0.0, timestamp)
+            control._started(proc.pid)
+            try:
+                timed_out = self._collect(
+                    proc, lambda: started + timeout + control.paused_seconds(), control
+                )
+            finally:
+                self._finish(proc)
+            return self._result(control, proc.returncode, timed_out,
+                                time.monotonic() - started, timestamp)
         finally:
-            self._finish(proc)
+            if own_control:
+                control.close()
+
+    @staticmethod
+    def _result(control: RunControl, return_code: int, timed_out: bool,
+                execution_time: float, timestamp: str) -> RunResult:
         return RunResult(
-            stdout=stdout.data,
-            stderr=stderr.data,
-            return_code=proc.returncode,
+            stdout=control.stdout.data,
+            stderr=control.stderr.data,
+            return_code=return_code,
             timed_out=timed_out,
-            stdout_truncated=stdout.truncated,
-            stderr_truncated=stderr.truncated,
-            execution_time=time.monotonic() - started,
+            stdout_truncated=control.stdout.truncated,
+            stderr_truncated=control.stderr.truncated,
+            execution_time=execution_time,
             timestamp=timestamp,
+            cancelled=control.cancelled,
         )
 
     def _start(self, argv: Sequence[str]) -> subprocess.Popen[bytes]:
@@ -144,25 +255,27 @@ class Runner:
         return proc
 
     def _collect(
-        self, proc: subprocess.Popen[bytes], deadline: float
-    ) -> tuple[_Capture, _Capture, bool]:
-        """Read both pipes until they close, the deadline passes, or the exit grace ends."""
+        self, proc: subprocess.Popen[bytes], deadline: Deadline, control: RunControl
+    ) -> bool:
+        """Read both pipes until they close, the deadline passes, or the exit grace ends;
+        True if the deadline came first."""
         assert proc.stdout is not None and proc.stderr is not None
-        captures = (_Capture(self.max_output_bytes), _Capture(self.max_output_bytes))
         with selectors.DefaultSelector() as selector, _ExitWatch(proc.pid) as exit_watch:
-            selector.register(proc.stdout, selectors.EVENT_READ, captures[0])
-            selector.register(proc.stderr, selectors.EVENT_READ, captures[1])
+            selector.register(proc.stdout, selectors.EVENT_READ, control.stdout)
+            selector.register(proc.stderr, selectors.EVENT_READ, control.stderr)
+            selector.register(control._wake_read, selectors.EVENT_READ, _WAKE)
             exit_watch.register(selector)
-            timed_out = _read_until_closed(selector, exit_watch, deadline)
-            if not timed_out and not _pipes_open(selector):
+            reader = _Reader(selector, control)
+            timed_out = _read_until_closed(reader, exit_watch, deadline)
+            if not timed_out and not reader.pipes_open():
                 # Both pipes closed, but the command itself may still be running.
                 timed_out = not exit_watch.wait(deadline)
-            if timed_out or _pipes_open(selector):
+            if timed_out or reader.pipes_open():
                 _kill_group(proc.pid)
                 drain_until = time.monotonic() + KILL_DRAIN_SECONDS
-                while _pipes_open(selector) and time.monotonic() < drain_until:
-                    _read_ready(selector, _POLL_SECONDS)
-        return captures[0], captures[1], timed_out
+                while reader.pipes_open() and time.monotonic() < drain_until:
+                    reader.read_ready(_POLL_SECONDS)
+        return timed_out
 
     def _finish(self, proc: subprocess.Popen[bytes]) -> None:
         # Kill whatever the command left in its group while the leader's pid is
@@ -210,10 +323,10 @@ class _ExitWatch:
         """Whether the selector will wake when the process exits."""
         return self.fd is not None and self.fd in selector.get_map()
 
-    def wait(self, deadline: float) -> bool:
+    def wait(self, deadline: Deadline) -> bool:
         """Wait until the process exits; False if the deadline comes first."""
         while not _exited(self.pid):
-            remaining = deadline - time.monotonic()
+            remaining = min(deadline() - time.monotonic(), _POLL_SECONDS * 10)
             if remaining <= 0:
                 return False
             if self.fd is not None:
@@ -230,40 +343,51 @@ class _ExitWatch:
             os.close(self.fd)
 
 
-def _read_until_closed(
-    selector: selectors.BaseSelector, exit_watch: _ExitWatch, deadline: float
-) -> bool:
+def _read_until_closed(reader: _Reader, exit_watch: _ExitWatch, deadline: Deadline) -> bool:
     """Read until both pipes close or the exit grace ends; True if the deadline came first."""
     pid = exit_watch.pid
     exited_at: float | None = None
-    while _pipes_open(selector):
+    while reader.pipes_open():
         now = time.monotonic()
-        if now >= deadline:
+        due = deadline()
+        if now >= due:
             return not _exited(pid)
         if exited_at is None and _exited(pid):
             exited_at = now
         if exited_at is not None and now - exited_at >= EXIT_GRACE_SECONDS:
             return False
         # While a pidfd watches for the exit, nothing needs a periodic wake-up.
-        watched = exited_at is None and exit_watch.armed(selector)
-        _read_ready(selector, deadline - now if watched else min(deadline - now, _POLL_SECONDS))
+        watched = exited_at is None and exit_watch.armed(reader.selector)
+        reader.read_ready(due - now if watched else min(due - now, _POLL_SECONDS))
     return False
 
 
-def _pipes_open(selector: selectors.BaseSelector) -> bool:
-    return any(key.data is not None for key in selector.get_map().values())
+#: The selector's mark on a run's wake-up pipe: a pause, resume or cancel moved things.
+_WAKE = "wake"
 
 
-def _read_ready(selector: selectors.BaseSelector, timeout: float) -> None:
-    for key, _ in selector.select(timeout):
-        if key.data is None:  # the exit watch: the command has exited
-            selector.unregister(key.fileobj)
-            continue
-        chunk = os.read(key.fd, _READ_SIZE)
-        if chunk:
-            key.data.add(chunk)
-        else:
-            selector.unregister(key.fileobj)
+class _Reader:
+    """Reads what is ready on a run's pipes into its captures."""
+
+    def __init__(self, selector: selectors.BaseSelector, control: RunControl) -> None:
+        self.selector = selector
+        self.control = control
+
+    def pipes_open(self) -> bool:
+        return any(isinstance(key.data, _Capture) for key in self.selector.get_map().values())
+
+    def read_ready(self, timeout: float) -> None:
+        for key, _ in self.selector.select(timeout):
+            if key.data is None:  # the exit watch: the command has exited
+                self.selector.unregister(key.fileobj)
+            elif key.data is _WAKE:
+                os.read(key.fd, 64)
+            else:
+                chunk = os.read(key.fd, _READ_SIZE)
+                if chunk:
+                    self.control._kept(key.data, chunk)
+                else:
+                    self.selector.unregister(key.fileobj)
 
 
 def _exited(pid: int) -> bool:
@@ -273,10 +397,15 @@ def _exited(pid: int) -> bool:
 
 
 def _kill_group(pgid: int) -> None:
+    _signal_group(pgid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, signum: int) -> bool:
     try:
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(pgid, signum)
     except (ProcessLookupError, PermissionError):
-        pass
+        return False
+    return True
 
 
 def _widen_pipe(pipe: object) -> None:

@@ -21,11 +21,11 @@ from runcache import __version__, wire
 from runcache.allowlist import Allowlist
 from runcache.cache import Cache
 from runcache.config import Config
-from runcache.errors import BadRequest, StoreError
+from runcache.errors import BadRequest, RuncacheError, StoreError
+from runcache.jobs import Job, Jobs
 from runcache.limits import Slots
 from runcache.results import encode_result
-from runcache.runner import Runner, RunResult
-from runcache.singleflight import SingleFlight
+from runcache.runner import RunControl, Runner, RunResult
 from runcache.stores import open_store
 from runcache.stores.base import CacheStats
 from runcache.telemetry import Telemetry
@@ -44,6 +44,18 @@ KEY_ENV_VARS = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ")
 _HIT_TAIL = b',"cached":true,"coalesced":false}'
 _RUN_TAIL = b',"cached":false,"coalesced":false}'
 _SHARED_TAIL = b',"cached":false,"coalesced":true}'
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A checked request: what to run, under which key, for how long, kept how long."""
+
+    command: str
+    argv: list[str]
+    key: str
+    timeout: float
+    ttl: float
+    use_cache: bool
 
 
 @dataclass(frozen=True)
@@ -86,7 +98,7 @@ class Engine:
         self.cache = cache
         self.runner = runner
         self.telemetry = Telemetry()
-        self._flights: SingleFlight[tuple[bytes, bool]] = SingleFlight()
+        self.jobs = Jobs(config.job_retention)
         self._last_stats = CacheStats(0, 0, 0, 0, 0, 0, config.max_entries, 0, config.max_bytes)
         self.slots = Slots(config.max_concurrent, config.queue_timeout)
         self._run_threads = ThreadPoolExecutor(
@@ -117,25 +129,96 @@ class Engine:
 
     async def execute(self, request: CommandRequest, client: str = "-") -> Outcome:
         """Answer a request from the cache, from an identical run in flight, or by running it."""
-        timeout = self._bounded(request.timeout, "timeout", self.config.default_timeout,
-                                self.config.max_timeout)
-        ttl = self._bounded(request.ttl, "ttl", self.config.default_ttl, self.config.max_ttl)
-        argv = self.argv(request.command)
-        key = self.cache_key(request.command)
-        if not request.use_cache:
-            return Outcome(await self._run(argv, timeout, key, client))
-        cached = await self.cache.get(key)
-        if cached is not None:
-            self.telemetry.record_hit()
-            log.debug("%s hit %r", client, request.command)
-            return Outcome(cached, cached=True)
-        (body, elsewhere), shared = await self._flights.run(
-            key, lambda: self._run_and_store(argv, timeout, key, ttl, client)
+        plan = self.plan(request)
+        hit = await self.lookup(plan, client)
+        if hit is not None:
+            return hit
+        job, joined = self.claim(plan, client)
+        return await self.outcome(job, joined)
+
+    def plan(self, request: CommandRequest) -> Plan:
+        """What a request asks for, checked against this server's bounds."""
+        return Plan(
+            command=request.command,
+            argv=self.argv(request.command),
+            key=self.cache_key(request.command),
+            timeout=self._bounded(request.timeout, "timeout", self.config.default_timeout,
+                                  self.config.max_timeout),
+            ttl=self._bounded(request.ttl, "ttl", self.config.default_ttl, self.config.max_ttl),
+            use_cache=request.use_cache,
         )
-        shared = shared or elsewhere
-        if shared:
+
+    async def lookup(self, plan: Plan, client: str) -> Outcome | None:
+        """The cached answer, if the request may have one and there is one."""
+        if not plan.use_cache:
+            return None
+        cached = await self.cache.get(plan.key)
+        if cached is None:
+            return None
+        self.telemetry.record_hit()
+        log.debug("%s hit %r", client, plan.command)
+        return Outcome(cached, cached=True)
+
+    def claim(self, plan: Plan, client: str, background: bool = False) -> tuple[Job, bool]:
+        """The job that answers ``plan``: the identical one running, joined, or a new one."""
+        if plan.use_cache:
+            running = self.jobs.running_for(plan.key)
+            if running is not None:
+                running.background = running.background or background
+                return running, True
+        control = RunControl(self.runner.max_output_bytes)
+        job = self.jobs.new(plan.command, plan.key, control, plan.use_cache, background)
+        control.on_output = job.attach(asyncio.get_running_loop())
+        job.task = asyncio.ensure_future(self._run_job(job, plan, client))
+        job.task.add_done_callback(lambda _: self.jobs.ended(job))
+        return job, False
+
+    async def submit(self, request: CommandRequest, client: str = "-") -> Job:
+        """Start (or join) a request's run in the background: the job, at once.
+
+        A request the cache answers gets a job that has ended already, with the
+        cached result.
+        """
+        plan = self.plan(request)
+        hit = await self.lookup(plan, client)
+        if hit is None:
+            return self.claim(plan, client, background=True)[0]
+        job = self.jobs.new(plan.command, plan.key, None, plan.use_cache, True)
+        job.cached = True
+        job.finish(hit.body, None)
+        return job
+
+    async def outcome(self, job: Job, joined: bool) -> Outcome:
+        """Wait for a job's answer as one of its clients.
+
+        A client that goes away (its request cancelled) leaves the run alone
+        unless it was the last client of a run nobody else can use: neither
+        cached nor in the background. That run is cancelled.
+        """
+        assert job.task is not None
+        job.clients += 1
+        try:
+            body = await asyncio.shield(job.task)
+        except asyncio.CancelledError:
+            job.clients -= 1
+            if not job.clients and not job.cacheable and not job.background:
+                self.cancel(job)
+            raise
+        job.clients -= 1
+        coalesced = joined or job.elsewhere
+        if coalesced:
             await self.cache.record_coalesced()
-        return Outcome(body, coalesced=shared)
+        return Outcome(body, coalesced=coalesced)
+
+    def cancel(self, job: Job) -> bool:
+        """Kill a running job's whole group; everyone waiting gets the cancelled result."""
+        return job.control is not None and not job.ended and job.control.cancel()
+
+    def pause(self, job: Job) -> bool:
+        return job.control is not None and not job.ended and job.control.pause()
+
+    def resume(self, job: Job) -> bool:
+        return job.control is not None and not job.ended and job.control.resume()
 
     def argv(self, command: str) -> list[str]:
         """The argument vector that runs ``command``: the shell's, or the allowlist's."""
@@ -157,45 +240,60 @@ class Engine:
         }
         return orjson.dumps(context, option=orjson.OPT_SORT_KEYS) + b"\0"
 
-    async def _run_and_store(
-        self, argv: list[str], timeout: float, key: str, ttl: float, client: str
-    ) -> tuple[bytes, bool]:
-        """Run and cache a command; or, if another instance runs it, its result and True."""
-        async with self.cache.exclusive(key, self.config.queue_timeout + timeout) as elsewhere:
-            if elsewhere is not None:
-                return elsewhere, True
-            epoch = await self.cache.epoch()
-            result, body = await self._execute(argv, timeout, key, client)
-            if result.success:
-                await self.cache.put(key, body, ttl, epoch)
-            return body, False
+    async def _run_job(self, job: Job, plan: Plan, client: str) -> bytes:
+        """Run a job's command (and store its result when it may be); its result's JSON.
 
-    async def _run(self, argv: list[str], timeout: float, key: str, client: str) -> bytes:
-        return (await self._execute(argv, timeout, key, client))[1]
+        A cacheable run first takes the store's lock for its key, so an identical
+        request on another instance sharing the store runs once; if that one
+        stored the result meanwhile, it is this job's answer.
+        """
+        assert job.control is not None
+        try:
+            if not job.cacheable:
+                result, body = await self._execute(plan, client, job.control)
+                job.finish(body, result)
+                return body
+            lease = self.config.queue_timeout + plan.timeout
+            async with self.cache.exclusive(plan.key, lease) as elsewhere:
+                if elsewhere is not None:
+                    job.finish(elsewhere, None, elsewhere=True)
+                    return elsewhere
+                epoch = await self.cache.epoch()
+                result, body = await self._execute(plan, client, job.control)
+                if result.success:
+                    await self.cache.put(plan.key, body, plan.ttl, epoch)
+                job.finish(body, result)
+                return body
+        except RuncacheError as error:  # refused before it ran: every slot stayed busy
+            job.fail(error.message)
+            raise
+        finally:
+            job.control.close()
 
     async def _execute(
-        self, argv: list[str], timeout: float, key: str, client: str
+        self, plan: Plan, client: str, control: RunControl
     ) -> tuple[RunResult, bytes]:
         loop = asyncio.get_running_loop()
         async with self.slots.hold():
             result, body = await loop.run_in_executor(
-                self._run_threads, self._run_and_encode, argv, timeout, key
+                self._run_threads, self._run_and_encode, plan, control
             )
         self.telemetry.record_run(result)
         log.info(
             "%s ran %r: exit %d in %.3fs%s",
             client,
-            argv[-1] if argv[:2] == list(SHELL) else shlex.join(argv),
+            plan.argv[-1] if plan.argv[:2] == list(SHELL) else shlex.join(plan.argv),
             result.return_code,
             result.execution_time,
-            " (timed out)" if result.timed_out else "",
+            " (cancelled)" if result.cancelled else " (timed out)" if result.timed_out else "",
         )
         return result, body
 
-    def _run_and_encode(self, argv: list[str], timeout: float, key: str) -> tuple[RunResult, bytes]:
+    def _run_and_encode(self, plan: Plan, control: RunControl) -> tuple[RunResult, bytes]:
         """In a run thread: the command, then its result encoded (a large output takes a while)."""
-        result = self.runner.run(argv, timeout)
-        return result, encode_result(result, key)
+        result = self.runner.run(plan.argv, plan.timeout, control)
+        control.sealed = True  # encoding empties its buffers: pages come from the result now
+        return result, encode_result(result, plan.key)
 
     @staticmethod
     def _bounded(value: float | None, name: str, default: float, limit: float) -> float:

@@ -94,7 +94,7 @@ class CommandRequest(Struct, frozen=True):
 # (see ``schema_components``), since they say exactly what this server sends.
 
 
-class RunSummary(Struct, frozen=True):
+class RunSummary(Struct, frozen=True, kw_only=True):
     """What a run produced, apart from its output."""
 
     return_code: int
@@ -106,6 +106,8 @@ class RunSummary(Struct, frozen=True):
     execution_time: _Seconds
     timestamp: Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
     cache_key: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+    #: Killed on request (a cancel or a terminate) before it ended; never cached.
+    cancelled: bool = False
 
 
 class StoredResult(RunSummary, frozen=True):

@@ -1,0 +1,227 @@
+"""Jobs: every run, as something clients can follow, page, pause, resume and cancel.
+
+A job is made for each command that runs (a foreground request, a background
+one, or one that many identical requests share) and for each background
+request answered from the cache. It lives in the server process that runs it:
+listed while it runs, then kept for ``retention`` seconds, at most
+``MAX_FINISHED`` of them, oldest dropped first. Its id is random and URL-safe,
+so a job cannot be guessed from another.
+
+Clients of a job are the requests waiting for its answer. When the last one
+goes away, a job nobody else can use (not cached, not in the background) is
+cancelled; one that will be cached runs on, and later requests may still join it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from runcache.errors import NotFound
+from runcache.runner import RunControl, RunResult
+
+#: Finished jobs kept at the most; past it the oldest are dropped.
+MAX_FINISHED = 1000
+
+#: How much of a stream's end is read to find its last line.
+_LAST_LINE_WINDOW = 4096
+
+#: The longest ``last_output`` a listing shows.
+LAST_OUTPUT_CHARS = 200
+
+
+class Job:
+    """One run (or one cached answer to a background request) and who waits for it."""
+
+    def __init__(
+        self,
+        job_id: str,
+        command: str,
+        cache_key: str,
+        control: RunControl | None,
+        cacheable: bool,
+        background: bool,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.job_id = job_id
+        self.command = command
+        self.cache_key = cache_key
+        self.control = control
+        self.cacheable = cacheable
+        self.background = background
+        self.started_at = time.time()
+        self._clock = clock
+        self._started = clock()
+        self._ended: float | None = None
+        #: The stored result's JSON, once the job has ended.
+        self.body: bytes | None = None
+        #: Whether the result came from the cache (a background hit) or another instance.
+        self.cached = False
+        self.elsewhere = False
+        self.summary: RunResult | None = None
+        #: Why the job ended without running, when it did (every slot stayed busy, say).
+        self.error: str | None = None
+        self.task: asyncio.Future[bytes] | None = None
+        self.clients = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed = asyncio.Event()
+        self.followers = 0
+
+    # -- state --------------------------------------------------------------------
+
+    @property
+    def ended(self) -> bool:
+        return self._ended is not None
+
+    @property
+    def status(self) -> str:
+        """running, paused, completed, failed, timed_out or cancelled."""
+        result = self.summary
+        if self._ended is None:
+            return "paused" if self.control is not None and self.control.paused else "running"
+        if self.error is not None:
+            return "failed"
+        if result is None:
+            return "completed"  # answered from the cache, or by another instance's run
+        if result.cancelled:
+            return "cancelled"
+        if result.timed_out:
+            return "timed_out"
+        return "completed" if result.return_code == 0 else "failed"
+
+    @property
+    def pid(self) -> int | None:
+        return self.control.pid if self.control is not None else None
+
+    @property
+    def runtime(self) -> float:
+        end = self._ended if self._ended is not None else self._clock()
+        return end - self._started
+
+    def stream(self, name: str) -> bytearray:
+        """The bytes captured so far from ``stdout`` or ``stderr``."""
+        if self.control is None:
+            return bytearray()
+        return self.control.stdout.data if name == "stdout" else self.control.stderr.data
+
+    def last_output(self) -> str:
+        """The last non-empty line the command printed, on either stream, shortened."""
+        for name in ("stdout", "stderr"):
+            data = self.stream(name)
+            tail = bytes(data[-_LAST_LINE_WINDOW:]).decode("utf-8", "replace")
+            lines = [line for line in tail.splitlines() if line.strip()]
+            if lines:
+                return lines[-1][:LAST_OUTPUT_CHARS]
+        return ""
+
+    # -- waiting for it -------------------------------------------------------------
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+        """The callback the run's thread calls on new output: wakes followers on ``loop``."""
+        self._loop = loop
+        pending = False
+
+        def landed() -> None:
+            nonlocal pending
+            pending = False
+            self._wake()
+
+        def on_output() -> None:
+            nonlocal pending
+            if self.followers and not pending:
+                pending = True
+                loop.call_soon_threadsafe(landed)
+
+        return on_output
+
+    def finish(self, body: bytes, summary: RunResult | None, elsewhere: bool = False) -> None:
+        self.body = body
+        self.summary = summary
+        self.elsewhere = elsewhere
+        self._ended = self._clock()
+        self._wake()
+
+    def fail(self, message: str) -> None:
+        """The job ended without a result: ``message`` says why."""
+        self.error = message
+        self._ended = self._clock()
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def changed(self) -> None:
+        """Return when the job has new output or has ended."""
+        if self.ended:
+            return
+        await self._changed.wait()
+
+    def ended_before(self, moment: float) -> bool:
+        return self._ended is not None and self._ended < moment
+
+
+class Jobs:
+    """The jobs of this server process, running and recently finished."""
+
+    def __init__(self, retention: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.retention = retention
+        self._clock = clock
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._running_by_key: dict[str, Job] = {}
+
+    def new(self, command: str, cache_key: str, control: RunControl | None,
+            cacheable: bool, background: bool) -> Job:
+        """A job, listed from now on; a cacheable running one is found by its key."""
+        self.prune()
+        job = Job(secrets.token_urlsafe(16), command, cache_key, control, cacheable, background,
+                  self._clock)
+        self._jobs[job.job_id] = job
+        if cacheable and control is not None:
+            self._running_by_key[cache_key] = job
+        return job
+
+    def running_for(self, cache_key: str) -> Job | None:
+        """The cacheable job running now for ``cache_key``, which an identical request joins."""
+        return self._running_by_key.get(cache_key)
+
+    def ended(self, job: Job) -> None:
+        if self._running_by_key.get(job.cache_key) is job:
+            del self._running_by_key[job.cache_key]
+
+    def get(self, job_id: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFound(
+                f"no job {job_id!r} on this server: jobs live in the server process that runs "
+                f"them and are kept {self.retention:g} s after they end"
+            )
+        return job
+
+    def by_pid(self, pid: int) -> Job | None:
+        """The running (or paused) job whose process group leader is ``pid``."""
+        for job in reversed(self._jobs.values()):
+            if job.pid == pid and not job.ended:
+                return job
+        return None
+
+    def listing(self) -> list[Job]:
+        """Running jobs and recent ones, newest first."""
+        self.prune()
+        return list(reversed(self._jobs.values()))
+
+    def running(self) -> list[Job]:
+        return [job for job in self.listing() if not job.ended]
+
+    def prune(self) -> None:
+        """Drop finished jobs past their retention, and the oldest past MAX_FINISHED."""
+        horizon = self._clock() - self.retention
+        finished = [job for job in self._jobs.values() if job.ended]
+        excess = len(finished) - MAX_FINISHED
+        for job in finished:
+            if excess > 0 or job.ended_before(horizon):
+                del self._jobs[job.job_id]
+                excess -= 1
