@@ -248,7 +248,9 @@ def test_full_slots_serve_hits_refuse_runs_and_let_identical_requests_share(
     _wait_until(lambda: engine.slots.held == 1)
     waiter = _post_in_thread(client, blocker.command, answers)
     try:
-        _wait_until(lambda: engine._flights.waiters(engine.cache_key(blocker.command)) == 1)
+        job = engine.jobs.running_for(engine.cache_key(blocker.command))
+        assert job is not None
+        _wait_until(lambda: job.clients == 2)  # the leader and the identical request
         hit = client.post("/api/command", json={"command": "echo cached"})
         assert hit.status_code == 200 and hit.json()["cached"] is True
 
