@@ -200,11 +200,11 @@ class Engine:
         try:
             body = await asyncio.shield(job.task)
         except asyncio.CancelledError:
-            job.clients -= 1
-            if not job.clients and not job.cacheable and not job.background:
+            if job.clients == 1 and not job.cacheable and not job.background:
                 self.cancel(job)
             raise
-        job.clients -= 1
+        finally:
+            job.clients -= 1
         coalesced = joined or job.elsewhere
         if coalesced:
             await self.cache.record_coalesced()
