@@ -8,8 +8,10 @@ last byte written on the event loop.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -18,6 +20,7 @@ from starlette.routing import Route
 
 from runcache import wire
 from runcache.errors import BadRequest, MethodNotAllowed, NotFound, RuncacheError, TooLarge
+from runcache.jobs import Job
 from runcache.responses import (
     STREAM_THRESHOLD,
     JSONBytes,
@@ -25,7 +28,7 @@ from runcache.responses import (
     error_answer,
     json_answer,
 )
-from runcache.service import Engine
+from runcache.service import Engine, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,9 @@ CLEAR_BODY = wire.encode(wire.Cleared())
 _LIVE_BODY = wire.encode(wire.Live())
 
 _ADMIN_ATTRIBUTE = "_runcache_admin"
+
+#: How long a background request's 202 waits for the command's pid.
+PID_WAIT_SECONDS = 0.5
 
 
 def admin_only(endpoint: Endpoint) -> Endpoint:
@@ -83,6 +89,39 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def _accepted(engine: Engine, job: Job) -> Response:
+    """The 202 answer of a background request, with the pid once the command has started
+    (at most ``PID_WAIT_SECONDS`` later; null while it waits for a slot, or cached)."""
+    deadline = asyncio.get_running_loop().time() + PID_WAIT_SECONDS
+    while job.pid is None and not job.ended and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.002)
+    accepted = wire.JobAccepted(job.job_id, job.status, job.cache_key, job.pid)  # type: ignore[arg-type]
+    return json_answer(accepted, 202)
+
+
+async def _unless_client_leaves(request: Request,
+                                waiting: Coroutine[None, None, Outcome]) -> Outcome | None:
+    """``waiting``'s answer, or None if the client hung up first: then the wait is
+    cancelled, so the engine counts one client less (and kills a run only it wanted)."""
+    answer = asyncio.ensure_future(waiting)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not answer.done():
+            answer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await answer
+    return None if answer.cancelled() else answer.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client closes the connection (its body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _too_large(limit: int) -> TooLarge:
     return TooLarge(f"request body is larger than the limit of {limit} bytes")
 
@@ -90,7 +129,18 @@ def _too_large(limit: int) -> TooLarge:
 async def run_command(request: Request) -> Response:
     engine = engine_of(request)
     body = await read_body(request, engine.config.max_body_bytes)
-    outcome = await engine.execute(wire.decode_command_request(body), client_of(request))
+    command = wire.decode_command_request(body)
+    client = client_of(request)
+    if command.background:
+        return await _accepted(engine, await engine.submit(command, client))
+    plan = engine.plan(command)
+    outcome = await engine.lookup(plan, client)  # a hit is answered here, on the loop
+    if outcome is None:
+        job, joined = engine.claim(plan, client)
+        answer = await _unless_client_leaves(request, engine.outcome(job, joined))
+        if answer is None:
+            return Response(status_code=499)  # nobody is there to read it
+        outcome = answer
     if len(outcome.body) < STREAM_THRESHOLD:
         return JSONBytes(outcome.to_json())
     return ResultResponse(outcome.body, outcome.tail)

@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from runcache import api
+from runcache import api, jobs_api
 from runcache.auth import TokenGate
 from runcache.config import Config
 from runcache.errors import RuncacheError
@@ -28,7 +28,11 @@ def create_app(config: Config | None = None, engine: Engine | None = None) -> St
     """
     if engine is None:
         engine = Engine.from_config(config or Config.load())
-    routes = [*api.ROUTES, Route("/openapi.json", openapi_json, methods=["GET"])]
+    routes = [
+        *api.ROUTES,
+        *jobs_api.ROUTES,
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+    ]
     middleware = []
     if engine.config.token:
         admin_routes = [(method, route.path) for route in routes if api.is_admin(route)

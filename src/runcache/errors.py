@@ -119,3 +119,10 @@ class ServerError(RuncacheError):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+class Conflict(RuncacheError):
+    """The request cannot be carried out in the state its target is in now
+    (pausing a job that has ended, resuming one that is not paused)."""
+
+    status = 409

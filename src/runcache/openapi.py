@@ -18,6 +18,7 @@ from starlette.responses import Response
 from runcache import __version__, wire
 from runcache.api import engine_of
 from runcache.config import Config
+from runcache.jobs_api import DEFAULT_PAGE_BYTES, MAX_PAGE_BYTES
 from runcache.responses import JSONBytes
 
 Schema = dict[str, Any]
@@ -61,7 +62,10 @@ def _paths(config: Config, protected: bool) -> Schema:
             errors=["400", *api_errors, "413", "503"],
             protected=protected,
             body={"$ref": "#/components/schemas/CommandRequest"},
+            accepted=("With \"background\": true, at once: the job that runs the command "
+                      "(already completed when the cache answered it).", "JobAccepted"),
         )},
+        **_job_paths(api_errors, protected),
         "/api/cache/stats": {"get": _operation(
             "cacheStats", "The cache's statistics.",
             ok=("Counts and sizes.", "CacheStats"), errors=api_errors, protected=protected,
@@ -93,6 +97,77 @@ def _paths(config: Config, protected: bool) -> Schema:
     }
 
 
+_JOB_ID = {"name": "job_id", "in": "path", "required": True,
+           "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"}}
+
+
+def _query(name: str, description: str, schema: Schema) -> Schema:
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": schema}
+
+
+def _job_paths(api_errors: list[str], protected: bool) -> Schema:
+    """The jobs API (:mod:`runcache.jobs_api`): every run, followed and steered."""
+    errors = [*api_errors, "404"]
+    steering = [*errors, "409"]
+    return {
+        "/api/jobs": {"get": _operation(
+            "listJobs", "Running jobs and recent ones, newest first.",
+            ok=("The jobs.", "JobList"), errors=api_errors, protected=protected,
+        )},
+        "/api/jobs/{job_id}": {"get": _operation(
+            "getJob", "One job, with its result once it has ended.",
+            ok=("The job.", "JobDetail"), errors=errors, protected=protected,
+            parameters=[_JOB_ID],
+        )},
+        "/api/jobs/{job_id}/output": {"get": _operation(
+            "jobOutput",
+            "A page of one stream, while the job runs and after. Offsets count bytes of the "
+            "captured stream (after the end, of the stored text's UTF-8: the same unless the "
+            "output was not valid UTF-8); data never splits a UTF-8 character.",
+            ok=("The page.", "JobOutput"), errors=["400", *errors], protected=protected,
+            parameters=[
+                _JOB_ID,
+                _query("stream", "The stream to read.",
+                       {"type": "string", "enum": ["stdout", "stderr"], "default": "stdout"}),
+                _query("offset", "The first byte to read.",
+                       {"type": "integer", "minimum": 0, "default": 0}),
+                _query("limit", "Most bytes to read.",
+                       {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_BYTES,
+                        "default": DEFAULT_PAGE_BYTES}),
+            ],
+        )},
+        "/api/jobs/{job_id}/events": {"get": _operation(
+            "jobEvents",
+            "Server-Sent Events: `stdout` and `stderr` events carry output as the command "
+            "prints it, each with the id `<stdout offset>:<stderr offset>` to resume after "
+            "(Last-Event-ID); then one `result` event with the CommandResult JSON (or "
+            "`error` for a job that never ran), then the stream ends.",
+            ok=("The event stream.", None), errors=["400", *errors], protected=protected,
+            parameters=[_JOB_ID, {"name": "Last-Event-ID", "in": "header", "required": False,
+                                  "schema": {"type": "string", "pattern": r"^\d+:\d+$"}}],
+            media="text/event-stream",
+        )},
+        "/api/jobs/{job_id}/cancel": {"post": _operation(
+            "cancelJob", "Kill the run's whole process group; it is not cached, and everyone "
+            "waiting gets its result with cancelled: true.",
+            ok=("Cancelled.", "JobAction"), errors=steering, protected=protected,
+            parameters=[_JOB_ID],
+        )},
+        "/api/jobs/{job_id}/pause": {"post": _operation(
+            "pauseJob", "SIGSTOP to the run's whole group; paused time does not count "
+            "toward the timeout.",
+            ok=("Paused.", "JobAction"), errors=steering, protected=protected,
+            parameters=[_JOB_ID],
+        )},
+        "/api/jobs/{job_id}/resume": {"post": _operation(
+            "resumeJob", "SIGCONT to the run's whole group.",
+            ok=("Resumed.", "JobAction"), errors=steering, protected=protected,
+            parameters=[_JOB_ID],
+        )},
+    }
+
+
 def _operation(
     operation_id: str,
     summary: str,
@@ -100,10 +175,17 @@ def _operation(
     errors: list[str],
     protected: bool,
     body: Schema | None = None,
+    accepted: tuple[str, str] | None = None,
+    parameters: list[Schema] | None = None,
+    media: str = "application/json",
 ) -> Schema:
-    schema: Schema = {"$ref": f"#/components/schemas/{ok[1]}"} if ok[1] else {"type": "object"}
-    responses: Schema = {"200": {"description": ok[0],
-                                 "content": {"application/json": {"schema": schema}}}}
+    schema: Schema = ({"$ref": f"#/components/schemas/{ok[1]}"} if ok[1]
+                      else {"type": "object"} if media == "application/json"
+                      else {"type": "string"})
+    responses: Schema = {"200": {"description": ok[0], "content": {media: {"schema": schema}}}}
+    if accepted is not None:
+        responses["202"] = {"description": accepted[0], "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{accepted[1]}"}}}}
     for status in errors:
         responses[status] = {"$ref": f"#/components/responses/{_ERROR_NAMES[status]}"}
     operation: Schema = {
@@ -112,6 +194,8 @@ def _operation(
         "responses": responses,
         "security": [{"bearer": []}] if protected else [],
     }
+    if parameters:
+        operation["parameters"] = parameters
     if body is not None:
         operation["requestBody"] = {
             "required": True,
@@ -126,6 +210,7 @@ _ERROR_NAMES = {
     "403": "Forbidden",
     "404": "NotFound",
     "405": "MethodNotAllowed",
+    "409": "Conflict",
     "413": "TooLarge",
     "503": "Unavailable",
 }
@@ -136,8 +221,9 @@ def _error_responses(config: Config) -> Schema:
         "400": "The request is malformed or asks for something out of bounds.",
         "401": "No bearer token was sent.",
         "403": "The token sent does not grant this operation.",
-        "404": "No endpoint at this path.",
+        "404": "No endpoint at this path, or no job with this id on this server.",
         "405": "The path does not take this method; the Allow header lists those it takes.",
+        "409": "The job cannot do this now: it has ended, or is paused already, or is not.",
         "413": f"The body is larger than {config.max_body_bytes} bytes.",
         "503": "Every command slot stayed busy (Retry-After says when to retry), "
                "or the cache store is down.",

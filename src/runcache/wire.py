@@ -77,6 +77,14 @@ def _seconds(name: str, description: str) -> Meta:
 
 
 Timeout = Annotated[float, _seconds("timeout", "Most seconds the command may run.")]
+Background = Annotated[
+    bool,
+    Meta(
+        description="true answers 202 at once with the job that runs the command; "
+                    "follow it under /api/jobs/{job_id}.",
+        extra={"type": "background must be true or false"},
+    ),
+]
 Ttl = Annotated[float, _seconds("ttl", "Seconds this result is kept in the cache.")]
 
 
@@ -87,6 +95,7 @@ class CommandRequest(Struct, frozen=True):
     use_cache: UseCache = True
     timeout: Timeout | None = None
     ttl: Ttl | None = None
+    background: Background = False
 
 
 # Answers accept fields they do not declare when decoded, so a client keeps
@@ -331,3 +340,78 @@ def to_builtins(value: Struct) -> dict[str, Any]:
     built: dict[str, Any] = msgspec.structs.asdict(value)
     return {name: to_builtins(item) if isinstance(item, Struct) else item
             for name, item in built.items() if item is not UNSET}
+
+
+# -- jobs: background runs, following, paging and steering a run ------------------
+
+JobStatus = Literal["running", "paused", "completed", "failed", "timed_out", "cancelled"]
+_JobId = Annotated[str, Meta(pattern="^[A-Za-z0-9_-]+$", description="The job's URL-safe id.")]
+_CacheKey = Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+
+
+class JobAccepted(Struct, frozen=True):
+    """The 202 answer of ``POST /api/command`` with ``"background": true``;
+    ``pid`` is null for a job answered from the cache."""
+
+    job_id: _JobId
+    status: JobStatus
+    cache_key: _CacheKey
+    pid: int | None
+
+
+class JobRecord(Struct, frozen=True, kw_only=True):
+    """One job as ``GET /api/jobs`` lists it. ``return_code`` once it has ended;
+    ``error`` only when it ended without running (every slot stayed busy, say)."""
+
+    job_id: _JobId
+    command: str
+    status: JobStatus
+    pid: int | None
+    started_at: Annotated[float, Meta(ge=0, description="Seconds since the epoch.")]
+    runtime: _Seconds
+    stdout_bytes: _Count
+    stderr_bytes: _Count
+    last_output: str
+    cache_key: _CacheKey
+    background: bool
+    return_code: int | UnsetType = UNSET
+    error: str | UnsetType = UNSET
+
+
+class JobDetail(JobRecord, frozen=True, kw_only=True):
+    """The answer of ``GET /api/jobs/{job_id}``: the record, and once it has ended
+    the result exactly as ``POST /api/command`` answers it."""
+
+    result: CommandResult | UnsetType = UNSET
+
+
+class JobList(Struct, frozen=True):
+    """The answer of ``GET /api/jobs``: running jobs and recent ones, newest first."""
+
+    jobs: list[JobRecord]
+
+
+class JobOutput(Struct, frozen=True):
+    """A page of one stream of a job: ``GET /api/jobs/{job_id}/output``.
+
+    Offsets count bytes of the captured stream; ``data`` never splits a UTF-8
+    character, so ``next_offset`` may stop short of ``offset + limit``.
+    """
+
+    data: str
+    offset: _Count
+    next_offset: _Count
+    total_bytes: _Count
+    eof: bool
+
+
+class JobAction(Struct, frozen=True, kw_only=True):
+    """The answer of ``POST /api/jobs/{job_id}/cancel``, ``/pause`` and ``/resume``;
+    one that cannot be done now answers 409 instead."""
+
+    success: Literal[True] = True
+    job_id: _JobId
+    status: JobStatus
+
+
+SHAPES = (*SHAPES, JobAccepted, JobRecord, JobDetail, JobList, JobOutput, JobAction)
