@@ -1,0 +1,300 @@
+"""The jobs API against real servers and real commands: following, paging, steering."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import psutil
+import pytest
+import requests
+from jsonschema import Draft202012Validator, FormatChecker
+
+from conftest import LiveServer
+
+Json = dict[str, Any]
+T = TypeVar("T")
+
+
+@pytest.fixture
+def server(live_server_factory: Callable[..., LiveServer]) -> LiveServer:
+    started: LiveServer = live_server_factory()
+    return started
+
+
+@pytest.fixture
+def http(server: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=15) as client:
+        yield client
+
+
+def _valid(http: httpx.Client, response: httpx.Response, shape: str) -> Json:
+    """The answer's JSON, checked against the shape the OpenAPI document names."""
+    document = http.get("/openapi.json").json()
+    schema = {"$ref": f"#/components/schemas/{shape}", "components": document["components"]}
+    body: Json = response.json()
+    Draft202012Validator(schema, format_checker=FormatChecker()).validate(body)
+    return body
+
+
+def _background(http: httpx.Client, command: str, **fields: object) -> Json:
+    response = http.post("/api/command", json={"command": command, "background": True, **fields})
+    assert response.status_code == 202, response.text
+    return _valid(http, response, "JobAccepted")
+
+
+def _until(probe: Callable[[], T | None], seconds: float = 10.0) -> T:
+    """The first truthy value ``probe`` returns, asked every 20 ms."""
+    deadline = time.monotonic() + seconds
+    while not (value := probe()):
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+    return value
+
+
+def _job(http: httpx.Client, job_id: str) -> Json:
+    return _valid(http, http.get(f"/api/jobs/{job_id}"), "JobDetail")
+
+
+def _ended(http: httpx.Client, job_id: str) -> Json:
+    def ended() -> Json | None:
+        job = _job(http, job_id)
+        return job if job["status"] not in ("running", "paused") else None
+
+    return _until(ended)
+
+
+def _group(pid: int) -> list[psutil.Process]:
+    leader = psutil.Process(pid)
+    return [leader, *leader.children(recursive=True)]
+
+
+def _gated(tmp_path: Path) -> tuple[Path, str]:
+    gate = tmp_path / f"gate-{uuid.uuid4().hex}"
+    return gate, f"while [ ! -e {gate} ]; do sleep 0.02; done"
+
+
+def _group_gone(pgid: int) -> bool:
+    """No live process is left in the group (zombies waiting to be reaped are dead)."""
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                return False
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return True
+
+
+def test_output_is_read_while_the_command_runs_and_after(http: httpx.Client,
+                                                         tmp_path: Path) -> None:
+    gate, wait = _gated(tmp_path)
+    accepted = _background(http, f"echo first; echo oops >&2; {wait}; echo second")
+    assert accepted["status"] == "running" and accepted["pid"] is not None
+    job_id = accepted["job_id"]
+    def page() -> Json | None:
+        found = _valid(http, http.get(f"/api/jobs/{job_id}/output"), "JobOutput")
+        return found if found["data"] else None
+
+    assert _until(page) == {"data": "first\n", "offset": 0, "next_offset": 6, "total_bytes": 6,
+                         "eof": False}
+    listed = _valid(http, http.get("/api/jobs"), "JobList")["jobs"][0]
+    assert listed["job_id"] == job_id and listed["status"] == "running"
+    assert "return_code" not in listed and listed["stdout_bytes"] == 6
+    assert listed["last_output"] == "first"
+    err = http.get(f"/api/jobs/{job_id}/output", params={"stream": "stderr"}).json()
+    assert err["data"] == "oops\n"
+    gate.touch()
+    ended = _ended(http, job_id)
+    assert ended["status"] == "completed" and ended["return_code"] == 0
+    assert ended["result"]["stdout"] == "first\nsecond\n" and ended["result"]["cached"] is False
+    rest = http.get(f"/api/jobs/{job_id}/output", params={"offset": 6}).json()
+    assert rest == {"data": "second\n", "offset": 6, "next_offset": 13, "total_bytes": 13,
+                    "eof": True}
+
+
+def _events(response: httpx.Response) -> Iterator[tuple[str, str | None, str]]:
+    """(event, id, data) of each Server-Sent Event, as a client reads them."""
+    kind, event_id, data = "message", None, list[str]()
+    for line in response.iter_lines():
+        if not line:
+            yield kind, event_id, "\n".join(data)
+            kind, event_id, data = "message", None, list[str]()
+        elif line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("id: "):
+            event_id = line[4:]
+        elif line.startswith("data: "):
+            data.append(line[6:])
+
+
+def test_events_follow_the_output_live_then_the_result(http: httpx.Client,
+                                                       tmp_path: Path) -> None:
+    gate, wait = _gated(tmp_path)
+    job_id = _background(http, f"printf 'one\\ntwo\\n'; {wait}; echo three >&2")["job_id"]
+    with http.stream("GET", f"/api/jobs/{job_id}/events") as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = _events(response)
+        first = next(events)
+        assert first == ("stdout", "8:0", "one\ntwo\n")  # before the command ends
+        assert _job(http, job_id)["status"] == "running"
+        gate.touch()
+        rest = list(events)
+    assert rest[0] == ("stderr", "8:6", "three\n")
+    kind, _, data = rest[-1]
+    assert kind == "result" and len(rest) == 2
+    assert json.loads(data)["stderr"] == "three\n"
+    # A reader resuming after an event gets exactly what came after it.
+    with http.stream("GET", f"/api/jobs/{job_id}/events",
+                     headers={"Last-Event-ID": "8:0"}) as response:
+        again = list(_events(response))
+    assert [event[0] for event in again] == ["stderr", "result"]
+    bad = http.get(f"/api/jobs/{job_id}/events", headers={"Last-Event-ID": "x"})
+    assert bad.status_code == 400 and "Last-Event-ID" in bad.json()["error"]
+
+
+def test_pages_never_split_a_utf8_character(http: httpx.Client, tmp_path: Path) -> None:
+    text = "aé€😀" * 40
+    source = tmp_path / "text"
+    source.write_text(text)
+    gate, wait = _gated(tmp_path)
+    job_id = _background(http, f"cat {source}; {wait}")["job_id"]
+    _until(lambda: http.get(f"/api/jobs/{job_id}/output").json()["total_bytes"] > 0)
+
+    def read_all(limit: int, start: int = 0) -> str:
+        pieces, offset = [], start
+        while True:
+            page = http.get(f"/api/jobs/{job_id}/output",
+                            params={"offset": offset, "limit": limit}).json()
+            pieces.append(page["data"])
+            assert page["offset"] >= offset and page["next_offset"] > page["offset"] or \
+                page["next_offset"] >= page["total_bytes"]
+            offset = page["next_offset"]
+            if offset >= page["total_bytes"]:
+                return "".join(pieces)
+
+    for limit in (1, 2, 3, 5, 7):
+        assert read_all(limit) == text  # live, from the capture
+    assert read_all(3, start=2) == text[2:]  # 2 is inside "é": the page starts after it
+    gate.touch()
+    _ended(http, job_id)
+    for limit in (1, 3, 6):
+        assert read_all(limit) == text  # after the end, from the stored result
+    for params, message in (({"stream": "both"}, "stream must be"),
+                            ({"limit": 0}, "limit must be"), ({"limit": 2 << 20}, "limit must"),
+                            ({"offset": -1}, "offset must be")):
+        refused = http.get(f"/api/jobs/{job_id}/output", params=params)
+        assert refused.status_code == 400 and message in refused.json()["error"]
+
+
+def test_cancel_kills_the_group_and_answers_every_waiter(http: httpx.Client,
+                                                         server: LiveServer) -> None:
+    command = f"sleep 30 & sleep 30; echo never {uuid.uuid4().hex}"
+    accepted = _background(http, command)
+    pid = accepted["pid"]
+    children = _until(lambda: _group(pid)[1:])
+    answers: list[requests.Response] = []
+    waiter = threading.Thread(target=lambda: answers.append(requests.post(
+        f"{server.url}/api/command", json={"command": command}, timeout=15)))
+    waiter.start()
+    time.sleep(0.5)  # it has reached the server and joined the job
+    cancelled = http.post(f"/api/jobs/{accepted['job_id']}/cancel")
+    assert _valid(http, cancelled, "JobAction") == {
+        "success": True, "job_id": accepted["job_id"], "status": "cancelled"}
+    waiter.join(15)
+    answer = answers[0].json()
+    assert (answer["cancelled"], answer["success"], answer["coalesced"]) == (True, False, True)
+    assert _group_gone(pid)
+    assert not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+                   for child in children)
+    assert http.get("/api/cache/stats").json()["size"] == 0  # not cached
+    again = http.post(f"/api/jobs/{accepted['job_id']}/cancel")
+    assert again.status_code == 409 and "has ended (cancelled)" in again.json()["error"]
+
+
+def test_pause_stops_every_process_and_paused_time_is_off_the_clock(
+    http: httpx.Client,
+) -> None:
+    accepted = _background(http, "sleep 1.2 & sleep 1.2; wait", timeout=1.0, use_cache=False)
+    job_id, pid = accepted["job_id"], accepted["pid"]
+    group = _until(lambda: _group(pid) if len(_group(pid)) >= 3 else None)
+    paused = http.post(f"/api/jobs/{job_id}/pause")
+    assert _valid(http, paused, "JobAction")["status"] == "paused"
+    _until(lambda: all(process.status() == psutil.STATUS_STOPPED for process in group))
+    assert _job(http, job_id)["status"] == "paused"
+    twice = http.post(f"/api/jobs/{job_id}/pause")
+    assert twice.status_code == 409 and "is paused" in twice.json()["error"]
+    time.sleep(1.0)  # past the timeout, but paused
+    assert http.post(f"/api/jobs/{job_id}/resume").json()["status"] == "running"
+    _until(lambda: all(process.status() != psutil.STATUS_STOPPED for process in group))
+    ended = _ended(http, job_id)
+    assert ended["status"] == "completed", ended
+    # It ran longer than its timeout by the clock, but part of that was paused.
+    assert ended["result"]["timed_out"] is False and ended["result"]["execution_time"] > 1.0
+    late = http.post(f"/api/jobs/{job_id}/resume")
+    assert late.status_code == 409 and "has ended" in late.json()["error"]
+
+
+def test_background_runs_join_and_cached_results_answer_at_once(http: httpx.Client,
+                                                                 tmp_path: Path) -> None:
+    gate, wait = _gated(tmp_path)
+    command = f"{wait}; echo done"
+    first = _background(http, command)
+    second = _background(http, command)
+    assert second["job_id"] == first["job_id"]  # an identical request joins the running job
+    gate.touch()
+    assert _ended(http, first["job_id"])["result"]["stdout"] == "done\n"
+    hit = _background(http, command)
+    assert hit["status"] == "completed" and hit["pid"] is None
+    assert hit["job_id"] != first["job_id"] and hit["cache_key"] == first["cache_key"]
+    detail = _job(http, hit["job_id"])
+    assert detail["result"]["cached"] is True and detail["return_code"] == 0
+    assert detail["stdout_bytes"] == 5 and detail["last_output"] == "done"
+
+
+def test_unknown_job_is_a_404_json_error(http: httpx.Client) -> None:
+    for method, path in (("GET", "/api/jobs/nope"), ("GET", "/api/jobs/nope/output"),
+                         ("GET", "/api/jobs/nope/events"), ("POST", "/api/jobs/nope/cancel"),
+                         ("POST", "/api/jobs/nope/pause"), ("POST", "/api/jobs/nope/resume")):
+        response = http.request(method, path)
+        assert response.status_code == 404
+        assert response.headers["content-type"] == "application/json"
+        assert "no job 'nope' on this server" in response.json()["error"]
+
+
+def _hang_up_after_posting(server: LiveServer, body: Json) -> None:
+    """Send a command request, then close the connection without reading the answer."""
+    host, port = server.url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"POST /api/command HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        time.sleep(0.3)  # the run has started
+
+
+def test_the_only_client_of_an_uncached_run_hanging_up_kills_it(
+    http: httpx.Client, server: LiveServer
+) -> None:
+    _hang_up_after_posting(server, {"command": "sleep 30 & sleep 30", "use_cache": False})
+    job: Json = _until(lambda: http.get("/api/jobs").json()["jobs"])[0]
+    assert job["pid"] is not None
+    ended = _ended(http, job["job_id"])
+    assert ended["status"] == "cancelled" and ended["result"]["cancelled"] is True
+    assert _group_gone(job["pid"])
+
+
+def test_a_cacheable_run_outlives_its_client_and_can_be_joined(
+    http: httpx.Client, server: LiveServer
+) -> None:
+    command = f"sleep 1; echo kept {uuid.uuid4().hex}"
+    _hang_up_after_posting(server, {"command": command})
+    joined = http.post("/api/command", json={"command": command}).json()
+    assert joined["coalesced"] is True and joined["success"] is True
+    assert http.post("/api/command", json={"command": command}).json()["cached"] is True
