@@ -1,4 +1,4 @@
-"""The engine: single flight, clears racing runs, and what goes into the cache key."""
+"""The engine: one run per key shared by its callers, clears racing runs, and the cache key."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ import pytest
 
 from runcache.cache import Cache
 from runcache.config import Config
-from runcache.errors import BadRequest
+from runcache.errors import BadRequest, Busy
 from runcache.results import encode_result
 from runcache.runner import Runner, RunResult
 from runcache.service import CommandRequest, Engine, Outcome
-from runcache.singleflight import SingleFlight
 from runcache.stores import MemoryStore, open_store
 
 
@@ -68,57 +67,74 @@ def test_result_of_a_run_that_began_before_a_clear_is_returned_not_stored(
     assert again.cached is False
 
 
-def test_singleflight_shares_errors_with_waiters() -> None:
-    flights: SingleFlight[int] = SingleFlight()
-    calls: list[int] = []
-    errors: list[BaseException] = []
+def test_errors_are_shared_with_the_requests_that_joined(tmp_path: Path) -> None:
+    """A run refused (every slot stayed busy) fails every request that joined it, once."""
+    engine = Engine.from_config(Config.load({"max_concurrent": 1, "queue_timeout": 0.2},
+                                            environ={}))
+    gate = tmp_path / "gate"
+    blocker = CommandRequest(f"while [ ! -e {gate} ]; do sleep 0.01; done", use_cache=False)
+    shared = CommandRequest("echo shared")
 
-    async def fail() -> int:
-        calls.append(1)
-        while flights.waiters("k") == 0:  # hold the flight open until the waiter joins
-            await asyncio.sleep(0.005)
-        raise ValueError("boom")
+    async def main() -> list[BaseException | Outcome]:
+        holding = asyncio.ensure_future(engine.execute(blocker))
+        while engine.runner.running == 0:
+            await asyncio.sleep(0.01)
+        answers = await asyncio.gather(*(engine.execute(shared) for _ in range(2)),
+                                       return_exceptions=True)
+        gate.touch()
+        await holding
+        return answers
 
-    async def call() -> None:
-        try:
-            await flights.run("k", fail)
-        except ValueError as error:
-            errors.append(error)
-
-    async def main() -> None:
-        await asyncio.gather(call(), call())
-
-    asyncio.run(main())
-    assert len(calls) == 1 and len(errors) == 2 and len(flights) == 0
+    try:
+        answers = asyncio.run(main())
+        assert all(isinstance(answer, Busy) for answer in answers), answers
+        refused = [job for job in engine.jobs.listing() if job.command == "echo shared"]
+        assert len(refused) == 1 and refused[0].status == "failed"
+    finally:
+        engine.close()
 
 
-def test_singleflight_run_outlives_a_caller_that_goes_away() -> None:
-    """A cancelled caller (its client hung up) cancels neither the run nor the others' answer."""
-    flights: SingleFlight[str] = SingleFlight()
-    calls: list[int] = []
+def test_a_caller_going_away_cancels_neither_the_shared_run_nor_the_others_answer(
+    engine: Engine, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    request = CommandRequest(f"while [ ! -e {gate} ]; do sleep 0.01; done; echo answer")
 
-    async def main() -> tuple[str, bool]:
-        go = asyncio.Event()
-
-        async def work() -> str:
-            calls.append(1)
-            await go.wait()
-            return "answer"
-
-        first = asyncio.ensure_future(flights.run("k", work))
-        await asyncio.sleep(0)
-        second = asyncio.ensure_future(flights.run("k", work))
-        while flights.waiters("k") == 0:
-            await asyncio.sleep(0.001)
+    async def main() -> Outcome:
+        first = asyncio.ensure_future(engine.execute(request))
+        while engine.runner.running == 0:
+            await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(engine.execute(request))
+        await asyncio.sleep(0.05)
         first.cancel()
         with pytest.raises(asyncio.CancelledError):
             await first
-        assert len(flights) == 1  # the run goes on
-        go.set()
+        job = engine.jobs.running_for(engine.cache_key(request.command))
+        assert job is not None and job.status == "running"  # the run goes on
+        gate.touch()
         return await second
 
-    assert asyncio.run(main()) == ("answer", True)
-    assert calls == [1] and len(flights) == 0
+    shared = asyncio.run(main())
+    assert shared.result().stdout == "answer\n" and shared.coalesced
+    assert [job.status for job in engine.jobs.listing()] == ["completed"]
+
+
+def test_the_last_caller_of_an_uncached_run_going_away_cancels_it(engine: Engine) -> None:
+    request = CommandRequest("sleep 30", use_cache=False)
+
+    async def main() -> None:
+        waiting = asyncio.ensure_future(engine.execute(request))
+        while engine.runner.running == 0:
+            await asyncio.sleep(0.01)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        job = engine.jobs.listing()[0]
+        while not job.ended:
+            await job.changed()
+
+    asyncio.run(main())
+    assert [job.status for job in engine.jobs.listing()] == ["cancelled"]
 
 
 def test_cache_key_depends_on_command_and_output_cap(config: Config) -> None:
