@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import msgspec
+
 
 class RuncacheError(Exception):
     """Base of every error runcache reports to a client."""
@@ -25,6 +27,11 @@ class RuncacheError(Exception):
     def headers(self) -> Mapping[str, str]:
         """Headers the error's HTTP answer carries besides its JSON body."""
         return {}
+
+    def answer(self) -> msgspec.Struct | None:
+        """The answer's body when it is not the one error shape ``{"error": message}``;
+        only the routes kept from the reference API answer otherwise."""
+        return None
 
 
 class BadRequest(RuncacheError):

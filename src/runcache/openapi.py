@@ -40,8 +40,10 @@ def build(config: Config) -> Schema:
             "version": __version__,
             "description": (
                 "Runs command-line commands and caches their results. Every error is "
-                "`{\"error\": \"...\"}` with its status; a path that does not exist answers "
-                "404 and a method a path does not take answers 405 with an Allow header."
+                "`{\"error\": \"...\"}` with its status (but for the 404s of the process "
+                "routes, kept from the reference API: `{\"success\": false, \"error\": "
+                "\"...\"}`); a path that does not exist answers 404 and a method a path does "
+                "not take answers 405 with an Allow header."
             ),
         },
         "paths": _paths(config, protected),
@@ -66,6 +68,7 @@ def _paths(config: Config, protected: bool) -> Schema:
                       "(already completed when the cache answered it).", "JobAccepted"),
         )},
         **_job_paths(api_errors, protected),
+        **_process_paths(api_errors, protected),
         "/api/cache/stats": {"get": _operation(
             "cacheStats", "The cache's statistics.",
             ok=("Counts and sizes.", "CacheStats"), errors=api_errors, protected=protected,
@@ -164,6 +167,61 @@ def _job_paths(api_errors: list[str], protected: bool) -> Schema:
             "resumeJob", "SIGCONT to the run's whole group.",
             ok=("Resumed.", "JobAction"), errors=steering, protected=protected,
             parameters=[_JOB_ID],
+        )},
+    }
+
+
+_PID = {"name": "pid", "in": "path", "required": True,
+        "description": "The pid of the run's process-group leader.",
+        "schema": {"type": "string"}}
+
+
+def _process_paths(api_errors: list[str], protected: bool) -> Schema:
+    """The process routes kept from the reference API (:mod:`runcache.process_api`),
+    over the same jobs. Their 404 is the reference's ``ProcessFailure``, not ``Error``."""
+    not_found = {"description": "No running run has this pid (or it cannot do this now).",
+                 "content": {"application/json": {
+                     "schema": {"$ref": "#/components/schemas/ProcessFailure"}}}}
+
+    def on_pid(operation_id: str, summary: str, ok: tuple[str, str]) -> Schema:
+        operation = _operation(operation_id, summary, ok=ok, errors=api_errors,
+                               protected=protected, parameters=[_PID])
+        operation["responses"]["404"] = not_found
+        return operation
+
+    return {
+        "/api/processes/list": {"get": _operation(
+            "listProcesses", "Running and paused runs, keyed by pid.",
+            ok=("The runs.", "ProcessList"), errors=api_errors, protected=protected,
+        )},
+        "/api/processes/status/{pid}": {"get": on_pid(
+            "getProcess", "The run with this pid: the running one, else the last that ended.",
+            ok=("The run.", "ProcessDetail"),
+        )},
+        "/api/processes/terminate/{pid}": {"post": on_pid(
+            "terminateProcess", "Kill the run's whole process group (a cancel).",
+            ok=("Terminated.", "ProcessDone"),
+        )},
+        "/api/processes/pause/{pid}": {"post": on_pid(
+            "pauseProcess", "SIGSTOP to the run's whole group.", ok=("Paused.", "ProcessDone"),
+        )},
+        "/api/processes/resume/{pid}": {"post": on_pid(
+            "resumeProcess", "SIGCONT to the run's whole group.",
+            ok=("Resumed.", "ProcessDone"),
+        )},
+        "/api/processes/dashboard": {"get": _operation(
+            "processDashboard", "The running runs, and the machine's load (read at once).",
+            ok=("The dashboard.", "Dashboard"), errors=api_errors, protected=protected,
+        )},
+        "/api/process/execute-async": {"post": _operation(
+            "executeAsync", "Start a command in the background; the task id is its job id.",
+            ok=("Submitted.", "TaskSubmitted"), errors=["400", *api_errors, "413", "503"],
+            protected=protected, body={"$ref": "#/components/schemas/CommandRequest"},
+        )},
+        "/api/process/get-task-result/{task_id}": {"get": _operation(
+            "getTaskResult", "Where a task stands, with its result once it has ended.",
+            ok=("The task.", "TaskResult"), errors=[*api_errors, "404"], protected=protected,
+            parameters=[{**_JOB_ID, "name": "task_id"}],
         )},
     }
 

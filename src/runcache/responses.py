@@ -35,8 +35,11 @@ def json_answer(shape: msgspec.Struct, status: int = 200) -> JSONBytes:
 
 
 def error_answer(error: RuncacheError) -> JSONBytes:
-    """The one error shape, with the status and headers the error carries."""
-    return JSONBytes(wire.encode(wire.Error(error.message)), error.status, dict(error.headers))
+    """The one error shape (or the body the error carries), with its status and headers."""
+    body = error.answer()
+    if body is None:
+        body = wire.Error(error.message)
+    return JSONBytes(wire.encode(body), error.status, dict(error.headers))
 
 
 class ResultResponse(Response):

@@ -415,3 +415,119 @@ class JobAction(Struct, frozen=True, kw_only=True):
 
 
 SHAPES = (*SHAPES, JobAccepted, JobRecord, JobDetail, JobList, JobOutput, JobAction)
+
+
+# -- the process routes kept from the reference API (spec/processes.md) -------------
+# Their names and shapes are the reference's, so its clients work unchanged:
+# answers carry "success", and a pid that names no run answers 404 with
+# ``ProcessFailure`` rather than the one error shape.
+
+ProcessStatus = Literal["running", "paused", "terminated", "completed"]
+TaskStatus = Literal["running", "completed", "failed"]
+_Pid = Annotated[int, Meta(ge=1, description="The pid of the run's process-group leader.")]
+_Timestamp = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
+_Duration = Annotated[str, Meta(pattern=r"^\d+\.\ds$", examples=["12.3s"])]
+
+
+class Process(Struct, frozen=True, kw_only=True):
+    """One run as the process routes show it. ``progress`` is 0.0 and the eta
+    ``"Unknown"``: a shell command says nothing of how far along it is."""
+
+    pid: _Pid
+    command: str
+    status: ProcessStatus
+    start_time: Annotated[float, Meta(ge=0, description="Seconds since the epoch.")]
+    progress: Annotated[float, Meta(ge=0, le=1)]
+    last_output: Annotated[str, Meta(max_length=200)]
+    bytes_processed: _Count
+    runtime_formatted: _Duration
+    eta_formatted: str
+
+
+class ProcessList(Struct, frozen=True, kw_only=True):
+    """The answer of ``GET /api/processes/list``: running and paused runs by pid."""
+
+    success: Literal[True] = True
+    active_processes: dict[Annotated[str, Meta(pattern=r"^\d+$")], Process]
+    total_count: _Count
+
+
+class ProcessDetail(Struct, frozen=True, kw_only=True):
+    """The answer of ``GET /api/processes/status/{pid}``."""
+
+    success: Literal[True] = True
+    process: Process
+
+
+class ProcessDone(Struct, frozen=True, kw_only=True):
+    """The answer of ``POST /api/processes/terminate|pause|resume/{pid}``."""
+
+    success: Literal[True] = True
+    message: str
+
+
+class ProcessFailure(Struct, frozen=True, kw_only=True):
+    """The 404 of a process route: no run has this pid, or it cannot do this now."""
+
+    success: Literal[False] = False
+    error: str
+
+
+class DashboardEntry(Struct, frozen=True, kw_only=True):
+    """One run on the dashboard: ``command`` cut to 60 characters (then "...")."""
+
+    pid: _Pid
+    command: Annotated[str, Meta(max_length=63)]
+    status: ProcessStatus
+    runtime: _Duration
+    progress_percent: Annotated[str, Meta(pattern=r"^\d+\.\d%$", examples=["0.0%"])]
+    progress_bar: str
+    eta: str
+    bytes_processed: _Count
+    last_output: Annotated[str, Meta(max_length=100)]
+
+
+class SystemLoad(Struct, frozen=True):
+    cpu_percent: Annotated[float, Meta(ge=0)]
+    memory_percent: Annotated[float, Meta(ge=0)]
+    active_connections: _Count
+
+
+class Dashboard(Struct, frozen=True, kw_only=True):
+    """The answer of ``GET /api/processes/dashboard``."""
+
+    timestamp: _Timestamp
+    total_processes: _Count
+    processes: list[DashboardEntry]
+    system_load: SystemLoad
+
+
+class TaskSubmitted(Struct, frozen=True, kw_only=True):
+    """The answer of ``POST /api/process/execute-async``; ``task_id`` is the job's id."""
+
+    success: Literal[True] = True
+    task_id: _JobId
+    command: str
+    status: Literal["submitted"] = "submitted"
+    timestamp: _Timestamp
+
+
+class TaskState(Struct, frozen=True, kw_only=True):
+    """Where a task stands: its result once it has ended (null if it never ran)."""
+
+    status: TaskStatus
+    result: CommandResult | None
+    execution_time: _Seconds
+
+
+class TaskResult(Struct, frozen=True, kw_only=True):
+    """The answer of ``GET /api/process/get-task-result/{task_id}``."""
+
+    success: Literal[True] = True
+    task_id: _JobId
+    result: TaskState
+    timestamp: _Timestamp
+
+
+SHAPES = (*SHAPES, ProcessList, ProcessDetail, ProcessDone, ProcessFailure, Dashboard,
+          TaskSubmitted, TaskResult)
