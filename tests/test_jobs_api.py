@@ -298,3 +298,24 @@ def test_a_cacheable_run_outlives_its_client_and_can_be_joined(
     joined = http.post("/api/command", json={"command": command}).json()
     assert joined["coalesced"] is True and joined["success"] is True
     assert http.post("/api/command", json={"command": command}).json()["cached"] is True
+
+
+def test_leaving_cancels_a_run_only_when_nobody_else_wants_it(http: httpx.Client,
+                                                              tmp_path: Path) -> None:
+    gate, wait = _gated(tmp_path)
+    shared = f"{wait}; echo shared {uuid.uuid4().hex}"
+    first = _background(http, shared)
+    second = _background(http, shared)  # joins: two background requests hold it
+    left = http.post(f"/api/jobs/{first['job_id']}/leave")
+    assert _valid(http, left, "JobAction")["status"] == "running"  # the other still holds it
+    gate.touch()
+    assert _ended(http, second["job_id"])["status"] == "completed"
+
+    alone = _background(http, f"sleep 30 & sleep 30; echo {uuid.uuid4().hex}")  # cacheable
+    group = _until(lambda: _group(alone["pid"])[1:])
+    left = http.post(f"/api/jobs/{alone['job_id']}/leave")
+    assert left.json()["status"] == "cancelled"  # its only holder left, nobody waits
+    assert _group_gone(alone["pid"])
+    assert not any(process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+                   for process in group)
+    assert http.post("/api/jobs/nope/leave").status_code == 404

@@ -10,6 +10,8 @@ so a job cannot be guessed from another.
 Clients of a job are the requests waiting for its answer. When the last one
 goes away, a job nobody else can use (not cached, not in the background) is
 cancelled; one that will be cached runs on, and later requests may still join it.
+Background requests hold a job until they leave it: one that its last holder
+leaves, with no client waiting, is cancelled whether or not it would be cached.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ class Job:
         self.cache_key = cache_key
         self.control = control
         self.cacheable = cacheable
-        self.background = background
+        #: Background requests that started or joined this job and have not left it.
+        self.holders = 1 if background else 0
         self.started_at = time.time()
         self._clock = clock
         self._started = clock()
@@ -71,6 +74,11 @@ class Job:
         self.followers = 0
 
     # -- state --------------------------------------------------------------------
+
+    @property
+    def background(self) -> bool:
+        """Whether a background request still holds the job (it runs on without clients)."""
+        return self.holders > 0
 
     @property
     def ended(self) -> bool:

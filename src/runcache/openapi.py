@@ -18,7 +18,7 @@ from starlette.responses import Response
 from runcache import __version__, wire
 from runcache.api import engine_of
 from runcache.config import Config
-from runcache.jobs_api import DEFAULT_PAGE_BYTES, MAX_PAGE_BYTES
+from runcache.job_views import DEFAULT_PAGE_BYTES, MAX_PAGE_BYTES
 from runcache.responses import JSONBytes
 
 Schema = dict[str, Any]
@@ -155,6 +155,13 @@ def _job_paths(api_errors: list[str], protected: bool) -> Schema:
             "cancelJob", "Kill the run's whole process group; it is not cached, and everyone "
             "waiting gets its result with cancelled: true.",
             ok=("Cancelled.", "JobAction"), errors=steering, protected=protected,
+            parameters=[_JOB_ID],
+        )},
+        "/api/jobs/{job_id}/leave": {"post": _operation(
+            "leaveJob", "A client that started or joined the job in the background gives it "
+            "up: the run is cancelled when no other background request holds it and no "
+            "request waits on it (cached or not); otherwise it runs on. Its status after.",
+            ok=("Left.", "JobAction"), errors=errors, protected=protected,
             parameters=[_JOB_ID],
         )},
         "/api/jobs/{job_id}/pause": {"post": _operation(

@@ -330,7 +330,10 @@ class _ExitWatch:
             if remaining <= 0:
                 return False
             if self.fd is not None:
-                select.select([self.fd], [], [], remaining)
+                # poll, not select: a busy server's pidfd may be numbered past 1023.
+                poller = select.poll()
+                poller.register(self.fd, select.POLLIN)
+                poller.poll(remaining * 1000)
             else:
                 time.sleep(min(_POLL_SECONDS, remaining))
         return True

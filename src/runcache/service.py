@@ -164,7 +164,7 @@ class Engine:
         if plan.use_cache:
             running = self.jobs.running_for(plan.key)
             if running is not None:
-                running.background = running.background or background
+                running.holders += background
                 return running, True
         control = RunControl(self.runner.max_output_bytes)
         job = self.jobs.new(plan.command, plan.key, control, plan.use_cache, background)
@@ -213,6 +213,16 @@ class Engine:
     def cancel(self, job: Job) -> bool:
         """Kill a running job's whole group; everyone waiting gets the cancelled result."""
         return job.control is not None and not job.ended and job.control.cancel()
+
+    def leave(self, job: Job) -> bool:
+        """A background request gives up ``job``: its run is cancelled when nobody else
+        wants it (no other background request holds it, no request waits on it), cached
+        or not. Whether this cancelled it."""
+        if job.holders > 0:
+            job.holders -= 1
+        if job.holders == 0 and job.clients == 0:
+            return self.cancel(job)
+        return False
 
     def pause(self, job: Job) -> bool:
         return job.control is not None and not job.ended and job.control.pause()
