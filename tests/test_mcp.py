@@ -1,38 +1,70 @@
-"""``runcache mcp`` as a real subprocess, driven by the MCP SDK's own stdio client."""
+"""The MCP tools, driven by the MCP SDK's own clients: ``runcache mcp`` as a real
+subprocess on stdio (forwarding to a server, or with its own engine), and
+``runcache serve``'s Streamable HTTP endpoint at ``/mcp``."""
 
 from __future__ import annotations
 
 import os
 import sys
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
+import anyio.to_thread
 import msgspec
 import orjson
+import psutil
 import pytest
+import requests
 from jsonschema import Draft202012Validator, FormatChecker
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.types import CallToolResult, TextContent
 
 from runcache import wire
+from runcache.tool_shapes import ExecuteRequest, ExecuteResult, JobRef, OutputRequest, ProcessRef
 
 from conftest import LiveServer, free_port
 
-#: Each tool and the wire shape it answers with.
+#: Each tool and the shape it answers with.
 ANSWERS: dict[str, type[msgspec.Struct]] = {
-    "execute_command": wire.CommandResult,
+    "execute_command": ExecuteResult,
+    "start_command": wire.JobAccepted,
+    "job_status": wire.JobDetail,
+    "read_output": wire.JobOutput,
+    "cancel_job": wire.JobAction,
     "get_cache_stats": wire.CacheStats,
     "clear_cache": wire.Cleared,
     "server_health": wire.Health,
     "get_telemetry": wire.Telemetry,
+    "list_active_processes": wire.ProcessList,
+    "get_process_status": wire.ProcessDetail,
+    "terminate_process": wire.ProcessDone,
+    "pause_process": wire.ProcessDone,
+    "resume_process": wire.ProcessDone,
+    "get_process_dashboard": wire.Dashboard,
+}
+#: Each tool that takes arguments and their shape.
+REQUESTS: dict[str, type[msgspec.Struct]] = {
+    "execute_command": ExecuteRequest,
+    "start_command": wire.RunRequest,
+    "job_status": JobRef,
+    "read_output": OutputRequest,
+    "cancel_job": JobRef,
+    "get_process_status": ProcessRef,
+    "terminate_process": ProcessRef,
+    "pause_process": ProcessRef,
+    "resume_process": ProcessRef,
 }
 TOOLS = set(ANSWERS)
 
 Scenario = Callable[[ClientSession], Awaitable[None]]
+T = TypeVar("T")
 
 
 @asynccontextmanager
@@ -91,8 +123,9 @@ def mcp_args(request: pytest.FixtureRequest) -> list[str]:
     return []
 
 
-@pytest.mark.parametrize("shape", [wire.CommandRequest, *ANSWERS.values()],
-                         ids=lambda shape: shape.__name__)
+@pytest.mark.parametrize("shape", [shape for shape in dict.fromkeys([wire.CommandRequest,
+                                                                    *ANSWERS.values()])
+                                   if shape in wire.SHAPES], ids=lambda shape: shape.__name__)
 def test_a_tool_schema_is_the_openapi_component_with_its_references_inside(
     shape: type[msgspec.Struct],
 ) -> None:
@@ -111,11 +144,13 @@ def test_tools_list_the_wire_schemas(mcp_args: list[str], tmp_path: Path) -> Non
             assert tool.description, name
             assert tool.output_schema == wire.shape_schema(ANSWERS[name]), name
             Draft202012Validator.check_schema(tool.output_schema)
+        for name, shape in REQUESTS.items():
+            assert tools[name].input_schema == wire.shape_schema(shape), name
         execute = tools["execute_command"]
-        assert execute.input_schema == wire.shape_schema(wire.CommandRequest)
-        assert execute.input_schema["required"] == ["command"]  # timeout and ttl optional
-        assert set(execute.input_schema["properties"]) == {"command", "use_cache", "timeout", "ttl"}
-        for name in TOOLS - {"execute_command"}:
+        assert execute.input_schema["required"] == ["command"]  # the rest optional
+        assert set(execute.input_schema["properties"]) == {
+            "command", "use_cache", "timeout", "ttl", "max_output_chars"}
+        for name in TOOLS - set(REQUESTS):
             assert tools[name].input_schema["properties"] == {}, name
         hints = {name: tool.annotations for name, tool in tools.items()}
         assert all(hints[name] and hints[name].read_only_hint
@@ -210,3 +245,255 @@ def test_logs_go_to_stderr_and_hanging_up_kills_a_running_command(tmp_path: Path
     assert "runcache MCP server on stdio" in logged and "ran 'echo hi'" in logged
     # Killed by the adapter closing its engine, not left for the client's kill of the tree.
     assert "ran 'sleep 60': exit -9" in logged
+
+
+# -- long runs: progress, the head and tail cut, jobs and processes, cancelling ---------
+
+
+@asynccontextmanager
+async def http_session(url: str, token: str | None = None) -> AsyncIterator[ClientSession]:
+    """A session with ``runcache serve``'s ``/mcp`` through the SDK's Streamable HTTP client."""
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    async with create_mcp_http_client(headers=headers) as http:
+        async with streamable_http_client(f"{url}/mcp", http_client=http) as (read, write):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                yield session
+
+
+Driver = Callable[[Scenario], None]
+
+
+@pytest.fixture(params=["server", "in-process", "http"])
+def driver(request: pytest.FixtureRequest, tmp_path: Path) -> Driver:
+    """Run a scenario over each way the tools are served: stdio forwarding to a server,
+    stdio with an engine of its own, and Streamable HTTP at a server's ``/mcp``."""
+    if request.param == "http":
+        server: LiveServer = request.getfixturevalue("live_server")
+
+        def over_http(scenario: Scenario) -> None:
+            async def main() -> None:
+                async with http_session(server.url) as session:
+                    await scenario(session)
+
+            anyio.run(main)
+
+        return over_http
+    args = (["--server", request.getfixturevalue("live_server").url]
+            if request.param == "server" else [])
+    return lambda scenario: drive(args, tmp_path / "mcp.log", scenario)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group still runs (a zombie waiting to be reaped is dead)."""
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return False
+
+
+async def _until(probe: Callable[[], Awaitable[T | None]], seconds: float = 15.0) -> T:
+    """The first truthy value ``probe`` returns, asked every 50 ms."""
+    with anyio.fail_after(seconds):
+        while not (value := await probe()):
+            await anyio.sleep(0.05)
+    return value
+
+
+def test_execute_command_reports_progress_while_it_runs(driver: Driver) -> None:
+    command = f"for i in 1 2 3 4 5; do echo line $i; sleep 1; done # {uuid.uuid4().hex}"
+    reports: list[tuple[float, float | None, str | None]] = []
+
+    async def progress(value: float, total: float | None, message: str | None) -> None:
+        reports.append((value, total, message))
+
+    async def scenario(session: ClientSession) -> None:
+        result = await session.call_tool("execute_command", {"command": command, "timeout": 60},
+                                         progress_callback=progress)
+        assert not result.is_error, _text(result)
+        assert result.structured_content is not None
+        assert result.structured_content["stdout"].count("line") == 5
+
+    driver(scenario)
+    assert len(reports) >= 2, reports  # one at least every 2 s over a run of 5 s
+    values = [value for value, _, _ in reports]
+    assert values == sorted(values) and len(set(values)) == len(values)  # always increasing
+    assert all(total == 60 for _, total, _ in reports)
+    messages = [message or "" for _, _, message in reports]
+    assert all("bytes of output so far" in message for message in messages)
+    assert any("; last line: line " in message for message in messages), messages
+
+
+def test_long_output_comes_back_as_head_and_tail_and_the_rest_can_be_read(
+    driver: Driver,
+) -> None:
+    # Lines of numbers, and a multi-byte character in each, so character and byte counts differ.
+    command = f"seq 1 30000 | sed 's/$/ é/' # {uuid.uuid4().hex}"
+    whole = "".join(f"{n} é\n" for n in range(1, 30001))
+
+    async def scenario(session: ClientSession) -> None:
+        cut = await call(session, "execute_command", command=command, max_output_chars=1000)
+        stdout = cut["stdout"]
+        head, rest = stdout.split("\n[runcache: ", 1)
+        note, tail = rest.split("]\n", 1)
+        assert len(head) + len(tail) == 1000
+        assert whole.startswith(head) and whole.endswith(tail)
+        assert note.startswith(f"{len(whole) - 1000:,} characters")
+        assert f'read_output(job_id="{cut["job_id"]}", stream="stdout", offset=' in note
+        offset = int(note.split("offset=")[1].split(")")[0])
+        end = int(note.rsplit("up to byte ", 1)[1])
+        assert offset == len(head.encode())
+        middle = b""
+        while offset < end:
+            page = await call(session, "read_output", job_id=cut["job_id"], offset=offset,
+                              limit=min(50_000, end - offset))
+            middle += page["data"].encode()
+            offset = page["next_offset"]
+        assert head + middle.decode() + tail == whole
+        whole_answer = await call(session, "execute_command", command=command,
+                                  max_output_chars=0)
+        assert whole_answer["stdout"] == whole and whole_answer["cached"] is True
+        short = await call(session, "execute_command", command="echo short")
+        assert short["stdout"] == "short\n"  # under the default 20,000 characters: whole
+
+    driver(scenario)
+
+
+def test_jobs_tools_start_follow_read_and_cancel(driver: Driver) -> None:
+    marker = uuid.uuid4().hex
+
+    async def scenario(session: ClientSession) -> None:
+        started = await call(session, "start_command",
+                             command=f"echo started {marker}; sleep 30 & sleep 30")
+        assert started["status"] == "running" and started["pid"]
+        job_id = started["job_id"]
+
+        async def printed() -> dict[str, Any] | None:
+            page = await call(session, "read_output", job_id=job_id)
+            return page if page["data"] else None
+
+        page = await _until(printed)
+        assert page["data"] == f"started {marker}\n" and page["eof"] is False
+        status = await call(session, "job_status", job_id=job_id)
+        assert status["status"] == "running" and status["last_output"] == f"started {marker}"
+        cancelled = await call(session, "cancel_job", job_id=job_id)
+        assert cancelled == {"success": True, "job_id": job_id, "status": "cancelled"}
+        assert not _group_alive(started["pid"])
+        ended = await call(session, "job_status", job_id=job_id)
+        assert ended["result"]["cancelled"] is True and ended["result"]["success"] is False
+        again = await session.call_tool("cancel_job", {"job_id": job_id})
+        assert again.is_error and "has ended (cancelled)" in _text(again)
+        unknown = await session.call_tool("job_status", {"job_id": "nope"})
+        assert unknown.is_error and "no job 'nope'" in _text(unknown)
+        bad = await session.call_tool("read_output", {"job_id": job_id, "stream": "stdin"})
+        assert bad.is_error and "stream must be stdout or stderr" in _text(bad)
+
+    driver(scenario)
+
+
+def test_process_tools_list_pause_resume_and_terminate(driver: Driver) -> None:
+    marker = uuid.uuid4().hex
+
+    async def scenario(session: ClientSession) -> None:
+        started = await call(session, "start_command",
+                             command=f"sleep 30 & sleep 30 # {marker}", use_cache=False)
+        pid = started["pid"]
+        listed = await call(session, "list_active_processes")
+        assert listed["active_processes"][str(pid)]["status"] == "running"
+        status = await call(session, "get_process_status", pid=pid)
+        assert status["process"]["command"].endswith(marker)
+        group = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        assert (await call(session, "pause_process", pid=pid))["message"] == (
+            f"Process {pid} paused successfully")
+
+        async def stopped() -> bool:
+            return all(process.status() == psutil.STATUS_STOPPED for process in group)
+
+        await _until(stopped)
+        await call(session, "resume_process", pid=pid)
+        dashboard = await call(session, "get_process_dashboard")
+        assert any(entry["pid"] == pid for entry in dashboard["processes"])
+        assert (await call(session, "terminate_process", pid=pid))["message"] == (
+            f"Process {pid} terminated successfully")
+        assert not _group_alive(pid)
+        gone = await session.call_tool("terminate_process", {"pid": pid})
+        assert gone.is_error and f"Failed to terminate process {pid}" in _text(gone)
+
+    driver(scenario)
+
+
+def test_a_cancelled_call_kills_its_run_unless_another_client_waits(
+    live_server: LiveServer, tmp_path: Path
+) -> None:
+    alone = f"sleep 30 & sleep 30; echo alone {uuid.uuid4().hex}"  # cacheable, yet killed
+    shared = f"sleep 2; echo shared {uuid.uuid4().hex}"
+
+    async def scenario(session: ClientSession) -> None:
+        with anyio.move_on_after(1.0):
+            await session.call_tool("execute_command", {"command": alone})
+        job = await _until(lambda: _job_for(live_server, alone, ended=True))
+        assert job["status"] == "cancelled" and not _group_alive(job["pid"])
+
+        waiter: list[dict[str, Any]] = []
+
+        async def wait_over_http() -> None:
+            waiter.append(await anyio.to_thread.run_sync(lambda: requests.post(
+                f"{live_server.url}/api/command", json={"command": shared}, timeout=30).json()))
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(wait_over_http)
+            await _until(lambda: _job_for(live_server, shared))
+            with anyio.move_on_after(0.5):
+                await session.call_tool("execute_command", {"command": shared})
+        assert waiter[0]["success"] is True and waiter[0]["stdout"].startswith("shared")
+
+    for over_http in (False, True):
+        if over_http:
+            async def main() -> None:
+                async with http_session(live_server.url) as session:
+                    await scenario(session)
+
+            anyio.run(main)
+        else:
+            drive(["--server", live_server.url], tmp_path / "mcp.log", scenario)
+        alone, shared = alone + " again", shared + " again"
+
+
+async def _job_for(server: LiveServer, command: str,
+                   ended: bool = False) -> dict[str, Any] | None:
+    """The server's job for ``command`` (once ended, when asked so), if it has one."""
+    jobs = (await anyio.to_thread.run_sync(
+        lambda: requests.get(f"{server.url}/api/jobs", timeout=10).json()))["jobs"]
+    for job in jobs:
+        if job["command"] == command and (not ended or job["status"] not in ("running", "paused")):
+            found: dict[str, Any] = job
+            return found
+    return None
+
+
+def test_mcp_over_http_takes_the_api_tokens_and_clear_needs_the_admin_token(
+    live_server_factory: Callable[..., LiveServer],
+) -> None:
+    token, admin = "t" * 32, "a" * 32
+    server = live_server_factory(env={"RUNCACHE_TOKEN": token, "RUNCACHE_ADMIN_TOKEN": admin})
+    refused = requests.post(f"{server.url}/mcp", json={}, timeout=10)
+    assert refused.status_code == 401 and "needs a token" in refused.json()["error"]
+    wrong = requests.post(f"{server.url}/mcp", json={}, timeout=10,
+                          headers={"Authorization": "Bearer wrong"})
+    assert wrong.status_code == 403
+
+    async def main() -> None:
+        async with http_session(server.url, token) as session:
+            ran = await call(session, "execute_command", command="echo over http")
+            assert ran["stdout"] == "over http\n"
+            cleared = await session.call_tool("clear_cache", {})
+            assert cleared.is_error and "needs the admin token" in _text(cleared)
+            assert (await call(session, "get_cache_stats"))["size"] == 1  # nothing cleared
+        async with http_session(server.url, admin) as session:
+            assert (await call(session, "clear_cache"))["success"] is True
+            assert (await call(session, "get_cache_stats"))["size"] == 0
+
+    anyio.run(main)

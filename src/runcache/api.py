@@ -18,9 +18,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from runcache import wire
+from runcache import job_views, wire
 from runcache.errors import BadRequest, MethodNotAllowed, NotFound, RuncacheError, TooLarge
-from runcache.jobs import Job
 from runcache.responses import (
     STREAM_THRESHOLD,
     JSONBytes,
@@ -40,9 +39,6 @@ CLEAR_BODY = wire.encode(wire.Cleared())
 _LIVE_BODY = wire.encode(wire.Live())
 
 _ADMIN_ATTRIBUTE = "_runcache_admin"
-
-#: How long a background request's 202 waits for the command's pid.
-PID_WAIT_SECONDS = 0.5
 
 
 def admin_only(endpoint: Endpoint) -> Endpoint:
@@ -89,16 +85,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _accepted(engine: Engine, job: Job) -> Response:
-    """The 202 answer of a background request, with the pid once the command has started
-    (at most ``PID_WAIT_SECONDS`` later; null while it waits for a slot, or cached)."""
-    deadline = asyncio.get_running_loop().time() + PID_WAIT_SECONDS
-    while job.pid is None and not job.ended and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.002)
-    accepted = wire.JobAccepted(job.job_id, job.status, job.cache_key, job.pid)  # type: ignore[arg-type]
-    return json_answer(accepted, 202)
-
-
 async def _unless_client_leaves(request: Request,
                                 waiting: Coroutine[None, None, Outcome]) -> Outcome | None:
     """``waiting``'s answer, or None if the client hung up first: then the wait is
@@ -132,7 +118,7 @@ async def run_command(request: Request) -> Response:
     command = wire.decode_command_request(body)
     client = client_of(request)
     if command.background:
-        return await _accepted(engine, await engine.submit(command, client))
+        return json_answer(await job_views.accepted(await engine.submit(command, client)), 202)
     plan = engine.plan(command)
     outcome = await engine.lookup(plan, client)  # a hit is answered here, on the loop
     if outcome is None:

@@ -1,7 +1,8 @@
 """Bearer tokens for ``/api/*``: who may run commands, and who may manage the cache.
 
 A server that runs commands is a remote shell, so once a token is configured
-every ``/api/*`` request must present it, known path or not. Administrative
+every ``/api/*`` request must present it, known path or not, and so must MCP's
+``/mcp``. Administrative
 operations (emptying the cache) need the admin token, which is the same token
 unless a separate one is set. ``/health``, ``/livez`` and ``/openapi.json``
 stay open: they show no command output. Tokens are compared in constant time
@@ -27,6 +28,13 @@ log = logging.getLogger(__name__)
 #: Requests under this prefix need a token once one is configured.
 PROTECTED_PREFIX = "/api/"
 
+#: MCP's Streamable HTTP endpoint: the same tools as the API, behind the same tokens.
+MCP_PATH = "/mcp"
+
+#: The scope key where the gate records which token a request it let in presented
+#: (``"token"`` or ``"admin"``), for the MCP tools that need the admin token.
+CREDENTIAL = "runcache.credential"
+
 
 class TokenGate:
     """Refuses ``/api/*`` requests without the token, and admin routes without the admin token.
@@ -43,7 +51,7 @@ class TokenGate:
         self._admin_routes = frozenset(admin_routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIX):
+        if scope["type"] == "http" and _protected(scope["path"]):
             refusal = self._refusal(scope)
             if refusal is not None:
                 await error_answer(refusal)(scope, receive, send)
@@ -61,11 +69,16 @@ class TokenGate:
             if not hmac.compare_digest(presented, self._admin):
                 _refuse(scope, "wrong admin token")
                 return Forbidden("this operation needs the admin token")
-        elif not (hmac.compare_digest(presented, self._token)
-                  | hmac.compare_digest(presented, self._admin)):
+        is_admin = hmac.compare_digest(presented, self._admin)
+        if not (hmac.compare_digest(presented, self._token) | is_admin):
             _refuse(scope, "wrong token")
             return Forbidden("the token sent is not valid for this server")
+        scope[CREDENTIAL] = "admin" if is_admin else "token"
         return None
+
+
+def _protected(path: str) -> bool:
+    return path.startswith(PROTECTED_PREFIX) or path == MCP_PATH or path.startswith(MCP_PATH + "/")
 
 
 def _bearer_token(scope: Scope) -> bytes | None:

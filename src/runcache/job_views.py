@@ -148,6 +148,18 @@ def _before_incomplete_tail(data: bytes, end: int) -> int:
 
 # -- jobs ----------------------------------------------------------------------------
 
+#: How long the answer to a background request waits for the command's pid.
+PID_WAIT_SECONDS = 0.5
+
+
+async def accepted(job: Job) -> wire.JobAccepted:
+    """The answer to a background request, with the pid once the command has started
+    (at most ``PID_WAIT_SECONDS`` later; null while it waits for a slot, or cached)."""
+    deadline = asyncio.get_running_loop().time() + PID_WAIT_SECONDS
+    while job.pid is None and not job.ended and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.002)
+    return wire.JobAccepted(job.job_id, job.status, job.cache_key, job.pid)  # type: ignore[arg-type]
+
 
 def _summary(job: Job) -> wire.RunSummary | None:
     if job.body is None:

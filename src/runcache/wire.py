@@ -19,12 +19,14 @@ from __future__ import annotations
 import math
 import re
 import typing
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from runcache.errors import BadRequest
+
+S = TypeVar("S", bound=Struct)
 
 #: What a missing or empty command answers, as the contract fixes it.
 COMMAND_REQUIRED = "Command parameter is required"
@@ -88,13 +90,22 @@ Background = Annotated[
 Ttl = Annotated[float, _seconds("ttl", "Seconds this result is kept in the cache.")]
 
 
-class CommandRequest(Struct, frozen=True):
-    """The body of ``POST /api/command``. Fields it does not know are ignored."""
+class Request(Struct, frozen=True):
+    """A request's shape. Fields it does not know are ignored, so its schema stays open."""
+
+
+class RunRequest(Request, frozen=True):
+    """What to run and how: the fields every way of asking for a run shares."""
 
     command: Command
     use_cache: UseCache = True
     timeout: Timeout | None = None
     ttl: Ttl | None = None
+
+
+class CommandRequest(RunRequest, frozen=True):
+    """The body of ``POST /api/command``. Fields it does not know are ignored."""
+
     background: Background = False
 
 
@@ -210,7 +221,7 @@ SHAPES: tuple[type[Struct], ...] = (
 
 encode = msgspec.json.Encoder().encode
 
-_request_decoder = msgspec.json.Decoder(CommandRequest)
+_decoders: dict[type[Struct], msgspec.json.Decoder[Any]] = {}
 
 
 def _loose_number(text: str) -> float | str:
@@ -224,16 +235,25 @@ _any_decoder = msgspec.json.Decoder(float_hook=_loose_number)
 
 
 def decode_command_request(body: bytes) -> CommandRequest:
-    """Decode and check a ``POST /api/command`` body; BadRequest says what is wrong.
+    """Decode and check a ``POST /api/command`` body; BadRequest says what is wrong."""
+    if not body.strip():
+        raise BadRequest(COMMAND_REQUIRED)
+    return decode_request(CommandRequest, body)
+
+
+def decode_request(shape: type[S], body: bytes) -> S:
+    """Decode and check a request of ``shape``; BadRequest says what is wrong.
 
     The checked decode is one pass. Only a body it refuses is decoded again,
     loosely, to find the first field (in declaration order) that is wrong and
     answer with that field's message.
     """
-    if not body.strip():
-        raise BadRequest(COMMAND_REQUIRED)
+    decoder = _decoders.get(shape)
+    if decoder is None:
+        decoder = _decoders[shape] = msgspec.json.Decoder(shape)
     try:
-        return _request_decoder.decode(body)
+        decoded: S = decoder.decode(body)
+        return decoded
     except msgspec.ValidationError:
         pass
     except _MALFORMED as error:
@@ -242,7 +262,7 @@ def decode_command_request(body: bytes) -> CommandRequest:
         payload = _any_decoder.decode(body)
     except _MALFORMED as error:  # past the wrong value the checked decode stopped at
         raise _malformed(error) from None
-    raise BadRequest(_first_problem(CommandRequest, payload))
+    raise BadRequest(_first_problem(shape, payload))
 
 
 #: A body that is not JSON; msgspec reports invalid UTF-8 in a string as a UnicodeDecodeError.
@@ -316,30 +336,31 @@ def schema_components(ref_template: str = "#/components/schemas/{name}") -> dict
     """The JSON Schemas of every shape, keyed by name, referring to each other by
     ``ref_template``; a fresh copy each call, free to edit."""
     _, components = msgspec.json.schema_components(SHAPES, ref_template=ref_template)
-    return _closed(components)
+    return _closed(components, SHAPES)
 
 
 def shape_schema(shape: type[Struct]) -> dict[str, Any]:
     """One shape's JSON Schema on its own, as an MCP tool's input or output schema:
     its fields at the root, and the shapes it holds (only those) under ``$defs``."""
     _, components = msgspec.json.schema_components((shape,), ref_template="#/$defs/{name}")
-    schema: dict[str, Any] = _closed(components).pop(shape.__name__)
+    schema: dict[str, Any] = _closed(components, (shape,)).pop(shape.__name__)
     return {**schema, "$defs": components} if components else schema
 
 
-def _closed(components: dict[str, Any]) -> dict[str, Any]:
-    """Answers allow no field they do not list; the request ignores those it does not know."""
+def _closed(components: dict[str, Any], shapes: tuple[type[Struct], ...]) -> dict[str, Any]:
+    """Answers allow no field they do not list; requests ignore those they do not know."""
+    requests = {shape.__name__ for shape in shapes if issubclass(shape, Request)}
     for name, schema in components.items():
-        if name != CommandRequest.__name__:
+        if name not in requests:
             schema["additionalProperties"] = False
     return components
 
 
 def to_builtins(value: Struct) -> dict[str, Any]:
-    """A shape as plain JSON-ready Python objects (for MCP's structured content)."""
-    built: dict[str, Any] = msgspec.structs.asdict(value)
-    return {name: to_builtins(item) if isinstance(item, Struct) else item
-            for name, item in built.items() if item is not UNSET}
+    """A shape as plain JSON-ready Python objects (for MCP's structured content), the
+    shapes it holds too; unset fields are left out, as when encoded."""
+    built: dict[str, Any] = msgspec.to_builtins(value)
+    return built
 
 
 # -- jobs: background runs, following, paging and steering a run ------------------
