@@ -497,3 +497,18 @@ def test_mcp_over_http_takes_the_api_tokens_and_clear_needs_the_admin_token(
             assert (await call(session, "get_cache_stats"))["size"] == 0
 
     anyio.run(main)
+
+
+def test_mcp_over_http_with_several_workers(
+    live_server_factory: Callable[..., LiveServer], tmp_path: Path
+) -> None:
+    """Workers share a port, so a session's requests may reach either: each stands alone."""
+    server = live_server_factory("--workers", "2", "--store", f"sqlite:///{tmp_path}/cache.db")
+
+    async def main() -> None:
+        for _ in range(3):  # new connections, spread over the workers by the kernel
+            async with http_session(server.url) as session:
+                ran = await call(session, "execute_command", command="echo shared by workers")
+                assert ran["stdout"] == "shared by workers\n"
+
+    anyio.run(main)

@@ -11,11 +11,11 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from runcache import api, jobs_api, mcp, process_api
+from runcache import api, jobs_api, process_api
 from runcache.auth import TokenGate
 from runcache.config import Config
 from runcache.errors import RuncacheError
-from runcache.mcp_backends import EngineBackend
+from runcache.mcp_http import McpEndpoint
 from runcache.openapi import openapi_json
 from runcache.service import Engine
 
@@ -29,15 +29,13 @@ def create_app(config: Config | None = None, engine: Engine | None = None) -> St
     """
     if engine is None:
         engine = Engine.from_config(config or Config.load())
-    mcp_route, mcp_sessions = mcp.http_route(
-        EngineBackend(engine), several_workers=engine.config.workers > 1, host=engine.config.host
-    )
+    mcp_endpoint = McpEndpoint(engine)
     routes = [
         *api.ROUTES,
         *jobs_api.ROUTES,
         *process_api.ROUTES,
         Route("/openapi.json", openapi_json, methods=["GET"]),
-        mcp_route,
+        Route("/mcp", mcp_endpoint),
     ]
     middleware = []
     if engine.config.token:
@@ -49,7 +47,7 @@ def create_app(config: Config | None = None, engine: Engine | None = None) -> St
         ))
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with mcp_sessions.run():
+        async with mcp_endpoint.serving():
             yield
         await engine.aclose()  # on the loop that served, before it ends
 

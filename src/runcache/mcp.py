@@ -34,9 +34,11 @@ import orjson
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools import Tool
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from msgspec import Struct
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from runcache import __version__, wire
 from runcache.auth import CREDENTIAL
@@ -371,9 +373,10 @@ def _answer(value: Struct) -> CallToolResult:
     return CallToolResult(content=[text], structured_content=wire.to_builtins(value))
 
 
-def http_route(backend: ToolBackend, several_workers: bool, host: str) -> tuple[Route, Any]:
-    """The ``/mcp`` route of MCP's Streamable HTTP transport over ``backend``, and the
-    session manager to run for as long as the app serves.
+def streamable_http(backend: ToolBackend, several_workers: bool,
+                    host: str) -> tuple[ASGIApp, StreamableHTTPSessionManager]:
+    """MCP's Streamable HTTP transport over ``backend``: the ASGI app that answers at
+    ``/mcp``, and the session manager to run for as long as it serves.
 
     With several worker processes a session's next request may reach another
     process, so the transport is stateless there: each request stands alone.
@@ -382,7 +385,8 @@ def http_route(backend: ToolBackend, several_workers: bool, host: str) -> tuple[
     app = server.streamable_http_app(streamable_http_path="/mcp",
                                      stateless_http=several_workers, host=host)
     route = next(route for route in app.routes if isinstance(route, Route))
-    return route, server.session_manager
+    endpoint: ASGIApp = route.app
+    return endpoint, server.session_manager
 
 
 def serve_stdio(backend: ToolBackend, log_level: str = "INFO") -> None:
