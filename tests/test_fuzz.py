@@ -59,12 +59,29 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 #: Every operation fuzzed, as "METHOD path": all that /openapi.json describes
 #: except itself, which schemathesis leaves out as the document it loaded.
 OPERATIONS = {
+    "GET /",
     "POST /api/command",
     "GET /api/cache/stats",
     "POST /api/cache/clear",
     "GET /api/telemetry",
     "GET /health",
     "GET /livez",
+    "GET /api/jobs",
+    "GET /api/jobs/{job_id}",
+    "GET /api/jobs/{job_id}/output",
+    "GET /api/jobs/{job_id}/events",
+    "POST /api/jobs/{job_id}/cancel",
+    "POST /api/jobs/{job_id}/leave",
+    "POST /api/jobs/{job_id}/pause",
+    "POST /api/jobs/{job_id}/resume",
+    "GET /api/processes/list",
+    "GET /api/processes/status/{pid}",
+    "POST /api/processes/terminate/{pid}",
+    "POST /api/processes/pause/{pid}",
+    "POST /api/processes/resume/{pid}",
+    "GET /api/processes/dashboard",
+    "POST /api/process/execute-async",
+    "GET /api/process/get-task-result/{task_id}",
 }
 
 #: What every answer must be, whatever was asked.

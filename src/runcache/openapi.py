@@ -93,6 +93,11 @@ def _paths(config: Config, protected: bool) -> Schema:
             "livez", "Liveness: answers without touching the store.",
             ok=("The process is serving.", "Live"), errors=[], protected=False,
         )},
+        "/": {"get": _operation(
+            "dashboard", "The dashboard: one HTML page that reads this API with the token "
+            "typed into it; open without a token, as it holds no data.",
+            ok=("The page.", None), errors=[], protected=False, media="text/html",
+        )},
         "/openapi.json": {"get": _operation(
             "openapi", "This document.",
             ok=("The OpenAPI document.", None), errors=[], protected=False,
