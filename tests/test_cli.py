@@ -135,19 +135,3 @@ def test_tokens_come_from_the_environment(live_server_factory: Callable[..., Liv
     assert b"needs the admin token" in runcache("clear", env=env).stderr
     cleared = runcache("clear", env={**env, "RUNCACHE_ADMIN_TOKEN": admin})
     assert (cleared.returncode, cleared.stdout) == (0, b"Cache cleared\n")
-
-
-def test_mcp_without_the_sdk_names_the_extra_to_install() -> None:
-    # A real interpreter in which importing the SDK fails, as when it is not installed.
-    # The SDK's own dependencies go with it, as in an install without the extra.
-    block_sdk = (
-        "import sys; sys.modules.update(mcp=None, anyio=None, pydantic=None); "
-        "from runcache.cli import main; main()"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", block_sdk, "mcp"], capture_output=True, timeout=60, check=False
-    )
-    assert done.returncode == 2
-    assert done.stderr == (
-        b"runcache: the MCP server needs the MCP SDK: pip install 'runcache[mcp]'\n"
-    )

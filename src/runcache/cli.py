@@ -179,28 +179,22 @@ def clear(server: str | None) -> None:
 @client_options
 def mcp_command(server: str | None) -> None:
     """Serve MCP over stdio for AI agents (tools: execute_command and the rest)."""
-    try:
-        from runcache.mcp import serve_stdio
-    except ModuleNotFoundError:
-        if _mcp_sdk_installed():
-            raise
-        raise RuncacheError(
-            "the MCP server needs the MCP SDK: pip install 'runcache[mcp]'"
-        ) from None
-    backend = _connect(server)
-    # Settings apply to an engine in this process; a forwarding adapter needs none.
-    log_level = backend.engine.config.log_level if isinstance(backend, LocalClient) else "INFO"
+    # Imported here: the SDK takes a while to import, and only this command needs it.
+    from runcache.mcp import serve_stdio
+    from runcache.mcp_backends import EngineBackend, ServerBackend, ToolBackend
+
+    backend: ToolBackend
+    log_level = "INFO"
+    if server:
+        client = Client(server, os.environ.get(TOKEN_ENV), os.environ.get(ADMIN_TOKEN_ENV))
+        backend = ServerBackend(client)
+    else:  # settings apply to an engine in this process; a forwarding adapter needs none
+        from runcache.service import Engine
+
+        config = Config.load()
+        log_level = config.log_level
+        backend = EngineBackend(Engine.from_config(config), owned=True)
     serve_stdio(backend, log_level)
-
-
-def _mcp_sdk_installed() -> bool:
-    # Asked after the adapter failed to import, whichever of the SDK's own
-    # dependencies (anyio, pydantic, ...) it happened to import first.
-    try:
-        import mcp  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def main() -> None:

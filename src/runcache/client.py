@@ -29,7 +29,9 @@ from runcache import __version__, wire
 from runcache.errors import (
     BadRequest,
     ConfigError,
+    Conflict,
     Forbidden,
+    NotFound,
     RuncacheError,
     ServerError,
     ServerUnreachable,
@@ -66,6 +68,8 @@ _ERRORS_BY_STATUS: dict[int, type[RuncacheError]] = {
     400: BadRequest,
     401: Unauthorized,
     403: Forbidden,
+    404: NotFound,
+    409: Conflict,
 }
 
 
@@ -183,6 +187,69 @@ class Client(_Closing):
 
     def telemetry(self) -> Telemetry:
         return self._request(Telemetry, "GET", "/api/telemetry")
+
+    # -- jobs ------------------------------------------------------------------------
+
+    def start(
+        self,
+        command: str,
+        use_cache: bool = True,
+        timeout: float | None = None,
+        ttl: float | None = None,
+    ) -> wire.JobAccepted:
+        """Start (or join) a run in the background: its job, at once."""
+        request = command_request(command, use_cache, timeout, ttl)
+        body = wire.encode(wire.CommandRequest(request.command, request.use_cache,
+                                               request.timeout, request.ttl, background=True))
+        return self._request(wire.JobAccepted, "POST", "/api/command", body)
+
+    def jobs(self) -> wire.JobList:
+        return self._request(wire.JobList, "GET", "/api/jobs")
+
+    def job(self, job_id: str) -> wire.JobDetail:
+        return self._request(wire.JobDetail, "GET", f"/api/jobs/{_segment(job_id)}")
+
+    def output(self, job_id: str, stream: str = "stdout", offset: int = 0,
+               limit: int | None = None) -> wire.JobOutput:
+        query = {"stream": stream, "offset": offset}
+        if limit is not None:
+            query["limit"] = limit
+        path = f"/api/jobs/{_segment(job_id)}/output?{urllib.parse.urlencode(query)}"
+        return self._request(wire.JobOutput, "GET", path)
+
+    def cancel(self, job_id: str) -> wire.JobAction:
+        return self._request(wire.JobAction, "POST", f"/api/jobs/{_segment(job_id)}/cancel")
+
+    def leave(self, job_id: str) -> wire.JobAction:
+        """Give up a job this client started or joined in the background: the run is
+        cancelled if nobody else wants it."""
+        return self._request(wire.JobAction, "POST", f"/api/jobs/{_segment(job_id)}/leave")
+
+    def pause(self, job_id: str) -> wire.JobAction:
+        return self._request(wire.JobAction, "POST", f"/api/jobs/{_segment(job_id)}/pause")
+
+    def resume(self, job_id: str) -> wire.JobAction:
+        return self._request(wire.JobAction, "POST", f"/api/jobs/{_segment(job_id)}/resume")
+
+    # -- the reference's process routes ---------------------------------------------------
+
+    def processes(self) -> wire.ProcessList:
+        return self._request(wire.ProcessList, "GET", "/api/processes/list")
+
+    def process_status(self, pid: int) -> wire.ProcessDetail:
+        return self._request(wire.ProcessDetail, "GET", f"/api/processes/status/{int(pid)}")
+
+    def terminate_process(self, pid: int) -> wire.ProcessDone:
+        return self._request(wire.ProcessDone, "POST", f"/api/processes/terminate/{int(pid)}")
+
+    def pause_process(self, pid: int) -> wire.ProcessDone:
+        return self._request(wire.ProcessDone, "POST", f"/api/processes/pause/{int(pid)}")
+
+    def resume_process(self, pid: int) -> wire.ProcessDone:
+        return self._request(wire.ProcessDone, "POST", f"/api/processes/resume/{int(pid)}")
+
+    def dashboard(self) -> wire.Dashboard:
+        return self._request(wire.Dashboard, "GET", "/api/processes/dashboard")
 
     def close(self) -> None:
         """Refuse new requests and cut the connections of those still waiting."""
@@ -314,6 +381,11 @@ def normalize_url(url: str) -> str:
     if "://" not in url:
         url = "http://" + url
     return url.rstrip("/")
+
+
+def _segment(text: str) -> str:
+    """``text`` as one path segment: a job id with a slash cannot reach another route."""
+    return urllib.parse.quote(text, safe="")
 
 
 def _decode(shape: type[S], body: bytes, where: str) -> S:
