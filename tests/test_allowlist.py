@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -151,6 +153,40 @@ def test_cache_keys_differ_between_shell_and_allowlist_mode() -> None:
 def test_bad_allowlists_are_config_errors(allow: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Engine.from_config(Config.load({"allow": allow}, environ={}))
+
+
+@pytest.mark.parametrize("runner", ["env", "find", "git", "sh", "python3", "xargs", "awk"])
+def test_a_program_that_runs_programs_is_refused_unless_meant(runner: str) -> None:
+    if shutil.which(runner) is None:
+        pytest.fail(f"{runner} is not installed; the test needs it to resolve")
+    with pytest.raises(ConfigError, match=f"allow: {runner} runs other programs"):
+        Engine.from_config(Config.load({"allow": f"echo,{runner}"}, environ={}))
+    meant = Engine.from_config(Config.load({"allow": f"echo,{runner}",
+                                            "allow_runners": runner}, environ={}))
+    meant.close()
+
+
+def test_a_name_that_resolves_to_a_runner_is_refused_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A harmless-looking name for a shell (a symlink) is judged by the file it runs."""
+    (tmp_path / "lister").symlink_to(shutil.which("sh") or "/bin/sh")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ConfigError, match="allow: lister runs other programs"):
+        Engine.from_config(Config.load({"allow": "lister"}, environ={}))
+
+
+def test_the_reported_allowlist_no_longer_starts() -> None:
+    """``--allow echo,ls,find,env,git`` let ``env sh -c id``, ``find -exec sh`` and git
+    aliases run a shell; now the server refuses it at start, with one line."""
+    done = subprocess.run(
+        [sys.executable, "-m", "runcache", "serve", "--port", "0",
+         "--allow", "echo,ls,find,env,git"],
+        capture_output=True, timeout=60, check=False, text=True,
+    )
+    assert done.returncode == 2, done
+    assert done.stderr.count("\n") == 1
+    assert "allow: env runs other programs" in done.stderr and "--allow-runners" in done.stderr
 
 
 # -- the environment commands see ----------------------------------------------------

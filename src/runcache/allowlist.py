@@ -10,11 +10,17 @@ The executable is resolved once, at start, on the PATH commands run with, and
 must be the very file an allowed name resolves to: ``/tmp/evil/nmap`` does not
 pass because it is called ``nmap``. The command then runs that resolved path,
 so what was checked is what runs.
+
+A program that runs other programs (a shell, ``env``, ``find -exec``, ``git``'s
+aliases, an interpreter) would make the list meaningless: ``env sh -c id``
+runs anything. Such a program is refused at start unless the operator names it
+in ``--allow-runners`` too, saying they mean it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 from collections.abc import Mapping, Sequence
@@ -28,10 +34,44 @@ SHELL_SYNTAX = frozenset(";|&$()<>`\n\r")
 _EXPANDED_IN_DOUBLE_QUOTES = frozenset("$`")
 
 
+#: Programs that run other programs, by what lets them: allowing one allows anything.
+RUNNERS: dict[str, str] = {
+    **dict.fromkeys(("sh", "bash", "dash", "zsh", "ksh", "mksh", "fish", "csh", "tcsh",
+                     "busybox", "rbash"), "a shell"),
+    **dict.fromkeys(("env", "nice", "nohup", "timeout", "setsid", "sudo", "su", "doas",
+                     "chroot", "unshare", "nsenter", "stdbuf", "taskset", "ionice", "chrt",
+                     "flock", "time", "watch", "xargs", "parallel", "script", "strace",
+                     "ltrace", "gdb", "capsh", "runuser", "systemd-run", "ssh", "expect"),
+                    "it runs the command given in its arguments"),
+    "find": "-exec and -ok run any program",
+    "git": "aliases (-c alias.x='!cmd') and ext:: remotes run any program",
+    **dict.fromkeys(("awk", "gawk", "mawk", "nawk", "sed", "make", "tar", "rsync", "zip",
+                     "vi", "vim", "ex", "ed", "less", "more", "man", "docker", "kubectl",
+                     "npx", "npm", "pip", "pip3"),
+                    "it has an option or command that runs any program"),
+}
+
+#: Interpreters, versioned or not (python3.11, perl5.36): a script argument is any program.
+_INTERPRETER = re.compile(
+    r"(python|pypy|perl|ruby|php|lua|luajit|node|nodejs|deno|bun|tclsh|wish|Rscript|R|"
+    r"java|jshell|osascript|pwsh|powershell|guile|racket|sbcl|ghci|irb|julia)[0-9.]*"
+)
+
+
+def runs_programs(name: str) -> str | None:
+    """Why ``name`` (a program's file name) can run any other program, or None."""
+    if name in RUNNERS:
+        return RUNNERS[name]
+    if _INTERPRETER.fullmatch(name):
+        return "an interpreter runs any program it is given"
+    return None
+
+
 class Allowlist:
     """The executables commands may run, and the parsing that enforces it."""
 
-    def __init__(self, names: Sequence[str], env: Mapping[str, str], cwd: str | None) -> None:
+    def __init__(self, names: Sequence[str], env: Mapping[str, str], cwd: str | None,
+                 runners: Sequence[str] = ()) -> None:
         self.names = tuple(sorted(set(names)))
         self._path = env.get("PATH", os.defpath)
         self._cwd = cwd or os.getcwd()
@@ -44,6 +84,22 @@ class Allowlist:
                 f"allow: {', '.join(missing)} not found on PATH {self._path!r}; "
                 "install it or remove it from the list"
             )
+        self._refuse_runners(set(runners))
+
+    def _refuse_runners(self, meant: set[str]) -> None:
+        """Refuse a program that runs programs (by its name, or the file it resolves to,
+        e.g. ``sh`` to ``dash``) unless ``meant`` names it."""
+        for name in self.names:
+            if name in meant:
+                continue
+            target = os.path.basename(os.path.realpath(self._paths[name] or name))
+            reason = runs_programs(name) or runs_programs(target)
+            if reason is not None:
+                raise ConfigError(
+                    f"allow: {name} runs other programs ({reason}), so allowing it allows "
+                    f"every program; remove it, or also list it in --allow-runners "
+                    f"(RUNCACHE_ALLOW_RUNNERS) if that is what you mean"
+                )
 
     def resolve(self, name: str) -> str | None:
         """The absolute path ``name`` runs on the commands' PATH, or None."""

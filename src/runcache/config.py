@@ -80,6 +80,10 @@ class Config:
     allow: str = _setting(
         "", "Comma-separated executables to allow; set, commands run without a shell."
     )
+    allow_runners: str = _setting(
+        "", "Programs in --allow that run other programs (env, find, git, sh, python3...) "
+        "and that you mean to allow anyway.",
+    )
     max_concurrent: int = _setting(32, "Most commands running at once; cache hits never wait.", 1)
     queue_timeout: float = _setting(
         30.0, "Seconds a command waits for a free slot before a 503 with Retry-After.", 0
@@ -144,6 +148,11 @@ class Config:
     def allowed_commands(self) -> tuple[str, ...]:
         """The executables of ``allow``; empty means commands run through the shell."""
         return _names(self.allow)
+
+    @property
+    def runner_names(self) -> tuple[str, ...]:
+        """The programs of ``allow_runners``: allowed although they run other programs."""
+        return _names(self.allow_runners)
 
     @property
     def env_names(self) -> tuple[str, ...]:

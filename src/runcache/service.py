@@ -107,7 +107,8 @@ class Engine:
         self.allowlist: Allowlist | None = None
         if config.allowed_commands:
             env = runner.env if runner.env is not None else os.environ
-            self.allowlist = Allowlist(config.allowed_commands, env, runner.cwd)
+            self.allowlist = Allowlist(config.allowed_commands, env, runner.cwd,
+                                       config.runner_names)
         self._key_prefix = self._key_context()
 
     @classmethod
