@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -139,9 +140,25 @@ def store_factory(
         store.close()
 
 
+#: prctl(2) option: orphaned descendants are reparented to this process, not to PID 1.
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _become_subreaper() -> None:
+    """Make the test run the subreaper of everything its tests start, so a process that
+    escapes its run (a new session, a double fork) and is orphaned stays a descendant
+    of the test run, where the leftover check below sees it, instead of PID 1's."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+
+
+_become_subreaper()
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_processes(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Fail a test that leaves a child process of the test run behind."""
+    """Fail a test that leaves a process it started behind, wherever it was reparented."""
     yield
     deadline = time.monotonic() + 5
     while True:
@@ -266,14 +283,17 @@ class LiveServer:
         return self.process.returncode
 
 
-def start_server(*args: str, env: dict[str, str] | None = None) -> LiveServer:
-    """Start ``runcache serve`` with the given flags and wait until it listens."""
+def start_server(*args: str, env: dict[str, str] | None = None,
+                 stdin: int | None = None) -> LiveServer:
+    """Start ``runcache serve`` with the given flags (and ``stdin``, a file descriptor,
+    when given) and wait until it listens."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")}
     environment.update(env or {})
     process = subprocess.Popen(
         [sys.executable, "-m", "runcache", "serve", "--port", "0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        stdin=stdin,
         text=True,
         env=environment,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import psutil
 import pytest
 from starlette.testclient import TestClient
 
@@ -146,6 +147,24 @@ def test_health_and_telemetry(client: TestClient) -> None:
     assert telemetry["average_execution_time"].endswith("s")
     assert isinstance(telemetry["uptime_seconds"], float)
     assert telemetry["system_metrics"].keys() >= {"cpu_percent", "memory_percent", "disk_usage"}
+
+
+def test_health_and_the_dashboards_never_sample_the_cpu_on_the_request(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CPU sample with an interval blocks for that long: the load figures read the
+    change since the previous call instead (interval None)."""
+    intervals: list[object] = []
+    real = psutil.cpu_percent
+
+    def recording(interval: float | None = None, percpu: bool = False) -> object:
+        intervals.append(interval)
+        return real(None, percpu)
+
+    monkeypatch.setattr(psutil, "cpu_percent", recording)
+    for path in ("/health", "/api/telemetry", "/api/processes/dashboard"):
+        assert client.get(path).status_code == 200
+    assert intervals and all(interval in (None, 0) for interval in intervals)
 
 
 def test_livez(client: TestClient) -> None:

@@ -14,6 +14,7 @@ import requests
 from click.testing import CliRunner
 from starlette.testclient import TestClient
 
+from runcache import auth
 from runcache.cli import cli
 from runcache.config import Config
 from runcache.errors import ConfigError
@@ -262,3 +263,25 @@ def test_a_command_cannot_forge_log_lines(
     client.post("/api/command", json={"command": "true\n127.0.0.1 ran 'forged'"})
     messages = [record.getMessage() for record in caplog.records if record.name == "runcache"]
     assert all("\n" not in message for message in messages)
+
+
+def test_tokens_are_compared_in_constant_time(
+    client_factory: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Timing cannot be seen from a test; the comparison used can. Every token check goes
+    through hmac.compare_digest, with the token presented, for the answer each gives."""
+    compared: list[tuple[bytes, bytes]] = []
+    real = auth.hmac.compare_digest
+
+    def recording(presented: bytes, expected: bytes) -> bool:
+        compared.append((presented, expected))
+        return real(presented, expected)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", recording)
+    client = client_factory(token=TOKEN, admin_token=ADMIN)
+    for token, path, status in ((WRONG, "/api/cache/stats", 403), (TOKEN, "/api/cache/stats", 200),
+                                (TOKEN, "/api/cache/clear", 403), (ADMIN, "/api/cache/clear", 200)):
+        compared.clear()
+        method = client.post if path.endswith("clear") else client.get
+        assert method(path, headers=bearer(token)).status_code == status
+        assert compared and all(presented == token.encode() for presented, _ in compared)

@@ -19,7 +19,7 @@ import requests
 
 from runcache.wire import CacheStats, Cleared, CommandResult
 
-from conftest import LiveServer
+from conftest import LiveServer, start_server
 
 S = TypeVar("S", bound=msgspec.Struct)
 
@@ -90,8 +90,7 @@ def test_a_stop_signal_kills_running_commands_and_exits_0(
         target=lambda: answers.append(post(server, "/api/command", command=command))
     )
     thread.start()
-    while not pid_file.exists() or not pid_file.read_text().strip():
-        time.sleep(0.02)
+    _until(lambda: pid_file.exists() and bool(pid_file.read_text().strip()))
     sleeper = psutil.Process(int(pid_file.read_text()))
     server.process.send_signal(signum)
     assert server.process.wait(15) == 0
@@ -102,6 +101,49 @@ def test_a_stop_signal_kills_running_commands_and_exits_0(
     assert answers[0].json()["success"] is False
     assert server.stop() == 0
     assert any("stopping" in line for line in server.output)
+
+
+def _until(probe: Callable[[], bool], seconds: float = 15.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not probe():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def test_a_stop_kills_every_running_group_not_only_the_first(
+    live_server_factory: Callable[..., LiveServer], tmp_path: Path
+) -> None:
+    server = live_server_factory()
+    pid_files = [tmp_path / f"pid-{index}" for index in range(3)]
+    for pid_file in pid_files:  # three runs at once, each a shell waiting on a child
+        accepted = requests.post(f"{server.url}/api/command", timeout=10, json={
+            "command": f"sleep 120 & echo $! > {pid_file}; wait", "background": True})
+        assert accepted.status_code == 202
+    _until(lambda: all(path.exists() and path.read_text().strip() for path in pid_files))
+    sleepers = [psutil.Process(int(path.read_text())) for path in pid_files]
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(15) == 0
+    for sleeper in sleepers:
+        sleeper.wait(10)  # raises if one outlived the server
+
+
+def test_commands_never_read_the_servers_stdin(
+    live_server_factory: Callable[..., LiveServer],
+) -> None:
+    """A command gets an empty stdin, not the terminal or pipe the server was started with."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"typed at the server's terminal\n")
+    try:
+        server = start_server(stdin=read_end)
+        try:
+            result = typed(CommandResult, post(server, "/api/command", command="cat; echo done",
+                                               timeout=10))
+        finally:
+            server.stop()
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert (result.stdout, result.return_code, result.timed_out) == ("done\n", 0, False)
 
 
 def test_a_hit_costs_no_info_log_line(live_server: LiveServer) -> None:

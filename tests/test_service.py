@@ -13,7 +13,7 @@ from runcache.config import Config
 from runcache.errors import BadRequest, Busy
 from runcache.results import encode_result
 from runcache.runner import Runner, RunResult
-from runcache.service import CommandRequest, Engine, Outcome
+from runcache.service import KEY_ENV_VARS, CommandRequest, Engine, Outcome
 from runcache.stores import MemoryStore, open_store
 
 
@@ -157,6 +157,23 @@ def test_cache_key_depends_on_working_directory(config: Config, tmp_path: Path) 
     finally:
         here.close()
         there.close()
+
+
+@pytest.mark.parametrize("name", KEY_ENV_VARS)
+def test_cache_key_depends_on_each_variable_that_changes_what_commands_print(
+    config: Config, name: str
+) -> None:
+    """PATH picks the programs, HOME and USER what they read, LANG, LC_ALL and TZ how
+    they print: a server that sees another value must not answer with this one's result."""
+    base = {variable: f"base-{variable}" for variable in KEY_ENV_VARS}
+    engines = [Engine(config, Cache(MemoryStore(10, 1000)), Runner(100, env=environment))
+               for environment in (base, {**base, name: "other"}, dict(base))]
+    try:
+        same, other, again = (engine.cache_key("date") for engine in engines)
+        assert same != other and same == again
+    finally:
+        for engine in engines:
+            engine.close()
 
 
 def test_bounds_come_from_the_config() -> None:
