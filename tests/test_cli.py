@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import os
+import select
+import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import orjson
 import psutil
 import pytest
+import requests
 
 from conftest import LiveServer, free_port
 
@@ -135,3 +141,132 @@ def test_tokens_come_from_the_environment(live_server_factory: Callable[..., Liv
     assert b"needs the admin token" in runcache("clear", env=env).stderr
     cleared = runcache("clear", env={**env, "RUNCACHE_ADMIN_TOKEN": admin})
     assert (cleared.returncode, cleared.stdout) == (0, b"Cache cleared\n")
+
+
+# -- long runs: live output, Ctrl-C, jobs --------------------------------------------
+
+
+def _popen(*args: str, server: LiveServer | None = None) -> subprocess.Popen[bytes]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")}
+    if server is not None:
+        environment["RUNCACHE_URL"] = server.url
+    return subprocess.Popen([str(RUNCACHE), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=environment)
+
+
+def _read_line(stream: IO[bytes], seconds: float = 15.0) -> bytes:
+    """One line of a child's output, failing (not hanging) if none comes in time."""
+    ready, _, _ = select.select([stream], [], [], seconds)
+    assert ready, "no output in time"
+    return stream.readline()
+
+
+def _until(probe: Callable[[], object], seconds: float = 15.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not probe():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("through", ["server", "in-process"])
+def test_run_prints_output_while_the_command_runs(
+    through: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    server = request.getfixturevalue("live_server") if through == "server" else None
+    gate = tmp_path / "gate"
+    process = _popen("run", "--", "sh", "-c", f"echo first; echo warn >&2; while [ ! -e {gate} ]; "
+                     "do sleep 0.02; done; printf 'second\\r\\n'; exit 5", server=server)
+    assert process.stdout is not None and process.stderr is not None
+    assert _read_line(process.stdout) == b"first\n"  # while the command waits on its gate
+    assert _read_line(process.stderr) == b"warn\n"
+    gate.touch()
+    assert process.wait(30) == 5
+    assert process.stdout.read() == b"second\r\n"  # byte for byte, the CR kept
+    process.stdout.close()
+    process.stderr.close()
+
+
+def _ctrl_c(server: LiveServer, command: str) -> tuple[int, bytes]:
+    """Start ``runcache run`` on ``command``, wait for its first line, press Ctrl-C."""
+    process = _popen("run", "--", "sh", "-c", command, server=server)
+    assert process.stdout is not None
+    assert _read_line(process.stdout) == b"started\n"
+    process.send_signal(signal.SIGINT)
+    code = process.wait(30)
+    stderr = process.communicate()[1]
+    return code, stderr
+
+
+def test_ctrl_c_cancels_a_run_only_it_wanted(live_server: LiveServer, tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    code, stderr = _ctrl_c(live_server, f"echo $$ > {pid_file}; echo started; "
+                                        f"sleep 60 & sleep 60 # {uuid.uuid4().hex}")
+    assert (code, stderr) == (130, b"runcache: cancelled\n")
+    assert _group_gone(int(pid_file.read_text()))
+
+
+def test_ctrl_c_leaves_a_run_another_client_waits_on(live_server: LiveServer,
+                                                     tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    command = f"echo started; while [ ! -e {gate} ]; do sleep 0.02; done; echo done"
+    answers: list[requests.Response] = []
+    waiter = threading.Thread(target=lambda: answers.append(requests.post(
+        f"{live_server.url}/api/command", json={"command": shlex.join(["sh", "-c", command])},
+        timeout=30)))
+    waiter.start()
+    _until(lambda: requests.get(f"{live_server.url}/api/jobs", timeout=5).json()["jobs"])
+    code, stderr = _ctrl_c(live_server, command)
+    assert (code, stderr) == (130, b"runcache: left the run to the other clients waiting on it\n")
+    gate.touch()
+    waiter.join(30)
+    assert answers[0].json()["stdout"] == "started\ndone\n"
+
+
+def test_jobs_lists_prints_follows_and_cancels(live_server: LiveServer, tmp_path: Path) -> None:
+    env = {"RUNCACHE_URL": live_server.url}
+    gate = tmp_path / "gate"
+    marker = uuid.uuid4().hex
+    job = requests.post(f"{live_server.url}/api/command", timeout=10, json={
+        "command": f"echo one {marker}; while [ ! -e {gate} ]; do sleep 0.02; done; echo two",
+        "background": True}).json()
+    _until(lambda: requests.get(f"{live_server.url}/api/jobs/{job['job_id']}",
+                                timeout=5).json()["stdout_bytes"])
+    listing = runcache("jobs", env=env)
+    assert listing.returncode == 0
+    line = next(row for row in listing.stdout.decode().splitlines() if job["job_id"] in row)
+    assert "running" in line and marker in line
+    so_far = runcache("jobs", "logs", job["job_id"], env=env)
+    assert (so_far.returncode, so_far.stdout) == (0, f"one {marker}\n".encode())
+    follower = _popen("jobs", "logs", "--follow", job["job_id"], server=live_server)
+    assert follower.stdout is not None
+    assert _read_line(follower.stdout) == f"one {marker}\n".encode()
+    gate.touch()
+    assert follower.wait(30) == 0
+    assert follower.communicate()[0] == b"two\n"
+    slow = requests.post(f"{live_server.url}/api/command", timeout=10, json={
+        "command": "sleep 60", "use_cache": False, "background": True}).json()
+    cancelled = runcache("jobs", "cancel", slow["job_id"], env=env)
+    assert cancelled.stdout == f"job {slow['job_id']} cancelled\n".encode()
+    again = runcache("jobs", "cancel", slow["job_id"], env=env)
+    assert again.returncode == 2 and again.stderr.count(b"\n") == 1
+    assert b"cannot be cancelled: it has ended (cancelled)" in again.stderr
+    unknown = runcache("jobs", "logs", "nope", env=env)
+    assert unknown.returncode == 2 and b"no job 'nope' on this server" in unknown.stderr
+    nowhere = runcache("jobs")
+    assert nowhere.returncode == 2 and b"give --server URL or set RUNCACHE_URL" in nowhere.stderr
+
+
+def _group_gone(pgid: int) -> bool:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        alive = []
+        for process in psutil.process_iter():
+            try:
+                if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(process)
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                continue
+        if not alive:
+            return True
+        time.sleep(0.05)
+    return False

@@ -15,6 +15,7 @@ from types import FrameType
 from typing import Any, TypeVar
 
 import click
+import msgspec
 import orjson
 
 from runcache import __version__
@@ -28,6 +29,7 @@ from runcache.client import (
 )
 from runcache.config import Config, settings
 from runcache.errors import RuncacheError
+from runcache.follower import copy_output
 from runcache.wire import CommandResult, to_builtins
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -116,15 +118,26 @@ def run(
     timeout: float | None,
     server: str | None,
 ) -> None:
-    """Run a command through the cache, as if run directly: same output, same exit code."""
-    # Killed as a whole, runcache kills the command it runs in this process too.
-    signal.signal(signal.SIGTERM, _exit_on_signal)
+    """Run a command through the cache, as if run directly: same output, same exit code.
+
+    The output is printed as the command prints it, each stream to its own. Ctrl-C
+    (or SIGTERM) gives the run up: it is killed unless another client waits on it.
+    """
+    signal.signal(signal.SIGTERM, _interrupt)
     with _connect(server) as backend:
-        result = backend.execute(
-            shlex.join(argv), use_cache=not no_cache, timeout=timeout, ttl=ttl
-        )
-    _write(sys.stdout, result.stdout)
-    _write(sys.stderr, result.stderr)
+        job = backend.start(shlex.join(argv), use_cache=not no_cache, timeout=timeout, ttl=ttl)
+        try:
+            copy_output(backend, job.job_id, {"stdout": sys.stdout.buffer,
+                                              "stderr": sys.stderr.buffer})
+            detail = backend.job(job.job_id)
+        except KeyboardInterrupt as interrupt:
+            left = backend.leave(job.job_id)
+            click.echo("runcache: cancelled" if left.status == "cancelled" else
+                       "runcache: left the run to the other clients waiting on it", err=True)
+            sys.exit(128 + getattr(interrupt, "signum", signal.SIGINT))
+    if isinstance(detail.result, msgspec.UnsetType):
+        raise RuncacheError(detail.error or f"job {job.job_id} ended without a result")
+    result = detail.result
     for stream, truncated in (("stdout", result.stdout_truncated),
                               ("stderr", result.stderr_truncated)):
         if truncated:
@@ -132,14 +145,16 @@ def run(
     sys.exit(_exit_status(result))
 
 
-def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, taken as Ctrl-C is: the run is given up, not left running."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__()
+        self.signum = signum
 
 
-def _write(stream: Any, text: str) -> None:
-    stream.flush()
-    stream.buffer.write(text.encode("utf-8", errors="replace"))
-    stream.buffer.flush()
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated(signum)
 
 
 def _exit_status(result: CommandResult) -> int:
@@ -173,6 +188,62 @@ def clear(server: str | None) -> None:
     with _connect(server) as backend:
         answer = backend.clear()
     click.echo(answer.message)
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON object.")
+@client_options
+@click.pass_context
+def jobs(ctx: click.Context, as_json: bool, server: str | None) -> None:
+    """List a server's jobs, newest first (and `jobs logs`, `jobs cancel`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with _server_client(server) as client:
+        listing = client.jobs()
+    if as_json:
+        click.echo(orjson.dumps(to_builtins(listing), option=orjson.OPT_INDENT_2).decode())
+        return
+    click.echo(f"{'JOB':<22}  {'STATUS':<9}  {'PID':>7}  {'RUNTIME':>9}  {'OUTPUT':>10}  COMMAND")
+    for job in listing.jobs:
+        command = job.command if len(job.command) <= 60 else job.command[:57] + "..."
+        click.echo(f"{job.job_id:<22}  {job.status:<9}  {job.pid or '-':>7}  "
+                   f"{job.runtime:>8.1f}s  {job.stdout_bytes + job.stderr_bytes:>9}B  {command}")
+
+
+@jobs.command()
+@click.argument("job_id")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
+@click.option("--stream", type=click.Choice(["stdout", "stderr"]), default=None,
+              help="Only this stream (both by default, each to its own).")
+@client_options
+def logs(job_id: str, follow: bool, stream: str | None, server: str | None) -> None:
+    """Print a job's output so far, exactly as printed; --follow prints it as it comes."""
+    sinks = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+    chosen = {stream: sinks[stream]} if stream else sinks
+    with _server_client(server) as client:
+        try:
+            copy_output(client, job_id, chosen, until_end=follow)
+        except KeyboardInterrupt:  # stop following; the job goes on
+            sys.exit(130)
+
+
+@jobs.command()
+@click.argument("job_id")
+@client_options
+def cancel(job_id: str, server: str | None) -> None:
+    """Kill a running job's whole process group (not cached; its waiters get the result)."""
+    with _server_client(server) as client:
+        done = client.cancel(job_id)
+    click.echo(f"job {done.job_id} {done.status}")
+
+
+def _server_client(server: str | None) -> Client:
+    """Jobs live in the server process that runs them: these commands need one."""
+    if not server:
+        raise RuncacheError(
+            f"jobs live in the server that runs them: give --server URL or set {URL_ENV}"
+        )
+    return Client(server, os.environ.get(TOKEN_ENV), os.environ.get(ADMIN_TOKEN_ENV))
 
 
 @cli.command("mcp")

@@ -358,6 +358,44 @@ class LocalClient(_Closing):
     def telemetry(self) -> Telemetry:
         return self.engine.telemetry.snapshot()
 
+    # -- jobs, as Client has them: what following a run needs ------------------------
+
+    def start(
+        self,
+        command: str,
+        use_cache: bool = True,
+        timeout: float | None = None,
+        ttl: float | None = None,
+    ) -> wire.JobAccepted:
+        request = command_request(command, use_cache, timeout, ttl)
+        background = wire.CommandRequest(request.command, request.use_cache, request.timeout,
+                                         request.ttl, background=True)
+        return self._portal.call(self._start, background)
+
+    async def _start(self, request: wire.CommandRequest) -> wire.JobAccepted:
+        from runcache import job_views
+
+        return await job_views.accepted(await self.engine.submit(request, "local"))
+
+    def job(self, job_id: str) -> wire.JobDetail:
+        from runcache import job_views
+
+        return self._portal.call(lambda: job_views.detail(self.engine.jobs.get(job_id)))
+
+    def output(self, job_id: str, stream: str = "stdout", offset: int = 0,
+               limit: int | None = None) -> wire.JobOutput:
+        from runcache import job_views
+
+        size = job_views.DEFAULT_PAGE_BYTES if limit is None else limit
+        job = self._portal.call(lambda: self.engine.jobs.get(job_id))
+        return self._portal.call(job_views.page, job, stream, offset, size)
+
+    def leave(self, job_id: str) -> wire.JobAction:
+        from runcache import job_views
+
+        job = self._portal.call(lambda: self.engine.jobs.get(job_id))
+        return self._portal.call(job_views.leave, self.engine, job)
+
     def close(self) -> None:
         """Kill commands still running, stop the client's loop, and release the store."""
         self.engine.runner.kill_all()
