@@ -69,13 +69,56 @@ def test_clear_removes_only_this_namespaces_keys(
         ours.put(f"k{index}", b"v", 60, ours.epoch())
         theirs.put(f"k{index}", b"v", 60, theirs.epoch())
     ours.get("k1")
-    assert len(namespace_keys(connection, namespace)) == 5 + 4
+    # The entries, then lru, expiry, sizes, counts, hits, info and created.
+    assert len(namespace_keys(connection, namespace)) == 5 + 7
     before = ours.clear()
     assert (before.size, before.hits) == (5, 1)
     assert namespace_keys(connection, namespace) == {ours.counts_key.encode()}
     assert connection.hgetall(ours.counts_key) == {b"epoch": b"1"}
     assert connection.get("unrelated:key") == b"keep me"
     assert theirs.get("k3") == b"v" and theirs.stats().size == 5
+
+
+def test_a_clear_of_a_big_cache_deletes_every_entry_in_batches(
+    make: MakeStore, connection: redis.Redis, namespace: str
+) -> None:
+    count = 3 * redis_store.BATCH + 7
+    store = make(max_entries=count)
+    epoch = store.epoch()
+    with connection.pipeline(transaction=False) as pipe:  # the entries, in few round trips
+        for index in range(count):
+            store._put(keys=store._entry_keys(f"k{index}"), args=[
+                f"k{index}", b"v", epoch, 0.0, 1e12, 600_000, count, 1 << 30,
+                store.entry_prefix, b'["echo",0.0,0]'], client=pipe)
+        pipe.execute()
+    assert store.stats().size == count
+    before = store.clear()
+    assert before.size == count
+    assert namespace_keys(connection, namespace) == {store.counts_key.encode()}
+
+
+def test_a_clear_left_half_done_is_finished_by_the_next_and_spares_new_entries(
+    make: MakeStore, connection: redis.Redis, namespace: str
+) -> None:
+    """As if the process clearing had died after the clear's step, before its batches."""
+    store = make()
+    for index in range(5):
+        store.put(f"k{index}", b"old", 60, store.epoch(), command=f"echo {index}")
+    keys = redis_store._ClearKeys(*store._index_keys, cleared_key=store.cleared_key,
+                                  trash_key=store.cleared_key + ":left")
+    store._run(store._clear, keys, [])  # the step alone
+    assert store.get("k1") is None and store.entries("", 0, 10) == []
+    assert store.stats().size == 0
+    store.put("k2", b"new", 60, store.epoch(), command="echo 2")
+    assert connection.exists(store.entry_prefix + "k3")  # still to drain
+    store.clear()
+    assert namespace_keys(connection, namespace) == {store.counts_key.encode()}
+    store.put("k2", b"new", 60, store.epoch(), command="echo 2")
+    store._run(store._clear, keys, [])
+    store.put("k4", b"newer", 60, store.epoch(), command="echo 4")
+    store._drain_cleared()
+    assert store.get("k4") == b"newer" and store.get("k2") is None
+    assert not connection.exists(store.cleared_key)
 
 
 def test_entries_carry_a_native_expiry(make: MakeStore, connection: redis.Redis) -> None:
@@ -168,10 +211,12 @@ _PARAMETER = re.compile(r"^local (\w+) = (?:tonumber\()?(KEYS|ARGV)\[(\d+)\]\)? 
         (redis_store._PUT, redis_store._EntryKeys._fields, redis_store._PutArgs._fields),
         (redis_store._PEEK, redis_store._PeekKeys._fields, redis_store._Lookup._fields),
         (redis_store._STATS, redis_store._IndexKeys._fields, redis_store._StatsArgs._fields),
-        (redis_store._CLEAR, redis_store._IndexKeys._fields, ("entry_prefix",)),
+        (redis_store._CLEAR, redis_store._ClearKeys._fields, ()),
+        (redis_store._DRAIN, redis_store._DrainKeys._fields, ("entry_prefix", "batch")),
+        (redis_store._DELETE, redis_store._IndexKeys._fields, ("now", "entry_prefix")),
         (redis_store._RELEASE, ("lock_key",), ("token",)),
     ],
-    ids=["get", "put", "peek", "stats", "clear", "release"],
+    ids=["get", "put", "peek", "stats", "clear", "drain", "delete", "release"],
 )
 def test_scripts_name_their_keys_and_arguments_in_the_order_the_store_passes_them(
     script: str, keys: tuple[str, ...], args: tuple[str, ...]

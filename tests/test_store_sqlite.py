@@ -124,6 +124,44 @@ def test_a_file_without_the_locks_table_gains_it(
     assert upgraded.get("k") == b"v"
 
 
+#: The tables of a file made by runcache before entries carried their command.
+_OLD_SCHEMA = """
+CREATE TABLE entries (
+    id INTEGER PRIMARY KEY, namespace TEXT NOT NULL, key TEXT NOT NULL,
+    size INTEGER NOT NULL, expires_at REAL NOT NULL, used INTEGER NOT NULL,
+    UNIQUE (namespace, key)
+);
+CREATE TABLE "values" (id INTEGER PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE counts (
+    namespace TEXT PRIMARY KEY, hits INTEGER NOT NULL DEFAULT 0,
+    misses INTEGER NOT NULL DEFAULT 0, evictions INTEGER NOT NULL DEFAULT 0,
+    expirations INTEGER NOT NULL DEFAULT 0, coalesced INTEGER NOT NULL DEFAULT 0,
+    entries INTEGER NOT NULL DEFAULT 0, bytes INTEGER NOT NULL DEFAULT 0,
+    epoch INTEGER NOT NULL DEFAULT 0, used INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO counts (namespace, entries, bytes, used) VALUES ('runcache', 1, 3, 1);
+INSERT INTO entries VALUES (1, 'runcache', 'old', 3, 2000000.0, 1);
+INSERT INTO "values" VALUES (1, X'6F6C64');
+"""
+
+
+def test_a_file_from_before_entries_had_commands_keeps_working(
+    db_path: Path, opened: list[SqliteStore]
+) -> None:
+    with closing(sqlite3.connect(db_path)) as db:
+        db.executescript(_OLD_SCHEMA)
+    store = make(opened, db_path)
+    (old,) = store.entries("", 0, 10)
+    assert (old.key, old.command, old.created_at, old.hits, old.size) == ("old", "", 0, 0, 3)
+    assert store.get("old") == b"old"
+    assert store.put("new", b"n", 60, store.epoch(), command="echo new")
+    assert [info.command for info in store.entries("", 0, 10)] == ["echo new", ""]
+    assert store.entries("", 0, 10)[1].hits == 1
+    assert store.delete("old") and store.stats().size == 1
+    again = make(opened, db_path)  # a later opening finds nothing to add
+    assert [info.key for info in again.entries("", 0, 10)] == ["new"]
+
+
 _FORKER = """
 import os
 import sys

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import random
 import threading
 
+import pytest
+
 from runcache.service import stats_answer
-from runcache.stores import MemoryStore
+from runcache.stores import MemoryStore, Store
 from runcache.stores.base import CacheStats
 from runcache.stores.redis import RedisStore
 from runcache.stores.sqlite import SqliteStore
@@ -246,3 +249,148 @@ def test_get_async_is_get_on_the_event_loop(store_factory: StoreFactory) -> None
     assert asyncio.run(look_up()) == (b"v", None)
     stats = store.stats()
     assert (stats.hits, stats.misses) == (2, 2)
+
+
+# -- entries: listing, reading, deleting and invalidating ----------------------------
+
+
+def _commands(store: Store, prefix: str = "", offset: int = 0, limit: int = 100) -> list[str]:
+    return [info.command for info in store.entries(prefix, offset, limit)]
+
+
+def test_entries_are_listed_newest_first_with_what_describes_them(
+    store_factory: StoreFactory, fake_clock: FakeClock
+) -> None:
+    store = store_factory()
+    store.put("a", b"12345", 60, store.epoch(), command="echo a")
+    fake_clock.tick(1)
+    store.put("b", b"123", 30, store.epoch(), command="echo b", return_code=0)
+    store.get("b")
+    store.get("b")
+    store.get("a")
+    newest, oldest = store.entries("", 0, 10)
+    assert (newest.key, newest.command, newest.size, newest.hits) == ("b", "echo b", 3, 2)
+    assert (oldest.key, oldest.command, oldest.size, oldest.hits) == ("a", "echo a", 5, 1)
+    assert newest.return_code == oldest.return_code == 0
+    assert newest.expires_at - newest.created_at == pytest.approx(30, abs=0.01)
+    assert oldest.expires_at - oldest.created_at == pytest.approx(60, abs=0.01)
+    assert newest.created_at - oldest.created_at == pytest.approx(1, abs=0.01)
+
+
+def test_listing_and_reading_entries_count_and_reorder_nothing(
+    store_factory: StoreFactory,
+) -> None:
+    store = store_factory(max_entries=2)
+    epoch = store.epoch()
+    store.put("a", b"1", 60, epoch, command="echo a")
+    store.put("b", b"2", 60, epoch, command="echo b")
+    before = store.stats()
+    assert _commands(store) == ["echo b", "echo a"]
+    found = store.entry("a")
+    assert found is not None and found[1] == b"1" and found[0].hits == 0
+    assert store.entry("absent") is None
+    assert store.stats() == before
+    store.put("c", b"3", 60, epoch, command="echo c")  # "a" is still the least recently used
+    assert _commands(store) == ["echo c", "echo b"]
+
+
+def test_entries_match_a_prefix_of_the_command_and_page(store_factory: StoreFactory) -> None:
+    store = store_factory()
+    epoch = store.epoch()
+    for index, command in enumerate(["git status", "ls -l", "git log", "gitk", "git diff"]):
+        store.put(f"k{index}", b"v", 60, epoch, command=command)
+    assert _commands(store, "git ") == ["git diff", "git log", "git status"]
+    assert _commands(store, "git ", offset=1, limit=1) == ["git log"]
+    assert _commands(store, "git ", offset=3) == []
+    assert _commands(store, limit=2) == ["git diff", "gitk"]
+    assert _commands(store, "GIT") == []
+
+
+def test_a_put_again_is_the_newest_entry_and_counts_its_hits_anew(
+    store_factory: StoreFactory,
+) -> None:
+    store = store_factory()
+    epoch = store.epoch()
+    store.put("a", b"1", 60, epoch, command="echo a")
+    store.put("b", b"2", 60, epoch, command="echo b")
+    store.get("a")
+    store.put("a", b"11", 60, epoch, command="echo a")
+    assert [(info.key, info.hits, info.size) for info in store.entries("", 0, 10)] == [
+        ("a", 0, 2), ("b", 0, 1)]
+
+
+def test_expired_entries_are_neither_listed_nor_read_nor_counted_by_it(
+    store_factory: StoreFactory, fake_clock: FakeClock
+) -> None:
+    store = store_factory()
+    store.put("k", b"v", 10, store.epoch(), command="echo k")
+    fake_clock.tick(10.1)
+    assert store.entries("", 0, 10) == []
+    assert store.entry("k") is None
+    assert not store.delete("k")
+    assert store.delete_matching(lambda command: True) == 0
+    assert store.get("k") is None  # the expiry is still there to be counted, once
+    stats = store.stats()
+    assert (stats.misses, stats.expirations, stats.size) == (1, 1, 0)
+
+
+def test_delete_removes_one_live_entry_and_counts_no_eviction(
+    store_factory: StoreFactory,
+) -> None:
+    store = store_factory()
+    epoch = store.epoch()
+    store.put("a", b"123", 60, epoch, command="echo a")
+    store.put("b", b"45", 60, epoch, command="echo b")
+    assert store.delete("a")
+    assert not store.delete("a")
+    assert not store.delete("absent")
+    assert store.peek("a") is None and store.peek("b") == b"45"
+    stats = store.stats()
+    assert (stats.size, stats.bytes, stats.evictions, stats.expirations) == (1, 2, 0, 0)
+    assert (stats.hits, stats.misses) == (0, 0)
+    assert store.put("a", b"6", 60, epoch, command="echo a")
+    assert _commands(store) == ["echo a", "echo b"]
+
+
+def test_delete_matching_removes_the_entries_whose_command_matches(
+    store_factory: StoreFactory,
+) -> None:
+    store = store_factory()
+    epoch = store.epoch()
+    commands = ["nmap -sV a", "nmap b", "git -C x status", "git status", "echo nmap "]
+    for index, command in enumerate(commands):
+        store.put(f"k{index}", b"vv", 60, epoch, command=command)
+    assert store.delete_matching(lambda command: command.startswith("nmap ")) == 2
+    assert store.delete_matching(lambda command: fnmatch.fnmatchcase(command, "git * status")) == 1
+    assert _commands(store) == ["echo nmap ", "git status"]
+    stats = store.stats()
+    assert (stats.size, stats.bytes, stats.evictions, stats.hits, stats.misses) == (2, 4, 0, 0, 0)
+
+
+def test_entries_beyond_one_batch_are_listed_and_invalidated(
+    store_factory: StoreFactory,
+) -> None:
+    """More entries than a shared store handles per step (``redis.BATCH``)."""
+    store = store_factory(max_entries=3000)
+    epoch = store.epoch()
+    count = 1200
+    for index in range(count):
+        store.put(f"k{index}", b"v", 60, epoch, command=f"{'odd' if index % 2 else 'even'} {index}")
+    listed = store.entries("", 550, 100)
+    assert [info.key for info in listed] == [f"k{index}" for index in range(649, 549, -1)]
+    assert [info.key for info in store.entries("odd ", 500, 3)] == ["k199", "k197", "k195"]
+    assert store.delete_matching(lambda command: command.startswith("odd ")) == count // 2
+    assert store.stats().size == count // 2
+    assert len(store.entries("", 0, count)) == count // 2
+    store.clear()
+    assert store.entries("", 0, count) == [] and store.get("k0") is None
+
+
+def test_an_entry_stored_after_a_clear_is_listed_and_kept(store_factory: StoreFactory) -> None:
+    store = store_factory()
+    store.put("k", b"old", 60, store.epoch(), command="echo k")
+    store.clear()
+    assert store.entries("", 0, 10) == []
+    store.put("k", b"new", 60, store.epoch(), command="echo k")
+    assert _commands(store) == ["echo k"]
+    assert store.get("k") == b"new"

@@ -8,11 +8,15 @@ Redis stores must keep those rules across every process that shares them.
 The *epoch* is a counter that :meth:`Store.clear` advances. A caller reads it
 before running a command and passes it to :meth:`Store.put`; a put whose epoch
 is stale is dropped, so nothing that began before a clear is in the cache after it.
+
+Each entry also carries what an operator lists it by (:class:`EntryInfo`): the
+command that made it, when it was stored, and how many hits it served. Listing,
+reading, deleting and invalidating entries count no hit, miss or expiration.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,6 +42,29 @@ class CacheStats:
     @property
     def hit_ratio(self) -> float:
         return self.hits / self.lookups if self.lookups else 0.0
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """One live entry as an operator sees it, without its value.
+
+    Times are seconds since the epoch (on the store's clock, which is the wall
+    clock unless a test passes another). An entry stored by a runcache older than
+    these fields has an empty ``command`` and a ``created_at`` of 0.
+    """
+
+    key: str
+    command: str
+    size: int
+    created_at: float
+    expires_at: float
+    #: Hits this entry served since it was stored.
+    hits: int
+    return_code: int
+
+
+#: A test of an entry's command, for :meth:`Store.delete_matching`.
+CommandMatch = Callable[[str], bool]
 
 
 class Store(Protocol):
@@ -71,11 +98,13 @@ class Store(Protocol):
         """
         ...
 
-    def put(self, key: str, value: bytes, ttl: float, epoch: int) -> bool:
+    def put(self, key: str, value: bytes, ttl: float, epoch: int,
+            command: str = "", return_code: int = 0) -> bool:
         """Store ``value`` for ``ttl`` seconds, evicting least recently used entries to fit.
 
-        Returns False, storing nothing, when ``epoch`` is no longer current or the
-        value alone is larger than the byte bound.
+        ``command`` and ``return_code`` are kept beside it for :meth:`entries`; the
+        entry's hit count starts at 0. Returns False, storing nothing, when
+        ``epoch`` is no longer current or the value alone is larger than the byte bound.
         """
         ...
 
@@ -103,6 +132,27 @@ class Store(Protocol):
 
         An instance waiting for another instance's run polls with this, so the
         wait itself is not a string of misses.
+        """
+        ...
+
+    def entries(self, prefix: str, offset: int, limit: int) -> list[EntryInfo]:
+        """Live entries whose command starts with ``prefix``, newest first: ``limit`` of
+        them after skipping ``offset``. Counts nothing and reorders nothing."""
+        ...
+
+    def entry(self, key: str) -> tuple[EntryInfo, bytes] | None:
+        """A live entry and its value, counting nothing and reordering nothing."""
+        ...
+
+    def delete(self, key: str) -> bool:
+        """Remove a live entry; whether there was one. Counts no eviction or expiration."""
+        ...
+
+    def delete_matching(self, match: CommandMatch) -> int:
+        """Remove every live entry whose command ``match`` accepts; how many it removed.
+
+        A shared store may do this in batches, so entries stored meanwhile may or
+        may not be tested; each batch keeps the counts consistent.
         """
         ...
 

@@ -7,10 +7,24 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from runcache.stores.base import CacheStats
+from runcache.stores.base import CacheStats, CommandMatch, EntryInfo
 
-#: A key's value and the clock reading after which it is expired.
-_Entry = tuple[bytes, float]
+
+class _Entry:
+    """A key's value, the clock reading after which it is expired, and what lists it."""
+
+    __slots__ = ("value", "expires_at", "command", "created_at", "return_code", "hits", "order")
+
+    def __init__(self, value: bytes, expires_at: float, command: str, created_at: float,
+                 return_code: int, order: int) -> None:
+        self.value = value
+        self.expires_at = expires_at
+        self.command = command
+        self.created_at = created_at
+        self.return_code = return_code
+        self.hits = 0
+        #: Puts before this one since the store was made: newest first sorts on it.
+        self.order = order
 
 #: The token :meth:`MemoryStore.acquire` grants: there is no lock to hold.
 LOCAL_TOKEN = "local"
@@ -41,6 +55,7 @@ class MemoryStore:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._bytes = 0
         self._epoch = 0
+        self._puts = 0
         self._reset_counts()
 
     def _reset_counts(self) -> None:
@@ -56,27 +71,31 @@ class MemoryStore:
             if entry is None:
                 self._misses += 1
                 return None
-            if entry[1] <= self._clock():
+            if entry.expires_at <= self._clock():
                 self._remove(key, entry)
                 self._expirations += 1
                 self._misses += 1
                 return None
             self._entries.move_to_end(key)
             self._hits += 1
-            return entry[0]
+            entry.hits += 1
+            return entry.value
 
     async def get_async(self, key: str) -> bytes | None:
         return self.get(key)
 
-    def put(self, key: str, value: bytes, ttl: float, epoch: int) -> bool:
+    def put(self, key: str, value: bytes, ttl: float, epoch: int,
+            command: str = "", return_code: int = 0) -> bool:
         size = len(value)
         with self._lock:
             if epoch != self._epoch or size > self.max_bytes:
                 return False
             old = self._entries.pop(key, None)
             if old is not None:
-                self._bytes -= len(old[0])
-            self._entries[key] = (value, self._clock() + ttl)
+                self._bytes -= len(old.value)
+            now = self._clock()
+            self._puts += 1
+            self._entries[key] = _Entry(value, now + ttl, command, now, return_code, self._puts)
             self._bytes += size
             self._shrink_to_bounds()
             return True
@@ -87,15 +106,15 @@ class MemoryStore:
         now = self._clock()
         while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
             key, entry = self._entries.popitem(last=False)
-            self._bytes -= len(entry[0])
-            if entry[1] <= now:
+            self._bytes -= len(entry.value)
+            if entry.expires_at <= now:
                 self._expirations += 1
             else:
                 self._evictions += 1
 
     def _remove(self, key: str, entry: _Entry) -> None:
         del self._entries[key]
-        self._bytes -= len(entry[0])
+        self._bytes -= len(entry.value)
 
     def epoch(self) -> int:
         return self._epoch
@@ -103,9 +122,51 @@ class MemoryStore:
     def peek(self, key: str) -> bytes | None:
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None or entry[1] <= self._clock():
+            if entry is None or entry.expires_at <= self._clock():
                 return None
-            return entry[0]
+            return entry.value
+
+    def entries(self, prefix: str, offset: int, limit: int) -> list[EntryInfo]:
+        with self._lock:
+            now = self._clock()
+            found = [(key, entry) for key, entry in self._entries.items()
+                     if entry.expires_at > now and entry.command.startswith(prefix)]
+            found.sort(key=lambda item: item[1].order, reverse=True)
+            return [self._info(key, entry) for key, entry in found[offset:offset + limit]]
+
+    def entry(self, key: str) -> tuple[EntryInfo, bytes] | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.expires_at <= self._clock():
+                return None
+            return self._info(key, entry), entry.value
+
+    def _info(self, key: str, entry: _Entry) -> EntryInfo:
+        # This store's clock is monotonic by default: its readings become wall-clock
+        # times by the clocks' difference now, the only moment both can be read.
+        to_wall = time.time() - self._clock()
+        return EntryInfo(
+            key=key, command=entry.command, size=len(entry.value),
+            created_at=entry.created_at + to_wall, expires_at=entry.expires_at + to_wall,
+            hits=entry.hits, return_code=entry.return_code,
+        )
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.expires_at <= self._clock():
+                return False
+            self._remove(key, entry)
+            return True
+
+    def delete_matching(self, match: CommandMatch) -> int:
+        with self._lock:
+            now = self._clock()
+            doomed = [(key, entry) for key, entry in self._entries.items()
+                      if entry.expires_at > now and match(entry.command)]
+            for key, entry in doomed:
+                self._remove(key, entry)
+            return len(doomed)
 
     def acquire(self, key: str, lease: float) -> str | None:
         """Always granted: no other process shares this store."""
@@ -135,7 +196,8 @@ class MemoryStore:
     def _purge_expired(self) -> None:
         # So that ``size`` and ``bytes`` count only entries that could be served.
         now = self._clock()
-        expired = [(key, entry) for key, entry in self._entries.items() if entry[1] <= now]
+        expired = [(key, entry) for key, entry in self._entries.items()
+                   if entry.expires_at <= now]
         for key, entry in expired:
             self._remove(key, entry)
         self._expirations += len(expired)

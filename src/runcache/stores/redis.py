@@ -6,6 +6,11 @@ end are one step, and so are a put with its evictions, and a clear with the
 reset of the counts. Counts are ``HINCRBY`` inside those scripts, so instances
 never lose each other's increments.
 
+Redis runs one script at a time and serves nobody meanwhile, so no script here
+walks the whole cache: work that grows with the cache (a clear's deletions, an
+invalidation, a listing) goes in batches of ``BATCH`` keys, each its own short
+step that leaves the counts right (see :meth:`RedisStore.clear`).
+
 Keys of a namespace (all in one hash slot, thanks to the ``{namespace}`` tag):
 
 - ``<base>entry:<key>``: the stored bytes, with a native Redis expiry so that
@@ -14,8 +19,16 @@ Keys of a namespace (all in one hash slot, thanks to the ``{namespace}`` tag):
 - ``<base>expiry``: sorted set of keys by expiry time on the store's clock;
 - ``<base>sizes``: hash of each key's size in bytes, so an entry Redis has
   already expired can still be subtracted from the byte count;
+- ``<base>hits``: hash of each key's hits since it was stored;
+- ``<base>info``: hash of each key's command, creation time and exit code (JSON);
+- ``<base>created``: sorted set of keys by the order they were stored in;
 - ``<base>counts``: hash of the counts, the byte total, the use counter and the epoch;
-- ``<base>lock:<key>``: the cross-instance single-flight lock.
+- ``<base>lock:<key>``: the cross-instance single-flight lock;
+- ``<base>cleared``: set of the names of LRU sets that clears took out of use and
+  whose entries are still being deleted, ``<base>cleared:<token>`` each.
+
+An entry stored by a runcache older than ``info`` is served and counted as any
+other, but is listed by neither :meth:`RedisStore.entries` nor an invalidation.
 
 Expiry follows the store's clock (the wall clock unless a test passes another),
 checked by the scripts; the native expiry comes a grace period later, so it only
@@ -33,6 +46,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
+import msgspec
 import redis
 import redis.asyncio
 from redis.asyncio.retry import Retry as AsyncRetry
@@ -40,7 +54,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from runcache.errors import ConfigError, StoreError
-from runcache.stores.base import CacheStats, stats_from_counts
+from runcache.stores.base import CacheStats, CommandMatch, EntryInfo, stats_from_counts
 
 #: Seconds to wait for a TCP connection to Redis; short, because while Redis is
 #: unreachable every request that tries it waits this long.
@@ -52,6 +66,10 @@ SOCKET_TIMEOUT = 5.0
 #: Seconds after an entry expires on the store's clock at which Redis deletes it
 #: natively; the margin absorbs clock skew between instances.
 NATIVE_EXPIRY_GRACE = 60.0
+
+#: Keys a clear, an invalidation or a listing handles per step (per script call):
+#: small enough that each step keeps Redis from others for well under a millisecond.
+BATCH = 500
 
 # Each script opens by naming its KEYS and ARGV, in the order of the NamedTuple
 # (or the commented list) that its call site in RedisStore passes them in.
@@ -65,15 +83,44 @@ class _EntryKeys(NamedTuple):
     expiry_key: str
     sizes_key: str
     counts_key: str
+    hits_key: str
+    info_key: str
+    created_key: str
 
 
 class _IndexKeys(NamedTuple):
-    """The KEYS of ``_STATS`` and ``_CLEAR``: the namespace's index keys."""
+    """The KEYS of ``_STATS`` and ``_DELETE``, which begin ``_CLEAR``'s: the index keys."""
 
     lru_key: str
     expiry_key: str
     sizes_key: str
     counts_key: str
+    hits_key: str
+    info_key: str
+    created_key: str
+
+
+class _ClearKeys(NamedTuple):
+    """The KEYS of ``_CLEAR``."""
+
+    lru_key: str
+    expiry_key: str
+    sizes_key: str
+    counts_key: str
+    hits_key: str
+    info_key: str
+    created_key: str
+    cleared_key: str
+    #: The name the LRU set takes while its entries are deleted.
+    trash_key: str
+
+
+class _DrainKeys(NamedTuple):
+    """The KEYS of ``_DRAIN``."""
+
+    trash_key: str
+    lru_key: str
+    cleared_key: str
 
 
 class _PeekKeys(NamedTuple):
@@ -103,6 +150,8 @@ class _PutArgs(NamedTuple):
     max_entries: int
     max_bytes: int
     entry_prefix: str
+    #: The entry's command, creation time and exit code, as JSON.
+    info: bytes
 
 
 class _StatsArgs(NamedTuple):
@@ -118,13 +167,17 @@ local lru_key = KEYS[2]        -- sorted set of keys by last use
 local expiry_key = KEYS[3]     -- sorted set of keys by expiry time
 local sizes_key = KEYS[4]      -- hash of each key's size in bytes
 local counts_key = KEYS[5]     -- hash of the counts, byte total, use counter and epoch
-local member = ARGV[1]         -- the cache key, as a member of the sets and the hash above
+local hits_key = KEYS[6]       -- hash of each key's hits
+local info_key = KEYS[7]       -- hash of each key's command, creation time and exit code
+local created_key = KEYS[8]    -- sorted set of keys by the order they were stored in
+local member = ARGV[1]         -- the cache key, as a member of the sets and the hashes above
 local now = tonumber(ARGV[2])  -- the store's clock
 local value = redis.call('GET', entry_key)
 local expires_at = tonumber(redis.call('ZSCORE', expiry_key, member))
 if value and expires_at and expires_at > now then
   redis.call('ZADD', lru_key, redis.call('HINCRBY', counts_key, 'used', 1), member)
   redis.call('HINCRBY', counts_key, 'hits', 1)
+  redis.call('HINCRBY', hits_key, member, 1)
   return value
 end
 local size = redis.call('HGET', sizes_key, member)
@@ -134,7 +187,10 @@ end
 if size then
   redis.call('ZREM', lru_key, member)
   redis.call('ZREM', expiry_key, member)
+  redis.call('ZREM', created_key, member)
   redis.call('HDEL', sizes_key, member)
+  redis.call('HDEL', hits_key, member)
+  redis.call('HDEL', info_key, member)
   redis.call('HINCRBY', counts_key, 'bytes', -tonumber(size))
   redis.call('HINCRBY', counts_key, 'expirations', 1)
 end
@@ -148,7 +204,10 @@ local lru_key = KEYS[2]                -- sorted set of keys by last use
 local expiry_key = KEYS[3]             -- sorted set of keys by expiry time
 local sizes_key = KEYS[4]              -- hash of each key's size in bytes
 local counts_key = KEYS[5]             -- hash of the counts, byte total, use counter and epoch
-local member = ARGV[1]                 -- the cache key, as a member of the sets and the hash
+local hits_key = KEYS[6]               -- hash of each key's hits
+local info_key = KEYS[7]               -- hash of each key's command, creation time and exit code
+local created_key = KEYS[8]            -- sorted set of keys by the order they were stored in
+local member = ARGV[1]                 -- the cache key, as a member of the sets and the hashes
 local value = ARGV[2]                  -- the bytes to store
 local epoch = tonumber(ARGV[3])        -- the epoch the caller read before running
 local now = tonumber(ARGV[4])          -- the store's clock
@@ -157,6 +216,7 @@ local native_ms = ARGV[6]              -- milliseconds until Redis deletes the e
 local max_entries = tonumber(ARGV[7])  -- the entry bound
 local max_bytes = tonumber(ARGV[8])    -- the byte bound
 local entry_prefix = ARGV[9]           -- entry_prefix .. member is a member's entry key
+local info = ARGV[10]                  -- the entry's command, creation time and exit code
 if tonumber(redis.call('HGET', counts_key, 'epoch') or '0') ~= epoch then
   return 0
 end
@@ -171,7 +231,11 @@ end
 redis.call('SET', entry_key, value, 'PX', native_ms)
 redis.call('ZADD', expiry_key, expires_at, member)
 redis.call('HSET', sizes_key, member, size)
-redis.call('ZADD', lru_key, redis.call('HINCRBY', counts_key, 'used', 1), member)
+local used = redis.call('HINCRBY', counts_key, 'used', 1)
+redis.call('ZADD', lru_key, used, member)
+redis.call('ZADD', created_key, used, member)
+redis.call('HSET', info_key, member, info)
+redis.call('HDEL', hits_key, member)
 local total = redis.call('HINCRBY', counts_key, 'bytes', size)
 local count = redis.call('ZCARD', lru_key)
 while count > max_entries or total > max_bytes do
@@ -184,7 +248,10 @@ while count > max_entries or total > max_bytes do
   local victim_size = tonumber(redis.call('HGET', sizes_key, victim) or '0')
   redis.call('UNLINK', victim_entry)
   redis.call('ZREM', expiry_key, victim)
+  redis.call('ZREM', created_key, victim)
   redis.call('HDEL', sizes_key, victim)
+  redis.call('HDEL', hits_key, victim)
+  redis.call('HDEL', info_key, victim)
   total = redis.call('HINCRBY', counts_key, 'bytes', -victim_size)
   if alive and victim_expires_at and victim_expires_at > now then
     redis.call('HINCRBY', counts_key, 'evictions', 1)
@@ -218,11 +285,18 @@ counts[6] = redis.call('ZCARD', lru_key)
 counts[7] = redis.call('HGET', counts_key, 'bytes')
 """
 
-_STATS = """
+#: The index keys, as ``_IndexKeys`` passes them; a fragment of the scripts that take them.
+_INDEX_KEYS = """
 local lru_key = KEYS[1]       -- sorted set of keys by last use
 local expiry_key = KEYS[2]    -- sorted set of keys by expiry time
 local sizes_key = KEYS[3]     -- hash of each key's size in bytes
 local counts_key = KEYS[4]    -- hash of the counts, byte total, use counter and epoch
+local hits_key = KEYS[5]      -- hash of each key's hits
+local info_key = KEYS[6]      -- hash of each key's command, creation time and exit code
+local created_key = KEYS[7]   -- sorted set of keys by the order they were stored in
+"""
+
+_STATS = _INDEX_KEYS + """
 local now = ARGV[1]           -- the store's clock, as a score bound
 local entry_prefix = ARGV[2]  -- entry_prefix .. member is a member's entry key
 local expired = redis.call('ZRANGEBYSCORE', expiry_key, '-inf', now)
@@ -232,7 +306,10 @@ if #expired > 0 then
     freed = freed + tonumber(redis.call('HGET', sizes_key, member) or '0')
     redis.call('UNLINK', entry_prefix .. member)
     redis.call('ZREM', lru_key, member)
+    redis.call('ZREM', created_key, member)
     redis.call('HDEL', sizes_key, member)
+    redis.call('HDEL', hits_key, member)
+    redis.call('HDEL', info_key, member)
   end
   redis.call('ZREMRANGEBYSCORE', expiry_key, '-inf', now)
   redis.call('HINCRBY', counts_key, 'bytes', -freed)
@@ -242,21 +319,71 @@ end
 return counts
 """
 
-_CLEAR = """
-local lru_key = KEYS[1]       -- sorted set of keys by last use
-local expiry_key = KEYS[2]    -- sorted set of keys by expiry time
-local sizes_key = KEYS[3]     -- hash of each key's size in bytes
-local counts_key = KEYS[4]    -- hash of the counts, byte total, use counter and epoch
-local entry_prefix = ARGV[1]  -- entry_prefix .. member is a member's entry key
+# A clear takes the whole namespace out of use in one step whatever its size:
+# the LRU set is renamed aside (its entries are deleted after, by ``_DRAIN``)
+# and the other indexes are unlinked, which Redis frees in a background thread.
+_CLEAR = _INDEX_KEYS + """
+local cleared_key = KEYS[8]   -- set of the renamed LRU sets still to drain
+local trash_key = KEYS[9]     -- the name the LRU set takes until it is drained
 """ + _COUNTS + """
-for _, member in ipairs(redis.call('ZRANGE', lru_key, 0, -1)) do
-  redis.call('UNLINK', entry_prefix .. member)
+if redis.call('EXISTS', lru_key) == 1 then
+  redis.call('RENAME', lru_key, trash_key)
+  redis.call('SADD', cleared_key, trash_key)
 end
-redis.call('UNLINK', lru_key, expiry_key, sizes_key)
+redis.call('UNLINK', expiry_key, sizes_key, hits_key, info_key, created_key)
 local epoch = tonumber(redis.call('HGET', counts_key, 'epoch') or '0') + 1
 redis.call('DEL', counts_key)
 redis.call('HSET', counts_key, 'epoch', epoch)
 return counts
+"""
+
+# One batch of a clear's deletions. An entry stored again since the clear is in
+# the live LRU set, under the same entry key: that one stays.
+_DRAIN = """
+local trash_key = KEYS[1]          -- an LRU set a clear renamed aside
+local lru_key = KEYS[2]            -- the live LRU set
+local cleared_key = KEYS[3]        -- set of the renamed LRU sets still to drain
+local entry_prefix = ARGV[1]       -- entry_prefix .. member is a member's entry key
+local batch = tonumber(ARGV[2])    -- most members to handle in this call
+local popped = redis.call('ZPOPMIN', trash_key, batch)
+for i = 1, #popped, 2 do           -- member, score, member, score...
+  if not redis.call('ZSCORE', lru_key, popped[i]) then
+    redis.call('UNLINK', entry_prefix .. popped[i])
+  end
+end
+if redis.call('EXISTS', trash_key) == 1 then
+  return 1
+end
+redis.call('SREM', cleared_key, trash_key)
+return 0
+"""
+
+# Delete the live entries among the members given, keeping the counts; how many.
+_DELETE = _INDEX_KEYS + """
+local now = tonumber(ARGV[1])  -- the store's clock
+local entry_prefix = ARGV[2]   -- entry_prefix .. member is a member's entry key
+local members = ARGV           -- from its third on: the members to delete
+local deleted, freed = 0, 0
+for i = 3, #members do
+  local member = members[i]
+  local expires_at = tonumber(redis.call('ZSCORE', expiry_key, member))
+  local size = redis.call('HGET', sizes_key, member)
+  if size and expires_at and expires_at > now
+      and redis.call('UNLINK', entry_prefix .. member) == 1 then
+    redis.call('ZREM', lru_key, member)
+    redis.call('ZREM', expiry_key, member)
+    redis.call('ZREM', created_key, member)
+    redis.call('HDEL', sizes_key, member)
+    redis.call('HDEL', hits_key, member)
+    redis.call('HDEL', info_key, member)
+    deleted = deleted + 1
+    freed = freed + tonumber(size)
+  end
+end
+if freed > 0 then
+  redis.call('HINCRBY', counts_key, 'bytes', -freed)
+end
+return deleted
 """
 
 _RELEASE = """
@@ -302,17 +429,26 @@ class RedisStore:
         self.expiry_key = base + "expiry"
         self.sizes_key = base + "sizes"
         self.counts_key = base + "counts"
+        self.hits_key = base + "hits"
+        self.info_key = base + "info"
+        self.created_key = base + "created"
+        self.cleared_key = base + "cleared"
         self._index_keys = _IndexKeys(
             lru_key=self.lru_key,
             expiry_key=self.expiry_key,
             sizes_key=self.sizes_key,
             counts_key=self.counts_key,
+            hits_key=self.hits_key,
+            info_key=self.info_key,
+            created_key=self.created_key,
         )
         self._get = client.register_script(_GET)
         self._put = client.register_script(_PUT)
         self._peek = client.register_script(_PEEK)
         self._stats = client.register_script(_STATS)
         self._clear = client.register_script(_CLEAR)
+        self._drain = client.register_script(_DRAIN)
+        self._delete = client.register_script(_DELETE)
         self._release = client.register_script(_RELEASE)
 
     @classmethod
@@ -384,7 +520,8 @@ class RedisStore:
             self._on_loop = (loop, client, client.register_script(_GET))
         return self._on_loop[2]
 
-    def put(self, key: str, value: bytes, ttl: float, epoch: int) -> bool:
+    def put(self, key: str, value: bytes, ttl: float, epoch: int,
+            command: str = "", return_code: int = 0) -> bool:
         now = self._clock()
         native_ms = math.ceil((ttl + NATIVE_EXPIRY_GRACE) * 1000)
         args = _PutArgs(
@@ -397,6 +534,7 @@ class RedisStore:
             max_entries=self.max_entries,
             max_bytes=self.max_bytes,
             entry_prefix=self.entry_prefix,
+            info=_encode_info((command, now, return_code)),
         )
         stored = self._run(self._put, self._entry_keys(key), args)
         return bool(stored == 1)
@@ -424,8 +562,110 @@ class RedisStore:
         self._call(self.client.hincrby, self.counts_key, "coalesced", 1)
 
     def clear(self) -> CacheStats:
-        # ARGV: entry_prefix.
-        return self._snapshot(self._run(self._clear, self._index_keys, [self.entry_prefix]))
+        """Empty the namespace as one step, then delete its old entries in batches.
+
+        The promise is the spec's: a clear empties the cache and resets the
+        counts as one step, and nothing from before it is served after it. One
+        script that deleted every entry would keep the step, but Redis would
+        serve nobody while it deleted a large cache. So the step is short and
+        constant: ``_CLEAR`` reads the counts, resets them, advances the epoch (a
+        put from before the clear is refused), unlinks the indexes (Redis frees
+        big ones in a background thread) and renames the LRU set aside. From that
+        moment no entry from before is served or listed, since a hit needs the
+        entry's expiry in the index and the index is empty. The entries' values
+        stay until ``_DRAIN`` deletes them, ``BATCH`` at a time, before this
+        returns, skipping any key stored again since; Redis serves others
+        between batches. Should this process die meanwhile, the next clear in
+        the namespace finishes the job (``cleared`` names what is left), and
+        each value's native expiry bounds how long it could stay.
+        """
+        keys = _ClearKeys(*self._index_keys, cleared_key=self.cleared_key,
+                          trash_key=f"{self.cleared_key}:{secrets.token_hex(8)}")
+        counts = self._run(self._clear, keys, [])
+        self._drain_cleared()
+        return self._snapshot(counts)
+
+    def _drain_cleared(self) -> None:
+        """Delete, a batch at a time, the entries of every LRU set a clear renamed aside."""
+        for trash in self._call(self.client.smembers, self.cleared_key):
+            keys = _DrainKeys(trash_key=trash.decode(), lru_key=self.lru_key,
+                              cleared_key=self.cleared_key)
+            # ARGV: entry_prefix, batch.
+            while self._run(self._drain, keys, [self.entry_prefix, BATCH]) == 1:
+                pass
+
+    def entries(self, prefix: str, offset: int, limit: int) -> list[EntryInfo]:
+        # Newest first, a batch of the creation order at a time; each batch is read
+        # in one MULTI, so an entry's fields agree with each other.
+        now = self._clock()
+        found: list[EntryInfo] = []
+        start = 0
+        while len(found) < offset + limit:
+            members = self._call(self.client.zrevrange, self.created_key, start,
+                                 start + BATCH - 1)
+            if not members:
+                break
+            start += len(members)
+            for info in self._infos([member.decode() for member in members]):
+                if info.expires_at > now and info.command.startswith(prefix):
+                    found.append(info)
+        return found[offset:offset + limit]
+
+    def _infos(self, members: list[str]) -> list[EntryInfo]:
+        """What the indexes hold of each member; ones no longer held are left out."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hmget(self.info_key, members)
+        pipe.hmget(self.hits_key, members)
+        pipe.hmget(self.sizes_key, members)
+        pipe.zmscore(self.expiry_key, members)
+        infos, hits, sizes, expiries = self._call(pipe.execute)
+        return [
+            _entry_info(member, info, int(hit or 0), int(size), float(expires_at))
+            for member, info, hit, size, expires_at in zip(members, infos, hits, sizes, expiries,
+                                                           strict=True)
+            if size is not None and expires_at is not None
+        ]
+
+    def entry(self, key: str) -> tuple[EntryInfo, bytes] | None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.get(self.entry_prefix + key)
+        pipe.hget(self.info_key, key)
+        pipe.hget(self.hits_key, key)
+        pipe.hget(self.sizes_key, key)
+        pipe.zscore(self.expiry_key, key)
+        value, info, hits, size, expires_at = self._call(pipe.execute)
+        if value is None or size is None or expires_at is None or expires_at <= self._clock():
+            return None
+        return _entry_info(key, info, int(hits or 0), int(size), float(expires_at)), value
+
+    def delete(self, key: str) -> bool:
+        return self._delete_members([key]) == 1
+
+    def delete_matching(self, match: CommandMatch) -> int:
+        """Test and delete the entries a batch at a time: ZSCAN walks the LRU set
+        ``BATCH`` members per call (a member is met at least once, maybe twice, and
+        deleting one twice deletes it once), their commands are tested here, and
+        one short script deletes those that match."""
+        deleted = 0
+        cursor = 0
+        while True:
+            cursor, scored = self._call(self.client.zscan, self.lru_key, cursor, count=BATCH)
+            members = [member for member, _ in scored]
+            if members:
+                infos = self._call(self.client.hmget, self.info_key, members)
+                doomed = [member for member, info in zip(members, infos, strict=True)
+                          if info is not None and match(_decode_info(info)[0])]
+                for start in range(0, len(doomed), BATCH):  # ZSCAN's COUNT is but a hint
+                    deleted += self._delete_members(doomed[start:start + BATCH])
+            if cursor == 0:
+                return deleted
+
+    def _delete_members(self, members: Sequence[str | bytes]) -> int:
+        if not members:
+            return 0
+        # ARGV: now, entry_prefix, then the members.
+        args = [self._clock(), self.entry_prefix, *members]
+        return int(self._run(self._delete, self._index_keys, args))
 
     def stats(self) -> CacheStats:
         args = _StatsArgs(now=self._clock(), entry_prefix=self.entry_prefix)
@@ -461,6 +701,21 @@ class RedisStore:
 
     def _failure(self, error: redis.RedisError) -> StoreError:
         return StoreError(f"redis store {self.description}: {error}")
+
+
+#: An entry's ``info``: its command, creation time and exit code.
+_Info = tuple[str, float, int]
+
+_encode_info = msgspec.json.Encoder().encode
+_decode_info = msgspec.json.Decoder(_Info).decode
+
+
+def _entry_info(key: str, info: bytes | None, hits: int, size: int,
+                expires_at: float) -> EntryInfo:
+    """An entry as listed; one stored by a runcache older than ``info`` has none."""
+    command, created_at, return_code = ("", 0.0, 0) if info is None else _decode_info(info)
+    return EntryInfo(key=key, command=command, size=size, created_at=created_at,
+                     expires_at=expires_at, hits=hits, return_code=return_code)
 
 
 def _argument(value: Any) -> Any:

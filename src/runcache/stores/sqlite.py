@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from runcache.errors import StoreError
-from runcache.stores.base import CacheStats, stats_from_counts
+from runcache.stores.base import CacheStats, CommandMatch, EntryInfo, stats_from_counts
 
 #: Seconds a write waits for another process's write before it fails.
 BUSY_TIMEOUT = 5.0
@@ -80,6 +80,20 @@ CREATE TABLE IF NOT EXISTS locks (
 );
 """
 
+#: Columns ``entries`` gained after its first release, and their definitions. Every
+#: file gets them the same way, a new one just after its tables are made and one
+#: made by an older runcache when first opened by this one: its entries then list
+#: with an empty command, stored at time 0, as having served no hits yet.
+_ADDED_COLUMNS = {
+    "command": "TEXT NOT NULL DEFAULT ''",
+    "created_at": "REAL NOT NULL DEFAULT 0",
+    "hits": "INTEGER NOT NULL DEFAULT 0",
+    "return_code": "INTEGER NOT NULL DEFAULT 0",
+}
+
+#: What :class:`EntryInfo` is made of, in its order.
+_INFO = "key, command, size, created_at, expires_at, hits, return_code"
+
 _COUNTS = "SELECT hits, misses, evictions, expirations, coalesced, entries, bytes FROM counts"
 
 
@@ -124,8 +138,8 @@ class SqliteStore:
         with self._transaction() as db:
             # A hit is one statement that finds, checks and touches the entry.
             hit = db.execute(
-                "UPDATE entries SET used = (SELECT used + 1 FROM counts WHERE namespace = ?)"
-                " WHERE namespace = ? AND key = ? AND expires_at > ? RETURNING id",
+                "UPDATE entries SET used = (SELECT used + 1 FROM counts WHERE namespace = ?),"
+                " hits = hits + 1 WHERE namespace = ? AND key = ? AND expires_at > ? RETURNING id",
                 (self.namespace, self.namespace, key, now),
             ).fetchall()
             if hit:
@@ -150,7 +164,8 @@ class SqliteStore:
         # thread of this one) writes; that is rare, and as short as their write.
         return self.get(key)
 
-    def put(self, key: str, value: bytes, ttl: float, epoch: int) -> bool:
+    def put(self, key: str, value: bytes, ttl: float, epoch: int,
+            command: str = "", return_code: int = 0) -> bool:
         size = len(value)
         if size > self.max_bytes:
             return False
@@ -168,9 +183,10 @@ class SqliteStore:
             old_size = replaced[0][0] if replaced else 0
             self._count(db, used=1, entries=0 if replaced else 1, bytes=size - old_size)
             added = db.execute(
-                "INSERT INTO entries (namespace, key, size, expires_at, used)"
-                " VALUES (?, ?, ?, ?, (SELECT used FROM counts WHERE namespace = ?))",
-                (self.namespace, key, size, now + ttl, self.namespace),
+                "INSERT INTO entries (namespace, key, size, expires_at, used, command,"
+                " created_at, return_code)"
+                " VALUES (?, ?, ?, ?, (SELECT used FROM counts WHERE namespace = ?), ?, ?, ?)",
+                (self.namespace, key, size, now + ttl, self.namespace, command, now, return_code),
             )
             db.execute('INSERT INTO "values" (id, value) VALUES (?, ?)', (added.lastrowid, value))
             self._shrink_to_bounds(db, now)
@@ -215,6 +231,48 @@ class SqliteStore:
                 (self.namespace, key, self._clock()),
             ).fetchone()
         return None if row is None else bytes(row[0])
+
+    def entries(self, prefix: str, offset: int, limit: int) -> list[EntryInfo]:
+        # Newest first by id: a put inserts its row anew, and SQLite gives a new
+        # row an id above every other (this table never uses AUTOINCREMENT's gaps).
+        with self._reading() as db:
+            rows = db.execute(
+                f"SELECT {_INFO} FROM entries WHERE namespace = ? AND expires_at > ?"
+                " AND substr(command, 1, length(?)) = ? ORDER BY id DESC LIMIT ? OFFSET ?",
+                (self.namespace, self._clock(), prefix, prefix, limit, offset),
+            ).fetchall()
+        return [EntryInfo(*row) for row in rows]
+
+    def entry(self, key: str) -> tuple[EntryInfo, bytes] | None:
+        with self._reading() as db:
+            row = db.execute(
+                f'SELECT {_INFO}, value FROM entries JOIN "values" USING (id)'
+                " WHERE namespace = ? AND key = ? AND expires_at > ?",
+                (self.namespace, key, self._clock()),
+            ).fetchone()
+        return None if row is None else (EntryInfo(*row[:-1]), bytes(row[-1]))
+
+    def delete(self, key: str) -> bool:
+        with self._transaction() as db:
+            return self._delete_where(db, "key = ?", key) == 1
+
+    def delete_matching(self, match: CommandMatch) -> int:
+        # One transaction, as a clear is: the rows are small (values live apart).
+        with self._transaction() as db:
+            db.create_function("runcache_match", 1, match, deterministic=True)
+            return self._delete_where(db, "runcache_match(command)")
+
+    def _delete_where(self, db: sqlite3.Connection, condition: str, *args: Any) -> int:
+        """Delete the live entries of this namespace that meet ``condition`` (this
+        module's own SQL, never input), keeping the counts; how many went."""
+        deleted = db.execute(
+            f"DELETE FROM entries WHERE namespace = ? AND expires_at > ? AND {condition}"
+            " RETURNING size",
+            (self.namespace, self._clock(), *args),
+        ).fetchall()
+        if deleted:
+            self._count(db, entries=-len(deleted), bytes=-sum(size for (size,) in deleted))
+        return len(deleted)
 
     def acquire(self, key: str, lease: float) -> str | None:
         token = secrets.token_hex(16)
@@ -356,6 +414,7 @@ class SqliteStore:
         # per commit, so a power cut may lose the last commits, never corrupt.
         db.execute("PRAGMA synchronous = NORMAL")
         db.executescript(_SCHEMA)
+        _add_columns(db)
         db.execute("INSERT OR IGNORE INTO counts (namespace) VALUES (?)", (self.namespace,))
 
     def _discard(self) -> None:
@@ -371,6 +430,28 @@ class SqliteStore:
             connection.close()
         except sqlite3.Error:
             pass
+
+
+def _add_columns(db: sqlite3.Connection) -> None:
+    """Give ``entries`` the columns of ``_ADDED_COLUMNS`` it lacks.
+
+    Looked for again inside a write transaction, which processes take one at a
+    time, so two processes opening an old file at once add each column once.
+    """
+    if _missing_columns(db):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for name in _missing_columns(db):
+                db.execute(f"ALTER TABLE entries ADD COLUMN {name} {_ADDED_COLUMNS[name]}")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+
+def _missing_columns(db: sqlite3.Connection) -> list[str]:
+    have = {row[1] for row in db.execute("PRAGMA table_info(entries)")}
+    return [name for name in _ADDED_COLUMNS if name not in have]
 
 
 def _retry_while_locked(step: Callable[[], None]) -> None:
