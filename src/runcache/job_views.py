@@ -34,6 +34,9 @@ from runcache.service import Engine
 DEFAULT_PAGE_BYTES = 65536
 MAX_PAGE_BYTES = 1 << 20
 
+#: The largest offset a page may start at.
+MAX_OFFSET = 1 << 62
+
 #: Most bytes of one stream an event carries.
 EVENT_BYTES = 65536
 
@@ -86,11 +89,25 @@ async def read_stream(job: Job, name: str, offset: int, limit: int) -> tuple[byt
             return _whole_characters(piece, start, limit, total, final=False)
     while not job.ended:  # its result is being encoded: the end is near
         await job.changed()
-    data = _stored(job)[name]
+    return read_final(_stored(job)[name], offset, limit)
+
+
+def read_final(data: bytes, offset: int, limit: int) -> tuple[bytes, int, int, bool]:
+    """:func:`read_stream` of a stream that is complete: ``data``, the whole of it."""
     total = len(data)
     start = min(offset, total)
     piece = data[start:start + limit + 2 * _UTF8_MAX]
     return _whole_characters(piece, start, limit, total, final=True)
+
+
+def may_have_more(job: Job, name: str, offset: int) -> bool:
+    """Whether a stream may hold bytes past ``offset``: cheap, so a reader skips a stream
+    that has not grown. Only a live capture can say no; an ended job's output is read."""
+    control = job.control
+    if control is None or control.sealed or job.ended:
+        return True
+    live = control.stdout.data if name == "stdout" else control.stderr.data
+    return len(live) > offset
 
 
 def _whole_characters(
@@ -227,7 +244,11 @@ def detail(job: Job) -> wire.JobDetail:
 
 async def page(job: Job, stream: str, offset: int, limit: int) -> wire.JobOutput:
     """A page of one of a job's streams: ``GET /api/jobs/{job_id}/output``."""
-    data, next_offset, total, eof = await read_stream(job, stream, offset, limit)
+    return as_page(*await read_stream(job, stream, offset, limit))
+
+
+def as_page(data: bytes, next_offset: int, total: int, eof: bool) -> wire.JobOutput:
+    """What :func:`read_stream` or :func:`read_final` read, as the answer of a page."""
     return wire.JobOutput(
         data=data.decode("utf-8", "replace"), offset=next_offset - len(data),
         next_offset=next_offset, total_bytes=total, eof=eof,

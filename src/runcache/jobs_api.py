@@ -19,6 +19,7 @@ from runcache.errors import BadRequest
 from runcache.job_views import (
     DEFAULT_PAGE_BYTES,
     EVENT_BYTES,
+    MAX_OFFSET,
     MAX_PAGE_BYTES,
     STREAMS,
     read_stream,
@@ -41,16 +42,18 @@ async def job_detail(request: Request) -> Response:
     return json_answer(job_views.detail(_job(request)))
 
 
-def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+def int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    """A query parameter that is a whole number from ``low`` to ``high``, or ``default``."""
     text = request.query_params.get(name)
     if text is None:
         return default
-    if not text.isdigit() or not low <= int(text) <= high:
+    # ASCII digits only: str.isdigit also takes "²", which int() refuses.
+    if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
         raise BadRequest(f"{name} must be a whole number from {low} to {high}")
     return int(text)
 
 
-def _stream_param(request: Request) -> str:
+def stream_param(request: Request) -> str:
     name = request.query_params.get("stream", "stdout")
     if name not in STREAMS:
         raise BadRequest("stream must be stdout or stderr")
@@ -59,9 +62,9 @@ def _stream_param(request: Request) -> str:
 
 async def job_output(request: Request) -> Response:
     job = _job(request)
-    name = _stream_param(request)
-    offset = _int_param(request, "offset", 0, 0, 1 << 62)
-    limit = _int_param(request, "limit", DEFAULT_PAGE_BYTES, 1, MAX_PAGE_BYTES)
+    name = stream_param(request)
+    offset = int_param(request, "offset", 0, 0, MAX_OFFSET)
+    limit = int_param(request, "limit", DEFAULT_PAGE_BYTES, 1, MAX_PAGE_BYTES)
     return json_answer(await job_views.page(job, name, offset, limit))
 
 
@@ -92,22 +95,31 @@ def _event(kind: str, data: str, event_id: str | None = None) -> bytes:
 
 
 async def _follow(job: Job, positions: dict[str, int]) -> AsyncIterator[bytes]:
+    """The events of a job for one reader, from ``positions`` on.
+
+    What each wake-up finds on both streams goes out in one write, and a stream
+    with nothing new is not read at all: with hundreds of readers on one job,
+    the writes are most of the cost.
+    """
     job.followers += 1  # so the run's thread wakes this loop on new output
     try:
         while True:
             ended = job.ended
-            sent = False
+            chunk = bytearray()
             for name in STREAMS:
+                if not (ended or job_views.may_have_more(job, name, positions[name])):
+                    continue
                 data, next_offset, _, _ = await read_stream(job, name, positions[name],
                                                             EVENT_BYTES)
                 if next_offset != positions[name]:
                     positions[name] = next_offset
-                    sent = True
                     event_id = f"{positions['stdout']}:{positions['stderr']}"
-                    yield _event(name, data.decode("utf-8", "replace"), event_id)
-            if ended and not sent:
+                    chunk += _event(name, data.decode("utf-8", "replace"), event_id)
+            if chunk:
+                yield bytes(chunk)
+            elif ended:
                 break
-            if not sent:
+            else:
                 await job.changed()
         body = result_json(job)
         if body is None:
