@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -86,13 +87,16 @@ def test_components_are_the_wire_shapes_and_only_the_request_carries_the_config(
 
 def test_every_answer_schema_allows_only_the_fields_it_lists(client: TestClient) -> None:
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
-    answers = {name: schema for name, schema in schemas.items() if name != "CommandRequest"}
+    requests = {shape.__name__ for shape in wire.SHAPES if issubclass(shape, wire.Request)}
+    assert requests == {"CommandRequest", "InvalidateRequest"}
+    answers = {name: schema for name, schema in schemas.items() if name not in requests}
     assert {"CommandResult", "Error", "SystemMetrics"} <= answers.keys()
     assert all(schema["additionalProperties"] is False for schema in answers.values())
 
 
 def _check(document: Document, method: str, path: str, response: requests.Response) -> None:
     """The response's status is documented for the operation and its body fits that schema."""
+    path = _described_path(document, path)
     status = str(response.status_code)
     if status == "405":  # a method the path does not take has no operation to describe it
         assert method.lower() not in document["paths"][path]
@@ -109,6 +113,15 @@ def _check(document: Document, method: str, path: str, response: requests.Respon
     schema = {**documented["content"]["application/json"]["schema"],
               "components": document["components"]}
     Draft202012Validator(schema, format_checker=FormatChecker()).validate(response.json())
+
+
+def _described_path(document: Document, path: str) -> str:
+    """The path of the document that describes ``path`` (a query left out, a key filled in)."""
+    path = path.partition("?")[0]
+    for described in document["paths"]:
+        if re.fullmatch(re.sub(r"\{\w+\}", "[^/]+", described), path):
+            return described
+    raise AssertionError(f"{path} is not described")
 
 
 #: Requests covering every operation and every error a client can cause, with the
@@ -139,6 +152,18 @@ REQUESTS: list[tuple[str, str, dict[str, str], Any, int]] = [
     ("POST", "/api/cache/clear", {}, None, 401),
     ("POST", "/api/cache/clear", _ADMIN, None, 200),
     ("DELETE", "/api/cache/clear", _ADMIN, None, 405),
+    ("GET", "/api/cache/entries", _USER, None, 200),
+    ("GET", "/api/cache/entries?prefix=echo&limit=1", _USER, None, 200),
+    ("GET", "/api/cache/entries?limit=0", _USER, None, 400),
+    ("GET", "/api/cache/entries", {}, None, 401),
+    ("GET", f"/api/cache/entries/{'0' * 64}", _USER, None, 404),
+    ("GET", f"/api/cache/entries/{'0' * 64}/output", _USER, None, 404),
+    ("DELETE", f"/api/cache/entries/{'0' * 64}", _USER, None, 403),
+    ("DELETE", f"/api/cache/entries/{'0' * 64}", _ADMIN, None, 404),
+    ("POST", f"/api/cache/entries/{'0' * 64}", _ADMIN, None, 405),
+    ("POST", "/api/cache/invalidate", _USER, {"prefix": "echo "}, 403),
+    ("POST", "/api/cache/invalidate", _ADMIN, {"prefix": "echo ", "glob": "*"}, 400),
+    ("POST", "/api/cache/invalidate", _ADMIN, {"glob": "echo *"}, 200),
     ("GET", "/health", {}, None, 200),
     ("POST", "/health", {}, None, 405),
     ("GET", "/livez", {}, None, 200),
@@ -160,6 +185,15 @@ def test_live_responses_match_the_document(
                 method, server.url + path, headers=headers, json=body, timeout=30
             )
             assert response.status_code == status, (method, path, body, response.text)
+            _check(document, method, path, response)
+        stored = session.post(f"{server.url}/api/command", headers=_USER, timeout=30,
+                              json={"command": "echo stored"}).json()["cache_key"]
+        for method, path, headers in (("GET", f"/api/cache/entries/{stored}", _USER),
+                                      ("GET", f"/api/cache/entries/{stored}/output", _USER),
+                                      ("GET", "/api/cache/entries?prefix=echo", _USER),
+                                      ("DELETE", f"/api/cache/entries/{stored}", _ADMIN)):
+            response = session.request(method, server.url + path, headers=headers, timeout=30)
+            assert response.status_code == 200, (method, path, response.text)
             _check(document, method, path, response)
         missing = session.get(f"{server.url}/no/such/path", timeout=10)
     assert missing.status_code == 404

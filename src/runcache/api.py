@@ -175,7 +175,7 @@ async def on_http_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, HTTPException)
     path, method = request.url.path, request.method
     if error.status_code == 405:
-        allowed = (*(error.headers or {}).get("Allow", "").split(", "), "OPTIONS")
+        allowed = (*_methods_at(request), "OPTIONS")
         if method == "OPTIONS":  # what the path takes: the answer HTTP gives OPTIONS
             return Response(status_code=200, headers={"Allow": ", ".join(allowed)})
         return error_answer(MethodNotAllowed(f"method {method} is not allowed on {path}", allowed))
@@ -184,6 +184,16 @@ async def on_http_error(request: Request, error: Exception) -> Response:
     problem = RuncacheError(error.detail)
     problem.status = error.status_code
     return error_answer(problem)
+
+
+def _methods_at(request: Request) -> list[str]:
+    """The methods of every route at the request's path: a path may have a route per
+    method (``GET`` and an admin-only ``DELETE``, say)."""
+    methods: list[str] = []
+    for route in request.app.routes:
+        if isinstance(route, Route) and route.path_regex.match(request.scope["path"]):
+            methods.extend(method for method in route.methods or () if method not in methods)
+    return methods
 
 
 async def on_unexpected(request: Request, error: Exception) -> Response:

@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from runcache import api, dashboard, jobs_api, process_api
+from runcache import api, dashboard, entries_api, jobs_api, process_api
 from runcache.auth import TokenGate
 from runcache.config import Config
 from runcache.errors import RuncacheError
@@ -32,6 +32,7 @@ def create_app(config: Config | None = None, engine: Engine | None = None) -> St
     mcp_endpoint = McpEndpoint(engine)
     routes = [
         *api.ROUTES,
+        *entries_api.ROUTES,
         *jobs_api.ROUTES,
         *process_api.ROUTES,
         *dashboard.ROUTES,

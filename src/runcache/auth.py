@@ -18,6 +18,7 @@ import hmac
 import logging
 from collections.abc import Iterable
 
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from runcache.errors import Forbidden, RuncacheError, Unauthorized
@@ -39,7 +40,8 @@ CREDENTIAL = "runcache.credential"
 class TokenGate:
     """Refuses ``/api/*`` requests without the token, and admin routes without the admin token.
 
-    ``admin_routes`` are the (method, path) pairs only the admin token may call.
+    ``admin_routes`` are the (method, path) pairs only the admin token may call; a
+    path may be a route's template (``/api/cache/entries/{cache_key}``).
     """
 
     def __init__(
@@ -48,7 +50,10 @@ class TokenGate:
         self.app = app
         self._token = token.encode()
         self._admin = admin_token.encode()
+        admin_routes = list(admin_routes)
         self._admin_routes = frozenset(admin_routes)
+        self._admin_templates = [(method, compile_path(path)[0])
+                                 for method, path in admin_routes if "{" in path]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and _protected(scope["path"]):
@@ -65,7 +70,7 @@ class TokenGate:
             return Unauthorized(
                 "this server needs a token: send the header Authorization: Bearer <token>"
             )
-        if (scope["method"], scope["path"]) in self._admin_routes:
+        if self._needs_admin(scope["method"], scope["path"]):
             if not hmac.compare_digest(presented, self._admin):
                 _refuse(scope, "wrong admin token")
                 return Forbidden("this operation needs the admin token")
@@ -75,6 +80,11 @@ class TokenGate:
             return Forbidden("the token sent is not valid for this server")
         scope[CREDENTIAL] = "admin" if is_admin else "token"
         return None
+
+    def _needs_admin(self, method: str, path: str) -> bool:
+        return (method, path) in self._admin_routes or any(
+            method == admin_method and template.match(path)
+            for admin_method, template in self._admin_templates)
 
 
 def _protected(path: str) -> bool:

@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from runcache.errors import StoreError
-from runcache.stores.base import CacheStats, Store
+from runcache.stores.base import CacheStats, CommandMatch, EntryInfo, Store
 
 T = TypeVar("T")
 
@@ -84,11 +84,13 @@ class Cache:
         self._succeeded()
         return found
 
-    async def put(self, key: str, value: bytes, ttl: float, epoch: int | None) -> bool:
+    async def put(self, key: str, value: bytes, ttl: float, epoch: int | None,
+                  command: str = "", return_code: int = 0) -> bool:
         """Store a result unless the store is down or was cleared since ``epoch`` was read."""
         if epoch is None:
             return False
-        return await self._attempt(False, self.store.put, key, value, ttl, epoch)
+        return await self._attempt(False, self.store.put, key, value, ttl, epoch, command,
+                                   return_code)
 
     async def epoch(self) -> int | None:
         """The store's clear counter, or None when the store cannot be reached."""
@@ -104,6 +106,20 @@ class Cache:
     async def stats(self) -> CacheStats:
         """The store's statistics; raises StoreError if the store is down."""
         return await self._insist(self.store.stats)
+
+    # What operators do to entries: each raises StoreError while the store is down.
+
+    async def entries(self, prefix: str, offset: int, limit: int) -> list[EntryInfo]:
+        return await self._insist(functools.partial(self.store.entries, prefix, offset, limit))
+
+    async def entry(self, key: str) -> tuple[EntryInfo, bytes] | None:
+        return await self._insist(functools.partial(self.store.entry, key))
+
+    async def delete(self, key: str) -> bool:
+        return await self._insist(functools.partial(self.store.delete, key))
+
+    async def delete_matching(self, match: CommandMatch) -> int:
+        return await self._insist(functools.partial(self.store.delete_matching, match))
 
     async def _call(self, operation: Callable[..., T], *args: Any) -> T:
         """``operation(*args)``: here when the store answers from memory, else in a thread."""

@@ -18,7 +18,8 @@ from starlette.responses import Response
 from runcache import __version__, wire
 from runcache.api import engine_of
 from runcache.config import Config
-from runcache.job_views import DEFAULT_PAGE_BYTES, MAX_PAGE_BYTES
+from runcache.entry_views import DEFAULT_LIST, MAX_LIST
+from runcache.job_views import DEFAULT_PAGE_BYTES, MAX_OFFSET, MAX_PAGE_BYTES
 from runcache.responses import JSONBytes
 
 Schema = dict[str, Any]
@@ -80,6 +81,7 @@ def _paths(config: Config, protected: bool) -> Schema:
             ok=("The cache is empty.", "Cleared"), errors=[*api_errors, "503"],
             protected=protected,
         )},
+        **_entry_paths(api_errors, protected),
         "/api/telemetry": {"get": _operation(
             "telemetry", "What the server ran, and the machine it runs on.",
             ok=("Execution counts and system metrics.", "Telemetry"), errors=api_errors,
@@ -108,10 +110,79 @@ def _paths(config: Config, protected: bool) -> Schema:
 _JOB_ID = {"name": "job_id", "in": "path", "required": True,
            "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"}}
 
+_CACHE_KEY = {"name": "cache_key", "in": "path", "required": True,
+              "description": "The entry's key: `cache_key` in a result or a listing.",
+              "schema": {"type": "string"}}
+
 
 def _query(name: str, description: str, schema: Schema) -> Schema:
     return {"name": name, "in": "query", "required": False, "description": description,
             "schema": schema}
+
+
+def _page_parameters() -> list[Schema]:
+    """The query of a page of output: a job's or a cache entry's."""
+    return [
+        _query("stream", "The stream to read.",
+               {"type": "string", "enum": ["stdout", "stderr"], "default": "stdout"}),
+        _query("offset", "The first byte to read.",
+               {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0}),
+        _query("limit", "Most bytes to read.",
+               {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_BYTES,
+                "default": DEFAULT_PAGE_BYTES}),
+    ]
+
+
+def _entry_paths(api_errors: list[str], protected: bool) -> Schema:
+    """The cache entries API (:mod:`runcache.entries_api`). None of it counts a hit or a
+    miss; the deletions need the admin token when tokens are on."""
+    errors = [*api_errors, "404", "503"]
+    return {
+        "/api/cache/entries": {"get": _operation(
+            "listEntries", "Live cache entries, newest first; counts no hit or miss.",
+            ok=("A page of entries.", "CacheEntryList"), errors=["400", *api_errors, "503"],
+            protected=protected,
+            parameters=[
+                _query("prefix", "Only entries whose command starts with this.",
+                       {"type": "string", "default": ""}),
+                _query("offset", "Entries to skip.",
+                       {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0}),
+                _query("limit", "Most entries to list.",
+                       {"type": "integer", "minimum": 1, "maximum": MAX_LIST,
+                        "default": DEFAULT_LIST}),
+            ],
+        )},
+        "/api/cache/entries/{cache_key}": {
+            "get": _operation(
+                "getEntry", "One live entry and the result it holds; counts no hit.",
+                ok=("The entry.", "CacheEntryDetail"), errors=errors, protected=protected,
+                parameters=[_CACHE_KEY],
+            ),
+            "delete": _operation(
+                "deleteEntry", "Delete one live entry; needs the admin token when tokens are "
+                "on. Counts no eviction.",
+                ok=("Deleted.", "Deleted"), errors=errors, protected=protected,
+                parameters=[_CACHE_KEY],
+            ),
+        },
+        "/api/cache/entries/{cache_key}/output": {"get": _operation(
+            "entryOutput",
+            "A page of one stream of a stored result, as a finished job's output is paged: "
+            "offsets count bytes of the stored text's UTF-8, and data never splits a "
+            "character.",
+            ok=("The page.", "JobOutput"), errors=["400", *errors], protected=protected,
+            parameters=[_CACHE_KEY, *_page_parameters()],
+        )},
+        "/api/cache/invalidate": {"post": _operation(
+            "invalidateEntries",
+            "Delete every live entry whose command starts with `prefix`, or matches the "
+            "shell-style pattern `glob` as a whole (exactly one of them); needs the admin "
+            "token when tokens are on. Statistics are not reset.",
+            ok=("How many entries went.", "Deleted"),
+            errors=["400", *api_errors, "413", "503"], protected=protected,
+            body={"$ref": "#/components/schemas/InvalidateRequest"},
+        )},
+    }
 
 
 def _job_paths(api_errors: list[str], protected: bool) -> Schema:
@@ -134,16 +205,7 @@ def _job_paths(api_errors: list[str], protected: bool) -> Schema:
             "captured stream (after the end, of the stored text's UTF-8: the same unless the "
             "output was not valid UTF-8); data never splits a UTF-8 character.",
             ok=("The page.", "JobOutput"), errors=["400", *errors], protected=protected,
-            parameters=[
-                _JOB_ID,
-                _query("stream", "The stream to read.",
-                       {"type": "string", "enum": ["stdout", "stderr"], "default": "stdout"}),
-                _query("offset", "The first byte to read.",
-                       {"type": "integer", "minimum": 0, "default": 0}),
-                _query("limit", "Most bytes to read.",
-                       {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_BYTES,
-                        "default": DEFAULT_PAGE_BYTES}),
-            ],
+            parameters=[_JOB_ID, *_page_parameters()],
         )},
         "/api/jobs/{job_id}/events": {"get": _operation(
             "jobEvents",
@@ -291,7 +353,8 @@ def _error_responses(config: Config) -> Schema:
         "400": "The request is malformed or asks for something out of bounds.",
         "401": "No bearer token was sent.",
         "403": "The token sent does not grant this operation.",
-        "404": "No endpoint at this path, or no job with this id on this server.",
+        "404": "No endpoint at this path, or no job with this id on this server, or no "
+               "live cache entry with this key.",
         "405": "The path does not take this method; the Allow header lists those it takes.",
         "409": "The job cannot do this now: it has ended, or is paused already, or is not.",
         "413": f"The body is larger than {config.max_body_bytes} bytes.",

@@ -272,7 +272,8 @@ class Engine:
                 epoch = await self.cache.epoch()
                 result, body = await self._execute(plan, client, job.control)
                 if result.success:
-                    await self.cache.put(plan.key, body, plan.ttl, epoch)
+                    await self.cache.put(plan.key, body, plan.ttl, epoch, plan.command,
+                                         result.return_code)
                 job.finish(body, result)
                 return body
         except RuncacheError as error:  # refused before it ran: every slot stayed busy

@@ -16,6 +16,7 @@ document by :func:`command_request_schema`.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import typing
@@ -348,11 +349,13 @@ def shape_schema(shape: type[Struct]) -> dict[str, Any]:
 
 
 def _closed(components: dict[str, Any], shapes: tuple[type[Struct], ...]) -> dict[str, Any]:
-    """Answers allow no field they do not list; requests ignore those they do not know."""
+    """Answers allow no field they do not list; requests ignore those they do not know.
+    A shape's schema also states what ``_SCHEMA_EXTRAS`` holds for it."""
     requests = {shape.__name__ for shape in shapes if issubclass(shape, Request)}
     for name, schema in components.items():
         if name not in requests:
             schema["additionalProperties"] = False
+        schema.update(copy.deepcopy(_SCHEMA_EXTRAS.get(name, {})))
     return components
 
 
@@ -552,3 +555,83 @@ class TaskResult(Struct, frozen=True, kw_only=True):
 
 SHAPES = (*SHAPES, ProcessList, ProcessDetail, ProcessDone, ProcessFailure, Dashboard,
           TaskSubmitted, TaskResult)
+
+
+# -- cache entries: listing, reading, deleting and invalidating what the cache holds --
+
+_EpochSeconds = Annotated[float, Meta(ge=0, description="Seconds since the epoch.")]
+
+
+class CacheEntry(Struct, frozen=True, kw_only=True):
+    """One cached result as ``GET /api/cache/entries`` lists it. ``hits`` are this
+    entry's since it was stored. An entry stored by a runcache older than these
+    fields has an empty ``command`` and a ``created_at`` of 0."""
+
+    cache_key: str
+    command: str
+    bytes: _Count
+    created_at: _EpochSeconds
+    expires_at: _EpochSeconds
+    hits: _Count
+    return_code: int
+
+
+class CacheEntryList(Struct, frozen=True, kw_only=True):
+    """The answer of ``GET /api/cache/entries``: live entries, newest first;
+    ``next_offset`` asks for the next page, null after the last."""
+
+    entries: list[CacheEntry]
+    next_offset: _Count | None
+
+
+class CacheEntryDetail(CacheEntry, frozen=True, kw_only=True):
+    """The answer of ``GET /api/cache/entries/{cache_key}``: the entry, and the
+    result it holds as ``POST /api/command`` answers it, without the flags."""
+
+    result: StoredResult
+
+
+def _not_empty(name: str, description: str) -> Meta:
+    """A string of at least one character, with the messages for ``name``."""
+    return Meta(min_length=1, description=description, extra={
+        "type": f"{name} must be a string", "constraint": f"{name} must not be empty",
+    })
+
+
+class InvalidateRequest(Request, frozen=True):
+    """The body of ``POST /api/cache/invalidate``: exactly one of ``prefix`` and ``glob``."""
+
+    prefix: Annotated[str, _not_empty(
+        "prefix", "Delete the entries whose command starts with this.")] | UnsetType = UNSET
+    glob: Annotated[str, _not_empty(
+        "glob", "Delete the entries whose whole command matches this shell-style pattern "
+                "(*, ?, [abc], [!abc]).")] | UnsetType = UNSET
+
+
+#: What the JSON Schema of a shape states beyond its fields.
+_SCHEMA_EXTRAS: dict[str, dict[str, Any]] = {
+    "InvalidateRequest": {"oneOf": [{"required": ["prefix"]}, {"required": ["glob"]}]},
+}
+
+INVALIDATE_ONE = 'give exactly one of "prefix" and "glob"'
+
+
+def decode_invalidate_request(body: bytes) -> InvalidateRequest:
+    """Decode and check a ``POST /api/cache/invalidate`` body; BadRequest says what is wrong."""
+    if not body.strip():
+        raise BadRequest(f"the body must be a JSON object: {INVALIDATE_ONE}")
+    request = decode_request(InvalidateRequest, body)
+    if (request.prefix is UNSET) == (request.glob is UNSET):
+        raise BadRequest(INVALIDATE_ONE)
+    return request
+
+
+class Deleted(Struct, frozen=True, kw_only=True):
+    """The answer of ``DELETE /api/cache/entries/{cache_key}`` and of
+    ``POST /api/cache/invalidate``: how many entries went."""
+
+    success: Literal[True] = True
+    deleted: _Count
+
+
+SHAPES = (*SHAPES, CacheEntryList, CacheEntryDetail, InvalidateRequest, Deleted)

@@ -1,0 +1,65 @@
+"""The cache entries API: list what the cache holds, read and page an entry, delete
+entries one by one or by command (the deletions need the admin token).
+
+The answers are built by :mod:`runcache.entry_views`; this module reads the
+request's parameters.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from runcache import entry_views, wire
+from runcache.api import admin_only, client_of, engine_of, read_body
+from runcache.job_views import DEFAULT_PAGE_BYTES, MAX_OFFSET, MAX_PAGE_BYTES
+from runcache.jobs_api import int_param, stream_param
+from runcache.responses import json_answer
+
+
+def _key(request: Request) -> str:
+    key: str = request.path_params["cache_key"]
+    return key
+
+
+async def list_entries(request: Request) -> Response:
+    prefix = request.query_params.get("prefix", "")
+    offset = int_param(request, "offset", 0, 0, MAX_OFFSET)
+    limit = int_param(request, "limit", entry_views.DEFAULT_LIST, 1, entry_views.MAX_LIST)
+    return json_answer(await entry_views.listing(engine_of(request), prefix, offset, limit))
+
+
+async def entry_detail(request: Request) -> Response:
+    return json_answer(await entry_views.detail(engine_of(request), _key(request)))
+
+
+async def entry_output(request: Request) -> Response:
+    stream = stream_param(request)
+    offset = int_param(request, "offset", 0, 0, MAX_OFFSET)
+    limit = int_param(request, "limit", DEFAULT_PAGE_BYTES, 1, MAX_PAGE_BYTES)
+    answer = await entry_views.page(engine_of(request), _key(request), stream, offset, limit)
+    return json_answer(answer)
+
+
+@admin_only
+async def delete_entry(request: Request) -> Response:
+    answer = await entry_views.delete(engine_of(request), _key(request), client_of(request))
+    return json_answer(answer)
+
+
+@admin_only
+async def invalidate(request: Request) -> Response:
+    engine = engine_of(request)
+    body = wire.decode_invalidate_request(
+        await read_body(request, engine.config.max_body_bytes))
+    return json_answer(await entry_views.invalidate(engine, body, client_of(request)))
+
+
+ROUTES = [
+    Route("/api/cache/entries", list_entries, methods=["GET"]),
+    Route("/api/cache/entries/{cache_key}", entry_detail, methods=["GET"]),
+    Route("/api/cache/entries/{cache_key}", delete_entry, methods=["DELETE"]),
+    Route("/api/cache/entries/{cache_key}/output", entry_output, methods=["GET"]),
+    Route("/api/cache/invalidate", invalidate, methods=["POST"]),
+]
