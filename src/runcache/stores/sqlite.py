@@ -234,7 +234,7 @@ class SqliteStore:
 
     def entries(self, prefix: str, offset: int, limit: int) -> list[EntryInfo]:
         # Newest first by id: a put inserts its row anew, and SQLite gives a new
-        # row an id above every other (this table never uses AUTOINCREMENT's gaps).
+        # row the id one above the largest in the table.
         with self._reading() as db:
             rows = db.execute(
                 f"SELECT {_INFO} FROM entries WHERE namespace = ? AND expires_at > ?"
