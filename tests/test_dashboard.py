@@ -7,6 +7,7 @@ installs it).
 
 from __future__ import annotations
 
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -51,13 +52,23 @@ def api(server: LiveServer) -> Iterator[httpx.Client]:
         yield client
 
 
+#: What Chromium logs for an answer of 401 or 403, which these tests ask for on purpose.
+REFUSED = re.compile(r"^Failed to load resource: the server responded with a status of 40[13]")
+
+
 @pytest.fixture
 def page(browser: Browser, server: LiveServer) -> Iterator[Page]:
+    """The dashboard, opened; a test fails if the page threw or logged an error."""
     context = browser.new_context()
     opened = context.new_page()
+    errors: list[str] = []
+    opened.on("pageerror", lambda error: errors.append(f"uncaught: {error}"))
+    opened.on("console", lambda message: errors.append(f"console: {message.text}")
+              if message.type == "error" and not REFUSED.match(message.text) else None)
     opened.goto(server.url + "/")
     yield opened
     context.close()
+    assert errors == []
 
 
 def _sign_in(page: Page) -> None:
