@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import psutil
 import pytest
@@ -66,6 +67,33 @@ def test_use_cache_false_runs_again_and_does_not_look_up(client: TestClient) -> 
     second = run(client, command="echo $$", use_cache=False)
     assert second["cached"] is False and second["stdout"] != first["stdout"]
     assert stats(client)["misses"] == 1
+
+
+def test_refresh_runs_again_and_replaces_the_stored_result(
+    client: TestClient, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    command = f"echo run >> {runs}; wc -l < {runs}"
+    first = client.post("/api/command", json={"command": command}).json()
+    hit = client.post("/api/command", json={"command": command}).json()
+    assert (first["stdout"], hit["stdout"], hit["cached"]) == ("1\n", "1\n", True)
+    refreshed = client.post("/api/command", json={"command": command, "refresh": True}).json()
+    assert (refreshed["stdout"], refreshed["cached"]) == ("2\n", False)
+    after = client.post("/api/command", json={"command": command}).json()
+    assert (after["stdout"], after["cached"]) == ("2\n", True)  # the new result, stored
+    stats = client.get("/api/cache/stats").json()
+    assert (stats["size"], stats["hits"], stats["misses"]) == (1, 2, 1)  # a refresh is neither
+
+
+def test_refresh_with_use_cache_false_is_a_400_and_runs_nothing(
+    client: TestClient, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    response = client.post("/api/command", json={
+        "command": f"echo run >> {runs}", "refresh": True, "use_cache": False})
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("refresh stores the new result and use_cache")
+    assert not runs.exists()
 
 
 def test_failed_commands_are_not_cached(client: TestClient) -> None:

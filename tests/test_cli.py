@@ -104,6 +104,20 @@ def test_through_a_server_the_second_run_is_a_hit(live_server: LiveServer) -> No
     assert (stats["hits"], stats["misses"], stats["size"]) == (1, 1, 1)
 
 
+def test_run_refresh_runs_again_and_the_next_run_hits_the_new_result(
+    live_server: LiveServer, tmp_path: Path
+) -> None:
+    env = {"RUNCACHE_URL": live_server.url}
+    runs = tmp_path / "runs"
+    command = ("sh", "-c", f"echo run >> {runs}; wc -l < {runs}")
+    assert runcache("run", "--", *command, env=env).stdout == b"1\n"
+    assert runcache("run", "--", *command, env=env).stdout == b"1\n"  # a hit
+    assert runcache("run", "--refresh", "--", *command, env=env).stdout == b"2\n"
+    assert runcache("run", "--", *command, env=env).stdout == b"2\n"  # the new result
+    both = runcache("run", "--refresh", "--no-cache", "--", *command, env=env)
+    assert both.returncode == 2 and b"refresh stores the new result" in both.stderr
+
+
 def test_stats_prints_a_table(live_server: LiveServer) -> None:
     runcache("run", "--server", live_server.url, "--", "true")
     done = runcache("stats", "--server", live_server.url)

@@ -149,7 +149,7 @@ def test_tools_list_the_wire_schemas(mcp_args: list[str], tmp_path: Path) -> Non
         execute = tools["execute_command"]
         assert execute.input_schema["required"] == ["command"]  # the rest optional
         assert set(execute.input_schema["properties"]) == {
-            "command", "use_cache", "timeout", "ttl", "max_output_chars"}
+            "command", "use_cache", "timeout", "ttl", "refresh", "max_output_chars"}
         for name in TOOLS - set(REQUESTS):
             assert tools[name].input_schema["properties"] == {}, name
         hints = {name: tool.annotations for name, tool in tools.items()}

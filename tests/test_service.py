@@ -34,6 +34,25 @@ def test_concurrent_identical_requests_run_once(engine: Engine, tmp_path: Path) 
     assert stats.hits + stats.misses == 20
 
 
+def test_identical_refreshes_share_one_run_that_replaces_the_entry(
+    engine: Engine, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    command = f"echo run >> {runs}; sleep 0.3; wc -l < {runs}"
+    first = asyncio.run(engine.execute(CommandRequest(command)))
+    refresh = CommandRequest(command, refresh=True)
+
+    async def main() -> list[Outcome]:
+        return await asyncio.gather(*(engine.execute(refresh) for _ in range(10)))
+
+    outcomes = asyncio.run(main())
+    assert runs.read_text() == "run\n" * 2  # the first run, then one refresh for all ten
+    assert {outcome.result().stdout for outcome in outcomes} == {"2\n"}
+    assert sum(outcome.coalesced for outcome in outcomes) == 9
+    hit = asyncio.run(engine.execute(CommandRequest(command)))
+    assert (first.result().stdout, hit.cached, hit.result().stdout) == ("1\n", True, "2\n")
+
+
 def test_uncached_requests_are_not_coalesced(engine: Engine, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     request = CommandRequest(f"echo run >> {runs}; sleep 0.2", use_cache=False)

@@ -152,24 +152,31 @@ class Cache:
         return result
 
     @asynccontextmanager
-    async def exclusive(self, key: str, run_timeout: float) -> AsyncIterator[bytes | None]:
+    async def exclusive(self, key: str, run_timeout: float,
+                        superseded: bytes | None = None) -> AsyncIterator[bytes | None]:
         """Let one instance at a time run ``key``'s command.
 
         Yields None to the caller that should run the command (holding the
         store's lock for ``key`` meanwhile), or the result that another instance
-        stored while this one waited. The lock lapses on its own, so a crashed
-        holder delays the others by at most ``run_timeout`` plus a margin; a
-        store that fails lets the caller run the command unlocked.
+        stored while this one waited; a refresh names the result it replaces as
+        ``superseded``, which never counts as found. The lock lapses on its own,
+        so a crashed holder delays the others by at most ``run_timeout`` plus a
+        margin; a store that fails lets the caller run the command unlocked.
         """
-        token, found = await self._claim(key, run_timeout + LEASE_MARGIN)
+        token, found = await self._claim(key, run_timeout + LEASE_MARGIN, superseded)
         try:
             yield found
         finally:
             if token is not None:
                 await self._release(key, token)
 
-    async def _claim(self, key: str, lease: float) -> tuple[str | None, bytes | None]:
-        """Wait until this instance holds ``key``'s lock or its result is stored."""
+    async def peek(self, key: str) -> bytes | None:
+        """The stored result for ``key``, counting neither a hit nor a miss."""
+        return await self._attempt(None, self.store.peek, key)
+
+    async def _claim(self, key: str, lease: float,
+                     superseded: bytes | None) -> tuple[str | None, bytes | None]:
+        """Wait until this instance holds ``key``'s lock or a new result is stored."""
         deadline = time.monotonic() + lease
         pause = POLL_FIRST
         while not self._resting():
@@ -178,7 +185,7 @@ class Cache:
             except StoreError as error:
                 self._failed(error)
                 break
-            if found is not None:
+            if found is not None and found != superseded:
                 if token is not None:
                     await self._release(key, token)
                 return None, found

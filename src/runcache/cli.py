@@ -106,7 +106,10 @@ def _connect(server: str | None) -> Client | LocalClient:
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.option("--no-cache", is_flag=True, help="Run the command even if a result is cached.")
+@click.option("--no-cache", is_flag=True,
+              help="Run the command even if a result is cached, and store nothing.")
+@click.option("--refresh", is_flag=True,
+              help="Run the command even if a result is cached, and store the new result.")
 @click.option("--ttl", type=float, default=None, help="Seconds to keep this result cached.")
 @click.option("--timeout", type=float, default=None, help="Most seconds the command may run.")
 @client_options
@@ -114,6 +117,7 @@ def _connect(server: str | None) -> Client | LocalClient:
 def run(
     argv: tuple[str, ...],
     no_cache: bool,
+    refresh: bool,
     ttl: float | None,
     timeout: float | None,
     server: str | None,
@@ -125,7 +129,8 @@ def run(
     """
     signal.signal(signal.SIGTERM, _interrupt)
     with _connect(server) as backend:
-        job = backend.start(shlex.join(argv), use_cache=not no_cache, timeout=timeout, ttl=ttl)
+        job = backend.start(shlex.join(argv), use_cache=not no_cache, timeout=timeout, ttl=ttl,
+                            refresh=refresh)
         try:
             copy_output(backend, job.job_id, {"stdout": sys.stdout.buffer,
                                               "stderr": sys.stderr.buffer})

@@ -119,7 +119,8 @@ class _Closing:
 
 
 def command_request(
-    command: str, use_cache: bool, timeout: float | None, ttl: float | None
+    command: str, use_cache: bool, timeout: float | None, ttl: float | None,
+    refresh: bool = False, background: bool = False,
 ) -> wire.CommandRequest:
     """A ``POST /api/command`` body, checked as the server checks it.
 
@@ -131,6 +132,10 @@ def command_request(
         payload["timeout"] = timeout
     if ttl is not None:
         payload["ttl"] = ttl
+    if refresh:
+        payload["refresh"] = True
+    if background:
+        payload["background"] = True
     return wire.decode_command_request(orjson.dumps(payload))
 
 
@@ -196,11 +201,11 @@ class Client(_Closing):
         use_cache: bool = True,
         timeout: float | None = None,
         ttl: float | None = None,
+        refresh: bool = False,
     ) -> wire.JobAccepted:
         """Start (or join) a run in the background: its job, at once."""
-        request = command_request(command, use_cache, timeout, ttl)
-        body = wire.encode(wire.CommandRequest(request.command, request.use_cache,
-                                               request.timeout, request.ttl, background=True))
+        body = wire.encode(command_request(command, use_cache, timeout, ttl, refresh,
+                                           background=True))
         return self._request(wire.JobAccepted, "POST", "/api/command", body)
 
     def jobs(self) -> wire.JobList:
@@ -366,11 +371,10 @@ class LocalClient(_Closing):
         use_cache: bool = True,
         timeout: float | None = None,
         ttl: float | None = None,
+        refresh: bool = False,
     ) -> wire.JobAccepted:
-        request = command_request(command, use_cache, timeout, ttl)
-        background = wire.CommandRequest(request.command, request.use_cache, request.timeout,
-                                         request.ttl, background=True)
-        return self._portal.call(self._start, background)
+        request = command_request(command, use_cache, timeout, ttl, refresh, background=True)
+        return self._portal.call(self._start, request)
 
     async def _start(self, request: wire.CommandRequest) -> wire.JobAccepted:
         from runcache import job_views

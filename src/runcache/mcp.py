@@ -83,7 +83,8 @@ _EXECUTE = (
     "return_code, success (exit code 0 and not timed out), timed_out, cancelled, "
     "partial_results, execution_time (seconds), timestamp, cached (true when "
     "the answer came from the cache) and job_id. Successful results are cached; set "
-    "use_cache=false to run the command again regardless. timeout is the most "
+    "use_cache=false to run the command again regardless and store nothing, or "
+    "refresh=true to run it again and store the new result. timeout is the most "
     "seconds the command may run, and ttl how many seconds its result is kept "
     "(each the server's default when omitted). Progress is reported while it runs. "
     f"Each stream longer than max_output_chars (default {DEFAULT_OUTPUT_CHARS}) comes "
@@ -148,11 +149,12 @@ class _Tools:
 
     async def execute_command(
         self, command: str, use_cache: bool = True, timeout: float | None = None,
-        ttl: float | None = None, max_output_chars: int = DEFAULT_OUTPUT_CHARS,
-        ctx: Context | None = None,
+        ttl: float | None = None, refresh: bool = False,
+        max_output_chars: int = DEFAULT_OUTPUT_CHARS, ctx: Context | None = None,
     ) -> CallToolResult:
         request = _checked(ExecuteRequest, command=command, use_cache=use_cache,
-                           timeout=timeout, ttl=ttl, max_output_chars=max_output_chars)
+                           timeout=timeout, ttl=ttl, refresh=refresh,
+                           max_output_chars=max_output_chars)
         accepted = await _call(self.backend.start(_run_request(request)))
         detail = await self._until_ended(accepted.job_id, request.timeout, ctx)
         if isinstance(detail.result, msgspec.UnsetType):
@@ -179,10 +181,10 @@ class _Tools:
 
     async def start_command(
         self, command: str, use_cache: bool = True, timeout: float | None = None,
-        ttl: float | None = None,
+        ttl: float | None = None, refresh: bool = False,
     ) -> CallToolResult:
         request = _checked(wire.RunRequest, command=command, use_cache=use_cache,
-                           timeout=timeout, ttl=ttl)
+                           timeout=timeout, ttl=ttl, refresh=refresh)
         return _answer(await _call(self.backend.start(request)))
 
     async def job_status(self, job_id: str) -> CallToolResult:
@@ -309,7 +311,8 @@ def _checked(shape: type[T], **arguments: Any) -> T:
 
 
 def _run_request(request: ExecuteRequest) -> wire.RunRequest:
-    return wire.RunRequest(request.command, request.use_cache, request.timeout, request.ttl)
+    return wire.RunRequest(request.command, request.use_cache, request.timeout, request.ttl,
+                           request.refresh)
 
 
 async def _call(operation: Awaitable[T]) -> T:

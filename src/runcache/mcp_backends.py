@@ -91,7 +91,7 @@ class EngineBackend:
 
     async def start(self, request: wire.RunRequest) -> wire.JobAccepted:
         background = wire.CommandRequest(request.command, request.use_cache, request.timeout,
-                                         request.ttl, background=True)
+                                         request.ttl, request.refresh, background=True)
         return await job_views.accepted(await self.engine.submit(background, MCP_CLIENT))
 
     async def wait(self, job_id: str, seconds: float) -> wire.JobDetail:
@@ -162,7 +162,7 @@ class ServerBackend:
 
     async def start(self, request: wire.RunRequest) -> wire.JobAccepted:
         return await self._call(self.client.start, request.command, request.use_cache,
-                                request.timeout, request.ttl)
+                                request.timeout, request.ttl, request.refresh)
 
     async def wait(self, job_id: str, seconds: float) -> wire.JobDetail:
         with anyio.move_on_after(seconds):

@@ -56,6 +56,8 @@ class Plan:
     timeout: float
     ttl: float
     use_cache: bool
+    #: Run even if a result is cached, and store the new one in its place.
+    refresh: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,11 +149,12 @@ class Engine:
                                   self.config.max_timeout),
             ttl=self._bounded(request.ttl, "ttl", self.config.default_ttl, self.config.max_ttl),
             use_cache=request.use_cache,
+            refresh=self._refresh(request),
         )
 
     async def lookup(self, plan: Plan, client: str) -> Outcome | None:
         """The cached answer, if the request may have one and there is one."""
-        if not plan.use_cache:
+        if not plan.use_cache or plan.refresh:
             return None
         cached = await self.cache.get(plan.key)
         if cached is None:
@@ -265,7 +268,8 @@ class Engine:
                 job.finish(body, result)
                 return body
             lease = self.config.queue_timeout + plan.timeout
-            async with self.cache.exclusive(plan.key, lease) as elsewhere:
+            superseded = await self.cache.peek(plan.key) if plan.refresh else None
+            async with self.cache.exclusive(plan.key, lease, superseded) as elsewhere:
                 if elsewhere is not None:
                     job.finish(elsewhere, None, elsewhere=True)
                     return elsewhere
@@ -306,6 +310,13 @@ class Engine:
         result = self.runner.run(plan.argv, plan.timeout, control)
         control.sealed = True  # encoding empties its buffers: pages come from the result now
         return result, encode_result(result, plan.key)
+
+    @staticmethod
+    def _refresh(request: CommandRequest) -> bool:
+        if request.refresh and not request.use_cache:
+            raise BadRequest("refresh stores the new result and use_cache false stores nothing: "
+                             "send one of them")
+        return request.refresh
 
     @staticmethod
     def _bounded(value: float | None, name: str, default: float, limit: float) -> float:

@@ -89,6 +89,14 @@ Background = Annotated[
     ),
 ]
 Ttl = Annotated[float, _seconds("ttl", "Seconds this result is kept in the cache.")]
+Refresh = Annotated[
+    bool,
+    Meta(
+        description="true runs the command even when a result is cached, and stores the "
+                    "new result in its place (identical requests still share the run).",
+        extra={"type": "refresh must be true or false"},
+    ),
+]
 
 
 class Request(Struct, frozen=True):
@@ -102,6 +110,7 @@ class RunRequest(Request, frozen=True):
     use_cache: UseCache = True
     timeout: Timeout | None = None
     ttl: Ttl | None = None
+    refresh: Refresh = False
 
 
 class CommandRequest(RunRequest, frozen=True):
@@ -611,6 +620,11 @@ class InvalidateRequest(Request, frozen=True):
 #: What the JSON Schema of a shape states beyond its fields.
 _SCHEMA_EXTRAS: dict[str, dict[str, Any]] = {
     "InvalidateRequest": {"oneOf": [{"required": ["prefix"]}, {"required": ["glob"]}]},
+    **dict.fromkeys(("RunRequest", "CommandRequest", "ExecuteRequest"), {
+        # refresh stores the new result, use_cache false stores nothing: not both.
+        "not": {"required": ["refresh", "use_cache"],
+                "properties": {"refresh": {"const": True}, "use_cache": {"const": False}}},
+    }),
 }
 
 INVALIDATE_ONE = 'give exactly one of "prefix" and "glob"'
