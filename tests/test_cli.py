@@ -284,3 +284,30 @@ def _group_gone(pgid: int) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_entries_lists_and_invalidate_deletes_with_the_admin_token(
+    live_server_factory: Callable[..., LiveServer],
+) -> None:
+    token, admin = "t" * 32, "a" * 32
+    server = live_server_factory(env={"RUNCACHE_TOKEN": token, "RUNCACHE_ADMIN_TOKEN": admin})
+    env = {"RUNCACHE_URL": server.url, "RUNCACHE_TOKEN": token}
+    marker = uuid.uuid4().hex
+    for command in (f"echo one {marker}", f"echo two {marker}", "printf other"):
+        assert runcache("run", "--", "sh", "-c", command, env=env).returncode == 0
+    listed = runcache("entries", "--prefix", "sh -c 'echo", env=env)
+    lines = listed.stdout.decode().splitlines()
+    assert listed.returncode == 0 and lines[0].split() == ["KEY", "BYTES", "HITS", "EXPIRES",
+                                                           "IN", "COMMAND"]
+    assert [line.endswith(f"two {marker}'") for line in lines[1:]] == [True, False]  # newest first
+    as_json = orjson.loads(runcache("entries", "--json", env=env).stdout)
+    assert len(as_json["entries"]) == 3
+    refused = runcache("invalidate", "--glob", f"*{marker}*", env=env)
+    assert refused.returncode == 2 and b"needs the admin token" in refused.stderr
+    done = runcache("invalidate", "--glob", f"*{marker}*",
+                    env={**env, "RUNCACHE_ADMIN_TOKEN": admin})
+    assert (done.returncode, done.stdout) == (0, b"deleted 2 entries\n")
+    left = orjson.loads(runcache("entries", "--json", env=env).stdout)["entries"]
+    assert [entry["command"] for entry in left] == ["sh -c 'printf other'"]
+    both = runcache("invalidate", "--prefix", "a", "--glob", "b", env=env)
+    assert both.returncode == 2 and b'exactly one of "prefix" and "glob"' in both.stderr

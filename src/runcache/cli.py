@@ -10,6 +10,7 @@ import os
 import shlex
 import signal
 import sys
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any, TypeVar
@@ -193,6 +194,39 @@ def clear(server: str | None) -> None:
     with _connect(server) as backend:
         answer = backend.clear()
     click.echo(answer.message)
+
+
+@cli.command()
+@click.option("--prefix", default="", help="Only commands that start with this.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True,
+              help="The most entries to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON object.")
+@client_options
+def entries(prefix: str, limit: int, as_json: bool, server: str | None) -> None:
+    """List cached results, newest first."""
+    with _connect(server) as backend:
+        listing = backend.entries(prefix, limit=limit)
+    if as_json:
+        click.echo(orjson.dumps(to_builtins(listing), option=orjson.OPT_INDENT_2).decode())
+        return
+    click.echo(f"{'KEY':<12}  {'BYTES':>9}  {'HITS':>6}  {'EXPIRES IN':>10}  COMMAND")
+    now = time.time()
+    for entry in listing.entries:
+        command = entry.command if len(entry.command) <= 60 else entry.command[:57] + "..."
+        click.echo(f"{entry.cache_key[:12]:<12}  {entry.bytes:>9}  {entry.hits:>6}  "
+                   f"{max(0.0, entry.expires_at - now):>9.0f}s  {command}")
+
+
+@cli.command()
+@click.option("--prefix", default=None, help="Delete the entries whose command starts with this.")
+@click.option("--glob", default=None,
+              help="Delete the entries whose command matches this pattern (*, ?, [abc]).")
+@client_options
+def invalidate(prefix: str | None, glob: str | None, server: str | None) -> None:
+    """Delete cached results by how their command starts, or by a pattern (admin token)."""
+    with _connect(server) as backend:
+        done = backend.invalidate(prefix, glob)
+    click.echo(f"deleted {done.deleted} {'entry' if done.deleted == 1 else 'entries'}")
 
 
 @cli.group(invoke_without_command=True)

@@ -139,6 +139,13 @@ def command_request(
     return wire.decode_command_request(orjson.dumps(payload))
 
 
+def invalidate_request(prefix: str | None, glob: str | None) -> wire.InvalidateRequest:
+    """A ``POST /api/cache/invalidate`` body, checked as the server checks it."""
+    payload = {name: value for name, value in (("prefix", prefix), ("glob", glob))
+               if value is not None}
+    return wire.decode_invalidate_request(orjson.dumps(payload))
+
+
 class Client(_Closing):
     """A runcache server over HTTP; every failure is a :class:`RuncacheError` with one line.
 
@@ -235,6 +242,23 @@ class Client(_Closing):
 
     def resume(self, job_id: str) -> wire.JobAction:
         return self._request(wire.JobAction, "POST", f"/api/jobs/{_segment(job_id)}/resume")
+
+    # -- cache entries ------------------------------------------------------------------
+
+    def entries(self, prefix: str = "", offset: int = 0,
+                limit: int | None = None) -> wire.CacheEntryList:
+        query: dict[str, str | int] = {"prefix": prefix, "offset": offset}
+        if limit is not None:
+            query["limit"] = limit
+        path = f"/api/cache/entries?{urllib.parse.urlencode(query)}"
+        return self._request(wire.CacheEntryList, "GET", path)
+
+    def invalidate(self, prefix: str | None = None, glob: str | None = None) -> wire.Deleted:
+        """Delete the entries whose command starts with ``prefix`` or matches ``glob``,
+        with the admin token when there is one."""
+        body = wire.encode(invalidate_request(prefix, glob))
+        return self._request(wire.Deleted, "POST", "/api/cache/invalidate", body,
+                             token=self.admin_token or self.token)
 
     # -- the reference's process routes ---------------------------------------------------
 
@@ -399,6 +423,19 @@ class LocalClient(_Closing):
 
         job = self._portal.call(lambda: self.engine.jobs.get(job_id))
         return self._portal.call(job_views.leave, self.engine, job)
+
+    def entries(self, prefix: str = "", offset: int = 0,
+                limit: int | None = None) -> wire.CacheEntryList:
+        from runcache import entry_views
+
+        size = entry_views.DEFAULT_LIST if limit is None else limit
+        return self._portal.call(entry_views.listing, self.engine, prefix, offset, size)
+
+    def invalidate(self, prefix: str | None = None, glob: str | None = None) -> wire.Deleted:
+        from runcache import entry_views
+
+        request = invalidate_request(prefix, glob)
+        return self._portal.call(entry_views.invalidate, self.engine, request, "local")
 
     def close(self) -> None:
         """Kill commands still running, stop the client's loop, and release the store."""
