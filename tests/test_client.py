@@ -19,7 +19,7 @@ from runcache.client import (
     normalize_url,
 )
 from runcache.config import Config
-from runcache.errors import BadRequest, ConfigError, Forbidden, Unauthorized
+from runcache.errors import BadRequest, ConfigError, Forbidden, NotFound, Unauthorized
 from runcache.service import Engine
 from runcache.wire import Cleared, CommandResult, to_builtins
 
@@ -109,7 +109,7 @@ def test_a_server_that_is_down_is_named_in_one_line() -> None:
 
 
 def test_something_else_on_the_port_is_not_taken_for_runcache(live_server: LiveServer) -> None:
-    with Client(live_server.url + "/nowhere") as client, pytest.raises(ServerError) as raised:
+    with Client(live_server.url + "/nowhere") as client, pytest.raises(NotFound) as raised:
         client.cache_stats()
     assert raised.value.status == 404
     assert raised.value.message.startswith("no endpoint at /nowhere/api/cache/stats")
