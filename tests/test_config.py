@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from runcache.config import Config, settings
+from runcache.config import Config, Setting, settings
 from runcache.errors import ConfigError
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -32,7 +36,7 @@ def test_environment_then_overrides() -> None:
 
 @pytest.mark.parametrize(
     ("environ", "message"),
-    [({"RUNCACHE_PORT": "eighty"}, "RUNCACHE_PORT must be a int"),
+    [({"RUNCACHE_PORT": "eighty"}, "RUNCACHE_PORT must be a whole number"),
      ({"RUNCACHE_MAX_ENTRIES": "0"}, "max_entries must be at least 1"),
      ({"RUNCACHE_DEFAULT_TIMEOUT": "99999"}, "default_timeout must not exceed max_timeout"),
      ({"RUNCACHE_LOG_LEVEL": "LOUD"}, "log_level")],
@@ -85,3 +89,46 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     command = after.split("```sh\n", 1)[1].split("\n```", 1)[0]
     ci_script = (README.parent / ".ci" / "run").read_text().rstrip("\n").splitlines()
     assert ci_script[-1] == command
+
+
+#: Every numeric setting of the table, so a new one is covered without a word here.
+NUMERIC = [setting for setting in settings()
+           if isinstance(setting.default, (int, float)) and not isinstance(setting.default, bool)]
+
+
+def _nonsense(setting: Setting) -> list[str]:
+    values = ["nan", "inf", "-inf", "-1", "1e12"]
+    minimum = next(field.metadata["minimum"] for field in dataclasses.fields(Config)
+                   if field.name == setting.name)
+    if minimum is not None and minimum > 0:
+        values.append("0")
+    return values
+
+
+@pytest.mark.parametrize("setting", NUMERIC, ids=lambda setting: setting.name)
+def test_every_numeric_setting_refuses_nonsense_naming_itself(setting: Setting) -> None:
+    for value in _nonsense(setting):
+        with pytest.raises(ConfigError) as refused:
+            Config.load(environ={setting.env_var: value})
+        message = refused.value.message
+        assert "\n" not in message, message
+        assert message.startswith(setting.name) or message.startswith(setting.env_var), message
+
+
+@pytest.mark.parametrize("setting", NUMERIC, ids=lambda setting: setting.name)
+def test_serve_refuses_a_nan_or_infinite_setting_with_one_line(setting: Setting) -> None:
+    """From the environment and from the flag: exit 2 and a line naming the setting, never a
+    traceback (a flag click cannot read as a whole number gets click's usage error)."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")}
+    for extra_env, flag in (({setting.env_var: "nan"}, []), ({}, [setting.flag, "inf"])):
+        done = subprocess.run(
+            [sys.executable, "-m", "runcache", "serve", *flag],
+            env={**environment, **extra_env}, capture_output=True, text=True, timeout=60,
+            check=False,
+        )
+        assert done.returncode == 2, done
+        assert "Traceback" not in done.stderr, done.stderr
+        last = done.stderr.strip().splitlines()[-1]
+        assert any(name in last for name in (setting.name, setting.flag, setting.env_var)), last
+        if extra_env:
+            assert done.stderr.count("\n") == 1, done.stderr

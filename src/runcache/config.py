@@ -9,6 +9,7 @@ checks that the README documents each one.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -20,15 +21,24 @@ from runcache.errors import ConfigError
 MiB = 1024 * 1024
 
 
+#: The most seconds any duration setting may be (about 31 years): past it, nonsense.
+MAX_SECONDS = 1e9
+
+
 def _setting(
-    default: Any, help: str, minimum: float | None = None, *, secret: bool = False
+    default: Any, help: str, minimum: float | None = None, *, secret: bool = False,
+    maximum: float | None = None,
 ) -> Any:
     """A row of the table.
 
     A ``secret`` is kept out of ``repr`` and gets no command-line flag, because a
-    flag's value is visible to every user of the machine in ``ps``.
+    flag's value is visible to every user of the machine in ``ps``. Numbers are
+    checked against ``minimum`` and ``maximum`` (seconds, when a float, against
+    ``MAX_SECONDS`` at most), and a float must be finite.
     """
-    metadata = {"help": help, "minimum": minimum, "secret": secret}
+    if maximum is None and isinstance(default, float):
+        maximum = MAX_SECONDS
+    metadata = {"help": help, "minimum": minimum, "maximum": maximum, "secret": secret}
     return field(default=default, repr=not secret, metadata=metadata)
 
 
@@ -37,7 +47,7 @@ class Config:
     """Everything an operator can set, with the defaults existing clients expect."""
 
     host: str = _setting("127.0.0.1", "Address to listen on.")
-    port: int = _setting(8888, "TCP port to listen on (0 picks a free one).", 0)
+    port: int = _setting(8888, "TCP port to listen on (0 picks a free one).", 0, maximum=65535)
     store: str = _setting(
         "memory://",
         "Where cached results live: memory://, sqlite:///path.db or redis://host:port/db"
@@ -97,10 +107,7 @@ class Config:
 
     def __post_init__(self) -> None:
         for setting in dataclasses.fields(self):
-            minimum = setting.metadata["minimum"]
-            value = getattr(self, setting.name)
-            if minimum is not None and value < minimum:
-                raise ConfigError(f"{setting.name} must be at least {minimum}, got {value}")
+            _check_range(setting.name, getattr(self, setting.name), setting.metadata)
         if self.default_timeout > self.max_timeout:
             raise ConfigError("default_timeout must not exceed max_timeout")
         if self.default_ttl > self.max_ttl:
@@ -207,13 +214,29 @@ class Setting:
         try:
             return self.kind(text)
         except ValueError:
-            raise ConfigError(f"{source} must be a {self.kind.__name__}, got {text!r}") from None
+            kind = {int: "a whole number", float: "a number"}.get(self.kind, self.kind.__name__)
+            raise ConfigError(f"{source} must be {kind}, got {text!r}") from None
 
 
 def settings() -> Iterator[Setting]:
     """The settings table, in the order the fields are declared."""
     for item in dataclasses.fields(Config):
         yield Setting(item.name, item.default, item.metadata["help"], item.metadata["secret"])
+
+
+def _check_range(name: str, value: Any, metadata: Mapping[str, Any]) -> None:
+    """One line naming the setting, its value and what is allowed, for a number out of range.
+    NaN passes every comparison, so finiteness is checked first."""
+    minimum, maximum = metadata["minimum"], metadata["maximum"]
+    if minimum is None and maximum is None:
+        return
+    low = "" if minimum is None else f"at least {minimum:g}"
+    high = "" if maximum is None else f"at most {maximum:g}"
+    allowed = " and ".join(part for part in (low, high) if part)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number {allowed}, got {value}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ConfigError(f"{name} must be {allowed}, got {value:g}")
 
 
 def _names(text: str) -> tuple[str, ...]:
