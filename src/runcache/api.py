@@ -197,5 +197,5 @@ def _methods_at(request: Request) -> list[str]:
 
 
 async def on_unexpected(request: Request, error: Exception) -> Response:
-    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=error)
+    log.error("unexpected error on %s %r", request.method, request.url.path, exc_info=error)
     return error_answer(RuncacheError("internal error; see the server log"))

@@ -102,8 +102,10 @@ def _bearer_token(scope: Scope) -> bytes | None:
 
 
 def _refuse(scope: Scope, reason: str) -> None:
+    """Log a refusal. The path is the requester's text, so it is quoted (as commands are):
+    a newline or an escape sequence in it cannot forge a line or repaint a terminal."""
     client = scope.get("client")
     log.warning(
-        "%s refused %s %s: %s", client[0] if client else "-", scope["method"], scope["path"],
+        "%s refused %s %r: %s", client[0] if client else "-", scope["method"], scope["path"],
         reason,
     )
