@@ -208,6 +208,8 @@ class RedisServer:
     port: int
     directory: Path
     process: subprocess.Popen[bytes] | None = None
+    #: Set, clients must send it (redis-server --requirepass).
+    password: str | None = None
 
     @property
     def url(self) -> str:
@@ -219,7 +221,8 @@ class RedisServer:
             pytest.fail("redis-server is not installed; the README's test command installs it")
         self.process = subprocess.Popen(
             [executable, "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.directory)],
+             "--save", "", "--appendonly", "no", "--dir", str(self.directory),
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL,
         )
         _LONG_LIVED.add(self.process.pid)
@@ -228,7 +231,7 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
                     sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
+                    if sock.recv(16).startswith((b"+PONG", b"-NOAUTH")):  # up, maybe locked
                         return
             except OSError:
                 time.sleep(0.05)

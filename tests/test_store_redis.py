@@ -13,16 +13,18 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis
+import requests
 
 from runcache.errors import ConfigError, StoreError
 from runcache.stores import open_store
 from runcache.stores import redis as redis_store
 from runcache.stores.redis import NATIVE_EXPIRY_GRACE, RedisStore
 
-from conftest import FakeClock, RedisServer, free_port
+from conftest import FakeClock, LiveServer, RedisServer, free_port
 
 MakeStore = Callable[..., RedisStore]
 
@@ -257,3 +259,28 @@ def test_missing_redis_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delitem(sys.modules, "runcache.stores.redis")
     with pytest.raises(ConfigError, match=r"pip install 'runcache\[redis\]'"):
         open_store("redis://127.0.0.1:6379/0", 10, 100)
+
+
+def test_a_password_in_the_url_query_works_and_is_never_shown(
+    live_server_factory: Callable[..., LiveServer], tmp_path: Path
+) -> None:
+    """As reported: with ``?password=...`` in the store URL, /health (open without a token)
+    and the start line showed it; only ``user:pw@`` was masked."""
+    secret = "query-s3cret-" + uuid.uuid4().hex
+    redis = RedisServer(free_port(), tmp_path, password=secret)
+    redis.start()
+    try:
+        url = f"redis://127.0.0.1:{redis.port}/0?password={secret}"
+        server = live_server_factory("--store", url)
+        ran = requests.post(f"{server.url}/api/command", json={"command": "echo kept"},
+                            timeout=10).json()
+        hit = requests.post(f"{server.url}/api/command", json={"command": "echo kept"},
+                            timeout=10).json()
+        assert (ran["cached"], hit["cached"]) == (False, True)  # it did reach the Redis
+        health = requests.get(f"{server.url}/health", timeout=10)
+        assert health.json()["status"] == "healthy"
+        assert "password=***" in health.json()["store"] and secret not in health.text
+        assert server.stop() == 0
+        assert secret not in "".join(server.output)
+    finally:
+        redis.stop()

@@ -44,7 +44,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgspec
 import redis
@@ -723,11 +723,21 @@ def _argument(value: Any) -> Any:
     return repr(value) if isinstance(value, float) else value
 
 
+#: Query parameters of a Redis URL that hold a secret (redis-py reads ``password``).
+_SECRET_PARAMETERS = frozenset({"password"})
+
+
 def mask_password(url: str) -> str:
-    """The URL with its password replaced by ``***``, for logs and ``/health``."""
+    """The URL with its password replaced by ``***``, wherever it is (``user:pw@`` or the
+    query's ``password=``), for logs and ``/health``."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        if any(name.lower() in _SECRET_PARAMETERS for name, _ in pairs):
+            masked = [(name, "***" if name.lower() in _SECRET_PARAMETERS else value)
+                      for name, value in pairs]
+            parts = parts._replace(query=urlencode(masked, safe="*"))
+    return urlunsplit(parts)
