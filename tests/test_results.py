@@ -22,7 +22,9 @@ def result(stdout: bytes, stderr: bytes = b"") -> RunResult:
      "ünïcödé ✓ 😀".encode(), b"bad \xff\xfe utf-8", b"cut \xe2\x9c"],
 )
 def test_small_output_matches_a_plain_encoder(raw: bytes) -> None:
-    encoded = json.loads(b"".join(json_string_pieces(bytearray(raw))))
+    pieces, cut = json_string_pieces(bytearray(raw))
+    encoded = json.loads(b"".join(pieces))
+    assert cut is False
     assert encoded == raw.decode("utf-8", errors="replace")
 
 
@@ -32,9 +34,31 @@ def test_large_output_is_encoded_in_slices_without_changing_it(
     monkeypatch.setattr(results, "SLICE_BYTES", 7)
     # Multi-byte characters and escapes straddle slice boundaries.
     raw = ("ab✓\"\\\n😀 " * 50).encode() + b"\xff tail \xe2\x9c"
-    pieces = json_string_pieces(bytearray(raw))
+    pieces, _ = json_string_pieces(bytearray(raw))
     assert len(pieces) > 10
     assert json.loads(b"".join(pieces)) == raw.decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("slice_bytes", [7, 1 << 20])
+def test_the_cap_counts_the_json_sent_not_the_bytes_printed(
+    monkeypatch: pytest.MonkeyPatch, slice_bytes: int
+) -> None:
+    """As reported: NUL bytes escape to six bytes each, so a capped stream of them became
+    six times the cap on the wire. Now the JSON is cut at the cap, at a whole escape."""
+    monkeypatch.setattr(results, "SLICE_BYTES", slice_bytes)
+    pieces, cut = json_string_pieces(bytearray(b"ab" + b"\x00" * 1000 + "é".encode()), 100)
+    joined = b"".join(pieces)
+    assert cut is True and len(joined) - 2 <= 100
+    assert json.loads(joined) == "ab" + "\x00" * 16  # 2 + 16 * 6 = 98 bytes: whole escapes
+    text = ("x" * 90 + "😀é").encode()
+    whole, cut = json_string_pieces(bytearray(text), 100)
+    assert cut is False and json.loads(b"".join(whole)) == text.decode()
+
+
+def test_a_cut_stream_is_marked_truncated() -> None:
+    decoded = json.loads(encode_result(result(b"\x00" * 600, b"fine"), "k", limit=60))
+    assert decoded["stdout"] == "\x00" * 10 and decoded["stdout_truncated"] is True
+    assert decoded["stderr"] == "fine" and decoded["stderr_truncated"] is False
 
 
 def test_encoding_empties_the_raw_buffers() -> None:

@@ -59,7 +59,9 @@ class Config:
     max_ttl: float = _setting(30 * 86400.0, "Longest ttl a request may ask for.", 0.001)
     default_timeout: float = _setting(300.0, "Seconds a command may run unless asked.", 0.001)
     max_timeout: float = _setting(3600.0, "Longest timeout a request may ask for.", 0.001)
-    max_output_bytes: int = _setting(8 * MiB, "Bytes of stdout and of stderr kept per run.", 1)
+    max_output_bytes: int = _setting(
+        8 * MiB, "Bytes of stdout and of stderr kept per run, counted as sent (JSON-escaped).", 1
+    )
     max_body_bytes: int = _setting(1 * MiB, "Largest request body accepted (413 past it).", 1)
     workers: int = _setting(
         1, "Server processes sharing the port; more than 1 needs a sqlite:// or redis:// store.", 1

@@ -309,7 +309,7 @@ class Engine:
         """In a run thread: the command, then its result encoded (a large output takes a while)."""
         result = self.runner.run(plan.argv, plan.timeout, control)
         control.sealed = True  # encoding empties its buffers: pages come from the result now
-        return result, encode_result(result, plan.key)
+        return result, encode_result(result, plan.key, self.runner.max_output_bytes)
 
     @staticmethod
     def _refresh(request: CommandRequest) -> bool:
