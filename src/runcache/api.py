@@ -186,14 +186,19 @@ async def on_http_error(request: Request, error: Exception) -> Response:
     return error_answer(problem)
 
 
+#: The order ``Allow`` lists methods in: a route keeps its methods in a set, whose order
+#: changes from one process to the next.
+_METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
 def _methods_at(request: Request) -> list[str]:
-    """The methods of every route at the request's path: a path may have a route per
-    method (``GET`` and an admin-only ``DELETE``, say)."""
-    methods: list[str] = []
+    """The methods of every route at the request's path, in a fixed order: a path may
+    have a route per method (``GET`` and an admin-only ``DELETE``, say)."""
+    methods: set[str] = set()
     for route in request.app.routes:
         if isinstance(route, Route) and route.path_regex.match(request.scope["path"]):
-            methods.extend(method for method in route.methods or () if method not in methods)
-    return methods
+            methods.update(route.methods or ())
+    return sorted(methods, key=lambda method: (_METHOD_ORDER + (method,)).index(method))
 
 
 async def on_unexpected(request: Request, error: Exception) -> Response:
