@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pytest
+import requests
 
 from runcache import results
 from runcache.results import encode_result, json_string_pieces
 from runcache.runner import RunResult
+
+from conftest import LiveServer
 
 
 def result(stdout: bytes, stderr: bytes = b"") -> RunResult:
@@ -75,3 +79,25 @@ def test_encoded_result_has_every_field() -> None:
         "stderr_truncated": False, "execution_time": 0.5,
         "timestamp": "2026-01-01T00:00:00+00:00", "cache_key": "k", "cancelled": False,
     }
+
+
+def test_a_live_answer_of_nul_bytes_stays_within_the_cap(
+    live_server_factory: Callable[..., LiveServer],
+) -> None:
+    """As reported: 8 MiB of NULs on each stream became a ~100 MB answer (each NUL is six
+    bytes of JSON). With a 64 KiB cap, each stream's JSON is now at most 64 KiB, cut at a
+    whole escape and marked truncated, first run and cache hit alike."""
+    cap = 65536
+    server = live_server_factory("--max-output-bytes", str(cap))
+    command = "head -c 8388608 /dev/zero; head -c 8388608 /dev/zero >&2"
+    for cached in (False, True):
+        answer = requests.post(f"{server.url}/api/command", json={"command": command},
+                               timeout=60)
+        assert answer.status_code == 200
+        body = answer.json()
+        assert body["cached"] is cached
+        assert body["stdout_truncated"] is True and body["stderr_truncated"] is True
+        assert body["stdout"] == body["stderr"] == "\x00" * (cap // 6)  # whole \u0000 escapes
+        summary = {name: value for name, value in body.items()
+                   if name not in ("stdout", "stderr")}
+        assert len(answer.content) <= 2 * cap + len(json.dumps(summary)) + 64
