@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
-from runcache import errors
+from runcache import errors, sse
 from runcache.client import (
     CLEARED,
     Client,
@@ -19,7 +22,8 @@ from runcache.client import (
     normalize_url,
 )
 from runcache.config import Config
-from runcache.errors import BadRequest, ConfigError, Forbidden, NotFound, Unauthorized
+from runcache.errors import BadRequest, ConfigError, Conflict, Forbidden, NotFound, Unauthorized
+from runcache.follower import STREAMS
 from runcache.service import Engine
 from runcache.wire import Cleared, CommandResult, to_builtins
 
@@ -187,3 +191,109 @@ def test_normalize_url(given: str, base: str) -> None:
 def test_a_url_that_is_not_http_is_refused() -> None:
     with pytest.raises(ConfigError, match="server URL must look like http://host:port"):
         Client("ftp://127.0.0.1:21")
+
+
+# -- jobs: start, follow by events, page, steer ------------------------------------------
+
+
+def _until(probe: Callable[[], object], seconds: float = 15.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not probe():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def test_a_background_run_is_followed_by_its_events_and_read_byte_for_byte(
+    backend: Client | LocalClient, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    job = backend.start(f"printf 'a\\r\\n'; echo err >&2; while [ ! -e {gate} ]; "
+                        "do sleep 0.02; done; echo b", use_cache=False)
+    assert job.status == "running" and job.pid is not None
+    events = backend.events(job.job_id)
+    before = [next(events), next(events)]  # both streams, while the command waits
+    assert sorted(event.kind for event in before) == ["stderr", "stdout"]
+    gate.touch()
+    after = list(events)
+    assert [event.kind for event in after][-1] == "result"
+    result = msgspec.json.decode(after[-1].data, type=CommandResult)
+    assert (result.stdout, result.stderr, result.return_code) == ("a\r\nb\n", "err\n", 0)
+    printed = [event for event in before + after if event.kind == "stdout"]
+    # Events are text in lines (SSE has no carriage return); the pages keep every byte.
+    assert "".join(event.data for event in printed).replace("\r\n", "\n") == "a\nb\n"
+    assert [event.id for event in before + after if event.kind in STREAMS][-1] == "5:4"
+    page = backend.output(job.job_id, "stdout")
+    assert (page.data, page.next_offset, page.total_bytes, page.eof) == ("a\r\nb\n", 5, 5, True)
+    assert backend.job(job.job_id).status == "completed"
+    resumed = list(backend.events(job.job_id, last_event_id="5:0"))
+    assert [(event.kind, event.data) for event in resumed][0] == ("stderr", "err\n")
+    assert [event.kind for event in resumed] == ["stderr", "result"]
+
+
+def test_an_unknown_job_is_not_found_either_way(backend: Client | LocalClient) -> None:
+    with pytest.raises(NotFound, match="no job 'nope'"):
+        backend.job("nope")
+    with pytest.raises(NotFound, match="no job 'nope'"):
+        next(backend.events("nope"))
+
+
+def test_leaving_the_only_hold_on_a_run_cancels_it(backend: Client | LocalClient) -> None:
+    job = backend.start("sleep 30", use_cache=False)
+    assert backend.leave(job.job_id).status == "cancelled"
+    result = backend.job(job.job_id).result
+    assert isinstance(result, CommandResult) and result.cancelled is True
+
+
+def test_close_cuts_an_event_stream_still_open(live_server: LiveServer) -> None:
+    client = Client(live_server.url)
+    job = client.start("echo started; sleep 30", use_cache=False)
+    seen: list[sse.Event] = []
+    failures: list[ServerUnreachable] = []
+
+    def follow() -> None:
+        try:
+            seen.extend(client.events(job.job_id))
+        except ServerUnreachable as error:
+            failures.append(error)
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    _until(lambda: seen)  # the stream is open: its first event came
+    client.close()
+    follower.join(20)
+    assert not follower.is_alive()
+    assert [error.message for error in failures] == [f"the client of {client.url} is closed"]
+    with Client(live_server.url) as other:
+        assert other.cancel(job.job_id).status == "cancelled"
+
+
+def test_jobs_are_listed_paused_resumed_and_cancelled(live_server: LiveServer) -> None:
+    with Client(live_server.url) as client:
+        job = client.start("sleep 30", use_cache=False)
+        assert [found.job_id for found in client.jobs().jobs] == [job.job_id]
+        assert client.pause(job.job_id).status == "paused"
+        with pytest.raises(Conflict, match="cannot be paused: it is paused"):
+            client.pause(job.job_id)
+        assert client.resume(job.job_id).status == "running"
+        assert client.cancel(job.job_id).status == "cancelled"
+        with pytest.raises(Conflict) as refused:
+            client.cancel(job.job_id)
+        assert refused.value.status == 409
+
+
+def test_the_process_routes_over_a_run(live_server: LiveServer) -> None:
+    with Client(live_server.url) as client:
+        job = client.start("sleep 30", use_cache=False)
+        assert job.pid is not None
+        listed = client.processes()
+        assert list(listed.active_processes) == [str(job.pid)]
+        assert client.process_status(job.pid).process.status == "running"
+        assert client.pause_process(job.pid).success is True
+        assert client.process_status(job.pid).process.status == "paused"
+        assert client.resume_process(job.pid).success is True
+        assert [entry.pid for entry in client.dashboard().processes] == [job.pid]
+        assert client.terminate_process(job.pid).success is True
+        assert client.job(job.job_id).status == "cancelled"
+        with pytest.raises(NotFound) as missing:
+            client.pause_process(job.pid)
+        assert missing.value.message == f"Failed to pause process {job.pid} or process not found"

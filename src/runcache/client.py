@@ -15,6 +15,7 @@ Requests go straight to the server, never through an ``http_proxy``.
 from __future__ import annotations
 
 import http.client
+import re
 import socket
 import threading
 import urllib.parse
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import msgspec
 import orjson
 
-from runcache import __version__, wire
+from runcache import __version__, sse, wire
 from runcache.errors import (
     BadRequest,
     ConfigError,
@@ -42,6 +43,7 @@ from runcache.wire import CacheStats, Cleared, CommandResult, Health, Telemetry
 if TYPE_CHECKING:  # the engine is imported only when one runs in this process
     from anyio.from_thread import BlockingPortal
 
+    from runcache.jobs import Job
     from runcache.service import Engine
 
 __all__ = ["Backend", "Client", "LocalClient", "ServerError", "ServerUnreachable", "connect"]
@@ -61,6 +63,12 @@ EXECUTE_MARGIN = 60.0
 
 #: The answer to a clear, as the contract fixes it for ``POST /api/cache/clear``.
 CLEARED = Cleared()
+
+#: The events that end a job's event stream: its result, or why it never ran.
+FINAL_EVENTS = frozenset({"result", "error"})
+
+#: A job event's id: the bytes of stdout and of stderr sent up to and with it.
+_EVENT_ID = re.compile(r"^(\d+):(\d+)$")
 
 
 #: Statuses that map back to the error the server raised, so callers can catch it by name.
@@ -229,6 +237,36 @@ class Client(_Closing):
         path = f"/api/jobs/{_segment(job_id)}/output?{urllib.parse.urlencode(query)}"
         return self._request(wire.JobOutput, "GET", path)
 
+    def events(self, job_id: str, last_event_id: str | None = None) -> sse.EventStream:
+        """A job's Server-Sent Events as they come: ``stdout`` and ``stderr`` chunks (from
+        the start, or after ``last_event_id``), then its ``result`` (or ``error``), then
+        the end.
+
+        The server must answer within ``REQUEST_TIMEOUT``; the stream then waits as
+        long as the command stays quiet, since the server sends nothing until there is
+        something to say. :meth:`close` cuts it, and a stream that ends before its
+        result (the server stopped, say) raises :class:`ServerUnreachable`, as a cut
+        request does. Closing the generator hangs up.
+        """
+        headers = self._headers(self.token, json_body=False)
+        headers["Accept"] = "text/event-stream"
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = last_event_id
+        path = f"/api/jobs/{_segment(job_id)}/events"
+        connection = self._connection(REQUEST_TIMEOUT)
+        ended = False
+        try:
+            response = self._stream_response(connection, path, headers)
+            for event in sse.parse(iter(response.readline, b"")):
+                ended = event.kind in FINAL_EVENTS
+                yield event
+        except (OSError, http.client.HTTPException) as error:
+            raise self._cut(self._unreachable(error).message) from None
+        finally:
+            self._release(connection)
+        if not ended:
+            raise self._cut(f"the events of job {job_id} stopped before its result")
+
     def cancel(self, job_id: str) -> wire.JobAction:
         return self._request(wire.JobAction, "POST", f"/api/jobs/{_segment(job_id)}/cancel")
 
@@ -303,11 +341,7 @@ class Client(_Closing):
     ) -> S:
         where = self.url + path
         headers = self._headers(token or self.token, json_body=body is not None)
-        connection = self._connection_class(self._netloc, timeout=wait)
-        with self._lock:
-            if self._closed:
-                raise ServerUnreachable(f"the client of {self.url} is closed")
-            self._open.add(connection)
+        connection = self._connection(wait)
         try:
             connection.request(method, self._base_path + path, body=body, headers=headers)
             response = connection.getresponse()
@@ -315,12 +349,51 @@ class Client(_Closing):
         except (OSError, http.client.HTTPException) as error:
             raise self._unreachable(error) from None
         finally:
-            with self._lock:
-                self._open.discard(connection)
-            connection.close()
+            self._release(connection)
         if status >= 400:
             raise _server_error(status, data, where)
         return _decode(shape, data, where)
+
+    def _connection(self, wait: float | None) -> http.client.HTTPConnection:
+        """A connection :meth:`close` can cut, with ``wait`` for each step of the request."""
+        connection = self._connection_class(self._netloc, timeout=wait)
+        with self._lock:
+            if self._closed:
+                raise ServerUnreachable(f"the client of {self.url} is closed")
+            self._open.add(connection)
+        return connection
+
+    def _release(self, connection: http.client.HTTPConnection) -> None:
+        with self._lock:
+            self._open.discard(connection)
+        connection.close()
+
+    def _stream_response(self, connection: http.client.HTTPConnection, path: str,
+                         headers: dict[str, str]) -> http.client.HTTPResponse:
+        """The answer to a GET of an event stream, whose reads then wait without a limit.
+
+        The check for :meth:`close` comes once the socket exists: a close before it
+        found nothing to shut, and one after it shuts this socket, so none is missed.
+        """
+        where = self.url + path
+        connection.request("GET", self._base_path + path, headers=headers)
+        response = connection.getresponse()
+        if response.status >= 400:
+            raise _server_error(response.status, response.read(), where)
+        if not (response.getheader("Content-Type") or "").startswith("text/event-stream"):
+            raise ServerError(f"{where} did not answer with events; is it a runcache server?",
+                              502)
+        with self._lock:
+            if self._closed or connection.sock is None:
+                raise ServerUnreachable(f"the client of {self.url} is closed")
+            connection.sock.settimeout(None)
+        return response
+
+    def _cut(self, why: str) -> ServerUnreachable:
+        """The error of a stream that ended early: the client's close, or ``why``."""
+        with self._lock:
+            closed = self._closed
+        return ServerUnreachable(f"the client of {self.url} is closed" if closed else why)
 
     @staticmethod
     def _headers(token: str | None, json_body: bool) -> dict[str, str]:
@@ -418,6 +491,18 @@ class LocalClient(_Closing):
         job = self._portal.call(lambda: self.engine.jobs.get(job_id))
         return self._portal.call(job_views.page, job, stream, offset, size)
 
+    def events(self, job_id: str, last_event_id: str | None = None) -> sse.EventStream:
+        """The job's events as :meth:`Client.events` gives them, read from the engine's job
+        on this client's loop one at a time (the data keeps carriage returns here: no
+        wire format forces lines)."""
+        job = self._portal.call(lambda: self.engine.jobs.get(job_id))
+        positions = _positions(last_event_id)
+        while True:
+            event = self._portal.call(_next_event, job, positions)
+            yield event
+            if event.kind in FINAL_EVENTS:
+                return
+
     def leave(self, job_id: str) -> wire.JobAction:
         from runcache import job_views
 
@@ -460,6 +545,52 @@ def normalize_url(url: str) -> str:
     if "://" not in url:
         url = "http://" + url
     return url.rstrip("/")
+
+
+def _positions(last_event_id: str | None) -> dict[str, int]:
+    """Where a reader resumes: after the id of the last event it read, as the API reads
+    ``Last-Event-ID``."""
+    if last_event_id is None or not last_event_id.strip():
+        return {"stdout": 0, "stderr": 0}
+    match = _EVENT_ID.match(last_event_id.strip())
+    if match is None:
+        raise BadRequest("Last-Event-ID must be <stdout offset>:<stderr offset>, "
+                         "as the events of this job carry")
+    return {"stdout": int(match[1]), "stderr": int(match[2])}
+
+
+async def _next_event(job: Job, positions: dict[str, int]) -> sse.Event:
+    """The next event of ``job`` for a reader at ``positions`` (moved past it): new output
+    on either stream, else the result once the job has ended, else wait for a change.
+
+    The API's event stream does the same for many readers at once, written as
+    bytes; one reader in process takes one event per call through the portal. The
+    reader counts as a follower while it waits, so the run's thread wakes it on new
+    output; output that came before is seen by its length, so none is missed.
+    """
+    from runcache import job_views
+
+    job.followers += 1
+    try:
+        while True:
+            ended = job.ended
+            for name in job_views.STREAMS:
+                if not (ended or job_views.may_have_more(job, name, positions[name])):
+                    continue
+                data, next_offset, _, _ = await job_views.read_stream(
+                    job, name, positions[name], job_views.EVENT_BYTES)
+                if next_offset != positions[name]:
+                    positions[name] = next_offset
+                    event_id = f"{positions['stdout']}:{positions['stderr']}"
+                    return sse.Event(name, data.decode("utf-8", "replace"), event_id)
+            if ended:
+                body = job_views.result_json(job)
+                if body is None:
+                    return sse.Event("error", wire.encode(wire.Error(job.error or "")).decode())
+                return sse.Event("result", body.decode())
+            await job.changed()
+    finally:
+        job.followers -= 1
 
 
 def _segment(text: str) -> str:
