@@ -264,10 +264,48 @@ def test_jobs_lists_prints_follows_and_cancels(live_server: LiveServer, tmp_path
     again = runcache("jobs", "cancel", slow["job_id"], env=env)
     assert again.returncode == 2 and again.stderr.count(b"\n") == 1
     assert b"cannot be cancelled: it has ended (cancelled)" in again.stderr
-    unknown = runcache("jobs", "logs", "nope", env=env)
-    assert unknown.returncode == 2 and b"no job 'nope' on this server" in unknown.stderr
+    for verb in ("logs", "cancel"):
+        unknown = runcache("jobs", verb, "nope", env=env)
+        assert (unknown.returncode, unknown.stdout) == (2, b"")
+        assert unknown.stderr.startswith(b"runcache: no job 'nope' on this server")
+        assert unknown.stderr.count(b"\n") == 1
     nowhere = runcache("jobs")
     assert nowhere.returncode == 2 and b"give --server URL or set RUNCACHE_URL" in nowhere.stderr
+
+
+def test_jobs_json_and_logs_of_one_stream(live_server: LiveServer) -> None:
+    env = {"RUNCACHE_URL": live_server.url}
+    marker = uuid.uuid4().hex
+    job = requests.post(f"{live_server.url}/api/command", timeout=10, json={
+        "command": f"printf 'out {marker}\\r\\n'; printf 'err {marker}' >&2",
+        "background": True}).json()
+    _until(lambda: requests.get(f"{live_server.url}/api/jobs/{job['job_id']}",
+                                timeout=5).json()["status"] == "completed")
+    listed = orjson.loads(runcache("jobs", "--json", env=env).stdout)["jobs"]
+    found = next(record for record in listed if record["job_id"] == job["job_id"])
+    assert (found["status"], found["return_code"], found["stderr_bytes"]) == (
+        "completed", 0, len(f"err {marker}"))
+    err_only = runcache("jobs", "logs", "--stream", "stderr", job["job_id"], env=env)
+    assert (err_only.returncode, err_only.stdout, err_only.stderr) == (
+        0, b"", f"err {marker}".encode())
+    both = runcache("jobs", "logs", job["job_id"], env=env)
+    assert (both.stdout, both.stderr) == (f"out {marker}\r\n".encode(), f"err {marker}".encode())
+
+
+def test_logs_follow_one_stream_live_while_the_other_grows(live_server: LiveServer,
+                                                           tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    job = requests.post(f"{live_server.url}/api/command", timeout=10, json={
+        "command": f"seq 20000; echo first >&2; while [ ! -e {gate} ]; do sleep 0.02; done; "
+                   "seq 5; echo second >&2", "use_cache": False, "background": True}).json()
+    follower = _popen("jobs", "logs", "--follow", "--stream", "stderr", job["job_id"],
+                      server=live_server)
+    assert follower.stderr is not None
+    assert _read_line(follower.stderr) == b"first\n"
+    gate.touch()
+    assert follower.wait(30) == 0
+    out, err = follower.communicate()
+    assert (out, err) == (b"", b"second\n")
 
 
 def _group_gone(pgid: int) -> bool:

@@ -11,7 +11,8 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -130,9 +131,12 @@ def run(
     """
     signal.signal(signal.SIGTERM, _interrupt)
     with _connect(server) as backend:
-        job = backend.start(shlex.join(argv), use_cache=not no_cache, timeout=timeout, ttl=ttl,
-                            refresh=refresh)
+        with _signals_held() as held:
+            job = backend.start(shlex.join(argv), use_cache=not no_cache, timeout=timeout,
+                                ttl=ttl, refresh=refresh)
         try:
+            if held:
+                raise _Interrupted(held[0])
             copy_output(backend, job.job_id, {"stdout": sys.stdout.buffer,
                                               "stderr": sys.stderr.buffer})
             detail = backend.job(job.job_id)
@@ -151,8 +155,9 @@ def run(
     sys.exit(_exit_status(result))
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, taken as Ctrl-C is: the run is given up, not left running."""
+class _Interrupted(KeyboardInterrupt):
+    """SIGTERM (or a Ctrl-C held while the run started), taken as Ctrl-C is: the run is
+    given up, not left running."""
 
     def __init__(self, signum: int) -> None:
         super().__init__()
@@ -160,7 +165,32 @@ class _Terminated(KeyboardInterrupt):
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise _Terminated(signum)
+    raise _Interrupted(signum)
+
+
+@contextmanager
+def _signals_held() -> Iterator[list[int]]:
+    """Note Ctrl-C and SIGTERM while a run starts, rather than act on them.
+
+    A background run is given up by its job id; a signal taking effect while the
+    start is on its way would leave the run started with nobody to give it up.
+    The caller gives the run up at once if a signal came; a second one stops
+    the wait at once, for a server that does not answer. (Handlers, not a signal
+    mask: Python runs handlers in the main thread, whichever thread the signal hit.)
+    """
+    held: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        if held:
+            raise _Interrupted(signum)
+        held.append(signum)
+
+    previous = {signum: signal.signal(signum, hold) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield held
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _exit_status(result: CommandResult) -> int:
