@@ -53,13 +53,15 @@ def setting_options(command: F) -> F:
     """Add a flag for every setting in the table; unset flags fall back to env, then default.
 
     Secrets (tokens) get no flag: a flag's value is visible to every user in ``ps``;
-    they come from the environment or from a ``--*-file``.
+    they come from the environment or from a ``--*-file``. A flag's text is parsed and
+    checked by the table, as the environment's is, so a bad number is one line.
     """
     for setting in reversed([setting for setting in settings() if not setting.secret]):
         command = click.option(
             setting.flag,
             setting.name,
-            type=setting.kind,
+            type=str,
+            metavar=setting.kind.__name__.upper(),
             default=None,
             help=f"{setting.help} [env {setting.env_var}; default {setting.default}]",
         )(command)

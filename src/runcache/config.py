@@ -24,6 +24,10 @@ MiB = 1024 * 1024
 #: The most seconds any duration setting may be (about 31 years): past it, nonsense.
 MAX_SECONDS = 1e9
 
+#: The largest whole-number setting: what a signed 64-bit integer holds, as the JSON
+#: encoder, SQLite and the kernel's limits do (a larger output cap crashed the start).
+MAX_WHOLE = 2**63 - 1
+
 
 def _setting(
     default: Any, help: str, minimum: float | None = None, *, secret: bool = False,
@@ -33,11 +37,13 @@ def _setting(
 
     A ``secret`` is kept out of ``repr`` and gets no command-line flag, because a
     flag's value is visible to every user of the machine in ``ps``. Numbers are
-    checked against ``minimum`` and ``maximum`` (seconds, when a float, against
-    ``MAX_SECONDS`` at most), and a float must be finite.
+    checked against ``minimum`` and ``maximum`` (unless given: ``MAX_SECONDS`` for a
+    float, which is a duration, ``MAX_WHOLE`` for an int), and a float must be finite.
     """
     if maximum is None and isinstance(default, float):
         maximum = MAX_SECONDS
+    elif maximum is None and isinstance(default, int) and not isinstance(default, bool):
+        maximum = MAX_WHOLE
     metadata = {"help": help, "minimum": minimum, "maximum": maximum, "secret": secret}
     return field(default=default, repr=not secret, metadata=metadata)
 
@@ -70,7 +76,8 @@ class Config:
         10000, "Most open client connections; past it new requests get a 503.", 1
     )
     keepalive_timeout: int = _setting(
-        5, "Seconds an idle keep-alive connection stays open between requests.", 1
+        5, "Seconds an idle keep-alive connection stays open between requests.", 1,
+        maximum=MAX_SECONDS,
     )
     header_timeout: float = _setting(
         10.0, "Seconds a client has to send a request's headers, from its first byte"
@@ -110,10 +117,12 @@ class Config:
     def __post_init__(self) -> None:
         for setting in dataclasses.fields(self):
             _check_range(setting.name, getattr(self, setting.name), setting.metadata)
-        if self.default_timeout > self.max_timeout:
-            raise ConfigError("default_timeout must not exceed max_timeout")
-        if self.default_ttl > self.max_ttl:
-            raise ConfigError("default_ttl must not exceed max_ttl")
+        for default, most in (("default_timeout", "max_timeout"), ("default_ttl", "max_ttl")):
+            if getattr(self, default) > getattr(self, most):
+                raise ConfigError(
+                    f"{default} must not exceed {most}: {getattr(self, default):g} > "
+                    f"{getattr(self, most):g}"
+                )
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(
                 f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level}"
@@ -180,11 +189,15 @@ class Config:
         for setting in settings():
             if setting.env_var in environ:
                 values[setting.name] = setting.parse(environ[setting.env_var], setting.env_var)
+        by_name = {setting.name: setting for setting in settings()}
         for name, value in (overrides or {}).items():
             if value is None:
                 continue
-            if name not in _FIELD_NAMES:
+            if name not in by_name:
                 raise ConfigError(f"unknown setting {name!r}")
+            setting = by_name[name]
+            if isinstance(value, str) and setting.kind is not str:  # a flag's text
+                value = setting.parse(value, setting.flag)
             values[name] = value
         return cls(**values)
 
@@ -267,5 +280,3 @@ MIN_TOKEN_LENGTH = 16
 _TOKEN = re.compile(rf"[A-Za-z0-9\-._~+/]{{{MIN_TOKEN_LENGTH},}}=*")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
-
-_FIELD_NAMES = frozenset(item.name for item in dataclasses.fields(Config))
