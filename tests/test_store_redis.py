@@ -7,20 +7,27 @@ these run against the real redis-server of the ``redis_server`` fixture.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
+import signal
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 import requests
 
+from runcache.config import Config
 from runcache.errors import ConfigError, StoreError
-from runcache.stores import open_store
+from runcache.stores import DEFAULT_TIMEOUT, open_store
 from runcache.stores import redis as redis_store
 from runcache.stores.redis import NATIVE_EXPIRY_GRACE, RedisStore
 
@@ -284,3 +291,130 @@ def test_a_password_in_the_url_query_works_and_is_never_shown(
         assert secret not in "".join(server.output)
     finally:
         redis.stop()
+
+
+# -- a Redis that hangs ------------------------------------------------------------------
+#
+# As reported: with redis-server stopped (SIGSTOP) for 40 s, half the requests took
+# 10.0 s, a 5 s socket timeout and its retry. A stopped Redis still accepts TCP
+# connections (the kernel completes them), so what bounds a request is how long each
+# call waits for an answer, and whether a timeout is tried again.
+
+
+@contextmanager
+def stopped(server: RedisServer) -> Iterator[None]:
+    """The redis-server stopped (SIGSTOP) for the block, and continued whatever happens."""
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test alone, so that stopping it stalls no other test."""
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_the_store_timeout_setting_defaults_to_the_stores_own() -> None:
+    assert Config.load(environ={}).store_timeout == DEFAULT_TIMEOUT == 0.5
+    assert Config.load(environ={"RUNCACHE_STORE_TIMEOUT": "2"}).store_timeout == 2.0
+    with pytest.raises(ConfigError, match="store_timeout"):
+        Config.load(environ={"RUNCACHE_STORE_TIMEOUT": "0"})
+
+
+def test_a_hung_redis_fails_each_call_within_one_timeout(own_redis: RedisServer) -> None:
+    """Sync and async clients alike, on a pooled connection and on a new one: one
+    timeout, never a timeout and its retry."""
+    store = open_store(f"{own_redis.url}?namespace=hang", 10, 1000, timeout=0.3)
+    assert isinstance(store, RedisStore)
+
+    async def hit_then_hang() -> list[float]:
+        assert await store.get_async("k") is None  # a pooled connection on this loop
+        took = []
+        with stopped(own_redis):
+            for _ in range(2):
+                start = time.monotonic()
+                with pytest.raises(StoreError, match="[Tt]imeout"):
+                    await store.get_async("k")
+                took.append(time.monotonic() - start)
+        await store.aclose()
+        return took
+
+    try:
+        assert store.epoch() == 0  # a pooled connection for the sync client
+        async_took = asyncio.run(hit_then_hang())
+        sync_took = []
+        with stopped(own_redis):
+            for call in (store.epoch, lambda: store.get("k"), store.stats, store.epoch):
+                start = time.monotonic()
+                with pytest.raises(StoreError, match="[Tt]imeout"):
+                    call()
+                sync_took.append(time.monotonic() - start)
+        # Each 0.3 s, plus scheduling; a retry would make it 0.6 s.
+        assert max(async_took + sync_took) < 0.55, (async_took, sync_took)
+        assert store.epoch() == 0, "continued, the same store answers again"
+    finally:
+        store.close()
+
+
+def _timed_run(server: LiveServer, command: str) -> tuple[dict[str, Any], float]:
+    start = time.monotonic()
+    response = requests.post(server.url + "/api/command", json={"command": command}, timeout=60)
+    took = time.monotonic() - start
+    assert response.status_code == 200, response.text
+    answer: dict[str, Any] = response.json()
+    return answer, took
+
+
+def _status(server: LiveServer) -> str:
+    status: str = requests.get(server.url + "/health", timeout=30).json()["status"]
+    return status
+
+
+def _wait_for_status(server: LiveServer, status: str) -> None:
+    deadline = time.monotonic() + 30
+    while _status(server) != status:
+        assert time.monotonic() < deadline, f"never {status}"
+        time.sleep(0.1)
+
+
+def test_a_hung_redis_costs_each_request_at_most_the_store_timeout(
+    live_server_factory: Callable[..., LiveServer], own_redis: RedisServer
+) -> None:
+    """Requests answer (uncached) within about the store timeout while Redis hangs, the
+    server says degraded, and once Redis is continued it caches again. Today's 10 s
+    (a 5 s socket timeout and its retry) would fail the bounds; the bounds leave
+    seconds of room for a slow machine, not a tight timing."""
+    server = live_server_factory("--store", f"{own_redis.url}?namespace=hang",
+                                 "--store-timeout", "0.5")
+    _timed_run(server, "echo hit")
+    assert _timed_run(server, "echo hit")[0]["cached"] is True
+    commands = ["echo hit" if index % 2 else f"echo miss-{index}" for index in range(12)]
+    with stopped(own_redis), ThreadPoolExecutor(12) as pool:
+        # Hung before the requests come: the hit path (the asyncio client) hangs first.
+        answers = list(pool.map(lambda command: _timed_run(server, command), commands))
+        assert [answer["cached"] for answer, _ in answers] == [False] * 12
+        assert max(took for _, took in answers) < 3, answers
+        assert _status(server) == "degraded"
+    _wait_for_status(server, "healthy")
+    # Hung while the commands run: their stores and locks (the threads' client) hang.
+    slow = [f"sleep 1; echo during-{index}" for index in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        running = [pool.submit(_timed_run, server, command) for command in slow]
+        time.sleep(0.5)
+        with stopped(own_redis):
+            answers = [future.result() for future in running]
+            assert _status(server) == "degraded"
+    assert [answer["stdout"] for answer, _ in answers] == [f"during-{i}\n" for i in range(8)]
+    assert max(took for _, took in answers) < 1 + 3, answers
+    _wait_for_status(server, "healthy")
+    _timed_run(server, "echo after")
+    assert _timed_run(server, "echo after")[0]["cached"] is True
+    failures = [line for line in server.output if "cache store failed" in line]
+    assert failures and all("imeout" in line for line in failures), failures

@@ -46,6 +46,10 @@ POLL_FIRST = 0.01
 POLL_LONGEST = 0.25
 
 
+class _Rested(StoreError):
+    """A call to the store not made, as the store failed while the call waited for a thread."""
+
+
 class Cache:
     """A store plus fault tolerance: store errors become misses, logged once per outage.
 
@@ -126,7 +130,25 @@ class Cache:
         if self._threads is None:
             return operation(*args)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._threads, functools.partial(operation, *args))
+        return await loop.run_in_executor(
+            self._threads, functools.partial(self._unless_resting, operation, *args)
+        )
+
+    def _unless_resting(self, operation: Callable[..., T], *args: Any) -> T:
+        """In a store thread: ``operation(*args)``, unless the store failed while it waited.
+
+        With the store hanging, every thread waits out the store's timeout; a call
+        queued behind them would wait for theirs, then for its own. Not made, it
+        costs its request no more than the one timeout that rested the store.
+        """
+        reason = self._degraded_reason
+        if reason is not None and time.monotonic() < self._retry_at:
+            raise _Rested(reason)
+        try:
+            return operation(*args)
+        except StoreError as error:
+            self._failed(error)  # now, before this thread takes the next queued call
+            raise
 
     async def _attempt(self, fallback: T, operation: Callable[..., T], *args: Any) -> T:
         """``operation(*args)``, or ``fallback`` while the store is failing or resting."""
@@ -228,6 +250,8 @@ class Cache:
             raise StoreError(reason)
 
     def _failed(self, error: StoreError) -> None:
+        if isinstance(error, _Rested):  # not a new failure: the rest runs from the last one
+            return
         with self._fault_lock:
             first = self._degraded_reason is None
             self._degraded_reason = error.message

@@ -59,6 +59,10 @@ class Config:
         "Where cached results live: memory://, sqlite:///path.db or redis://host:port/db"
         " (also rediss://), each with an optional ?namespace=NAME.",
     )
+    store_timeout: float = _setting(
+        0.5, "Seconds a call to the store may take (a Redis round trip, a wait for SQLite's"
+        " write lock) before the request goes on uncached and the store rests a second.", 0.001
+    )
     max_entries: int = _setting(1000, "Most cached results held at once.", 1)
     max_bytes: int = _setting(256 * MiB, "Most bytes of cached results held at once.", 1)
     default_ttl: float = _setting(3600.0, "Seconds a cached result lives unless asked.", 0.001)

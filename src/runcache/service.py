@@ -115,7 +115,8 @@ class Engine:
 
     @classmethod
     def from_config(cls, config: Config) -> Engine:
-        store = open_store(config.store, config.max_entries, config.max_bytes)
+        store = open_store(config.store, config.max_entries, config.max_bytes,
+                           timeout=config.store_timeout)
         return cls(config, Cache(store), Runner(config.max_output_bytes, _command_env(config)))
 
     async def aclose(self) -> None:

@@ -17,10 +17,11 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from runcache.errors import ConfigError
-from runcache.stores.base import Store
+from runcache.stores.base import DEFAULT_TIMEOUT, Store
 from runcache.stores.memory import MemoryStore
 
-__all__ = ["Store", "MemoryStore", "open_store", "SCHEMES", "DEFAULT_NAMESPACE"]
+__all__ = ["Store", "MemoryStore", "open_store", "SCHEMES", "DEFAULT_NAMESPACE",
+           "DEFAULT_TIMEOUT"]
 
 #: The namespace of a store URL that names none.
 DEFAULT_NAMESPACE = "runcache"
@@ -30,12 +31,14 @@ _NAMESPACE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 Clock = Callable[[], float]
 
 
-def _open_memory(url: str, max_entries: int, max_bytes: int, clock: Clock | None) -> Store:
+def _open_memory(url: str, max_entries: int, max_bytes: int, clock: Clock | None,
+                 timeout: float) -> Store:
     _split_namespace(url)
     return MemoryStore(max_entries, max_bytes, clock=clock or time.monotonic)
 
 
-def _open_sqlite(url: str, max_entries: int, max_bytes: int, clock: Clock | None) -> Store:
+def _open_sqlite(url: str, max_entries: int, max_bytes: int, clock: Clock | None,
+                 timeout: float) -> Store:
     from runcache.stores.sqlite import SqliteStore
 
     rest, namespace = _split_namespace(url)
@@ -46,10 +49,12 @@ def _open_sqlite(url: str, max_entries: int, max_bytes: int, clock: Clock | None
     path = parts.netloc + parts.path
     if not path:
         raise ConfigError(f"store {url!r} names no file: use sqlite:///path/to/cache.db")
-    return SqliteStore(Path(path), max_entries, max_bytes, namespace, clock=clock or time.time)
+    return SqliteStore(Path(path), max_entries, max_bytes, namespace, clock=clock or time.time,
+                       timeout=timeout)
 
 
-def _open_redis(url: str, max_entries: int, max_bytes: int, clock: Clock | None) -> Store:
+def _open_redis(url: str, max_entries: int, max_bytes: int, clock: Clock | None,
+                timeout: float) -> Store:
     try:
         from runcache.stores.redis import RedisStore
     except ModuleNotFoundError as error:
@@ -59,11 +64,12 @@ def _open_redis(url: str, max_entries: int, max_bytes: int, clock: Clock | None)
             f"store {url!r} needs the redis package: pip install 'runcache[redis]'"
         ) from None
     rest, namespace = _split_namespace(url)
-    return RedisStore.from_url(rest, max_entries, max_bytes, namespace, clock=clock or time.time)
+    return RedisStore.from_url(rest, max_entries, max_bytes, namespace, clock=clock or time.time,
+                               timeout=timeout)
 
 
 #: Each URL scheme and the function that opens a store for it.
-SCHEMES: dict[str, Callable[[str, int, int, Clock | None], Store]] = {
+SCHEMES: dict[str, Callable[[str, int, int, Clock | None, float], Store]] = {
     "memory": _open_memory,
     "sqlite": _open_sqlite,
     "redis": _open_redis,
@@ -76,19 +82,21 @@ def open_store(
     max_entries: int,
     max_bytes: int,
     clock: Clock | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> Store:
     """Open the store a URL names; an unknown scheme names the valid ones.
 
     ``clock`` defaults to the monotonic clock for memory and to the wall clock
     for the stores that outlive the process or are shared between machines.
     Opening never connects: a store that is down makes the server run degraded.
+    ``timeout`` bounds each call to a store that may hang (SQLite, Redis).
     """
     scheme = urlsplit(url).scheme
     opener = SCHEMES.get(scheme)
     if opener is None:
         valid = ", ".join(f"{name}://" for name in SCHEMES)
         raise ConfigError(f"unknown store {url!r}: use one of {valid}")
-    return opener(url, max_entries, max_bytes, clock)
+    return opener(url, max_entries, max_bytes, clock, timeout)
 
 
 def _split_namespace(url: str) -> tuple[str, str]:

@@ -20,6 +20,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+#: Seconds one call to a store that may hang (SQLite, Redis) may take before it fails
+#: and the request goes on without the store: the ``--store-timeout`` setting.
+DEFAULT_TIMEOUT = 0.5
+
 
 @dataclass(frozen=True)
 class CacheStats:

@@ -54,14 +54,17 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from runcache.errors import ConfigError, StoreError
-from runcache.stores.base import CacheStats, CommandMatch, EntryInfo, stats_from_counts
+from runcache.stores.base import (
+    DEFAULT_TIMEOUT,
+    CacheStats,
+    CommandMatch,
+    EntryInfo,
+    stats_from_counts,
+)
 
-#: Seconds to wait for a TCP connection to Redis; short, because while Redis is
-#: unreachable every request that tries it waits this long.
-CONNECT_TIMEOUT = 1.0
-
-#: Seconds to wait for Redis to answer a command.
-SOCKET_TIMEOUT = 5.0
+#: The failures a call is retried after, once and at once: a connection found
+#: closed or refused. Not a timeout (see :meth:`RedisStore.from_url`).
+_RETRIED: tuple[type[redis.RedisError], ...] = (redis.ConnectionError,)
 
 #: Seconds after an entry expires on the store's clock at which Redis deletes it
 #: natively; the margin absorbs clock skew between instances.
@@ -459,24 +462,25 @@ class RedisStore:
         max_bytes: int,
         namespace: str,
         clock: Callable[[], float] = time.time,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> RedisStore:
         """Build a client from a redis:// or rediss:// URL (without the namespace) lazily.
 
         Nothing connects here: a Redis that is down at start makes the server
-        start degraded, not fail.
+        start degraded, not fail. ``timeout`` bounds each call, on the hit path's
+        client and on the others' alike: connecting, and each wait for an answer.
         """
         description = f"{mask_password(url)}{'&' if '?' in url else '?'}namespace={namespace}"
-        timeouts: dict[str, Any] = {
-            "socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout": SOCKET_TIMEOUT,
-        }
+        timeouts: dict[str, Any] = {"socket_connect_timeout": timeout, "socket_timeout": timeout}
         try:
             client = redis.Redis.from_url(
                 url,
                 **timeouts,
                 # One immediate retry on a fresh connection covers a pooled
-                # connection that a restarted Redis closed; more would only
-                # multiply the wait while Redis is down.
-                retry=Retry(NoBackoff(), 1),
+                # connection that a restarted Redis closed, which fails at once.
+                # A timeout is never retried: a Redis that hangs (stopped, or
+                # its host gone) would cost each call two timeouts, not one.
+                retry=Retry(NoBackoff(), 1, supported_errors=_RETRIED),
             )
             # Build (without connecting) one connection now, so that an unknown
             # URL option fails at start rather than on the first request.
@@ -485,7 +489,8 @@ class RedisStore:
         except (ValueError, TypeError) as error:
             raise ConfigError(f"bad redis store URL {mask_password(url)}: {error}") from None
         async_client = functools.partial(
-            redis.asyncio.Redis.from_url, url, **timeouts, retry=AsyncRetry(NoBackoff(), 1)
+            redis.asyncio.Redis.from_url, url, **timeouts,
+            retry=AsyncRetry(NoBackoff(), 1, supported_errors=_RETRIED),
         )
         return cls(client, async_client, max_entries, max_bytes, namespace, clock, description)
 

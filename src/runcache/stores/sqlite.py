@@ -31,10 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from runcache.errors import StoreError
-from runcache.stores.base import CacheStats, CommandMatch, EntryInfo, stats_from_counts
-
-#: Seconds a write waits for another process's write before it fails.
-BUSY_TIMEOUT = 5.0
+from runcache.stores.base import (
+    DEFAULT_TIMEOUT,
+    CacheStats,
+    CommandMatch,
+    EntryInfo,
+    stats_from_counts,
+)
 
 #: Tables shared by every namespace. ``used`` orders entries from least to most
 #: recently used; ``counts.used`` is the namespace's counter that hands it out.
@@ -115,8 +118,11 @@ class SqliteStore:
         max_bytes: int,
         namespace: str = "runcache",
         clock: Callable[[], float] = time.time,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self.path = path
+        #: Seconds a call waits for another process's write (SQLite's busy timeout).
+        self.timeout = timeout
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.namespace = namespace
@@ -395,11 +401,11 @@ class SqliteStore:
             raise sqlite3.OperationalError(f"cannot create its directory: {error}") from error
         # isolation_level=None: this module issues BEGIN and COMMIT itself.
         db = sqlite3.connect(
-            self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+            self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
         )
         try:
             with self._write_lock:
-                _retry_while_locked(lambda: self._prepare(db))
+                _retry_while_locked(lambda: self._prepare(db), self.timeout)
         except BaseException:
             db.close()
             raise
@@ -454,14 +460,14 @@ def _missing_columns(db: sqlite3.Connection) -> list[str]:
     return [name for name in _ADDED_COLUMNS if name not in have]
 
 
-def _retry_while_locked(step: Callable[[], None]) -> None:
+def _retry_while_locked(step: Callable[[], None], timeout: float) -> None:
     """Run ``step``, retrying while another process holds the file to itself.
 
     Processes opening a new file at the same moment race to switch it to WAL,
     and SQLite answers the loser "database is locked" at once, without calling
-    the busy handler; so wait here as the handler would, up to BUSY_TIMEOUT.
+    the busy handler; so wait here as the handler would, up to ``timeout``.
     """
-    deadline = time.monotonic() + BUSY_TIMEOUT
+    deadline = time.monotonic() + timeout
     pause = 0.001
     while True:
         try:
