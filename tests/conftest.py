@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -156,25 +157,61 @@ def _become_subreaper() -> None:
 _become_subreaper()
 
 
+#: Every process the test run starts (its servers, their commands, what those start)
+#: inherits this variable, with a value no other test run on the machine has. The
+#: kernel keeps a process's starting environment in /proc/PID/environ wherever the
+#: process is reparented, so the leftover check finds an orphan that escaped to PID 1
+#: (or anywhere else) too, and never another run's or another user's processes. Not
+#: named RUNCACHE_*: servers are started without the runner's RUNCACHE_ settings.
+RUN_MARK = "PYTEST_RUNCACHE_RUN"
+os.environ[RUN_MARK] = f"{os.getpid()}-{uuid.uuid4().hex}"
+_MARK_ENTRY = f"{RUN_MARK}={os.environ[RUN_MARK]}".encode()
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_processes(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Fail a test that leaves a process it started behind, wherever it was reparented."""
+    """Fail a test that leaves a process it started behind, wherever it was reparented.
+
+    Two nets, each catching what the other may miss: the test run's descendants
+    (the run is their subreaper, so orphans stay among them, even those started with
+    a cleared environment), and every process on the machine started during the test
+    that carries this run's mark (whatever adopted it).
+    """
+    before = set(psutil.pids())
     yield
     deadline = time.monotonic() + 5
     while True:
-        children = [
-            child
-            for child in psutil.Process().children(recursive=True)
-            if child.pid not in _LONG_LIVED and _alive(child)
-        ]
-        if not children or time.monotonic() > deadline:
+        left = _leftovers(before)
+        if not left or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    if children:
-        described = [f"{child.pid} {' '.join(_cmdline(child))}" for child in children]
-        for child in children:
-            child.kill()
+    if left:
+        described = [f"{process.pid} {' '.join(_cmdline(process))}" for process in left]
+        for process in left:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
         pytest.fail(f"{request.node.nodeid} left processes running: {described}")
+
+
+def _leftovers(before: set[int]) -> list[psutil.Process]:
+    """The processes this test run started and left running, but for the long-lived ones."""
+    own = os.getpid()
+    found = {child.pid: child for child in psutil.Process().children(recursive=True)}
+    for pid in set(psutil.pids()) - before - found.keys() - {own}:
+        if _marked(pid):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                found[pid] = psutil.Process(pid)
+    return [process for pid, process in sorted(found.items())
+            if pid not in _LONG_LIVED and _alive(process)]
+
+
+def _marked(pid: int) -> bool:
+    """Whether the process started with this test run's mark in its environment."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            return _MARK_ENTRY in environ.read().split(b"\0")
+    except OSError:  # gone, or another user's
+        return False
 
 
 def _alive(process: psutil.Process) -> bool:
@@ -278,12 +315,16 @@ class LiveServer:
                 self.process.wait(15)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-                self.process.wait()
+                self.process.wait(10)
         if self.reader is not None:
             self.reader.join(10)
         if self.process.stdout is not None:
             self.process.stdout.close()
         return self.process.returncode
+
+
+#: Seconds a server has to print its listening line.
+STARTUP_SECONDS = 30
 
 
 def start_server(*args: str, env: dict[str, str] | None = None,
@@ -302,15 +343,22 @@ def start_server(*args: str, env: dict[str, str] | None = None,
     )
     assert process.stdout is not None
     lines: list[str] = []
-    for line in process.stdout:
-        lines.append(line)
-        if line.startswith("runcache listening on "):
-            server = LiveServer(process, line.split()[-1], lines)
-            _drain_in_background(server)
-            return server
-    process.wait()
+    # A server that neither listens nor exits is killed, so the loop below ends.
+    giving_up = threading.Timer(STARTUP_SECONDS, process.kill)
+    giving_up.start()
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("runcache listening on "):
+                server = LiveServer(process, line.split()[-1], lines)
+                _drain_in_background(server)
+                return server
+    finally:
+        giving_up.cancel()
+    process.wait(10)
     process.stdout.close()
-    raise AssertionError("runcache serve exited before listening:\n" + "".join(lines))
+    raise AssertionError(f"runcache serve exited (or was killed after {STARTUP_SECONDS} s) "
+                         "before listening:\n" + "".join(lines))
 
 
 def _drain_in_background(server: LiveServer) -> None:

@@ -70,9 +70,8 @@ def test_terminating_run_kills_the_command_it_runs_in_process(tmp_path: Path) ->
          f"mv {pid_file}.new {pid_file}; exec sleep 60"],
         env=environment,
     )
-    while not pid_file.exists():
-        assert process.poll() is None
-        time.sleep(0.01)
+    _until(lambda: pid_file.exists() or process.poll() is not None)
+    assert process.poll() is None, "runcache run ended before its command started"
     command = psutil.Process(int(pid_file.read_text()))
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 128 + signal.SIGTERM

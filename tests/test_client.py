@@ -148,8 +148,7 @@ def test_close_cuts_a_request_still_waiting(live_server: LiveServer) -> None:
     waiter = threading.Thread(target=wait_for_sleep)
     waiter.start()
     with Client(live_server.url) as probe:
-        while probe.health().running_commands == 0:
-            threading.Event().wait(0.01)
+        _until(lambda: probe.health().running_commands > 0)
     client.close()
     waiter.join(20)
     assert not waiter.is_alive() and len(errors) == 1
@@ -160,8 +159,7 @@ def test_closing_a_local_client_kills_its_running_command() -> None:
     results: list[CommandResult] = []
     waiter = threading.Thread(target=lambda: results.append(local.execute("sleep 30")))
     waiter.start()
-    while local.engine.runner.running == 0:
-        threading.Event().wait(0.01)
+    _until(lambda: local.engine.runner.running > 0)
     local.close()
     waiter.join(20)
     assert results[0].return_code == -9 and results[0].success is False

@@ -8,6 +8,7 @@ driven past its batch size with a server answering other requests meanwhile.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -128,6 +129,7 @@ def test_an_entry_is_read_and_its_output_paged_without_splitting_a_character(
     while True:
         page = api.ok("GET", f"/api/cache/entries/{key}/output?offset={offset}&limit=3")
         assert page["offset"] == offset and page["total_bytes"] == len(expected.encode())
+        assert page["eof"] or page["next_offset"] > offset, page  # else this loop never ends
         pieces.append(page["data"])
         offset = page["next_offset"]
         if page["eof"]:
@@ -242,7 +244,9 @@ def _while_answering(work: Callable[[], Any], probe: Callable[[], None]) -> Any:
     done: list[Any] = []
     worker = threading.Thread(target=lambda: done.append(work()))
     worker.start()
+    deadline = time.monotonic() + 60
     while worker.is_alive():
+        assert time.monotonic() < deadline, "the work never finished"
         probe()
     worker.join()
     return done[0]

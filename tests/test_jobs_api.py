@@ -201,10 +201,12 @@ def test_cancel_kills_the_group_and_answers_every_waiter(http: httpx.Client,
     pid = accepted["pid"]
     children = _until(lambda: _group(pid)[1:])
     answers: list[requests.Response] = []
+    misses = http.get("/api/cache/stats").json()["misses"]
     waiter = threading.Thread(target=lambda: answers.append(requests.post(
         f"{server.url}/api/command", json={"command": command}, timeout=15)))
     waiter.start()
-    time.sleep(0.5)  # it has reached the server and joined the job
+    # Its miss is counted, and the job joined, in one step on the server's loop.
+    _until(lambda: http.get("/api/cache/stats").json()["misses"] > misses)
     cancelled = http.post(f"/api/jobs/{accepted['job_id']}/cancel")
     assert _valid(http, cancelled, "JobAction") == {
         "success": True, "job_id": accepted["job_id"], "status": "cancelled"}
@@ -276,7 +278,9 @@ def _hang_up_after_posting(server: LiveServer, body: Json) -> None:
     with socket.create_connection((host, int(port)), timeout=5) as sock:
         sock.sendall(b"POST /api/command HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
                      b"\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload))
-        time.sleep(0.3)  # the run has started
+        _until(lambda: any(  # the run has started
+            job["command"] == body["command"] and job["pid"] is not None
+            for job in requests.get(f"{server.url}/api/jobs", timeout=10).json()["jobs"]))
 
 
 def test_the_only_client_of_an_uncached_run_hanging_up_kills_it(

@@ -263,8 +263,9 @@ def test_full_slots_serve_hits_refuse_runs_and_let_identical_requests_share(
         time.sleep(QUEUE_TIMEOUT * 2)
     finally:
         blocker.release()
-        leader.join()
-        waiter.join()
+        leader.join(30)
+        waiter.join(30)
+    assert not leader.is_alive() and not waiter.is_alive(), "a request never answered"
     assert sorted((status, body["coalesced"], body["stdout"]) for status, body in answers) == [
         (200, False, "released\n"),
         (200, True, "released\n"),

@@ -63,7 +63,7 @@ def test_twenty_concurrent_identical_requests_run_once(
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(60)
     assert runs.read_text() == "run\n"
     assert len(answers) == 20 and {a["stdout"] for a in answers} == {"done\n"}
 
@@ -84,7 +84,7 @@ def test_a_stop_signal_kills_running_commands_and_exits_0(
     server = live_server_factory()
     pid_file = tmp_path / "pid"
     # The shell waits on a child of its own: only killing the whole group ends both.
-    command = f"sleep 120 & echo $! > {pid_file}; wait"
+    command = f"{_sleeper(pid_file)} wait"
     answers: list[requests.Response] = []
     thread = threading.Thread(
         target=lambda: answers.append(post(server, "/api/command", command=command))
@@ -103,6 +103,13 @@ def test_a_stop_signal_kills_running_commands_and_exits_0(
     assert any("stopping" in line for line in server.output)
 
 
+def _sleeper(pid_file: Path) -> str:
+    """A background ``sleep 120`` that writes its pid as the machine knows it: a command
+    is PID 1 of a namespace of its own, so its ``$!`` is that namespace's pid, while
+    ``/proc`` is the machine's."""
+    return f"sh -c 'read -r pid rest < /proc/self/stat; echo $pid > {pid_file}; exec sleep 120' &"
+
+
 def _until(probe: Callable[[], bool], seconds: float = 15.0) -> None:
     deadline = time.monotonic() + seconds
     while not probe():
@@ -117,7 +124,7 @@ def test_a_stop_kills_every_running_group_not_only_the_first(
     pid_files = [tmp_path / f"pid-{index}" for index in range(3)]
     for pid_file in pid_files:  # three runs at once, each a shell waiting on a child
         accepted = requests.post(f"{server.url}/api/command", timeout=10, json={
-            "command": f"sleep 120 & echo $! > {pid_file}; wait", "background": True})
+            "command": f"{_sleeper(pid_file)} wait", "background": True})
         assert accepted.status_code == 202
     _until(lambda: all(path.exists() and path.read_text().strip() for path in pid_files))
     sleepers = [psutil.Process(int(path.read_text())) for path in pid_files]
@@ -148,12 +155,15 @@ def test_commands_never_read_the_servers_stdin(
 
 def test_a_hit_costs_no_info_log_line(live_server: LiveServer) -> None:
     post(live_server, "/api/command", command="echo quiet")
-    time.sleep(0.2)
+    _until(lambda: any("ran 'echo quiet'" in line for line in live_server.output))
     lines_before = len(live_server.output)
     for _ in range(5):
         assert post(live_server, "/api/command", command="echo quiet").json()["cached"]
-    time.sleep(0.2)
-    assert live_server.output[lines_before:] == []
+    # The log keeps the order of events: once a later run's line is in, a hit's would be.
+    post(live_server, "/api/command", command="echo after")
+    _until(lambda: any("ran 'echo after'" in line for line in live_server.output))
+    assert [line for line in live_server.output[lines_before:]
+            if "ran 'echo after'" not in line] == []
 
 
 def test_start_up_errors_are_one_line_and_exit_2() -> None:
@@ -186,6 +196,10 @@ def _ignore_errors(call: Callable[..., object], *args: object, **kwargs: object)
         pass
 
 
+#: Prints the shell's parent as the machine numbers it.
+_PARENT = "read -r pid comm state ppid rest < /proc/self/stat; echo $ppid"
+
+
 def test_serves_on_ipv6_loopback(live_server_factory: Callable[..., LiveServer]) -> None:
     server = live_server_factory("--host", "::1")
     assert server.url.startswith("http://[::1]:")
@@ -199,8 +213,9 @@ def test_two_workers_serve_one_port_share_the_cache_and_stop_together(
     url = server.url + "/api/command"
 
     def worker_of(session: requests.Session) -> int:
-        # The shell's parent is the worker that runs it: the one that accepted the connection.
-        answer = session.post(url, json={"command": "echo $PPID", "use_cache": False}, timeout=30)
+        # The shell's parent is the worker that runs it: the one that accepted the connection
+        # (read from /proc: in the shell's own PID namespace its $PPID is 0).
+        answer = session.post(url, json={"command": _PARENT, "use_cache": False}, timeout=30)
         return int(answer.json()["stdout"])
 
     # A kept-alive connection stays with the worker that accepted it; open
@@ -219,7 +234,7 @@ def test_two_workers_serve_one_port_share_the_cache_and_stop_together(
         server_children = psutil.Process(server.process.pid).children()
         assert {child.pid for child in server_children} == set(sessions)
         first, second = sessions.values()
-        command = {"command": "echo $PPID $(date +%s%N)"}
+        command = {"command": f"{_PARENT}; date +%s%N"}
         ran = first.post(url, json=command, timeout=30).json()
         shared = second.post(url, json=command, timeout=30).json()
         assert (ran["cached"], shared["cached"]) == (False, True)
@@ -234,13 +249,12 @@ def test_two_workers_serve_one_port_share_the_cache_and_stop_together(
         assert sum(f"pid {pid})" in line for line in server.output) == 1
 
     pid_file = tmp_path / "pid"
-    sleep = {"command": f"sleep 120 & echo $! > {pid_file}; wait", "use_cache": False}
+    sleep = {"command": f"{_sleeper(pid_file)} wait", "use_cache": False}
     waiter = threading.Thread(
         target=lambda: _ignore_errors(requests.post, url, json=sleep, timeout=30)
     )
     waiter.start()
-    while not pid_file.exists() or not pid_file.read_text().strip():
-        time.sleep(0.02)
+    _until(lambda: pid_file.exists() and bool(pid_file.read_text().strip()))
     sleeper = psutil.Process(int(pid_file.read_text()))
     assert server.stop() == 0
     waiter.join(10)

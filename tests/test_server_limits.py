@@ -182,7 +182,7 @@ class ThreadCounter:
         tb: TracebackType | None,
     ) -> None:
         self._stop.set()
-        self._sampler.join()
+        self._sampler.join(10)
 
     def _sample(self) -> None:
         while True:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,14 @@ from runcache.results import encode_result
 from runcache.runner import Runner, RunResult
 from runcache.service import KEY_ENV_VARS, CommandRequest, Engine, Outcome
 from runcache.stores import MemoryStore, open_store
+
+
+async def _until(condition: Callable[[], bool], seconds: float = 15.0) -> None:
+    """Wait on the loop until ``condition()`` holds; fail, not hang, after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.01)
 
 
 def test_concurrent_identical_requests_run_once(engine: Engine, tmp_path: Path) -> None:
@@ -73,11 +83,10 @@ def test_result_of_a_run_that_began_before_a_clear_is_returned_not_stored(
 
     async def main() -> tuple[Outcome, Outcome]:
         running = asyncio.ensure_future(engine.execute(request))
-        while engine.runner.running == 0:
-            await asyncio.sleep(0.01)
+        await _until(lambda: engine.runner.running > 0)
         await engine.clear()
         gate.touch()
-        first = await running
+        first = await asyncio.wait_for(running, 15)
         assert (await engine.cache_stats()).size == 0
         return first, await engine.execute(request)
 
@@ -96,12 +105,11 @@ def test_errors_are_shared_with_the_requests_that_joined(tmp_path: Path) -> None
 
     async def main() -> list[BaseException | Outcome]:
         holding = asyncio.ensure_future(engine.execute(blocker))
-        while engine.runner.running == 0:
-            await asyncio.sleep(0.01)
+        await _until(lambda: engine.runner.running > 0)
         answers = await asyncio.gather(*(engine.execute(shared) for _ in range(2)),
                                        return_exceptions=True)
         gate.touch()
-        await holding
+        await asyncio.wait_for(holding, 15)
         return answers
 
     try:
@@ -121,17 +129,17 @@ def test_a_caller_going_away_cancels_neither_the_shared_run_nor_the_others_answe
 
     async def main() -> Outcome:
         first = asyncio.ensure_future(engine.execute(request))
-        while engine.runner.running == 0:
-            await asyncio.sleep(0.01)
+        await _until(lambda: engine.runner.running > 0)
         second = asyncio.ensure_future(engine.execute(request))
-        await asyncio.sleep(0.05)
+        job = engine.jobs.running_for(engine.cache_key(request.command))
+        assert job is not None
+        await _until(lambda: job.clients == 2)  # the second has joined the run
         first.cancel()
         with pytest.raises(asyncio.CancelledError):
             await first
-        job = engine.jobs.running_for(engine.cache_key(request.command))
-        assert job is not None and job.status == "running"  # the run goes on
+        assert job.status == "running"  # the run goes on
         gate.touch()
-        return await second
+        return await asyncio.wait_for(second, 15)
 
     shared = asyncio.run(main())
     assert shared.result().stdout == "answer\n" and shared.coalesced
@@ -143,14 +151,12 @@ def test_the_last_caller_of_an_uncached_run_going_away_cancels_it(engine: Engine
 
     async def main() -> None:
         waiting = asyncio.ensure_future(engine.execute(request))
-        while engine.runner.running == 0:
-            await asyncio.sleep(0.01)
+        await _until(lambda: engine.runner.running > 0)
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
         job = engine.jobs.listing()[0]
-        while not job.ended:
-            await job.changed()
+        await _until(lambda: job.ended)
 
     asyncio.run(main())
     assert [job.status for job in engine.jobs.listing()] == ["cancelled"]

@@ -212,7 +212,7 @@ def test_a_writer_killed_mid_write_leaves_a_consistent_file(
     assert writer.stdout is not None
     assert writer.stdout.readline() == "writing\n"
     writer.send_signal(signal.SIGKILL)
-    writer.wait()
+    writer.wait(10)
     writer.stdout.close()
     with closing(sqlite3.connect(db_path)) as db, db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -216,8 +216,9 @@ def test_concurrent_get_put_clear_loses_no_count(store_factory: StoreFactory) ->
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(60)
 
+    assert not any(thread.is_alive() for thread in threads), "a worker never finished"
     assert errors == []
     final = store.stats()
     counted = final.lookups + sum(stats.lookups for stats in cleared)
