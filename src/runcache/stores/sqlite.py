@@ -15,7 +15,10 @@ lapsed and replaces.
 
 A file that cannot be opened, written or read (a missing directory that cannot
 be made, a corrupt file) raises :class:`StoreError` on use, never at start, so
-the server still starts and runs uncached until the file is usable again.
+the server still starts and runs uncached until the file is usable again. So
+does a file deleted or replaced under the store, once, before the store reopens
+the path; and a ``-shm`` file truncated under its mapping, which SQLite would
+answer with SIGBUS (see :mod:`runcache.stores.sqlite_files`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from runcache.errors import StoreError
+from runcache.stores import sqlite_files
 from runcache.stores.base import (
     DEFAULT_TIMEOUT,
     CacheStats,
@@ -103,6 +107,10 @@ _COUNTS = "SELECT hits, misses, evictions, expirations, coalesced, entries, byte
 class _ThreadConnection(threading.local):
     connection: sqlite3.Connection | None = None
     pid: int = 0
+    #: The file the connection opened.
+    identity: sqlite_files.Identity = (0, 0)
+    #: The store's generation it was opened in; those of older ones are closed.
+    generation: int = 0
 
 
 class SqliteStore:
@@ -131,11 +139,17 @@ class SqliteStore:
         self._local = _ThreadConnection()
         # Threads of one process queue here rather than in SQLite's busy handler,
         # which polls with sleeps and can starve a thread for its whole timeout;
-        # other processes still wait in the busy handler. Reentrant because a
+        # other processes still wait in the busy handler. Every call holds it,
+        # reads too (they are short), so a thread that finds the file replaced can
+        # close every connection of the store: none is in use. Reentrant because a
         # transaction may open its thread's connection, which writes the schema.
         self._write_lock = threading.RLock()
         self._opened: list[sqlite3.Connection] = []
         self._opened_lock = threading.Lock()
+        #: Advanced when the connections are closed for the file's sake.
+        self._generation = 0
+        #: Files whose -shm was truncated under this process's mapping: never opened again.
+        self._faulty: set[sqlite_files.Identity] = set()
 
     # -- the cache's operations -------------------------------------------------
 
@@ -368,7 +382,7 @@ class SqliteStore:
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction: all of it is committed, or none of it."""
-        with self._write_lock, self._reading() as db:
+        with self._reading() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
@@ -380,25 +394,87 @@ class SqliteStore:
 
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
-        """This thread's connection; any SQLite failure becomes a StoreError."""
+        """This thread's connection, on the file now at the path, with the store's other
+        calls in this process kept out; any SQLite failure becomes a StoreError."""
+        # Bounded: a thread stuck in SQLite's busy handler holds the lock for up to
+        # the timeout itself, and a queue of threads must not add theirs up.
+        if not self._write_lock.acquire(timeout=self.timeout):
+            raise StoreError(f"sqlite store {self.path}: busy: another call waited over"
+                             f" the store timeout ({self.timeout:g} s) for the file")
         try:
             yield self._connection()
         except sqlite3.Error as error:
             self._discard()
             raise StoreError(f"sqlite store {self.path}: {error}") from error
+        finally:
+            self._write_lock.release()
 
     def _connection(self) -> sqlite3.Connection:
         local = self._local
-        if local.connection is None or local.pid != os.getpid():
-            local.connection = self._connect()
-            local.pid = os.getpid()
+        if (local.connection is not None and local.pid == os.getpid()
+                and local.generation == self._generation):
+            try:
+                change = sqlite_files.changed(self.path, local.identity)
+            except OSError as error:
+                raise sqlite3.OperationalError(f"cannot look at the file: {error}") from error
+            if change is not None:
+                self._let_go(local.identity, change)
+            return local.connection
+        local.connection = None  # the parent's (after a fork), or closed by _let_go
+        local.connection = self._connect()
+        local.pid = os.getpid()
+        local.generation = self._generation
+        try:
+            local.identity = sqlite_files.identity(self.path)
+        except OSError as error:
+            raise sqlite3.OperationalError(f"the file went as it was opened: {error}") from error
         return local.connection
+
+    def _let_go(self, opened: sqlite_files.Identity, change: str) -> None:
+        """Stop using every connection, as the file it opened ``change``; raise StoreError.
+
+        The next call reopens the path. A connection on a replaced or deleted file
+        is closed: SQLite then neither checkpoints into it nor deletes the ``-wal``
+        and ``-shm`` at the path, which may be another file's by now. Its WAL is
+        first checkpointed and emptied, where SQLite still can, so that no frame of
+        the old file is replayed into the one now at the path. A connection whose
+        ``-shm`` was truncated is abandoned instead: touching it would be SIGBUS.
+        """
+        with self._opened_lock:
+            opened_connections, self._opened = self._opened, []
+        self._generation += 1
+        self._local.connection = None
+        if change == sqlite_files.TRUNCATED:
+            self._faulty.add(opened)
+            for connection in opened_connections:
+                sqlite_files.abandon(connection)
+            raise StoreError(
+                f"sqlite store {self.path} {change}: runcache no longer touches this file"
+                " (SQLite would crash the process with SIGBUS); remove the database file"
+                " and its -wal and -shm, or restart runcache"
+            )
+        for connection in opened_connections:
+            try:
+                connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass
+            connection.close()
+        raise StoreError(f"sqlite store {self.path} {change} while open: reopening the path")
 
     def _connect(self) -> sqlite3.Connection:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise sqlite3.OperationalError(f"cannot create its directory: {error}") from error
+        try:
+            if sqlite_files.identity(self.path) in self._faulty:
+                raise sqlite3.OperationalError(
+                    "its -shm file was truncated under this process's mapping: remove the"
+                    " database file and its -wal and -shm, or restart runcache"
+                )
+        except FileNotFoundError:
+            pass
+        sqlite_files.check_companions(self.path)
         # isolation_level=None: this module issues BEGIN and COMMIT itself.
         db = sqlite3.connect(
             self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False

@@ -1,0 +1,225 @@
+"""The SQLite store's file changed behind its back: deleted, replaced, its ``-shm`` broken.
+
+As reported: a database file deleted while servers ran left them serving the deleted
+file and reporting healthy, while a new server on the path started empty (clears no
+longer reached each other); and a ``-shm`` that could not be used killed the server
+with SIGBUS and no log line. These use real files in ``tmp_path`` and real servers.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from runcache.errors import StoreError
+from runcache.stores.sqlite import SqliteStore
+from runcache.stores.sqlite_files import SHM_REGION
+
+from conftest import FakeClock, LiveServer
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "cache.db"
+
+
+@pytest.fixture
+def opened() -> Iterator[list[SqliteStore]]:
+    stores: list[SqliteStore] = []
+    yield stores
+    for store in stores:
+        store.close()
+
+
+def make(opened: list[SqliteStore], path: Path) -> SqliteStore:
+    store = SqliteStore(path, 100, 1 << 20, clock=FakeClock())
+    opened.append(store)
+    return store
+
+
+def integrity(path: Path) -> str:
+    with closing(sqlite3.connect(path)) as db:
+        result: str = db.execute("PRAGMA integrity_check").fetchone()[0]
+        return result
+
+
+def test_a_deleted_file_is_noticed_then_the_path_is_reopened_and_shared(
+    db_path: Path, opened: list[SqliteStore]
+) -> None:
+    old = make(opened, db_path)
+    assert old.put("before", b"v", 60, old.epoch())
+    in_thread: list[bytes | None] = []
+    worker = threading.Thread(target=lambda: in_thread.append(old.get("before")))
+    worker.start()  # a second connection, of another thread, on the file to be deleted
+    worker.join()
+    assert in_thread == [b"v"]
+    db_path.unlink()
+    with pytest.raises(StoreError, match="deleted"):
+        old.get("before")
+    # Reopened: the path holds a new file, which a new store shares with the old one.
+    assert old.get("before") is None
+    assert old.put("after", b"w", 60, old.epoch())
+    new = make(opened, db_path)
+    assert new.get("after") == b"w"
+    new.clear()
+    assert old.get("after") is None, "a clear on the new store reaches the old one"
+    worker = threading.Thread(target=lambda: in_thread.append(old.get("after")))
+    worker.start()  # the other thread's connection was closed and reopens the path too
+    worker.join()
+    assert in_thread == [b"v", None]
+    assert old.stats().size == new.stats().size == 0
+    assert integrity(db_path) == "ok"
+
+
+def test_a_file_replaced_by_another_is_noticed_then_the_other_is_served(
+    tmp_path: Path, db_path: Path, opened: list[SqliteStore]
+) -> None:
+    old = make(opened, db_path)
+    for index in range(20):  # frames in the WAL, which must not be replayed into the new file
+        assert old.put(f"mine-{index}", b"m" * 1000, 60, old.epoch())
+    other = SqliteStore(tmp_path / "other.db", 100, 1 << 20, clock=FakeClock())
+    assert other.put("theirs", b"t", 60, other.epoch())
+    other.close()
+    os.replace(tmp_path / "other.db", db_path)
+    with pytest.raises(StoreError, match="replaced"):
+        old.get("mine-1")
+    assert old.get("theirs") == b"t"
+    assert old.get("mine-1") is None
+    new = make(opened, db_path)
+    assert new.get("theirs") == b"t"
+    old.clear()
+    assert new.get("theirs") is None
+    assert integrity(db_path) == "ok"
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+@pytest.mark.parametrize("suffix", ["-shm", "-wal"])
+def test_a_companion_sqlite_cannot_use_is_refused_by_name_then_used_once_gone(
+    db_path: Path, opened: list[SqliteStore], kind: str, suffix: str
+) -> None:
+    """Root writes any file whatever its mode, so these are what root cannot write."""
+    broken = db_path.with_name(db_path.name + suffix)
+    os.mkdir(broken) if kind == "directory" else os.mkfifo(broken)
+    store = make(opened, db_path)
+    with pytest.raises(StoreError, match=f"cache.db{suffix} is not a regular file"):
+        store.epoch()
+    with pytest.raises(StoreError, match="not a regular file"):
+        store.put("k", b"v", 60, 0)
+    os.rmdir(broken) if kind == "directory" else os.unlink(broken)
+    assert store.put("k", b"v", 60, store.epoch())
+    assert store.get("k") == b"v"
+
+
+_TRUNCATE_SHM = """
+import os, sys
+from pathlib import Path
+from runcache.errors import StoreError
+from runcache.stores.sqlite import SqliteStore
+
+path = Path(sys.argv[1])
+shm = path.with_name(path.name + "-shm")
+store = SqliteStore(path, 100, 1 << 20)
+store.put("k", b"v", 60, store.epoch())
+os.truncate(shm, 0)  # under the mapping: touching it now would be SIGBUS
+for attempt in range(2):
+    try:
+        store.get("k")
+        print("served")
+    except StoreError as error:
+        print("refused:", error)
+for name in (path, shm, path.with_name(path.name + "-wal")):
+    name.unlink()
+store.put("k", b"again", 60, store.epoch())
+print("reopened:", store.get("k"))
+store.close()
+"""
+
+
+def test_a_shm_truncated_under_its_mapping_is_an_error_not_sigbus(db_path: Path) -> None:
+    """In a process of its own, so that a fault kills that process, not the test run;
+    it must end normally, its connections on the faulty file left untouched for good."""
+    done = subprocess.run([sys.executable, "-c", _TRUNCATE_SHM, str(db_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3, lines
+    assert "-shm file truncated while mapped" in lines[0] and "SIGBUS" in lines[0]
+    assert "truncated under this process's mapping" in lines[1]
+    assert lines[2] == "reopened: b'again'"
+    assert SHM_REGION == 32 * 1024
+
+
+# -- real servers -------------------------------------------------------------------------
+
+
+def run(server: LiveServer, command: str) -> dict[str, Any]:
+    response = requests.post(server.url + "/api/command", json={"command": command}, timeout=60)
+    assert response.status_code == 200, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def health(server: LiveServer) -> dict[str, Any]:
+    answer: dict[str, Any] = requests.get(server.url + "/health", timeout=30).json()
+    return answer
+
+
+def wait_for_status(server: LiveServer, status: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while True:
+        answer = health(server)
+        if answer["status"] == status:
+            return answer
+        assert time.monotonic() < deadline, answer
+        time.sleep(0.1)
+
+
+def test_servers_on_a_deleted_file_notice_then_share_the_new_one(
+    live_server_factory: Callable[..., LiveServer], db_path: Path
+) -> None:
+    old = live_server_factory("--store", f"sqlite://{db_path}")
+    run(old, "echo $$")
+    assert run(old, "echo $$")["cached"] is True
+    db_path.unlink()
+    assert run(old, "echo $$")["cached"] is False  # noticed: run uncached
+    reason = wait_for_status(old, "degraded")["reason"]
+    assert "deleted" in reason and str(db_path) in reason, reason
+    wait_for_status(old, "healthy")  # the path reopened
+    assert any("was deleted while open" in line for line in old.output)
+    new = live_server_factory("--store", f"sqlite://{db_path}")
+    first = run(new, "echo shared")
+    again = run(old, "echo shared")
+    assert (first["cached"], again["cached"]) == (False, True)
+    assert again["stdout"] == first["stdout"]
+    cleared = requests.post(new.url + "/api/cache/clear", timeout=30)
+    assert cleared.status_code == 200, cleared.text
+    assert run(old, "echo shared")["cached"] is False, "the clear reached the old server"
+    assert integrity(db_path) == "ok"
+
+
+def test_a_server_whose_shm_is_a_directory_says_why_and_keeps_answering(
+    live_server_factory: Callable[..., LiveServer], db_path: Path
+) -> None:
+    shm = db_path.with_name(db_path.name + "-shm")
+    shm.mkdir(parents=True)
+    server = live_server_factory("--store", f"sqlite://{db_path}")
+    assert [run(server, "echo hi")["cached"] for _ in range(2)] == [False, False]
+    reason = wait_for_status(server, "degraded")["reason"]
+    assert f"{shm} is not a regular file" in reason, reason
+    assert any("cache store failed" in line and "-shm" in line for line in server.output)
+    shm.rmdir()
+    wait_for_status(server, "healthy")
+    run(server, "echo hi")
+    assert run(server, "echo hi")["cached"] is True
+    assert server.process.poll() is None
