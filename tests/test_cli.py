@@ -206,7 +206,7 @@ def _ctrl_c(server: LiveServer, command: str) -> tuple[int, bytes]:
     assert _read_line(process.stdout) == b"started\n"
     process.send_signal(signal.SIGINT)
     code = process.wait(30)
-    stderr = process.communicate()[1]
+    stderr = process.communicate(timeout=10)[1]
     return code, stderr
 
 
@@ -255,7 +255,7 @@ def test_jobs_lists_prints_follows_and_cancels(live_server: LiveServer, tmp_path
     assert _read_line(follower.stdout) == f"one {marker}\n".encode()
     gate.touch()
     assert follower.wait(30) == 0
-    assert follower.communicate()[0] == b"two\n"
+    assert follower.communicate(timeout=10)[0] == b"two\n"
     slow = requests.post(f"{live_server.url}/api/command", timeout=10, json={
         "command": "sleep 60", "use_cache": False, "background": True}).json()
     cancelled = runcache("jobs", "cancel", slow["job_id"], env=env)
@@ -303,7 +303,7 @@ def test_logs_follow_one_stream_live_while_the_other_grows(live_server: LiveServ
     assert _read_line(follower.stderr) == b"first\n"
     gate.touch()
     assert follower.wait(30) == 0
-    out, err = follower.communicate()
+    out, err = follower.communicate(timeout=10)
     assert (out, err) == (b"", b"second\n")
 
 

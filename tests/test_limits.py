@@ -176,7 +176,7 @@ def test_slots_serve_several_event_loops_in_turn() -> None:
         queued = asyncio.ensure_future(waiter())
         await _until(lambda: slots.waiting == 1)
         await _let_go(holding)
-        await queued
+        await asyncio.wait_for(queued, 10)
         async with slots.hold():  # and a wait that times out on this loop
             with pytest.raises(Busy):
                 async with slots.hold():

@@ -6,6 +6,7 @@ the cross-process lock for SQLite and Redis alike in ``test_store_locks.py``.
 
 from __future__ import annotations
 
+import select
 import signal
 import sqlite3
 import subprocess
@@ -210,6 +211,7 @@ def test_a_writer_killed_mid_write_leaves_a_consistent_file(
         [sys.executable, "-c", _WRITER, str(db_path)], stdout=subprocess.PIPE, text=True
     )
     assert writer.stdout is not None
+    assert select.select([writer.stdout], [], [], 30)[0], "the writer never started writing"
     assert writer.stdout.readline() == "writing\n"
     writer.send_signal(signal.SIGKILL)
     writer.wait(10)
