@@ -50,7 +50,7 @@ def _until(probe: Callable[[], T | None], seconds: float = 15.0) -> T:
 def _running(*argv: str) -> list[psutil.Process]:
     """The live processes whose command line is ``argv`` (found by what they run, not by
     a pid a command reports: a run may see pids of a namespace of its own)."""
-    found = []
+    found: list[psutil.Process] = []
     for process in psutil.process_iter(["cmdline", "status"]):
         if process.info["cmdline"] == list(argv) and process.info["status"] != "zombie":
             found.append(process)
