@@ -9,6 +9,7 @@ with SIGBUS and no log line. These use real files in ``tmp_path`` and real serve
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -205,6 +206,31 @@ def test_servers_on_a_deleted_file_notice_then_share_the_new_one(
     cleared = requests.post(new.url + "/api/cache/clear", timeout=30)
     assert cleared.status_code == 200, cleared.text
     assert run(old, "echo shared")["cached"] is False, "the clear reached the old server"
+    assert integrity(db_path) == "ok"
+
+
+def test_an_idle_server_lets_go_of_a_deleted_file_for_a_new_one(
+    live_server_factory: Callable[..., LiveServer], db_path: Path
+) -> None:
+    """Without a call to notice it, the idle server's look at the file lets it go: until
+    then a new server on the path shares its -wal and -shm and fails."""
+    old = live_server_factory("--store", f"sqlite://{db_path}")
+    run(old, "echo shared")
+    db_path.unlink()
+    new = live_server_factory("--store", f"sqlite://{db_path}")
+    deadline = time.monotonic() + 30
+    while not run(new, "echo shared")["cached"]:
+        assert time.monotonic() < deadline, health(new)
+        time.sleep(0.1)
+    assert run(old, "echo shared")["cached"] is False  # the first call says the file went
+    reason = wait_for_status(old, "degraded")["reason"]
+    # Replaced if the new server had made its file when the old one looked, else deleted.
+    assert re.search(r"was (replaced|deleted) while open", reason), reason
+    wait_for_status(old, "healthy")
+    assert run(old, "echo shared")["cached"] is True
+    cleared = requests.post(old.url + "/api/cache/clear", timeout=30)
+    assert cleared.status_code == 200, cleared.text
+    assert run(new, "echo shared")["cached"] is False
     assert integrity(db_path) == "ok"
 
 

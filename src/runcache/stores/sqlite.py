@@ -101,6 +101,11 @@ _ADDED_COLUMNS = {
 #: What :class:`EntryInfo` is made of, in its order.
 _INFO = "key, command, size, created_at, expires_at, hits, return_code"
 
+#: Seconds between looks at the file by a store nobody calls (a call looks itself):
+#: an idle server must let go of a deleted file too, or a new server on the path
+#: shares its -wal and -shm and fails ("disk I/O error") until the idle one is called.
+WATCH_INTERVAL = 1.0
+
 _COUNTS = "SELECT hits, misses, evictions, expirations, coalesced, entries, bytes FROM counts"
 
 
@@ -144,12 +149,17 @@ class SqliteStore:
         # close every connection of the store: none is in use. Reentrant because a
         # transaction may open its thread's connection, which writes the schema.
         self._write_lock = threading.RLock()
-        self._opened: list[sqlite3.Connection] = []
+        #: Every open connection of this process, and the file it opened.
+        self._opened: dict[sqlite3.Connection, sqlite_files.Identity] = {}
         self._opened_lock = threading.Lock()
         #: Advanced when the connections are closed for the file's sake.
         self._generation = 0
         #: Files whose -shm was truncated under this process's mapping: never opened again.
         self._faulty: set[sqlite_files.Identity] = set()
+        #: What the watcher found the file had gone through, for the next call to say.
+        self._found: str | None = None
+        self._watcher_pid = 0
+        self._closed = threading.Event()
 
     # -- the cache's operations -------------------------------------------------
 
@@ -357,8 +367,9 @@ class SqliteStore:
         """Nothing is opened for the loop: ``get_async`` uses the loop thread's connection."""
 
     def close(self) -> None:
+        self._closed.set()
         with self._opened_lock:
-            opened, self._opened = self._opened, []
+            opened, self._opened = self._opened, {}
         for connection in opened:
             connection.close()
         self._local.connection = None
@@ -411,6 +422,9 @@ class SqliteStore:
 
     def _connection(self) -> sqlite3.Connection:
         local = self._local
+        found, self._found = self._found, None
+        if found is not None:
+            raise StoreError(_changed_message(self.path, found))
         if (local.connection is not None and local.pid == os.getpid()
                 and local.generation == self._generation):
             try:
@@ -421,17 +435,18 @@ class SqliteStore:
                 self._let_go(local.identity, change)
             return local.connection
         local.connection = None  # the parent's (after a fork), or closed by _let_go
-        local.connection = self._connect()
+        local.connection, local.identity = self._connect()
         local.pid = os.getpid()
         local.generation = self._generation
-        try:
-            local.identity = sqlite_files.identity(self.path)
-        except OSError as error:
-            raise sqlite3.OperationalError(f"the file went as it was opened: {error}") from error
         return local.connection
 
     def _let_go(self, opened: sqlite_files.Identity, change: str) -> None:
-        """Stop using every connection, as the file it opened ``change``; raise StoreError.
+        """Stop using every connection, as the file it opened ``change``; raise StoreError."""
+        self._release_all(opened, change)
+        raise StoreError(_changed_message(self.path, change))
+
+    def _release_all(self, opened: sqlite_files.Identity, change: str) -> None:
+        """Stop using every connection, as the file ``opened`` ``change``.
 
         The next call reopens the path. A connection on a replaced or deleted file
         is closed: SQLite then neither checkpoints into it nor deletes the ``-wal``
@@ -441,27 +456,44 @@ class SqliteStore:
         ``-shm`` was truncated is abandoned instead: touching it would be SIGBUS.
         """
         with self._opened_lock:
-            opened_connections, self._opened = self._opened, []
+            opened_connections, self._opened = self._opened, {}
         self._generation += 1
         self._local.connection = None
         if change == sqlite_files.TRUNCATED:
             self._faulty.add(opened)
             for connection in opened_connections:
                 sqlite_files.abandon(connection)
-            raise StoreError(
-                f"sqlite store {self.path} {change}: runcache no longer touches this file"
-                " (SQLite would crash the process with SIGBUS); remove the database file"
-                " and its -wal and -shm, or restart runcache"
-            )
+            return
         for connection in opened_connections:
             try:
                 connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error:
                 pass
             connection.close()
-        raise StoreError(f"sqlite store {self.path} {change} while open: reopening the path")
 
-    def _connect(self) -> sqlite3.Connection:
+    def _watch(self) -> None:
+        """In a thread of its own, while the store is open: look at the file every
+        WATCH_INTERVAL seconds, and let go of it as a call would, when no call is under way
+        (one that is looks itself). The next call says what happened."""
+        while not self._closed.wait(WATCH_INTERVAL):
+            if not self._write_lock.acquire(blocking=False):
+                continue
+            try:
+                with self._opened_lock:
+                    opened = set(self._opened.values())
+                for identity in opened:
+                    change = sqlite_files.changed(self.path, identity)
+                    if change is not None:
+                        self._release_all(identity, change)
+                        self._found = change
+                        break
+            except (OSError, sqlite3.Error):
+                pass  # the next call finds it out and says so
+            finally:
+                self._write_lock.release()
+
+    def _connect(self) -> tuple[sqlite3.Connection, sqlite_files.Identity]:
+        """A new connection on the file at the path, and that file."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -472,8 +504,8 @@ class SqliteStore:
                     "its -shm file was truncated under this process's mapping: remove the"
                     " database file and its -wal and -shm, or restart runcache"
                 )
-        except FileNotFoundError:
-            pass
+        except OSError:
+            pass  # none yet, or one SQLite will say what is wrong with
         sqlite_files.check_companions(self.path)
         # isolation_level=None: this module issues BEGIN and COMMIT itself.
         db = sqlite3.connect(
@@ -482,12 +514,20 @@ class SqliteStore:
         try:
             with self._write_lock:
                 _retry_while_locked(lambda: self._prepare(db), self.timeout)
+            opened = sqlite_files.identity(self.path)
+        except FileNotFoundError as error:
+            db.close()
+            raise sqlite3.OperationalError(f"the file went as it was opened: {error}") from error
         except BaseException:
             db.close()
             raise
         with self._opened_lock:
-            self._opened.append(db)
-        return db
+            self._opened[db] = opened
+        if self._watcher_pid != os.getpid():  # none yet, or the parent's before a fork
+            self._watcher_pid = os.getpid()
+            threading.Thread(target=self._watch, name="runcache-sqlite-watch",
+                             daemon=True).start()
+        return db, opened
 
     def _prepare(self, db: sqlite3.Connection) -> None:
         """Set up a new connection and make sure the file has the tables and this namespace."""
@@ -506,12 +546,19 @@ class SqliteStore:
         if connection is None:
             return
         with self._opened_lock:
-            if connection in self._opened:
-                self._opened.remove(connection)
+            self._opened.pop(connection, None)
         try:
             connection.close()
         except sqlite3.Error:
             pass
+
+
+def _changed_message(path: Path, change: str) -> str:
+    if change == sqlite_files.TRUNCATED:
+        return (f"sqlite store {path} {change}: runcache no longer touches this file (SQLite"
+                " would crash the process with SIGBUS); remove the database file and its -wal"
+                " and -shm, or restart runcache")
+    return f"sqlite store {path} {change} while open: reopening the path"
 
 
 def _add_columns(db: sqlite3.Connection) -> None:
