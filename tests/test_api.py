@@ -53,8 +53,8 @@ def test_command_result_has_every_contract_field(client: TestClient) -> None:
 
 
 def test_second_identical_command_is_a_cache_hit(client: TestClient) -> None:
-    first = run(client, command="echo $$")  # the shell's pid: differs on every real run
-    second = run(client, command="echo $$")
+    first = run(client, command="cat /proc/sys/kernel/random/uuid")  # differs on every real run
+    second = run(client, command="cat /proc/sys/kernel/random/uuid")
     assert second["cached"] is True and first["cached"] is False
     assert second["stdout"] == first["stdout"]
     assert second["cache_key"] == first["cache_key"]
@@ -63,8 +63,8 @@ def test_second_identical_command_is_a_cache_hit(client: TestClient) -> None:
 
 
 def test_use_cache_false_runs_again_and_does_not_look_up(client: TestClient) -> None:
-    first = run(client, command="echo $$")
-    second = run(client, command="echo $$", use_cache=False)
+    first = run(client, command="cat /proc/sys/kernel/random/uuid")
+    second = run(client, command="cat /proc/sys/kernel/random/uuid", use_cache=False)
     assert second["cached"] is False and second["stdout"] != first["stdout"]
     assert stats(client)["misses"] == 1
 

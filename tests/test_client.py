@@ -48,9 +48,9 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Client | LocalClient]:
 def test_second_run_is_cached_and_use_cache_false_runs_again(
     backend: Client | LocalClient,
 ) -> None:
-    first = backend.execute("echo $$")
-    second = backend.execute("echo $$")
-    fresh = backend.execute("echo $$", use_cache=False)
+    first = backend.execute("cat /proc/sys/kernel/random/uuid")
+    second = backend.execute("cat /proc/sys/kernel/random/uuid")
+    fresh = backend.execute("cat /proc/sys/kernel/random/uuid", use_cache=False)
     assert (first.cached, second.cached, fresh.cached) == (False, True, False)
     assert second.stdout == first.stdout != fresh.stdout
     assert backend.cache_stats().hits == 1

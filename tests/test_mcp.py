@@ -163,13 +163,14 @@ def test_tools_list_the_wire_schemas(mcp_args: list[str], tmp_path: Path) -> Non
 
 def test_tools_cache_stats_and_clear(mcp_args: list[str], tmp_path: Path) -> None:
     async def scenario(session: ClientSession) -> None:
-        first = await call(session, "execute_command", command="echo $$")
-        second = await call(session, "execute_command", command="echo $$")
+        first = await call(session, "execute_command", command="cat /proc/sys/kernel/random/uuid")
+        second = await call(session, "execute_command", command="cat /proc/sys/kernel/random/uuid")
         assert (first["cached"], second["cached"]) == (False, True)
         assert second["stdout"] == first["stdout"] and first["return_code"] == 0
         stats = await call(session, "get_cache_stats")
         assert (stats["hits"], stats["misses"], stats["hit_rate"]) == (1, 1, "50.0%")
-        fresh = await call(session, "execute_command", command="echo $$", use_cache=False)
+        fresh = await call(session, "execute_command", command="cat /proc/sys/kernel/random/uuid",
+                           use_cache=False)
         assert fresh["cached"] is False and fresh["stdout"] != first["stdout"]
         assert await call(session, "clear_cache") == {"success": True, "message": "Cache cleared"}
         stats = await call(session, "get_cache_stats")

@@ -2,18 +2,51 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from runcache.runner import Runner
 from runcache.service import SHELL
 
+_MARKS = itertools.count(1)
+
 
 def sh(command: str) -> list[str]:
     return [*SHELL, command]
+
+
+def marker() -> str:
+    """A ``sleep`` argument no other process has: the test finds its process by it, since
+    a pid printed inside a PID namespace (``$!``) is not the machine's pid."""
+    return f"{300 + next(_MARKS)}.{os.getpid()}"
+
+
+def marked(mark: str) -> list[psutil.Process]:
+    """The live processes whose command line holds ``mark``."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(mark in arg for arg in process.info["cmdline"] or ()) and _alive(process):
+            found.append(process)
+    return found
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture(params=["pidns", "group"])
+def containment(request: pytest.FixtureRequest) -> str:
+    """Each test of what a runner promises in either mode runs in both."""
+    mode: str = request.param
+    return mode
 
 
 def test_streams_and_exit_code_are_kept_apart() -> None:
@@ -28,28 +61,40 @@ def test_success_means_exit_zero() -> None:
     assert result.success and result.return_code == 0
 
 
-def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
-    pids = tmp_path / "pids"
-    command = f"sleep 60 & echo $! >> {pids}; (sleep 60; echo never) & echo $! >> {pids}; " \
-              "echo started; sleep 60"
-    result = Runner(1024).run(sh(command), timeout=0.5)
+def test_timeout_kills_the_whole_process_group(containment: str) -> None:
+    one, two = marker(), marker()
+    command = (f"sleep {one} & (sleep {two}; echo never) & "
+               f"until pgrep -f '^sleep {two}' >/dev/null; do sleep 0.01; done; "
+               "echo started; sleep 60")
+    result = Runner(1024, containment_mode=containment).run(sh(command), timeout=2)
     assert result.timed_out and not result.success
     assert result.stdout == b"started\n" and result.partial_results
     assert result.return_code < 0
-    for pid in map(int, pids.read_text().split()):
-        assert not _running(pid), f"process {pid} of the timed-out group survived"
+    assert _gone(one) and _gone(two), "a process of the timed-out group survived"
 
 
-def test_processes_left_behind_by_a_finished_command_are_killed(tmp_path: Path) -> None:
-    pid_file = tmp_path / "pid"
-    result = Runner(1024).run(sh(f"sleep 60 > /dev/null 2>&1 & echo $! > {pid_file}"), 10)
+def test_processes_left_behind_by_a_finished_command_are_killed(containment: str) -> None:
+    mark = marker()
+    command = (f"sleep {mark} > /dev/null 2>&1 & "
+               f"until pgrep -f '^sleep {mark}' >/dev/null; do sleep 0.01; done")
+    result = Runner(1024, containment_mode=containment).run(sh(command), 10)
     assert result.success
-    assert not _running(int(pid_file.read_text()))
+    assert _gone(mark)
 
 
-def test_background_child_holding_the_pipe_does_not_hang_the_run() -> None:
+def _gone(mark: str) -> bool:
+    """Whether no process holds ``mark`` once a SIGKILL has had time to land."""
+    deadline = time.monotonic() + 5
+    while marked(mark):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_background_child_holding_the_pipe_does_not_hang_the_run(containment: str) -> None:
     started = time.monotonic()
-    result = Runner(1024).run(sh("sleep 60 & echo done"), timeout=30)
+    result = Runner(1024, containment_mode=containment).run(sh("sleep 60 & echo done"), 30)
     assert result.success and result.stdout == b"done\n"
     assert time.monotonic() - started < 20  # bounded by the exit grace, far below the timeout
 
@@ -79,10 +124,10 @@ def test_environment_and_directory_are_applied(tmp_path: Path) -> None:
     assert result.stdout == f"this \n{tmp_path}\n".encode()
 
 
-def test_kill_all_stops_running_commands_and_refuses_new_ones(tmp_path: Path) -> None:
+def test_kill_all_stops_running_commands_and_refuses_new_ones(containment: str) -> None:
     import threading
 
-    runner = Runner(1024)
+    runner = Runner(1024, containment_mode=containment)
     results = []
     thread = threading.Thread(target=lambda: results.append(runner.run(sh("sleep 60"), 60)))
     thread.start()
@@ -92,19 +137,6 @@ def test_kill_all_stops_running_commands_and_refuses_new_ones(tmp_path: Path) ->
     thread.join(10)
     assert not thread.is_alive() and results[0].return_code < 0
     assert runner.run(sh("true"), 10).return_code == 127
-
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` is still alive once a SIGKILL sent to it has had time to land."""
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return False
-        except psutil.NoSuchProcess:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def test_command_that_closes_its_output_still_runs_to_the_end(tmp_path: Path) -> None:

@@ -73,6 +73,23 @@ class Config:
         8 * MiB, "Bytes of stdout and of stderr kept per run, counted as sent (JSON-escaped).", 1
     )
     max_body_bytes: int = _setting(1 * MiB, "Largest request body accepted (413 past it).", 1)
+    containment: str = _setting(
+        "auto", "How a run's processes are kept together so none outlives it: pidns (a PID"
+        " namespace per run; needs root), group (its process group only) or auto (pidns where"
+        " allowed).",
+    )
+    max_memory: str = _setting(
+        "", "Address space each process of a run may use, e.g. 512M or 2G (empty or 0: no limit)."
+    )
+    max_cpu_seconds: int = _setting(
+        0, "CPU seconds each process of a run may use (0: no limit).", 0, maximum=10**9
+    )
+    max_file_size: str = _setting(
+        "", "Largest file a run may write, e.g. 100M (empty or 0: no limit)."
+    )
+    max_open_files: int = _setting(
+        0, "Most files each process of a run may have open (0: no limit).", 0, maximum=1 << 20
+    )
     workers: int = _setting(
         1, "Server processes sharing the port; more than 1 needs a sqlite:// or redis:// store.", 1
     )
@@ -137,6 +154,18 @@ class Config:
                 "process would keep its own cache, statistics and clear; use "
                 "--store sqlite:///path/cache.db or redis://host:port/0"
             )
+        if self.containment not in ("auto", "pidns", "group"):
+            raise ConfigError(
+                f"containment must be auto, pidns or group, got {self.containment!r}"
+            )
+        for name in ("max_memory", "max_file_size"):
+            try:
+                parse_size(getattr(self, name))
+            except ValueError:
+                raise ConfigError(
+                    f"{name} must be a size such as 512M or 2G (bytes, or a number with K, M,"
+                    f" G or T; 0 for no limit), got {getattr(self, name)!r}"
+                ) from None
         self._load_tokens()
         for name in self.allowed_commands:
             if "/" in name:
@@ -165,6 +194,16 @@ class Config:
     def admin_secret(self) -> str:
         """The token administrative operations need: the admin token, else the token."""
         return self.admin_token or self.token
+
+    @property
+    def memory_limit(self) -> int:
+        """``max_memory`` in bytes; 0 is no limit."""
+        return parse_size(self.max_memory)
+
+    @property
+    def file_size_limit(self) -> int:
+        """``max_file_size`` in bytes; 0 is no limit."""
+        return parse_size(self.max_file_size)
 
     @property
     def allowed_commands(self) -> tuple[str, ...]:
@@ -258,6 +297,21 @@ def _check_range(name: str, value: Any, metadata: Mapping[str, Any]) -> None:
         raise ConfigError(f"{name} must be {allowed}, got {value:g}")
 
 
+def parse_size(text: str) -> int:
+    """A size setting in bytes: ``512M`` is 512 MiB (K, M, G and T are powers of 1024,
+    an optional ``B`` or ``iB`` after them is allowed); empty is 0, no limit."""
+    if not text.strip():
+        return 0
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"not a size: {text!r}")
+    number, unit = match.groups()
+    size = int(number) << 10 * (" KMGT".index(unit.upper()) if unit else 0)
+    if size > MAX_WHOLE:
+        raise ValueError(f"too large: {text!r}")
+    return size
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
@@ -282,5 +336,6 @@ MIN_TOKEN_LENGTH = 16
 
 #: RFC 6750's token characters, so a token always fits in an Authorization header.
 _TOKEN = re.compile(rf"[A-Za-z0-9\-._~+/]{{{MIN_TOKEN_LENGTH},}}=*")
+_SIZE = re.compile(r"(\d{1,20})\s*(?:([KMGTkmgt])(?:i?[Bb])?)?")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 

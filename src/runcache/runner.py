@@ -1,10 +1,12 @@
-"""Running one command: its own process group, a deadline, and capped output.
+"""Running one command: contained, with a deadline, limits and capped output.
 
-A command runs as the leader of a new process group so that a timeout, or the
-server shutting down, can kill it together with everything it spawned. Output is
-read from both pipes by one selector loop in the calling thread (no helper
-threads per run); past the cap, output is still drained so the command never
-blocks on a full pipe, but it is not kept.
+A command runs as the leader of a new process group and, where runcache may
+make one, as PID 1 of a PID namespace of its own (:mod:`runcache.containment`),
+so that its end, a timeout, a cancel or the server stopping kills it together
+with everything it spawned, wherever that went. Output is read from both pipes
+by one selector loop in the calling thread (no helper threads per run); past the
+cap, output is still drained so the command never blocks on a full pipe, but it
+is not kept.
 """
 
 from __future__ import annotations
@@ -22,8 +24,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from runcache import containment
+from runcache.run_limits import NO_LIMITS, RunLimits
+
 #: How long to keep reading after the command itself exited, for output still
-#: held by processes it left behind; then the rest of its group is killed.
+#: held by processes it left behind; then the rest of its group is killed. (In a
+#: PID namespace the kernel kills them when the command exits, so the pipes close
+#: at once and this applies only to runs contained by their process group.)
 EXIT_GRACE_SECONDS = 1.0
 
 #: How long to keep reading after a timeout killed the group, for output
@@ -83,6 +90,13 @@ class _Capture:
             chunk = chunk[:room]
         self.data += chunk
 
+    def note(self, line: bytes) -> None:
+        """Append runcache's own line, making room for it at the cap."""
+        if len(self.data) + len(line) > self.cap:
+            self.truncated = True
+            del self.data[max(0, self.cap - len(line)):]
+        self.data += line[:self.cap]
+
 
 class RunControl:
     """One run as others see and steer it while it goes: its pid, its output so
@@ -100,6 +114,8 @@ class RunControl:
         self.stderr = _Capture(max_output_bytes)
         self.on_output = on_output
         self.pid: int | None = None
+        #: Whether the run is PID 1 of its own namespace (else only its group holds it).
+        self.namespaced = False
         self.cancelled = False
         #: Set once the run is over and its captures are being encoded (and emptied).
         self.sealed = False
@@ -120,28 +136,30 @@ class RunControl:
             return self._paused_for + ongoing
 
     def pause(self) -> bool:
-        """SIGSTOP to the run's whole group; False if it is not running or already paused."""
+        """SIGSTOP to every process of the run (its group, and in a PID namespace every
+        process in it); False if it is not running or already paused."""
         with self._lock:
             if self.pid is None or self._paused_at is not None or self.cancelled:
                 return False
-            if not _signal_group(self.pid, signal.SIGSTOP):
+            if not self._signal(signal.SIGSTOP):
                 return False
             self._paused_at = time.monotonic()
         return True
 
     def resume(self) -> bool:
-        """SIGCONT to the run's whole group; False if it is not paused."""
+        """SIGCONT to every process of the run; False if it is not paused."""
         with self._lock:
             if self.pid is None or self._paused_at is None:
                 return False
-            _signal_group(self.pid, signal.SIGCONT)
+            self._signal(signal.SIGCONT)
             self._paused_for += time.monotonic() - self._paused_at
             self._paused_at = None
         self._wake()  # the deadline moved
         return True
 
     def cancel(self) -> bool:
-        """Kill the run's whole group; False if it has not started or was cancelled already."""
+        """Kill the run (its group; in a PID namespace, the kernel then kills every process
+        in it); False if it has not started or was cancelled already."""
         with self._lock:
             if self.pid is None or self.cancelled:
                 return False
@@ -150,9 +168,18 @@ class RunControl:
         self._wake()
         return True
 
-    def _started(self, pid: int) -> None:
+    def _started(self, pid: int, namespaced: bool = False) -> None:
         with self._lock:
             self.pid = pid
+            self.namespaced = namespaced
+
+    def _signal(self, signum: int) -> bool:
+        assert self.pid is not None
+        # The group first: it holds the processes that stayed in it, in either mode.
+        reached = _signal_group(self.pid, signum)
+        if self.namespaced:
+            reached = containment.signal_namespace(self.pid, signum) or reached
+        return reached
 
     def _kept(self, capture: _Capture, chunk: bytes) -> None:
         capture.add(chunk)
@@ -172,17 +199,28 @@ class RunControl:
 
 
 class Runner:
-    """Runs commands and remembers which are running, so shutdown can kill them all."""
+    """Runs commands and remembers which are running, so shutdown can kill them all.
+
+    ``containment`` is ``auto``, ``pidns`` or ``group`` (see
+    :func:`runcache.containment.resolve`; ``pidns`` where the kernel refuses it is
+    an OSError here, at start); ``limits`` are applied to every run.
+    """
 
     def __init__(
         self,
         max_output_bytes: int,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
+        containment_mode: str = containment.AUTO,
+        limits: RunLimits = NO_LIMITS,
     ) -> None:
         self.max_output_bytes = max_output_bytes
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
+        self.containment = containment.resolve(containment_mode)
+        self.limits = limits
+        self._limit_prefix = limits.prefix()
+        self._watchdog = containment.Watchdog()
         self._lock = threading.Lock()
         self._running: set[int] = set()
         self._closed = False
@@ -208,13 +246,19 @@ class Runner:
                 message = f"runcache: cannot run {argv[0]!r}: {error.strerror or error}\n"
                 control.stderr.add(message.encode())
                 return self._result(control, 127, False, 0.0, timestamp)
-            control._started(proc.pid)
+            control._started(proc.pid, self.containment == containment.PID_NAMESPACE)
+            cpu_seconds = 0.0
             try:
                 timed_out = self._collect(
                     proc, lambda: started + timeout + control.paused_seconds(), control
                 )
             finally:
-                self._finish(proc)
+                cpu_seconds = self._finish(proc)
+            if not (timed_out or control.cancelled):
+                line = self.limits.exceeded(proc.returncode, bytes(control.stderr.data),
+                                            cpu_seconds)
+                if line is not None:
+                    control.stderr.note(line.encode())
             return self._result(control, proc.returncode, timed_out,
                                 time.monotonic() - started, timestamp)
         finally:
@@ -237,11 +281,11 @@ class Runner:
         )
 
     def _start(self, argv: Sequence[str]) -> subprocess.Popen[bytes]:
-        with self._lock:
+        with self._lock, self._contained():
             if self._closed:
                 raise OSError("runcache is shutting down")
             proc = subprocess.Popen(
-                argv,
+                [*self._limit_prefix, *argv],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -250,9 +294,16 @@ class Runner:
                 cwd=self.cwd,
             )
             self._running.add(proc.pid)
+        self._watchdog.watch(proc.pid)
         for pipe in (proc.stdout, proc.stderr):
             _widen_pipe(pipe)
         return proc
+
+    def _contained(self) -> contextlib.AbstractContextManager[None]:
+        # No preexec_fn: it would turn subprocess's vfork into a fork of the whole server.
+        if self.containment == containment.PID_NAMESPACE:
+            return containment.new_pid_namespace()
+        return contextlib.nullcontext()
 
     def _collect(
         self, proc: subprocess.Popen[bytes], deadline: Deadline, control: RunControl
@@ -277,27 +328,35 @@ class Runner:
                     reader.read_ready(_POLL_SECONDS)
         return timed_out
 
-    def _finish(self, proc: subprocess.Popen[bytes]) -> None:
+    def _finish(self, proc: subprocess.Popen[bytes]) -> float:
+        """Kill what is left of the run and reap its leader; the CPU seconds it used."""
         # Kill whatever the command left in its group while the leader's pid is
-        # still unreaped, so the group id cannot have been reused yet.
+        # still unreaped, so the group id cannot have been reused yet. (A namespace's
+        # PID 1 becomes reapable only once the kernel has killed all the rest.)
         if not _exited(proc.pid):
             _kill_group(proc.pid)
         os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
         _kill_group(proc.pid)
-        proc.wait()
+        self._watchdog.forget(proc.pid)
+        # wait4 for the CPU time of the leader and of what it reaped (a --max-cpu-seconds).
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
         for pipe in (proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
         with self._lock:
             self._running.discard(proc.pid)
+        return usage.ru_utime + usage.ru_stime
 
     def kill_all(self) -> None:
-        """Kill every running command's process group and refuse new runs."""
+        """Kill every running command (its group, and so its namespace) and refuse new runs;
+        the watchdog ends too."""
         with self._lock:
             self._closed = True
             groups = list(self._running)
         for pgid in groups:
             _kill_group(pgid)
+        self._watchdog.close()
 
 
 class _ExitWatch:

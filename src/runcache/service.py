@@ -21,10 +21,11 @@ from runcache import __version__, wire
 from runcache.allowlist import Allowlist
 from runcache.cache import Cache
 from runcache.config import Config
-from runcache.errors import BadRequest, RuncacheError, StoreError
+from runcache.errors import BadRequest, ConfigError, RuncacheError, StoreError
 from runcache.jobs import Job, Jobs
 from runcache.limits import Slots
 from runcache.results import encode_result
+from runcache.run_limits import RunLimits
 from runcache.runner import RunControl, Runner, RunResult
 from runcache.stores import open_store
 from runcache.stores.base import CacheStats
@@ -117,7 +118,14 @@ class Engine:
     def from_config(cls, config: Config) -> Engine:
         store = open_store(config.store, config.max_entries, config.max_bytes,
                            timeout=config.store_timeout)
-        return cls(config, Cache(store), Runner(config.max_output_bytes, _command_env(config)))
+        try:
+            runner = Runner(config.max_output_bytes, _command_env(config),
+                            containment_mode=config.containment,
+                            limits=RunLimits.from_config(config))
+        except OSError as error:  # a containment or a limit this machine cannot give
+            store.close()
+            raise ConfigError(str(error)) from None
+        return cls(config, Cache(store), runner)
 
     async def aclose(self) -> None:
         """Release what the engine opened on the running loop (the store's hit path)."""
