@@ -195,16 +195,22 @@ class Watchdog:
                 os.close(self._pipe)
                 self._pipe = None
             process, self._process = self._process, None
-        if process is not None:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            idle = not self._watched
+        if process is None:
+            return
+        if idle:
+            # Nothing left for it to kill: no need to wait while it starts up to see that.
+            process.kill()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
     def __del__(self) -> None:
         # A runner dropped without kill_all: its watchdog ends, not lingers.
-        self.close()
+        with contextlib.suppress(Exception):  # late in the interpreter's exit, modules go
+            self.close()
 
     def _start(self) -> None:
         if self._pipe is not None:
