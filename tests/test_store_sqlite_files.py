@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from runcache.errors import StoreError
-from runcache.stores.sqlite import SqliteStore
+from runcache.stores.sqlite import LOOK_INTERVAL, SqliteStore
 from runcache.stores.sqlite_files import SHM_REGION
 
 from conftest import FakeClock, LiveServer
@@ -44,7 +44,8 @@ def opened() -> Iterator[list[SqliteStore]]:
 
 
 def make(opened: list[SqliteStore], path: Path) -> SqliteStore:
-    store = SqliteStore(path, 100, 1 << 20, clock=FakeClock())
+    """A store that looks at its file on every call (by default, at most every 10 ms)."""
+    store = SqliteStore(path, 100, 1 << 20, clock=FakeClock(), look_interval=0)
     opened.append(store)
     return store
 
@@ -89,7 +90,7 @@ def test_a_file_replaced_by_another_is_noticed_then_the_other_is_served(
     old = make(opened, db_path)
     for index in range(20):  # frames in the WAL, which must not be replayed into the new file
         assert old.put(f"mine-{index}", b"m" * 1000, 60, old.epoch())
-    other = SqliteStore(tmp_path / "other.db", 100, 1 << 20, clock=FakeClock())
+    other = make([], tmp_path / "other.db")
     assert other.put("theirs", b"t", 60, other.epoch())
     other.close()
     os.replace(tmp_path / "other.db", db_path)
@@ -123,16 +124,17 @@ def test_a_companion_sqlite_cannot_use_is_refused_by_name_then_used_once_gone(
 
 
 _TRUNCATE_SHM = """
-import os, sys
+import os, sys, time
 from pathlib import Path
 from runcache.errors import StoreError
-from runcache.stores.sqlite import SqliteStore
+from runcache.stores.sqlite import LOOK_INTERVAL, SqliteStore
 
 path = Path(sys.argv[1])
 shm = path.with_name(path.name + "-shm")
 store = SqliteStore(path, 100, 1 << 20)
 store.put("k", b"v", 60, store.epoch())
 os.truncate(shm, 0)  # under the mapping: touching it now would be SIGBUS
+time.sleep(store.look_interval * 2)  # the call after a look's interval looks again
 for attempt in range(2):
     try:
         store.get("k")
@@ -159,6 +161,26 @@ def test_a_shm_truncated_under_its_mapping_is_an_error_not_sigbus(db_path: Path)
     assert "truncated under this process's mapping" in lines[1]
     assert lines[2] == "reopened: b'again'"
     assert SHM_REGION == 32 * 1024
+
+
+_FAULT = """
+import os, sys
+from pathlib import Path
+from runcache.stores.sqlite import LOOK_INTERVAL, SqliteStore
+
+path = Path(sys.argv[1])
+store = SqliteStore(path, 100, 1 << 20)
+store.put("k", b"v", 60, store.epoch())
+os.truncate(path.with_name(path.name + "-shm"), 0)
+store._local.connection.execute("SELECT 1 FROM entries")  # past the store's look: faults
+"""
+
+
+def test_a_fault_past_the_look_still_leaves_a_line(db_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", _FAULT, str(db_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == -7, (done.returncode, done.stderr)  # SIGBUS
+    assert "Fatal Python error: Bus error" in done.stderr, done.stderr
 
 
 # -- real servers -------------------------------------------------------------------------
@@ -193,6 +215,7 @@ def test_servers_on_a_deleted_file_notice_then_share_the_new_one(
     run(old, "echo $$")
     assert run(old, "echo $$")["cached"] is True
     db_path.unlink()
+    time.sleep(LOOK_INTERVAL * 5)  # a call within the interval of the last look does not look
     assert run(old, "echo $$")["cached"] is False  # noticed: run uncached
     reason = wait_for_status(old, "degraded")["reason"]
     assert "deleted" in reason and str(db_path) in reason, reason

@@ -47,16 +47,19 @@ def companion(path: Path, suffix: str) -> Path:
     return path.with_name(path.name + suffix)
 
 
-def changed(path: Path, opened: Identity) -> str | None:
-    """How the files at ``path`` differ from those a connection opened as ``opened``, if
-    they do: deleted, replaced, or a ``-shm`` that would fault (see :data:`SHM_REGION`)."""
+def changed(path: str, shm: str, opened: Identity) -> str | None:
+    """How the database at ``path`` and its ``-shm`` at ``shm`` differ from those a
+    connection opened as ``opened``, if they do: deleted, replaced, or a ``-shm`` that would
+    fault (see :data:`SHM_REGION`). On every call of the store: two ``stat`` calls, on
+    names given as strings (a Path would cost more than the calls)."""
     try:
-        if identity(path) != opened:
-            return "was replaced"
+        found = os.stat(path)
     except FileNotFoundError:
         return "was deleted"
+    if (found.st_dev, found.st_ino) != opened:
+        return "was replaced"
     try:
-        size = os.stat(companion(path, "-shm")).st_size
+        size = os.stat(shm).st_size
     except FileNotFoundError:
         return "lost its -shm file"
     if size < SHM_REGION:
