@@ -272,3 +272,34 @@ def test_a_server_whose_shm_is_a_directory_says_why_and_keeps_answering(
     run(server, "echo hi")
     assert run(server, "echo hi")["cached"] is True
     assert server.process.poll() is None
+
+
+_HOLD_WRITE_LOCK = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN IMMEDIATE")  # the write lock, held until this process ends
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_file_another_process_holds_costs_each_request_at_most_the_store_timeout(
+    live_server_factory: Callable[..., LiveServer], db_path: Path
+) -> None:
+    """SQLite's hang: a process that took the write lock and stopped (here: waits). Each
+    call waits for it at most --store-timeout, then the store rests as a failed one."""
+    server = live_server_factory("--store", f"sqlite://{db_path}", "--store-timeout", "0.5")
+    run(server, "echo hit")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_WRITE_LOCK, str(db_path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+        for command in ("echo hit", "echo miss", "echo hit"):
+            start = time.monotonic()
+            assert run(server, command)["cached"] is False
+            assert time.monotonic() - start < 3, "was 5 s a call (SQLite's busy timeout)"
+        assert "locked" in wait_for_status(server, "degraded")["reason"]
+    finally:
+        holder.communicate("", timeout=30)
+    wait_for_status(server, "healthy")
+    assert run(server, "echo hit")["cached"] is True
