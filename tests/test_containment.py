@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -21,8 +24,10 @@ import pytest
 import requests
 
 from runcache import containment
+from runcache.config import Config
+from runcache.errors import ConfigError
 from runcache.runner import RunControl, Runner, RunResult
-from runcache.service import SHELL
+from runcache.service import SHELL, Engine
 
 from conftest import LiveServer
 
@@ -219,3 +224,27 @@ def test_a_server_that_dies_takes_its_runs_with_it(
     assert all_gone(runs), f"left running: {[p.pid for p in runs if _alive(p)]}"
     for post in posts:
         post.join(30)
+
+
+def test_without_cap_sys_admin_auto_falls_back_to_the_group_and_pidns_refuses(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(containment, "_probed", False)  # as the kernel answers a non-root user
+    assert containment.resolve("auto") == "group"
+    assert "outlives its run" in caplog.text
+    with pytest.raises(ConfigError, match="^containment pidns needs CAP_SYS_ADMIN"):
+        Engine.from_config(Config.load({"containment": "pidns"}, environ={}))
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="util-linux's setpriv is missing")
+def test_an_unprivileged_user_cannot_make_a_pid_namespace() -> None:
+    """The probe the fallback rests on, asked of the kernel as user nobody."""
+    source = str(Path(containment.__file__).parent.parent)
+    answer = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         sys.executable, "-c", "from runcache import containment; "
+         "print(containment.resolve('auto'))"],
+        env={"PYTHONPATH": source, "PATH": os.environ["PATH"]}, capture_output=True,
+        text=True, timeout=60, cwd="/",
+    )
+    assert answer.stdout == "group\n", answer.stderr

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import select
 import signal
@@ -37,6 +38,8 @@ AUTO, PID_NAMESPACE, PROCESS_GROUP = "auto", "pidns", "group"
 MODES = (AUTO, PID_NAMESPACE, PROCESS_GROUP)
 
 _CLONE_NEWPID = 0x20000000
+
+log = logging.getLogger("runcache")
 
 #: How many times a pause looks again for processes that appeared while it stopped others.
 _STOP_PASSES = 10
@@ -82,6 +85,9 @@ def resolve(mode: str) -> str:
         return PID_NAMESPACE
     if mode == PID_NAMESPACE:
         raise OSError("containment pidns needs CAP_SYS_ADMIN (run as root), or use auto or group")
+    log.warning("runs are contained by their process group only: PID namespaces need "
+                "CAP_SYS_ADMIN, so a process that leaves its group (setsid, setpgid, set -m) "
+                "outlives its run")
     return PROCESS_GROUP
 
 
