@@ -4,6 +4,7 @@ cached, and the server carries on."""
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def run(server: LiveServer, command: str) -> dict[str, object]:
 
 
 LIMIT_FLAGS = ("--max-memory", "256M", "--max-file-size", "1M", "--max-open-files", "32",
-               "--max-cpu-seconds", "1")
+               "--max-cpu-seconds", "1", "--max-processes", "300")
 
 OVER = {
     "memory": ("python3 -c 'b = bytearray(512 << 20)'", "--max-memory 256M"),
@@ -35,6 +36,7 @@ OVER = {
     "open files": ("python3 -c 'fs = [open(\"/dev/null\") for _ in range(100)]'",
                    "--max-open-files 32"),
     "cpu": ("python3 -c 'while True: pass'", "--max-cpu-seconds 1"),
+    "processes": ("while :; do sleep 600 & done", "--max-processes 300"),
 }
 
 
@@ -101,3 +103,32 @@ def test_sizes_are_shown_in_the_largest_whole_unit(size: int, text: str) -> None
 def test_nonsense_sizes_are_refused_in_one_line(setting: str, text: str) -> None:
     with pytest.raises(ConfigError, match=f"^{setting} must be a size such as 512M"):
         Config.load({setting: text}, environ={})
+
+
+def test_a_fork_loop_ends_at_the_process_limit() -> None:
+    runner = Runner(1 << 16, limits=RunLimits(processes=300))
+    started = time.monotonic()
+    result = runner.run([*SHELL, "python3 -c 'import os\nwhile True: os.fork()'"], 60)
+    assert not result.success and not result.timed_out
+    assert time.monotonic() - started < 30
+    assert result.stderr.endswith(b"runcache: the run exceeded --max-processes 300\n")
+    runner.kill_all()
+
+
+def test_most_processes_at_once_is_the_limit(tmp_path: Path) -> None:
+    count = tmp_path / "count"
+    runner = Runner(1024, limits=RunLimits(processes=300))
+    try:
+        result = runner.run([*SHELL, f"while :; do sleep 600 & i=$((i+1)); echo $i > {count}; "
+                                     "done"], 60)
+    finally:
+        runner.kill_all()
+    assert not result.success and not result.timed_out
+    assert count.read_text() == "299\n"  # and the shell itself: 300
+
+
+def test_the_process_limit_needs_a_namespace_and_is_300_or_more() -> None:
+    with pytest.raises(OSError, match="needs a PID namespace"):
+        Runner(1024, containment_mode="group", limits=RunLimits(processes=300))
+    with pytest.raises(ConfigError, match="^max_processes must be 0 .* or at least 300"):
+        Config.load({"max_processes": "299"}, environ={})

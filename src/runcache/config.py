@@ -24,6 +24,11 @@ MiB = 1024 * 1024
 #: The most seconds any duration setting may be (about 31 years): past it, nonsense.
 MAX_SECONDS = 1e9
 
+#: The fewest processes ``max_processes`` may allow: a PID namespace's pid_max is at
+#: least 301 (pids 1 to 300), and the kernel's largest is 4194304.
+MIN_PROCESSES = 300
+MAX_PID_MAX = 4194304 - 1
+
 #: The largest whole-number setting: what a signed 64-bit integer holds, as the JSON
 #: encoder, SQLite and the kernel's limits do (a larger output cap crashed the start).
 MAX_WHOLE = 2**63 - 1
@@ -89,6 +94,10 @@ class Config:
     )
     max_open_files: int = _setting(
         0, "Most files each process of a run may have open (0: no limit).", 0, maximum=1 << 20
+    )
+    max_processes: int = _setting(
+        0, "Most processes a run may have at once, 300 or more (0: no limit); needs a PID"
+        " namespace per run and Linux 6.14 or later.", 0, maximum=MAX_PID_MAX,
     )
     workers: int = _setting(
         1, "Server processes sharing the port; more than 1 needs a sqlite:// or redis:// store.", 1
@@ -157,6 +166,11 @@ class Config:
         if self.containment not in ("auto", "pidns", "group"):
             raise ConfigError(
                 f"containment must be auto, pidns or group, got {self.containment!r}"
+            )
+        if 0 < self.max_processes < MIN_PROCESSES:
+            raise ConfigError(
+                f"max_processes must be 0 (no limit) or at least {MIN_PROCESSES} (the least"
+                f" the kernel lets a PID namespace hold), got {self.max_processes}"
             )
         for name in ("max_memory", "max_file_size"):
             try:

@@ -13,6 +13,7 @@ command's first fork.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 from dataclasses import dataclass
@@ -27,6 +28,16 @@ _MEMORY_SIGNS = (b"MemoryError", b"Cannot allocate memory", b"out of memory",
                  b"memory exhausted", b"std::bad_alloc")
 _OPEN_FILES_SIGNS = (b"Too many open files",)
 _FILE_SIZE_SIGNS = (b"File too large",)
+_PROCESS_SIGNS = (b"Cannot fork", b"Resource temporarily unavailable", b"fork: retry",
+                  b"BlockingIOError")
+
+#: Sets the run's PID namespace's pid_max from inside it (its PID 1 is then its only
+#: process), and runs the command in its place: "$@" is the command's argv.
+_PID_MAX_SCRIPT = 'echo {} > /proc/sys/kernel/pid_max || exit 126; exec "$@"'
+
+#: The kernel from which pid_max belongs to each PID namespace (before it, writing it from
+#: inside one would set the whole machine's).
+_PER_NAMESPACE_PID_MAX = (6, 14)
 
 _UNITS = "KMGT"
 
@@ -39,19 +50,35 @@ class RunLimits:
     cpu_seconds: int = 0
     file_size: int = 0
     open_files: int = 0
+    #: Processes at once in the run's PID namespace (its pid_max less one).
+    processes: int = 0
 
     @classmethod
     def from_config(cls, config: Config) -> RunLimits:
         return cls(config.memory_limit, config.max_cpu_seconds, config.file_size_limit,
-                   config.max_open_files)
+                   config.max_open_files, config.max_processes)
 
     def __bool__(self) -> bool:
-        return any((self.memory, self.cpu_seconds, self.file_size, self.open_files))
+        return any((self.memory, self.cpu_seconds, self.file_size, self.open_files,
+                    self.processes))
 
-    def prefix(self) -> list[str]:
-        """The ``prlimit`` command line that sets these limits and then runs a command;
-        OSError if there is no ``prlimit``."""
-        if not self:
+    def prefix(self, namespaced: bool) -> list[str]:
+        """The command line that sets these limits and then runs a command (empty if there
+        are none); OSError if this machine cannot set them."""
+        argv = self._rlimits()
+        if self.processes:
+            if not namespaced:
+                raise OSError("max_processes needs a PID namespace per run (containment pidns)")
+            if _kernel() < _PER_NAMESPACE_PID_MAX:
+                raise OSError("max_processes needs Linux 6.14 or later (pid_max per PID "
+                              f"namespace); this is {os.uname().release}")
+            # pids 1 to N: pid_max is one past the largest pid
+            argv += ["/bin/sh", "-c", _PID_MAX_SCRIPT.format(self.processes + 1),
+                     "runcache-limit"]
+        return argv
+
+    def _rlimits(self) -> list[str]:
+        if not (self.memory or self.cpu_seconds or self.file_size or self.open_files):
             return []
         program = shutil.which("prlimit") or shutil.which("prlimit", path="/usr/bin:/bin")
         if program is None:
@@ -90,6 +117,8 @@ class RunLimits:
             return _line("--max-memory", format_size(self.memory))
         if self.open_files and any(sign in stderr for sign in _OPEN_FILES_SIGNS):
             return _line("--max-open-files", str(self.open_files))
+        if self.processes and any(sign in stderr for sign in _PROCESS_SIGNS):
+            return _line("--max-processes", str(self.processes))
         return None
 
 
@@ -108,3 +137,11 @@ def format_size(size: int) -> str:
             return f"{size >> 10 * power}{unit}"
     return str(size)
 
+
+def _kernel() -> tuple[int, int]:
+    """The running kernel's major and minor version."""
+    numbers = os.uname().release.split("-")[0].split(".")
+    try:
+        return int(numbers[0]), int(numbers[1])
+    except (IndexError, ValueError):
+        return (0, 0)

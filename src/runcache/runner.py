@@ -219,7 +219,7 @@ class Runner:
         self.cwd = cwd
         self.containment = containment.resolve(containment_mode)
         self.limits = limits
-        self._limit_prefix = limits.prefix()
+        self._limit_prefix = limits.prefix(self.containment == containment.PID_NAMESPACE)
         self._watchdog = containment.Watchdog()
         self._lock = threading.Lock()
         self._running: set[int] = set()
