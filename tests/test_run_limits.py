@@ -106,9 +106,11 @@ def test_nonsense_sizes_are_refused_in_one_line(setting: str, text: str) -> None
 
 
 def test_a_fork_loop_ends_at_the_process_limit() -> None:
+    machines = Path("/proc/sys/kernel/pid_max").read_text()
     runner = Runner(1 << 16, limits=RunLimits(processes=300))
     started = time.monotonic()
     result = runner.run([*SHELL, "python3 -c 'import os\nwhile True: os.fork()'"], 60)
+    assert Path("/proc/sys/kernel/pid_max").read_text() == machines  # the run's own, not this
     assert not result.success and not result.timed_out
     assert time.monotonic() - started < 30
     assert result.stderr.endswith(b"runcache: the run exceeded --max-processes 300\n")
