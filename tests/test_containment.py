@@ -248,3 +248,17 @@ def test_an_unprivileged_user_cannot_make_a_pid_namespace() -> None:
         text=True, timeout=60, cwd="/",
     )
     assert answer.stdout == "group\n", answer.stderr
+
+
+def test_through_a_server_a_timed_out_job_control_run_leaves_nothing(
+    live_server: LiveServer,
+) -> None:
+    """The issue's case end to end: the answer says timed out, /health says nothing runs,
+    and by pid nothing does."""
+    mark = marker()
+    answer = requests.post(f"{live_server.url}/api/command", timeout=60, json={
+        "command": f"bash -c 'set -m; sleep {mark} & wait'", "timeout": 2, "use_cache": False})
+    assert answer.json()["timed_out"] is True
+    health = requests.get(f"{live_server.url}/health", timeout=10).json()
+    assert health["running_commands"] == 0
+    until(lambda: not marked(mark), 5, "for the sleep to die")
