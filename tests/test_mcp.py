@@ -149,7 +149,8 @@ def test_tools_list_the_wire_schemas(mcp_args: list[str], tmp_path: Path) -> Non
         execute = tools["execute_command"]
         assert execute.input_schema["required"] == ["command"]  # the rest optional
         assert set(execute.input_schema["properties"]) == {
-            "command", "use_cache", "timeout", "ttl", "refresh", "max_output_chars"}
+            "command", "use_cache", "timeout", "ttl", "refresh", "max_output_chars",
+            "cwd", "env", "stdin"}
         for name in TOOLS - set(REQUESTS):
             assert tools[name].input_schema["properties"] == {}, name
         hints = {name: tool.annotations for name, tool in tools.items()}
@@ -513,3 +514,26 @@ def test_mcp_over_http_with_several_workers(
                 assert ran["stdout"] == "shared by workers\n"
 
     anyio.run(main)
+
+
+def test_run_context_arguments_reach_the_command_and_its_key(
+    driver: Driver, tmp_path: Path
+) -> None:
+    """cwd, env and stdin through execute_command and start_command, over both backends."""
+    show = 'pwd; echo "A=$A"; cat'
+
+    async def scenario(session: ClientSession) -> None:
+        ran = await call(session, "execute_command", command=show, cwd=str(tmp_path),
+                         env={"A": "mcp"}, stdin="fed")
+        assert ran["stdout"] == f"{tmp_path}\nA=mcp\nfed"
+        plain = await call(session, "execute_command", command=show)
+        assert plain["cache_key"] != ran["cache_key"] and "A=mcp" not in plain["stdout"]
+        started = await call(session, "start_command", command=show, cwd=str(tmp_path),
+                             env={"A": "mcp"}, stdin="fed")
+        # The same context: the same entry, answered from the cache (no pid: nothing ran).
+        assert (started["cache_key"], started["pid"]) == (ran["cache_key"], None)
+        refused = await session.call_tool("execute_command",
+                                          {"command": show, "cwd": "/no/such/dir"})
+        assert refused.is_error and "not an existing directory" in _text(refused)
+
+    driver(scenario)

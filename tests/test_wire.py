@@ -73,11 +73,12 @@ def test_the_first_wrong_field_in_declaration_order_is_reported(
     assert refusal(body) == message
 
 
-def test_declaration_order_is_command_use_cache_timeout_ttl_refresh_background() -> None:
+def test_declaration_order_is_command_use_cache_timeout_ttl_refresh_context_background() -> None:
     info = msgspec.inspect.type_info(CommandRequest)
     assert isinstance(info, msgspec.inspect.StructType)
     names = [field.encode_name for field in info.fields]
-    assert names == ["command", "use_cache", "timeout", "ttl", "refresh", "background"]
+    assert names == ["command", "use_cache", "timeout", "ttl", "refresh", "cwd", "env", "stdin",
+                     "background"]
 
 
 def test_unknown_fields_are_ignored() -> None:

@@ -116,6 +116,12 @@ def _connect(server: str | None) -> Client | LocalClient:
               help="Run the command even if a result is cached, and store the new result.")
 @click.option("--ttl", type=float, default=None, help="Seconds to keep this result cached.")
 @click.option("--timeout", type=float, default=None, help="Most seconds the command may run.")
+@click.option("--cwd", default=None, metavar="DIR",
+              help="Directory to run in (made absolute here; the server's own by default).")
+@click.option("--env", "env_pairs", multiple=True, metavar="NAME=VALUE",
+              help="A variable to set for the command; repeat for more.")
+@click.option("--stdin", "feed_stdin", is_flag=True,
+              help="Feed this command's standard input to the run (read to its end first).")
 @client_options
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
 def run(
@@ -124,6 +130,9 @@ def run(
     refresh: bool,
     ttl: float | None,
     timeout: float | None,
+    cwd: str | None,
+    env_pairs: tuple[str, ...],
+    feed_stdin: bool,
     server: str | None,
 ) -> None:
     """Run a command through the cache, as if run directly: same output, same exit code.
@@ -135,7 +144,8 @@ def run(
     with _connect(server) as backend:
         with _signals_held() as held:
             job = backend.start(shlex.join(argv), use_cache=not no_cache, timeout=timeout,
-                                ttl=ttl, refresh=refresh)
+                                ttl=ttl, refresh=refresh, **_run_context(cwd, env_pairs,
+                                                                         feed_stdin))
         try:
             if held:
                 raise _Interrupted(held[0])
@@ -155,6 +165,20 @@ def run(
         if truncated:
             click.echo(f"runcache: {stream} was cut at the output cap", err=True)
     sys.exit(_exit_status(result))
+
+
+def _run_context(cwd: str | None, env_pairs: tuple[str, ...],
+                 feed_stdin: bool) -> dict[str, Any]:
+    """The run context fields of ``runcache run``'s flags (None where a flag is not given)."""
+    env: dict[str, str] = {}
+    for pair in env_pairs:
+        name, equals, value = pair.partition("=")
+        if not equals:
+            raise click.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--env")
+        env[name] = value
+    stdin = sys.stdin.buffer.read().decode("utf-8", "replace") if feed_stdin else None
+    return {"cwd": None if cwd is None else os.path.abspath(cwd), "env": env or None,
+            "stdin": stdin}
 
 
 class _Interrupted(KeyboardInterrupt):

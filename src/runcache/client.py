@@ -126,20 +126,26 @@ class _Closing:
         self.close()
 
 
+#: The fields of a run's context a request may give (see :mod:`runcache.run_context`).
+CONTEXT_FIELDS = ("cwd", "env", "stdin")
+
+
 def command_request(
     command: str, use_cache: bool, timeout: float | None, ttl: float | None,
-    refresh: bool = False, background: bool = False,
+    refresh: bool = False, background: bool = False, **context: Any,
 ) -> wire.CommandRequest:
     """A ``POST /api/command`` body, checked as the server checks it.
 
-    Encoded and decoded once, so a bad value fails here with the very message
-    the server would answer, before anything is sent or run.
+    ``context`` holds the run context fields (``cwd``, ``env``, ``stdin``); one
+    left None is left out. Encoded and decoded once, so a bad value fails here
+    with the very message the server would answer, before anything is sent or run.
     """
+    unknown = set(context) - set(CONTEXT_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown run context field(s): {', '.join(sorted(unknown))}")
     payload: dict[str, Any] = {"command": command, "use_cache": use_cache}
-    if timeout is not None:
-        payload["timeout"] = timeout
-    if ttl is not None:
-        payload["ttl"] = ttl
+    optional = {"timeout": timeout, "ttl": ttl, **context}
+    payload.update((name, value) for name, value in optional.items() if value is not None)
     if refresh:
         payload["refresh"] = True
     if background:
@@ -187,10 +193,13 @@ class Client(_Closing):
         use_cache: bool = True,
         timeout: float | None = None,
         ttl: float | None = None,
+        **context: Any,
     ) -> CommandResult:
-        """Run a command on the server; wait as long as the server lets it run."""
+        """Run a command on the server; wait as long as the server lets it run.
+
+        ``context`` takes the run context fields: ``cwd``, ``env`` and ``stdin``."""
         wait = None if timeout is None else timeout + EXECUTE_MARGIN
-        body = wire.encode(command_request(command, use_cache, timeout, ttl))
+        body = wire.encode(command_request(command, use_cache, timeout, ttl, **context))
         return self._request(CommandResult, "POST", "/api/command", body, wait=wait)
 
     def cache_stats(self) -> CacheStats:
@@ -217,10 +226,12 @@ class Client(_Closing):
         timeout: float | None = None,
         ttl: float | None = None,
         refresh: bool = False,
+        **context: Any,
     ) -> wire.JobAccepted:
-        """Start (or join) a run in the background: its job, at once."""
+        """Start (or join) a run in the background: its job, at once (``context`` as for
+        :meth:`execute`)."""
         body = wire.encode(command_request(command, use_cache, timeout, ttl, refresh,
-                                           background=True))
+                                           background=True, **context))
         return self._request(wire.JobAccepted, "POST", "/api/command", body)
 
     def jobs(self) -> wire.JobList:
@@ -444,8 +455,9 @@ class LocalClient(_Closing):
         use_cache: bool = True,
         timeout: float | None = None,
         ttl: float | None = None,
+        **context: Any,
     ) -> CommandResult:
-        request = command_request(command, use_cache, timeout, ttl)
+        request = command_request(command, use_cache, timeout, ttl, **context)
         return self._portal.call(self.engine.execute, request, "local").result()
 
     def cache_stats(self) -> CacheStats:
@@ -469,8 +481,10 @@ class LocalClient(_Closing):
         timeout: float | None = None,
         ttl: float | None = None,
         refresh: bool = False,
+        **context: Any,
     ) -> wire.JobAccepted:
-        request = command_request(command, use_cache, timeout, ttl, refresh, background=True)
+        request = command_request(command, use_cache, timeout, ttl, refresh, background=True,
+                                  **context)
         return self._portal.call(self._start, request)
 
     async def _start(self, request: wire.CommandRequest) -> wire.JobAccepted:

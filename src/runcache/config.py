@@ -141,7 +141,12 @@ class Config:
         3600.0, "Seconds a finished job stays listed, with its output (at most 1,000 kept).", 0
     )
     env_allow: str = _setting(
-        "", "Comma-separated environment variables commands see (empty: all of runcache's)."
+        "", "Comma-separated environment variables commands see (empty: all of runcache's),"
+        " and the only ones a request's env may set.",
+    )
+    allow_cwd: str = _setting(
+        "", "Comma-separated absolute directories a request's cwd must lie within"
+        " (empty: any existing directory).",
     )
 
     def __post_init__(self) -> None:
@@ -187,6 +192,9 @@ class Config:
         for name in self.env_names:
             if not _ENV_NAME.fullmatch(name):
                 raise ConfigError(f"env_allow: {name!r} is not an environment variable name")
+        for root in self.cwd_roots:
+            if not os.path.isabs(root) or not os.path.isdir(root):
+                raise ConfigError(f"allow_cwd: {root!r} is not an absolute path of a directory")
 
     def _load_tokens(self) -> None:
         # Frozen, but a token read from a file belongs in the token field itself.
@@ -233,6 +241,11 @@ class Config:
     def env_names(self) -> tuple[str, ...]:
         """The variables of ``env_allow``; empty means commands see the whole environment."""
         return _names(self.env_allow)
+
+    @property
+    def cwd_roots(self) -> tuple[str, ...]:
+        """The directories of ``allow_cwd``; empty means a request's cwd may be any."""
+        return _names(self.allow_cwd)
 
     @classmethod
     def load(

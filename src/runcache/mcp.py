@@ -86,7 +86,9 @@ _EXECUTE = (
     "use_cache=false to run the command again regardless and store nothing, or "
     "refresh=true to run it again and store the new result. timeout is the most "
     "seconds the command may run, and ttl how many seconds its result is kept "
-    "(each the server's default when omitted). Progress is reported while it runs. "
+    "(each the server's default when omitted). cwd (an absolute directory), env (variables "
+    "to set) and stdin (text to feed it) give the run its context; each is part of the "
+    "cache key. Progress is reported while it runs. "
     f"Each stream longer than max_output_chars (default {DEFAULT_OUTPUT_CHARS}) comes "
     "back as its head and tail with a line between saying how to read the rest "
     "(read_output with the job_id)."
@@ -150,11 +152,13 @@ class _Tools:
     async def execute_command(
         self, command: str, use_cache: bool = True, timeout: float | None = None,
         ttl: float | None = None, refresh: bool = False,
-        max_output_chars: int = DEFAULT_OUTPUT_CHARS, ctx: Context | None = None,
+        max_output_chars: int = DEFAULT_OUTPUT_CHARS, cwd: str | None = None,
+        env: dict[str, str] | None = None, stdin: str | None = None,
+        ctx: Context | None = None,
     ) -> CallToolResult:
         request = _checked(ExecuteRequest, command=command, use_cache=use_cache,
                            timeout=timeout, ttl=ttl, refresh=refresh,
-                           max_output_chars=max_output_chars)
+                           max_output_chars=max_output_chars, cwd=cwd, env=env, stdin=stdin)
         accepted = await _call(self.backend.start(_run_request(request)))
         detail = await self._until_ended(accepted.job_id, request.timeout, ctx)
         if isinstance(detail.result, msgspec.UnsetType):
@@ -181,10 +185,12 @@ class _Tools:
 
     async def start_command(
         self, command: str, use_cache: bool = True, timeout: float | None = None,
-        ttl: float | None = None, refresh: bool = False,
+        ttl: float | None = None, refresh: bool = False, cwd: str | None = None,
+        env: dict[str, str] | None = None, stdin: str | None = None,
     ) -> CallToolResult:
         request = _checked(wire.RunRequest, command=command, use_cache=use_cache,
-                           timeout=timeout, ttl=ttl, refresh=refresh)
+                           timeout=timeout, ttl=ttl, refresh=refresh, cwd=cwd, env=env,
+                           stdin=stdin)
         return _answer(await _call(self.backend.start(request)))
 
     async def job_status(self, job_id: str) -> CallToolResult:
@@ -311,8 +317,10 @@ def _checked(shape: type[T], **arguments: Any) -> T:
 
 
 def _run_request(request: ExecuteRequest) -> wire.RunRequest:
-    return wire.RunRequest(request.command, request.use_cache, request.timeout, request.ttl,
-                           request.refresh)
+    """The run an ``execute_command`` call asks for, without how much output it returns."""
+    fields = msgspec.structs.asdict(request)
+    del fields["max_output_chars"]
+    return wire.RunRequest(**fields)
 
 
 async def _call(operation: Awaitable[T]) -> T:

@@ -20,6 +20,7 @@ from typing import Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
+import msgspec
 
 from runcache import job_views, wire
 from runcache.client import Client
@@ -90,8 +91,7 @@ class EngineBackend:
         self.description = f"runcache in-process (store {engine.cache.store.description})"
 
     async def start(self, request: wire.RunRequest) -> wire.JobAccepted:
-        background = wire.CommandRequest(request.command, request.use_cache, request.timeout,
-                                         request.ttl, request.refresh, background=True)
+        background = wire.CommandRequest(**msgspec.structs.asdict(request), background=True)
         return await job_views.accepted(await self.engine.submit(background, MCP_CLIENT))
 
     async def wait(self, job_id: str, seconds: float) -> wire.JobDetail:
@@ -161,8 +161,9 @@ class ServerBackend:
                                               abandon_on_cancel=True)
 
     async def start(self, request: wire.RunRequest) -> wire.JobAccepted:
-        return await self._call(self.client.start, request.command, request.use_cache,
-                                request.timeout, request.ttl, request.refresh)
+        return await self._call(functools.partial(
+            self.client.start, request.command, request.use_cache, request.timeout,
+            request.ttl, request.refresh, cwd=request.cwd, env=request.env, stdin=request.stdin))
 
     async def wait(self, job_id: str, seconds: float) -> wire.JobDetail:
         with anyio.move_on_after(seconds):

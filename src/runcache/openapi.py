@@ -62,7 +62,8 @@ def _paths(config: Config, protected: bool) -> Schema:
         "/api/command": {"post": _operation(
             "runCommand", "Run a command, or answer it from the cache.",
             ok=("The command's result.", "CommandResult"),
-            errors=["400", *api_errors, "413", "503"],
+            # 403 without tokens too: the run context rules (--allow-cwd, --env-allow).
+            errors=["400", *(api_errors or ["403"]), "413", "503"],
             protected=protected,
             body={"$ref": "#/components/schemas/CommandRequest"},
             accepted=("With \"background\": true, at once: the job that runs the command "
@@ -352,7 +353,9 @@ def _error_responses(config: Config) -> Schema:
     descriptions = {
         "400": "The request is malformed or asks for something out of bounds.",
         "401": "No bearer token was sent.",
-        "403": "The token sent does not grant this operation.",
+        "403": "The token sent does not grant this operation, or the server's rules refuse "
+               "the run context asked for (a cwd outside --allow-cwd, an env variable "
+               "--env-allow does not name).",
         "404": "No endpoint at this path, or no job with this id on this server, or no "
                "live cache entry with this key.",
         "405": "The path does not take this method; the Allow header lists those it takes.",

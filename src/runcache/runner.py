@@ -20,7 +20,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -45,6 +45,21 @@ _READ_SIZE = 1 << 20
 #: When a run's time is up: a clock reading that moves on while the run is paused.
 Deadline = Callable[[], float]
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Where a run happens and what it is given, when a request says: a working
+    directory, variables set over the runner's environment, and standard input
+    (without it a command reads end of file at once, never the server's stdin)."""
+
+    cwd: str | None = None
+    env: Mapping[str, str] | None = None
+    stdin: bytes | None = None
+
+
+#: A run the request gave no context of its own.
+NO_CONTEXT = RunContext()
 
 
 @dataclass(frozen=True)
@@ -231,7 +246,8 @@ class Runner:
         return len(self._running)
 
     def run(
-        self, argv: Sequence[str], timeout: float, control: RunControl | None = None
+        self, argv: Sequence[str], timeout: float, control: RunControl | None = None,
+        context: RunContext = NO_CONTEXT,
     ) -> RunResult:
         """Run ``argv`` until it exits, is cancelled, or ``timeout`` seconds pass
         (not counting time paused), whichever is first."""
@@ -241,7 +257,7 @@ class Runner:
         started = time.monotonic()
         try:
             try:
-                proc = self._start(argv)
+                proc = self._start(argv, context)
             except OSError as error:
                 message = f"runcache: cannot run {argv[0]!r}: {error.strerror or error}\n"
                 control.stderr.add(message.encode())
@@ -280,18 +296,21 @@ class Runner:
             cancelled=control.cancelled,
         )
 
-    def _start(self, argv: Sequence[str]) -> subprocess.Popen[bytes]:
-        with self._lock, self._contained():
+    def _start(self, argv: Sequence[str], context: RunContext) -> subprocess.Popen[bytes]:
+        env = self.env
+        if context.env:
+            env = {**(self.env if self.env is not None else os.environ), **context.env}
+        with _stdin_file(context.stdin) as stdin, self._lock, self._contained():
             if self._closed:
                 raise OSError("runcache is shutting down")
             proc = subprocess.Popen(
                 [*self._limit_prefix, *argv],
-                stdin=subprocess.DEVNULL,
+                stdin=stdin,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
-                env=self.env,
-                cwd=self.cwd,
+                env=env,
+                cwd=context.cwd or self.cwd,
             )
             self._running.add(proc.pid)
         self._watchdog.watch(proc.pid)
@@ -468,6 +487,31 @@ def _signal_group(pgid: int, signum: int) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     return True
+
+
+@contextlib.contextmanager
+def _stdin_file(data: bytes | None) -> Iterator[int]:
+    """A run's standard input: /dev/null, or an anonymous in-memory file holding ``data``.
+
+    A file rather than a pipe, so no thread has to feed it and a command that never
+    reads it cannot block anything; the child keeps its own descriptor of it.
+    """
+    if data is None:
+        yield subprocess.DEVNULL
+        return
+    fd = os.memfd_create("runcache-stdin", os.MFD_CLOEXEC)
+    try:
+        _write_all(fd, data)
+        os.lseek(fd, 0, os.SEEK_SET)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _widen_pipe(pipe: object) -> None:

@@ -25,8 +25,9 @@ from runcache.errors import BadRequest, ConfigError, RuncacheError, StoreError
 from runcache.jobs import Job, Jobs
 from runcache.limits import Slots
 from runcache.results import encode_result
+from runcache.run_context import ContextRules, key_part
 from runcache.run_limits import RunLimits
-from runcache.runner import RunControl, Runner, RunResult
+from runcache.runner import NO_CONTEXT, RunContext, RunControl, Runner, RunResult
 from runcache.stores import open_store
 from runcache.stores.base import CacheStats
 from runcache.telemetry import Telemetry
@@ -59,6 +60,8 @@ class Plan:
     use_cache: bool
     #: Run even if a result is cached, and store the new one in its place.
     refresh: bool = False
+    #: Where the command runs and what it is given, when the request says.
+    context: RunContext = NO_CONTEXT
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,8 @@ class Engine:
             env = runner.env if runner.env is not None else os.environ
             self.allowlist = Allowlist(config.allowed_commands, env, runner.cwd,
                                        config.runner_names)
+        self.context_rules = ContextRules(config.cwd_roots, config.env_names,
+                                          self.allowlist is not None)
         self._key_prefix = self._key_context()
 
     @classmethod
@@ -150,15 +155,17 @@ class Engine:
 
     def plan(self, request: CommandRequest) -> Plan:
         """What a request asks for, checked against this server's bounds."""
+        context = self.context_rules.check(request)
         return Plan(
             command=request.command,
             argv=self.argv(request.command),
-            key=self.cache_key(request.command),
+            key=self.cache_key(request.command, context),
             timeout=self._bounded(request.timeout, "timeout", self.config.default_timeout,
                                   self.config.max_timeout),
             ttl=self._bounded(request.ttl, "ttl", self.config.default_ttl, self.config.max_ttl),
             use_cache=request.use_cache,
             refresh=self._refresh(request),
+            context=context,
         )
 
     async def lookup(self, plan: Plan, client: str) -> Outcome | None:
@@ -249,9 +256,11 @@ class Engine:
             return self.allowlist.argv(command)
         return [*SHELL, command]
 
-    def cache_key(self, command: str) -> str:
-        """The key of a command's result: the command and everything else that changes it."""
-        return hashlib.sha256(self._key_prefix + command.encode()).hexdigest()
+    def cache_key(self, command: str, context: RunContext = NO_CONTEXT) -> str:
+        """The key of a command's result: the command, its run context, and everything
+        else that changes it."""
+        text = self._key_prefix + command.encode() + key_part(context)
+        return hashlib.sha256(text).hexdigest()
 
     def _key_context(self) -> bytes:
         env = self.runner.env if self.runner.env is not None else os.environ
@@ -316,7 +325,7 @@ class Engine:
 
     def _run_and_encode(self, plan: Plan, control: RunControl) -> tuple[RunResult, bytes]:
         """In a run thread: the command, then its result encoded (a large output takes a while)."""
-        result = self.runner.run(plan.argv, plan.timeout, control)
+        result = self.runner.run(plan.argv, plan.timeout, control, plan.context)
         control.sealed = True  # encoding empties its buffers: pages come from the result now
         return result, encode_result(result, plan.key, self.runner.max_output_bytes)
 

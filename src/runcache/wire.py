@@ -99,6 +99,52 @@ Refresh = Annotated[
 ]
 
 
+#: The longest ``cwd`` a request may name (Linux's PATH_MAX).
+MAX_PATH = 4096
+#: The most variables a request's ``env`` may set.
+MAX_ENV_VARIABLES = 256
+
+Cwd = Annotated[
+    str,
+    Meta(
+        pattern=r"^/[^\x00]*$",
+        max_length=MAX_PATH,
+        description="The directory the command runs in: an absolute path to an existing "
+                    "directory (within the server's --allow-cwd roots when it names any). "
+                    "Part of the cache key.",
+        extra={
+            "type": "cwd must be a string",
+            "constraint": f"cwd must be an absolute path (starting with /) of at most "
+                          f"{MAX_PATH} characters",
+            "nul": "cwd must not contain NUL characters",
+        },
+    ),
+]
+_EnvName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)]
+_EnvValue = Annotated[str, Meta(pattern=r"^[^\x00]*$")]
+Env = Annotated[
+    dict[_EnvName, _EnvValue],
+    Meta(
+        max_length=MAX_ENV_VARIABLES,
+        description="Environment variables to set for the command, over the server's own "
+                    "(only those --env-allow names, when it names any). Part of the cache key.",
+        extra={
+            "type": "env must be an object of variable names to string values",
+            "constraint": f"env must map at most {MAX_ENV_VARIABLES} variable names (letters, "
+                          "digits and _, not starting with a digit) to values without NUL",
+        },
+    ),
+]
+Stdin = Annotated[
+    str,
+    Meta(
+        description="Text fed to the command's standard input (UTF-8); without it the "
+                    "command reads end of file at once. Part of the cache key.",
+        extra={"type": "stdin must be a string"},
+    ),
+]
+
+
 class Request(Struct, frozen=True):
     """A request's shape. Fields it does not know are ignored, so its schema stays open."""
 
@@ -111,6 +157,9 @@ class RunRequest(Request, frozen=True):
     timeout: Timeout | None = None
     ttl: Ttl | None = None
     refresh: Refresh = False
+    cwd: Cwd | None = None
+    env: Env | None = None
+    stdin: Stdin | None = None
 
 
 class CommandRequest(RunRequest, frozen=True):
