@@ -102,7 +102,8 @@ def test_an_escaped_process_dies_with_its_run(escape: str, end: str, tmp_path: P
     runner = Runner(1024, containment_mode="pidns")
     control = RunControl(1024)
     results: list[RunResult] = []
-    timeout = 2 if end == "timeout" else 60
+    # Long enough for the escape to start on a loaded machine (python3, perl) and be seen.
+    timeout = 5 if end == "timeout" else 60
     thread = threading.Thread(
         target=lambda: results.append(runner.run([*SHELL, command], timeout, control)))
     thread.start()
