@@ -120,17 +120,17 @@ def store_factory(
     """
     made: list[Store] = []
 
-    def make(max_entries: int = 1000, max_bytes: int = 1 << 20) -> Store:
+    def make(max_entries: int = 1000, max_bytes: int = 1 << 20, retain: float = 0.0) -> Store:
         namespace = f"test-{uuid.uuid4().hex}"
         if request.param == "memory":
-            store: Store = MemoryStore(max_entries, max_bytes, clock=fake_clock)
+            store: Store = MemoryStore(max_entries, max_bytes, clock=fake_clock, retain=retain)
         elif request.param == "sqlite":
             url = f"sqlite://{tmp_path / 'cache.db'}?namespace={namespace}"
-            store = open_store(url, max_entries, max_bytes, clock=fake_clock)
+            store = open_store(url, max_entries, max_bytes, clock=fake_clock, retain=retain)
         elif request.param == "redis":
             server: RedisServer = request.getfixturevalue("redis_server")
             url = f"{server.url}?namespace={namespace}"
-            store = open_store(url, max_entries, max_bytes, clock=fake_clock)
+            store = open_store(url, max_entries, max_bytes, clock=fake_clock, retain=retain)
         else:
             raise AssertionError(f"unknown store kind {request.param}")
         made.append(store)

@@ -150,7 +150,7 @@ def test_tools_list_the_wire_schemas(mcp_args: list[str], tmp_path: Path) -> Non
         assert execute.input_schema["required"] == ["command"]  # the rest optional
         assert set(execute.input_schema["properties"]) == {
             "command", "use_cache", "timeout", "ttl", "refresh", "max_output_chars",
-            "cwd", "env", "stdin"}
+            "stale", "cwd", "env", "stdin"}
         for name in TOOLS - set(REQUESTS):
             assert tools[name].input_schema["properties"] == {}, name
         hints = {name: tool.annotations for name, tool in tools.items()}

@@ -59,10 +59,12 @@ def test_without_a_token_no_operation_needs_one(client: TestClient) -> None:
 
 def test_document_states_this_servers_limits(client_factory: Callable[..., TestClient]) -> None:
     client = client_factory(max_timeout=60.0, default_timeout=30.0, max_ttl=600.0,
-                            default_ttl=120.0, max_body_bytes=4096)
+                            default_ttl=120.0, max_stale=90.0, default_stale=5.0,
+                            max_body_bytes=4096)
     document = client.get("/openapi.json").json()
     request = document["components"]["schemas"]["CommandRequest"]["properties"]
-    for name, maximum, default in (("timeout", 60.0, 30.0), ("ttl", 600.0, 120.0)):
+    for name, maximum, default in (("timeout", 60.0, 30.0), ("ttl", 600.0, 120.0),
+                                   ("stale", 90.0, 5.0)):
         number = next(option for option in request[name]["anyOf"] if option["type"] == "number")
         assert (number["maximum"], request[name]["default"]) == (maximum, default)
     assert "4096 bytes" in document["components"]["responses"]["TooLarge"]["description"]
@@ -72,7 +74,7 @@ def test_components_are_the_wire_shapes_and_only_the_request_carries_the_config(
     client_factory: Callable[..., TestClient],
 ) -> None:
     client = client_factory(max_timeout=60.0, default_timeout=30.0, max_ttl=600.0,
-                            default_ttl=120.0)
+                            default_ttl=120.0, max_stale=90.0, default_stale=5.0)
     served = client.get("/openapi.json").json()["components"]["schemas"]
     declared = wire.schema_components()
     assert served.keys() == declared.keys()
@@ -80,7 +82,8 @@ def test_components_are_the_wire_shapes_and_only_the_request_carries_the_config(
     assert served == {name: schema for name, schema in declared.items()
                       if name != "CommandRequest"}
     # The request is wire's with each bound and default written in, and nothing else changed.
-    for name, maximum, default in (("timeout", 60.0, 30.0), ("ttl", 600.0, 120.0)):
+    for name, maximum, default in (("timeout", 60.0, 30.0), ("ttl", 600.0, 120.0),
+                                   ("stale", 90.0, 5.0)):
         field = request["properties"][name]
         number = next(option for option in field["anyOf"] if option["type"] == "number")
         assert (number.pop("maximum"), field["default"]) == (maximum, default)

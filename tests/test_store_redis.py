@@ -218,7 +218,7 @@ _PARAMETER = re.compile(r"^local (\w+) = (?:tonumber\()?(KEYS|ARGV)\[(\d+)\]\)? 
     [
         (redis_store._GET, redis_store._EntryKeys._fields, redis_store._Lookup._fields),
         (redis_store._PUT, redis_store._EntryKeys._fields, redis_store._PutArgs._fields),
-        (redis_store._PEEK, redis_store._PeekKeys._fields, redis_store._Lookup._fields),
+        (redis_store._PEEK, redis_store._PeekKeys._fields, redis_store._PeekArgs._fields),
         (redis_store._STATS, redis_store._IndexKeys._fields, redis_store._StatsArgs._fields),
         (redis_store._CLEAR, redis_store._ClearKeys._fields, ()),
         (redis_store._DRAIN, redis_store._DrainKeys._fields, ("entry_prefix", "batch")),

@@ -395,3 +395,74 @@ def test_an_entry_stored_after_a_clear_is_listed_and_kept(store_factory: StoreFa
     store.put("k", b"new", 60, store.epoch(), command="echo k")
     assert _commands(store) == ["echo k"]
     assert store.get("k") == b"new"
+
+
+# -- stale answers: entries kept past expiry for readers that accept them ------------
+
+
+def test_a_retained_entry_answers_a_stale_reader_and_counts_a_stale_hit(
+    store_factory: StoreFactory, fake_clock: FakeClock
+) -> None:
+    store = store_factory(retain=60)
+    store.put("k", b"old", ttl=10, epoch=store.epoch())
+    assert store.get_stale("k", 5) == (b"old", False)  # live: an ordinary hit
+    fake_clock.tick(12)
+    assert store.get_stale("k", 5) == (b"old", True)
+    assert store.get_stale("k", 60) == (b"old", True)
+    stats = store.stats()
+    assert (stats.hits, stats.stale_hits, stats.misses, stats.expirations) == (3, 2, 0, 0)
+    assert stats.size == 1  # kept for stale readers, though nobody else sees it
+    assert store.peek("k") is None and store.entry("k") is None
+    assert store.entries("", 0, 10) == []
+
+
+def test_a_reader_that_accepts_less_staleness_misses_and_removes_the_entry(
+    store_factory: StoreFactory, fake_clock: FakeClock
+) -> None:
+    store = store_factory(retain=60)
+    store.put("k", b"old", ttl=10, epoch=store.epoch())
+    fake_clock.tick(20)
+    assert store.get_stale("k", 5) is None
+    stats = store.stats()
+    assert (stats.hits, stats.stale_hits, stats.misses, stats.expirations, stats.size) == (
+        0, 0, 1, 1, 0)
+    assert store.get_stale("k", 60) is None  # gone: an ordinary miss now
+
+
+def test_an_ordinary_get_never_answers_a_stale_entry(
+    store_factory: StoreFactory, fake_clock: FakeClock
+) -> None:
+    store = store_factory(retain=60)
+    store.put("k", b"old", ttl=10, epoch=store.epoch())
+    fake_clock.tick(11)
+    assert store.get("k") is None
+    assert store.stats().expirations == 1
+
+
+def test_retention_ends_and_a_store_without_it_keeps_nothing_stale(
+    store_factory: StoreFactory, fake_clock: FakeClock
+) -> None:
+    kept, plain = store_factory(retain=30), store_factory()
+    for store in (kept, plain):
+        store.put("k", b"v", ttl=10, epoch=store.epoch())
+    fake_clock.tick(15)
+    assert plain.stats().size == 0  # purged at expiry, as ever
+    assert plain.get_stale("k", 100) is None
+    assert kept.stats().size == 1
+    fake_clock.tick(30)  # past expiry plus retention
+    stats = kept.stats()
+    assert (stats.size, stats.bytes, stats.expirations) == (0, 0, 1)
+    assert kept.get_stale("k", 1000) is None
+
+
+def test_a_new_put_replaces_a_stale_entry_and_clear_resets_stale_hits(
+    store_factory: StoreFactory, fake_clock: FakeClock
+) -> None:
+    store = store_factory(retain=60)
+    store.put("k", b"old", ttl=10, epoch=store.epoch())
+    fake_clock.tick(12)
+    assert store.get_stale("k", 30) == (b"old", True)
+    store.put("k", b"new", ttl=10, epoch=store.epoch())
+    assert store.get_stale("k", 30) == (b"new", False)
+    assert store.clear().stale_hits == 1
+    assert store.stats().stale_hits == 0

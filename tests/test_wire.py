@@ -77,8 +77,8 @@ def test_declaration_order_is_command_use_cache_timeout_ttl_refresh_context_back
     info = msgspec.inspect.type_info(CommandRequest)
     assert isinstance(info, msgspec.inspect.StructType)
     names = [field.encode_name for field in info.fields]
-    assert names == ["command", "use_cache", "timeout", "ttl", "refresh", "cwd", "env", "stdin",
-                     "background"]
+    assert names == ["command", "use_cache", "timeout", "ttl", "refresh", "stale", "cwd", "env",
+                     "stdin", "background"]
 
 
 def test_unknown_fields_are_ignored() -> None:
@@ -181,7 +181,7 @@ _requests = st.builds(
 )
 
 _REQUEST_SCHEMA = Draft202012Validator(
-    wire.command_request_schema(MAX_TIMEOUT, MAX_TTL, 300, 3600)
+    wire.command_request_schema({"timeout": (MAX_TIMEOUT, 300), "ttl": (MAX_TTL, 3600)})
 )
 
 

@@ -88,6 +88,12 @@ class Cache:
         self._succeeded()
         return found
 
+    async def get_stale(self, key: str, stale: float) -> tuple[bytes, bool] | None:
+        """A lookup accepting an entry up to ``stale`` seconds past its expiry: the value
+        and whether it had expired. Not the hot path: a blocking store's call is made in
+        a thread."""
+        return await self._attempt(None, self.store.get_stale, key, stale)
+
     async def put(self, key: str, value: bytes, ttl: float, epoch: int | None,
                   command: str = "", return_code: int = 0) -> bool:
         """Store a result unless the store is down or was cleared since ``epoch`` was read."""

@@ -115,6 +115,9 @@ def _connect(server: str | None) -> Client | LocalClient:
 @click.option("--refresh", is_flag=True,
               help="Run the command even if a result is cached, and store the new result.")
 @click.option("--ttl", type=float, default=None, help="Seconds to keep this result cached.")
+@click.option("--stale", type=float, default=None, metavar="SECONDS",
+              help="Accept a cached result this long past its expiry, answered at once while "
+              "the server refreshes it.")
 @click.option("--timeout", type=float, default=None, help="Most seconds the command may run.")
 @click.option("--cwd", default=None, metavar="DIR",
               help="Directory to run in (made absolute here; the server's own by default).")
@@ -129,6 +132,7 @@ def run(
     no_cache: bool,
     refresh: bool,
     ttl: float | None,
+    stale: float | None,
     timeout: float | None,
     cwd: str | None,
     env_pairs: tuple[str, ...],
@@ -144,8 +148,8 @@ def run(
     with _connect(server) as backend:
         with _signals_held() as held:
             job = backend.start(shlex.join(argv), use_cache=not no_cache, timeout=timeout,
-                                ttl=ttl, refresh=refresh, **_run_context(cwd, env_pairs,
-                                                                         feed_stdin))
+                                ttl=ttl, refresh=refresh, stale=stale,
+                                **_run_context(cwd, env_pairs, feed_stdin))
         try:
             if held:
                 raise _Interrupted(held[0])

@@ -126,8 +126,9 @@ class _Closing:
         self.close()
 
 
-#: The fields of a run's context a request may give (see :mod:`runcache.run_context`).
-CONTEXT_FIELDS = ("cwd", "env", "stdin")
+#: The optional request fields passed by name: how stale an answer may be, and the
+#: run's context (see :mod:`runcache.run_context`).
+OPTIONAL_FIELDS = ("stale", "cwd", "env", "stdin")
 
 
 def command_request(
@@ -136,13 +137,14 @@ def command_request(
 ) -> wire.CommandRequest:
     """A ``POST /api/command`` body, checked as the server checks it.
 
-    ``context`` holds the run context fields (``cwd``, ``env``, ``stdin``); one
-    left None is left out. Encoded and decoded once, so a bad value fails here
-    with the very message the server would answer, before anything is sent or run.
+    ``context`` holds the fields of ``OPTIONAL_FIELDS`` (``stale`` and the run
+    context: ``cwd``, ``env``, ``stdin``); one left None is left out. Encoded and
+    decoded once, so a bad value fails here with the very message the server would
+    answer, before anything is sent or run.
     """
-    unknown = set(context) - set(CONTEXT_FIELDS)
+    unknown = set(context) - set(OPTIONAL_FIELDS)
     if unknown:
-        raise TypeError(f"unknown run context field(s): {', '.join(sorted(unknown))}")
+        raise TypeError(f"unknown request field(s): {', '.join(sorted(unknown))}")
     payload: dict[str, Any] = {"command": command, "use_cache": use_cache}
     optional = {"timeout": timeout, "ttl": ttl, **context}
     payload.update((name, value) for name, value in optional.items() if value is not None)
@@ -197,7 +199,7 @@ class Client(_Closing):
     ) -> CommandResult:
         """Run a command on the server; wait as long as the server lets it run.
 
-        ``context`` takes the run context fields: ``cwd``, ``env`` and ``stdin``."""
+        ``context`` takes ``stale`` and the run context fields: ``cwd``, ``env``, ``stdin``."""
         wait = None if timeout is None else timeout + EXECUTE_MARGIN
         body = wire.encode(command_request(command, use_cache, timeout, ttl, **context))
         return self._request(CommandResult, "POST", "/api/command", body, wait=wait)

@@ -74,6 +74,13 @@ class Config:
     max_ttl: float = _setting(30 * 86400.0, "Longest ttl a request may ask for.", 0.001)
     default_timeout: float = _setting(300.0, "Seconds a command may run unless asked.", 0.001)
     max_timeout: float = _setting(3600.0, "Longest timeout a request may ask for.", 0.001)
+    default_stale: float = _setting(
+        0.0, "Seconds past expiry a result is still answered (marked stale, refreshed meanwhile)"
+        " unless a request says.", 0,
+    )
+    max_stale: float = _setting(
+        3600.0, "Longest stale a request may ask for; expired results are kept that long.", 0
+    )
     max_output_bytes: int = _setting(
         8 * MiB, "Bytes of stdout and of stderr kept per run, counted as sent (JSON-escaped).", 1
     )
@@ -152,7 +159,8 @@ class Config:
     def __post_init__(self) -> None:
         for setting in dataclasses.fields(self):
             _check_range(setting.name, getattr(self, setting.name), setting.metadata)
-        for default, most in (("default_timeout", "max_timeout"), ("default_ttl", "max_ttl")):
+        for default, most in (("default_timeout", "max_timeout"), ("default_ttl", "max_ttl"),
+                              ("default_stale", "max_stale")):
             if getattr(self, default) > getattr(self, most):
                 raise ConfigError(
                     f"{default} must not exceed {most}: {getattr(self, default):g} > "

@@ -88,7 +88,8 @@ _EXECUTE = (
     "seconds the command may run, and ttl how many seconds its result is kept "
     "(each the server's default when omitted). cwd (an absolute directory), env (variables "
     "to set) and stdin (text to feed it) give the run its context; each is part of the "
-    "cache key. Progress is reported while it runs. "
+    "cache key. stale (seconds) accepts a cached result that long past its expiry while "
+    "one run refreshes it. Progress is reported while it runs. "
     f"Each stream longer than max_output_chars (default {DEFAULT_OUTPUT_CHARS}) comes "
     "back as its head and tail with a line between saying how to read the rest "
     "(read_output with the job_id)."
@@ -152,13 +153,14 @@ class _Tools:
     async def execute_command(
         self, command: str, use_cache: bool = True, timeout: float | None = None,
         ttl: float | None = None, refresh: bool = False,
-        max_output_chars: int = DEFAULT_OUTPUT_CHARS, cwd: str | None = None,
-        env: dict[str, str] | None = None, stdin: str | None = None,
+        max_output_chars: int = DEFAULT_OUTPUT_CHARS, stale: float | None = None,
+        cwd: str | None = None, env: dict[str, str] | None = None, stdin: str | None = None,
         ctx: Context | None = None,
     ) -> CallToolResult:
         request = _checked(ExecuteRequest, command=command, use_cache=use_cache,
                            timeout=timeout, ttl=ttl, refresh=refresh,
-                           max_output_chars=max_output_chars, cwd=cwd, env=env, stdin=stdin)
+                           max_output_chars=max_output_chars, stale=stale, cwd=cwd, env=env,
+                           stdin=stdin)
         accepted = await _call(self.backend.start(_run_request(request)))
         detail = await self._until_ended(accepted.job_id, request.timeout, ctx)
         if isinstance(detail.result, msgspec.UnsetType):
@@ -185,12 +187,12 @@ class _Tools:
 
     async def start_command(
         self, command: str, use_cache: bool = True, timeout: float | None = None,
-        ttl: float | None = None, refresh: bool = False, cwd: str | None = None,
-        env: dict[str, str] | None = None, stdin: str | None = None,
+        ttl: float | None = None, refresh: bool = False, stale: float | None = None,
+        cwd: str | None = None, env: dict[str, str] | None = None, stdin: str | None = None,
     ) -> CallToolResult:
         request = _checked(wire.RunRequest, command=command, use_cache=use_cache,
-                           timeout=timeout, ttl=ttl, refresh=refresh, cwd=cwd, env=env,
-                           stdin=stdin)
+                           timeout=timeout, ttl=ttl, refresh=refresh, stale=stale, cwd=cwd,
+                           env=env, stdin=stdin)
         return _answer(await _call(self.backend.start(request)))
 
     async def job_status(self, job_id: str) -> CallToolResult:

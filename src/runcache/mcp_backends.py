@@ -163,7 +163,8 @@ class ServerBackend:
     async def start(self, request: wire.RunRequest) -> wire.JobAccepted:
         return await self._call(functools.partial(
             self.client.start, request.command, request.use_cache, request.timeout,
-            request.ttl, request.refresh, cwd=request.cwd, env=request.env, stdin=request.stdin))
+            request.ttl, request.refresh, stale=request.stale, cwd=request.cwd, env=request.env,
+            stdin=request.stdin))
 
     async def wait(self, job_id: str, seconds: float) -> wire.JobDetail:
         with anyio.move_on_after(seconds):

@@ -380,7 +380,9 @@ def _error_responses(config: Config) -> Schema:
 def _schemas(config: Config) -> Schema:
     """The components of :mod:`runcache.wire`, the request's with this server's bounds."""
     components = wire.schema_components()
-    components["CommandRequest"] = wire.command_request_schema(
-        config.max_timeout, config.max_ttl, config.default_timeout, config.default_ttl
-    )
+    components["CommandRequest"] = wire.command_request_schema({
+        "timeout": (config.max_timeout, config.default_timeout),
+        "ttl": (config.max_ttl, config.default_ttl),
+        "stale": (config.max_stale, config.default_stale),
+    })
     return components

@@ -7,6 +7,7 @@ so a behaviour (a cache key, a bound, a log line) is written once here.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import os
@@ -46,6 +47,7 @@ KEY_ENV_VARS = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ")
 _HIT_TAIL = b',"cached":true,"coalesced":false}'
 _RUN_TAIL = b',"cached":false,"coalesced":false}'
 _SHARED_TAIL = b',"cached":false,"coalesced":true}'
+_STALE_TAIL = b',"cached":true,"coalesced":false,"stale":true}'
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ class Plan:
     refresh: bool = False
     #: Where the command runs and what it is given, when the request says.
     context: RunContext = NO_CONTEXT
+    #: Seconds past expiry a cached result may still answer (stale), refreshed meanwhile.
+    stale: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -76,11 +80,15 @@ class Outcome:
     body: bytes
     cached: bool = False
     coalesced: bool = False
+    #: Cached, but past its expiry: a refresh of it is running.
+    stale: bool = False
 
     @property
     def tail(self) -> bytes:
         """What replaces the body's closing brace: this answer's flags, then the brace."""
-        return _HIT_TAIL if self.cached else _SHARED_TAIL if self.coalesced else _RUN_TAIL
+        if self.cached:
+            return _STALE_TAIL if self.stale else _HIT_TAIL
+        return _SHARED_TAIL if self.coalesced else _RUN_TAIL
 
     def to_json(self) -> bytes:
         return self.body[:-1] + self.tail
@@ -122,6 +130,7 @@ class Engine:
     @classmethod
     def from_config(cls, config: Config) -> Engine:
         store = open_store(config.store, config.max_entries, config.max_bytes,
+                           retain=config.max_stale,
                            timeout=config.store_timeout)
         try:
             runner = Runner(config.max_output_bytes, _command_env(config),
@@ -166,18 +175,36 @@ class Engine:
             use_cache=request.use_cache,
             refresh=self._refresh(request),
             context=context,
+            stale=self._bounded(request.stale, "stale", self.config.default_stale,
+                                self.config.max_stale),
         )
 
     async def lookup(self, plan: Plan, client: str) -> Outcome | None:
         """The cached answer, if the request may have one and there is one."""
         if not plan.use_cache or plan.refresh:
             return None
+        if plan.stale > 0:
+            return await self._lookup_stale(plan, client)
         cached = await self.cache.get(plan.key)
         if cached is None:
             return None
         self.telemetry.record_hit()
         log.debug("%s hit %r", client, plan.command)
         return Outcome(cached, cached=True)
+
+    async def _lookup_stale(self, plan: Plan, client: str) -> Outcome | None:
+        """A lookup that accepts a result up to ``plan.stale`` seconds past its expiry;
+        a stale one starts its refresh, once per key (across instances, the store's
+        lock lets one run it and the others take its result)."""
+        found = await self.cache.get_stale(plan.key, plan.stale)
+        if found is None:
+            return None
+        cached, stale = found
+        self.telemetry.record_hit()
+        if stale and self.jobs.running_for(plan.key) is None:
+            log.debug("%s stale hit %r: refreshing it", client, plan.command)
+            self.claim(dataclasses.replace(plan, refresh=True), client, background=True)
+        return Outcome(cached, cached=True, stale=stale)
 
     def claim(self, plan: Plan, client: str, background: bool = False) -> tuple[Job, bool]:
         """The job that answers ``plan``: the identical one running, joined, or a new one."""
@@ -386,6 +413,7 @@ def stats_answer(
         evictions=stats.evictions,
         expirations=stats.expirations,
         coalesced=stats.coalesced,
+        stale_hits=stats.stale_hits,
         size=stats.size,
         max_size=stats.max_size,
         bytes=stats.bytes,

@@ -71,7 +71,7 @@ class ExecuteRequest(wire.RunRequest, frozen=True):
     max_output_chars: MaxOutputChars = DEFAULT_OUTPUT_CHARS
 
 
-class ExecuteResult(wire.CommandResult, frozen=True):
+class ExecuteResult(wire.CommandResult, frozen=True, kw_only=True):
     """``execute_command``'s answer: the result of ``POST /api/command`` (its output cut
     to ``max_output_chars`` when longer), and the job that ran or answered it."""
 

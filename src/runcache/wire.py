@@ -10,7 +10,7 @@ that speak it cannot drift apart.
 The JSON Schema of a request says exactly what the checking accepts: a command
 must hold something besides white space and no NUL character, which is what
 the server can run. Bounds that depend on the server's settings (the longest
-timeout and ttl) are checked by the engine and written into the OpenAPI
+timeout, ttl and stale) are checked by the engine and written into the OpenAPI
 document by :func:`command_request_schema`.
 """
 
@@ -99,6 +99,20 @@ Refresh = Annotated[
 ]
 
 
+Stale = Annotated[
+    float,
+    Meta(
+        ge=0,
+        description="Seconds past its expiry a cached result may still answer at once, "
+                    "marked \"stale\": true, while one run refreshes it "
+                    "(default --default-stale, at most --max-stale).",
+        extra={
+            "type": "stale must be a number of seconds",
+            "constraint": "stale must be 0 or more seconds",
+        },
+    ),
+]
+
 #: The longest ``cwd`` a request may name (Linux's PATH_MAX).
 MAX_PATH = 4096
 #: The most variables a request's ``env`` may set.
@@ -157,6 +171,7 @@ class RunRequest(Request, frozen=True):
     timeout: Timeout | None = None
     ttl: Ttl | None = None
     refresh: Refresh = False
+    stale: Stale | None = None
     cwd: Cwd | None = None
     env: Env | None = None
     stdin: Stdin | None = None
@@ -201,6 +216,8 @@ class CommandResult(StoredResult, frozen=True):
 
     cached: bool
     coalesced: bool
+    #: Only in a stale answer: a cached result past its expiry, being refreshed.
+    stale: bool | UnsetType = UNSET
 
 
 class CacheStats(Struct, frozen=True):
@@ -217,6 +234,8 @@ class CacheStats(Struct, frozen=True):
     max_bytes: _Count
     hit_rate: _Percent
     hit_ratio: Annotated[float, Meta(ge=0, le=1)]
+    #: Hits answered past expiry (``"stale": S``), counted in ``hits`` too.
+    stale_hits: _Count = 0
     store_error: str | UnsetType = UNSET
 
 
@@ -377,13 +396,12 @@ def _message_for(messages: dict[str, str], value: object, error: str, name: str)
     return messages.get(kind) or messages.get("type") or f"{name} is not valid: {error}"
 
 
-def command_request_schema(max_timeout: float, max_ttl: float,
-                           default_timeout: float, default_ttl: float) -> dict[str, Any]:
-    """The request's JSON Schema with this server's bounds and defaults written in."""
+def command_request_schema(bounds: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """The request's JSON Schema with this server's bounds and defaults written in:
+    ``bounds`` maps each bounded field (timeout, ttl, stale) to its (most, default)."""
     schema: dict[str, Any] = schema_components()["CommandRequest"]
     properties = schema["properties"]
-    for name, limit, default in (("timeout", max_timeout, default_timeout),
-                                 ("ttl", max_ttl, default_ttl)):
+    for name, (limit, default) in bounds.items():
         number = next(option for option in properties[name]["anyOf"]
                       if option.get("type") == "number")
         number["maximum"] = limit

@@ -32,13 +32,13 @@ Clock = Callable[[], float]
 
 
 def _open_memory(url: str, max_entries: int, max_bytes: int, clock: Clock | None,
-                 timeout: float) -> Store:
+                 timeout: float, retain: float) -> Store:
     _split_namespace(url)
-    return MemoryStore(max_entries, max_bytes, clock=clock or time.monotonic)
+    return MemoryStore(max_entries, max_bytes, clock=clock or time.monotonic, retain=retain)
 
 
 def _open_sqlite(url: str, max_entries: int, max_bytes: int, clock: Clock | None,
-                 timeout: float) -> Store:
+                 timeout: float, retain: float) -> Store:
     from runcache.stores.sqlite import SqliteStore
 
     rest, namespace = _split_namespace(url)
@@ -50,11 +50,11 @@ def _open_sqlite(url: str, max_entries: int, max_bytes: int, clock: Clock | None
     if not path:
         raise ConfigError(f"store {url!r} names no file: use sqlite:///path/to/cache.db")
     return SqliteStore(Path(path), max_entries, max_bytes, namespace, clock=clock or time.time,
-                       timeout=timeout)
+                       timeout=timeout, retain=retain)
 
 
 def _open_redis(url: str, max_entries: int, max_bytes: int, clock: Clock | None,
-                timeout: float) -> Store:
+                timeout: float, retain: float) -> Store:
     try:
         from runcache.stores.redis import RedisStore
     except ModuleNotFoundError as error:
@@ -65,11 +65,11 @@ def _open_redis(url: str, max_entries: int, max_bytes: int, clock: Clock | None,
         ) from None
     rest, namespace = _split_namespace(url)
     return RedisStore.from_url(rest, max_entries, max_bytes, namespace, clock=clock or time.time,
-                               timeout=timeout)
+                               timeout=timeout, retain=retain)
 
 
 #: Each URL scheme and the function that opens a store for it.
-SCHEMES: dict[str, Callable[[str, int, int, Clock | None, float], Store]] = {
+SCHEMES: dict[str, Callable[[str, int, int, Clock | None, float, float], Store]] = {
     "memory": _open_memory,
     "sqlite": _open_sqlite,
     "redis": _open_redis,
@@ -83,20 +83,22 @@ def open_store(
     max_bytes: int,
     clock: Clock | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    retain: float = 0.0,
 ) -> Store:
     """Open the store a URL names; an unknown scheme names the valid ones.
 
     ``clock`` defaults to the monotonic clock for memory and to the wall clock
     for the stores that outlive the process or are shared between machines.
     Opening never connects: a store that is down makes the server run degraded.
-    ``timeout`` bounds each call to a store that may hang (SQLite, Redis).
+    ``timeout`` bounds each call to a store that may hang (SQLite, Redis);
+    ``retain`` is how long an expired entry is kept for stale answers.
     """
     scheme = urlsplit(url).scheme
     opener = SCHEMES.get(scheme)
     if opener is None:
         valid = ", ".join(f"{name}://" for name in SCHEMES)
         raise ConfigError(f"unknown store {url!r}: use one of {valid}")
-    return opener(url, max_entries, max_bytes, clock, timeout)
+    return opener(url, max_entries, max_bytes, clock, timeout, retain)
 
 
 def _split_namespace(url: str) -> tuple[str, str]:

@@ -12,6 +12,12 @@ is stale is dropped, so nothing that began before a clear is in the cache after 
 Each entry also carries what an operator lists it by (:class:`EntryInfo`): the
 command that made it, when it was stored, and how many hits it served. Listing,
 reading, deleting and invalidating entries count no hit, miss or expiration.
+
+A store made with ``retain`` seconds keeps an expired entry that long past its
+expiry (within its bounds, least recently used first as ever), so a reader that
+accepts a stale answer (:meth:`Store.get_stale`) can be given one while the entry
+is refreshed. An expired entry is still never listed, peeked at or answered to a
+reader that does not accept it; such a reader removes it, counting an expiration.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ class CacheStats:
     max_size: int
     bytes: int
     max_bytes: int
+    #: Hits answered with an entry that had expired, but by less than the reader
+    #: accepted (``"stale": S``); counted in ``hits`` too.
+    stale_hits: int = 0
 
     @property
     def lookups(self) -> int:
@@ -99,6 +108,14 @@ class Store(Protocol):
         in place (a SQLite hit is one short transaction), Redis through
         ``redis.asyncio``, serving other requests while Redis answers. What
         it opens belongs to the running loop until :meth:`aclose`.
+        """
+        ...
+
+    def get_stale(self, key: str, stale: float) -> tuple[bytes, bool] | None:
+        """:meth:`get` for a reader that accepts an entry expired less than ``stale``
+        seconds ago: the value and whether it had expired (a stale hit, counted as a hit
+        and as a stale hit). Only a store made with ``retain`` keeps expired entries
+        that long; any other store finds none.
         """
         ...
 
@@ -185,9 +202,9 @@ class Store(Protocol):
 
 def stats_from_counts(counts: Iterable[Any], max_entries: int, max_bytes: int) -> CacheStats:
     """Statistics from the counts a shared store keeps, in the order hits, misses,
-    evictions, expirations, coalesced, size, bytes; a count never written yet
-    (None) is 0, and Redis's byte strings of digits are numbers."""
-    hits, misses, evictions, expirations, coalesced, size, total = (
+    evictions, expirations, coalesced, size, bytes, stale hits; a count never written
+    yet (None) is 0, and Redis's byte strings of digits are numbers."""
+    hits, misses, evictions, expirations, coalesced, size, total, stale_hits = (
         int(count or 0) for count in counts
     )
     return CacheStats(
@@ -200,4 +217,5 @@ def stats_from_counts(counts: Iterable[Any], max_entries: int, max_bytes: int) -
         max_size=max_entries,
         bytes=total,
         max_bytes=max_bytes,
+        stale_hits=stale_hits,
     )

@@ -47,9 +47,12 @@ class MemoryStore:
         max_entries: int,
         max_bytes: int,
         clock: Callable[[], float] = time.monotonic,
+        retain: float = 0.0,
     ) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
+        #: Seconds an expired entry is kept for readers that accept a stale answer.
+        self.retain = retain
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
@@ -64,6 +67,7 @@ class MemoryStore:
         self._evictions = 0
         self._expirations = 0
         self._coalesced = 0
+        self._stale_hits = 0
 
     def get(self, key: str) -> bytes | None:
         with self._lock:
@@ -83,6 +87,20 @@ class MemoryStore:
 
     async def get_async(self, key: str) -> bytes | None:
         return self.get(key)
+
+    def get_stale(self, key: str, stale: float) -> tuple[bytes, bool] | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            now = self._clock()
+            if entry is not None and entry.expires_at > now - stale:
+                self._entries.move_to_end(key)
+                expired = entry.expires_at <= now
+                self._hits += 1
+                self._stale_hits += expired
+                entry.hits += 1
+                return entry.value, expired
+        value = self.get(key)  # a miss, as any reader's (or a put made since)
+        return None if value is None else (value, False)
 
     def put(self, key: str, value: bytes, ttl: float, epoch: int,
             command: str = "", return_code: int = 0) -> bool:
@@ -194,8 +212,9 @@ class MemoryStore:
             return self._snapshot()
 
     def _purge_expired(self) -> None:
-        # So that ``size`` and ``bytes`` count only entries that could be served.
-        now = self._clock()
+        # So that ``size`` and ``bytes`` count only entries that could be served
+        # (stale ones too, while they are retained).
+        now = self._clock() - self.retain
         expired = [(key, entry) for key, entry in self._entries.items()
                    if entry.expires_at <= now]
         for key, entry in expired:
@@ -213,6 +232,7 @@ class MemoryStore:
             max_size=self.max_entries,
             bytes=self._bytes,
             max_bytes=self.max_bytes,
+            stale_hits=self._stale_hits,
         )
 
     def close(self) -> None:

@@ -133,12 +133,22 @@ class _PeekKeys(NamedTuple):
     expiry_key: str
 
 
-class _Lookup(NamedTuple):
-    """The ARGV of ``_GET`` and ``_PEEK``."""
+class _PeekArgs(NamedTuple):
+    """The ARGV of ``_PEEK``."""
 
     member: str
     #: The store's clock, as ``repr`` writes it so that no digit is lost.
     now: str
+
+
+class _Lookup(NamedTuple):
+    """The ARGV of ``_GET``."""
+
+    member: str
+    #: The store's clock, as ``repr`` writes it so that no digit is lost.
+    now: str
+    #: Seconds past its expiry an entry is still answered (as stale).
+    stale: float = 0.0
 
 
 class _PutArgs(NamedTuple):
@@ -175,13 +185,22 @@ local info_key = KEYS[7]       -- hash of each key's command, creation time and 
 local created_key = KEYS[8]    -- sorted set of keys by the order they were stored in
 local member = ARGV[1]         -- the cache key, as a member of the sets and the hashes above
 local now = tonumber(ARGV[2])  -- the store's clock
+local stale = tonumber(ARGV[3])  -- seconds past expiry the reader accepts; 0: none
 local value = redis.call('GET', entry_key)
 local expires_at = tonumber(redis.call('ZSCORE', expiry_key, member))
-if value and expires_at and expires_at > now then
+if value and expires_at and expires_at > now - stale then
   redis.call('ZADD', lru_key, redis.call('HINCRBY', counts_key, 'used', 1), member)
   redis.call('HINCRBY', counts_key, 'hits', 1)
   redis.call('HINCRBY', hits_key, member, 1)
-  return value
+  if stale == 0 then
+    return value
+  end
+  local expired = 0
+  if expires_at <= now then
+    expired = 1
+    redis.call('HINCRBY', counts_key, 'stale_hits', 1)
+  end
+  return {value, expired}
 end
 local size = redis.call('HGET', sizes_key, member)
 if value then
@@ -286,6 +305,7 @@ local counts = redis.call('HMGET', counts_key, 'hits', 'misses', 'evictions', 'e
                           'coalesced')
 counts[6] = redis.call('ZCARD', lru_key)
 counts[7] = redis.call('HGET', counts_key, 'bytes')
+counts[8] = redis.call('HGET', counts_key, 'stale_hits')
 """
 
 #: The index keys, as ``_IndexKeys`` passes them; a fragment of the scripts that take them.
@@ -300,7 +320,7 @@ local created_key = KEYS[7]   -- sorted set of keys by the order they were store
 """
 
 _STATS = _INDEX_KEYS + """
-local now = ARGV[1]           -- the store's clock, as a score bound
+local now = ARGV[1]           -- the store's clock less its retention, as a score bound
 local entry_prefix = ARGV[2]  -- entry_prefix .. member is a member's entry key
 local expired = redis.call('ZRANGEBYSCORE', expiry_key, '-inf', now)
 if #expired > 0 then
@@ -414,8 +434,11 @@ class RedisStore:
         namespace: str = "runcache",
         clock: Callable[[], float] = time.time,
         description: str = "redis://",
+        retain: float = 0.0,
     ) -> None:
         self.client = client
+        #: Seconds an expired entry is kept for readers that accept a stale answer.
+        self.retain = retain
         # The hit path's client, made on the loop that first awaits a hit:
         # redis.asyncio's connections belong to one event loop.
         self._async_client = async_client
@@ -463,6 +486,7 @@ class RedisStore:
         namespace: str,
         clock: Callable[[], float] = time.time,
         timeout: float = DEFAULT_TIMEOUT,
+        retain: float = 0.0,
     ) -> RedisStore:
         """Build a client from a redis:// or rediss:// URL (without the namespace) lazily.
 
@@ -492,7 +516,8 @@ class RedisStore:
             redis.asyncio.Redis.from_url, url, **timeouts,
             retry=AsyncRetry(NoBackoff(), 1, supported_errors=_RETRIED),
         )
-        return cls(client, async_client, max_entries, max_bytes, namespace, clock, description)
+        return cls(client, async_client, max_entries, max_bytes, namespace, clock, description,
+                   retain)
 
     # -- the cache's operations -------------------------------------------------
 
@@ -517,6 +542,13 @@ class RedisStore:
             raise self._failure(error) from error
         return value if isinstance(value, bytes) else None
 
+    def get_stale(self, key: str, stale: float) -> tuple[bytes, bool] | None:
+        args = _Lookup(member=key, now=repr(self._clock()), stale=stale)
+        found = self._run(self._get, self._entry_keys(key), args)
+        if isinstance(found, list):
+            return bytes(found[0]), bool(found[1])
+        return (found, False) if isinstance(found, bytes) else None
+
     def _loop_get(self) -> Any:
         """The get script on this loop's client, made on first use on each loop."""
         loop = asyncio.get_running_loop()
@@ -528,7 +560,7 @@ class RedisStore:
     def put(self, key: str, value: bytes, ttl: float, epoch: int,
             command: str = "", return_code: int = 0) -> bool:
         now = self._clock()
-        native_ms = math.ceil((ttl + NATIVE_EXPIRY_GRACE) * 1000)
+        native_ms = math.ceil((ttl + self.retain + NATIVE_EXPIRY_GRACE) * 1000)
         args = _PutArgs(
             member=key,
             value=value,
@@ -549,7 +581,7 @@ class RedisStore:
 
     def peek(self, key: str) -> bytes | None:
         keys = _PeekKeys(entry_key=self.entry_prefix + key, expiry_key=self.expiry_key)
-        value = self._run(self._peek, keys, _Lookup(member=key, now=repr(self._clock())))
+        value = self._run(self._peek, keys, _PeekArgs(member=key, now=repr(self._clock())))
         return value if isinstance(value, bytes) else None
 
     def acquire(self, key: str, lease: float) -> str | None:
@@ -673,7 +705,7 @@ class RedisStore:
         return int(self._run(self._delete, self._index_keys, args))
 
     def stats(self) -> CacheStats:
-        args = _StatsArgs(now=self._clock(), entry_prefix=self.entry_prefix)
+        args = _StatsArgs(now=self._clock() - self.retain, entry_prefix=self.entry_prefix)
         counts = self._run(self._stats, self._index_keys, args)
         return self._snapshot(counts)
 

@@ -88,15 +88,18 @@ CREATE TABLE IF NOT EXISTS locks (
 );
 """
 
-#: Columns ``entries`` gained after its first release, and their definitions. Every
+#: Columns ``entries`` and ``counts`` gained after their first release, and their definitions. Every
 #: file gets them the same way, a new one just after its tables are made and one
 #: made by an older runcache when first opened by this one: its entries then list
 #: with an empty command, stored at time 0, as having served no hits yet.
 _ADDED_COLUMNS = {
-    "command": "TEXT NOT NULL DEFAULT ''",
-    "created_at": "REAL NOT NULL DEFAULT 0",
-    "hits": "INTEGER NOT NULL DEFAULT 0",
-    "return_code": "INTEGER NOT NULL DEFAULT 0",
+    "entries": {
+        "command": "TEXT NOT NULL DEFAULT ''",
+        "created_at": "REAL NOT NULL DEFAULT 0",
+        "hits": "INTEGER NOT NULL DEFAULT 0",
+        "return_code": "INTEGER NOT NULL DEFAULT 0",
+    },
+    "counts": {"stale_hits": "INTEGER NOT NULL DEFAULT 0"},
 }
 
 #: What :class:`EntryInfo` is made of, in its order.
@@ -112,7 +115,8 @@ LOOK_INTERVAL = 0.01
 #: shares its -wal and -shm and fails ("disk I/O error") until the idle one is called.
 WATCH_INTERVAL = 1.0
 
-_COUNTS = "SELECT hits, misses, evictions, expirations, coalesced, entries, bytes FROM counts"
+_COUNTS = ("SELECT hits, misses, evictions, expirations, coalesced, entries, bytes, stale_hits"
+           " FROM counts")
 
 
 class _ThreadConnection(threading.local):
@@ -141,7 +145,10 @@ class SqliteStore:
         clock: Callable[[], float] = time.time,
         timeout: float = DEFAULT_TIMEOUT,
         look_interval: float = LOOK_INTERVAL,
+        retain: float = 0.0,
     ) -> None:
+        #: Seconds an expired entry is kept for readers that accept a stale answer.
+        self.retain = retain
         self.path = path
         #: Seconds a thread's calls go without looking whether the file changed.
         self.look_interval = look_interval
@@ -201,6 +208,25 @@ class SqliteStore:
             else:
                 self._count(db, misses=1)
             return None
+
+    def get_stale(self, key: str, stale: float) -> tuple[bytes, bool] | None:
+        now = self._clock()
+        with self._transaction() as db:
+            hit = db.execute(
+                "UPDATE entries SET used = (SELECT used + 1 FROM counts WHERE namespace = ?),"
+                " hits = hits + 1 WHERE namespace = ? AND key = ? AND expires_at > ?"
+                " RETURNING id, expires_at",
+                (self.namespace, self.namespace, key, now - stale),
+            ).fetchall()
+            if hit:
+                expired = hit[0][1] <= now
+                self._count(db, hits=1, used=1, stale_hits=int(expired))
+                (value,) = db.execute(
+                    'SELECT value FROM "values" WHERE id = ?', (hit[0][0],)
+                ).fetchone()
+                return bytes(value), expired
+        value = self.get(key)  # a miss, as any reader's (or a put made since)
+        return None if value is None else (value, False)
 
     async def get_async(self, key: str) -> bytes | None:
         # In place on the loop: one short transaction costs less than the hop to
@@ -354,7 +380,8 @@ class SqliteStore:
             db.execute("DELETE FROM entries WHERE namespace = ?", (self.namespace,))
             db.execute(
                 "UPDATE counts SET hits = 0, misses = 0, evictions = 0, expirations = 0,"
-                " coalesced = 0, entries = 0, bytes = 0, used = 0, epoch = epoch + 1"
+                " coalesced = 0, stale_hits = 0, entries = 0, bytes = 0, used = 0,"
+                " epoch = epoch + 1"
                 " WHERE namespace = ?",
                 (self.namespace,),
             )
@@ -363,10 +390,11 @@ class SqliteStore:
     def stats(self) -> CacheStats:
         with self._transaction() as db:
             now = self._clock()
-            # So that ``size`` and ``bytes`` count only entries that could be served.
+            # So that ``size`` and ``bytes`` count only entries that could be served
+            # (stale ones too, while they are retained).
             purged = db.execute(
                 "DELETE FROM entries WHERE namespace = ? AND expires_at <= ? RETURNING size",
-                (self.namespace, now),
+                (self.namespace, now - self.retain),
             ).fetchall()
             # Locks left by crashed holders of keys nobody asked for again.
             db.execute(
@@ -583,7 +611,7 @@ def _changed_message(path: Path, change: str) -> str:
 
 
 def _add_columns(db: sqlite3.Connection) -> None:
-    """Give ``entries`` the columns of ``_ADDED_COLUMNS`` it lacks.
+    """Give ``entries`` and ``counts`` the columns of ``_ADDED_COLUMNS`` they lack.
 
     Looked for again inside a write transaction, which processes take one at a
     time, so two processes opening an old file at once add each column once.
@@ -591,17 +619,21 @@ def _add_columns(db: sqlite3.Connection) -> None:
     if _missing_columns(db):
         db.execute("BEGIN IMMEDIATE")
         try:
-            for name in _missing_columns(db):
-                db.execute(f"ALTER TABLE entries ADD COLUMN {name} {_ADDED_COLUMNS[name]}")
+            for table, name in _missing_columns(db):
+                definition = _ADDED_COLUMNS[table][name]
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
 
 
-def _missing_columns(db: sqlite3.Connection) -> list[str]:
-    have = {row[1] for row in db.execute("PRAGMA table_info(entries)")}
-    return [name for name in _ADDED_COLUMNS if name not in have]
+def _missing_columns(db: sqlite3.Connection) -> list[tuple[str, str]]:
+    missing = []
+    for table, columns in _ADDED_COLUMNS.items():
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        missing += [(table, name) for name in columns if name not in have]
+    return missing
 
 
 def _retry_while_locked(step: Callable[[], None], timeout: float) -> None:
