@@ -161,3 +161,17 @@ def test_runcache_run_stale_answers_an_expired_result(live_server: LiveServer) -
     assert run("--stale", "60") == first
     _until(lambda: not expired())  # the refresh stored a new result
     assert run() != first
+
+
+def test_a_background_request_and_its_job_say_the_answer_was_stale(
+    client_factory: Callable[..., TestClient],
+) -> None:
+    client = client_factory()
+    client.post("/api/command", json={"command": UUID, "ttl": 0.3})
+    _until(lambda: _expired(client, UUID))
+    accepted = client.post("/api/command", json={"command": UUID, "stale": 60,
+                                                 "background": True})
+    assert accepted.status_code == 202, accepted.text
+    job = client.get(f"/api/jobs/{accepted.json()['job_id']}").json()
+    assert job["result"]["cached"] is True and job["result"]["stale"] is True
+    _until(lambda: _no_job_running(client))

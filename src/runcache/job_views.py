@@ -28,7 +28,7 @@ import psutil
 from runcache import wire
 from runcache.errors import Conflict, NotFound
 from runcache.jobs import LAST_OUTPUT_CHARS, Job
-from runcache.service import Engine
+from runcache.service import Engine, Outcome
 
 #: Bytes a page holds unless the request asks for fewer (or more, up to MAX_PAGE_BYTES).
 DEFAULT_PAGE_BYTES = 65536
@@ -229,9 +229,8 @@ def result_json(job: Job) -> bytes | None:
     """An ended job's result, as ``POST /api/command`` answered its first client."""
     if job.body is None:
         return None
-    flags = b',"cached":%s,"coalesced":%s}' % (
-        b"true" if job.cached else b"false", b"true" if job.elsewhere else b"false")
-    return job.body[:-1] + flags
+    return Outcome(job.body, cached=job.cached, coalesced=job.elsewhere,
+                   stale=job.stale).to_json()
 
 
 def detail(job: Job) -> wire.JobDetail:

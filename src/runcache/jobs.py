@@ -63,6 +63,8 @@ class Job:
         self.body: bytes | None = None
         #: Whether the result came from the cache (a background hit) or another instance.
         self.cached = False
+        #: A cached answer past its expiry (``"stale": S``), being refreshed meanwhile.
+        self.stale = False
         self.elsewhere = False
         self.summary: RunResult | None = None
         #: Why the job ended without running, when it did (every slot stayed busy, say).

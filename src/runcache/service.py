@@ -231,7 +231,7 @@ class Engine:
         if hit is None:
             return self.claim(plan, client, background=True)[0]
         job = self.jobs.new(plan.command, plan.key, None, plan.use_cache, True)
-        job.cached = True
+        job.cached, job.stale = True, hit.stale
         job.finish(hit.body, None)
         return job
 
