@@ -71,6 +71,7 @@ OPERATIONS = {
     "GET /api/telemetry",
     "GET /health",
     "GET /livez",
+    "GET /metrics",
     "GET /api/jobs",
     "GET /api/jobs/{job_id}",
     "GET /api/jobs/{job_id}/output",

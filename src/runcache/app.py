@@ -1,4 +1,5 @@
-"""The app factory: a Starlette app around one engine: the HTTP API and MCP at ``/mcp``."""
+"""The app factory: a Starlette app around one engine: the HTTP API, MCP at ``/mcp`` and
+Prometheus metrics at ``/metrics``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from runcache import api, dashboard, entries_api, jobs_api, process_api
+from runcache import api, dashboard, entries_api, jobs_api, metrics_http, process_api
 from runcache.auth import TokenGate
 from runcache.config import Config
 from runcache.errors import RuncacheError
@@ -36,10 +37,14 @@ def create_app(config: Config | None = None, engine: Engine | None = None) -> St
         *jobs_api.ROUTES,
         *process_api.ROUTES,
         *dashboard.ROUTES,
+        *metrics_http.ROUTES,
         Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/mcp", mcp_endpoint),
     ]
     middleware = []
+    if engine.metrics.enabled:  # outermost, so that requests the token gate refuses count too
+        middleware.append(Middleware(metrics_http.RequestTimer, metrics=engine.metrics,
+                                     routes=routes))
     if engine.config.token:
         admin_routes = [(method, route.path) for route in routes if api.is_admin(route)
                         for method in route.methods or ()]

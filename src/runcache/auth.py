@@ -2,9 +2,10 @@
 
 A server that runs commands is a remote shell, so once a token is configured
 every ``/api/*`` request must present it, known path or not, and so must MCP's
-``/mcp``. Administrative
-operations (emptying the cache) need the admin token, which is the same token
-unless a separate one is set. ``/health``, ``/livez`` and ``/openapi.json``
+``/mcp`` and the Prometheus figures at ``/metrics`` (a scraper sends the token
+as ``Authorization: Bearer``, as Prometheus's ``authorization`` setting does).
+Administrative operations (emptying the cache) need the admin token, which is
+the same token unless a separate one is set. ``/health``, ``/livez`` and ``/openapi.json``
 stay open: they show no command output. Tokens are compared in constant time
 and never logged.
 
@@ -32,13 +33,17 @@ PROTECTED_PREFIX = "/api/"
 #: MCP's Streamable HTTP endpoint: the same tools as the API, behind the same tokens.
 MCP_PATH = "/mcp"
 
+#: Prometheus metrics: counts of what the server ran, behind the same token as ``/api/*``.
+METRICS_PATH = "/metrics"
+
 #: The scope key where the gate records which token a request it let in presented
 #: (``"token"`` or ``"admin"``), for the MCP tools that need the admin token.
 CREDENTIAL = "runcache.credential"
 
 
 class TokenGate:
-    """Refuses ``/api/*`` requests without the token, and admin routes without the admin token.
+    """Refuses ``/api/*``, ``/mcp`` and ``/metrics`` requests without the token, and admin
+    routes without the admin token.
 
     ``admin_routes`` are the (method, path) pairs only the admin token may call; a
     path may be a route's template (``/api/cache/entries/{cache_key}``).
@@ -88,7 +93,8 @@ class TokenGate:
 
 
 def _protected(path: str) -> bool:
-    return path.startswith(PROTECTED_PREFIX) or path == MCP_PATH or path.startswith(MCP_PATH + "/")
+    return (path.startswith(PROTECTED_PREFIX) or path == MCP_PATH
+            or path.startswith(MCP_PATH + "/") or path == METRICS_PATH)
 
 
 def _bearer_token(scope: Scope) -> bytes | None:

@@ -46,6 +46,10 @@ POLL_FIRST = 0.01
 POLL_LONGEST = 0.25
 
 
+def _ignore() -> None:
+    pass
+
+
 class _Rested(StoreError):
     """A call to the store not made, as the store failed while the call waited for a thread."""
 
@@ -69,6 +73,8 @@ class Cache:
         self._degraded_reason: str | None = None
         self._retry_at = 0.0
         self._threads: ThreadPoolExecutor | None = None
+        #: Called once for each call to the store that failed (the metrics count them).
+        self.on_failure: Callable[[], None] = _ignore
         if store.blocking:
             self._threads = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="runcache-store")
 
@@ -258,6 +264,7 @@ class Cache:
     def _failed(self, error: StoreError) -> None:
         if isinstance(error, _Rested):  # not a new failure: the rest runs from the last one
             return
+        self.on_failure()
         with self._fault_lock:
             first = self._degraded_reason is None
             self._degraded_reason = error.message

@@ -96,6 +96,12 @@ def _paths(config: Config, protected: bool) -> Schema:
             "livez", "Liveness: answers without touching the store.",
             ok=("The process is serving.", "Live"), errors=[], protected=False,
         )},
+        "/metrics": {"get": _operation(
+            "metrics", "Prometheus metrics in the text format: counts no clear resets, "
+            "durations, and the cache's size now.",
+            ok=("The metrics.", None), errors=api_errors, protected=protected,
+            media="text/plain",
+        )},
         "/": {"get": _operation(
             "dashboard", "The dashboard: one HTML page that reads this API with the token "
             "typed into it; open without a token, as it holds no data.",

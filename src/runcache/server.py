@@ -3,7 +3,8 @@
 One process serves every connection on one event loop: cache hits are answered
 on the loop, and requests waiting on a command hold no thread. With
 ``--workers N`` (a shared store only) the port is bound once and N forked
-processes accept on it, each with an engine of its own. uvicorn was chosen by
+processes accept on it, each with an engine of its own, their Prometheus
+metrics summed through a private directory this process makes for them. uvicorn was chosen by
 measurement against granian (see the README and benchmarks/asgi_servers.py).
 
 SIGTERM or Ctrl-C kills every running command's group first, so the requests
@@ -31,6 +32,7 @@ from runcache.app import create_app
 from runcache.config import Config
 from runcache.errors import ConfigError
 from runcache.http_protocol import GuardedHttpProtocol
+from runcache.metrics import multiprocess_directory, worker_ended
 from runcache.service import Engine
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,8 @@ def serve(config: Config) -> None:
         Engine.from_config(config).close()  # the workers' settings, checked before forking
         listeners = _bind_each(config)
         try:
-            _supervise(config, listeners, _announce(config, listeners[0]))
+            with multiprocess_directory() as metrics_dir:
+                _supervise(config, listeners, _announce(config, listeners[0]), metrics_dir)
         finally:
             for listener in listeners:
                 listener.close()
@@ -178,12 +181,14 @@ def _bind_each(config: Config) -> list[socket.socket]:
     return listeners
 
 
-def _supervise(config: Config, listeners: list[socket.socket], url: str) -> None:
+def _supervise(config: Config, listeners: list[socket.socket], url: str,
+               metrics_dir: str) -> None:
     """Fork a server process for each listener; restart any that dies.
 
     Forked before this process has an event loop, a thread or a store
     connection, so each worker starts clean. SIGTERM or Ctrl-C is passed on to
-    every worker, which stops as a single server would.
+    every worker, which stops as a single server would. A worker that ended is
+    marked so in ``metrics_dir``: what it was running no longer counts.
     """
     workers: dict[int, socket.socket] = {}
     stopping = threading.Event()
@@ -204,6 +209,7 @@ def _supervise(config: Config, listeners: list[socket.socket], url: str) -> None
         while workers:
             pid, status = os.wait()
             listener = workers.pop(pid)
+            worker_ended(pid, metrics_dir)
             if not stopping.is_set():
                 log.error("worker %d ended (status %d); starting another", pid, status)
                 start(listener)

@@ -25,6 +25,7 @@ from runcache.config import Config
 from runcache.errors import BadRequest, ConfigError, RuncacheError, StoreError
 from runcache.jobs import Job, Jobs
 from runcache.limits import Slots
+from runcache.metrics import Metrics
 from runcache.results import encode_result
 from runcache.run_context import ContextRules, key_part
 from runcache.run_limits import RunLimits
@@ -107,11 +108,15 @@ class Engine:
     in a pool of ``max_concurrent`` threads, one per slot.
     """
 
-    def __init__(self, config: Config, cache: Cache, runner: Runner) -> None:
+    def __init__(self, config: Config, cache: Cache, runner: Runner,
+                 metrics: Metrics | None = None) -> None:
         self.config = config
         self.cache = cache
         self.runner = runner
         self.telemetry = Telemetry()
+        #: Prometheus counts, which no clear resets (``GET /metrics``).
+        self.metrics = metrics if metrics is not None else Metrics()
+        cache.on_failure = self.metrics.store_error
         self.jobs = Jobs(config.job_retention)
         self._last_stats = CacheStats(0, 0, 0, 0, 0, 0, config.max_entries, 0, config.max_bytes)
         self.slots = Slots(config.max_concurrent, config.queue_timeout)
@@ -139,7 +144,7 @@ class Engine:
         except OSError as error:  # a containment or a limit this machine cannot give
             store.close()
             raise ConfigError(str(error)) from None
-        return cls(config, Cache(store), runner)
+        return cls(config, Cache(store), runner, Metrics.for_server(config.workers))
 
     async def aclose(self) -> None:
         """Release what the engine opened on the running loop (the store's hit path)."""
@@ -187,7 +192,9 @@ class Engine:
             return await self._lookup_stale(plan, client)
         cached = await self.cache.get(plan.key)
         if cached is None:
+            self.metrics.miss()
             return None
+        self.metrics.hit()
         self.telemetry.record_hit()
         log.debug("%s hit %r", client, plan.command)
         return Outcome(cached, cached=True)
@@ -198,8 +205,12 @@ class Engine:
         lock lets one run it and the others take its result)."""
         found = await self.cache.get_stale(plan.key, plan.stale)
         if found is None:
+            self.metrics.miss()
             return None
         cached, stale = found
+        self.metrics.hit()
+        if stale:
+            self.metrics.stale_hit()
         self.telemetry.record_hit()
         if stale and self.jobs.running_for(plan.key) is None:
             log.debug("%s stale hit %r: refreshing it", client, plan.command)
@@ -254,6 +265,7 @@ class Engine:
             job.clients -= 1
         coalesced = joined or job.elsewhere
         if coalesced:
+            self.metrics.coalesced()
             await self.cache.record_coalesced()
         return Outcome(body, coalesced=coalesced)
 
@@ -336,10 +348,12 @@ class Engine:
     ) -> tuple[RunResult, bytes]:
         loop = asyncio.get_running_loop()
         async with self.slots.hold():
-            result, body = await loop.run_in_executor(
-                self._run_threads, self._run_and_encode, plan, control
-            )
+            with self.metrics.running():
+                result, body = await loop.run_in_executor(
+                    self._run_threads, self._run_and_encode, plan, control
+                )
         self.telemetry.record_run(result)
+        self.metrics.ran(result)
         log.info(
             "%s ran %r: exit %d in %.3fs%s",
             client,
@@ -375,7 +389,7 @@ class Engine:
 
     async def clear(self) -> wire.Cleared:
         """Empty the cache and reset its statistics in one step."""
-        await self.cache.clear()
+        self.metrics.store_seen(await self.cache.clear(), cleared=True)
         log.info("🧹 Cache cleared")
         return wire.Cleared()
 
@@ -385,6 +399,7 @@ class Engine:
             self._last_stats = await self.cache.stats()
         except StoreError as error:
             return stats_answer(self._last_stats, error.message)
+        self.metrics.store_seen(self._last_stats)
         return stats_answer(self._last_stats)
 
     async def health(self) -> wire.Health:

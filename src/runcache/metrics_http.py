@@ -1,0 +1,58 @@
+"""``GET /metrics``, and the middleware that times every request by its route's template."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Match, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from runcache.api import engine_of
+from runcache.metrics import CONTENT_TYPE, OTHER_ROUTE, Metrics
+
+
+async def metrics(request: Request) -> Response:
+    """The Prometheus text: the counters, and the store's size read now."""
+    engine = engine_of(request)
+    stats = await engine.cache_stats()  # the last known figures while the store is down
+    return Response(engine.metrics.exposition(stats.size, stats.bytes), media_type=CONTENT_TYPE)
+
+
+ROUTES = [Route("/metrics", metrics, methods=["GET"])]
+
+
+class RequestTimer:
+    """Times each HTTP request into ``runcache_http_request_duration_seconds{route}``.
+
+    The label is the template of the route that served it (``/api/jobs/{job_id}``),
+    which the router leaves in the scope, never the path a client sent: a label per
+    raw path would grow without bound. A request the token gate refused never
+    reached the router, so its route is looked up here; a path no route serves
+    is :data:`~runcache.metrics.OTHER_ROUTE`.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: Sequence[BaseRoute]) -> None:
+        self.app = app
+        self._metrics = metrics
+        self._routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            route = scope.get("route")
+            template = route.path if isinstance(route, Route) else self._template(scope)
+            self._metrics.request(template, time.perf_counter() - start)
+
+    def _template(self, scope: Scope) -> str:
+        for route in self._routes:
+            if isinstance(route, Route) and route.matches(scope)[0] is not Match.NONE:
+                return route.path
+        return OTHER_ROUTE
