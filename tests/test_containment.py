@@ -189,6 +189,8 @@ def test_the_watchdog_kills_a_run_whose_runner_is_gone_and_ends() -> None:
     thread.start()
     until(lambda: escaped_sleep(mark), what="for the run")
     watchdog = psutil.Process(runner._watchdog.pid)
+    # Started outside the run's namespace, or it would die with the run it watches.
+    assert os.readlink(f"/proc/{watchdog.pid}/ns/pid") == os.readlink("/proc/self/ns/pid")
     escaped = marked(mark)
     runner._watchdog.close()  # as when the server dies: the watchdog's pipe ends
     assert all_gone([watchdog, *escaped])

@@ -300,20 +300,24 @@ class Runner:
         env = self.env
         if context.env:
             env = {**(self.env if self.env is not None else os.environ), **context.env}
-        with _stdin_file(context.stdin) as stdin, self._lock, self._contained():
+        with _stdin_file(context.stdin) as stdin, self._lock:
             if self._closed:
                 raise OSError("runcache is shutting down")
-            proc = subprocess.Popen(
-                [*self._limit_prefix, *argv],
-                stdin=stdin,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-                env=env,
-                cwd=context.cwd or self.cwd,
-            )
+            with self._contained():
+                proc = subprocess.Popen(
+                    [*self._limit_prefix, *argv],
+                    stdin=stdin,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,
+                    env=env,
+                    cwd=context.cwd or self.cwd,
+                )
+            # Watched before it counts as running: whoever sees it running may cancel it,
+            # and the first watch starts the watchdog (outside the run's namespace), which
+            # takes a few milliseconds.
+            self._watchdog.watch(proc.pid)
             self._running.add(proc.pid)
-        self._watchdog.watch(proc.pid)
         for pipe in (proc.stdout, proc.stderr):
             _widen_pipe(pipe)
         return proc
