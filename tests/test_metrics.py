@@ -14,7 +14,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
-from runcache.metrics import Metrics, StoreCounts, outcome_of
+from runcache.metrics import BENCHMARK_OFF_ENV, Metrics, NoMetrics, StoreCounts, outcome_of
 from runcache.runner import RunResult
 from runcache.stores.base import CacheStats
 
@@ -292,3 +292,16 @@ def test_each_engine_counts_apart() -> None:
     first, second = Metrics(), Metrics()
     first.hit()
     assert value(parse(second.exposition(0, 0).decode()), "runcache_cache_hits_total") == 0
+
+
+def test_metrics_off_for_benchmarks_count_nothing_and_leave_out_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(BENCHMARK_OFF_ENV, "1")
+    off = Metrics.for_server(workers=1)
+    assert isinstance(off, NoMetrics) and not off.enabled
+    # Every call the engine makes is overridden: none reaches the metrics never made.
+    public = {name for name in vars(Metrics) if not name.startswith("_")}
+    assert public - {"enabled", "for_server"} <= set(vars(NoMetrics))
+    monkeypatch.delenv(BENCHMARK_OFF_ENV)
+    assert type(Metrics.for_server(workers=1)) is Metrics
