@@ -19,6 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from runcache import job_views, wire
+from runcache.audit import caller_of
 from runcache.errors import BadRequest, MethodNotAllowed, NotFound, RuncacheError, TooLarge
 from runcache.responses import (
     STREAM_THRESHOLD,
@@ -118,15 +119,19 @@ async def run_command(request: Request) -> Response:
     command = wire.decode_command_request(body)
     client = client_of(request)
     if command.background:
-        return json_answer(await job_views.accepted(await engine.submit(command, client)), 202)
+        job, joined = await engine.submit_joined(command, client)
+        engine.audit.submitted(caller_of(request.scope), job, joined)
+        return json_answer(await job_views.accepted(job), 202)
     plan = engine.plan(command)
     outcome = await engine.lookup(plan, client)  # a hit is answered here, on the loop
     if outcome is None:
         job, joined = engine.claim(plan, client)
         answer = await _unless_client_leaves(request, engine.outcome(job, joined))
         if answer is None:
+            engine.audit.left(caller_of(request.scope), plan.command, plan.key)
             return Response(status_code=499)  # nobody is there to read it
         outcome = answer
+    engine.audit.answered(caller_of(request.scope), plan.command, plan.key, outcome)
     if len(outcome.body) < STREAM_THRESHOLD:
         return JSONBytes(outcome.to_json())
     return ResultResponse(outcome.body, outcome.tail)
@@ -138,7 +143,9 @@ async def cache_stats(request: Request) -> Response:
 
 @admin_only
 async def clear_cache(request: Request) -> Response:
-    await engine_of(request).clear()
+    engine = engine_of(request)
+    await engine.clear()
+    engine.audit.removed(caller_of(request.scope), "clear", None)
     return JSONBytes(CLEAR_BODY)
 
 

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from runcache import api, dashboard, entries_api, jobs_api, metrics_http, process_api
+from runcache import api, dashboard, entries_api, jobs_api, logs, metrics_http, process_api
 from runcache.auth import TokenGate
 from runcache.config import Config
 from runcache.errors import RuncacheError
@@ -72,13 +72,14 @@ def create_app(config: Config | None = None, engine: Engine | None = None) -> St
     return app
 
 
-def configure_logging(level: str) -> None:
-    """Readable one-line logs on stderr; the per-request access log stays off.
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """One-line logs on stderr, readable or JSON (:mod:`runcache.logs`); the per-request
+    access log stays off.
 
-    uvicorn's own start and stop lines repeat runcache's, so only its warnings show.
+    uvicorn's own start and stop lines repeat runcache's, so only its warnings show
+    (through the root logger's handler, so in the same format).
     """
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(logs.formatter(log_format))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     logging.getLogger("uvicorn.error").setLevel(max(logging.WARNING, logging.root.level))

@@ -82,7 +82,7 @@ def serve(**options: Any) -> None:
     from runcache.server import serve as serve_forever
 
     config = Config.load(options)
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format)
     serve_forever(config)
 
 

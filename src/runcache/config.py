@@ -124,6 +124,17 @@ class Config:
         30.0, "Seconds a client has to send a request's body once its headers are in.", 0.001
     )
     log_level: str = _setting("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.")
+    log_format: str = _setting(
+        "text", "Server log format: text (one readable line each) or json (one JSON object"
+        " a line, with time, level, logger, message and the line's fields)."
+    )
+    audit_log: str = _setting(
+        "", "File that gets one JSON line for each command request, clear, delete and"
+        " invalidation: who, as which credential, what came of it (empty: none)."
+    )
+    audit_log_max_bytes: int = _setting(
+        10 * MiB, "Size past which the audit log is rotated; five rotated files are kept.", 1024
+    )
     token: str = _setting(
         "", "Bearer token every /api/* request must send (environment only).", secret=True
     )
@@ -170,6 +181,8 @@ class Config:
             raise ConfigError(
                 f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level}"
             )
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be text or json, got {self.log_format!r}")
         if self.workers > 1 and self.store.startswith("memory:"):
             raise ConfigError(
                 f"--workers {self.workers} needs a store the workers share: with memory:// each "

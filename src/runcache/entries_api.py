@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from runcache import entry_views, wire
 from runcache.api import admin_only, client_of, engine_of, read_body
+from runcache.audit import caller_of
 from runcache.job_views import DEFAULT_PAGE_BYTES, MAX_OFFSET, MAX_PAGE_BYTES
 from runcache.jobs_api import int_param, stream_param
 from runcache.responses import json_answer
@@ -44,7 +45,10 @@ async def entry_output(request: Request) -> Response:
 
 @admin_only
 async def delete_entry(request: Request) -> Response:
-    answer = await entry_views.delete(engine_of(request), _key(request), client_of(request))
+    engine = engine_of(request)
+    answer = await entry_views.delete(engine, _key(request), client_of(request))
+    engine.audit.removed(caller_of(request.scope), "delete", answer.deleted,
+                         cache_key=_key(request))
     return json_answer(answer)
 
 
@@ -53,7 +57,10 @@ async def invalidate(request: Request) -> Response:
     engine = engine_of(request)
     body = wire.decode_invalidate_request(
         await read_body(request, engine.config.max_body_bytes))
-    return json_answer(await entry_views.invalidate(engine, body, client_of(request)))
+    answer = await entry_views.invalidate(engine, body, client_of(request))
+    how = {"prefix": body.prefix} if isinstance(body.prefix, str) else {"glob": str(body.glob)}
+    engine.audit.removed(caller_of(request.scope), "invalidate", answer.deleted, **how)
+    return json_answer(answer)
 
 
 ROUTES = [

@@ -41,6 +41,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from runcache import __version__, wire
+from runcache.audit import Caller, caller_of
 from runcache.auth import CREDENTIAL
 from runcache.errors import RuncacheError
 from runcache.job_views import STREAMS
@@ -161,7 +162,7 @@ class _Tools:
                            timeout=timeout, ttl=ttl, refresh=refresh,
                            max_output_chars=max_output_chars, stale=stale, cwd=cwd, env=env,
                            stdin=stdin)
-        accepted = await _call(self.backend.start(_run_request(request)))
+        accepted = await _call(self.backend.start(_run_request(request), _caller(ctx)))
         detail = await self._until_ended(accepted.job_id, request.timeout, ctx)
         if isinstance(detail.result, msgspec.UnsetType):
             raise ToolError(detail.error or f"job {detail.job_id} ended without a result")
@@ -189,11 +190,12 @@ class _Tools:
         self, command: str, use_cache: bool = True, timeout: float | None = None,
         ttl: float | None = None, refresh: bool = False, stale: float | None = None,
         cwd: str | None = None, env: dict[str, str] | None = None, stdin: str | None = None,
+        ctx: Context | None = None,
     ) -> CallToolResult:
         request = _checked(wire.RunRequest, command=command, use_cache=use_cache,
                            timeout=timeout, ttl=ttl, refresh=refresh, stale=stale, cwd=cwd,
                            env=env, stdin=stdin)
-        return _answer(await _call(self.backend.start(request)))
+        return _answer(await _call(self.backend.start(request, _caller(ctx))))
 
     async def job_status(self, job_id: str) -> CallToolResult:
         job = _checked(JobRef, job_id=job_id)
@@ -214,7 +216,7 @@ class _Tools:
 
     async def clear_cache(self, ctx: Context | None = None) -> CallToolResult:
         _require_admin(ctx)
-        return _answer(await _call(self.backend.clear()))
+        return _answer(await _call(self.backend.clear(_caller(ctx))))
 
     async def server_health(self) -> CallToolResult:
         return _answer(await _call(self.backend.health()))
@@ -331,6 +333,13 @@ async def _call(operation: Awaitable[T]) -> T:
         return await operation
     except RuncacheError as error:
         raise ToolError(error.message) from None
+
+
+def _caller(ctx: Context | None) -> Caller | None:
+    """Who made a tool call over HTTP (``/mcp``), for the audit log; None on stdio."""
+    request = ctx.request_context.request if ctx is not None else None
+    scope = getattr(request, "scope", None)
+    return caller_of(scope) if isinstance(scope, dict) else None
 
 
 def _require_admin(ctx: Context | None) -> None:

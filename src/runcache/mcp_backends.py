@@ -23,6 +23,7 @@ import anyio.to_thread
 import msgspec
 
 from runcache import job_views, wire
+from runcache.audit import Caller
 from runcache.client import Client
 from runcache.service import Engine
 
@@ -34,14 +35,19 @@ POLL_SECONDS = 0.25
 #: What the engine logs as the client of the runs the tools start.
 MCP_CLIENT = "mcp"
 
+#: Who the audit log names for a tool call of ``runcache mcp`` on stdio: the local agent.
+STDIO_CALLER = Caller("stdio")
+
 
 class ToolBackend(Protocol):
     """What the MCP tools need, wherever the engine runs."""
 
     description: str
 
-    async def start(self, request: wire.RunRequest) -> wire.JobAccepted:
-        """Start (or join) a run in the background, or answer it from the cache."""
+    async def start(self, request: wire.RunRequest,
+                    caller: Caller | None = None) -> wire.JobAccepted:
+        """Start (or join) a run in the background, or answer it from the cache;
+        ``caller`` (the ``/mcp`` request's, or none on stdio) is what the audit log names."""
 
     async def wait(self, job_id: str, seconds: float) -> wire.JobDetail:
         """The job once it has ended, or as it is after ``seconds``."""
@@ -56,7 +62,7 @@ class ToolBackend(Protocol):
 
     async def cache_stats(self) -> wire.CacheStats: ...
 
-    async def clear(self) -> wire.Cleared: ...
+    async def clear(self, caller: Caller | None = None) -> wire.Cleared: ...
 
     async def health(self) -> wire.Health: ...
 
@@ -90,9 +96,12 @@ class EngineBackend:
         self._closed = False
         self.description = f"runcache in-process (store {engine.cache.store.description})"
 
-    async def start(self, request: wire.RunRequest) -> wire.JobAccepted:
+    async def start(self, request: wire.RunRequest,
+                    caller: Caller | None = None) -> wire.JobAccepted:
         background = wire.CommandRequest(**msgspec.structs.asdict(request), background=True)
-        return await job_views.accepted(await self.engine.submit(background, MCP_CLIENT))
+        job, joined = await self.engine.submit_joined(background, MCP_CLIENT)
+        self.engine.audit.submitted(caller or STDIO_CALLER, job, joined)
+        return await job_views.accepted(job)
 
     async def wait(self, job_id: str, seconds: float) -> wire.JobDetail:
         job = self.engine.jobs.get(job_id)
@@ -112,8 +121,10 @@ class EngineBackend:
     async def cache_stats(self) -> wire.CacheStats:
         return await self.engine.cache_stats()
 
-    async def clear(self) -> wire.Cleared:
-        return await self.engine.clear()
+    async def clear(self, caller: Caller | None = None) -> wire.Cleared:
+        cleared = await self.engine.clear()
+        self.engine.audit.removed(caller or STDIO_CALLER, "clear", None)
+        return cleared
 
     async def health(self) -> wire.Health:
         return await self.engine.health()
@@ -160,7 +171,9 @@ class ServerBackend:
         return await anyio.to_thread.run_sync(functools.partial(operation, *args),
                                               abandon_on_cancel=True)
 
-    async def start(self, request: wire.RunRequest) -> wire.JobAccepted:
+    async def start(self, request: wire.RunRequest,
+                    caller: Caller | None = None) -> wire.JobAccepted:
+        # The server it forwards to audits the request, with this adapter's token.
         return await self._call(functools.partial(
             self.client.start, request.command, request.use_cache, request.timeout,
             request.ttl, request.refresh, stale=request.stale, cwd=request.cwd, env=request.env,
@@ -188,7 +201,7 @@ class ServerBackend:
     async def cache_stats(self) -> wire.CacheStats:
         return await self._call(self.client.cache_stats)
 
-    async def clear(self) -> wire.Cleared:
+    async def clear(self, caller: Caller | None = None) -> wire.Cleared:
         return await self._call(self.client.clear)
 
     async def health(self) -> wire.Health:

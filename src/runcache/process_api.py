@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from runcache import job_views, wire
 from runcache.api import client_of, engine_of, read_body
+from runcache.audit import caller_of
 from runcache.responses import json_answer
 
 
@@ -54,7 +55,8 @@ async def execute_async(request: Request) -> Response:
     is its job's id, so ``/api/jobs/{task_id}`` follows it too."""
     engine = engine_of(request)
     command = wire.decode_command_request(await read_body(request, engine.config.max_body_bytes))
-    job = await engine.submit(command, client_of(request))
+    job, joined = await engine.submit_joined(command, client_of(request))
+    engine.audit.submitted(caller_of(request.scope), job, joined)
     return json_answer(job_views.task_submitted(job))
 
 

@@ -84,7 +84,8 @@ def _announce(config: Config, listener: socket.socket) -> str:
 def serve_process(engine: Engine, listener: socket.socket, url: str) -> None:
     """One server process: the engine's app on uvicorn on ``listener``, then the engine closed."""
     log.info("runcache serving on %s (store %s, pid %d)", url, engine.cache.store.description,
-             os.getpid())
+             os.getpid(), extra={"url": url, "store": engine.cache.store.description,
+                                 "pid": os.getpid()})
     try:
         server = _Server(engine, _uvicorn_config(create_app(engine=engine), engine.config))
         server.run(sockets=[listener])

@@ -20,6 +20,7 @@ import orjson
 
 from runcache import __version__, wire
 from runcache.allowlist import Allowlist
+from runcache.audit import AuditLog
 from runcache.cache import Cache
 from runcache.config import Config
 from runcache.errors import BadRequest, ConfigError, RuncacheError, StoreError
@@ -109,8 +110,10 @@ class Engine:
     """
 
     def __init__(self, config: Config, cache: Cache, runner: Runner,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, audit: AuditLog | None = None) -> None:
         self.config = config
+        #: Where the layers that know the caller record each request (``--audit-log``).
+        self.audit = audit if audit is not None else AuditLog()
         self.cache = cache
         self.runner = runner
         self.telemetry = Telemetry()
@@ -134,6 +137,7 @@ class Engine:
 
     @classmethod
     def from_config(cls, config: Config) -> Engine:
+        audit = AuditLog(config.audit_log, config.audit_log_max_bytes)
         store = open_store(config.store, config.max_entries, config.max_bytes,
                            retain=config.max_stale,
                            timeout=config.store_timeout)
@@ -143,8 +147,9 @@ class Engine:
                             limits=RunLimits.from_config(config))
         except OSError as error:  # a containment or a limit this machine cannot give
             store.close()
+            audit.close()
             raise ConfigError(str(error)) from None
-        return cls(config, Cache(store), runner, Metrics.for_server(config.workers))
+        return cls(config, Cache(store), runner, Metrics.for_server(config.workers), audit)
 
     async def aclose(self) -> None:
         """Release what the engine opened on the running loop (the store's hit path)."""
@@ -155,6 +160,7 @@ class Engine:
         self.runner.kill_all()
         self._run_threads.shutdown(wait=True)
         self.cache.close()
+        self.audit.close()
 
     # -- commands ---------------------------------------------------------------
 
@@ -237,14 +243,18 @@ class Engine:
         A request the cache answers gets a job that has ended already, with the
         cached result.
         """
+        return (await self.submit_joined(request, client))[0]
+
+    async def submit_joined(self, request: CommandRequest, client: str = "-") -> tuple[Job, bool]:
+        """:meth:`submit`, and whether the job was an identical one already running."""
         plan = self.plan(request)
         hit = await self.lookup(plan, client)
         if hit is None:
-            return self.claim(plan, client, background=True)[0]
+            return self.claim(plan, client, background=True)
         job = self.jobs.new(plan.command, plan.key, None, plan.use_cache, True)
         job.cached, job.stale = True, hit.stale
         job.finish(hit.body, None)
-        return job
+        return job, False
 
     async def outcome(self, job: Job, joined: bool) -> Outcome:
         """Wait for a job's answer as one of its clients.
@@ -361,6 +371,8 @@ class Engine:
             result.return_code,
             result.execution_time,
             " (cancelled)" if result.cancelled else " (timed out)" if result.timed_out else "",
+            extra={"client": client, "command": plan.command, "return_code": result.return_code,
+                   "execution_time": round(result.execution_time, 6)},
         )
         return result, body
 

@@ -1,0 +1,53 @@
+"""The server log's two formats: a readable line, or one JSON object a line.
+
+``--log-format json`` is for log collectors: each line is an object with
+``time`` (ISO 8601, UTC), ``level``, ``logger`` and ``message``, then the fields
+the line was logged with (``extra=``: a run's line carries ``client``,
+``command``, ``return_code`` and ``execution_time``), and ``exception`` with the
+traceback when there is one. A command is request-controlled text; in the text
+format it is quoted (``%r``) so it cannot forge a line, in JSON it is a JSON
+string. Neither format ever holds a token or a command's output: nothing logs them.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+
+FORMATS = ("text", "json")
+
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+#: What every LogRecord has; anything else on a record came with ``extra=``.
+#: (uvicorn adds ``color_message``, its message with terminal colours: left out.)
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message", "asctime", "color_message", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message, the line's own fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc)
+            .isoformat(timespec="milliseconds")[:-6] + "Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name, value in vars(record).items():
+            if name not in _STANDARD and name not in entry:
+                entry[name] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+def formatter(log_format: str) -> logging.Formatter:
+    """The formatter of ``--log-format``."""
+    return JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
