@@ -3,6 +3,7 @@ and hits with /metrics counting (and the audit log on) beside both off.
 
 Run:  python3 benchmarks/http_hits.py [--store URL] [--seconds 3] [--rounds 3] [--connections 8]
       python3 benchmarks/http_hits.py --metrics-only [--store URL --workers N] [--rounds 5]
+      python3 benchmarks/http_hits.py --stale-only [--store URL]
 
 Needs Flask (``pip install flask``), which runcache itself does not.
 
@@ -39,6 +40,13 @@ ratios to off (goal >= 0.85), whether ``/metrics`` counted every hit the
 generator got, and the cost of the metrics calls a hit makes, timed in this
 process in prometheus_client's single-process and multiprocess (``--workers
 N``) modes.
+
+Last (the only part with ``--stale-only``), stale answers beside fresh hits on
+one server: a result whose refresh runs throughout (its command sleeps when
+run again), asked with ``"stale": 3600`` and answered stale every time, against
+an ordinary hit and a live hit asked with ``stale`` too, in rotated rounds; it
+prints each median and the ratios (goal: a stale answer costs about what a hit
+does, >= 0.85 of a fresh hit).
 """
 
 from __future__ import annotations
@@ -229,6 +237,50 @@ def compare_metrics(args: argparse.Namespace) -> None:
     print(metrics_call_costs())
 
 
+#: The stale benchmark's command: quick the first time, then a refresh that outlasts the run.
+STALE_COMMAND = "test -e {flag} && sleep 600; echo stale-benchmark"
+FRESH_BODY = json.dumps({"command": COMMAND, "stale": 3600}).encode()
+
+
+def compare_stale(args: argparse.Namespace) -> None:
+    """Stale answers (their refresh running throughout) beside fresh hits, in rotated rounds."""
+    with tempfile.TemporaryDirectory() as scratch, \
+            Server(["--store", _store_of(args.store, "stale", scratch)]) as server:
+        flag = Path(scratch) / "refreshing"
+        command = STALE_COMMAND.format(flag=flag)
+        stale_body = json.dumps({"command": command, "stale": 3600}).encode()
+        server.request("POST", "/api/command", json.loads(HIT_BODY))
+        server.request("POST", "/api/command", {"command": command, "ttl": 0.2})
+        flag.touch()  # from now on a run of it sleeps: its refresh outlasts the benchmark
+        deadline = time.monotonic() + 10
+        while not server.request("POST", "/api/command", json.loads(stale_body)).get("stale"):
+            assert time.monotonic() < deadline, "the result never went stale"
+            time.sleep(0.05)  # until the ttl of 0.2 s has passed
+        bodies = {"stale answer": stale_body, "hit": HIT_BODY, "hit asked with stale": FRESH_BODY}
+        for body in bodies.values():
+            load(server, "POST", "/api/command", body, args.connections, 1.0)  # warm up
+        runs: dict[str, list[Load]] = {name: [] for name in bodies}
+        names = list(bodies)
+        for round_number in range(args.rounds):
+            shift = round_number % len(names)
+            for name in names[shift:] + names[:shift]:
+                runs[name].append(load(server, "POST", "/api/command", bodies[name],
+                                       args.connections, args.seconds))
+        last = server.request("POST", "/api/command", json.loads(stale_body))
+        stale_hits = server.request("GET", "/api/cache/stats")["stale_hits"]
+    medians = {name: median_load(loads) for name, loads in runs.items()}
+    print(f"store {args.store}, {args.connections} connections, {args.rounds} rounds of "
+          f"{args.seconds}s, order rotated each round; one refresh ran throughout")
+    for name, median in medians.items():
+        print(f"{name:<36} {median.describe()}")
+    sent = sum(run.requests - run.errors for run in runs["stale answer"])
+    print(f"still stale at the end: {'yes' if last.get('stale') else 'NO'}; stale hits counted "
+          f"{stale_hits}, stale answers the generator got {sent}")
+    print(ratio_line("stale answers / hits", medians["stale answer"], medians["hit"], 0.85))
+    print(ratio_line("stale answers / hits asked with stale", medians["stale answer"],
+                     medians["hit asked with stale"], 0.85))
+
+
 def _store_of(store: str, name: str, scratch: str) -> str:
     """A store of its own for each server, so none sees another's entries or counts."""
     if store.startswith("sqlite://"):
@@ -246,11 +298,16 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--metrics-only", action="store_true",
                         help="only the comparison of hits with metrics on and off")
+    parser.add_argument("--stale-only", action="store_true",
+                        help="only the comparison of stale answers with fresh hits")
     parser.add_argument("--workers", type=int, default=1,
                         help="server processes in the metrics comparison (a shared store)")
     args = parser.parse_args()
     if args.metrics_only:
         compare_metrics(args)
+        return
+    if args.stale_only:
+        compare_stale(args)
         return
     seconds, connections = args.seconds, args.connections
     runs: dict[str, list[Load]] = {"busy": [], "flask": [], "livez": [], "idle": []}
@@ -297,6 +354,8 @@ def main() -> None:
           f"while {SLOW} commands run {medians['busy'].percentile(0.99) * 1e3:.2f} ms")
     print()
     compare_metrics(args)
+    print()
+    compare_stale(args)
 
 
 if __name__ == "__main__":
