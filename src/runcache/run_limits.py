@@ -96,7 +96,8 @@ class RunLimits:
             argv.append(f"--nofile={self.open_files}")
         return [*argv, "--"]
 
-    def exceeded(self, return_code: int, stderr: bytes, cpu_seconds: float) -> str | None:
+    def exceeded(self, return_code: int, stderr: bytes | bytearray,
+                 cpu_seconds: float) -> str | None:
         """The line that says which limit a failed run went over, when it shows.
 
         A signal from the kernel (SIGXCPU, SIGXFSZ, the SIGKILL at the hard CPU

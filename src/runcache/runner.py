@@ -257,12 +257,11 @@ class Runner:
         started = time.monotonic()
         try:
             try:
-                proc = self._start(argv, context)
+                proc = self._start(argv, context, control)
             except OSError as error:
                 message = f"runcache: cannot run {argv[0]!r}: {error.strerror or error}\n"
                 control.stderr.add(message.encode())
                 return self._result(control, 127, False, 0.0, timestamp)
-            control._started(proc.pid, self.containment == containment.PID_NAMESPACE)
             cpu_seconds = 0.0
             try:
                 timed_out = self._collect(
@@ -271,8 +270,7 @@ class Runner:
             finally:
                 cpu_seconds = self._finish(proc)
             if not (timed_out or control.cancelled):
-                line = self.limits.exceeded(proc.returncode, bytes(control.stderr.data),
-                                            cpu_seconds)
+                line = self.limits.exceeded(proc.returncode, control.stderr.data, cpu_seconds)
                 if line is not None:
                     control.stderr.note(line.encode())
             return self._result(control, proc.returncode, timed_out,
@@ -296,7 +294,8 @@ class Runner:
             cancelled=control.cancelled,
         )
 
-    def _start(self, argv: Sequence[str], context: RunContext) -> subprocess.Popen[bytes]:
+    def _start(self, argv: Sequence[str], context: RunContext,
+               control: RunControl) -> subprocess.Popen[bytes]:
         env = self.env
         if context.env:
             env = {**(self.env if self.env is not None else os.environ), **context.env}
@@ -313,10 +312,11 @@ class Runner:
                     env=env,
                     cwd=context.cwd or self.cwd,
                 )
-            # Watched before it counts as running: whoever sees it running may cancel it,
-            # and the first watch starts the watchdog (outside the run's namespace), which
-            # takes a few milliseconds.
+            # Watched and steerable before it counts as running, since whoever sees it
+            # running may cancel it (the first watch starts the watchdog, outside the run's
+            # namespace, which takes a few milliseconds).
             self._watchdog.watch(proc.pid)
+            control._started(proc.pid, self.containment == containment.PID_NAMESPACE)
             self._running.add(proc.pid)
         for pipe in (proc.stdout, proc.stderr):
             _widen_pipe(pipe)
