@@ -46,7 +46,8 @@ def test_run_twice_hit_clear_and_stats_zero(live_server: LiveServer) -> None:
     stats = typed(CacheStats, requests.get(live_server.url + "/api/cache/stats", timeout=10))
     assert (stats.size, stats.hits, stats.misses, stats.evictions) == (0, 0, 0, 0)
     assert stats.hit_rate == "0.0%"
-    assert any("🧹 Cache cleared" in line for line in live_server.output)
+    # The line is read from the server's stderr by a thread of its own: wait for it.
+    _until(lambda: any("🧹 Cache cleared" in line for line in live_server.output))
 
 
 def test_twenty_concurrent_identical_requests_run_once(
