@@ -211,3 +211,19 @@ def test_the_summary_counts_output_bytes_without_decoding_it(stdout: str) -> Non
     body = orjson.dumps({"return_code": 2, "execution_time": 0.5, "stdout": stdout,
                          "stderr": stdout[::-1]})
     assert result_summary(body) == (2, 0.5, 2 * len(stdout.encode()))
+
+
+def test_a_stale_answer_says_so(
+    live_server_factory: Callable[..., LiveServer], tmp_path: Path,
+) -> None:
+    audit = tmp_path / "audit.log"
+    server = live_server_factory("--audit-log", str(audit))
+    post(server, "/api/command", command="echo aging", ttl=0.3)
+    time.sleep(0.5)
+    answer = post(server, "/api/command", command="echo aging", ttl=0.3, stale=60)
+    assert answer["stale"] is True
+    until(lambda: audit.read_text().count("\n") >= 2)
+    run, stale = lines(audit)[:2]
+    assert (run["cached"], run["stale"]) == (False, False)
+    assert (stale["cached"], stale["stale"], stale["output_bytes"]) == (True, True, 6)
+    assert len(lines(audit)) == 2  # the refresh it started is no request: no line
