@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from runcache.audit import KEPT_FILES, result_summary
-from test_mcp import call, http_session
+from test_mcp import call, drive, http_session
 
 from conftest import LiveServer
 
@@ -227,3 +227,19 @@ def test_a_stale_answer_says_so(
     assert (run["cached"], run["stale"]) == (False, False)
     assert (stale["cached"], stale["stale"], stale["output_bytes"]) == (True, True, 6)
     assert len(lines(audit)) == 2  # the refresh it started is no request: no line
+
+
+def test_runcache_mcp_on_stdio_audits_its_runs_and_logs_json(tmp_path: Path) -> None:
+    audit, log = tmp_path / "audit.log", tmp_path / "mcp.log"
+    env = {"RUNCACHE_AUDIT_LOG": str(audit), "RUNCACHE_LOG_FORMAT": "json"}
+
+    async def scenario(session: Any) -> None:
+        assert (await call(session, "execute_command", command="echo stdio"))["stdout"] == (
+            "stdio\n")
+
+    drive([], log, scenario, env)
+    [record] = lines(audit)
+    assert (record["client"], record["credential"], record["command"]) == (
+        "stdio", "anonymous", "echo stdio")
+    entries = [orjson.loads(line) for line in log.read_text().splitlines()]
+    assert any(entry.get("command") == "echo stdio" for entry in entries)

@@ -354,7 +354,7 @@ def mcp_command(server: str | None) -> None:
     from runcache.mcp_backends import EngineBackend, ServerBackend, ToolBackend
 
     backend: ToolBackend
-    log_level = "INFO"
+    log_level, log_format = "INFO", "text"
     if server:
         client = Client(server, os.environ.get(TOKEN_ENV), os.environ.get(ADMIN_TOKEN_ENV))
         backend = ServerBackend(client)
@@ -362,9 +362,9 @@ def mcp_command(server: str | None) -> None:
         from runcache.service import Engine
 
         config = Config.load()
-        log_level = config.log_level
+        log_level, log_format = config.log_level, config.log_format
         backend = EngineBackend(Engine.from_config(config), owned=True)
-    serve_stdio(backend, log_level)
+    serve_stdio(backend, log_level, log_format)
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ from msgspec import Struct
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from runcache import __version__, wire
+from runcache import __version__, logs, wire
 from runcache.audit import Caller, caller_of
 from runcache.auth import CREDENTIAL
 from runcache.errors import RuncacheError
@@ -411,18 +411,16 @@ def streamable_http(backend: ToolBackend, several_workers: bool,
     return endpoint, server.session_manager
 
 
-def serve_stdio(backend: ToolBackend, log_level: str = "INFO") -> None:
+def serve_stdio(backend: ToolBackend, log_level: str = "INFO", log_format: str = "text") -> None:
     """Serve MCP on stdin/stdout until the client hangs up, then close the backend.
 
     SIGTERM (what an MCP client sends when stdin's closing was not enough) ends
     the server the same way, so commands running in this process die with it.
     """
     # Configured before the SDK's own set-up, which then leaves it alone.
-    logging.basicConfig(
-        level=log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logs.formatter(log_format))
+    logging.basicConfig(level=log_level.upper(), handlers=[handler])
     server = build_server(backend)
     log.info("runcache MCP server on stdio, using %s", backend.description)
 
