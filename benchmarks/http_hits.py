@@ -62,6 +62,8 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 from _harness import Server, Service
 from _loadgen import Load, load, median_load, ratio_line
 from _toy_routes import COMMAND
@@ -169,6 +171,13 @@ def counted_hits(server: RuncacheService) -> float:
     raise SystemExit("/metrics has no runcache_cache_hits_total")
 
 
+def cpu_seconds(server: Service) -> float:
+    """User + system CPU time of a server's process and its workers so far: steadier than
+    requests a second on a machine that others load too."""
+    process = psutil.Process(server.process.pid)
+    return sum(sum(each.cpu_times()[:2]) for each in (process, *process.children(True)))
+
+
 def metrics_call_costs() -> str:
     """The metrics calls one hit makes (a hit counted, a request timed), in microseconds,
     in one process and in multiprocess mode (each increment written to an mmapped file)."""
@@ -211,22 +220,29 @@ def compare_metrics(args: argparse.Namespace) -> None:
             load(server, "POST", "/api/command", HIT_BODY, connections, 1.0)  # warm up
         counted_before = counted_hits(servers["on"])
         runs: dict[str, list[Load]] = {name: [] for name in servers}
+        cpu = dict.fromkeys(servers, 0.0)
         names = list(servers)
         for round_number in range(args.rounds):
             shift = round_number % len(names)
             for name in names[shift:] + names[:shift]:
+                before = cpu_seconds(servers[name])
                 runs[name].append(load(servers[name], "POST", "/api/command", HIT_BODY,
                                        connections, seconds))
+                cpu[name] += cpu_seconds(servers[name]) - before
         counted = counted_hits(servers["on"]) - counted_before
     sent = sum(run.requests - run.errors for run in runs["on"])
     medians = {name: median_load(loads) for name, loads in runs.items()}
+    per_hit = {name: cpu[name] / sum(run.requests for run in runs[name]) * 1e6
+               for name in runs}
     what = "/metrics counting" + (" and --audit-log" if audit else "")
     print(f"store {args.store}, --workers {args.workers}, {connections} connections, "
-          f"{args.rounds} rounds of {seconds}s, order rotated each round")
-    print(f"hits, {what:<36} {medians['on'].describe()}")
+          f"{args.rounds} rounds of {seconds}s, order rotated each round; server CPU per hit "
+          "over all rounds")
+    print(f"hits, {what:<36} {medians['on'].describe()}  CPU {per_hit['on']:4.0f} µs/hit")
     if audit:
-        print(f"hits, {'/metrics counting alone':<36} {medians['metrics'].describe()}")
-    print(f"hits, {'both off':<36} {medians['off'].describe()}")
+        print(f"hits, {'/metrics counting alone':<36} {medians['metrics'].describe()}  "
+              f"CPU {per_hit['metrics']:4.0f} µs/hit")
+    print(f"hits, {'both off':<36} {medians['off'].describe()}  CPU {per_hit['off']:4.0f} µs/hit")
     if not audit:
         print("(this runcache has no --audit-log yet: metrics alone are compared)")
     print(f"hits /metrics counted: {counted:.0f}; 200 answers the generator got: {sent}")
