@@ -243,3 +243,19 @@ def test_runcache_mcp_on_stdio_audits_its_runs_and_logs_json(tmp_path: Path) -> 
         "stdio", "anonymous", "echo stdio")
     entries = [orjson.loads(line) for line in log.read_text().splitlines()]
     assert any(entry.get("command") == "echo stdio" for entry in entries)
+
+
+def test_refused_requests_are_audited_with_the_error(
+    live_server_factory: Callable[..., LiveServer], tmp_path: Path,
+) -> None:
+    audit = tmp_path / "audit.log"
+    server = live_server_factory("--audit-log", str(audit), "--allow", "echo")
+    refused = requests.post(server.url + "/api/command", json={"command": "rm -rf /tmp/x"},
+                            timeout=10)
+    too_long = requests.post(server.url + "/api/command", json={"command": "echo hi",
+                                                                  "timeout": 10**6}, timeout=10)
+    assert refused.status_code == too_long.status_code == 400
+    first, second = lines(audit)
+    assert first["command"] == "rm -rf /tmp/x" and first["error"] == refused.json()["error"]
+    assert first["cache_key"] is None and first["return_code"] is None
+    assert second["command"] == "echo hi" and "timeout" in second["error"]

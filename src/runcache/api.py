@@ -117,6 +117,15 @@ async def run_command(request: Request) -> Response:
     engine = engine_of(request)
     body = await read_body(request, engine.config.max_body_bytes)
     command = wire.decode_command_request(body)
+    try:
+        return await _answer_command(request, engine, command)
+    except RuncacheError as error:  # refused (the allowlist, a bound, no free slot): audited
+        engine.audit.refused(caller_of(request.scope), command.command, error.message)
+        raise
+
+
+async def _answer_command(request: Request, engine: Engine,
+                          command: wire.CommandRequest) -> Response:
     client = client_of(request)
     if command.background:
         job, joined = await engine.submit_joined(command, client)

@@ -96,7 +96,8 @@ class CommandRecord(AuditRecord, kw_only=True):
     UTF-8 bytes of the result) are null when there was no result: ``error`` says why."""
 
     command: str
-    cache_key: str
+    #: Null for a request refused before it had one.
+    cache_key: str | None
     cached: bool
     coalesced: bool
     stale: bool
@@ -164,6 +165,11 @@ class AuditLog:
             self._command(caller, command, cache_key, None, False, False, False,
                           error="the client closed the connection before the answer")
 
+    def refused(self, caller: Caller, command: str, error: str) -> None:
+        """A request refused with an error (by the allowlist, a bound, a full queue)."""
+        if self._fd >= 0:
+            self._command(caller, command, None, None, False, False, False, error=error)
+
     def submitted(self, caller: Caller, job: Job, joined: bool) -> None:
         """A background request: its line is written when its job ends (at once for one
         answered from the cache), with the result's summary."""
@@ -187,7 +193,7 @@ class AuditLog:
             self._write(RemovalRecord(time=utc_now(), action=action, client=caller.client,
                                       credential=caller.credential, deleted=deleted, **what))
 
-    def _command(self, caller: Caller, command: str, cache_key: str, body: bytes | None,
+    def _command(self, caller: Caller, command: str, cache_key: str | None, body: bytes | None,
                  cached: bool, coalesced: bool, stale: bool, background: bool = False,
                  job_id: str | UnsetType = UNSET, error: str | UnsetType = UNSET) -> None:
         """The one place a command's record is made."""
