@@ -271,8 +271,17 @@ def test_two_workers_sum_into_every_scrape(
                      "runcache_running_commands")
 
     _until(lambda: running() == 1)
-    leader = requests.get(f"{server.url}/api/jobs/{job_id}", timeout=10).json()["pid"]
-    worker = _parent_of(leader)
+    # Jobs live in the worker that runs them: another worker answers 404 for this one.
+    pids: list[int] = [job.json()["pid"]] if job.json()["pid"] else []
+
+    def leader_known() -> bool:
+        answer = requests.get(f"{server.url}/api/jobs/{job_id}", timeout=10)
+        if answer.status_code == 200 and answer.json()["pid"]:
+            pids.append(answer.json()["pid"])
+        return bool(pids)
+
+    _until(leader_known)
+    worker = _parent_of(pids[0])
     assert worker in workers
     os.kill(worker, signal.SIGKILL)
     _until(lambda: running() == 0)
