@@ -8,6 +8,7 @@ with SIGBUS and no log line. These use real files in ``tmp_path`` and real serve
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import sqlite3
@@ -24,6 +25,7 @@ import pytest
 import requests
 
 from runcache.errors import StoreError
+from runcache.stores import sqlite_files
 from runcache.stores.sqlite import LOOK_INTERVAL, SqliteStore
 from runcache.stores.sqlite_files import SHM_REGION
 
@@ -303,3 +305,24 @@ def test_a_file_another_process_holds_costs_each_request_at_most_the_store_timeo
         holder.communicate("", timeout=30)
     wait_for_status(server, "healthy")
     assert run(server, "echo hit")["cached"] is True
+
+
+def test_checking_the_companions_keeps_this_processs_locks_on_them(tmp_path: Path) -> None:
+    """Closing any descriptor of a file drops every POSIX lock the process holds on it: a
+    check that opened the -shm let another worker truncate it under SQLite's mapping
+    (SIGBUS on the first hits of two workers on a new file)."""
+    database = tmp_path / "cache.db"
+    shm = tmp_path / "cache.db-shm"
+    shm.write_bytes(b"\0" * 32768)
+    with open(shm, "r+b") as held:
+        fcntl.lockf(held, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+        sqlite_files.check_companions(database)
+        probe = subprocess.run(
+            [sys.executable, "-c",
+             "import fcntl, sys\n"
+             f"f = open({str(shm)!r}, 'r+b')\n"
+             "try:\n    fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)\n"
+             "except OSError:\n    sys.exit(3)\n"],
+            timeout=30, check=False,
+        )
+        assert probe.returncode == 3, "the lock was dropped: another process took it"

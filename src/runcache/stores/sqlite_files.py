@@ -88,12 +88,14 @@ def check_companions(path: Path) -> None:
                 f"{name} is not a regular file: remove it (with every runcache on this "
                 "file stopped)"
             )
-        try:
-            os.close(os.open(name, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK))
-        except OSError as error:
+        # access(), not open(): closing any descriptor of a file drops every POSIX lock
+        # this process holds on it, and SQLite's locks on the -shm are what keep another
+        # process from truncating it under this one's mapping (SIGBUS).
+        if not os.access(name, os.R_OK | os.W_OK):
+            reason = "read-only or immutable to this user"
             raise sqlite3.OperationalError(
-                f"{name} cannot be written ({error.strerror}): SQLite must write it"
-            ) from error
+                f"{name} cannot be written ({reason}): SQLite must write it"
+            )
 
 
 def abandon(connection: sqlite3.Connection) -> None:
