@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import os
 import shutil
 import signal
@@ -28,6 +29,7 @@ from runcache.config import Config
 from runcache.runner import Runner
 from runcache.service import Engine
 from runcache.stores import MemoryStore, Store, open_store
+from runcache.stores.sqlite import SqliteStore
 
 #: Child processes that outlive a single test on purpose (session servers).
 _LONG_LIVED: set[int] = set()
@@ -105,6 +107,21 @@ def client_factory() -> Iterator[Callable[..., TestClient]]:
 
 
 StoreFactory = Callable[..., Store]
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    """Where an SQLite store's file goes."""
+    return tmp_path / "cache.db"
+
+
+@pytest.fixture
+def opened() -> Iterator[list[SqliteStore]]:
+    """SQLite stores a test opens, closed after it."""
+    stores: list[SqliteStore] = []
+    yield stores
+    for store in stores:
+        store.close()
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
@@ -202,7 +219,7 @@ def _leftovers(before: set[int]) -> list[psutil.Process]:
             with contextlib.suppress(psutil.NoSuchProcess):
                 found[pid] = psutil.Process(pid)
     return [process for pid, process in sorted(found.items())
-            if pid not in _LONG_LIVED and _alive(process)]
+            if pid not in _LONG_LIVED and alive(process)]
 
 
 def _marked(pid: int) -> bool:
@@ -214,11 +231,30 @@ def _marked(pid: int) -> bool:
         return False
 
 
-def _alive(process: psutil.Process) -> bool:
+def alive(process: psutil.Process) -> bool:
+    """Whether a process still runs (a zombie waiting to be reaped does not)."""
     try:
-        return process.status() != psutil.STATUS_ZOMBIE
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+_MARKS = itertools.count(1)
+
+
+def marker() -> str:
+    """A ``sleep`` argument no other process has: a test finds its process by it, since
+    a pid printed inside a PID namespace (``$!``) is not the machine's pid."""
+    return f"{300 + next(_MARKS)}.{os.getpid()}"
+
+
+def marked(mark: str) -> list[psutil.Process]:
+    """The live processes whose command line holds ``mark``."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(mark in arg for arg in process.info["cmdline"] or ()) and alive(process):
+            found.append(process)
+    return found
 
 
 def _cmdline(process: psutil.Process) -> list[str]:

@@ -8,7 +8,6 @@ runner shuts down) and asserts by pid that it is gone, each wait with a deadline
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import signal
@@ -29,7 +28,7 @@ from runcache.errors import ConfigError
 from runcache.runner import RunControl, Runner, RunResult
 from runcache.service import SHELL, Engine
 
-from conftest import LiveServer
+from conftest import LiveServer, alive, marked, marker
 
 
 @pytest.fixture(autouse=True)
@@ -39,8 +38,6 @@ def _pid_namespaces() -> None:
     containment that stopped working."""
     assert containment.pid_namespaces_available(), (
         "PID namespaces need CAP_SYS_ADMIN: run the tests as root")
-
-_MARKS = itertools.count(1)
 
 #: Commands that leave their run's process group, each holding ``{mark}``.
 ESCAPES = {
@@ -57,26 +54,6 @@ ESCAPES = {
 ENDS = ["exit", "timeout", "cancel", "shutdown"]
 
 
-def marker() -> str:
-    return f"{300 + next(_MARKS)}.{os.getpid()}"
-
-
-def marked(mark: str) -> list[psutil.Process]:
-    """The live processes whose command line holds ``mark``."""
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        if any(mark in arg for arg in process.info["cmdline"] or ()) and _alive(process):
-            found.append(process)
-    return found
-
-
-def _alive(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def until(probe: Callable[[], object], seconds: float = 10.0, what: str = "") -> None:
     deadline = time.monotonic() + seconds
     while not probe():
@@ -86,7 +63,7 @@ def until(probe: Callable[[], object], seconds: float = 10.0, what: str = "") ->
 
 def all_gone(processes: list[psutil.Process], seconds: float = 5.0) -> bool:
     deadline = time.monotonic() + seconds
-    while any(_alive(process) for process in processes):
+    while any(alive(process) for process in processes):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
@@ -122,7 +99,7 @@ def test_an_escaped_process_dies_with_its_run(escape: str, end: str, tmp_path: P
             runner.kill_all()
         thread.join(30)
         assert not thread.is_alive()
-        assert all_gone(escaped), f"left running: {[p.pid for p in escaped if _alive(p)]}"
+        assert all_gone(escaped), f"left running: {[p.pid for p in escaped if alive(p)]}"
         [result] = results
         assert result.success == (end == "exit")
         assert result.timed_out == (end == "timeout")
@@ -230,7 +207,7 @@ def test_a_server_that_dies_takes_its_runs_with_it(
     runs = marked(mark) + marked(other)
     server.process.send_signal(signum)
     server.process.wait(15)
-    assert all_gone(runs), f"left running: {[p.pid for p in runs if _alive(p)]}"
+    assert all_gone(runs), f"left running: {[p.pid for p in runs if alive(p)]}"
     for post in posts:
         post.join(30)
 

@@ -2,44 +2,20 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from runcache.runner import Runner
 from runcache.service import SHELL
 
-_MARKS = itertools.count(1)
+from conftest import marked, marker
 
 
 def sh(command: str) -> list[str]:
     return [*SHELL, command]
-
-
-def marker() -> str:
-    """A ``sleep`` argument no other process has: the test finds its process by it, since
-    a pid printed inside a PID namespace (``$!``) is not the machine's pid."""
-    return f"{300 + next(_MARKS)}.{os.getpid()}"
-
-
-def marked(mark: str) -> list[psutil.Process]:
-    """The live processes whose command line holds ``mark``."""
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        if any(mark in arg for arg in process.info["cmdline"] or ()) and _alive(process):
-            found.append(process)
-    return found
-
-
-def _alive(process: psutil.Process) -> bool:
-    try:
-        return process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 @pytest.fixture(params=["pidns", "group"])

@@ -12,7 +12,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -23,19 +22,6 @@ from runcache.stores import open_store
 from runcache.stores.sqlite import SqliteStore
 
 from conftest import FakeClock
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "cache.db"
-
-
-@pytest.fixture
-def opened() -> Iterator[list[SqliteStore]]:
-    stores: list[SqliteStore] = []
-    yield stores
-    for store in stores:
-        store.close()
 
 
 def make(opened: list[SqliteStore], path: Path, namespace: str = "runcache",

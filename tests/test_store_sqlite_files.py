@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -30,19 +30,6 @@ from runcache.stores.sqlite import LOOK_INTERVAL, SqliteStore
 from runcache.stores.sqlite_files import SHM_REGION
 
 from conftest import FakeClock, LiveServer
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "cache.db"
-
-
-@pytest.fixture
-def opened() -> Iterator[list[SqliteStore]]:
-    stores: list[SqliteStore] = []
-    yield stores
-    for store in stores:
-        store.close()
 
 
 def make(opened: list[SqliteStore], path: Path) -> SqliteStore:
