@@ -33,8 +33,7 @@ servers side by side, one as shipped (Prometheus metrics always count) with
 ``--audit-log`` writing to a temporary file, one as shipped without it, and one
 with both off (metrics off through ``RUNCACHE_BENCHMARK_NO_METRICS``, an
 environment variable only this benchmark sets: the engine then gets metrics
-that count nothing and the app no request timer). The audit log is found in
-``runcache serve --help``; without it the comparison is metrics on / off.
+that count nothing and the app no request timer).
 Rounds rotate which server goes first; it prints the median round of each, the
 ratios to off (goal >= 0.85), whether ``/metrics`` counted every hit the
 generator got, and the cost of the metrics calls a hit makes, timed in this
@@ -55,7 +54,6 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -149,21 +147,6 @@ class RuncacheService(Service):
             connection.close()
 
 
-def audit_log_args(path: str) -> list[str]:
-    """``--audit-log PATH`` when this runcache has the flag, else nothing.
-
-    HOOK (audit log): the flag is issue 10's item 4, built apart from the metrics.
-    Found in ``runcache serve --help``, it is turned on in the "on" server without
-    any change here; until then the comparison is metrics on / off alone, and the
-    report says so.
-    """
-    help_text = subprocess.run(
-        [sys.executable, "-m", "runcache", "serve", "--help"],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    return ["--audit-log", path] if "--audit-log" in help_text else []
-
-
 def counted_hits(server: RuncacheService) -> float:
     for line in server.metrics_text().splitlines():
         if line.startswith("runcache_cache_hits_total "):
@@ -199,17 +182,16 @@ def metrics_call_costs() -> str:
 
 
 def compare_metrics(args: argparse.Namespace) -> None:
-    """Hits with metrics counting and the audit log on, with metrics alone (once there is an
-    audit log), and with both off: servers side by side, each round in a rotated order."""
+    """Hits with metrics counting and the audit log on, with metrics alone, and with both
+    off: servers side by side, each round in a rotated order."""
     seconds, connections = args.seconds, args.connections
     common = ["--workers", str(args.workers)]
     with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as stack:
-        audit = audit_log_args(os.path.join(scratch, "audit.log"))
+        audit = ["--audit-log", os.path.join(scratch, "audit.log")]
         base = {name: value for name, value in os.environ.items()
                 if not name.startswith("RUNCACHE_")}
-        setups = {"on": (audit, base), "off": ([], {**base, METRICS_OFF_ENV: "1"})}
-        if audit:
-            setups["metrics"] = ([], base)
+        setups = {"on": (audit, base), "metrics": ([], base),
+                  "off": ([], {**base, METRICS_OFF_ENV: "1"})}
         servers: dict[str, RuncacheService] = {}
         for name, (flags, env) in setups.items():
             servers[name] = stack.enter_context(
@@ -234,22 +216,18 @@ def compare_metrics(args: argparse.Namespace) -> None:
     medians = {name: median_load(loads) for name, loads in runs.items()}
     per_hit = {name: cpu[name] / sum(run.requests for run in runs[name]) * 1e6
                for name in runs}
-    what = "/metrics counting" + (" and --audit-log" if audit else "")
+    what = "/metrics counting and --audit-log"
     print(f"store {args.store}, --workers {args.workers}, {connections} connections, "
           f"{args.rounds} rounds of {seconds}s, order rotated each round; server CPU per hit "
           "over all rounds")
     print(f"hits, {what:<36} {medians['on'].describe()}  CPU {per_hit['on']:4.0f} µs/hit")
-    if audit:
-        print(f"hits, {'/metrics counting alone':<36} {medians['metrics'].describe()}  "
-              f"CPU {per_hit['metrics']:4.0f} µs/hit")
+    print(f"hits, {'/metrics counting alone':<36} {medians['metrics'].describe()}  "
+          f"CPU {per_hit['metrics']:4.0f} µs/hit")
     print(f"hits, {'both off':<36} {medians['off'].describe()}  CPU {per_hit['off']:4.0f} µs/hit")
-    if not audit:
-        print("(this runcache has no --audit-log yet: metrics alone are compared)")
     print(f"hits /metrics counted: {counted:.0f}; 200 answers the generator got: {sent}")
     print(ratio_line(f"hits with {what} / off", medians["on"], medians["off"], 0.85))
-    if audit:
-        print(ratio_line("hits with /metrics counting alone / off", medians["metrics"],
-                         medians["off"], 0.85))
+    print(ratio_line("hits with /metrics counting alone / off", medians["metrics"],
+                     medians["off"], 0.85))
     print(metrics_call_costs())
 
 
