@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -164,12 +164,33 @@ def test_tokens_come_from_the_environment(live_server_factory: Callable[..., Liv
 # -- long runs: live output, Ctrl-C, jobs --------------------------------------------
 
 
-def _popen(*args: str, server: LiveServer | None = None) -> subprocess.Popen[bytes]:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")}
-    if server is not None:
-        environment["RUNCACHE_URL"] = server.url
-    return subprocess.Popen([str(RUNCACHE), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=environment)
+SpawnCli = Callable[..., "subprocess.Popen[bytes]"]
+
+
+@pytest.fixture
+def spawn_cli() -> Iterator[SpawnCli]:
+    """Starts ``runcache ARGS…`` with its output piped; at teardown, whatever a
+    failed test left running is killed and every pipe closed, so a leaked
+    descriptor never fails a later test with a ResourceWarning."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def spawn(*args: str, server: LiveServer | None = None) -> subprocess.Popen[bytes]:
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")}
+        if server is not None:
+            environment["RUNCACHE_URL"] = server.url
+        process = subprocess.Popen([str(RUNCACHE), *args], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, env=environment)
+        started.append(process)
+        return process
+
+    yield spawn
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
 
 
 def _read_line(stream: IO[bytes], seconds: float = 15.0) -> bytes:
@@ -188,25 +209,24 @@ def _until(probe: Callable[[], object], seconds: float = 15.0) -> None:
 
 @pytest.mark.parametrize("through", ["server", "in-process"])
 def test_run_prints_output_while_the_command_runs(
-    through: str, request: pytest.FixtureRequest, tmp_path: Path
+    through: str, request: pytest.FixtureRequest, tmp_path: Path, spawn_cli: SpawnCli
 ) -> None:
     server = request.getfixturevalue("live_server") if through == "server" else None
     gate = tmp_path / "gate"
-    process = _popen("run", "--", "sh", "-c", f"echo first; echo warn >&2; while [ ! -e {gate} ]; "
-                     "do sleep 0.02; done; printf 'second\\r\\n'; exit 5", server=server)
+    process = spawn_cli("run", "--", "sh", "-c",
+                        f"echo first; echo warn >&2; while [ ! -e {gate} ]; "
+                        "do sleep 0.02; done; printf 'second\\r\\n'; exit 5", server=server)
     assert process.stdout is not None and process.stderr is not None
     assert _read_line(process.stdout) == b"first\n"  # while the command waits on its gate
     assert _read_line(process.stderr) == b"warn\n"
     gate.touch()
     assert process.wait(30) == 5
     assert process.stdout.read() == b"second\r\n"  # byte for byte, the CR kept
-    process.stdout.close()
-    process.stderr.close()
 
 
-def _ctrl_c(server: LiveServer, command: str) -> tuple[int, bytes]:
+def _ctrl_c(spawn_cli: SpawnCli, server: LiveServer, command: str) -> tuple[int, bytes]:
     """Start ``runcache run`` on ``command``, wait for its first line, press Ctrl-C."""
-    process = _popen("run", "--", "sh", "-c", command, server=server)
+    process = spawn_cli("run", "--", "sh", "-c", command, server=server)
     assert process.stdout is not None
     assert _read_line(process.stdout) == b"started\n"
     process.send_signal(signal.SIGINT)
@@ -215,16 +235,17 @@ def _ctrl_c(server: LiveServer, command: str) -> tuple[int, bytes]:
     return code, stderr
 
 
-def test_ctrl_c_cancels_a_run_only_it_wanted(live_server: LiveServer, tmp_path: Path) -> None:
+def test_ctrl_c_cancels_a_run_only_it_wanted(live_server: LiveServer, tmp_path: Path,
+                                             spawn_cli: SpawnCli) -> None:
     pid_file = tmp_path / "pid"
-    code, stderr = _ctrl_c(live_server, f"echo $$ > {pid_file}; echo started; "
+    code, stderr = _ctrl_c(spawn_cli, live_server, f"echo $$ > {pid_file}; echo started; "
                                         f"sleep 60 & sleep 60 # {uuid.uuid4().hex}")
     assert (code, stderr) == (130, b"runcache: cancelled\n")
     assert _group_gone(int(pid_file.read_text()))
 
 
-def test_ctrl_c_leaves_a_run_another_client_waits_on(live_server: LiveServer,
-                                                     tmp_path: Path) -> None:
+def test_ctrl_c_leaves_a_run_another_client_waits_on(live_server: LiveServer, tmp_path: Path,
+                                                     spawn_cli: SpawnCli) -> None:
     gate = tmp_path / "gate"
     command = f"echo started; while [ ! -e {gate} ]; do sleep 0.02; done; echo done"
     answers: list[requests.Response] = []
@@ -233,14 +254,15 @@ def test_ctrl_c_leaves_a_run_another_client_waits_on(live_server: LiveServer,
         timeout=30)))
     waiter.start()
     _until(lambda: requests.get(f"{live_server.url}/api/jobs", timeout=5).json()["jobs"])
-    code, stderr = _ctrl_c(live_server, command)
+    code, stderr = _ctrl_c(spawn_cli, live_server, command)
     assert (code, stderr) == (130, b"runcache: left the run to the other clients waiting on it\n")
     gate.touch()
     waiter.join(30)
     assert answers[0].json()["stdout"] == "started\ndone\n"
 
 
-def test_jobs_lists_prints_follows_and_cancels(live_server: LiveServer, tmp_path: Path) -> None:
+def test_jobs_lists_prints_follows_and_cancels(live_server: LiveServer, tmp_path: Path,
+                                               spawn_cli: SpawnCli) -> None:
     env = {"RUNCACHE_URL": live_server.url}
     gate = tmp_path / "gate"
     marker = uuid.uuid4().hex
@@ -255,7 +277,7 @@ def test_jobs_lists_prints_follows_and_cancels(live_server: LiveServer, tmp_path
     assert "running" in line and marker in line
     so_far = runcache("jobs", "logs", job["job_id"], env=env)
     assert (so_far.returncode, so_far.stdout) == (0, f"one {marker}\n".encode())
-    follower = _popen("jobs", "logs", "--follow", job["job_id"], server=live_server)
+    follower = spawn_cli("jobs", "logs", "--follow", job["job_id"], server=live_server)
     assert follower.stdout is not None
     assert _read_line(follower.stdout) == f"one {marker}\n".encode()
     gate.touch()
@@ -297,13 +319,14 @@ def test_jobs_json_and_logs_of_one_stream(live_server: LiveServer) -> None:
 
 
 def test_logs_follow_one_stream_live_while_the_other_grows(live_server: LiveServer,
-                                                           tmp_path: Path) -> None:
+                                                           tmp_path: Path,
+                                                           spawn_cli: SpawnCli) -> None:
     gate = tmp_path / "gate"
     job = requests.post(f"{live_server.url}/api/command", timeout=10, json={
         "command": f"seq 20000; echo first >&2; while [ ! -e {gate} ]; do sleep 0.02; done; "
                    "seq 5; echo second >&2", "use_cache": False, "background": True}).json()
-    follower = _popen("jobs", "logs", "--follow", "--stream", "stderr", job["job_id"],
-                      server=live_server)
+    follower = spawn_cli("jobs", "logs", "--follow", "--stream", "stderr", job["job_id"],
+                         server=live_server)
     assert follower.stderr is not None
     assert _read_line(follower.stderr) == b"first\n"
     gate.touch()

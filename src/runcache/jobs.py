@@ -187,7 +187,9 @@ class Jobs:
             cacheable: bool, background: bool) -> Job:
         """A job, listed from now on; a cacheable running one is found by its key."""
         self.prune()
-        job = Job(secrets.token_urlsafe(16), command, cache_key, control, cacheable, background,
+        # Hex, not token_urlsafe: one id in 64 of those began with "-", which a
+        # command line (`runcache jobs logs -x…`) takes for an option.
+        job = Job(secrets.token_hex(16), command, cache_key, control, cacheable, background,
                   self._clock)
         self._jobs[job.job_id] = job
         if cacheable and control is not None:
