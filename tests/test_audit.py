@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 import json
 import shutil
 import subprocess
@@ -17,7 +19,8 @@ import orjson
 import pytest
 import requests
 
-from runcache.audit import KEPT_FILES, result_summary
+from runcache.audit import KEPT_FILES, AuditLog, Caller, result_summary
+from runcache.service import Outcome
 from test_mcp import call, drive, http_session
 
 from conftest import LiveServer
@@ -259,3 +262,47 @@ def test_refused_requests_are_audited_with_the_error(
     assert first["command"] == "rm -rf /tmp/x" and first["error"] == refused.json()["error"]
     assert first["cache_key"] is None and first["return_code"] is None
     assert second["command"] == "echo hi" and "timeout" in second["error"]
+
+
+def _answer(return_code: int, stdout: str) -> Outcome:
+    return Outcome(orjson.dumps({"return_code": return_code, "execution_time": 0.25,
+                                 "stdout": stdout, "stderr": ""}), cached=True)
+
+
+def test_a_turn_of_the_loop_writes_its_lines_together_and_close_writes_the_rest(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.log"
+
+    async def answer_three_then_clear() -> tuple[bytes, list[dict[str, Any]]]:
+        log = AuditLog(str(path))
+        same = _answer(0, "ok\n")
+        for outcome in (same, _answer(1, "ok\n"), same):  # 2nd: same size, another code
+            log.answered(Caller("10.0.0.7", "token"), "make test", "k" * 64, outcome)
+        before_the_turn_ends = path.read_bytes()
+        await asyncio.sleep(0)
+        after = lines(path)
+        log.removed(Caller("10.0.0.8", "admin"), "clear", None)
+        log.close()  # in the same turn: close writes what it kept
+        return before_the_turn_ends, after
+
+    started = time.time()
+    before, answered = asyncio.run(answer_three_then_clear())
+    assert before == b""
+    assert [(record["return_code"], record["output_bytes"], record["credential"])
+            for record in answered] == [(0, 3, "token"), (1, 3, "token"), (0, 3, "token")]
+    *_, cleared = lines(path)
+    assert (cleared["action"], cleared["client"], cleared["credential"]) == (
+        "clear", "10.0.0.8", "admin")
+    for record in lines(path):
+        assert list(record)[0] == "time" and record["time"].endswith("Z")
+        written = datetime.datetime.fromisoformat(record["time"].replace("Z", "+00:00"))
+        assert started - 1 <= written.timestamp() <= time.time() + 1
+
+
+def test_outside_an_event_loop_a_line_is_written_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(str(path))
+    log.refused(Caller("10.0.0.9"), "rm -rf /", "'rm' is not allowed")
+    assert lines(path)[0]["error"] == "'rm' is not allowed"
+    log.close()
