@@ -11,10 +11,18 @@ from pathlib import Path
 import httpx
 import pytest
 import requests
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
-from runcache.metrics import BENCHMARK_OFF_ENV, Metrics, NoMetrics, StoreCounts, outcome_of
+from runcache.metrics import (
+    BENCHMARK_OFF_ENV,
+    REQUEST_BUCKETS,
+    Metrics,
+    NoMetrics,
+    StoreCounts,
+    outcome_of,
+)
 from runcache.runner import RunResult
 from runcache.stores.base import CacheStats
 
@@ -314,3 +322,23 @@ def test_metrics_off_for_benchmarks_count_nothing_and_leave_out_nothing(
     assert public - {"enabled", "for_server"} <= set(vars(NoMetrics))
     monkeypatch.delenv(BENCHMARK_OFF_ENV)
     assert type(Metrics.for_server(workers=1)) is Metrics
+
+
+def test_route_durations_read_as_prometheus_clients_own_histogram() -> None:
+    """A lone process times requests in plain lists (RouteDurations); a scrape must
+    show what prometheus_client's Histogram shows for the same requests, bounds and
+    the bucket past the last one included."""
+    registry = CollectorRegistry()
+    histogram = Histogram("runcache_http_request_duration_seconds",
+                          "How long HTTP requests took, by route template.", ["route"],
+                          buckets=REQUEST_BUCKETS, registry=registry)
+    metrics = Metrics()
+    requests_made = [("/api/command", seconds) for seconds in (0.0, 0.0003, *REQUEST_BUCKETS)]
+    requests_made += [("/api/command", 301.0), ("/livez", 0.001), ("other", 0.00051)]
+    for route, seconds in requests_made:
+        metrics.request(route, seconds)
+        histogram.labels(route).observe(seconds)
+    ours = {key: value for key, value in parse(metrics.exposition(0, 0).decode()).items()
+            if key[0].startswith("runcache_http_request_duration_seconds")}
+    theirs = parse(generate_latest(registry).decode())
+    assert ours == theirs
