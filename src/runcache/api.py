@@ -140,7 +140,8 @@ async def _answer_command(request: Request, engine: Engine,
             engine.audit.left(caller_of(request.scope), plan.command, plan.key)
             return Response(status_code=499)  # nobody is there to read it
         outcome = answer
-    engine.audit.answered(caller_of(request.scope), plan.command, plan.key, outcome)
+    if engine.audit.enabled:  # the hit path: no Caller made for no audit log
+        engine.audit.answered(caller_of(request.scope), plan.command, plan.key, outcome)
     if len(outcome.body) < STREAM_THRESHOLD:
         return JSONBytes(outcome.to_json())
     return ResultResponse(outcome.body, outcome.tail)
