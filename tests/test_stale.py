@@ -7,6 +7,7 @@ import concurrent.futures
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -175,3 +176,31 @@ def test_a_background_request_and_its_job_say_the_answer_was_stale(
     job = client.get(f"/api/jobs/{accepted.json()['job_id']}").json()
     assert job["result"]["cached"] is True and job["result"]["stale"] is True
     _until(lambda: _no_job_running(client))
+
+
+def test_a_request_without_stale_leaves_the_expired_result_to_those_with_it(
+    client_factory: Callable[..., TestClient], tmp_path: Path,
+) -> None:
+    """A request that does not accept stale answers misses and runs the command; one
+    that does, while that run goes on, still gets the stale answer at once (it once
+    found the result removed by the first, and waited for the run)."""
+    ran, gate = tmp_path / "ran", tmp_path / "gate"
+    command = (f"cat /proc/sys/kernel/random/uuid; if [ -e {ran} ]; then "
+               f"while [ ! -e {gate} ]; do sleep 0.02; done; fi; touch {ran}")
+    client = client_factory()
+    first = client.post("/api/command", json={"command": command, "ttl": 0.3}).json()
+    _until(lambda: _expired(client, command))
+    plain = client.post("/api/command", json={"command": command, "background": True}).json()
+    assert plain["status"] == "running"  # a miss: the run waits on the gate
+    opener = threading.Timer(10, gate.touch)  # so that a wrong answer fails, not hangs
+    opener.start()
+    try:
+        answer = client.post("/api/command", json={"command": command, "stale": 60}).json()
+        assert (answer["cached"], answer.get("stale"), answer["stdout"]) == (
+            True, True, first["stdout"])
+    finally:
+        gate.touch()
+        opener.cancel()
+    _until(lambda: _no_job_running(client))
+    fresh = client.post("/api/command", json={"command": command}).json()
+    assert fresh["cached"] is True and fresh["stdout"] != first["stdout"]

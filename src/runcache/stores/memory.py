@@ -75,9 +75,13 @@ class MemoryStore:
             if entry is None:
                 self._misses += 1
                 return None
-            if entry.expires_at <= self._clock():
-                self._remove(key, entry)
-                self._expirations += 1
+            now = self._clock()
+            if entry.expires_at <= now:
+                # Kept while retained, for a reader that accepts it stale (even while
+                # this reader's run refreshes it); its expiration counts when it goes.
+                if entry.expires_at <= now - self.retain:
+                    self._remove(key, entry)
+                    self._expirations += 1
                 self._misses += 1
                 return None
             self._entries.move_to_end(key)
@@ -109,9 +113,10 @@ class MemoryStore:
             if epoch != self._epoch or size > self.max_bytes:
                 return False
             old = self._entries.pop(key, None)
+            now = self._clock()
             if old is not None:
                 self._bytes -= len(old.value)
-            now = self._clock()
+                self._expirations += old.expires_at <= now  # a retained one, replaced
             self._puts += 1
             self._entries[key] = _Entry(value, now + ttl, command, now, return_code, self._puts)
             self._bytes += size

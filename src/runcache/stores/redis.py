@@ -149,6 +149,8 @@ class _Lookup(NamedTuple):
     now: str
     #: Seconds past its expiry an entry is still answered (as stale).
     stale: float = 0.0
+    #: Seconds past its expiry an entry is kept for readers that accept it stale.
+    retain: float = 0.0
 
 
 class _PutArgs(NamedTuple):
@@ -186,6 +188,7 @@ local created_key = KEYS[8]    -- sorted set of keys by the order they were stor
 local member = ARGV[1]         -- the cache key, as a member of the sets and the hashes above
 local now = tonumber(ARGV[2])  -- the store's clock
 local stale = tonumber(ARGV[3])  -- seconds past expiry the reader accepts; 0: none
+local retain = tonumber(ARGV[4])  -- seconds past expiry an entry is kept for such readers
 local value = redis.call('GET', entry_key)
 local expires_at = tonumber(redis.call('ZSCORE', expiry_key, member))
 if value and expires_at and expires_at > now - stale then
@@ -201,6 +204,12 @@ if value and expires_at and expires_at > now - stale then
     redis.call('HINCRBY', counts_key, 'stale_hits', 1)
   end
   return {value, expired}
+end
+if value and expires_at and expires_at > now - retain then
+  -- Kept for a reader that accepts it stale (even while this reader's run
+  -- refreshes it); its expiration counts when it goes.
+  redis.call('HINCRBY', counts_key, 'misses', 1)
+  return false
 end
 local size = redis.call('HGET', sizes_key, member)
 if value then
@@ -249,6 +258,10 @@ end
 local old = redis.call('HGET', sizes_key, member)
 if old then
   redis.call('HINCRBY', counts_key, 'bytes', -tonumber(old))
+  local old_expires_at = tonumber(redis.call('ZSCORE', expiry_key, member))
+  if old_expires_at and old_expires_at <= now then  -- a retained one, replaced
+    redis.call('HINCRBY', counts_key, 'expirations', 1)
+  end
 end
 redis.call('SET', entry_key, value, 'PX', native_ms)
 redis.call('ZADD', expiry_key, expires_at, member)
@@ -524,9 +537,8 @@ class RedisStore:
     def get(self, key: str) -> bytes | None:
         # Every cache hit comes through here: one script call, no helper layers.
         try:
-            value = self._get(
-                keys=self._entry_keys(key), args=_Lookup(member=key, now=repr(self._clock()))
-            )
+            value = self._get(keys=self._entry_keys(key),
+                              args=_Lookup(key, repr(self._clock()), retain=self.retain))
         except redis.RedisError as error:
             raise self._failure(error) from error
         return value if isinstance(value, bytes) else None
@@ -536,14 +548,14 @@ class RedisStore:
         # requests during the round trip instead of handing it to a thread.
         try:
             value = await self._loop_get()(
-                keys=self._entry_keys(key), args=_Lookup(member=key, now=repr(self._clock()))
-            )
+                keys=self._entry_keys(key),
+                args=_Lookup(key, repr(self._clock()), retain=self.retain))
         except redis.RedisError as error:
             raise self._failure(error) from error
         return value if isinstance(value, bytes) else None
 
     def get_stale(self, key: str, stale: float) -> tuple[bytes, bool] | None:
-        args = _Lookup(member=key, now=repr(self._clock()), stale=stale)
+        args = _Lookup(member=key, now=repr(self._clock()), stale=stale, retain=self.retain)
         found = self._run(self._get, self._entry_keys(key), args)
         if isinstance(found, list):
             return bytes(found[0]), bool(found[1])

@@ -199,9 +199,12 @@ class SqliteStore:
                     'SELECT value FROM "values" WHERE id = ?', (hit[0][0],)
                 ).fetchone()
                 return bytes(value)
+            # An expired entry is kept while retained, for a reader that accepts it
+            # stale (even while this reader's run refreshes it).
             expired = db.execute(
-                "DELETE FROM entries WHERE namespace = ? AND key = ? RETURNING size",
-                (self.namespace, key),
+                "DELETE FROM entries WHERE namespace = ? AND key = ? AND expires_at <= ?"
+                " RETURNING size",
+                (self.namespace, key, now - self.retain),
             ).fetchall()
             if expired:
                 self._count(db, misses=1, expirations=1, entries=-1, bytes=-expired[0][0])
@@ -247,11 +250,12 @@ class SqliteStore:
             if current != epoch:
                 return False
             replaced = db.execute(
-                "DELETE FROM entries WHERE namespace = ? AND key = ? RETURNING size",
+                "DELETE FROM entries WHERE namespace = ? AND key = ? RETURNING size, expires_at",
                 (self.namespace, key),
             ).fetchall()
             old_size = replaced[0][0] if replaced else 0
-            self._count(db, used=1, entries=0 if replaced else 1, bytes=size - old_size)
+            self._count(db, used=1, entries=0 if replaced else 1, bytes=size - old_size,
+                        expirations=int(bool(replaced) and replaced[0][1] <= now))
             added = db.execute(
                 "INSERT INTO entries (namespace, key, size, expires_at, used, command,"
                 " created_at, return_code)"
