@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 import pytest
@@ -229,6 +230,19 @@ def _marked(pid: int) -> bool:
             return _MARK_ENTRY in environ.read().split(b"\0")
     except OSError:  # gone, or another user's
         return False
+
+
+T = TypeVar("T")
+
+
+def until(probe: Callable[[], T | None], seconds: float = 15.0, what: str = "") -> T:
+    """The first true value ``probe`` gives, asked every 20 ms: a test waits on the
+    condition itself, never a fixed sleep, and fails (not hangs) after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not (value := probe()):
+        assert time.monotonic() < deadline, f"timed out waiting {what}".rstrip()
+        time.sleep(0.02)
+    return value
 
 
 def alive(process: psutil.Process) -> bool:

@@ -23,7 +23,7 @@ from runcache.audit import KEPT_FILES, AuditLog, Caller, result_summary
 from runcache.service import Outcome
 from test_mcp import call, drive, http_session
 
-from conftest import LiveServer
+from conftest import LiveServer, until
 
 TOKEN, ADMIN = "t0ken-" + "x" * 26, "adm1n-" + "y" * 26
 
@@ -40,13 +40,6 @@ def post(server: LiveServer, path: str, token: str | None = None, **body: object
     answer = requests.post(server.url + path, json=body, headers=headers, timeout=30)
     assert answer.status_code in (200, 202), answer.text
     return answer.json()
-
-
-def until(probe: Callable[[], bool], seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not probe():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_runs_hits_shared_runs_jobs_and_removals_each_get_their_line(

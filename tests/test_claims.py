@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
 import psutil
@@ -29,22 +29,12 @@ from runcache.config import Config
 from runcache.runner import Runner
 from runcache.service import Engine
 
-from conftest import LiveServer
+from conftest import LiveServer, until
 
 StartServer = Callable[..., LiveServer]
-T = TypeVar("T")
 
 MiB = 1 << 20
 README = Path(__file__).resolve().parent.parent / "README.md"
-
-
-def _until(probe: Callable[[], T | None], seconds: float = 15.0) -> T:
-    """Poll ``probe`` until it gives something true; fail after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not (value := probe()):
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
-    return value
 
 
 def _running(*argv: str) -> list[psutil.Process]:
@@ -73,7 +63,7 @@ def test_kill_all_kills_every_running_group() -> None:
         for _ in range(3)]
     for thread in threads:
         thread.start()
-    _until(lambda: runner.running == 3)
+    until(lambda: runner.running == 3)
     runner.kill_all()
     for thread in threads:
         thread.join(10)
@@ -156,8 +146,8 @@ def test_a_stop_finishes_in_flight_answers_kills_commands_and_exits_0(
         name, _post(server, command=command))) for name, command in commands.items()]
     for thread in threads:
         thread.start()
-    [sleeper] = _until(lambda: _running("sleep", long_sleep))
-    _until(started.exists)
+    [sleeper] = until(lambda: _running("sleep", long_sleep))
+    until(started.exists)
 
     server.process.send_signal(signal.SIGTERM)
     whole = streaming.read_rest()
@@ -264,7 +254,7 @@ def test_a_run_that_outlasts_its_timeout_keeps_the_lock_of_a_shared_store(
     locked_at = time.monotonic()
     accepted = _post(one, command=command, timeout=timeout, background=True)
     assert accepted.status_code == 202, accepted.text
-    _until(runs.exists)
+    until(runs.exists)
     paused = requests.post(f"{one.url}/api/jobs/{accepted.json()['job_id']}/pause", timeout=10)
     assert paused.json()["status"] == "paused", paused.text
 

@@ -20,7 +20,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import LiveServer, free_port
+from conftest import LiveServer, free_port, until
 
 #: The console script pip installed beside this Python.
 RUNCACHE = Path(sys.executable).with_name("runcache")
@@ -74,7 +74,7 @@ def test_terminating_run_kills_the_command_it_runs_in_process(tmp_path: Path) ->
          f"mv {pid_file}.new {pid_file}; exec sleep 60"],
         env=environment,
     )
-    _until(lambda: pid_file.exists() or process.poll() is not None)
+    until(lambda: pid_file.exists() or process.poll() is not None)
     assert process.poll() is None, "runcache run ended before its command started"
     command = psutil.Process(int(pid_file.read_text()))
     process.send_signal(signal.SIGTERM)
@@ -200,13 +200,6 @@ def _read_line(stream: IO[bytes], seconds: float = 15.0) -> bytes:
     return stream.readline()
 
 
-def _until(probe: Callable[[], object], seconds: float = 15.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not probe():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
-
-
 @pytest.mark.parametrize("through", ["server", "in-process"])
 def test_run_prints_output_while_the_command_runs(
     through: str, request: pytest.FixtureRequest, tmp_path: Path, spawn_cli: SpawnCli
@@ -253,7 +246,7 @@ def test_ctrl_c_leaves_a_run_another_client_waits_on(live_server: LiveServer, tm
         f"{live_server.url}/api/command", json={"command": shlex.join(["sh", "-c", command])},
         timeout=30)))
     waiter.start()
-    _until(lambda: requests.get(f"{live_server.url}/api/jobs", timeout=5).json()["jobs"])
+    until(lambda: requests.get(f"{live_server.url}/api/jobs", timeout=5).json()["jobs"])
     code, stderr = _ctrl_c(spawn_cli, live_server, command)
     assert (code, stderr) == (130, b"runcache: left the run to the other clients waiting on it\n")
     gate.touch()
@@ -269,7 +262,7 @@ def test_jobs_lists_prints_follows_and_cancels(live_server: LiveServer, tmp_path
     job = requests.post(f"{live_server.url}/api/command", timeout=10, json={
         "command": f"echo one {marker}; while [ ! -e {gate} ]; do sleep 0.02; done; echo two",
         "background": True}).json()
-    _until(lambda: requests.get(f"{live_server.url}/api/jobs/{job['job_id']}",
+    until(lambda: requests.get(f"{live_server.url}/api/jobs/{job['job_id']}",
                                 timeout=5).json()["stdout_bytes"])
     listing = runcache("jobs", env=env)
     assert listing.returncode == 0
@@ -305,7 +298,7 @@ def test_jobs_json_and_logs_of_one_stream(live_server: LiveServer) -> None:
     job = requests.post(f"{live_server.url}/api/command", timeout=10, json={
         "command": f"printf 'out {marker}\\r\\n'; printf 'err {marker}' >&2",
         "background": True}).json()
-    _until(lambda: requests.get(f"{live_server.url}/api/jobs/{job['job_id']}",
+    until(lambda: requests.get(f"{live_server.url}/api/jobs/{job['job_id']}",
                                 timeout=5).json()["status"] == "completed")
     listed = orjson.loads(runcache("jobs", "--json", env=env).stdout)["jobs"]
     found = next(record for record in listed if record["job_id"] == job["job_id"])

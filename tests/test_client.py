@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from runcache.follower import STREAMS
 from runcache.service import Engine
 from runcache.wire import Cleared, CommandResult, to_builtins
 
-from conftest import LiveServer, free_port
+from conftest import LiveServer, free_port, until
 
 TOKEN = "t" * 24
 ADMIN_TOKEN = "a" * 24
@@ -148,7 +147,7 @@ def test_close_cuts_a_request_still_waiting(live_server: LiveServer) -> None:
     waiter = threading.Thread(target=wait_for_sleep)
     waiter.start()
     with Client(live_server.url) as probe:
-        _until(lambda: probe.health().running_commands > 0)
+        until(lambda: probe.health().running_commands > 0)
     client.close()
     waiter.join(20)
     assert not waiter.is_alive() and len(errors) == 1
@@ -159,7 +158,7 @@ def test_closing_a_local_client_kills_its_running_command() -> None:
     results: list[CommandResult] = []
     waiter = threading.Thread(target=lambda: results.append(local.execute("sleep 30")))
     waiter.start()
-    _until(lambda: local.engine.runner.running > 0)
+    until(lambda: local.engine.runner.running > 0)
     local.close()
     waiter.join(20)
     assert results[0].return_code == -9 and results[0].success is False
@@ -192,13 +191,6 @@ def test_a_url_that_is_not_http_is_refused() -> None:
 
 
 # -- jobs: start, follow by events, page, steer ------------------------------------------
-
-
-def _until(probe: Callable[[], object], seconds: float = 15.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not probe():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
 
 
 def test_a_background_run_is_followed_by_its_events_and_read_byte_for_byte(
@@ -256,7 +248,7 @@ def test_close_cuts_an_event_stream_still_open(live_server: LiveServer) -> None:
 
     follower = threading.Thread(target=follow)
     follower.start()
-    _until(lambda: seen)  # the stream is open: its first event came
+    until(lambda: seen)  # the stream is open: its first event came
     client.close()
     follower.join(20)
     assert not follower.is_alive()

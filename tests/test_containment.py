@@ -28,7 +28,7 @@ from runcache.errors import ConfigError
 from runcache.runner import RunControl, Runner, RunResult
 from runcache.service import SHELL, Engine
 
-from conftest import LiveServer, alive, marked, marker
+from conftest import LiveServer, alive, marked, marker, until
 
 
 @pytest.fixture(autouse=True)
@@ -52,13 +52,6 @@ ESCAPES = {
 }
 
 ENDS = ["exit", "timeout", "cancel", "shutdown"]
-
-
-def until(probe: Callable[[], object], seconds: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + seconds
-    while not probe():
-        assert time.monotonic() < deadline, f"timed out waiting {what}"
-        time.sleep(0.02)
 
 
 def all_gone(processes: list[psutil.Process], seconds: float = 5.0) -> bool:

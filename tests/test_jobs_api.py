@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import psutil
@@ -18,12 +18,9 @@ import pytest
 import requests
 from jsonschema import Draft202012Validator, FormatChecker
 
-from conftest import LiveServer
+from conftest import LiveServer, until
 
 Json = dict[str, Any]
-T = TypeVar("T")
-
-
 @pytest.fixture
 def server(live_server_factory: Callable[..., LiveServer]) -> LiveServer:
     started: LiveServer = live_server_factory()
@@ -51,15 +48,6 @@ def _background(http: httpx.Client, command: str, **fields: object) -> Json:
     return _valid(http, response, "JobAccepted")
 
 
-def _until(probe: Callable[[], T | None], seconds: float = 10.0) -> T:
-    """The first truthy value ``probe`` returns, asked every 20 ms."""
-    deadline = time.monotonic() + seconds
-    while not (value := probe()):
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
-    return value
-
-
 def _job(http: httpx.Client, job_id: str) -> Json:
     return _valid(http, http.get(f"/api/jobs/{job_id}"), "JobDetail")
 
@@ -69,7 +57,7 @@ def _ended(http: httpx.Client, job_id: str) -> Json:
         job = _job(http, job_id)
         return job if job["status"] not in ("running", "paused") else None
 
-    return _until(ended)
+    return until(ended)
 
 
 def _group(pid: int) -> list[psutil.Process]:
@@ -103,7 +91,7 @@ def test_output_is_read_while_the_command_runs_and_after(http: httpx.Client,
         found = _valid(http, http.get(f"/api/jobs/{job_id}/output"), "JobOutput")
         return found if found["data"] else None
 
-    assert _until(page) == {"data": "first\n", "offset": 0, "next_offset": 6, "total_bytes": 6,
+    assert until(page) == {"data": "first\n", "offset": 0, "next_offset": 6, "total_bytes": 6,
                          "eof": False}
     listed = _valid(http, http.get("/api/jobs"), "JobList")["jobs"][0]
     assert listed["job_id"] == job_id and listed["status"] == "running"
@@ -166,7 +154,7 @@ def test_pages_never_split_a_utf8_character(http: httpx.Client, tmp_path: Path) 
     source.write_text(text)
     gate, wait = _gated(tmp_path)
     job_id = _background(http, f"cat {source}; {wait}")["job_id"]
-    _until(lambda: http.get(f"/api/jobs/{job_id}/output").json()["total_bytes"] > 0)
+    until(lambda: http.get(f"/api/jobs/{job_id}/output").json()["total_bytes"] > 0)
 
     def read_all(limit: int, start: int = 0) -> str:
         pieces, offset = [], start
@@ -199,14 +187,14 @@ def test_cancel_kills_the_group_and_answers_every_waiter(http: httpx.Client,
     command = f"sleep 30 & sleep 30; echo never {uuid.uuid4().hex}"
     accepted = _background(http, command)
     pid = accepted["pid"]
-    children = _until(lambda: _group(pid)[1:])
+    children = until(lambda: _group(pid)[1:])
     answers: list[requests.Response] = []
     misses = http.get("/api/cache/stats").json()["misses"]
     waiter = threading.Thread(target=lambda: answers.append(requests.post(
         f"{server.url}/api/command", json={"command": command}, timeout=15)))
     waiter.start()
     # Its miss is counted, and the job joined, in one step on the server's loop.
-    _until(lambda: http.get("/api/cache/stats").json()["misses"] > misses)
+    until(lambda: http.get("/api/cache/stats").json()["misses"] > misses)
     cancelled = http.post(f"/api/jobs/{accepted['job_id']}/cancel")
     assert _valid(http, cancelled, "JobAction") == {
         "success": True, "job_id": accepted["job_id"], "status": "cancelled"}
@@ -228,16 +216,16 @@ def test_pause_stops_every_process_and_paused_time_is_off_the_clock(
     # time it ran unpaused is only what it took to pause it (well under 1.5 s, loaded or not).
     accepted = _background(http, "sleep 1.7 & sleep 1.7; wait", timeout=1.5, use_cache=False)
     job_id, pid = accepted["job_id"], accepted["pid"]
-    group = _until(lambda: _group(pid) if len(_group(pid)) >= 3 else None)
+    group = until(lambda: _group(pid) if len(_group(pid)) >= 3 else None)
     paused = http.post(f"/api/jobs/{job_id}/pause")
     assert _valid(http, paused, "JobAction")["status"] == "paused"
-    _until(lambda: all(process.status() == psutil.STATUS_STOPPED for process in group))
+    until(lambda: all(process.status() == psutil.STATUS_STOPPED for process in group))
     assert _job(http, job_id)["status"] == "paused"
     twice = http.post(f"/api/jobs/{job_id}/pause")
     assert twice.status_code == 409 and "is paused" in twice.json()["error"]
     time.sleep(2.0)  # past the timeout, but paused
     assert http.post(f"/api/jobs/{job_id}/resume").json()["status"] == "running"
-    _until(lambda: not any(_stopped(process) for process in group))
+    until(lambda: not any(_stopped(process) for process in group))
     ended = _ended(http, job_id)
     assert ended["status"] == "completed", ended
     # It ran longer than its timeout by the clock, but part of that was paused.
@@ -289,7 +277,7 @@ def _hang_up_after_posting(server: LiveServer, body: Json) -> None:
     with socket.create_connection((host, int(port)), timeout=5) as sock:
         sock.sendall(b"POST /api/command HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
                      b"\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload))
-        _until(lambda: any(  # the run has started
+        until(lambda: any(  # the run has started
             job["command"] == body["command"] and job["pid"] is not None
             for job in requests.get(f"{server.url}/api/jobs", timeout=10).json()["jobs"]))
 
@@ -298,7 +286,7 @@ def test_the_only_client_of_an_uncached_run_hanging_up_kills_it(
     http: httpx.Client, server: LiveServer
 ) -> None:
     _hang_up_after_posting(server, {"command": "sleep 30 & sleep 30", "use_cache": False})
-    job: Json = _until(lambda: http.get("/api/jobs").json()["jobs"])[0]
+    job: Json = until(lambda: http.get("/api/jobs").json()["jobs"])[0]
     assert job["pid"] is not None
     ended = _ended(http, job["job_id"])
     assert ended["status"] == "cancelled" and ended["result"]["cancelled"] is True
@@ -327,7 +315,7 @@ def test_leaving_cancels_a_run_only_when_nobody_else_wants_it(http: httpx.Client
     assert _ended(http, second["job_id"])["status"] == "completed"
 
     alone = _background(http, f"sleep 30 & sleep 30; echo {uuid.uuid4().hex}")  # cacheable
-    group = _until(lambda: _group(alone["pid"])[1:])
+    group = until(lambda: _group(alone["pid"])[1:])
     left = http.post(f"/api/jobs/{alone['job_id']}/leave")
     assert left.json()["status"] == "cancelled"  # its only holder left, nobody waits
     assert _group_gone(alone["pid"])

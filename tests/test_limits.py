@@ -18,6 +18,8 @@ from runcache.errors import Busy, ConfigError
 from runcache.limits import RETRY_AFTER_SECONDS, Slots
 from runcache.service import Engine
 
+from conftest import until
+
 ClientFactory = Callable[..., TestClient]
 
 QUEUE_TIMEOUT = 0.2
@@ -229,13 +231,6 @@ def _post_in_thread(client: TestClient, command: str, answers: list[Any]) -> thr
     return thread
 
 
-def _wait_until(condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + 30
-    while not condition():
-        assert time.monotonic() < deadline, "condition never became true"
-        time.sleep(0.01)
-
-
 def test_full_slots_serve_hits_refuse_runs_and_let_identical_requests_share(
     client_factory: ClientFactory, tmp_path: Path
 ) -> None:
@@ -245,12 +240,12 @@ def test_full_slots_serve_hits_refuse_runs_and_let_identical_requests_share(
     blocker = Blocker(tmp_path)
     answers: list[Any] = []
     leader = _post_in_thread(client, blocker.command, answers)
-    _wait_until(lambda: engine.slots.held == 1)
+    until(lambda: engine.slots.held == 1, 30)
     waiter = _post_in_thread(client, blocker.command, answers)
     try:
         job = engine.jobs.running_for(engine.cache_key(blocker.command))
         assert job is not None
-        _wait_until(lambda: job.clients == 2)  # the leader and the identical request
+        until(lambda: job.clients == 2, 30)  # the leader and the identical request
         hit = client.post("/api/command", json={"command": "echo cached"})
         assert hit.status_code == 200 and hit.json()["cached"] is True
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from runcache.metrics import (
 from runcache.runner import RunResult
 from runcache.stores.base import CacheStats
 
-from conftest import LiveServer
+from conftest import LiveServer, until
 
 TOKEN = "metrics-token-0123456789abcdef"
 
@@ -63,13 +62,6 @@ def scrape(client: TestClient) -> Samples:
 
 def scrape_live(url: str, **headers: str) -> Samples:
     return scraped(requests.get(url + "/metrics", headers=headers, timeout=10))
-
-
-def _until(probe: Callable[[], bool], seconds: float = 15.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not probe():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.05)
 
 
 # -- in process ----------------------------------------------------------------
@@ -213,11 +205,11 @@ def test_a_live_server_counts_every_outcome_behind_its_token(
     assert run(command="exit 3")["return_code"] == 3
     assert run(command="sleep 5", timeout=0.2)["timed_out"] is True
     job = run(command="sleep 30", background=True)
-    _until(lambda: value(scrape_live(server.url, **auth), "runcache_running_commands") == 1)
+    until(lambda: value(scrape_live(server.url, **auth), "runcache_running_commands") == 1)
     cancel = requests.post(f"{server.url}/api/jobs/{job['job_id']}/cancel", headers=auth,
                            timeout=10)
     assert cancel.status_code == 200, cancel.text
-    _until(lambda: requests.get(f"{server.url}/api/jobs/{job['job_id']}", headers=auth,
+    until(lambda: requests.get(f"{server.url}/api/jobs/{job['job_id']}", headers=auth,
                                 timeout=10).json()["status"] == "cancelled")
 
     samples = scrape_live(server.url, **auth)
@@ -278,7 +270,7 @@ def test_two_workers_sum_into_every_scrape(
         return value(scrape_live(server.url),
                      "runcache_running_commands")
 
-    _until(lambda: running() == 1)
+    until(lambda: running() == 1)
     # Jobs live in the worker that runs them: another worker answers 404 for this one.
     pids: list[int] = [job.json()["pid"]] if job.json()["pid"] else []
 
@@ -288,11 +280,11 @@ def test_two_workers_sum_into_every_scrape(
             pids.append(answer.json()["pid"])
         return bool(pids)
 
-    _until(leader_known)
+    until(leader_known)
     worker = _parent_of(pids[0])
     assert worker in workers
     os.kill(worker, signal.SIGKILL)
-    _until(lambda: running() == 0)
+    until(lambda: running() == 0)
     samples = scrape_live(server.url)
     assert value(samples, "runcache_commands_total", outcome="success") == len(workers) + 3
 

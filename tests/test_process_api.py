@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import psutil
 import pytest
 from jsonschema import Draft202012Validator, FormatChecker
 
-from conftest import LiveServer
+from conftest import LiveServer, until
 
 Json = dict[str, Any]
-T = TypeVar("T")
 
 # -- the spec's shapes, as its tables list them ---------------------------------------
 
@@ -120,7 +119,7 @@ class Checked:
                     return int(pid)
             return None
 
-        return _until(listed)
+        return until(listed)
 
     def task(self, task_id: str) -> Json:
         answer = self.call("GET", "/api/process/get-task-result/{task_id}", "task",
@@ -135,15 +134,6 @@ def api(live_server: LiveServer) -> Iterator[Checked]:
     checked = Checked(live_server)
     yield checked
     checked.http.close()
-
-
-def _until(probe: Callable[[], T | None], seconds: float = 10.0) -> T:
-    """The first truthy value ``probe`` returns, asked every 20 ms."""
-    deadline = time.monotonic() + seconds
-    while not (value := probe()):
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
-    return value
 
 
 def _group(pid: int) -> list[psutil.Process]:
@@ -174,7 +164,7 @@ def test_execute_async_goes_from_running_to_completed_with_the_result(
     state = api.task(task_id)
     assert (state["status"], state["result"]) == ("running", None)
     gate.touch()
-    state = _until(lambda: (s := api.task(task_id))["status"] != "running" and s)
+    state = until(lambda: (s := api.task(task_id))["status"] != "running" and s)
     assert state["status"] == "completed"
     assert state["result"]["stdout"] == "done\n"
     assert (state["result"]["return_code"], state["result"]["cached"]) == (0, False)
@@ -183,7 +173,7 @@ def test_execute_async_goes_from_running_to_completed_with_the_result(
 
 def test_a_task_that_fails_or_is_cached(api: Checked) -> None:
     failing = api.submit("echo oops >&2; exit 3", use_cache=False)
-    state = _until(lambda: (s := api.task(failing))["status"] != "running" and s)
+    state = until(lambda: (s := api.task(failing))["status"] != "running" and s)
     assert state["status"] == "failed"
     assert (state["result"]["return_code"], state["result"]["stderr"]) == (3, "oops\n")
 
@@ -243,11 +233,11 @@ def test_list_status_and_dashboard_show_every_run(api: Checked, tmp_path: Path) 
 def test_terminate_kills_the_whole_group(api: Checked) -> None:
     task_id = api.submit(SLEEPER, use_cache=False)
     pid = api.pid_of(SLEEPER)
-    group = _until(lambda: len(members := _group(pid)) == 2 and members)
+    group = until(lambda: len(members := _group(pid)) == 2 and members)
 
     answer = api.call("POST", "/api/processes/terminate/{pid}", "done", pid=str(pid))
     assert answer == {"success": True, "message": f"Process {pid} terminated successfully"}
-    _until(lambda: all(_gone(process) for process in group), seconds=5)
+    until(lambda: all(_gone(process) for process in group), seconds=5)
     assert str(pid) not in api.active()
     status = api.call("GET", "/api/processes/status/{pid}", "status", pid=str(pid))
     assert status["process"]["status"] == "terminated"
@@ -263,14 +253,14 @@ def test_pause_stops_every_process_of_the_group_and_resume_continues_them(
 ) -> None:
     api.submit(SLEEPER, use_cache=False)
     pid = api.pid_of(SLEEPER)
-    group = _until(lambda: len(members := _group(pid)) == 2 and members)
+    group = until(lambda: len(members := _group(pid)) == 2 and members)
 
     def states() -> set[str]:
         return {process.status() for process in group}
 
     answer = api.call("POST", "/api/processes/pause/{pid}", "done", pid=str(pid))
     assert answer == {"success": True, "message": f"Process {pid} paused successfully"}
-    _until(lambda: states() == {psutil.STATUS_STOPPED})
+    until(lambda: states() == {psutil.STATUS_STOPPED})
     status = api.call("GET", "/api/processes/status/{pid}", "status", pid=str(pid))
     assert status["process"]["status"] == "paused"
     assert api.active()[str(pid)]["status"] == "paused"
@@ -279,7 +269,7 @@ def test_pause_stops_every_process_of_the_group_and_resume_continues_them(
 
     answer = api.call("POST", "/api/processes/resume/{pid}", "done", pid=str(pid))
     assert answer == {"success": True, "message": f"Process {pid} resumed successfully"}
-    _until(lambda: psutil.STATUS_STOPPED not in states())
+    until(lambda: psutil.STATUS_STOPPED not in states())
     status = api.call("GET", "/api/processes/status/{pid}", "status", pid=str(pid))
     assert status["process"]["status"] == "running"
     again = api.call("POST", "/api/processes/resume/{pid}", "failure", status=404, pid=str(pid))

@@ -19,7 +19,7 @@ import requests
 
 from runcache.wire import CacheStats, Cleared, CommandResult
 
-from conftest import LiveServer, start_server
+from conftest import LiveServer, start_server, until
 
 S = TypeVar("S", bound=msgspec.Struct)
 
@@ -47,7 +47,7 @@ def test_run_twice_hit_clear_and_stats_zero(live_server: LiveServer) -> None:
     assert (stats.size, stats.hits, stats.misses, stats.evictions) == (0, 0, 0, 0)
     assert stats.hit_rate == "0.0%"
     # The line is read from the server's stderr by a thread of its own: wait for it.
-    _until(lambda: any("🧹 Cache cleared" in line for line in live_server.output))
+    until(lambda: any("🧹 Cache cleared" in line for line in live_server.output))
 
 
 def test_twenty_concurrent_identical_requests_run_once(
@@ -91,7 +91,7 @@ def test_a_stop_signal_kills_running_commands_and_exits_0(
         target=lambda: answers.append(post(server, "/api/command", command=command))
     )
     thread.start()
-    _until(lambda: pid_file.exists() and bool(pid_file.read_text().strip()))
+    until(lambda: pid_file.exists() and bool(pid_file.read_text().strip()))
     sleeper = psutil.Process(int(pid_file.read_text()))
     server.process.send_signal(signum)
     assert server.process.wait(15) == 0
@@ -111,13 +111,6 @@ def _sleeper(pid_file: Path) -> str:
     return f"sh -c 'read -r pid rest < /proc/self/stat; echo $pid > {pid_file}; exec sleep 120' &"
 
 
-def _until(probe: Callable[[], bool], seconds: float = 15.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not probe():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
-
-
 def test_a_stop_kills_every_running_group_not_only_the_first(
     live_server_factory: Callable[..., LiveServer], tmp_path: Path
 ) -> None:
@@ -127,7 +120,7 @@ def test_a_stop_kills_every_running_group_not_only_the_first(
         accepted = requests.post(f"{server.url}/api/command", timeout=10, json={
             "command": f"{_sleeper(pid_file)} wait", "background": True})
         assert accepted.status_code == 202
-    _until(lambda: all(path.exists() and path.read_text().strip() for path in pid_files))
+    until(lambda: all(path.exists() and path.read_text().strip() for path in pid_files))
     sleepers = [psutil.Process(int(path.read_text())) for path in pid_files]
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(15) == 0
@@ -156,13 +149,13 @@ def test_commands_never_read_the_servers_stdin(
 
 def test_a_hit_costs_no_info_log_line(live_server: LiveServer) -> None:
     post(live_server, "/api/command", command="echo quiet")
-    _until(lambda: any("ran 'echo quiet'" in line for line in live_server.output))
+    until(lambda: any("ran 'echo quiet'" in line for line in live_server.output))
     lines_before = len(live_server.output)
     for _ in range(5):
         assert post(live_server, "/api/command", command="echo quiet").json()["cached"]
     # The log keeps the order of events: once a later run's line is in, a hit's would be.
     post(live_server, "/api/command", command="echo after")
-    _until(lambda: any("ran 'echo after'" in line for line in live_server.output))
+    until(lambda: any("ran 'echo after'" in line for line in live_server.output))
     assert [line for line in live_server.output[lines_before:]
             if "ran 'echo after'" not in line] == []
 
@@ -255,7 +248,7 @@ def test_two_workers_serve_one_port_share_the_cache_and_stop_together(
         target=lambda: _ignore_errors(requests.post, url, json=sleep, timeout=30)
     )
     waiter.start()
-    _until(lambda: pid_file.exists() and bool(pid_file.read_text().strip()))
+    until(lambda: pid_file.exists() and bool(pid_file.read_text().strip()))
     sleeper = psutil.Process(int(pid_file.read_text()))
     assert server.stop() == 0
     waiter.join(10)

@@ -8,27 +8,17 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
 from starlette.testclient import TestClient
 
-from conftest import LiveServer
+from conftest import LiveServer, until
 
 #: A fresh value each run, and long enough that requests overlap its refresh.
 UUID = "cat /proc/sys/kernel/random/uuid; sleep 0.3"
-
-
-def _until(probe: Callable[[], Any], seconds: float = 15.0) -> Any:
-    deadline = time.monotonic() + seconds
-    while not (value := probe()):
-        assert time.monotonic() < deadline, "the condition never came"
-        time.sleep(0.02)
-    return value
 
 
 def _expired(client: TestClient, command: str) -> bool:
@@ -45,12 +35,12 @@ def test_a_stale_result_answers_at_once_and_one_run_refreshes_it(
 ) -> None:
     client = client_factory()
     first = client.post("/api/command", json={"command": UUID, "ttl": 0.3}).json()
-    _until(lambda: _expired(client, UUID))
+    until(lambda: _expired(client, UUID))
     answers = [client.post("/api/command", json={"command": UUID, "stale": 60}).json()
                for _ in range(5)]
     assert answers[0]["stale"] is True and answers[0]["cached"] is True
     assert answers[0]["stdout"] == first["stdout"]
-    _until(lambda: _no_job_running(client))
+    until(lambda: _no_job_running(client))
     fresh = client.post("/api/command", json={"command": UUID}).json()
     assert fresh["cached"] is True and "stale" not in fresh
     assert fresh["stdout"] != first["stdout"]
@@ -67,7 +57,7 @@ def test_without_stale_an_expired_result_is_run_again(
 ) -> None:
     client = client_factory()
     first = client.post("/api/command", json={"command": UUID, "ttl": 0.3}).json()
-    _until(lambda: _expired(client, UUID))
+    until(lambda: _expired(client, UUID))
     again = client.post("/api/command", json={"command": UUID, "stale": 0}).json()
     assert again["cached"] is False and again["stdout"] != first["stdout"]
     assert client.get("/api/cache/stats").json()["stale_hits"] == 0
@@ -78,10 +68,10 @@ def test_default_stale_answers_requests_that_do_not_say(
 ) -> None:
     client = client_factory(default_stale=60.0)
     first = client.post("/api/command", json={"command": UUID, "ttl": 0.3}).json()
-    _until(lambda: _expired(client, UUID))
+    until(lambda: _expired(client, UUID))
     answer = client.post("/api/command", json={"command": UUID}).json()
     assert (answer["stale"], answer["stdout"]) == (True, first["stdout"])
-    _until(lambda: _no_job_running(client))
+    until(lambda: _no_job_running(client))
 
 
 @pytest.mark.parametrize(("stale", "message"), [
@@ -121,7 +111,7 @@ def test_servers_sharing_a_store_refresh_a_stale_result_once(
                              params={"prefix": "echo run"}, timeout=30).json()
         return not found["entries"]
 
-    _until(expired)
+    until(expired)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(
             lambda url: requests.post(f"{url}/api/command",
@@ -137,7 +127,7 @@ def test_servers_sharing_a_store_refresh_a_stale_result_once(
         return found["cached"] and found["stdout"] != first["stdout"]
 
     # Asked without stale only once the refresh has stored (a miss would run it again).
-    _until(lambda: not expired() and refreshed())
+    until(lambda: not expired() and refreshed())
     assert runs.read_text().splitlines() == ["run", "run"]  # the first run, one refresh
 
 
@@ -158,9 +148,9 @@ def test_runcache_run_stale_answers_an_expired_result(live_server: LiveServer) -
                              params={"prefix": "cat /proc"}, timeout=30).json()
         return not found["entries"]
 
-    _until(expired)
+    until(expired)
     assert run("--stale", "60") == first
-    _until(lambda: not expired())  # the refresh stored a new result
+    until(lambda: not expired())  # the refresh stored a new result
     assert run() != first
 
 
@@ -169,13 +159,13 @@ def test_a_background_request_and_its_job_say_the_answer_was_stale(
 ) -> None:
     client = client_factory()
     client.post("/api/command", json={"command": UUID, "ttl": 0.3})
-    _until(lambda: _expired(client, UUID))
+    until(lambda: _expired(client, UUID))
     accepted = client.post("/api/command", json={"command": UUID, "stale": 60,
                                                  "background": True})
     assert accepted.status_code == 202, accepted.text
     job = client.get(f"/api/jobs/{accepted.json()['job_id']}").json()
     assert job["result"]["cached"] is True and job["result"]["stale"] is True
-    _until(lambda: _no_job_running(client))
+    until(lambda: _no_job_running(client))
 
 
 def test_a_request_without_stale_leaves_the_expired_result_to_those_with_it(
@@ -189,7 +179,7 @@ def test_a_request_without_stale_leaves_the_expired_result_to_those_with_it(
                f"while [ ! -e {gate} ]; do sleep 0.02; done; fi; touch {ran}")
     client = client_factory()
     first = client.post("/api/command", json={"command": command, "ttl": 0.3}).json()
-    _until(lambda: _expired(client, command))
+    until(lambda: _expired(client, command))
     plain = client.post("/api/command", json={"command": command, "background": True}).json()
     assert plain["status"] == "running"  # a miss: the run waits on the gate
     opener = threading.Timer(10, gate.touch)  # so that a wrong answer fails, not hangs
@@ -201,6 +191,6 @@ def test_a_request_without_stale_leaves_the_expired_result_to_those_with_it(
     finally:
         gate.touch()
         opener.cancel()
-    _until(lambda: _no_job_running(client))
+    until(lambda: _no_job_running(client))
     fresh = client.post("/api/command", json={"command": command}).json()
     assert fresh["cached"] is True and fresh["stdout"] != first["stdout"]
