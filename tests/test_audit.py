@@ -64,6 +64,8 @@ def test_runs_hits_shared_runs_jobs_and_removals_each_get_their_line(
     post(server, "/api/cache/invalidate", glob="sleep * pair")
     post(server, "/api/cache/clear")
 
+    # A turn's lines are written when the turn ends, which may be after its answers went.
+    until(lambda: audit.read_text().count("\n") >= 9)
     records = lines(audit)
     assert [record["action"] for record in records] == (
         ["command"] * 6 + ["delete", "invalidate", "clear"])
@@ -251,6 +253,7 @@ def test_refused_requests_are_audited_with_the_error(
     too_long = requests.post(server.url + "/api/command", json={"command": "echo hi",
                                                                   "timeout": 10**6}, timeout=10)
     assert refused.status_code == too_long.status_code == 400
+    until(lambda: audit.exists() and audit.read_text().count("\n") >= 2)
     first, second = lines(audit)
     assert first["command"] == "rm -rf /tmp/x" and first["error"] == refused.json()["error"]
     assert first["cache_key"] is None and first["return_code"] is None
