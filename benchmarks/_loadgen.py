@@ -233,7 +233,7 @@ class _Lane:
     async def _reconnect(self) -> None:
         try:
             await self.connect()
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             self.finish()  # counts the unsent request
             return
         if self.done.done():

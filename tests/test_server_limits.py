@@ -103,7 +103,7 @@ async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
     """Whether the server closes the connection within ``seconds``, sending nothing."""
     try:
         data = await asyncio.wait_for(reader.read(65536), seconds)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return False
     except ConnectionError:  # reset: closed with our bytes unread
         return True

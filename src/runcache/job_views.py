@@ -20,7 +20,7 @@ import contextlib
 import re
 import weakref
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import msgspec
 import psutil
@@ -329,7 +329,7 @@ class ProcessNotFound(NotFound):
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 def _seconds(value: float) -> str:

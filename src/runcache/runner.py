@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from runcache import containment
 from runcache.run_limits import NO_LIMITS, RunLimits
@@ -253,7 +253,7 @@ class Runner:
         (not counting time paused), whichever is first."""
         own_control = control is None
         control = control or RunControl(self.max_output_bytes)
-        timestamp = datetime.now(timezone.utc).isoformat()
+        timestamp = datetime.now(UTC).isoformat()
         started = time.monotonic()
         try:
             try:
