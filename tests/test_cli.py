@@ -15,10 +15,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
+import click
 import orjson
 import psutil
 import pytest
 import requests
+from click.testing import CliRunner
+
+from runcache.cli import cli
 
 from conftest import LiveServer, free_port, until
 
@@ -369,3 +373,25 @@ def test_entries_lists_and_invalidate_deletes_with_the_admin_token(
     assert [entry["command"] for entry in left] == ["sh -c 'printf other'"]
     both = runcache("invalidate", "--prefix", "a", "--glob", "b", env=env)
     assert both.returncode == 2 and b'exactly one of "prefix" and "glob"' in both.stderr
+
+
+def _commands(group: click.Group, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for name, command in group.commands.items():
+        yield (*path, name)
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+
+
+def test_dash_h_is_help_for_runcache_and_every_command() -> None:
+    runner = CliRunner()
+    top = runner.invoke(cli, ["-h"])
+    assert top.exit_code == 0 and "Commands:" in top.output, top.output
+    for path in _commands(cli):
+        shown = runner.invoke(cli, [*path, "-h"])
+        assert shown.exit_code == 0, (path, shown.output)
+        assert shown.output.startswith("Usage: ") and " ".join(path) in shown.output.splitlines()[0]
+
+
+def test_dash_h_after_the_command_of_run_is_the_command_s() -> None:
+    done = runcache("run", "--", "echo", "-h")
+    assert (done.returncode, done.stdout) == (0, b"-h\n")

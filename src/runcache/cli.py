@@ -44,7 +44,7 @@ class DefaultGroup(click.Group):
     """A group that runs ``serve`` when no command is named, as ``runcache`` alone should."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if not args or (args[0].startswith("-") and args[0] not in ("--help", "--version")):
+        if not args or (args[0].startswith("-") and args[0] not in ("-h", "--help", "--version")):
             args = ["serve", *args]
         return super().parse_args(ctx, args)
 
@@ -68,7 +68,12 @@ def setting_options(command: F) -> F:
     return command
 
 
-@click.group(cls=DefaultGroup)
+#: ``-h`` is help everywhere, as in gh, docker and httpie (subcommands inherit it);
+#: after a command given to ``run`` it is that command's.
+_HELP = {"help_option_names": ["-h", "--help"]}
+
+
+@click.group(cls=DefaultGroup, context_settings=_HELP)
 @click.version_option(__version__, prog_name="runcache")
 def cli() -> None:
     """runcache: run commands for AI agents and scripts, and cache their results."""
