@@ -241,6 +241,34 @@ def test_ctrl_c_cancels_a_run_only_it_wanted(live_server: LiveServer, tmp_path: 
     assert _group_gone(int(pid_file.read_text()))
 
 
+def test_sigterm_cancels_a_run_and_exits_143(live_server: LiveServer, spawn_cli: SpawnCli
+                                             ) -> None:
+    process = spawn_cli("run", "--", "sh", "-c", f"echo started; sleep 60 # {uuid.uuid4().hex}",
+                        server=live_server)
+    assert process.stdout is not None
+    assert _read_line(process.stdout) == b"started\n"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 143
+    assert process.communicate(timeout=10)[1] == b"runcache: cancelled\n"
+
+
+def test_a_run_another_client_cancels_exits_137_and_says_who(
+    live_server: LiveServer, spawn_cli: SpawnCli
+) -> None:
+    marker = uuid.uuid4().hex
+    process = spawn_cli("run", "--", "sh", "-c", f"echo started; sleep 60 # {marker}",
+                        server=live_server)
+    assert process.stdout is not None
+    assert _read_line(process.stdout) == b"started\n"
+    jobs = requests.get(f"{live_server.url}/api/jobs", timeout=5).json()["jobs"]
+    [job] = [job for job in jobs if marker in job["command"]]
+    cancelled = requests.post(f"{live_server.url}/api/jobs/{job['job_id']}/cancel", timeout=10)
+    assert cancelled.status_code == 200, cancelled.text
+    assert process.wait(30) == 137
+    assert process.communicate(timeout=10)[1] == (
+        b"runcache: the run was cancelled by another client\n")
+
+
 def test_ctrl_c_leaves_a_run_another_client_waits_on(live_server: LiveServer, tmp_path: Path,
                                                      spawn_cli: SpawnCli) -> None:
     gate = tmp_path / "gate"

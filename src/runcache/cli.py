@@ -233,6 +233,8 @@ def _exit_status(result: CommandResult) -> int:
     if result.timed_out:
         click.echo("runcache: the command timed out and was killed", err=True)
         return EXIT_TIMED_OUT
+    if result.cancelled:  # this client did not give it up: another one cancelled it
+        click.echo("runcache: the run was cancelled by another client", err=True)
     code = result.return_code
     return 128 - code if code < 0 else code
 
