@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import select
 import shlex
 import signal
@@ -423,3 +424,10 @@ def test_dash_h_is_help_for_runcache_and_every_command() -> None:
 def test_dash_h_after_the_command_of_run_is_the_command_s() -> None:
     done = runcache("run", "--", "echo", "-h")
     assert (done.returncode, done.stdout) == (0, b"-h\n")
+
+
+def test_serve_help_speaks_one_placeholder_style_and_names_empty_defaults() -> None:
+    shown = CliRunner().invoke(cli, ["serve", "-h"], terminal_width=200).output
+    placeholders = set(re.findall(r"^\s+--[a-z-]+ ([A-Z]+)\s", shown, flags=re.MULTILINE))
+    assert placeholders and placeholders <= {"N", "SECONDS", "TEXT"}, placeholders
+    assert "default ]" not in shown and "default none]" in shown

@@ -49,6 +49,16 @@ class DefaultGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
+#: One placeholder style for every flag's value: what it is, not the Python type behind it
+#: (every float setting is a duration in seconds, by the settings table's rule).
+_PLACEHOLDERS: dict[type, str] = {int: "N", float: "SECONDS", bool: "BOOL"}
+
+
+def _shown(default: object) -> str:
+    """A default as help prints it: an empty one says so rather than printing nothing."""
+    return "none" if default in ("", None) else str(default)
+
+
 def setting_options(command: F) -> F:
     """Add a flag for every setting in the table; unset flags fall back to env, then default.
 
@@ -61,9 +71,9 @@ def setting_options(command: F) -> F:
             setting.flag,
             setting.name,
             type=str,
-            metavar=setting.kind.__name__.upper(),
+            metavar=_PLACEHOLDERS.get(setting.kind, "TEXT"),
             default=None,
-            help=f"{setting.help} [env {setting.env_var}; default {setting.default}]",
+            help=f"{setting.help} [env {setting.env_var}; default {_shown(setting.default)}]",
         )(command)
     return command
 
