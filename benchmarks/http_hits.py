@@ -170,7 +170,7 @@ def metrics_call_costs() -> str:
             start = time.perf_counter()
             for _ in range(calls):
                 metrics.hit()
-                metrics.request("/api/command", 0.0004)
+                metrics.request(("/api/command", "POST", "200"), 0.0004)
             best = min(best, (time.perf_counter() - start) / calls)
         return best * 1e6
 

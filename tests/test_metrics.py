@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
+from runcache import __version__
 from runcache.metrics import (
     BENCHMARK_OFF_ENV,
     REQUEST_BUCKETS,
@@ -107,9 +109,33 @@ def test_route_labels_are_templates_and_unknown_paths_one_label(client: TestClie
               if name == "runcache_http_request_duration_seconds_count"}
     assert routes == {"/api/jobs/{job_id}", "other", "/livez"}
     count = "runcache_http_request_duration_seconds_count"
-    assert value(samples, count, route="/api/jobs/{job_id}") == 3
-    assert value(samples, count, route="other") == 3
-    assert value(samples, count, route="/livez") == 2
+    assert value(samples, count, route="/api/jobs/{job_id}", method="GET", code="404") == 3
+    assert value(samples, count, route="other", method="GET", code="404") == 3
+    assert value(samples, count, route="/livez", method="GET", code="200") == 1
+    assert value(samples, count, route="/livez", method="POST", code="405") == 1
+
+
+def test_streams_are_timed_apart_from_requests(client: TestClient) -> None:
+    job = client.post("/api/command", json={"command": "echo followed", "background": True})
+    job_id = job.json()["job_id"]
+    until(lambda: client.get(f"/api/jobs/{job_id}").json()["status"] == "completed")
+    with client.stream("GET", f"/api/jobs/{job_id}/events") as events:
+        assert b"followed" in b"".join(events.iter_bytes())
+    samples = scrape(client)
+    events_route = "/api/jobs/{job_id}/events"
+    assert value(samples, "runcache_http_stream_duration_seconds_count", route=events_route) == 1
+    timed = {dict(labels)["route"] for (name, labels) in samples
+             if name == "runcache_http_request_duration_seconds_count"}
+    assert events_route not in timed and "/api/jobs/{job_id}" in timed
+
+
+def test_build_process_and_python_figures_are_exposed(client: TestClient) -> None:
+    samples = scrape(client)
+    builds = [dict(labels) for (name, labels) in samples if name == "runcache_build_info"]
+    assert builds == [{"version": __version__, "python": platform.python_version()}]
+    assert value(samples, "process_resident_memory_bytes") > 1_000_000
+    assert value(samples, "process_cpu_seconds_total") > 0
+    assert any(name == "python_info" for (name, _) in samples)
 
 
 def test_evictions_and_expirations_keep_rising_across_clears(
@@ -221,9 +247,11 @@ def test_a_live_server_counts_every_outcome_behind_its_token(
     assert value(samples, "runcache_running_commands") == 0
     assert value(samples, "runcache_command_duration_seconds_count") == 4
     assert value(samples, "runcache_http_request_duration_seconds_count",
-                 route="/api/jobs/{job_id}/cancel") == 1
-    # The refused scrapes were timed too, under their route.
-    assert value(samples, "runcache_http_request_duration_seconds_count", route="/metrics") >= 2
+                 route="/api/jobs/{job_id}/cancel", method="POST", code="200") == 1
+    # The refused scrapes were timed too, under their route and their refusal's code.
+    for refused in ("401", "403"):
+        assert value(samples, "runcache_http_request_duration_seconds_count", route="/metrics",
+                     method="GET", code=refused) >= 1
 
 
 def test_two_workers_sum_into_every_scrape(
@@ -259,7 +287,7 @@ def test_two_workers_sum_into_every_scrape(
         assert value(samples, "runcache_cache_evictions_total") == 2
         assert value(samples, "runcache_cache_entries") == 1
         assert value(samples, "runcache_http_request_duration_seconds_count",
-                     route="/api/command") == len(workers) + 13
+                     route="/api/command", method="POST", code="200") == len(workers) + 13
 
     # A worker killed mid-run: its run stops counting as running, its counts stay.
     job = requests.post(server.url + "/api/command", timeout=30,
@@ -322,14 +350,17 @@ def test_route_durations_read_as_prometheus_clients_own_histogram() -> None:
     the bucket past the last one included."""
     registry = CollectorRegistry()
     histogram = Histogram("runcache_http_request_duration_seconds",
-                          "How long HTTP requests took, by route template.", ["route"],
+                          "How long HTTP requests took, by route template, method and status "
+                          "code.", ["route", "method", "code"],
                           buckets=REQUEST_BUCKETS, registry=registry)
     metrics = Metrics()
-    requests_made = [("/api/command", seconds) for seconds in (0.0, 0.0003, *REQUEST_BUCKETS)]
-    requests_made += [("/api/command", 301.0), ("/livez", 0.001), ("other", 0.00051)]
-    for route, seconds in requests_made:
-        metrics.request(route, seconds)
-        histogram.labels(route).observe(seconds)
+    command = ("/api/command", "POST", "200")
+    requests_made = [(command, seconds) for seconds in (0.0, 0.0003, *REQUEST_BUCKETS)]
+    requests_made += [(command, 301.0), (("/livez", "GET", "200"), 0.001),
+                      (("other", "GET", "404"), 0.00051), (("/api/command", "POST", "400"), 0.01)]
+    for labels, seconds in requests_made:
+        metrics.request(labels, seconds)
+        histogram.labels(*labels).observe(seconds)
     ours = {key: value for key, value in parse(metrics.exposition(0, 0).decode()).items()
             if key[0].startswith("runcache_http_request_duration_seconds")}
     theirs = parse(generate_latest(registry).decode())

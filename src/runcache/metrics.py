@@ -35,6 +35,7 @@ import fcntl
 import itertools
 import json
 import os
+import platform
 import shutil
 import tempfile
 import threading
@@ -47,7 +48,10 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
     values,
@@ -61,6 +65,7 @@ from prometheus_client.core import (
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.utils import floatToGoString
 
+from runcache import __version__
 from runcache.runner import RunResult
 from runcache.stores.base import CacheStats
 
@@ -87,6 +92,12 @@ COMMAND_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 
 #: Request durations: a hit takes well under a millisecond, a run as long as it runs.
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
                    5, 10, 30, 60, 300)
+
+#: How long streams stay open: a follow of a quick run to a watch of an hour's.
+STREAM_BUCKETS = (0.1, 1, 10, 60, 300, 900, 3600, 14400)
+
+#: A request's labels: its route template, method and status code.
+RequestLabels = tuple[str, str, str]
 
 #: The file in the multiprocess directory that holds the shared store ledger (not
 #: ``*.db``, which the multiprocess collector reads as metrics).
@@ -143,6 +154,18 @@ class Metrics:
             self._registry.register(self._requests)
         else:
             self._requests = _SharedRouteDurations()
+        self._streams = Histogram(
+            "runcache_http_stream_duration_seconds", "How long answers streamed as events "
+            "(SSE, MCP over HTTP) stayed open, by route template.", ["route"],
+            buckets=STREAM_BUCKETS, registry=own)
+        build = Gauge("runcache_build_info", "runcache's version and Python's (always 1).",
+                      ["version", "python"], registry=own, multiprocess_mode="max")
+        build.labels(__version__, platform.python_version()).set(1)
+        # The process's memory, CPU and descriptors, and Python's version and collections:
+        # what the answering process reads of itself (with --workers, the worker scraped).
+        ProcessCollector(registry=self._registry)
+        PlatformCollector(registry=self._registry)
+        GCCollector(registry=self._registry)
         self._running = Gauge("runcache_running_commands", "Commands running now.",
                               registry=own, multiprocess_mode="livesum")
         ledger = None if multiprocess_dir is None else os.path.join(multiprocess_dir,
@@ -192,9 +215,15 @@ class Metrics:
         """The store's counts as just read (or, with ``cleared``, as a clear reset them)."""
         self.store_counts.observe(stats, cleared)
 
-    def request(self, route: str, seconds: float) -> None:
-        """An HTTP request to ``route`` (a template or :data:`OTHER_ROUTE`) took ``seconds``."""
-        self._requests.observe(route, seconds)
+    def request(self, labels: RequestLabels, seconds: float) -> None:
+        """An HTTP request took ``seconds``: its route (a template or :data:`OTHER_ROUTE`),
+        method and status code."""
+        self._requests.observe(labels, seconds)
+
+    def stream(self, route: str, seconds: float) -> None:
+        """An answer streamed as events (SSE, MCP over HTTP) was open ``seconds``: kept apart
+        from request latency, which a stream open for minutes would swamp."""
+        self._streams.labels(route).observe(seconds)
 
     # -- the scrape ------------------------------------------------------------
 
@@ -237,7 +266,10 @@ class NoMetrics(Metrics):
     def store_seen(self, stats: CacheStats, cleared: bool = False) -> None:
         pass
 
-    def request(self, route: str, seconds: float) -> None:
+    def request(self, labels: RequestLabels, seconds: float) -> None:
+        pass
+
+    def stream(self, route: str, seconds: float) -> None:
         pass
 
     def exposition(self, entries: int, size: int) -> bytes:
@@ -305,7 +337,8 @@ def _empty_ledger() -> dict[str, dict[str, int]]:
 
 
 _REQUESTS = "runcache_http_request_duration_seconds"
-_REQUESTS_HELP = "How long HTTP requests took, by route template."
+_REQUESTS_HELP = "How long HTTP requests took, by route template, method and status code."
+_REQUEST_LABELS = ["route", "method", "code"]
 
 
 class RouteDurations:
@@ -326,21 +359,21 @@ class RouteDurations:
         self._bounds = REQUEST_BUCKETS
         self._le = [floatToGoString(bound)  # type: ignore[no-untyped-call]
                     for bound in REQUEST_BUCKETS] + ["+Inf"]
-        #: By route: the requests in each bucket (the last one ``+Inf``), then their sum.
-        self._routes: dict[str, list[float]] = {}
+        #: By labels: the requests in each bucket (the last one ``+Inf``), then their sum.
+        self._routes: dict[RequestLabels, list[float]] = {}
 
-    def observe(self, route: str, seconds: float) -> None:
-        figures = self._routes.get(route)
+    def observe(self, labels: RequestLabels, seconds: float) -> None:
+        figures = self._routes.get(labels)
         if figures is None:
-            figures = self._routes[route] = [0.0] * (len(self._bounds) + 2)
+            figures = self._routes[labels] = [0.0] * (len(self._bounds) + 2)
         figures[bisect_left(self._bounds, seconds)] += 1
         figures[-1] += seconds
 
     def collect(self) -> Iterable[Metric]:
-        family = HistogramMetricFamily(_REQUESTS, _REQUESTS_HELP, labels=["route"])
-        for route, figures in self._routes.items():
+        family = HistogramMetricFamily(_REQUESTS, _REQUESTS_HELP, labels=_REQUEST_LABELS)
+        for labels, figures in self._routes.items():
             buckets = zip(self._le, itertools.accumulate(figures[:-1]), strict=True)
-            family.add_metric([route], list(buckets), sum_value=figures[-1])
+            family.add_metric(list(labels), list(buckets), sum_value=figures[-1])
         yield family
 
 
@@ -348,14 +381,14 @@ class _SharedRouteDurations:
     """:class:`RouteDurations` in multiprocess mode: prometheus_client's Histogram."""
 
     def __init__(self) -> None:
-        self._histogram = Histogram(_REQUESTS, _REQUESTS_HELP, ["route"],
+        self._histogram = Histogram(_REQUESTS, _REQUESTS_HELP, _REQUEST_LABELS,
                                     buckets=REQUEST_BUCKETS, registry=None)
-        self._routes: dict[str, Histogram] = {}
+        self._routes: dict[RequestLabels, Histogram] = {}
 
-    def observe(self, route: str, seconds: float) -> None:
-        child = self._routes.get(route)
+    def observe(self, labels: RequestLabels, seconds: float) -> None:
+        child = self._routes.get(labels)
         if child is None:
-            child = self._routes[route] = self._histogram.labels(route)
+            child = self._routes[labels] = self._histogram.labels(*labels)
         child.observe(seconds)
 
 
