@@ -393,6 +393,13 @@ def test_entries_lists_and_invalidate_deletes_with_the_admin_token(
     assert [line.endswith(f"two {marker}'") for line in lines[1:]] == [True, False]  # newest first
     as_json = orjson.loads(runcache("entries", "--json", env=env).stdout)
     assert len(as_json["entries"]) == 3
+    # The keys shown are whole: each one finds its entry through the API.
+    key = lines[1].split()[0]
+    assert key in {entry["cache_key"] for entry in as_json["entries"]}
+    found = requests.get(f"{server.url}/api/cache/entries/{key}", timeout=10,
+                         headers={"Authorization": f"Bearer {token}"})
+    assert found.status_code == 200, found.text
+    assert all(line[len(key):len(key) + 2] == "  " for line in lines)  # the columns line up
     refused = runcache("invalidate", "--glob", f"*{marker}*", env=env)
     assert refused.returncode == 2 and b"needs the admin token" in refused.stderr
     done = runcache("invalidate", "--glob", f"*{marker}*",

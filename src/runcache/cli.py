@@ -286,12 +286,13 @@ def entries(prefix: str, limit: int, as_json: bool, server: str | None) -> None:
     if as_json:
         click.echo(orjson.dumps(to_builtins(listing), option=orjson.OPT_INDENT_2).decode())
         return
-    click.echo(f"{'KEY':<12}  {'BYTES':>9}  {'HITS':>6}  {'EXPIRES IN':>10}  COMMAND")
+    # Whole keys: a key is shown to be used (GET/DELETE /api/cache/entries/{key}).
+    width = max((len(entry.cache_key) for entry in listing.entries), default=3)
+    click.echo(f"{'KEY':<{width}}  {'BYTES':>9}  {'HITS':>6}  {'EXPIRES IN':>10}  COMMAND")
     now = time.time()
     for entry in listing.entries:
-        command = entry.command if len(entry.command) <= 60 else entry.command[:57] + "..."
-        click.echo(f"{entry.cache_key[:12]:<12}  {entry.bytes:>9}  {entry.hits:>6}  "
-                   f"{max(0.0, entry.expires_at - now):>9.0f}s  {command}")
+        click.echo(f"{entry.cache_key:<{width}}  {entry.bytes:>9}  {entry.hits:>6}  "
+                   f"{max(0.0, entry.expires_at - now):>9.0f}s  {_cut(entry.command)}")
 
 
 @cli.command()
@@ -319,11 +320,19 @@ def jobs(ctx: click.Context, as_json: bool, server: str | None) -> None:
     if as_json:
         click.echo(orjson.dumps(to_builtins(listing), option=orjson.OPT_INDENT_2).decode())
         return
-    click.echo(f"{'JOB':<22}  {'STATUS':<9}  {'PID':>7}  {'RUNTIME':>9}  {'OUTPUT':>10}  COMMAND")
+    width = max((len(job.job_id) for job in listing.jobs), default=3)
+    click.echo(f"{'JOB':<{width}}  {'STATUS':<9}  {'PID':>7}  {'RUNTIME':>9}  {'OUTPUT':>10}  "
+               "COMMAND")
     for job in listing.jobs:
-        command = job.command if len(job.command) <= 60 else job.command[:57] + "..."
-        click.echo(f"{job.job_id:<22}  {job.status:<9}  {job.pid or '-':>7}  "
-                   f"{job.runtime:>8.1f}s  {job.stdout_bytes + job.stderr_bytes:>9}B  {command}")
+        click.echo(f"{job.job_id:<{width}}  {job.status:<9}  {job.pid or '-':>7}  "
+                   f"{job.runtime:>8.1f}s  {job.stdout_bytes + job.stderr_bytes:>9}B  "
+                   f"{_cut(job.command)}")
+
+
+def _cut(text: str, most: int = 60) -> str:
+    """A table's last column: one line, at most ``most`` characters, an ellipsis where cut."""
+    line = " ".join(text.split())
+    return line if len(line) <= most else line[:most - 1] + "…"
 
 
 @jobs.command()
