@@ -18,6 +18,7 @@ from runcache.config import Config
 from runcache.errors import RuncacheError
 from runcache.mcp_http import McpEndpoint
 from runcache.openapi import openapi_json
+from runcache.origins import OriginGuard
 from runcache.service import Engine
 
 
@@ -45,6 +46,11 @@ def create_app(config: Config | None = None, engine: Engine | None = None) -> St
     if engine.metrics.enabled:  # outermost, so that requests the token gate refuses count too
         middleware.append(Middleware(metrics_http.RequestTimer, metrics=engine.metrics,
                                      routes=routes))
+    # Before the token gate, so a browser page of another origin is refused tokens or not.
+    middleware.append(Middleware(
+        OriginGuard, host=engine.config.host, allowed_hosts=engine.config.host_names,
+        allowed_origins=engine.config.origins,
+    ))
     if engine.config.token:
         admin_routes = [(method, route.path) for route in routes if api.is_admin(route)
                         for method in route.methods or ()]

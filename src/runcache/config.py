@@ -166,6 +166,14 @@ class Config:
         "", "Comma-separated absolute directories a request's cwd must lie within"
         " (empty: any existing directory).",
     )
+    allowed_hosts: str = _setting(
+        "", "Comma-separated further names (name or name:port) the Host header of a request"
+        " may carry, besides 127.0.0.1, localhost, [::1] and --host: a reverse proxy's.",
+    )
+    allowed_origins: str = _setting(
+        "", "Comma-separated further browser origins (https://ui.example) whose pages may"
+        " call the server; pages of other origins are refused.",
+    )
 
     def __post_init__(self) -> None:
         for setting in dataclasses.fields(self):
@@ -216,6 +224,10 @@ class Config:
         for root in self.cwd_roots:
             if not os.path.isabs(root) or not os.path.isdir(root):
                 raise ConfigError(f"allow_cwd: {root!r} is not an absolute path of a directory")
+        for origin in self.origins:
+            if not _ORIGIN.fullmatch(origin):
+                raise ConfigError(f"allowed_origins: {origin!r} is not an origin such as "
+                                  "https://ui.example or http://127.0.0.1:3000")
 
     def _load_tokens(self) -> None:
         # Frozen, but a token read from a file belongs in the token field itself.
@@ -267,6 +279,16 @@ class Config:
     def cwd_roots(self) -> tuple[str, ...]:
         """The directories of ``allow_cwd``; empty means a request's cwd may be any."""
         return _names(self.allow_cwd)
+
+    @property
+    def host_names(self) -> tuple[str, ...]:
+        """The names of ``allowed_hosts``."""
+        return _names(self.allowed_hosts)
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        """The origins of ``allowed_origins``."""
+        return _names(self.allowed_origins)
 
     @classmethod
     def load(
@@ -386,4 +408,5 @@ MIN_TOKEN_LENGTH = 16
 _TOKEN = re.compile(rf"[A-Za-z0-9\-._~+/]{{{MIN_TOKEN_LENGTH},}}=*")
 _SIZE = re.compile(r"(\d{1,20})\s*(?:([KMGTkmgt])(?:i?[Bb])?)?")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ORIGIN = re.compile(r"https?://[^/?#\s]+/?", re.IGNORECASE)
 

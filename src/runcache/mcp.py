@@ -35,6 +35,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools import Tool
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.server.transport_security import TransportSecuritySettings
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from msgspec import Struct
 from starlette.routing import Route
@@ -395,17 +396,22 @@ def _answer(value: Struct) -> CallToolResult:
     return CallToolResult(content=[text], structured_content=wire.to_builtins(value))
 
 
-def streamable_http(backend: ToolBackend, several_workers: bool,
-                    host: str) -> tuple[ASGIApp, StreamableHTTPSessionManager]:
+def streamable_http(backend: ToolBackend,
+                    several_workers: bool) -> tuple[ASGIApp, StreamableHTTPSessionManager]:
     """MCP's Streamable HTTP transport over ``backend``: the ASGI app that answers at
     ``/mcp``, and the session manager to run for as long as it serves.
 
     With several worker processes a session's next request may reach another
     process, so the transport is stateless there: each request stands alone.
+    The SDK's own Host and Origin check is off: it held only when ``--host`` was
+    spelled 127.0.0.1, localhost or ::1, and let in pages of any port of those;
+    :class:`~runcache.origins.OriginGuard` checks ``/mcp`` as it checks every route.
     """
     server = build_server(backend)
-    app = server.streamable_http_app(streamable_http_path="/mcp",
-                                     stateless_http=several_workers, host=host)
+    app = server.streamable_http_app(
+        streamable_http_path="/mcp", stateless_http=several_workers,
+        transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
+    )
     route = next(route for route in app.routes if isinstance(route, Route))
     endpoint: ASGIApp = route.app
     return endpoint, server.session_manager

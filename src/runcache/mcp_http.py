@@ -64,8 +64,7 @@ class McpEndpoint:
         from runcache.mcp_backends import EngineBackend
 
         config = self.engine.config
-        return streamable_http(EngineBackend(self.engine), several_workers=config.workers > 1,
-                               host=config.host)
+        return streamable_http(EngineBackend(self.engine), several_workers=config.workers > 1)
 
     @staticmethod
     async def _run_sessions(sessions: Any,
