@@ -234,7 +234,10 @@ class Runner:
         self.cwd = cwd
         self.containment = containment.resolve(containment_mode)
         self.limits = limits
-        self._limit_prefix = limits.prefix(self.containment == containment.PID_NAMESPACE)
+        namespaced = self.containment == containment.PID_NAMESPACE
+        #: How the PID namespace is made (None: no namespace), and what wraps the command.
+        self._way = containment.namespace_way() if namespaced else None
+        self._limit_prefix = [*containment.spawn_prefix(self._way), *limits.prefix(namespaced)]
         self._watchdog = containment.Watchdog()
         self._lock = threading.Lock()
         self._running: set[int] = set()
@@ -324,7 +327,7 @@ class Runner:
 
     def _contained(self) -> contextlib.AbstractContextManager[None]:
         # No preexec_fn: it would turn subprocess's vfork into a fork of the whole server.
-        if self.containment == containment.PID_NAMESPACE:
+        if self._way == containment.BY_THREAD:
             return containment.new_pid_namespace()
         return contextlib.nullcontext()
 
