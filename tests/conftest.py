@@ -378,14 +378,14 @@ STARTUP_SECONDS = 30
 
 
 def start_server(*args: str, env: dict[str, str] | None = None,
-                 stdin: int | None = None, prefix: Sequence[str] = ()) -> LiveServer:
+                 stdin: int | None = None, python: Sequence[str] = ()) -> LiveServer:
     """Start ``runcache serve`` with the given flags (and ``stdin``, a file descriptor,
-    when given; under ``prefix``, e.g. a setpriv to another user) and wait until it
-    listens."""
+    when given; with ``python``, e.g. a setpriv to another user and an interpreter, instead
+    of this one) and wait until it listens."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")}
     environment.update(env or {})
     process = subprocess.Popen(
-        [*prefix, sys.executable, "-m", "runcache", "serve", "--port", "0", *args],
+        [*(python or [sys.executable]), "-m", "runcache", "serve", "--port", "0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=stdin,
@@ -429,8 +429,8 @@ def live_server_factory() -> Iterator[Callable[..., LiveServer]]:
     started: list[LiveServer] = []
 
     def start(*args: str, env: dict[str, str] | None = None,
-              prefix: Sequence[str] = ()) -> LiveServer:
-        server = start_server(*args, env=env, prefix=prefix)
+              python: Sequence[str] = ()) -> LiveServer:
+        server = start_server(*args, env=env, python=python)
         started.append(server)
         return server
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import select
@@ -49,7 +50,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 #: The kinds of containment a runner can use (``--containment``).
 AUTO, PID_NAMESPACE, PROCESS_GROUP = "auto", "pidns", "group"
@@ -160,6 +161,17 @@ def spawn_prefix(way: str | None) -> list[str]:
     # The thread made the PID namespace: the leader, its PID 1, mounts its /proc and
     # execs the command in place.
     return [program, "--mount-proc", "--"]
+
+
+def check_program(program: str, env: Mapping[str, str] | None) -> None:
+    """FileNotFoundError if ``program`` is neither an executable path nor found on the
+    PATH of ``env`` (the server's own without one), as a spawn would say. A relative
+    path with a slash is left to the wrapper: it is relative to the run's directory."""
+    if "/" in program and not program.startswith("/"):
+        return
+    path = (os.environ if env is None else env).get("PATH", os.defpath)
+    if shutil.which(program, path=path) is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
 
 
 def resolve(mode: str) -> str:
