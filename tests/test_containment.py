@@ -302,7 +302,7 @@ def test_a_run_cannot_disable_the_watchdog(
     watchdog = _watchdog_of(server)
     mark = marker()
     forged = "".join(f"-{pid}\\n" for pid in range(1, 4)) + "garbage\\n+x\\n"
-    attack = (f"printf '{forged}' > /proc/{watchdog.pid}/fd/0; "
+    attack = (f"printf %b '{forged}' > /proc/{watchdog.pid}/fd/0; "
               f"cat /proc/{server.process.pid}/environ; "
               f"for s in KILL STOP TERM; do kill -s $s {watchdog.pid}; done; "
               f"setsid sleep {mark} & sleep {mark}")
