@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -378,13 +378,14 @@ STARTUP_SECONDS = 30
 
 
 def start_server(*args: str, env: dict[str, str] | None = None,
-                 stdin: int | None = None) -> LiveServer:
+                 stdin: int | None = None, python: Sequence[str] = ()) -> LiveServer:
     """Start ``runcache serve`` with the given flags (and ``stdin``, a file descriptor,
-    when given) and wait until it listens."""
+    when given; with ``python``, e.g. a setpriv to another user and an interpreter, instead
+    of this one) and wait until it listens."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")}
     environment.update(env or {})
     process = subprocess.Popen(
-        [sys.executable, "-m", "runcache", "serve", "--port", "0", *args],
+        [*(python or [sys.executable]), "-m", "runcache", "serve", "--port", "0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=stdin,
@@ -427,8 +428,9 @@ def live_server_factory() -> Iterator[Callable[..., LiveServer]]:
     """Start real servers; every one still running is stopped after the test."""
     started: list[LiveServer] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> LiveServer:
-        server = start_server(*args, env=env)
+    def start(*args: str, env: dict[str, str] | None = None,
+              python: Sequence[str] = ()) -> LiveServer:
+        server = start_server(*args, env=env, python=python)
         started.append(server)
         return server
 

@@ -33,11 +33,61 @@ from conftest import LiveServer, alive, marked, marker, until
 
 @pytest.fixture(autouse=True)
 def _pid_namespaces() -> None:
-    """These tests fail, never skip, where runcache cannot make PID namespaces: CI runs
-    them as root (its test command installs packages), and a skip would hide a
+    """These tests fail, never skip, where runcache cannot make PID namespaces both ways:
+    CI runs them as root (its test command installs packages), and a skip would hide a
     containment that stopped working."""
-    assert containment.pid_namespaces_available(), (
-        "PID namespaces need CAP_SYS_ADMIN: run the tests as root")
+    assert containment.namespace_way() == containment.BY_THREAD, (
+        "PID namespaces by the spawning thread need CAP_SYS_ADMIN: run the tests as root")
+
+
+@pytest.fixture(params=[containment.BY_THREAD, containment.BY_USER_NAMESPACE])
+def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A runner test runs both ways a namespace is made: by the spawning thread (root's)
+    and by unshare in a user namespace (any user's; root may take it too)."""
+    way: str = request.param
+    monkeypatch.setattr(containment, "_probed", (way, ""))
+    return way
+
+
+#: Runs a program as user nobody, as an ordinary user would.
+AS_NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+#: The users a server runs as in the server tests: root, and nobody.
+USERS = ["root", "nobody"]
+
+
+def _nobody_runs(python: str) -> bool:
+    """Whether user nobody may start ``python`` and it is this Python's version (the venv's
+    compiled packages must load in it)."""
+    wanted = f"{sys.version_info[:2]}"
+    done = subprocess.run([*AS_NOBODY, "/bin/sh", "-c",
+                           'exec "$0" -c "import sys; print(sys.version_info[:2])"', python],
+                          capture_output=True, text=True, timeout=60, check=False, cwd="/")
+    return done.stdout.strip() == wanted
+
+
+def as_user(user: str) -> tuple[list[str], dict[str, str]]:
+    """The interpreter that runs a server as ``user``, and what to add to its environment.
+
+    As nobody: this Python, or where nobody may not enter the directory it lies in (a
+    pyenv under /root), the system's of the same version, given this one's packages."""
+    if user == "root":
+        return [sys.executable], {}
+    if _nobody_runs(sys.executable):
+        return [*AS_NOBODY, sys.executable], {}
+    system = "/usr/bin/python3"
+    assert _nobody_runs(system), f"user nobody can run neither {sys.executable} nor {system}"
+    source = str(Path(containment.__file__).parent.parent)
+    packages = [path for path in sys.path if path.endswith("site-packages")]
+    return [*AS_NOBODY, system], {"PYTHONPATH": os.pathsep.join([source, *packages])}
+
+
+def kernel_allows_unprivileged_namespaces() -> bool:
+    """The kernel's own answer, without runcache: may user nobody make a user namespace and
+    a PID namespace it owns?"""
+    assert shutil.which("setpriv") and shutil.which("unshare"), "util-linux is missing"
+    done = subprocess.run([*AS_NOBODY, "unshare", "--user", "--pid", "--fork", "true"],
+                          capture_output=True, timeout=60, check=False, cwd="/")
+    return done.returncode == 0
 
 #: Commands that leave their run's process group, each holding ``{mark}``.
 ESCAPES = {
@@ -70,7 +120,9 @@ def escaped_sleep(mark: str) -> list[psutil.Process]:
 
 @pytest.mark.parametrize("end", ENDS)
 @pytest.mark.parametrize("escape", ESCAPES.values(), ids=ESCAPES.keys())
-def test_an_escaped_process_dies_with_its_run(escape: str, end: str, tmp_path: Path) -> None:
+def test_an_escaped_process_dies_with_its_run(
+    escape: str, end: str, tmp_path: Path, way: str
+) -> None:
     mark, go = marker(), tmp_path / "go"
     command = f"{escape.format(mark=mark)}\nwhile [ ! -e {go} ]; do sleep 0.01; done"
     runner = Runner(1024, containment_mode="pidns")
@@ -103,7 +155,7 @@ def test_an_escaped_process_dies_with_its_run(escape: str, end: str, tmp_path: P
         thread.join(30)
 
 
-def test_the_issues_job_control_case_times_out_and_leaves_nothing() -> None:
+def test_the_issues_job_control_case_times_out_and_leaves_nothing(way: str) -> None:
     mark = marker()
     runner = Runner(1024, containment_mode="pidns")
     started = time.monotonic()
@@ -115,7 +167,7 @@ def test_the_issues_job_control_case_times_out_and_leaves_nothing() -> None:
 
 
 def test_pause_stops_processes_that_left_the_group_and_resume_continues_them(
-    tmp_path: Path,
+    tmp_path: Path, way: str
 ) -> None:
     mark, go = marker(), tmp_path / "go"
     command = f"setsid sleep {mark} & sleep {marker()} & while [ ! -e {go} ]; do sleep 0.01; done"
@@ -142,12 +194,14 @@ def test_pause_stops_processes_that_left_the_group_and_resume_continues_them(
         thread.join(30)
 
 
-def test_a_command_is_pid_1_of_its_own_namespace() -> None:
+def test_a_command_is_pid_1_of_its_own_namespace(way: str) -> None:
     runner = Runner(1024, containment_mode="pidns")
-    result = runner.run([*SHELL, "echo $$; grep NSpid /proc/self/status"], 10)
-    lines = result.stdout.decode().splitlines()
-    assert lines[0] == "1" and len(lines[1].split()) == 3  # NSpid: <machine's> <own>
-    runner.kill_all()
+    try:
+        result = runner.run([*SHELL, "echo $$; readlink /proc/self/ns/pid"], 10)
+        pid, namespace = result.stdout.decode().splitlines()
+        assert pid == "1" and namespace != os.readlink("/proc/self/ns/pid")
+    finally:
+        runner.kill_all()
 
 
 def test_group_mode_keeps_no_namespace() -> None:
@@ -157,7 +211,7 @@ def test_group_mode_keeps_no_namespace() -> None:
     runner.kill_all()
 
 
-def test_the_watchdog_kills_a_run_whose_runner_is_gone_and_ends() -> None:
+def test_the_watchdog_kills_a_run_whose_runner_is_gone_and_ends(way: str) -> None:
     mark = marker()
     runner = Runner(1024, containment_mode="pidns")
     thread = threading.Thread(
@@ -187,17 +241,34 @@ def _post_in_background(server: LiveServer, command: str) -> threading.Thread:
     return thread
 
 
+def _start_as(factory: Callable[..., LiveServer], user: str,
+              env: dict[str, str] | None = None) -> LiveServer:
+    python, environment = as_user(user)
+    server = factory(python=python, env={**environment, **(env or {})})
+    if user == "nobody" and kernel_allows_unprivileged_namespaces():
+        # Said once, at start: how runs are contained.
+        assert any("PID namespaces of their own, in user namespaces" in line
+                   for line in server.output), server.output
+    return server
+
+
+@pytest.mark.parametrize("user", USERS)
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_a_server_that_dies_takes_its_runs_with_it(
-    live_server_factory: Callable[..., LiveServer], signum: int
+    live_server_factory: Callable[..., LiveServer], signum: int, user: str
 ) -> None:
-    server = live_server_factory()
-    mark, other = marker(), marker()
+    """As root and as an ordinary user: where the kernel allows unprivileged namespaces
+    (Debian 12 does), nobody's runs are contained in them, escapes included."""
+    server = _start_as(live_server_factory, user)
+    mark, other, third = marker(), marker(), marker()
     posts = [_post_in_background(server, f"setsid sleep {mark} & sleep {mark}"),
              _post_in_background(server, f"perl -e 'setpgrp(0, 0); exec \"sleep\", \"{other}\"'"
-                                 f" & sleep {other}")]
-    until(lambda: len(marked(mark)) >= 3 and len(marked(other)) >= 2, what="for both runs")
-    runs = marked(mark) + marked(other)
+                                 f" & sleep {other}"),
+             _post_in_background(server, f"(setsid sh -c 'sleep {third}; :' &); "
+                                 f"bash -c 'set -m; sleep {third} & wait'")]
+    until(lambda: len(marked(mark)) >= 3 and len(marked(other)) >= 2
+          and len(escaped_sleep(third)) >= 2, what="for the runs")
+    runs = marked(mark) + marked(other) + marked(third)
     server.process.send_signal(signum)
     server.process.wait(15)
     assert all_gone(runs), f"left running: {[p.pid for p in runs if alive(p)]}"
@@ -205,36 +276,123 @@ def test_a_server_that_dies_takes_its_runs_with_it(
         post.join(30)
 
 
-def test_without_cap_sys_admin_auto_falls_back_to_the_group_and_pidns_refuses(
+def _watchdog_of(server: LiveServer) -> psutil.Process:
+    """The server's watchdog (started at its first run)."""
+    answer = requests.post(f"{server.url}/api/command", timeout=60,
+                           json={"command": "true", "use_cache": False})
+    assert answer.status_code == 200, answer.text
+
+    def find() -> psutil.Process | None:
+        for child in psutil.Process(server.process.pid).children():
+            if "runcache.containment" in " ".join(child.cmdline()):
+                return child
+        return None
+
+    return until(find, what="for the watchdog")
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_a_run_cannot_disable_the_watchdog(
+    live_server_factory: Callable[..., LiveServer], user: str, tmp_path: Path
+) -> None:
+    """The issue's attack: garbage and forged ``-PID`` lines written into the watchdog's
+    stdin through /proc, signals to kill or stop it; then the server is SIGKILLed, and
+    nothing of the run survives."""
+    server = _start_as(live_server_factory, user)
+    watchdog = _watchdog_of(server)
+    mark = marker()
+    forged = "".join(f"-{pid}\\n" for pid in range(1, 4)) + "garbage\\n+x\\n"
+    attack = (f"printf %b '{forged}' > /proc/{watchdog.pid}/fd/0; "
+              f"cat /proc/{server.process.pid}/environ; "
+              f"for s in KILL STOP TERM; do kill -s $s {watchdog.pid}; done; "
+              f"setsid sleep {mark} & sleep {mark}")
+    post = _post_in_background(server, attack)
+    until(lambda: len(marked(mark)) >= 2, what="for the run")
+    runs = marked(mark)
+    assert alive(watchdog) and watchdog.status() != psutil.STATUS_STOPPED
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait(15)
+    assert all_gone(runs), f"left running: {[p.pid for p in runs if alive(p)]}"
+    assert all_gone([watchdog])
+    post.join(30)
+
+
+def test_the_watchdogs_stdin_cannot_be_opened_and_garbage_does_not_stop_it(way: str) -> None:
+    mark = marker()
+    runner = Runner(1024, containment_mode="pidns")
+    thread = threading.Thread(target=lambda: runner.run([*SHELL, f"sleep {mark}"], 60))
+    thread.start()
+    try:
+        until(lambda: marked(mark), what="for the run")
+        watchdog = psutil.Process(runner._watchdog.pid)
+        with pytest.raises(OSError):  # a socket: not even root opens it through /proc
+            open(f"/proc/{watchdog.pid}/fd/0", "wb").close()
+        runner._watchdog._send("garbage\n+\n-\n+-1\n+99999999999999\n" + "x" * 100_000
+                               + "\n-abc\n")
+        runner._watchdog._send(f"-{os.getpid()}\n")
+        escaped = marked(mark)
+        runner._watchdog.close()  # as when the server dies
+        assert all_gone([watchdog, *escaped])
+    finally:
+        runner.kill_all()
+        thread.join(30)
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_a_run_sees_only_its_own_processes(
+    live_server_factory: Callable[..., LiveServer], user: str
+) -> None:
+    """A /proc of its own: the server's processes (and the secrets in their environment)
+    are out of sight, and ps works."""
+    secret = "s3cret-" + marker()
+    server = _start_as(live_server_factory, user, {"RUNCACHE_REDIS_PASSWORD": secret})
+    command = (f"ls /proc | grep -E '^[0-9]+$' | tr '\\n' ' '; echo; "
+               f"cat /proc/{server.process.pid}/environ; echo; ps -eo pid=,comm= | wc -l")
+    answer = requests.post(f"{server.url}/api/command", timeout=60,
+                           json={"command": command, "use_cache": False}).json()
+    pids, environ, processes = answer["stdout"].splitlines()
+    assert secret not in answer["stdout"] + answer["stderr"]
+    assert environ == "" and "No such file" in answer["stderr"]
+    # The shell (PID 1), and ls, grep, tr: a handful, none of the machine's.
+    assert 1 <= len(pids.split()) <= 5 and "1" in pids.split(), pids
+    assert int(processes) <= 4, answer
+
+
+def test_without_namespaces_auto_falls_back_to_the_group_and_pidns_refuses(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(containment, "_probed", False)  # as the kernel answers a non-root user
+    cause = "the kernel forbids unprivileged user namespaces (kernel.unprivileged_userns_clone=0)"
+    monkeypatch.setattr(containment, "_probed", (None, cause))  # as such a kernel answers
     assert containment.resolve("auto") == "group"
-    assert "outlives its run" in caplog.text
+    assert "outlives its run" in caplog.text and cause in caplog.text
     with pytest.raises(ConfigError, match="^containment pidns needs CAP_SYS_ADMIN"):
         Engine.from_config(Config.load({"containment": "pidns"}, environ={}))
 
 
-def test_an_unprivileged_user_cannot_make_a_pid_namespace() -> None:
-    """The probe the fallback rests on, asked of the kernel as user nobody (util-linux's
-    setpriv, in every Debian and Ubuntu)."""
-    assert shutil.which("setpriv"), "util-linux's setpriv is missing"
+def test_an_unprivileged_user_gets_pid_namespaces_where_the_kernel_allows() -> None:
+    """Asked as user nobody (util-linux's setpriv): pidns where the kernel lets nobody make
+    user and PID namespaces (Debian 12, CI), else group and the cause."""
+    python, environment = as_user("nobody")
     source = str(Path(containment.__file__).parent.parent)
     answer = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-         sys.executable, "-c", "from runcache import containment; "
-         "print(containment.resolve('auto'))"],
-        env={"PYTHONPATH": source, "PATH": os.environ["PATH"]}, capture_output=True,
-        text=True, timeout=60, cwd="/",
+        [*python, "-c", "from runcache import containment; "
+         "print(containment.resolve('auto'), containment.namespace_way())"],
+        env={"PYTHONPATH": source, **environment, "PATH": os.environ["PATH"]},
+        capture_output=True, text=True, timeout=60, cwd="/",
     )
-    assert answer.stdout == "group\n", answer.stderr
+    if kernel_allows_unprivileged_namespaces():
+        assert answer.stdout == "pidns userns\n", answer.stderr
+    else:
+        assert answer.stdout == "group None\n" and "outlives its run" in answer.stderr
 
 
+@pytest.mark.parametrize("user", USERS)
 def test_through_a_server_a_timed_out_job_control_run_leaves_nothing(
-    live_server: LiveServer,
+    live_server_factory: Callable[..., LiveServer], user: str
 ) -> None:
     """The issue's case end to end: the answer says timed out, /health says nothing runs,
     and by pid nothing does."""
+    live_server = _start_as(live_server_factory, user)
     mark = marker()
     answer = requests.post(f"{live_server.url}/api/command", timeout=60, json={
         "command": f"bash -c 'set -m; sleep {mark} & wait'", "timeout": 2, "use_cache": False})

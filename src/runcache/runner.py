@@ -234,7 +234,12 @@ class Runner:
         self.cwd = cwd
         self.containment = containment.resolve(containment_mode)
         self.limits = limits
-        self._limit_prefix = limits.prefix(self.containment == containment.PID_NAMESPACE)
+        namespaced = self.containment == containment.PID_NAMESPACE
+        self._limit_prefix = limits.prefix(namespaced)
+        #: How the PID namespace is made (None: no namespace), and what a command starts
+        #: under: unshare (its namespaces and /proc), then the limits.
+        self._way = containment.namespace_way() if namespaced else None
+        self._prefix = [*containment.spawn_prefix(self._way), *self._limit_prefix]
         self._watchdog = containment.Watchdog()
         self._lock = threading.Lock()
         self._running: set[int] = set()
@@ -302,9 +307,9 @@ class Runner:
         with _stdin_file(context.stdin) as stdin, self._lock:
             if self._closed:
                 raise OSError("runcache is shutting down")
-            with self._contained():
+            with self._contained(argv, env):
                 proc = subprocess.Popen(
-                    [*self._limit_prefix, *argv],
+                    [*self._prefix, *argv],
                     stdin=stdin,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
@@ -322,9 +327,14 @@ class Runner:
             _widen_pipe(pipe)
         return proc
 
-    def _contained(self) -> contextlib.AbstractContextManager[None]:
+    def _contained(self, argv: Sequence[str], env: Mapping[str, str] | None
+                   ) -> contextlib.AbstractContextManager[None]:
+        if self._prefix:
+            # A wrapper execs the command: a missing program is its exit 127, not the
+            # OSError a direct spawn gives. Looked for here, so the answer stays the same.
+            containment.check_program(argv[0], env)
         # No preexec_fn: it would turn subprocess's vfork into a fork of the whole server.
-        if self.containment == containment.PID_NAMESPACE:
+        if self._way == containment.BY_THREAD:
             return containment.new_pid_namespace()
         return contextlib.nullcontext()
 
