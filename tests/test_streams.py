@@ -78,13 +78,20 @@ class Sampler:
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def __enter__(self) -> Sampler:
-        self._thread.start()
+        self.start()
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  tb: TracebackType | None) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
         self._stop.set()
-        self._thread.join(30)
+        if self._thread.is_alive():
+            self._thread.join(30)
 
     def _sample(self) -> None:
         while True:
@@ -216,15 +223,19 @@ def test_livez_answers_while_readers_that_read_nothing_follow_a_large_job_and_ha
 ) -> None:
     server = live_server_factory("--max-output-bytes", str(4 * OUTPUT_BYTES))
     job_id = _ended_job(server)
-    with _readers(server, job_id, 140) as readers:
-        # (Their 140 requests, all at once, are answered before a request behind them.)
-        until(lambda: all(_has_data(sock) for sock in readers), 60, "every stream's start")
-        livez = Sampler(lambda: _livez_seconds(server)).__enter__()
-        until(lambda: len(livez.samples) >= 5, 30, "livez while the streams are written")
-    with livez:  # hung up together
+    livez = Sampler(lambda: _livez_seconds(server))
+    try:
+        with _readers(server, job_id, 140) as readers:
+            # (Their 140 requests, all at once, are answered before a request behind them.)
+            until(lambda: all(_has_data(sock) for sock in readers), 60, "every stream's start")
+            livez.start()
+            until(lambda: len(livez.samples) >= 5, 30, "livez while the streams are written")
+        # hung up together
         until(lambda: _server_connections(server) == 0, 60, "the hung-up streams' end")
         count = len(livez.samples)
         until(lambda: len(livez.samples) > count + 5, 30, "livez after the hang-up")
+    finally:
+        livez.stop()
     assert max(livez.samples) < 0.5, f"/livez took {max(livez.samples):.2f} s at worst"
     _assert_quiet_log(server)
 
