@@ -20,6 +20,7 @@ from runcache.mcp_http import McpEndpoint
 from runcache.openapi import openapi_json
 from runcache.origins import OriginGuard
 from runcache.service import Engine
+from runcache.streams import StreamSlots
 
 
 def create_app(config: Config | None = None, engine: Engine | None = None) -> Starlette:
@@ -31,7 +32,8 @@ def create_app(config: Config | None = None, engine: Engine | None = None) -> St
     """
     if engine is None:
         engine = Engine.from_config(config or Config.load())
-    mcp_endpoint = McpEndpoint(engine)
+    streams = StreamSlots.for_config(engine.config)
+    mcp_endpoint = McpEndpoint(engine, streams)
     routes = [
         *api.ROUTES,
         *entries_api.ROUTES,
@@ -75,6 +77,7 @@ def create_app(config: Config | None = None, engine: Engine | None = None) -> St
         },
     )
     app.state.engine = engine
+    app.state.streams = streams  # the event streams' places, taken by jobs_api
     return app
 
 

@@ -174,6 +174,18 @@ class Config:
         "", "Comma-separated further browser origins (https://ui.example) whose pages may"
         " call the server; pages of other origins are refused.",
     )
+    max_header_bytes: int = _setting(
+        64 * 1024, "Most bytes of a request's line and headers; past it a 431 and the"
+        " connection closed.", 1024, maximum=1 << 30,
+    )
+    write_timeout: float = _setting(
+        30.0, "Seconds a client may take none of an answer the server has waiting (a stream"
+        " it does not read) before its connection is dropped.", 0.001
+    )
+    max_streams: int = _setting(
+        0, "Most event streams open at once (job events, MCP's GET); past it a new one gets"
+        " a 503 with Retry-After (0: half of --max-connections).", 0
+    )
 
     def __post_init__(self) -> None:
         for setting in dataclasses.fields(self):

@@ -6,6 +6,9 @@ at every start (nor each of ``--workers N``), so the endpoint imports the SDK,
 builds the tools over the server's engine and starts the SDK's session manager
 when the first ``/mcp`` request comes, off the event loop; requests for the
 HTTP API are answered meanwhile.
+
+A ``GET /mcp`` is a stream the client keeps open, so it holds one of the
+server's event stream places (:mod:`runcache.streams`) while it lasts.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import anyio.to_thread
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from runcache.service import Engine
+from runcache.streams import StreamSlots
 
 
 class McpEndpoint:
@@ -29,8 +33,9 @@ class McpEndpoint:
     session manager runs in its task group and stops with it.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, streams: StreamSlots) -> None:
         self.engine = engine
+        self.streams = streams
         self._transport: ASGIApp | None = None
         self._loading = anyio.Lock()
         self._tasks: anyio.abc.TaskGroup | None = None
@@ -47,7 +52,11 @@ class McpEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         transport = self._transport or await self._load()
-        await transport(scope, receive, send)
+        if scope["method"] != "GET":
+            await transport(scope, receive, send)
+            return
+        with self.streams.hold():
+            await transport(scope, receive, send)
 
     async def _load(self) -> ASGIApp:
         async with self._loading:

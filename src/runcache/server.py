@@ -123,7 +123,10 @@ class _Server(uvicorn.Server):
 def _uvicorn_config(app: ASGIApp, config: Config) -> uvicorn.Config:
     return uvicorn.Config(
         app,
-        http=GuardedHttpProtocol.with_timeouts(config.header_timeout, config.body_timeout),
+        http=GuardedHttpProtocol.configured(
+            header_timeout=config.header_timeout, body_timeout=config.body_timeout,
+            write_timeout=config.write_timeout, max_header_bytes=config.max_header_bytes,
+        ),
         lifespan="on",
         ws="none",  # no WebSocket routes: an Upgrade header is just a header
         log_config=None,
