@@ -342,7 +342,7 @@ class Engine:
                     return elsewhere
                 epoch = await self.cache.epoch()
                 result, body = await self._execute(plan, client, job.control)
-                if result.success:
+                if result.cacheable:
                     await self.cache.put(plan.key, body, plan.ttl, epoch, plan.command,
                                          result.return_code)
                 job.finish(body, result)
