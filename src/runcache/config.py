@@ -166,6 +166,11 @@ class Config:
         "", "Comma-separated absolute directories a request's cwd must lie within"
         " (empty: any existing directory).",
     )
+    job_output_bytes: int = _setting(
+        128 * MiB, "Most bytes of output finished jobs keep, all together (their results and"
+        " the text decoded for pages); past it the output of the jobs that ended or were read"
+        " longest ago is dropped (410 Gone), their status still listed.", 0,
+    )
 
     def __post_init__(self) -> None:
         for setting in dataclasses.fields(self):
