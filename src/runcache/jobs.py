@@ -264,6 +264,12 @@ class Job:
         self.body = None
         self.output = None
         self.dropped_message = message
+        self._let_go_of_task()
+
+    def _let_go_of_task(self) -> None:
+        """Forget the run's task once done: its result is the body, which it would keep."""
+        if self.dropped_message is not None and self.task is not None and self.task.done():
+            self.task = None
 
     def check_output(self) -> None:
         """Raise :class:`Gone` if this job's output was dropped."""
@@ -323,6 +329,7 @@ class Jobs:
         return self._running_by_key.get(cache_key)
 
     def ended(self, job: Job) -> None:
+        job._let_go_of_task()  # dropped as it finished: its done task still held the body
         if self._running_by_key.get(job.cache_key) is job:
             del self._running_by_key[job.cache_key]
 
