@@ -322,3 +322,79 @@ def test_leaving_cancels_a_run_only_when_nobody_else_wants_it(http: httpx.Client
     assert not any(process.is_running() and process.status() != psutil.STATUS_ZOMBIE
                    for process in group)
     assert http.post("/api/jobs/nope/leave").status_code == 404
+
+
+def _printing(megabytes: int, last: str) -> str:
+    """A command printing ``megabytes`` MB of ``a`` on stdout, then the line ``last``."""
+    return f"head -c {megabytes * 1000000} /dev/zero | tr '\\0' a; echo; echo {last}"
+
+
+def test_finished_jobs_output_stays_within_its_budget_oldest_dropped_first(
+    live_server_factory: Callable[..., LiveServer],
+) -> None:
+    server = live_server_factory("--job-output-bytes", str(5 * 1000000))
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        ids = []
+        for index in range(4):  # 2 MB each, one after the other: the budget holds two
+            job_id = _background(http, _printing(2, f"last-{index}"), use_cache=False)["job_id"]
+            assert _ended(http, job_id)["status"] == "completed"
+            ids.append(job_id)
+        listed = {job["job_id"]: job for job in http.get("/api/jobs").json()["jobs"]}
+        for index, job_id in enumerate(ids):  # every record stays whole
+            job = listed[job_id]
+            assert (job["stdout_bytes"], job["last_output"], job["return_code"]) == (
+                2000000 + len(f"\nlast-{index}\n"), f"last-{index}", 0)
+        for job_id in ids[:2]:
+            for path in (f"/api/jobs/{job_id}/output", f"/api/jobs/{job_id}/events"):
+                gone = http.get(path)
+                assert gone.status_code == 410, (path, gone.text)
+                assert gone.json() == {"error": (
+                    f"the output of job {job_id} was dropped to keep finished jobs' output "
+                    "under --job-output-bytes (5000000 bytes); its status stays listed")}
+            assert "result" not in http.get(f"/api/jobs/{job_id}").json()
+        page = http.get(f"/api/jobs/{ids[3]}/output", params={"offset": 2000000}).json()
+        assert (page["data"], page["eof"]) == ("\nlast-3\n", True)
+        # Reading a job's output decodes it, which counts too: the one read longest ago goes.
+        assert http.get(f"/api/jobs/{ids[2]}/output").status_code == 410
+        assert http.get(f"/api/jobs/{ids[3]}/output").status_code == 200
+
+
+def test_listing_jobs_with_large_outputs_keeps_the_event_loop_responsive(
+    live_server_factory: Callable[..., LiveServer],
+) -> None:
+    """40 finished runs that printed 5 MB each: listing them reads none of it, so a
+    /livez sent meanwhile waits for no listing (each took 265-787 ms when they decoded)."""
+    server = live_server_factory("--max-concurrent", "4")
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        def run(index: int) -> None:
+            ran = http.post("/api/command", json={"command": _printing(5, f"last-{index}"),
+                                                  "use_cache": False})
+            assert ran.status_code == 200, ran.text
+
+        workers = [threading.Thread(target=lambda start=start: [
+            run(index) for index in range(start, 40, 4)]) for start in range(4)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(300)
+        assert len(http.get("/api/jobs").json()["jobs"]) == 40
+        listing = threading.Event()
+        lags: list[float] = []
+
+        def list_repeatedly() -> None:
+            with httpx.Client(base_url=server.url, timeout=60) as lister:
+                for _ in range(15):
+                    jobs = lister.get("/api/jobs").json()["jobs"]
+                    assert {job["last_output"] for job in jobs} == {
+                        f"last-{index}" for index in range(40)}
+            listing.set()
+
+        lister = threading.Thread(target=list_repeatedly)
+        lister.start()
+        while not listing.is_set():
+            started = time.monotonic()
+            assert http.get("/livez").status_code == 200
+            lags.append(time.monotonic() - started)
+        lister.join(60)
+    assert len(lags) >= 5
+    assert max(lags) < 0.25, f"a /livez waited {max(lags) * 1000:.0f} ms behind a listing"

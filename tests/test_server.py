@@ -19,7 +19,7 @@ import requests
 
 from runcache.wire import CacheStats, Cleared, CommandResult
 
-from conftest import LiveServer, start_server, until
+from conftest import LiveServer, marked, marker, start_server, until
 
 S = TypeVar("S", bound=msgspec.Struct)
 
@@ -282,3 +282,33 @@ def test_workers_do_not_share_a_port_another_server_holds(
     assert result.stderr.strip().splitlines() == [
         f"runcache: cannot listen on 127.0.0.1:{port}: Address already in use"
     ]
+
+
+def test_an_identical_request_runs_at_once_after_the_worker_holding_its_lock_is_killed(
+    live_server_factory: Callable[..., LiveServer], tmp_path: Path
+) -> None:
+    """A worker killed with SIGKILL cannot release its SQLite lock: the next acquire sees
+    that its owner (a process of this machine) is gone and takes it, without waiting for
+    the lease (here over 120 s: the request's timeout)."""
+    server = live_server_factory("--workers", "2", "--store", f"sqlite://{tmp_path / 'cache.db'}")
+    runs, mark = tmp_path / "runs", marker()
+    # The first run records its worker and sleeps; the second one ends at once.
+    command = {"command": f"{_PARENT} >> {runs}; [ $(wc -l < {runs}) -gt 1 ] || sleep {mark}",
+               "timeout": 120}
+    url = server.url + "/api/command"
+    first = threading.Thread(
+        target=lambda: _ignore_errors(requests.post, url, json=command, timeout=60)
+    )
+    first.start()
+    try:
+        until(lambda: runs.exists() and runs.read_text().strip())
+        holder = int(runs.read_text())
+        assert holder in {child.pid for child in psutil.Process(server.process.pid).children()}
+        os.kill(holder, signal.SIGKILL)
+        first.join(10)
+        answer = requests.post(url, json=command, timeout=15).json()
+        assert (answer["cached"], answer["return_code"]) == (False, 0)
+        assert int(runs.read_text().split()[1]) != holder
+    finally:
+        for process in marked(mark):
+            process.kill()

@@ -236,3 +236,29 @@ def test_outcome_result_is_the_typed_answer() -> None:
 def test_unknown_store_scheme_names_the_valid_ones() -> None:
     with pytest.raises(Exception, match="memory://"):
         open_store("ftp://x", 10, 100)
+
+
+def test_a_cancelled_run_whose_leader_exited_0_is_not_cached(config: Config) -> None:
+    """Under process-group containment the shell of ``sleep & echo`` exits 0 before the
+    cancel kills its background child: the run is cancelled all the same, and not cached."""
+    engine = Engine(config, Cache(MemoryStore(config.max_entries, config.max_bytes)),
+                    Runner(config.max_output_bytes, containment_mode="group"))
+    request = CommandRequest("sleep 30 & echo x")
+
+    async def main() -> tuple[Outcome, Outcome]:
+        running = asyncio.ensure_future(engine.execute(request))
+        await _until(lambda: engine.jobs.running_for(engine.cache_key(request.command)) is not None)
+        job = engine.jobs.running_for(engine.cache_key(request.command))
+        assert job is not None
+        await _until(lambda: job.stream("stdout") == b"x\n")  # the leader has printed and exits
+        assert engine.cancel(job)
+        cancelled = await asyncio.wait_for(running, 15)
+        return cancelled, await engine.execute(request)
+
+    try:
+        cancelled, repeat = asyncio.run(main())
+    finally:
+        engine.close()
+    first = cancelled.result()
+    assert (first.cancelled, first.return_code, cancelled.cached) == (True, 0, False)
+    assert (repeat.cached, repeat.result().cancelled) == (False, False)

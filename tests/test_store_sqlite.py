@@ -302,3 +302,36 @@ def test_processes_opening_a_new_file_at_once_all_succeed(tmp_path: Path) -> Non
         ]
         failures = [process.communicate(timeout=60)[1] for process in processes]
         assert [process.returncode for process in processes] == [0] * 4, failures
+
+
+_HOLD_LOCK = """
+import sys
+from pathlib import Path
+from runcache.stores.sqlite import SqliteStore
+store = SqliteStore(Path(sys.argv[1]), 100, 1 << 20)
+print(store.acquire("key", 600.0), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_lock_whose_owner_process_ended_is_taken_at_once_and_a_live_owners_is_not(
+    tmp_path: Path,
+) -> None:
+    """The lease (600 s here) is for holders on other machines: a holder of this machine
+    that has ended (SIGKILL leaves its row) lets the next acquire take the lock at once."""
+    path = tmp_path / "cache.db"
+    with subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(path)],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as holder:
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip()
+            store = SqliteStore(path, 100, 1 << 20)
+            assert store.acquire("key", 600.0) is None  # its holder runs: the lock is its
+            holder.kill()
+            holder.wait(10)
+            token = store.acquire("key", 600.0)
+            assert token is not None
+            assert store.acquire("key", 600.0) is None  # this process holds it now, and lives
+            store.release("key", token)
+            store.close()
+        finally:
+            holder.kill()

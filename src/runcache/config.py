@@ -186,6 +186,11 @@ class Config:
         0, "Most event streams open at once (job events, MCP's GET); past it a new one gets"
         " a 503 with Retry-After (0: half of --max-connections).", 0
     )
+    job_output_bytes: int = _setting(
+        128 * MiB, "Most bytes of output finished jobs keep, all together (their results and"
+        " the text decoded for pages); past it the output of the jobs that ended or were read"
+        " longest ago is dropped (410 Gone), their status still listed.", 0,
+    )
 
     def __post_init__(self) -> None:
         for setting in dataclasses.fields(self):

@@ -62,6 +62,12 @@ class NotFound(RuncacheError):
     status = 404
 
 
+class Gone(RuncacheError):
+    """What was asked for existed but is no longer kept (a finished job's output, say)."""
+
+    status = 410
+
+
 class MethodNotAllowed(RuncacheError):
     """The path exists but does not take this method; ``allowed`` lists those it takes."""
 

@@ -10,7 +10,9 @@ Every reader reads a job's shared captures at its own pace: nothing is copied
 per reader while the command runs, so a slow reader slows neither the command
 nor the other readers. While a job runs, pages come from its live capture; once
 its run is over (``control.sealed``) the captures are emptied into the stored
-result, and pages come from that result's text instead.
+result, and pages come from that result's text instead, decoded once per job (in
+a thread when large) and kept on the job within ``--job-output-bytes``. A
+listing reads none of it: it shows the facts the job worked out when it ended.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -27,7 +28,8 @@ import psutil
 
 from runcache import wire
 from runcache.errors import Conflict, NotFound
-from runcache.jobs import LAST_OUTPUT_CHARS, Job
+from runcache.jobs import STREAMS as STREAMS
+from runcache.jobs import Job, decode_output
 from runcache.service import Engine, Outcome
 
 #: Bytes a page holds unless the request asks for fewer (or more, up to MAX_PAGE_BYTES).
@@ -43,31 +45,30 @@ EVENT_BYTES = 65536
 #: How long a cancel or terminate waits for the run to end, so its answer can say so.
 END_WAIT_SECONDS = 5.0
 
-STREAMS = ("stdout", "stderr")
-
 #: A UTF-8 character is at most this many bytes long.
 _UTF8_MAX = 4
 
-_LAST_LINE_WINDOW = 4096
-
-#: The output of ended jobs, decoded once from their stored results (kept while the job is).
-_stored_output: weakref.WeakKeyDictionary[Job, dict[str, bytes]] = weakref.WeakKeyDictionary()
+#: A stored result larger than this is decoded in a thread, between the loop's other work.
+DECODE_IN_THREAD_BYTES = 256 * 1024
 
 
 # -- reading a stream ----------------------------------------------------------------
 
 
-def _stored(job: Job) -> dict[str, bytes]:
-    """An ended job's output as UTF-8, from its result body, decoded once per job."""
-    found = _stored_output.get(job)
-    if found is None:
-        if job.body is None:  # it ended without running
-            found = {name: b"" for name in STREAMS}
+async def _stored(job: Job) -> dict[str, bytes]:
+    """An ended job's output as UTF-8, from its result body, decoded once per job and
+    kept on it; :class:`~runcache.errors.Gone` once dropped to keep within the budget."""
+    async with job.output_lock:
+        job.check_output()
+        if job.output is not None:
+            return job.output
+        body = job.body
+        if body is not None and len(body) > DECODE_IN_THREAD_BYTES:
+            found = await asyncio.to_thread(decode_output, body)
         else:
-            result = msgspec.json.decode(job.body, type=wire.StoredResult)
-            found = {"stdout": result.stdout.encode(), "stderr": result.stderr.encode()}
-        _stored_output[job] = found
-    return found
+            found = decode_output(body)
+        job.keep_output(found)
+        return found
 
 
 async def read_stream(job: Job, name: str, offset: int, limit: int) -> tuple[bytes, int, int, bool]:
@@ -89,7 +90,7 @@ async def read_stream(job: Job, name: str, offset: int, limit: int) -> tuple[byt
             return _whole_characters(piece, start, limit, total, final=False)
     while not job.ended:  # its result is being encoded: the end is near
         await job.changed()
-    return read_final(_stored(job)[name], offset, limit)
+    return read_final((await _stored(job))[name], offset, limit)
 
 
 def read_final(data: bytes, offset: int, limit: int) -> tuple[bytes, int, int, bool]:
@@ -178,28 +179,16 @@ async def accepted(job: Job) -> wire.JobAccepted:
     return wire.JobAccepted(job.job_id, job.status, job.cache_key, job.pid)  # type: ignore[arg-type]
 
 
-def _summary(job: Job) -> wire.RunSummary | None:
-    if job.body is None:
-        return None
-    return msgspec.json.decode(job.body, type=wire.RunSummary)
-
-
-def _last_line(job: Job) -> str:
-    if not job.ended:
-        return job.last_output()
-    for name in STREAMS:
-        tail = _stored(job)[name][-_LAST_LINE_WINDOW:].decode("utf-8", "replace")
-        lines = [line for line in tail.splitlines() if line.strip()]
-        if lines:
-            return lines[-1][:LAST_OUTPUT_CHARS]
-    return ""
-
-
 def _fields(job: Job) -> dict[str, object]:
-    ended = job.ended
-    sizes = ({name: len(data) for name, data in _stored(job).items()} if ended
-             else {name: len(job.stream(name)) for name in STREAMS})
-    summary = _summary(job) if ended else None
+    """A job's record; an ended one's from the facts it worked out as it ended, so that
+    listing many jobs with large outputs decodes none of them."""
+    facts = job.facts if job.ended else None
+    if facts is None:
+        sizes = {name: len(job.stream(name)) for name in STREAMS}
+        last_output, return_code = job.last_output(), None
+    else:
+        sizes = {"stdout": facts.stdout_bytes, "stderr": facts.stderr_bytes}
+        last_output, return_code = facts.last_output, facts.return_code
     fields: dict[str, object] = {
         "job_id": job.job_id,
         "command": job.command,
@@ -209,12 +198,12 @@ def _fields(job: Job) -> dict[str, object]:
         "runtime": round(job.runtime, 6),
         "stdout_bytes": sizes["stdout"],
         "stderr_bytes": sizes["stderr"],
-        "last_output": _last_line(job),
+        "last_output": last_output,
         "cache_key": job.cache_key,
         "background": job.background,
     }
-    if summary is not None:
-        fields["return_code"] = summary.return_code
+    if return_code is not None:
+        fields["return_code"] = return_code
     if job.error is not None:
         fields["error"] = job.error
     return fields

@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from runcache import job_views, wire
 from runcache.api import engine_of
-from runcache.errors import BadRequest
+from runcache.errors import BadRequest, Gone
 from runcache.job_views import (
     DEFAULT_PAGE_BYTES,
     EVENT_BYTES,
@@ -113,8 +113,12 @@ async def _follow(job: Job, positions: dict[str, int]) -> AsyncGenerator[bytes, 
             for name in STREAMS:
                 if not (ended or job_views.may_have_more(job, name, positions[name])):
                     continue
-                data, next_offset, _, _ = await read_stream(job, name, positions[name],
-                                                            EVENT_BYTES)
+                try:
+                    data, next_offset, _, _ = await read_stream(job, name, positions[name],
+                                                                EVENT_BYTES)
+                except Gone as gone:  # dropped while this reader followed
+                    yield _event("error", wire.encode(wire.Error(gone.message)).decode())
+                    return
                 if next_offset != positions[name]:
                     positions[name] = next_offset
                     event_id = f"{positions['stdout']}:{positions['stderr']}"
@@ -127,7 +131,8 @@ async def _follow(job: Job, positions: dict[str, int]) -> AsyncGenerator[bytes, 
                 await job.changed()
         body = result_json(job)
         if body is None:
-            yield _event("error", wire.encode(wire.Error(job.error or "")))
+            message = job.error or job.dropped_message or ""
+            yield _event("error", wire.encode(wire.Error(message)))
         else:
             yield _event("result", body)
     finally:
@@ -142,6 +147,7 @@ async def job_events(request: Request) -> Response:
     page ``/output`` for the exact bytes."""
     job = _job(request)
     out, err = _event_id_param(request)
+    job.check_output()  # 410 if its output was dropped: there is nothing to follow
     return EventStreamResponse(
         _follow(job, {"stdout": out, "stderr": err}), request.app.state.streams,
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},

@@ -177,7 +177,7 @@ def _entry_paths(api_errors: list[str], protected: bool) -> Schema:
             "A page of one stream of a stored result, as a finished job's output is paged: "
             "offsets count bytes of the stored text's UTF-8, and data never splits a "
             "character.",
-            ok=("The page.", "JobOutput"), errors=["400", *errors], protected=protected,
+            ok=("The page.", "JobOutput"), errors=["400", *errors, "410"], protected=protected,
             parameters=[_CACHE_KEY, *_page_parameters()],
         )},
         "/api/cache/invalidate": {"post": _operation(
@@ -220,7 +220,8 @@ def _job_paths(api_errors: list[str], protected: bool) -> Schema:
             "prints it, each with the id `<stdout offset>:<stderr offset>` to resume after "
             "(Last-Event-ID); then one `result` event with the CommandResult JSON (or "
             "`error` for a job that never ran), then the stream ends.",
-            ok=("The event stream.", None), errors=["400", *errors], protected=protected,
+            ok=("The event stream.", None), errors=["400", *errors, "410"],
+            protected=protected,
             parameters=[_JOB_ID, {"name": "Last-Event-ID", "in": "header", "required": False,
                                   "schema": {"type": "string", "pattern": r"^\d+:\d+$"}}],
             media="text/event-stream",
@@ -350,6 +351,7 @@ _ERROR_NAMES = {
     "404": "NotFound",
     "405": "MethodNotAllowed",
     "409": "Conflict",
+    "410": "Gone",
     "413": "TooLarge",
     "503": "Unavailable",
 }
@@ -366,6 +368,8 @@ def _error_responses(config: Config) -> Schema:
                "live cache entry with this key.",
         "405": "The path does not take this method; the Allow header lists those it takes.",
         "409": "The job cannot do this now: it has ended, or is paused already, or is not.",
+        "410": "The job's output was dropped to keep finished jobs' output under "
+               "--job-output-bytes; its record is still listed.",
         "413": f"The body is larger than {config.max_body_bytes} bytes.",
         "503": "Every command slot stayed busy (Retry-After says when to retry), "
                "or the cache store is down.",

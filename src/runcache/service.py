@@ -24,7 +24,7 @@ from runcache.audit import AuditLog
 from runcache.cache import Cache
 from runcache.config import Config
 from runcache.errors import BadRequest, ConfigError, RuncacheError, StoreError
-from runcache.jobs import Job, Jobs
+from runcache.jobs import Job, Jobs, OutputFacts, output_facts
 from runcache.limits import Slots
 from runcache.metrics import Metrics
 from runcache.results import encode_result
@@ -120,7 +120,7 @@ class Engine:
         #: Prometheus counts, which no clear resets (``GET /metrics``).
         self.metrics = metrics if metrics is not None else Metrics()
         cache.on_failure = self.metrics.store_error
-        self.jobs = Jobs(config.job_retention)
+        self.jobs = Jobs(config.job_retention, output_bytes=config.job_output_bytes)
         self._last_stats = CacheStats(0, 0, 0, 0, 0, 0, config.max_entries, 0, config.max_bytes)
         self.slots = Slots(config.max_concurrent, config.queue_timeout)
         self._run_threads = ThreadPoolExecutor(
@@ -251,9 +251,10 @@ class Engine:
         hit = await self.lookup(plan, client)
         if hit is None:
             return self.claim(plan, client, background=True)
+        facts = await _facts_of(hit.body)
         job = self.jobs.new(plan.command, plan.key, None, plan.use_cache, True)
         job.cached, job.stale = True, hit.stale
-        job.finish(hit.body, None)
+        job.finish(hit.body, None, facts=facts)
         return job, False
 
     async def outcome(self, job: Job, joined: bool) -> Outcome:
@@ -331,21 +332,21 @@ class Engine:
         assert job.control is not None
         try:
             if not job.cacheable:
-                result, body = await self._execute(plan, client, job.control)
-                job.finish(body, result)
+                result, body, facts = await self._execute(plan, client, job.control)
+                job.finish(body, result, facts=facts)
                 return body
             lease = self.config.queue_timeout + plan.timeout
             superseded = await self.cache.peek(plan.key) if plan.refresh else None
             async with self.cache.exclusive(plan.key, lease, superseded) as elsewhere:
                 if elsewhere is not None:
-                    job.finish(elsewhere, None, elsewhere=True)
+                    job.finish(elsewhere, None, elsewhere=True, facts=await _facts_of(elsewhere))
                     return elsewhere
                 epoch = await self.cache.epoch()
-                result, body = await self._execute(plan, client, job.control)
-                if result.success:
+                result, body, facts = await self._execute(plan, client, job.control)
+                if result.cacheable:
                     await self.cache.put(plan.key, body, plan.ttl, epoch, plan.command,
                                          result.return_code)
-                job.finish(body, result)
+                job.finish(body, result, facts=facts)
                 return body
         except RuncacheError as error:  # refused before it ran: every slot stayed busy
             job.fail(error.message)
@@ -355,11 +356,11 @@ class Engine:
 
     async def _execute(
         self, plan: Plan, client: str, control: RunControl
-    ) -> tuple[RunResult, bytes]:
+    ) -> tuple[RunResult, bytes, OutputFacts]:
         loop = asyncio.get_running_loop()
         async with self.slots.hold():
             with self.metrics.running():
-                result, body = await loop.run_in_executor(
+                result, body, facts = await loop.run_in_executor(
                     self._run_threads, self._run_and_encode, plan, control
                 )
         self.telemetry.record_run(result)
@@ -374,13 +375,17 @@ class Engine:
             extra={"client": client, "command": plan.command, "return_code": result.return_code,
                    "execution_time": round(result.execution_time, 6)},
         )
-        return result, body
+        return result, body, facts
 
-    def _run_and_encode(self, plan: Plan, control: RunControl) -> tuple[RunResult, bytes]:
-        """In a run thread: the command, then its result encoded (a large output takes a while)."""
+    def _run_and_encode(
+        self, plan: Plan, control: RunControl
+    ) -> tuple[RunResult, bytes, OutputFacts]:
+        """In a run thread: the command, then its result encoded (a large output takes a
+        while), and what a job listing shows of it, worked out here once."""
         result = self.runner.run(plan.argv, plan.timeout, control, plan.context)
         control.sealed = True  # encoding empties its buffers: pages come from the result now
-        return result, encode_result(result, plan.key, self.runner.max_output_bytes)
+        body = encode_result(result, plan.key, self.runner.max_output_bytes)
+        return result, body, output_facts(body)
 
     @staticmethod
     def _refresh(request: CommandRequest) -> bool:
@@ -449,6 +454,17 @@ def stats_answer(
         hit_ratio=round(stats.hit_ratio, 6),
         store_error=store_error,
     )
+
+
+#: A result larger than this has its job's facts worked out in a thread, not on the loop.
+_FACTS_IN_THREAD_BYTES = 256 * 1024
+
+
+async def _facts_of(body: bytes) -> OutputFacts:
+    """What a job listing shows of ``body``, worked out in a thread when it is large."""
+    if len(body) > _FACTS_IN_THREAD_BYTES:
+        return await asyncio.to_thread(output_facts, body)
+    return output_facts(body)
 
 
 def _command_env(config: Config) -> dict[str, str] | None:

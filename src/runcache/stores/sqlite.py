@@ -11,7 +11,11 @@ The single-flight lock is a row of the ``locks`` table, taken and given up in
 such transactions too, so identical requests arriving at several processes at
 once run once. A row carries its expiry on the store's clock; a holder that
 crashed leaves a row that the next :meth:`SqliteStore.acquire` of its key finds
-lapsed and replaces.
+lapsed and replaces. A row also names its owner, the process that took it (this
+machine's boot, PID namespace, pid and the process's start time): an
+``acquire`` that finds the key held by a process of this machine that is gone
+(a worker killed with SIGKILL, which the supervisor restarts) takes the lock at
+once instead of waiting for its lease, which lasts as long as the command may.
 
 A file that cannot be opened, written or read (a missing directory that cannot
 be made, a corrupt file) raises :class:`StoreError` on use, never at start, so
@@ -349,7 +353,7 @@ class SqliteStore:
         return len(deleted)
 
     def acquire(self, key: str, lease: float) -> str | None:
-        token = secrets.token_hex(16)
+        token = f"{_owner()}/{secrets.token_hex(16)}"
         with self._transaction() as db:
             # The clock is read inside the transaction, after any wait for
             # another process's write, so the lease starts when the lock does.
@@ -363,7 +367,20 @@ class SqliteStore:
                 " VALUES (?, ?, ?, ?)",
                 (self.namespace, key, token, now + lease),
             ).rowcount
+            if not taken and self._holder_gone(db, key):
+                db.execute(
+                    "UPDATE locks SET token = ?, expires_at = ? WHERE namespace = ? AND key = ?",
+                    (token, now + lease, self.namespace, key),
+                )
+                taken = 1
         return token if taken else None
+
+    def _holder_gone(self, db: sqlite3.Connection, key: str) -> bool:
+        """Whether ``key``'s lock is held by a process of this machine that has ended."""
+        row = db.execute(
+            "SELECT token FROM locks WHERE namespace = ? AND key = ?", (self.namespace, key)
+        ).fetchone()
+        return row is not None and _owner_gone(row[0].rpartition("/")[0])
 
     def release(self, key: str, token: str) -> None:
         with self._transaction() as db:
@@ -638,6 +655,50 @@ def _missing_columns(db: sqlite3.Connection) -> list[tuple[str, str]]:
         have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
         missing += [(table, name) for name in columns if name not in have]
     return missing
+
+
+def _owner() -> str:
+    """The process taking a lock, as :func:`_owner_gone` can check it later on this machine:
+    ``boot:pid namespace:pid:start time`` (the start time tells a reused pid apart); empty
+    where /proc cannot say, and such a lock lasts its lease."""
+    pid = os.getpid()
+    try:
+        return f"{_machine()}:{pid}:{_started(pid)}"
+    except (OSError, ValueError, IndexError):
+        return ""
+
+
+def _machine() -> str:
+    """This boot of this machine, and the PID namespace its pids are numbered in."""
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    return f"{boot}:{os.readlink('/proc/self/ns/pid')}"
+
+
+def _started(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot); "" for a zombie, which has ended."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()  # after the command's name, which may hold spaces
+    return "" if fields[0] in ("Z", "X") else fields[19]
+
+
+def _owner_gone(owner: str) -> bool:
+    """Whether the lock's ``owner`` is a process of this machine that has ended. An owner
+    of another machine (or boot, or PID namespace), or unknown, is never taken for gone."""
+    parts = owner.rsplit(":", 2)
+    if len(parts) != 3:
+        return False
+    machine, pid, started = parts
+    try:
+        if machine != _machine():
+            return False
+    except OSError:
+        return False
+    try:
+        return _started(int(pid)) != started
+    except FileNotFoundError:  # no such process
+        return True
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def _retry_while_locked(step: Callable[[], None], timeout: float) -> None:
