@@ -213,7 +213,8 @@ def test_mcp_tools_over_http_follow_the_same_rule(
             assert failed and text.endswith(f": Process {pid} not found")
             for verb in ("terminate", "pause", "resume"):
                 failed, text = await _tool(session, f"{verb}_process", pid=pid)
-                assert failed and text.endswith(f"Failed to {verb} process {pid} or process not found")
+                assert failed and text.endswith(
+                    f"Failed to {verb} process {pid} or process not found")
             failed, text = await _tool(session, "list_active_processes")
             assert not failed and orjson.loads(text)["total_count"] == 0
             failed, text = await _tool(session, "get_process_dashboard")
