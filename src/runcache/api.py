@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from runcache import job_views, wire
 from runcache.audit import caller_of
+from runcache.auth import owner_of
 from runcache.errors import BadRequest, MethodNotAllowed, NotFound, RuncacheError, TooLarge
 from runcache.responses import (
     STREAM_THRESHOLD,
@@ -128,13 +129,14 @@ async def _answer_command(request: Request, engine: Engine,
                           command: wire.CommandRequest) -> Response:
     client = client_of(request)
     if command.background:
-        job, joined = await engine.submit_joined(command, client)
+        job, joined = await engine.submit_joined(command, client, owner_of(request.scope))
         engine.audit.submitted(caller_of(request.scope), job, joined)
         return json_answer(await job_views.accepted(job), 202)
     plan = engine.plan(command)
-    outcome = await engine.lookup(plan, client)  # a hit is answered here, on the loop
+    # a hit is answered here, on the loop
+    outcome = await engine.lookup(plan, client, owner_of(request.scope))
     if outcome is None:
-        job, joined = engine.claim(plan, client)
+        job, joined = engine.claim(plan, client, owner=owner_of(request.scope))
         answer = await _unless_client_leaves(request, engine.outcome(job, joined))
         if answer is None:
             engine.audit.left(caller_of(request.scope), plan.command, plan.key)

@@ -57,7 +57,7 @@ def create_app(config: Config | None = None, engine: Engine | None = None) -> St
         admin_routes = [(method, route.path) for route in routes if api.is_admin(route)
                         for method in route.methods or ()]
         middleware.append(Middleware(
-            TokenGate, token=engine.config.token, admin_token=engine.config.admin_secret,
+            TokenGate, tokens=engine.config.plain_tokens, admin_token=engine.config.admin_secret,
             admin_routes=admin_routes,
         ))
     @contextlib.asynccontextmanager

@@ -5,9 +5,11 @@ own (``--audit-log PATH``), apart from the server log. Each line is a JSON
 object: ``time`` (ISO 8601, UTC: when the line was written, at most one turn
 of the event loop after the answer), ``action`` (``command``, ``clear``, ``delete`` or
 ``invalidate``), ``client`` (the peer's address), ``credential`` (``anonymous``,
-``token`` or ``admin``: which token the request presented, never the token), and
-the action's own fields (:class:`CommandRecord`, :class:`RemovalRecord`). No
-command output is ever written here: a command line carries the output's size.
+``token`` or ``admin``: which token the request presented, never the token),
+``identity`` (whose token it was: its name in the token file, a short digest of
+it, ``admin`` or ``anonymous``; :mod:`runcache.auth`), and the action's own
+fields (:class:`CommandRecord`, :class:`RemovalRecord`). No command output is
+ever written here: a command line carries the output's size.
 
 The HTTP layer (and MCP's in-process backend) knows the caller, so it writes the
 records; every record is built in this module, when its request is answered.
@@ -52,7 +54,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import msgspec
 from msgspec import UNSET, Struct, UnsetType
 
-from runcache.auth import CREDENTIAL
+from runcache.auth import CREDENTIAL, IDENTITY
 from runcache.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -89,13 +91,15 @@ class Caller(NamedTuple):
 
     client: str
     credential: str = ANONYMOUS
+    identity: str = ANONYMOUS
 
 
 def caller_of(scope: Mapping[str, Any]) -> Caller:
     """The caller of an HTTP request, from its ASGI scope: the token gate records which
-    token it let in (``token`` or ``admin``); without tokens there is no gate."""
+    token it let in (``token`` or ``admin``) and whose; without tokens there is no gate."""
     client = scope.get("client")
-    return Caller(client[0] if client else "-", scope.get(CREDENTIAL, ANONYMOUS))
+    return Caller(client[0] if client else "-", scope.get(CREDENTIAL, ANONYMOUS),
+                  scope.get(IDENTITY, ANONYMOUS))
 
 
 class AuditRecord(Struct, kw_only=True):
@@ -104,6 +108,7 @@ class AuditRecord(Struct, kw_only=True):
     action: str
     client: str
     credential: str
+    identity: str
 
 
 class CommandRecord(AuditRecord, kw_only=True):
@@ -150,6 +155,7 @@ def _command_fields(caller: Caller, command: str, cache_key: str | None, body: b
     summary = result_summary(body) if body is not None else None
     return _fields(CommandRecord(
         action="command", client=caller.client, credential=caller.credential,
+        identity=caller.identity,
         command=command, cache_key=cache_key, cached=cached, coalesced=coalesced,
         stale=stale, background=background,
         return_code=summary[0] if summary else None,
@@ -249,6 +255,7 @@ class AuditLog:
         if self._fd >= 0:
             self._add(_fields(RemovalRecord(
                 action=action, client=caller.client, credential=caller.credential,
+                identity=caller.identity,
                 deleted=deleted, **what)))
 
     # -- the file ----------------------------------------------------------------------

@@ -9,6 +9,14 @@ the same token unless a separate one is set. ``/health``, ``/livez`` and ``/open
 stay open: they show no command output. Tokens are compared in constant time
 and never logged.
 
+Identities. Each plain token is a client of its own (``--token-file`` may hold
+several, one ``name token`` or ``token`` a line): the gate records who it let in
+(:data:`IDENTITY`: the token's name, or a short digest of it, never the token),
+and a job belongs to the identities of the requests that started or joined it.
+A plain token sees and steers only those jobs (another's answers the 404 of an
+unknown job, so it learns nothing of it); the admin token sees all of them, and
+so does everyone on a server without tokens (:func:`viewer_of`).
+
 The gate is plain ASGI in front of the routes, so a refused request costs no
 routing and no request object, and a server without tokens has no gate at all.
 """
@@ -40,20 +48,30 @@ METRICS_PATH = "/metrics"
 #: (``"token"`` or ``"admin"``), for the MCP tools that need the admin token.
 CREDENTIAL = "runcache.credential"
 
+#: The scope key where the gate records who presented the token: a plain token's
+#: identity (:meth:`Config.plain_tokens <runcache.config.Config.plain_tokens>`), or
+#: :data:`ADMIN` for the admin token.
+IDENTITY = "runcache.identity"
+
+#: The admin token's identity (and credential).
+ADMIN = "admin"
+
 
 class TokenGate:
     """Refuses ``/api/*``, ``/mcp`` and ``/metrics`` requests without the token, and admin
     routes without the admin token.
 
-    ``admin_routes`` are the (method, path) pairs only the admin token may call; a
-    path may be a route's template (``/api/cache/entries/{cache_key}``).
+    ``tokens`` are the plain tokens, each with its identity; ``admin_routes`` are the
+    (method, path) pairs only the admin token may call; a path may be a route's
+    template (``/api/cache/entries/{cache_key}``).
     """
 
     def __init__(
-        self, app: ASGIApp, token: str, admin_token: str, admin_routes: Iterable[tuple[str, str]]
+        self, app: ASGIApp, tokens: Iterable[tuple[str, str]], admin_token: str,
+        admin_routes: Iterable[tuple[str, str]],
     ) -> None:
         self.app = app
-        self._token = token.encode()
+        self._tokens = [(identity, token.encode()) for identity, token in tokens]
         self._admin = admin_token.encode()
         admin_routes = list(admin_routes)
         self._admin_routes = frozenset(admin_routes)
@@ -80,16 +98,43 @@ class TokenGate:
                 _refuse(scope, "wrong admin token")
                 return Forbidden("this operation needs the admin token")
         is_admin = hmac.compare_digest(presented, self._admin)
-        if not (hmac.compare_digest(presented, self._token) | is_admin):
+        identity = self._identity(presented)
+        if identity is None and not is_admin:
             _refuse(scope, "wrong token")
             return Forbidden("the token sent is not valid for this server")
-        scope[CREDENTIAL] = "admin" if is_admin else "token"
+        scope[CREDENTIAL] = ADMIN if is_admin else "token"
+        scope[IDENTITY] = ADMIN if is_admin else identity
         return None
+
+    def _identity(self, presented: bytes) -> str | None:
+        """Whose plain token ``presented`` is: every token is compared (in constant
+        time), so how long it takes says nothing of which one matched."""
+        found = None
+        for identity, token in self._tokens:
+            if hmac.compare_digest(presented, token):
+                found = identity
+        return found
 
     def _needs_admin(self, method: str, path: str) -> bool:
         return (method, path) in self._admin_routes or any(
             method == admin_method and template.match(path)
             for admin_method, template in self._admin_templates)
+
+
+def viewer_of(scope: Scope) -> str | None:
+    """Whose jobs a request sees: a plain token's identity, or None (every job) for the
+    admin token and on a server without tokens (no gate, so no credential)."""
+    if scope.get(CREDENTIAL, ADMIN) == ADMIN:
+        return None
+    viewer: str = scope[IDENTITY]
+    return viewer
+
+
+def owner_of(scope: Scope) -> str | None:
+    """The identity a job a request starts or joins is recorded under (None without
+    tokens, where every job is everyone's)."""
+    owner: str | None = scope.get(IDENTITY)
+    return owner
 
 
 def _protected(path: str) -> bool:

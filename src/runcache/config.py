@@ -9,6 +9,7 @@ checks that the README documents each one.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import re
@@ -138,7 +139,10 @@ class Config:
     token: str = _setting(
         "", "Bearer token every /api/* request must send (environment only).", secret=True
     )
-    token_file: str = _setting("", "File holding the token, instead of RUNCACHE_TOKEN.")
+    token_file: str = _setting(
+        "", "File holding the token, instead of RUNCACHE_TOKEN; or several, one `name token`"
+        " (or `token`) a line, each client's jobs its own."
+    )
     admin_token: str = _setting(
         "", "Bearer token for cache clearing (environment only); defaults to the token.",
         secret=True,
@@ -250,22 +254,37 @@ class Config:
         # Frozen, but a token read from a file belongs in the token field itself.
         for name in ("token", "admin_token"):
             token = _token_from_file(name, getattr(self, name), getattr(self, name + "_file"))
-            if token and not _TOKEN.fullmatch(token):
-                raise ConfigError(
-                    f"{name} must be at least {MIN_TOKEN_LENGTH} characters of letters, digits "
-                    "and -._~+/ (e.g. the output of `openssl rand -hex 32`)"
-                )
+            if name == "token" and self.token_file:
+                token = _token_lines(token)
+            elif token and not _TOKEN.fullmatch(token):
+                raise _bad_token(name)
             object.__setattr__(self, name, token)
         if self.admin_token and not self.token:
             raise ConfigError(
                 "admin_token is set but token is not: set RUNCACHE_TOKEN too, "
                 "or use the one token for both"
             )
+        if len(self.plain_tokens) > 1 and not self.admin_token:
+            raise ConfigError(
+                "token_file holds several tokens, so none of them is the admin's: set "
+                "RUNCACHE_ADMIN_TOKEN (or --admin-token-file) too"
+            )
+
+    @property
+    def plain_tokens(self) -> tuple[tuple[str, str], ...]:
+        """Each token ``token`` (or ``token_file``) holds, with its identity: its name in
+        the file, else ``token-`` and 12 hex digits of its SHA-256 (never the token)."""
+        return tuple(
+            (line.partition(" ")[0], line.partition(" ")[2]) if " " in line
+            else (token_identity(line), line)
+            for line in self.token.splitlines()
+        )
 
     @property
     def admin_secret(self) -> str:
-        """The token administrative operations need: the admin token, else the token."""
-        return self.admin_token or self.token
+        """The token administrative operations need: the admin token, else the token
+        (which is then the only one)."""
+        return self.admin_token or (self.plain_tokens[0][1] if self.token else "")
 
     @property
     def memory_limit(self) -> int:
@@ -418,6 +437,55 @@ def _token_from_file(name: str, token: str, path: str) -> str:
     return from_file
 
 
+def _bad_token(name: str) -> ConfigError:
+    return ConfigError(
+        f"{name} must be at least {MIN_TOKEN_LENGTH} characters of letters, digits "
+        "and -._~+/ (e.g. the output of `openssl rand -hex 32`)"
+    )
+
+
+def _token_lines(text: str) -> str:
+    """A token file's tokens, checked, one ``name token`` or ``token`` a line (a lone
+    unnamed token as itself, as a one-token file always read); blank lines and
+    ``#`` comments dropped."""
+    lines: list[str] = []
+    identities: set[str] = set()
+    tokens: set[str] = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if len(words) > 2:
+            raise ConfigError(f"token_file line {number}: write `name token` or `token`")
+        name, token = (None, words[0]) if len(words) == 1 else (words[0], words[1])
+        if not _TOKEN.fullmatch(token):
+            raise _bad_token(f"token_file line {number}: the token")
+        if name is not None and (not _TOKEN_NAME.fullmatch(name) or name in RESERVED_NAMES):
+            raise ConfigError(
+                f"token_file line {number}: a name is 1 to {MIN_TOKEN_LENGTH - 1} letters, "
+                "digits and ._- (shorter than a token, so a token is never taken for a "
+                f"name and logged), and not {' or '.join(sorted(RESERVED_NAMES))}"
+            )
+        identity = name if name is not None else token_identity(token)
+        if identity in identities or token in tokens:
+            raise ConfigError(f"token_file line {number}: a name or token already given")
+        identities.add(identity)
+        tokens.add(token)
+        lines.append(token if name is None else f"{name} {token}")
+    if not lines:
+        raise ConfigError("token_file holds no token (only blank lines and # comments)")
+    return "\n".join(lines)
+
+
+def token_identity(token: str) -> str:
+    """Who an unnamed token is, where a job or the audit log names it: a short digest,
+    the same in every worker process, from which the token cannot be read back."""
+    return "token-" + hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+#: Identities that are not a token's: the admin token's and a server without tokens'.
+RESERVED_NAMES = frozenset({"admin", "anonymous"})
+
 #: Shorter tokens can be guessed; 16 characters of hex are 64 bits.
 MIN_TOKEN_LENGTH = 16
 
@@ -426,4 +494,5 @@ _TOKEN = re.compile(rf"[A-Za-z0-9\-._~+/]{{{MIN_TOKEN_LENGTH},}}=*")
 _SIZE = re.compile(r"(\d{1,20})\s*(?:([KMGTkmgt])(?:i?[Bb])?)?")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ORIGIN = re.compile(r"https?://[^/?#\s]+/?", re.IGNORECASE)
+_TOKEN_NAME = re.compile(rf"[A-Za-z0-9._-]{{1,{MIN_TOKEN_LENGTH - 1}}}")
 

@@ -369,18 +369,21 @@ def _dashboard_entry(job: Job, pid: int) -> wire.DashboardEntry:
     )
 
 
-def _active(engine: Engine) -> list[tuple[int, Job]]:
-    """Running and paused runs that have a process, oldest first, as the reference lists them."""
-    return [(job.pid, job) for job in reversed(engine.jobs.running()) if job.pid is not None]
+def _active(engine: Engine, viewer: str | None = None) -> list[tuple[int, Job]]:
+    """Running and paused runs that have a process, oldest first, as the reference lists them
+    (those ``viewer`` may see: :meth:`Job.visible_to <runcache.jobs.Job.visible_to>`)."""
+    return [(job.pid, job) for job in reversed(engine.jobs.running(viewer))
+            if job.pid is not None]
 
 
-def _find(engine: Engine, pid: int) -> Job | None:
+def _find(engine: Engine, pid: int, viewer: str | None = None) -> Job | None:
     """The run whose group leader is ``pid``: the one running, else the last one that ended
-    (kept for ``--job-retention``), so a status read just after the end still answers."""
-    running = engine.jobs.by_pid(pid)
+    (kept for ``--job-retention``), so a status read just after the end still answers;
+    either only if ``viewer`` may see it."""
+    running = engine.jobs.by_pid(pid, viewer)
     if running is not None:
         return running
-    return next((job for job in engine.jobs.listing() if job.pid == pid), None)
+    return next((job for job in engine.jobs.listing(viewer) if job.pid == pid), None)
 
 
 
@@ -392,18 +395,19 @@ def _pid(text: str, failure: str) -> int:
     return int(text)
 
 
-def process_list(engine: Engine) -> wire.ProcessList:
-    active = _active(engine)
+def process_list(engine: Engine, viewer: str | None = None) -> wire.ProcessList:
+    active = _active(engine, viewer)
     return wire.ProcessList(
         active_processes={str(pid): _process(job, pid) for pid, job in active},
         total_count=len(active),
     )
 
 
-def process_status(engine: Engine, pid_text: str) -> wire.ProcessDetail:
+def process_status(engine: Engine, pid_text: str,
+                   viewer: str | None = None) -> wire.ProcessDetail:
     failure = "Process {pid} not found"
     pid = _pid(pid_text, failure)
-    job = _find(engine, pid)
+    job = _find(engine, pid, viewer)
     if job is None:
         raise ProcessNotFound(failure.format(pid=pid))
     return wire.ProcessDetail(process=_process(job, pid))
@@ -417,8 +421,10 @@ _STEERING: dict[str, tuple[Callable[[Engine, Job], bool], str]] = {
 }
 
 
-async def steer_process(engine: Engine, pid_text: str, verb: str) -> wire.ProcessDone:
-    """``terminate``, ``pause`` or ``resume`` the run whose group leader is the pid.
+async def steer_process(engine: Engine, pid_text: str, verb: str,
+                        viewer: str | None = None) -> wire.ProcessDone:
+    """``terminate``, ``pause`` or ``resume`` the run whose group leader is the pid
+    (if ``viewer`` may see it: another's answers as a pid that names no run).
 
     A terminate is a cancel (not cached, its waiters get the cancelled result)
     and answers once the run has ended, or after ``END_WAIT_SECONDS``.
@@ -426,7 +432,7 @@ async def steer_process(engine: Engine, pid_text: str, verb: str) -> wire.Proces
     act, done = _STEERING[verb]
     failure = f"Failed to {verb} process {{pid}} or process not found"
     pid = _pid(pid_text, failure)
-    job = engine.jobs.by_pid(pid)
+    job = engine.jobs.by_pid(pid, viewer)
     if job is None or not act(engine, job):
         raise ProcessNotFound(failure.format(pid=pid))
     if verb == "terminate":
@@ -446,8 +452,8 @@ def _system_load() -> wire.SystemLoad:
     )
 
 
-async def dashboard(engine: Engine) -> wire.Dashboard:
-    active = _active(engine)
+async def dashboard(engine: Engine, viewer: str | None = None) -> wire.Dashboard:
+    active = _active(engine, viewer)
     load = await asyncio.to_thread(_system_load)  # reads /proc: off the event loop
     return wire.Dashboard(
         timestamp=_now(),
@@ -462,9 +468,9 @@ def task_submitted(job: Job) -> wire.TaskSubmitted:
     return wire.TaskSubmitted(task_id=job.job_id, command=job.command, timestamp=_now())
 
 
-def task_result(engine: Engine, task_id: str) -> wire.TaskResult:
+def task_result(engine: Engine, task_id: str, viewer: str | None = None) -> wire.TaskResult:
     try:
-        job = engine.jobs.get(task_id)
+        job = engine.jobs.get(task_id, viewer)
     except NotFound:
         raise NotFound("Task not found") from None
     body = result_json(job)

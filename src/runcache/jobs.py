@@ -19,6 +19,12 @@ goes away, a job nobody else can use (not cached, not in the background) is
 cancelled; one that will be cached runs on, and later requests may still join it.
 Background requests hold a job until they leave it: one that its last holder
 leaves, with no client waiting, is cancelled whether or not it would be cached.
+
+Owners. With tokens set, a job belongs to the identities (:mod:`runcache.auth`)
+of the requests that started or joined it, and only they (and the admin token)
+see it: a lookup on behalf of a ``viewer`` that is not an owner answers as if
+the job did not exist. A viewer of None sees every job: the admin token, and
+every request to a server without tokens.
 """
 
 from __future__ import annotations
@@ -153,6 +159,8 @@ class Job:
         self.dropped_message: str | None = None
         #: Told when the output this job keeps changes size (its :class:`Jobs`).
         self.on_kept: Callable[[Job], None] | None = None
+        #: The identities of the requests that started or joined it (empty without tokens).
+        self.owners: set[str] = set()
 
     # -- state --------------------------------------------------------------------
 
@@ -293,6 +301,15 @@ class Job:
     def ended_before(self, moment: float) -> bool:
         return self._ended is not None and self._ended < moment
 
+    def visible_to(self, viewer: str | None) -> bool:
+        """Whether ``viewer`` may see and steer the job: one of its owners, or None (all)."""
+        return viewer is None or viewer in self.owners
+
+    def own(self, owner: str | None) -> None:
+        """A request of ``owner`` started or joined the job: it may see it from now on."""
+        if owner is not None:
+            self.owners.add(owner)
+
 
 class Jobs:
     """The jobs of this server process, running and recently finished."""
@@ -311,7 +328,7 @@ class Jobs:
         self._kept_total = 0
 
     def new(self, command: str, cache_key: str, control: RunControl | None,
-            cacheable: bool, background: bool) -> Job:
+            cacheable: bool, background: bool, owner: str | None = None) -> Job:
         """A job, listed from now on; a cacheable running one is found by its key."""
         self.prune()
         # Hex, not token_urlsafe: one id in 64 of those began with "-", which a
@@ -319,6 +336,7 @@ class Jobs:
         job = Job(secrets.token_hex(16), command, cache_key, control, cacheable, background,
                   self._clock)
         job.on_kept = self._account
+        job.own(owner)
         self._jobs[job.job_id] = job
         if cacheable and control is not None:
             self._running_by_key[cache_key] = job
@@ -333,29 +351,32 @@ class Jobs:
         if self._running_by_key.get(job.cache_key) is job:
             del self._running_by_key[job.cache_key]
 
-    def get(self, job_id: str) -> Job:
+    def get(self, job_id: str, viewer: str | None = None) -> Job:
+        """The job ``job_id``, if ``viewer`` may see it; the same 404 whether it does not
+        exist or is another's, so a job's id tells nobody else it exists."""
         job = self._jobs.get(job_id)
-        if job is None:
+        if job is None or not job.visible_to(viewer):
             raise NotFound(
                 f"no job {job_id!r} on this server: jobs live in the server process that runs "
                 f"them and are kept {self.retention:g} s after they end"
             )
         return job
 
-    def by_pid(self, pid: int) -> Job | None:
-        """The running (or paused) job whose process group leader is ``pid``."""
+    def by_pid(self, pid: int, viewer: str | None = None) -> Job | None:
+        """The running (or paused) job whose process group leader is ``pid``, if
+        ``viewer`` may see it."""
         for job in reversed(self._jobs.values()):
             if job.pid == pid and not job.ended:
-                return job
+                return job if job.visible_to(viewer) else None
         return None
 
-    def listing(self) -> list[Job]:
-        """Running jobs and recent ones, newest first."""
+    def listing(self, viewer: str | None = None) -> list[Job]:
+        """Running jobs and recent ones that ``viewer`` may see, newest first."""
         self.prune()
-        return list(reversed(self._jobs.values()))
+        return [job for job in reversed(self._jobs.values()) if job.visible_to(viewer)]
 
-    def running(self) -> list[Job]:
-        return [job for job in self.listing() if not job.ended]
+    def running(self, viewer: str | None = None) -> list[Job]:
+        return [job for job in self.listing(viewer) if not job.ended]
 
     def prune(self) -> None:
         """Drop finished jobs past their retention, and the oldest past MAX_FINISHED."""

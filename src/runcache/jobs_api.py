@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from runcache import job_views, wire
 from runcache.api import engine_of
+from runcache.auth import viewer_of
 from runcache.errors import BadRequest, Gone
 from runcache.job_views import (
     DEFAULT_PAGE_BYTES,
@@ -31,11 +32,12 @@ from runcache.streams import EventStreamResponse
 
 
 def _job(request: Request) -> Job:
-    return engine_of(request).jobs.get(request.path_params["job_id"])
+    """The job the path names, if the request's token may see it (404 otherwise)."""
+    return engine_of(request).jobs.get(request.path_params["job_id"], viewer_of(request.scope))
 
 
 async def list_jobs(request: Request) -> Response:
-    jobs = engine_of(request).jobs.listing()
+    jobs = engine_of(request).jobs.listing(viewer_of(request.scope))
     return json_answer(wire.JobList([job_views.record(job) for job in jobs]))
 
 
@@ -117,7 +119,7 @@ async def _follow(job: Job, positions: dict[str, int]) -> AsyncGenerator[bytes, 
                     data, next_offset, _, _ = await read_stream(job, name, positions[name],
                                                                 EVENT_BYTES)
                 except Gone as gone:  # dropped while this reader followed
-                    yield _event("error", wire.encode(wire.Error(gone.message)).decode())
+                    yield _event("error", wire.encode(wire.Error(gone.message)))
                     return
                 if next_offset != positions[name]:
                     positions[name] = next_offset

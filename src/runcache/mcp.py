@@ -15,6 +15,10 @@ reports progress every ``PROGRESS_SECONDS`` while it runs, and returns at most
 them saying how to read the rest with ``read_output``). A call the client
 cancels gives the job up: it is killed unless someone else still wants it.
 
+Over ``/mcp`` with tokens set, the job and process tools see and steer only the
+jobs of the caller's token, as the HTTP routes do (:mod:`runcache.auth`); the
+admin token sees all of them.
+
 This module is ``runcache.mcp``; the absolute ``import mcp...`` lines below
 resolve to the MCP SDK, never to this module.
 """
@@ -43,7 +47,7 @@ from starlette.types import ASGIApp
 
 from runcache import __version__, logs, wire
 from runcache.audit import Caller, caller_of
-from runcache.auth import CREDENTIAL
+from runcache.auth import CREDENTIAL, viewer_of
 from runcache.errors import RuncacheError
 from runcache.job_views import STREAMS
 from runcache.mcp_backends import ToolBackend
@@ -172,9 +176,10 @@ class _Tools:
     async def _until_ended(self, job_id: str, timeout: float | None,
                            ctx: Context | None) -> wire.JobDetail:
         """Wait for the job, reporting progress; a cancelled call gives the job up."""
+        viewer = _viewer(ctx)
         try:
             while True:
-                detail = await _call(self.backend.wait(job_id, PROGRESS_SECONDS))
+                detail = await _call(self.backend.wait(job_id, PROGRESS_SECONDS, viewer))
                 if detail.status not in ("running", "paused"):
                     return detail
                 if ctx is not None:
@@ -182,7 +187,7 @@ class _Tools:
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 try:
-                    await self.backend.leave(job_id)
+                    await self.backend.leave(job_id, viewer)
                 except RuncacheError as error:
                     log.warning("could not give up job %s: %s", job_id, error.message)
             raise
@@ -198,19 +203,20 @@ class _Tools:
                            env=env, stdin=stdin)
         return _answer(await _call(self.backend.start(request, _caller(ctx))))
 
-    async def job_status(self, job_id: str) -> CallToolResult:
+    async def job_status(self, job_id: str, ctx: Context | None = None) -> CallToolResult:
         job = _checked(JobRef, job_id=job_id)
-        return _answer(await _call(self.backend.wait(job.job_id, 0)))
+        return _answer(await _call(self.backend.wait(job.job_id, 0, _viewer(ctx))))
 
     async def read_output(self, job_id: str, stream: str = "stdout", offset: int = 0,
-                          limit: int = DEFAULT_READ_BYTES) -> CallToolResult:
+                          limit: int = DEFAULT_READ_BYTES,
+                          ctx: Context | None = None) -> CallToolResult:
         page = _checked(OutputRequest, job_id=job_id, stream=stream, offset=offset, limit=limit)
-        return _answer(await _call(
-            self.backend.output(page.job_id, page.stream, page.offset, page.limit)))
+        return _answer(await _call(self.backend.output(
+            page.job_id, page.stream, page.offset, page.limit, _viewer(ctx))))
 
-    async def cancel_job(self, job_id: str) -> CallToolResult:
+    async def cancel_job(self, job_id: str, ctx: Context | None = None) -> CallToolResult:
         job = _checked(JobRef, job_id=job_id)
-        return _answer(await _call(self.backend.cancel(job.job_id)))
+        return _answer(await _call(self.backend.cancel(job.job_id, _viewer(ctx))))
 
     async def get_cache_stats(self) -> CallToolResult:
         return _answer(await _call(self.backend.cache_stats()))
@@ -225,28 +231,28 @@ class _Tools:
     async def get_telemetry(self) -> CallToolResult:
         return _answer(await _call(self.backend.telemetry()))
 
-    async def list_active_processes(self) -> CallToolResult:
-        return _answer(await _call(self.backend.processes()))
+    async def list_active_processes(self, ctx: Context | None = None) -> CallToolResult:
+        return _answer(await _call(self.backend.processes(_viewer(ctx))))
 
-    async def get_process_status(self, pid: int) -> CallToolResult:
+    async def get_process_status(self, pid: int, ctx: Context | None = None) -> CallToolResult:
         process = _checked(ProcessRef, pid=pid)
-        return _answer(await _call(self.backend.process_status(process.pid)))
+        return _answer(await _call(self.backend.process_status(process.pid, _viewer(ctx))))
 
-    async def terminate_process(self, pid: int) -> CallToolResult:
-        return await self._steer(pid, "terminate")
+    async def terminate_process(self, pid: int, ctx: Context | None = None) -> CallToolResult:
+        return await self._steer(pid, "terminate", ctx)
 
-    async def pause_process(self, pid: int) -> CallToolResult:
-        return await self._steer(pid, "pause")
+    async def pause_process(self, pid: int, ctx: Context | None = None) -> CallToolResult:
+        return await self._steer(pid, "pause", ctx)
 
-    async def resume_process(self, pid: int) -> CallToolResult:
-        return await self._steer(pid, "resume")
+    async def resume_process(self, pid: int, ctx: Context | None = None) -> CallToolResult:
+        return await self._steer(pid, "resume", ctx)
 
-    async def _steer(self, pid: int, verb: str) -> CallToolResult:
+    async def _steer(self, pid: int, verb: str, ctx: Context | None) -> CallToolResult:
         process = _checked(ProcessRef, pid=pid)
-        return _answer(await _call(self.backend.steer_process(process.pid, verb)))
+        return _answer(await _call(self.backend.steer_process(process.pid, verb, _viewer(ctx))))
 
-    async def get_process_dashboard(self) -> CallToolResult:
-        return _answer(await _call(self.backend.dashboard()))
+    async def get_process_dashboard(self, ctx: Context | None = None) -> CallToolResult:
+        return _answer(await _call(self.backend.dashboard(_viewer(ctx))))
 
 
 #: Each tool: its description, hints, answer shape and (when it takes arguments) request shape.
@@ -341,6 +347,14 @@ def _caller(ctx: Context | None) -> Caller | None:
     request = ctx.request_context.request if ctx is not None else None
     scope = getattr(request, "scope", None)
     return caller_of(scope) if isinstance(scope, dict) else None
+
+
+def _viewer(ctx: Context | None) -> str | None:
+    """Whose jobs a tool call over HTTP may see (:func:`runcache.auth.viewer_of`); on
+    stdio, where the agent is local, every job of the engine."""
+    request = ctx.request_context.request if ctx is not None else None
+    scope = getattr(request, "scope", None)
+    return viewer_of(scope) if isinstance(scope, dict) else None
 
 
 def _require_admin(ctx: Context | None) -> None:

@@ -10,6 +10,11 @@ while the engine side never holds one per waiting call.
 
 Both raise :class:`~runcache.errors.RuncacheError` with the message the HTTP
 API would answer, which the tools pass on as tool errors.
+
+A call about jobs takes a ``viewer`` (:func:`runcache.auth.viewer_of` of the
+``/mcp`` request: whose jobs it may see, None for all), and a run started over
+``/mcp`` is the caller's identity's job, as on the HTTP API. The server backend
+ignores the viewer: the server it forwards to decides by the token it sends.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import anyio.to_thread
 import msgspec
 
 from runcache import job_views, wire
-from runcache.audit import Caller
+from runcache.audit import ANONYMOUS, Caller
 from runcache.client import Client
 from runcache.service import Engine
 
@@ -49,15 +54,16 @@ class ToolBackend(Protocol):
         """Start (or join) a run in the background, or answer it from the cache;
         ``caller`` (the ``/mcp`` request's, or none on stdio) is what the audit log names."""
 
-    async def wait(self, job_id: str, seconds: float) -> wire.JobDetail:
+    async def wait(self, job_id: str, seconds: float,
+                   viewer: str | None = None) -> wire.JobDetail:
         """The job once it has ended, or as it is after ``seconds``."""
 
     async def output(self, job_id: str, stream: str, offset: int,
-                     limit: int) -> wire.JobOutput: ...
+                     limit: int, viewer: str | None = None) -> wire.JobOutput: ...
 
-    async def cancel(self, job_id: str) -> wire.JobAction: ...
+    async def cancel(self, job_id: str, viewer: str | None = None) -> wire.JobAction: ...
 
-    async def leave(self, job_id: str) -> wire.JobAction:
+    async def leave(self, job_id: str, viewer: str | None = None) -> wire.JobAction:
         """Give up a job this backend started or joined; cancelled if nobody else wants it."""
 
     async def cache_stats(self) -> wire.CacheStats: ...
@@ -68,14 +74,16 @@ class ToolBackend(Protocol):
 
     async def telemetry(self) -> wire.Telemetry: ...
 
-    async def processes(self) -> wire.ProcessList: ...
+    async def processes(self, viewer: str | None = None) -> wire.ProcessList: ...
 
-    async def process_status(self, pid: int) -> wire.ProcessDetail: ...
+    async def process_status(self, pid: int,
+                             viewer: str | None = None) -> wire.ProcessDetail: ...
 
-    async def steer_process(self, pid: int, verb: str) -> wire.ProcessDone:
+    async def steer_process(self, pid: int, verb: str,
+                            viewer: str | None = None) -> wire.ProcessDone:
         """``terminate``, ``pause`` or ``resume`` a run by its pid."""
 
-    async def dashboard(self) -> wire.Dashboard: ...
+    async def dashboard(self, viewer: str | None = None) -> wire.Dashboard: ...
 
     async def aclose(self) -> None: ...
 
@@ -99,24 +107,26 @@ class EngineBackend:
     async def start(self, request: wire.RunRequest,
                     caller: Caller | None = None) -> wire.JobAccepted:
         background = wire.CommandRequest(**msgspec.structs.asdict(request), background=True)
-        job, joined = await self.engine.submit_joined(background, MCP_CLIENT)
+        owner = None if caller is None or caller.credential == ANONYMOUS else caller.identity
+        job, joined = await self.engine.submit_joined(background, MCP_CLIENT, owner)
         self.engine.audit.submitted(caller or STDIO_CALLER, job, joined)
         return await job_views.accepted(job)
 
-    async def wait(self, job_id: str, seconds: float) -> wire.JobDetail:
-        job = self.engine.jobs.get(job_id)
+    async def wait(self, job_id: str, seconds: float,
+                   viewer: str | None = None) -> wire.JobDetail:
+        job = self.engine.jobs.get(job_id, viewer)
         await job_views.until_ended(job, seconds)
         return job_views.detail(job)
 
     async def output(self, job_id: str, stream: str, offset: int,
-                     limit: int) -> wire.JobOutput:
-        return await job_views.page(self.engine.jobs.get(job_id), stream, offset, limit)
+                     limit: int, viewer: str | None = None) -> wire.JobOutput:
+        return await job_views.page(self.engine.jobs.get(job_id, viewer), stream, offset, limit)
 
-    async def cancel(self, job_id: str) -> wire.JobAction:
-        return await job_views.cancel(self.engine, self.engine.jobs.get(job_id))
+    async def cancel(self, job_id: str, viewer: str | None = None) -> wire.JobAction:
+        return await job_views.cancel(self.engine, self.engine.jobs.get(job_id, viewer))
 
-    async def leave(self, job_id: str) -> wire.JobAction:
-        return await job_views.leave(self.engine, self.engine.jobs.get(job_id))
+    async def leave(self, job_id: str, viewer: str | None = None) -> wire.JobAction:
+        return await job_views.leave(self.engine, self.engine.jobs.get(job_id, viewer))
 
     async def cache_stats(self) -> wire.CacheStats:
         return await self.engine.cache_stats()
@@ -132,17 +142,19 @@ class EngineBackend:
     async def telemetry(self) -> wire.Telemetry:
         return self.engine.telemetry.snapshot()
 
-    async def processes(self) -> wire.ProcessList:
-        return job_views.process_list(self.engine)
+    async def processes(self, viewer: str | None = None) -> wire.ProcessList:
+        return job_views.process_list(self.engine, viewer)
 
-    async def process_status(self, pid: int) -> wire.ProcessDetail:
-        return job_views.process_status(self.engine, str(pid))
+    async def process_status(self, pid: int,
+                             viewer: str | None = None) -> wire.ProcessDetail:
+        return job_views.process_status(self.engine, str(pid), viewer)
 
-    async def steer_process(self, pid: int, verb: str) -> wire.ProcessDone:
-        return await job_views.steer_process(self.engine, str(pid), verb)
+    async def steer_process(self, pid: int, verb: str,
+                            viewer: str | None = None) -> wire.ProcessDone:
+        return await job_views.steer_process(self.engine, str(pid), verb, viewer)
 
-    async def dashboard(self) -> wire.Dashboard:
-        return await job_views.dashboard(self.engine)
+    async def dashboard(self, viewer: str | None = None) -> wire.Dashboard:
+        return await job_views.dashboard(self.engine, viewer)
 
     async def aclose(self) -> None:
         """Kill what still runs and release the store, when the engine is this backend's."""
@@ -179,7 +191,8 @@ class ServerBackend:
             request.ttl, request.refresh, stale=request.stale, cwd=request.cwd, env=request.env,
             stdin=request.stdin))
 
-    async def wait(self, job_id: str, seconds: float) -> wire.JobDetail:
+    async def wait(self, job_id: str, seconds: float,
+                   viewer: str | None = None) -> wire.JobDetail:
         with anyio.move_on_after(seconds):
             while True:
                 detail = await self._call(self.client.job, job_id)
@@ -189,13 +202,13 @@ class ServerBackend:
         return await self._call(self.client.job, job_id)
 
     async def output(self, job_id: str, stream: str, offset: int,
-                     limit: int) -> wire.JobOutput:
+                     limit: int, viewer: str | None = None) -> wire.JobOutput:
         return await self._call(self.client.output, job_id, stream, offset, limit)
 
-    async def cancel(self, job_id: str) -> wire.JobAction:
+    async def cancel(self, job_id: str, viewer: str | None = None) -> wire.JobAction:
         return await self._call(self.client.cancel, job_id)
 
-    async def leave(self, job_id: str) -> wire.JobAction:
+    async def leave(self, job_id: str, viewer: str | None = None) -> wire.JobAction:
         return await self._call(self.client.leave, job_id)
 
     async def cache_stats(self) -> wire.CacheStats:
@@ -210,19 +223,21 @@ class ServerBackend:
     async def telemetry(self) -> wire.Telemetry:
         return await self._call(self.client.telemetry)
 
-    async def processes(self) -> wire.ProcessList:
+    async def processes(self, viewer: str | None = None) -> wire.ProcessList:
         return await self._call(self.client.processes)
 
-    async def process_status(self, pid: int) -> wire.ProcessDetail:
+    async def process_status(self, pid: int,
+                             viewer: str | None = None) -> wire.ProcessDetail:
         return await self._call(self.client.process_status, pid)
 
-    async def steer_process(self, pid: int, verb: str) -> wire.ProcessDone:
+    async def steer_process(self, pid: int, verb: str,
+                            viewer: str | None = None) -> wire.ProcessDone:
         steer = {"terminate": self.client.terminate_process,
                  "pause": self.client.pause_process,
                  "resume": self.client.resume_process}[verb]
         return await self._call(steer, pid)
 
-    async def dashboard(self) -> wire.Dashboard:
+    async def dashboard(self, viewer: str | None = None) -> wire.Dashboard:
         return await self._call(self.client.dashboard)
 
     async def aclose(self) -> None:

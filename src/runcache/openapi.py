@@ -364,7 +364,8 @@ def _error_responses(config: Config) -> Schema:
         "403": "The token sent does not grant this operation, or the server's rules refuse "
                "the run context asked for (a cwd outside --allow-cwd, an env variable "
                "--env-allow does not name).",
-        "404": "No endpoint at this path, or no job with this id on this server, or no "
+        "404": "No endpoint at this path, or no job with this id on this server (that this "
+               "token started or joined, unless it is the admin token), or no "
                "live cache entry with this key.",
         "405": "The path does not take this method; the Allow header lists those it takes.",
         "409": "The job cannot do this now: it has ended, or is paused already, or is not.",

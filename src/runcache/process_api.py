@@ -18,15 +18,17 @@ from starlette.routing import Route
 from runcache import job_views, wire
 from runcache.api import client_of, engine_of, read_body
 from runcache.audit import caller_of
+from runcache.auth import owner_of, viewer_of
 from runcache.responses import json_answer
 
 
 async def list_processes(request: Request) -> Response:
-    return json_answer(job_views.process_list(engine_of(request)))
+    return json_answer(job_views.process_list(engine_of(request), viewer_of(request.scope)))
 
 
 async def process_status(request: Request) -> Response:
-    return json_answer(job_views.process_status(engine_of(request), request.path_params["pid"]))
+    return json_answer(job_views.process_status(engine_of(request), request.path_params["pid"],
+                                                viewer_of(request.scope)))
 
 
 async def terminate_process(request: Request) -> Response:
@@ -43,11 +45,12 @@ async def resume_process(request: Request) -> Response:
 
 async def _steer(request: Request, verb: str) -> Response:
     engine = engine_of(request)
-    return json_answer(await job_views.steer_process(engine, request.path_params["pid"], verb))
+    return json_answer(await job_views.steer_process(engine, request.path_params["pid"], verb,
+                                                     viewer_of(request.scope)))
 
 
 async def dashboard(request: Request) -> Response:
-    return json_answer(await job_views.dashboard(engine_of(request)))
+    return json_answer(await job_views.dashboard(engine_of(request), viewer_of(request.scope)))
 
 
 async def execute_async(request: Request) -> Response:
@@ -55,13 +58,15 @@ async def execute_async(request: Request) -> Response:
     is its job's id, so ``/api/jobs/{task_id}`` follows it too."""
     engine = engine_of(request)
     command = wire.decode_command_request(await read_body(request, engine.config.max_body_bytes))
-    job, joined = await engine.submit_joined(command, client_of(request))
+    job, joined = await engine.submit_joined(command, client_of(request),
+                                             owner_of(request.scope))
     engine.audit.submitted(caller_of(request.scope), job, joined)
     return json_answer(job_views.task_submitted(job))
 
 
 async def task_result(request: Request) -> Response:
-    return json_answer(job_views.task_result(engine_of(request), request.path_params["task_id"]))
+    return json_answer(job_views.task_result(engine_of(request), request.path_params["task_id"],
+                                             viewer_of(request.scope)))
 
 
 ROUTES = [

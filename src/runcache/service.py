@@ -190,12 +190,13 @@ class Engine:
                                 self.config.max_stale),
         )
 
-    async def lookup(self, plan: Plan, client: str) -> Outcome | None:
-        """The cached answer, if the request may have one and there is one."""
+    async def lookup(self, plan: Plan, client: str, owner: str | None = None) -> Outcome | None:
+        """The cached answer, if the request may have one and there is one (a stale one's
+        refresh is a job of ``owner``'s)."""
         if not plan.use_cache or plan.refresh:
             return None
         if plan.stale > 0:
-            return await self._lookup_stale(plan, client)
+            return await self._lookup_stale(plan, client, owner)
         cached = await self.cache.get(plan.key)
         if cached is None:
             self.metrics.miss()
@@ -205,7 +206,8 @@ class Engine:
         log.debug("%s hit %r", client, plan.command)
         return Outcome(cached, cached=True)
 
-    async def _lookup_stale(self, plan: Plan, client: str) -> Outcome | None:
+    async def _lookup_stale(self, plan: Plan, client: str,
+                            owner: str | None = None) -> Outcome | None:
         """A lookup that accepts a result up to ``plan.stale`` seconds past its expiry;
         a stale one starts its refresh, once per key (across instances, the store's
         lock lets one run it and the others take its result)."""
@@ -220,18 +222,22 @@ class Engine:
         self.telemetry.record_hit()
         if stale and self.jobs.running_for(plan.key) is None:
             log.debug("%s stale hit %r: refreshing it", client, plan.command)
-            self.claim(dataclasses.replace(plan, refresh=True), client, background=True)
+            self.claim(dataclasses.replace(plan, refresh=True), client, background=True,
+                       owner=owner)
         return Outcome(cached, cached=True, stale=stale)
 
-    def claim(self, plan: Plan, client: str, background: bool = False) -> tuple[Job, bool]:
-        """The job that answers ``plan``: the identical one running, joined, or a new one."""
+    def claim(self, plan: Plan, client: str, background: bool = False,
+              owner: str | None = None) -> tuple[Job, bool]:
+        """The job that answers ``plan``: the identical one running, joined, or a new one;
+        either way ``owner``'s (:mod:`runcache.auth`) from now on."""
         if plan.use_cache:
             running = self.jobs.running_for(plan.key)
             if running is not None:
                 running.holders += background
+                running.own(owner)
                 return running, True
         control = RunControl(self.runner.max_output_bytes)
-        job = self.jobs.new(plan.command, plan.key, control, plan.use_cache, background)
+        job = self.jobs.new(plan.command, plan.key, control, plan.use_cache, background, owner)
         control.on_output = job.attach(asyncio.get_running_loop())
         job.task = asyncio.ensure_future(self._run_job(job, plan, client))
         job.task.add_done_callback(lambda _: self.jobs.ended(job))
@@ -245,14 +251,16 @@ class Engine:
         """
         return (await self.submit_joined(request, client))[0]
 
-    async def submit_joined(self, request: CommandRequest, client: str = "-") -> tuple[Job, bool]:
-        """:meth:`submit`, and whether the job was an identical one already running."""
+    async def submit_joined(self, request: CommandRequest, client: str = "-",
+                            owner: str | None = None) -> tuple[Job, bool]:
+        """:meth:`submit`, and whether the job was an identical one already running;
+        the job is ``owner``'s from now on."""
         plan = self.plan(request)
-        hit = await self.lookup(plan, client)
+        hit = await self.lookup(plan, client, owner)
         if hit is None:
-            return self.claim(plan, client, background=True)
+            return self.claim(plan, client, background=True, owner=owner)
         facts = await _facts_of(hit.body)
-        job = self.jobs.new(plan.command, plan.key, None, plan.use_cache, True)
+        job = self.jobs.new(plan.command, plan.key, None, plan.use_cache, True, owner)
         job.cached, job.stale = True, hit.stale
         job.finish(hit.body, None, facts=facts)
         return job, False
