@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import subprocess
 import sys
-import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
