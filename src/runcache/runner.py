@@ -368,8 +368,10 @@ class Runner:
         if self.run_as is None:
             yield subprocess.PIPE, subprocess.PIPE
             return
-        pipes = [_OwnedPipe(self.run_as.uid, self.run_as.gid) for _ in range(2)]
+        pipes: list[_OwnedPipe] = []
         try:
+            for _ in range(2):  # one by one: a failure closes the ones made
+                pipes.append(_OwnedPipe(self.run_as.uid, self.run_as.gid))
             yield pipes[0], pipes[1]
         except BaseException:
             for pipe in pipes:
@@ -576,12 +578,12 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 class _OwnedPipe:
-    """A pipe whose inode belongs to a run's user: its write end goes to the run (as an
-    int, which Popen dup2s), its read end stays with the runner."""
+    """A pipe whose inode belongs to a run's user: its write end goes to the run (Popen
+    takes it by :meth:`fileno`), its read end stays with the runner."""
 
     def __init__(self, uid: int, gid: int) -> None:
         read_fd, self.writer = os.pipe2(os.O_CLOEXEC)
-        self.reader = open(read_fd, "rb", buffering=0)  # noqa: SIM115 (closed by _finish)
+        self.reader = open(read_fd, "rb", buffering=0)  # closed by Runner._finish
         try:
             os.fchown(read_fd, uid, gid)
         except OSError:
