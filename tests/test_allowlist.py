@@ -205,13 +205,15 @@ def test_env_allow_passes_only_the_variables_named(
     assert names - {"PATH", "LANG"} <= {"PWD"}  # the shell adds its working directory
 
 
-def test_without_env_allow_commands_see_the_whole_environment(
+def test_without_env_allow_commands_see_the_whole_environment_but_runcaches_own(
     client_factory: ClientFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("RUNCACHE_TEST_VISIBLE", "seen")
+    monkeypatch.setenv("TEST_VISIBLE", "seen")
+    monkeypatch.setenv("RUNCACHE_TEST_HIDDEN", "hidden")
     client = client_factory()
     stdout = client.post("/api/command", json={"command": "env"}).json()["stdout"]
-    assert "RUNCACHE_TEST_VISIBLE=seen" in stdout
+    assert "TEST_VISIBLE=seen" in stdout
+    assert "RUNCACHE_TEST_HIDDEN" not in stdout and "hidden" not in stdout
 
 
 def test_bad_env_names_are_config_errors() -> None:

@@ -56,6 +56,7 @@ from msgspec import UNSET, Struct, UnsetType
 
 from runcache.auth import CREDENTIAL, IDENTITY
 from runcache.errors import ConfigError
+from runcache.logs import loggable
 
 if TYPE_CHECKING:
     from runcache.jobs import Job
@@ -151,17 +152,18 @@ def _fields(record: AuditRecord) -> bytes:
 def _command_fields(caller: Caller, command: str, cache_key: str | None, body: bytes | None,
                     cached: bool, coalesced: bool, stale: bool, background: bool = False,
                     job_id: str | UnsetType = UNSET, error: str | UnsetType = UNSET) -> bytes:
-    """The one place a command's record is made (as :func:`_fields`)."""
+    """The one place a command's record is made (as :func:`_fields`); the command, and an
+    error that may quote it, are cut as every log cuts them (:func:`runcache.logs.loggable`)."""
     summary = result_summary(body) if body is not None else None
     return _fields(CommandRecord(
         action="command", client=caller.client, credential=caller.credential,
         identity=caller.identity,
-        command=command, cache_key=cache_key, cached=cached, coalesced=coalesced,
+        command=loggable(command), cache_key=cache_key, cached=cached, coalesced=coalesced,
         stale=stale, background=background,
         return_code=summary[0] if summary else None,
         execution_time=summary[1] if summary else None,
         output_bytes=summary[2] if summary else None,
-        job_id=job_id, error=error,
+        job_id=job_id, error=error if isinstance(error, UnsetType) else loggable(error),
     ))
 
 

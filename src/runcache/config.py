@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runcache.errors import ConfigError
+from runcache.run_as import OWN_PREFIX, RunAs, is_own
 
 MiB = 1024 * 1024
 
@@ -195,6 +196,10 @@ class Config:
         " the text decoded for pages); past it the output of the jobs that ended or were read"
         " longest ago is dropped (410 Gone), their status still listed.", 0,
     )
+    run_as: str = _setting(
+        "", "User commands run as (with its primary group, no supplementary groups), so they"
+        " cannot read what only runcache's user may; needs root (empty: runcache's user).",
+    )
 
     def __post_init__(self) -> None:
         for setting in dataclasses.fields(self):
@@ -242,6 +247,9 @@ class Config:
         for name in self.env_names:
             if not _ENV_NAME.fullmatch(name):
                 raise ConfigError(f"env_allow: {name!r} is not an environment variable name")
+            if is_own(name):
+                raise ConfigError(f"env_allow: {name!r} is one of runcache's own variables"
+                                  f" ({OWN_PREFIX}*), which commands never see")
         for root in self.cwd_roots:
             if not os.path.isabs(root) or not os.path.isdir(root):
                 raise ConfigError(f"allow_cwd: {root!r} is not an absolute path of a directory")
@@ -249,6 +257,11 @@ class Config:
             if not _ORIGIN.fullmatch(origin):
                 raise ConfigError(f"allowed_origins: {origin!r} is not an origin such as "
                                   "https://ui.example or http://127.0.0.1:3000")
+        if self.run_as:
+            try:
+                RunAs.lookup(self.run_as)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
 
     def _load_tokens(self) -> None:
         # Frozen, but a token read from a file belongs in the token field itself.
@@ -310,6 +323,12 @@ class Config:
     def env_names(self) -> tuple[str, ...]:
         """The variables of ``env_allow``; empty means commands see the whole environment."""
         return _names(self.env_allow)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """The values of the secret settings (the tokens), which no command may see."""
+        return tuple(getattr(self, item.name) for item in dataclasses.fields(self)
+                     if item.metadata["secret"])
 
     @property
     def cwd_roots(self) -> tuple[str, ...]:

@@ -7,10 +7,16 @@ the line was logged with (``extra=``: a run's line carries ``client``,
 traceback when there is one. A command is request-controlled text; in the text
 format it is quoted (``%r``) so it cannot forge a line, in JSON it is a JSON
 string. Neither format ever holds a token or a command's output: nothing logs them.
+
+A command is logged (here and in the audit log) cut to :data:`LOGGED_COMMAND_CHARS`
+characters followed by how much was cut and the whole command's SHA-256
+(:func:`loggable`), so a client cannot wash earlier lines out of a rotated log with
+a few huge commands, and two long commands still differ in their logged form.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +24,9 @@ from typing import Any
 import orjson
 
 FORMATS = ("text", "json")
+
+#: The most characters of a command any log line holds (then its length and digest).
+LOGGED_COMMAND_CHARS = 1000
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
@@ -51,3 +60,12 @@ class JsonFormatter(logging.Formatter):
 def formatter(log_format: str) -> logging.Formatter:
     """The formatter of ``--log-format``."""
     return JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+
+
+def loggable(command: str, limit: int = LOGGED_COMMAND_CHARS) -> str:
+    """``command`` as every log writes it: whole up to ``limit`` characters; past it, its
+    first ``limit`` characters and ``… [+N chars, sha256 <first 16 hex digits>]``."""
+    if len(command) <= limit:
+        return command
+    digest = hashlib.sha256(command.encode(errors="surrogatepass")).hexdigest()[:16]
+    return f"{command[:limit]}… [+{len(command) - limit} chars, sha256 {digest}]"

@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 import orjson
 
 from runcache.errors import BadRequest, Forbidden
-from runcache.runner import NO_CONTEXT, RunContext
+from runcache.run_as import OWN_PREFIX, is_own
+from runcache.runner import NO_CONTEXT, HeldDirectory, RunContext
 from runcache.wire import RunRequest
 
 
@@ -26,8 +27,10 @@ class ContextRules:
     (``--env-allow``): the only variables ``env`` may set. In allowlist mode a
     request's ``env`` needs ``--env-allow``, since a variable such as
     ``LD_PRELOAD`` or ``GIT_SSH_COMMAND`` would let an allowed program run others.
+    ``env`` never sets runcache's own variables (``RUNCACHE_*``), whatever the rules.
     What these rules refuse is a 403 (the server's policy); a ``cwd`` that is not a
-    directory is a 400.
+    directory is a 400. A ``cwd`` is opened when it is checked, and the run enters
+    the directory opened, not whatever its path names when a slot frees.
     """
 
     def __init__(self, cwd_roots: Sequence[str], env_names: Sequence[str],
@@ -40,23 +43,33 @@ class ContextRules:
         """The context to run ``request`` in; BadRequest or Forbidden says what is wrong."""
         if request.cwd is None and not request.env and not request.stdin:
             return NO_CONTEXT
+        env = self._env(request.env) if request.env else None
+        held = None if request.cwd is None else self._cwd(request.cwd)
         return RunContext(
-            cwd=None if request.cwd is None else self._cwd(request.cwd),
-            env=self._env(request.env) if request.env else None,
+            cwd=None if held is None else held.path,
+            env=env,
             stdin=request.stdin.encode() if request.stdin else None,
+            held=held,
         )
 
-    def _cwd(self, asked: str) -> str:
-        # Resolved once: the run happens in the directory checked, whatever a link does later.
-        resolved = os.path.realpath(asked)
-        if not os.path.isdir(resolved):
-            raise BadRequest(f"cwd {asked!r} is not an existing directory")
+    def _cwd(self, asked: str) -> HeldDirectory:
+        # Opened, then checked by the path of what was opened: the run enters this very
+        # directory, whatever a link swapped into its path does meanwhile.
+        try:
+            held = HeldDirectory(os.open(asked, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        except OSError:
+            raise BadRequest(f"cwd {asked!r} is not an existing directory") from None
+        resolved = held.path
         if self.cwd_roots and not any(_within(resolved, root) for root in self.cwd_roots):
             raise Forbidden(f"cwd {asked!r} is outside the directories this server allows "
                             f"(--allow-cwd): {', '.join(self.cwd_roots)}")
-        return resolved
+        return held
 
     def _env(self, asked: Mapping[str, str]) -> Mapping[str, str]:
+        own = sorted(name for name in asked if is_own(name))
+        if own:
+            raise Forbidden(f"env may not set runcache's own variables ({OWN_PREFIX}*): "
+                            f"not {', '.join(own)}")
         if self.allowlist_mode and not self.env_names:
             raise Forbidden("env is refused in allowlist mode unless the server names the "
                              "variables a request may set (--env-allow)")

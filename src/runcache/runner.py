@@ -21,10 +21,12 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from runcache import containment
+from runcache.run_as import RunAs, is_own, without_own
 from runcache.run_limits import NO_LIMITS, RunLimits
 
 #: How long to keep reading after the command itself exited, for output still
@@ -56,6 +58,30 @@ class RunContext:
     cwd: str | None = None
     env: Mapping[str, str] | None = None
     stdin: bytes | None = None
+    #: ``cwd`` held open since it was checked: the run enters this directory, whatever
+    #: the path names by then (a link swapped in while the run waited for a slot).
+    held: HeldDirectory | None = field(default=None, compare=False)
+
+
+class HeldDirectory:
+    """A directory open by descriptor (``O_PATH``) for as long as something refers to it.
+
+    A request's context lives as long as its plan (answered from the cache, joined to
+    an identical run, refused, or run), so the descriptor is closed with the object
+    rather than at each of those ends.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @property
+    def path(self) -> str:
+        """The directory's path now, as the kernel names it."""
+        return os.readlink(f"/proc/self/fd/{self.fd}")
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
 
 #: A run the request gave no context of its own.
@@ -226,7 +252,9 @@ class Runner:
 
     ``containment`` is ``auto``, ``pidns`` or ``group`` (see
     :func:`runcache.containment.resolve`; ``pidns`` where the kernel refuses it is
-    an OSError here, at start); ``limits`` are applied to every run.
+    an OSError here, at start); ``limits`` are applied to every run. Commands see
+    ``env`` (runcache's environment when None) without runcache's own variables, and
+    run as ``run_as`` when given (:mod:`runcache.run_as`).
     """
 
     def __init__(
@@ -236,9 +264,13 @@ class Runner:
         cwd: str | None = None,
         containment_mode: str = containment.AUTO,
         limits: RunLimits = NO_LIMITS,
+        run_as: RunAs | None = None,
     ) -> None:
         self.max_output_bytes = max_output_bytes
-        self.env = dict(env) if env is not None else None
+        self.run_as = run_as
+        env = without_own(env if env is not None else os.environ)
+        self.env: dict[str, str] = run_as.environment(env) if run_as is not None else env
+        self._user_prefix = run_as.prefix() if run_as is not None else []
         self.cwd = cwd
         self.containment = containment.resolve(containment_mode)
         self.limits = limits
@@ -311,20 +343,26 @@ class Runner:
                control: RunControl) -> subprocess.Popen[bytes]:
         env = self.env
         if context.env:
-            env = {**(self.env if self.env is not None else os.environ), **context.env}
-        with _stdin_file(context.stdin) as stdin, self._lock:
+            env = {**self.env, **{name: value for name, value in context.env.items()
+                                  if not is_own(name)}}
+        # A held directory is entered by its descriptor: the child's chdir (before exec,
+        # before its descriptors close) resolves /proc/self/fd/N to that very directory.
+        cwd = f"/proc/self/fd/{context.held.fd}" if context.held else context.cwd or self.cwd
+        with _stdin_file(context.stdin) as stdin, self._outputs() as (out, err), self._lock:
             if self._closed:
                 raise OSError("runcache is shutting down")
             with self._contained(argv, env):
                 proc = subprocess.Popen(
-                    [*self._prefix, *argv],
+                    [*self._prefix, *self._user_prefix, *argv],
                     stdin=stdin,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
+                    stdout=out,
+                    stderr=err,
                     start_new_session=True,
                     env=env,
-                    cwd=context.cwd or self.cwd,
+                    cwd=cwd,
                 )
+            if out != subprocess.PIPE:
+                proc.stdout, proc.stderr = out.reader, err.reader
             # Watched and steerable before it counts as running, since whoever sees it
             # running may cancel it (the first watch starts the watchdog, outside the run's
             # namespace, which takes a few milliseconds).
@@ -335,9 +373,30 @@ class Runner:
             _widen_pipe(pipe)
         return proc
 
+    @contextlib.contextmanager
+    def _outputs(self) -> Iterator[tuple[Any, Any]]:
+        """The run's stdout and stderr: Popen's pipes, or for another user pipes it owns,
+        so that it may reopen them (``echo oops > /dev/stderr``: a pipe's inode belongs
+        to whoever made it, mode 0600)."""
+        if self.run_as is None:
+            yield subprocess.PIPE, subprocess.PIPE
+            return
+        pipes: list[_OwnedPipe] = []
+        try:
+            for _ in range(2):  # one by one: a failure closes the ones made
+                pipes.append(_OwnedPipe(self.run_as.uid, self.run_as.gid))
+            yield pipes[0], pipes[1]
+        except BaseException:
+            for pipe in pipes:
+                pipe.reader.close()
+            raise
+        finally:
+            for pipe in pipes:
+                os.close(pipe.writer)
+
     def _contained(self, argv: Sequence[str], env: Mapping[str, str] | None
                    ) -> contextlib.AbstractContextManager[None]:
-        if self._prefix:
+        if self._prefix or self._user_prefix:
             # A wrapper execs the command: a missing program is its exit 127, not the
             # OSError a direct spawn gives. Looked for here, so the answer stays the same.
             containment.check_program(argv[0], env)
@@ -534,6 +593,24 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+class _OwnedPipe:
+    """A pipe whose inode belongs to a run's user: its write end goes to the run (Popen
+    takes it by :meth:`fileno`), its read end stays with the runner."""
+
+    def __init__(self, uid: int, gid: int) -> None:
+        read_fd, self.writer = os.pipe2(os.O_CLOEXEC)
+        self.reader = open(read_fd, "rb", buffering=0)  # closed by Runner._finish
+        try:
+            os.fchown(read_fd, uid, gid)
+        except OSError:
+            self.reader.close()
+            os.close(self.writer)
+            raise
+
+    def fileno(self) -> int:
+        return self.writer
 
 
 def _widen_pipe(pipe: object) -> None:

@@ -26,8 +26,10 @@ from runcache.config import Config
 from runcache.errors import BadRequest, ConfigError, RuncacheError, StoreError
 from runcache.jobs import Job, Jobs, OutputFacts, output_facts
 from runcache.limits import Slots
+from runcache.logs import loggable
 from runcache.metrics import Metrics
 from runcache.results import encode_result
+from runcache.run_as import RunAs, without_own
 from runcache.run_context import ContextRules, key_part
 from runcache.run_limits import RunLimits
 from runcache.runner import NO_CONTEXT, RunContext, RunControl, Runner, RunResult
@@ -128,8 +130,7 @@ class Engine:
         )
         self.allowlist: Allowlist | None = None
         if config.allowed_commands:
-            env = runner.env if runner.env is not None else os.environ
-            self.allowlist = Allowlist(config.allowed_commands, env, runner.cwd,
+            self.allowlist = Allowlist(config.allowed_commands, runner.env, runner.cwd,
                                        config.runner_names)
         self.context_rules = ContextRules(config.cwd_roots, config.env_names,
                                           self.allowlist is not None)
@@ -144,8 +145,9 @@ class Engine:
         try:
             runner = Runner(config.max_output_bytes, _command_env(config),
                             containment_mode=config.containment,
-                            limits=RunLimits.from_config(config))
-        except OSError as error:  # a containment or a limit this machine cannot give
+                            limits=RunLimits.from_config(config),
+                            run_as=RunAs.lookup(config.run_as) if config.run_as else None)
+        except (OSError, ValueError) as error:  # a containment or a limit this machine cannot give
             store.close()
             audit.close()
             raise ConfigError(str(error)) from None
@@ -203,7 +205,8 @@ class Engine:
             return None
         self.metrics.hit()
         self.telemetry.record_hit()
-        log.debug("%s hit %r", client, plan.command)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s hit %r", client, loggable(plan.command))
         return Outcome(cached, cached=True)
 
     async def _lookup_stale(self, plan: Plan, client: str,
@@ -221,7 +224,7 @@ class Engine:
             self.metrics.stale_hit()
         self.telemetry.record_hit()
         if stale and self.jobs.running_for(plan.key) is None:
-            log.debug("%s stale hit %r: refreshing it", client, plan.command)
+            log.debug("%s stale hit %r: refreshing it", client, loggable(plan.command))
             self.claim(dataclasses.replace(plan, refresh=True), client, background=True,
                        owner=owner)
         return Outcome(cached, cached=True, stale=stale)
@@ -321,7 +324,7 @@ class Engine:
         return hashlib.sha256(text).hexdigest()
 
     def _key_context(self) -> bytes:
-        env = self.runner.env if self.runner.env is not None else os.environ
+        env = self.runner.env
         context = {
             "shell": SHELL if self.allowlist is None else "none: allowlist mode",
             "cwd": self.runner.cwd or os.getcwd(),
@@ -376,11 +379,12 @@ class Engine:
         log.info(
             "%s ran %r: exit %d in %.3fs%s",
             client,
-            plan.argv[-1] if plan.argv[:2] == list(SHELL) else shlex.join(plan.argv),
+            loggable(plan.argv[-1] if plan.argv[:2] == list(SHELL) else shlex.join(plan.argv)),
             result.return_code,
             result.execution_time,
             " (cancelled)" if result.cancelled else " (timed out)" if result.timed_out else "",
-            extra={"client": client, "command": plan.command, "return_code": result.return_code,
+            extra={"client": client, "command": loggable(plan.command),
+                   "return_code": result.return_code,
                    "execution_time": round(result.execution_time, 6)},
         )
         return result, body, facts
@@ -475,8 +479,10 @@ async def _facts_of(body: bytes) -> OutputFacts:
     return output_facts(body)
 
 
-def _command_env(config: Config) -> dict[str, str] | None:
-    """The environment commands run with: runcache's own, or only the variables allowed."""
+def _command_env(config: Config) -> dict[str, str]:
+    """The environment commands run with: runcache's own, or only the variables allowed;
+    never runcache's settings nor a variable holding a token (:mod:`runcache.run_as`)."""
     if not config.env_names:
-        return None
-    return {name: os.environ[name] for name in config.env_names if name in os.environ}
+        return without_own(os.environ, config.secrets)
+    return without_own({name: os.environ[name] for name in config.env_names
+                        if name in os.environ}, config.secrets)
