@@ -396,16 +396,28 @@ def _answer(value: Struct) -> CallToolResult:
 
 
 def streamable_http(backend: ToolBackend, several_workers: bool,
-                    host: str) -> tuple[ASGIApp, StreamableHTTPSessionManager]:
+                    host: str, *, session_idle: float = 300.0,
+                    body_limit: int = 1 << 20) -> tuple[ASGIApp, StreamableHTTPSessionManager]:
     """MCP's Streamable HTTP transport over ``backend``: the ASGI app that answers at
     ``/mcp``, and the session manager to run for as long as it serves.
 
     With several worker processes a session's next request may reach another
     process, so the transport is stateless there: each request stands alone.
+
+    A lone process keeps sessions, although no tool sends anything outside a call
+    (progress streams in the call's own response either way): a client cancels a
+    call with a ``notifications/cancelled`` sent in a request of its own, and only
+    the session that runs the call can act on it. Stateless, the cancel reaches a
+    fresh transport and is lost, and the run goes on (the test of a cancelled call
+    over HTTP fails). So sessions stay, bounded: one idle ``session_idle`` seconds
+    closes (no request in flight, no stream open), and :class:`~runcache.mcp_http.
+    McpEndpoint` keeps a few per client address.
     """
     server = build_server(backend)
     app = server.streamable_http_app(streamable_http_path="/mcp",
-                                     stateless_http=several_workers, host=host)
+                                     stateless_http=several_workers, host=host,
+                                     session_idle_timeout=session_idle,
+                                     max_request_body_size=body_limit)
     route = next(route for route in app.routes if isinstance(route, Route))
     endpoint: ASGIApp = route.app
     return endpoint, server.session_manager
