@@ -343,15 +343,41 @@ def decode_request(shape: type[S], body: bytes) -> S:
     raise BadRequest(_first_problem(shape, payload))
 
 
-#: A body that is not JSON; msgspec reports invalid UTF-8 in a string as a UnicodeDecodeError.
-_MALFORMED = (msgspec.DecodeError, UnicodeDecodeError)
+#: A body that is not JSON; msgspec reports invalid UTF-8 in a string as a UnicodeDecodeError,
+#: and arrays or objects nested deeper than Python's recursion limit (about 1,000 deep, even
+#: in a field no shape declares: it is skipped by recursion too) as a RecursionError.
+_MALFORMED = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 
 def _malformed(error: Exception) -> BadRequest:
     if isinstance(error, UnicodeDecodeError):  # its own text counts bytes of the string alone
         return BadRequest(f"request body must be valid JSON: a string is not UTF-8 "
                           f"({error.reason})")
+    if isinstance(error, RecursionError):
+        return BadRequest(NESTED_TOO_DEEP)
     return BadRequest(f"request body must be valid JSON: {error}")
+
+
+#: What a body nested past the decoder's recursion limit answers.
+NESTED_TOO_DEEP = ("request body is nested too deeply: its arrays and objects may nest "
+                   "a few hundred deep")
+
+#: The most digits a whole number in a query string or header may have: enough for any
+#: offset (2**63 has 19), far below the 4,300 past which ``int()`` refuses a string.
+MAX_DIGITS = 20
+
+
+def whole_number(text: str) -> int | None:
+    """``text`` as a whole number, or None unless it is 1 to ``MAX_DIGITS`` ASCII digits.
+
+    Every integer the HTTP layer reads from a query string or a header goes through
+    here, so none reaches ``int()`` unbounded (whose ValueError past 4,300 digits
+    would be an unexpected error, a 500) or as a digit ``int()`` refuses (``"²"``
+    passes ``str.isdigit``).
+    """
+    if not (0 < len(text) <= MAX_DIGITS and text.isascii() and text.isdigit()):
+        return None
+    return int(text)
 
 
 def _first_problem(shape: type[Struct], payload: object) -> str:
