@@ -419,6 +419,8 @@ def _message_for(messages: dict[str, str], value: object, error: str, name: str)
     if isinstance(value, str) and "\x00" in value and "nul" in messages:
         return messages["nul"]
     kind = "type" if _TYPE_ERROR.match(error) or "out of range" in error else "constraint"
+    if kind == "constraint" and "length <=" in error and "too_long" in messages:
+        kind = "too_long"
     return messages.get(kind) or messages.get("type") or f"{name} is not valid: {error}"
 
 
@@ -700,14 +702,24 @@ def _not_empty(name: str, description: str) -> Meta:
     })
 
 
+#: The longest ``glob`` an invalidation takes. Each of its characters is a step of the
+#: regular expression matched against every command in the cache: a megabyte of ``*a``
+#: held the event loop for seconds; real patterns are a command line long.
+MAX_GLOB = 1024
+
+
 class InvalidateRequest(Request, frozen=True):
     """The body of ``POST /api/cache/invalidate``: exactly one of ``prefix`` and ``glob``."""
 
     prefix: Annotated[str, _not_empty(
         "prefix", "Delete the entries whose command starts with this.")] | UnsetType = UNSET
-    glob: Annotated[str, _not_empty(
-        "glob", "Delete the entries whose whole command matches this shell-style pattern "
-                "(*, ?, [abc], [!abc]).")] | UnsetType = UNSET
+    glob: Annotated[str, Meta(
+        min_length=1, max_length=MAX_GLOB,
+        description="Delete the entries whose whole command matches this shell-style pattern "
+                    f"(*, ?, [abc], [!abc]), at most {MAX_GLOB} characters.",
+        extra={"type": "glob must be a string", "constraint": "glob must not be empty",
+               "too_long": f"glob must be at most {MAX_GLOB} characters"},
+    )] | UnsetType = UNSET
 
 
 #: What the JSON Schema of a shape states beyond its fields.
