@@ -292,3 +292,21 @@ def test_redis_invalidates_and_clears_ten_thousand_entries_in_batches(
         assert keys == {store.counts_key.encode()}
     finally:
         store.close()
+
+
+
+# -- a glob is bounded -----------------------------------------------------------------
+
+
+def test_an_over_long_glob_is_refused_and_removes_nothing(
+    live_server_factory: StartServer, store_url: str, session: requests.Session
+) -> None:
+    api = Api(live_server_factory("--store", store_url), session)
+    for index in range(3):
+        api.run(f": {index} glob bound")
+    too_long = api.call("POST", "/api/cache/invalidate", json={"glob": "*" * 1025})
+    assert (too_long.status_code, too_long.json()) == (
+        400, {"error": "glob must be at most 1024 characters"})
+    assert api.ok("GET", "/api/cache/stats")["size"] == 3  # removed nothing
+    allowed = api.ok("POST", "/api/cache/invalidate", json={"glob": "*" * 1024})
+    assert allowed == {"success": True, "deleted": 3}

@@ -69,8 +69,8 @@ async def read_body(request: Request, limit: int) -> bytes:
     A declared ``Content-Length`` over the limit is refused before a byte of
     the body is read; a chunked body is refused the moment it passes the limit.
     """
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    declared = wire.whole_number(request.headers.get("content-length") or "")
+    if declared is not None and declared > limit:
         raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0

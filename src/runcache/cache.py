@@ -135,6 +135,11 @@ class Cache:
         return await self._insist(functools.partial(self.store.delete, key))
 
     async def delete_matching(self, match: CommandMatch) -> int:
+        """Delete what ``match`` accepts, in a thread on every store (the memory store's
+        other calls run on the loop): the request sets its cost, a pattern tested
+        against every command in the cache."""
+        if self._threads is None:
+            return await asyncio.to_thread(self.store.delete_matching, match)
         return await self._insist(functools.partial(self.store.delete_matching, match))
 
     async def _call(self, operation: Callable[..., T], *args: Any) -> T:

@@ -200,6 +200,14 @@ class Config:
         "", "User commands run as (with its primary group, no supplementary groups), so they"
         " cannot read what only runcache's user may; needs root (empty: runcache's user).",
     )
+    mcp_session_timeout: float = _setting(
+        300.0, "Seconds an MCP session at /mcp may sit idle (no request in flight, no stream"
+        " open) before it is closed; its client then opens another.", 1
+    )
+    mcp_sessions_per_client: int = _setting(
+        256, "Most MCP sessions one client address keeps at /mcp: opening one more closes"
+        " its oldest.", 1
+    )
 
     def __post_init__(self) -> None:
         for setting in dataclasses.fields(self):

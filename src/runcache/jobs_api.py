@@ -6,7 +6,6 @@ this module reads the request's parameters and streams the events.
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncGenerator
 
 from starlette.requests import Request
@@ -50,10 +49,10 @@ def int_param(request: Request, name: str, default: int, low: int, high: int) ->
     text = request.query_params.get(name)
     if text is None:
         return default
-    # ASCII digits only: str.isdigit also takes "²", which int() refuses.
-    if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
+    number = wire.whole_number(text)
+    if number is None or not low <= number <= high:
         raise BadRequest(f"{name} must be a whole number from {low} to {high}")
-    return int(text)
+    return number
 
 
 def stream_param(request: Request) -> str:
@@ -73,7 +72,6 @@ async def job_output(request: Request) -> Response:
 
 # -- following a job: Server-Sent Events ---------------------------------------------
 
-_EVENT_ID = re.compile(r"^(\d+):(\d+)$")
 
 
 def _event_id_param(request: Request) -> tuple[int, int]:
@@ -81,11 +79,12 @@ def _event_id_param(request: Request) -> tuple[int, int]:
     last = request.headers.get("last-event-id")
     if last is None or not last.strip():
         return 0, 0
-    match = _EVENT_ID.match(last.strip())
-    if match is None:
+    out, _, err = last.strip().partition(":")
+    positions = wire.whole_number(out), wire.whole_number(err)
+    if positions[0] is None or positions[1] is None:
         raise BadRequest("Last-Event-ID must be <stdout offset>:<stderr offset>, "
                          "as the events of this job carry")
-    return int(match[1]), int(match[2])
+    return positions[0], positions[1]
 
 
 def _event(kind: str, data: bytes, event_id: str | None = None) -> bytes:

@@ -410,8 +410,9 @@ def _answer(value: Struct) -> CallToolResult:
     return CallToolResult(content=[text], structured_content=wire.to_builtins(value))
 
 
-def streamable_http(backend: ToolBackend,
-                    several_workers: bool) -> tuple[ASGIApp, StreamableHTTPSessionManager]:
+def streamable_http(backend: ToolBackend, several_workers: bool, *,
+                    session_idle: float = 300.0,
+                    body_limit: int = 1 << 20) -> tuple[ASGIApp, StreamableHTTPSessionManager]:
     """MCP's Streamable HTTP transport over ``backend``: the ASGI app that answers at
     ``/mcp``, and the session manager to run for as long as it serves.
 
@@ -420,11 +421,21 @@ def streamable_http(backend: ToolBackend,
     The SDK's own Host and Origin check is off: it held only when ``--host`` was
     spelled 127.0.0.1, localhost or ::1, and let in pages of any port of those;
     :class:`~runcache.origins.OriginGuard` checks ``/mcp`` as it checks every route.
+
+    A lone process keeps sessions, although no tool sends anything outside a call
+    (progress streams in the call's own response either way): a client cancels a
+    call with a ``notifications/cancelled`` sent in a request of its own, and only
+    the session that runs the call can act on it. Stateless, the cancel reaches a
+    fresh transport and is lost, and the run goes on (the test of a cancelled call
+    over HTTP fails). So sessions stay, bounded: one idle ``session_idle`` seconds
+    closes (no request in flight, no stream open), and :class:`~runcache.mcp_http.
+    McpEndpoint` keeps a few per client address.
     """
     server = build_server(backend)
     app = server.streamable_http_app(
         streamable_http_path="/mcp", stateless_http=several_workers,
         transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
+        session_idle_timeout=session_idle, max_request_body_size=body_limit,
     )
     route = next(route for route in app.routes if isinstance(route, Route))
     endpoint: ASGIApp = route.app

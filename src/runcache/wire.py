@@ -344,20 +344,46 @@ def decode_request(shape: type[S], body: bytes) -> S:
 
 
 #: A body that is not JSON (msgspec 0.19 to 0.22 report invalid UTF-8 in a string as a
-#: UnicodeDecodeError, 0.23 as a DecodeError).
-_MALFORMED = (msgspec.DecodeError, UnicodeDecodeError)
+#: UnicodeDecodeError, 0.23 as a DecodeError), or one whose arrays or objects nest deeper
+#: than Python's recursion limit (about 1,000 deep, even in a field no shape declares: it
+#: is skipped by recursion too), a RecursionError.
+_MALFORMED = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 
 def _malformed(error: Exception, body: bytes) -> BadRequest:
     """The 400 for a body that is not JSON. Invalid UTF-8 is told in runcache's own words,
     found by decoding the body (only on this error path), since msgspec's wording for it
     changed between releases and counts bytes of the string alone."""
+    if isinstance(error, RecursionError):
+        return BadRequest(NESTED_TOO_DEEP)
     try:
         body.decode()
     except UnicodeDecodeError as bad:
         return BadRequest(f"request body must be valid JSON: it is not UTF-8 "
                           f"({bad.reason} at byte {bad.start})")
     return BadRequest(f"request body must be valid JSON: {error}")
+
+
+#: What a body nested past the decoder's recursion limit answers.
+NESTED_TOO_DEEP = ("request body is nested too deeply: its arrays and objects may nest "
+                   "a few hundred deep")
+
+#: The most digits a whole number in a query string or header may have: enough for any
+#: offset (2**63 has 19), far below the 4,300 past which ``int()`` refuses a string.
+MAX_DIGITS = 20
+
+
+def whole_number(text: str) -> int | None:
+    """``text`` as a whole number, or None unless it is 1 to ``MAX_DIGITS`` ASCII digits.
+
+    Every integer the HTTP layer reads from a query string or a header goes through
+    here, so none reaches ``int()`` unbounded (whose ValueError past 4,300 digits
+    would be an unexpected error, a 500) or as a digit ``int()`` refuses (``"²"``
+    passes ``str.isdigit``).
+    """
+    if not (0 < len(text) <= MAX_DIGITS and text.isascii() and text.isdigit()):
+        return None
+    return int(text)
 
 
 def _first_problem(shape: type[Struct], payload: object) -> str:
@@ -399,6 +425,8 @@ def _message_for(messages: dict[str, str], value: object, error: str, name: str)
     if isinstance(value, str) and "\x00" in value and "nul" in messages:
         return messages["nul"]
     kind = "type" if _TYPE_ERROR.match(error) or "out of range" in error else "constraint"
+    if kind == "constraint" and "length <=" in error and "too_long" in messages:
+        kind = "too_long"
     return messages.get(kind) or messages.get("type") or f"{name} is not valid: {error}"
 
 
@@ -680,14 +708,24 @@ def _not_empty(name: str, description: str) -> Meta:
     })
 
 
+#: The longest ``glob`` an invalidation takes. Each of its characters is a step of the
+#: regular expression matched against every command in the cache: a megabyte of ``*a``
+#: held the event loop for seconds; real patterns are a command line long.
+MAX_GLOB = 1024
+
+
 class InvalidateRequest(Request, frozen=True):
     """The body of ``POST /api/cache/invalidate``: exactly one of ``prefix`` and ``glob``."""
 
     prefix: Annotated[str, _not_empty(
         "prefix", "Delete the entries whose command starts with this.")] | UnsetType = UNSET
-    glob: Annotated[str, _not_empty(
-        "glob", "Delete the entries whose whole command matches this shell-style pattern "
-                "(*, ?, [abc], [!abc]).")] | UnsetType = UNSET
+    glob: Annotated[str, Meta(
+        min_length=1, max_length=MAX_GLOB,
+        description="Delete the entries whose whole command matches this shell-style pattern "
+                    f"(*, ?, [abc], [!abc]), at most {MAX_GLOB} characters.",
+        extra={"type": "glob must be a string", "constraint": "glob must not be empty",
+               "too_long": f"glob must be at most {MAX_GLOB} characters"},
+    )] | UnsetType = UNSET
 
 
 #: What the JSON Schema of a shape states beyond its fields.

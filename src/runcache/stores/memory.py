@@ -183,13 +183,19 @@ class MemoryStore:
             return True
 
     def delete_matching(self, match: CommandMatch) -> int:
+        """The commands are tested outside the lock, which the event loop's lookups take:
+        the lock is held to copy the entries, then to remove those that matched and
+        are still the same entries (one replaced meanwhile stays)."""
         with self._lock:
             now = self._clock()
-            doomed = [(key, entry) for key, entry in self._entries.items()
-                      if entry.expires_at > now and match(entry.command)]
-            for key, entry in doomed:
+            live = [(key, entry) for key, entry in self._entries.items()
+                    if entry.expires_at > now]
+        doomed = [(key, entry) for key, entry in live if match(entry.command)]
+        with self._lock:
+            gone = [(key, entry) for key, entry in doomed if self._entries.get(key) is entry]
+            for key, entry in gone:
                 self._remove(key, entry)
-            return len(doomed)
+            return len(gone)
 
     def acquire(self, key: str, lease: float) -> str | None:
         """Always granted: no other process shares this store."""
