@@ -89,8 +89,9 @@ class Config:
     max_body_bytes: int = _setting(1 * MiB, "Largest request body accepted (413 past it).", 1)
     containment: str = _setting(
         "auto", "How a run's processes are kept together so none outlives it: pidns (a PID"
-        " namespace per run; needs root), group (its process group only) or auto (pidns where"
-        " allowed).",
+        " namespace per run, with its own /proc; as root, or as any user where the kernel"
+        " allows unprivileged user namespaces), group (its process group only) or auto (pidns"
+        " where allowed).",
     )
     max_memory: str = _setting(
         "", "Address space each process of a run may use, e.g. 512M or 2G (empty or 0: no limit)."
