@@ -358,6 +358,21 @@ class LiveServer:
     output: list[str] = field(default_factory=list)
     reader: threading.Thread | None = None
 
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def connections(self) -> int:
+        """Established TCP connections the server process holds (accepted, not queued)."""
+        held = psutil.Process(self.process.pid).net_connections(kind="tcp")
+        return sum(1 for c in held
+                   if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == self.port)
+
+    def assert_quiet_log(self) -> None:
+        """Clients' misbehaviour is theirs: no traceback, no 'unexpected error' in the log."""
+        log = "".join(self.output)
+        assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]
+
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

@@ -54,8 +54,6 @@ class Answer:
         return orjson.loads(self.body)
 
 
-def port_of(server: LiveServer) -> int:
-    return int(server.url.rsplit(":", 1)[1])
 
 
 def post_request(path: str, body: bytes, *, close: bool = True) -> bytes:
@@ -137,17 +135,8 @@ async def time_to_close(reader: asyncio.StreamReader, started: float, wait: floa
     return time.monotonic() - started
 
 
-def server_connections(server: LiveServer) -> int:
-    """Established TCP connections the server process holds (accepted, not queued)."""
-    port = port_of(server)
-    held = psutil.Process(server.process.pid).net_connections(kind="tcp")
-    return sum(1 for c in held if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
 
 
-def assert_quiet_log(server: LiveServer) -> None:
-    """Clients' misbehaviour is theirs: no traceback, no 'unexpected error' in the log."""
-    log = "".join(server.output)
-    assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]
 
 
 @pytest.fixture
@@ -204,7 +193,7 @@ def test_a_thousand_identical_requests_run_once_on_few_threads(
     ))
 
     async def ask_all() -> list[Answer]:
-        return await asyncio.gather(*(exchange(port_of(server), request) for _ in range(1000)))
+        return await asyncio.gather(*(exchange(server.port, request) for _ in range(1000)))
 
     with ThreadCounter(server.process.pid) as threads:
         answers = asyncio.run(ask_all())
@@ -229,7 +218,7 @@ def test_idle_and_trickling_connections_lock_no_one_out(
 ) -> None:
     # The default timeouts (10 s for headers) hold every connection open for the test.
     server = live_server_factory()
-    port = port_of(server)
+    port = server.port
     hit = post_request("/api/command", orjson.dumps({"command": "echo hit"}))
 
     async def scenario() -> tuple[Answer, float, Answer, float]:
@@ -238,13 +227,13 @@ def test_idle_and_trickling_connections_lock_no_one_out(
         slow = [asyncio.create_task(trickle(port, SLOW_HEADERS, 1.0)) for _ in range(200)]
         try:
             deadline = time.monotonic() + 10
-            while server_connections(server) < 1200:
+            while server.connections() < 1200:
                 assert time.monotonic() < deadline, "the server did not accept 1,200 connections"
                 await asyncio.sleep(0.1)
             await asyncio.sleep(1.5)  # every trickler has sent a byte or two
             cached, cached_seconds = await timed(exchange(port, hit))
             live, live_seconds = await timed(exchange(port, get_request("/livez")))
-            assert server_connections(server) >= 1200, "the connections were held throughout"
+            assert server.connections() >= 1200, "the connections were held throughout"
             assert not any(task.done() for task in slow)
         finally:
             for task in slow:
@@ -266,7 +255,7 @@ def test_idle_and_slow_connections_are_closed_after_their_timeouts(
     server = live_server_factory(
         "--header-timeout", "2", "--keepalive-timeout", "1", "--body-timeout", "1"
     )
-    port = port_of(server)
+    port = server.port
 
     async def idle_connection() -> float:
         started = time.monotonic()
@@ -315,7 +304,7 @@ def test_idle_and_slow_connections_are_closed_after_their_timeouts(
     assert 1.5 <= min(slow_headers) and max(slow_headers) < 8
     assert 0.5 <= min(keep_alive) and max(keep_alive) < 8
     assert 0.5 <= min(slow_bodies) and max(slow_bodies) < 8
-    assert_quiet_log(server)
+    server.assert_quiet_log()
     assert asyncio.run(exchange(port, get_request("/livez"))).status == 200
 
 
@@ -331,7 +320,7 @@ async def send_spaces(writer: asyncio.StreamWriter, size: int) -> None:
 def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(
     live_server: LiveServer,
 ) -> None:
-    port = port_of(live_server)
+    port = live_server.port
     process = psutil.Process(live_server.process.pid)
 
     async def scenario() -> tuple[Answer, int, int]:
@@ -357,7 +346,7 @@ def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(
     assert answer.status == 413
     assert answer.json() == {"error": "request body is larger than the limit of 1048576 bytes"}
     assert rss_after - rss_before < 16 * MiB, (rss_before, rss_after)
-    assert_quiet_log(live_server)
+    live_server.assert_quiet_log()
 
 
 def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_limit(
@@ -368,7 +357,7 @@ def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_limit(
     chunk = b"x" * 10_000
 
     async def scenario() -> Answer:
-        reader, writer = await asyncio.open_connection(HOST, port_of(server))
+        reader, writer = await asyncio.open_connection(HOST, server.port)
         try:
             writer.write(
                 b"POST /api/command HTTP/1.1\r\nHost: runcache\r\n"
@@ -414,7 +403,7 @@ MALFORMED = {
 
 
 def test_malformed_http_gets_a_4xx_json_error(live_server: LiveServer) -> None:
-    port = port_of(live_server)
+    port = live_server.port
 
     async def ask_all() -> dict[str, Answer]:
         answers = await asyncio.gather(*(exchange(port, raw) for raw in MALFORMED.values()))
@@ -426,4 +415,4 @@ def test_malformed_http_gets_a_4xx_json_error(live_server: LiveServer) -> None:
         error = answer.json()
         assert list(error) == ["error"] and isinstance(error["error"], str), (case, error)
     assert asyncio.run(exchange(port, get_request("/livez"))).json() == {"status": "ok"}
-    assert_quiet_log(live_server)
+    live_server.assert_quiet_log()

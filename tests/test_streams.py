@@ -32,12 +32,10 @@ OUTPUT_BYTES = 16 * MiB
 SOCKET_TIMEOUT = 30.0
 
 
-def _port(server: LiveServer) -> int:
-    return int(server.url.rsplit(":", 1)[1])
 
 
 def _connect(server: LiveServer) -> socket.socket:
-    return socket.create_connection((HOST, _port(server)), timeout=SOCKET_TIMEOUT)
+    return socket.create_connection((HOST, server.port), timeout=SOCKET_TIMEOUT)
 
 
 def _read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
@@ -57,15 +55,8 @@ def _read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     return int(status_line.split()[1]), headers, body
 
 
-def _server_connections(server: LiveServer) -> int:
-    port = _port(server)
-    held = psutil.Process(server.process.pid).net_connections(kind="tcp")
-    return sum(1 for c in held if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
 
 
-def _assert_quiet_log(server: LiveServer) -> None:
-    log = "".join(server.output)
-    assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]
 
 
 class Sampler:
@@ -130,7 +121,7 @@ def test_headers_past_the_bound_get_a_431_and_the_connection_closes(
             assert orjson.loads(answer) == {
                 "error": f"request headers larger than {16 * KiB} bytes (--max-header-bytes)"}
             assert sock.recv(65536) == b""  # closed
-    _assert_quiet_log(server)
+    server.assert_quiet_log()
 
 
 def _flood(server: LiveServer, total: int) -> int:
@@ -166,7 +157,7 @@ def test_endless_headers_cannot_grow_the_server(
         f"taking {sum(sent) / MiB:.0f} MiB of headers")
     assert sum(sent) < 3 * 10 * MiB, "the server kept taking headers"
     assert httpx.get(f"{server.url}/livez", timeout=10).status_code == 200
-    _assert_quiet_log(server)
+    server.assert_quiet_log()
 
 
 # -- item 4: streams share the loop, drop readers that take nothing, leave room ------------
@@ -231,13 +222,13 @@ def test_livez_answers_while_readers_that_read_nothing_follow_a_large_job_and_ha
             livez.start()
             until(lambda: len(livez.samples) >= 5, 30, "livez while the streams are written")
         # hung up together
-        until(lambda: _server_connections(server) == 0, 60, "the hung-up streams' end")
+        until(lambda: server.connections() == 0, 60, "the hung-up streams' end")
         count = len(livez.samples)
         until(lambda: len(livez.samples) > count + 5, 30, "livez after the hang-up")
     finally:
         livez.stop()
     assert max(livez.samples) < 0.5, f"/livez took {max(livez.samples):.2f} s at worst"
-    _assert_quiet_log(server)
+    server.assert_quiet_log()
 
 
 def test_a_reader_that_takes_nothing_is_dropped_after_the_write_timeout(
@@ -248,12 +239,12 @@ def test_a_reader_that_takes_nothing_is_dropped_after_the_write_timeout(
     job_id = _ended_job(server)
     with _readers(server, job_id, 5) as readers:
         until(lambda: all(_has_data(sock) for sock in readers), 30, "every stream's start")
-        until(lambda: _server_connections(server) == 0, 20, "the dropped streams")
+        until(lambda: server.connections() == 0, 20, "the dropped streams")
         with httpx.Client(base_url=server.url, timeout=30) as http:  # a reader who reads
             with http.stream("GET", f"/api/jobs/{job_id}/events") as events:
                 size = sum(len(chunk) for chunk in events.iter_bytes())
             assert size > OUTPUT_BYTES and events.status_code == 200
-    _assert_quiet_log(server)
+    server.assert_quiet_log()
 
 
 def test_streams_that_read_nothing_never_keep_ordinary_requests_out(
@@ -280,4 +271,4 @@ def test_streams_that_read_nothing_never_keep_ordinary_requests_out(
             with http.stream("GET", f"/api/jobs/{job_id}/events") as events:
                 return events.status_code == 200
         until(admitted, 15, "a stream admitted once the others hung up")
-    _assert_quiet_log(server)
+    server.assert_quiet_log()
