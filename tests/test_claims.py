@@ -85,7 +85,7 @@ class _SlowReader:
         self.sock.connect((address.hostname, address.port))
         body = json.dumps({"command": command}).encode()
         self.sock.sendall(
-            b"POST /api/command HTTP/1.1\r\nHost: runcache\r\nConnection: close\r\n"
+            b"POST /api/command HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         self.received = b""
         self.length = 0

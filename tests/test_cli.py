@@ -25,7 +25,7 @@ from click.testing import CliRunner
 
 from runcache.cli import cli
 
-from conftest import LiveServer, free_port, until
+from conftest import LiveServer, free_port, marked, marker, until
 
 #: The console script pip installed beside this Python.
 RUNCACHE = Path(sys.executable).with_name("runcache")
@@ -70,18 +70,14 @@ def test_a_command_killed_by_a_signal_exits_128_plus_the_signal() -> None:
 
 
 def test_terminating_run_kills_the_command_it_runs_in_process(tmp_path: Path) -> None:
-    pid_file = tmp_path / "pid"
     environment = {k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")}
-    process = subprocess.Popen(
-        # The shell's pid as the machine knows it (its $$ is 1, in a namespace of its own).
-        [str(RUNCACHE), "run", "--", "sh", "-c", "read -r pid rest < /proc/self/stat; "
-         f"echo $pid > {pid_file}.new; "
-         f"mv {pid_file}.new {pid_file}; exec sleep 60"],
-        env=environment,
-    )
-    until(lambda: pid_file.exists() or process.poll() is not None)
+    # Found by its argument from here: in its namespaces a run sees only its own pids.
+    mark = marker()
+    process = subprocess.Popen([str(RUNCACHE), "run", "--", "sleep", mark], env=environment)
+    found = until(lambda: [found for found in marked(mark) if found.name() == "sleep"]
+                  or process.poll() is not None)
     assert process.poll() is None, "runcache run ended before its command started"
-    command = psutil.Process(int(pid_file.read_text()))
+    [command] = found
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 128 + signal.SIGTERM
     # The command runs in a session of its own, so only runcache could have killed it.

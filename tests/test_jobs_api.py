@@ -275,8 +275,9 @@ def _hang_up_after_posting(server: LiveServer, body: Json) -> None:
     host, port = server.url.removeprefix("http://").split(":")
     payload = json.dumps(body).encode()
     with socket.create_connection((host, int(port)), timeout=5) as sock:
-        sock.sendall(b"POST /api/command HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                     b"\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        sock.sendall(b"POST /api/command HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(payload), payload))
         until(lambda: any(  # the run has started
             job["command"] == body["command"] and job["pid"] is not None
             for job in requests.get(f"{server.url}/api/jobs", timeout=10).json()["jobs"]))

@@ -31,8 +31,8 @@ from conftest import LiveServer, until
 
 TOKEN = "metrics-token-0123456789abcdef"
 
-#: Prints the pid of the worker that runs it (its shell's parent, read from /proc:
-#: in the shell's own PID namespace its $PPID is 0).
+#: Prints the pid of the worker that runs it (its shell's parent, read from /proc: the
+#: machine's under --containment group; a run in namespaces sees a /proc of its own).
 PARENT = "read -r pid comm state ppid rest < /proc/self/stat; echo $ppid"
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -259,7 +259,7 @@ def test_two_workers_sum_into_every_scrape(
 ) -> None:
     temp = tmp_path / "tmp"
     temp.mkdir()
-    server = live_server_factory("--workers", "2", "--max-entries", "1",
+    server = live_server_factory("--workers", "2", "--max-entries", "1", "--containment", "group",
                                  "--store", f"sqlite://{tmp_path / 'cache.db'}",
                                  env={"TMPDIR": str(temp)})
     directories = list(temp.glob("runcache-metrics-*"))

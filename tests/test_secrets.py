@@ -109,11 +109,16 @@ def test_run_as_keeps_the_servers_files_out_of_a_runs_reach(
                    nobody.pw_dir, "nobody", "64"]
     assert _run(server, "true", use_cache=True)["return_code"] == 0  # the store's file made
     server_pid = server.process.pid
-    for secret in (token_file, audit, store, Path(f"/proc/{server_pid}/environ")):
+    for secret in (token_file, audit, store):
         assert secret.exists()
         result = _run(server, f"cat {secret}")
         assert result["return_code"] != 0, secret
         assert "Permission denied" in result["stderr"] and TOKEN not in result["stdout"]
+    # The server's own process: not even there in the run's /proc (its PID namespace's).
+    environ = Path(f"/proc/{server_pid}/environ")
+    result = _run(server, f"cat {environ}")
+    assert environ.exists() and result["return_code"] != 0 and TOKEN not in result["stdout"]
+    assert "No such file" in result["stderr"] or "Permission denied" in result["stderr"]
     # What the run is given stays usable: its stdin, its pipes reopened, its directory.
     given = _run(server, "cat /dev/stdin; echo out > /dev/stdout; echo err > /dev/stderr; pwd",
                  stdin="fed\n", cwd=str(tmp_path))

@@ -83,16 +83,15 @@ def test_a_stop_signal_kills_running_commands_and_exits_0(
     live_server_factory: Callable[..., LiveServer], tmp_path: Path, signum: int
 ) -> None:
     server = live_server_factory()
-    pid_file = tmp_path / "pid"
+    mark = marker()
     # The shell waits on a child of its own: only killing the whole group ends both.
-    command = f"{_sleeper(pid_file)} wait"
+    command = f"sleep {mark} & wait"
     answers: list[requests.Response] = []
     thread = threading.Thread(
         target=lambda: answers.append(post(server, "/api/command", command=command))
     )
     thread.start()
-    until(lambda: pid_file.exists() and bool(pid_file.read_text().strip()))
-    sleeper = psutil.Process(int(pid_file.read_text()))
+    sleeper = _sleeping(mark)
     server.process.send_signal(signum)
     assert server.process.wait(15) == 0
     sleeper.wait(10)  # raises if the command outlived the server
@@ -104,24 +103,19 @@ def test_a_stop_signal_kills_running_commands_and_exits_0(
     assert any("stopping" in line for line in server.output)
 
 
-def _sleeper(pid_file: Path) -> str:
-    """A background ``sleep 120`` that writes its pid as the machine knows it: a command
-    is PID 1 of a namespace of its own, so its ``$!`` is that namespace's pid, while
-    ``/proc`` is the machine's."""
-    return f"sh -c 'read -r pid rest < /proc/self/stat; echo $pid > {pid_file}; exec sleep 120' &"
 
 
 def test_a_stop_kills_every_running_group_not_only_the_first(
     live_server_factory: Callable[..., LiveServer], tmp_path: Path
 ) -> None:
     server = live_server_factory()
-    pid_files = [tmp_path / f"pid-{index}" for index in range(3)]
-    for pid_file in pid_files:  # three runs at once, each a shell waiting on a child
+    # Found from here by their arguments: a run sees only its own pids, in its namespaces.
+    marks = [marker() for _ in range(3)]
+    for mark in marks:  # three runs at once, each a shell waiting on a child
         accepted = requests.post(f"{server.url}/api/command", timeout=10, json={
-            "command": f"{_sleeper(pid_file)} wait", "background": True})
+            "command": f"sleep {mark} & wait", "background": True})
         assert accepted.status_code == 202
-    until(lambda: all(path.exists() and path.read_text().strip() for path in pid_files))
-    sleepers = [psutil.Process(int(path.read_text())) for path in pid_files]
+    sleepers = [_sleeping(mark) for mark in marks]
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(15) == 0
     for sleeper in sleepers:
@@ -190,7 +184,15 @@ def _ignore_errors(call: Callable[..., object], *args: object, **kwargs: object)
         pass
 
 
-#: Prints the shell's parent as the machine numbers it.
+def _sleeping(mark: str) -> psutil.Process:
+    """The ``sleep`` of a run, found from here by its argument: in its namespaces a run
+    sees only its own pids, so it cannot say which is its pid on the machine."""
+    found = until(lambda: [process for process in marked(mark) if process.name() == "sleep"])
+    return found[0]
+
+
+#: Prints the shell's parent as the machine numbers it: read from /proc, which a run sees
+#: as the machine's only under --containment group (else its own /proc, where it is PID 1).
 _PARENT = "read -r pid comm state ppid rest < /proc/self/stat; echo $ppid"
 
 
@@ -203,7 +205,8 @@ def test_serves_on_ipv6_loopback(live_server_factory: Callable[..., LiveServer])
 def test_two_workers_serve_one_port_share_the_cache_and_stop_together(
     live_server_factory: Callable[..., LiveServer], tmp_path: Path
 ) -> None:
-    server = live_server_factory("--workers", "2", "--store", f"sqlite://{tmp_path / 'cache.db'}")
+    server = live_server_factory("--workers", "2", "--store", f"sqlite://{tmp_path / 'cache.db'}",
+                                 "--containment", "group")
     url = server.url + "/api/command"
 
     def worker_of(session: requests.Session) -> int:
@@ -242,14 +245,13 @@ def test_two_workers_serve_one_port_share_the_cache_and_stop_together(
     for pid in sessions:
         assert sum(f"pid {pid})" in line for line in server.output) == 1
 
-    pid_file = tmp_path / "pid"
-    sleep = {"command": f"{_sleeper(pid_file)} wait", "use_cache": False}
+    mark = marker()
+    sleep = {"command": f"sleep {mark} & wait", "use_cache": False}
     waiter = threading.Thread(
         target=lambda: _ignore_errors(requests.post, url, json=sleep, timeout=30)
     )
     waiter.start()
-    until(lambda: pid_file.exists() and bool(pid_file.read_text().strip()))
-    sleeper = psutil.Process(int(pid_file.read_text()))
+    sleeper = _sleeping(mark)
     assert server.stop() == 0
     waiter.join(10)
     _, alive = psutil.wait_procs([*workers, sleeper], timeout=10)
@@ -290,7 +292,8 @@ def test_an_identical_request_runs_at_once_after_the_worker_holding_its_lock_is_
     """A worker killed with SIGKILL cannot release its SQLite lock: the next acquire sees
     that its owner (a process of this machine) is gone and takes it, without waiting for
     the lease (here over 120 s: the request's timeout)."""
-    server = live_server_factory("--workers", "2", "--store", f"sqlite://{tmp_path / 'cache.db'}")
+    server = live_server_factory("--workers", "2", "--store", f"sqlite://{tmp_path / 'cache.db'}",
+                                 "--containment", "group")
     runs, mark = tmp_path / "runs", marker()
     # The first run records its worker and sleeps; the second one ends at once.
     command = {"command": f"{_PARENT} >> {runs}; [ $(wc -l < {runs}) -gt 1 ] || sleep {mark}",

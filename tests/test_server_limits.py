@@ -59,14 +59,14 @@ class Answer:
 def post_request(path: str, body: bytes, *, close: bool = True) -> bytes:
     connection = b"Connection: close\r\n" if close else b""
     return (
-        b"POST %s HTTP/1.1\r\nHost: runcache\r\nContent-Type: application/json\r\n"
+        b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n%s\r\n%s" % (path.encode(), len(body), connection, body)
     )
 
 
 def get_request(path: str, *, close: bool = True) -> bytes:
     connection = b"Connection: close\r\n" if close else b""
-    return b"GET %s HTTP/1.1\r\nHost: runcache\r\n%s\r\n" % (path.encode(), connection)
+    return b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\n" % (path.encode(), connection)
 
 
 async def read_answer(reader: asyncio.StreamReader) -> Answer:
@@ -210,7 +210,7 @@ def test_a_thousand_identical_requests_run_once_on_few_threads(
 # -- item 8: connections that do nothing cannot lock anyone out ------------------------
 
 #: Header bytes a trickling client sends a byte a second: far more than a test lasts.
-SLOW_HEADERS = b"GET /livez HTTP/1.1\r\nHost: runcache\r\nX-Slow: " + b"a" * 200
+SLOW_HEADERS = b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 200
 
 
 def test_idle_and_trickling_connections_lock_no_one_out(
@@ -328,7 +328,7 @@ def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(
         try:
             rss_before = process.memory_info().rss
             writer.write(
-                b"POST /api/command HTTP/1.1\r\nHost: runcache\r\n"
+                b"POST /api/command HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                 b"Content-Type: application/json\r\nContent-Length: 209715200\r\n\r\n"
                 b'{"command":'
             )
@@ -360,7 +360,7 @@ def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_limit(
         reader, writer = await asyncio.open_connection(HOST, server.port)
         try:
             writer.write(
-                b"POST /api/command HTTP/1.1\r\nHost: runcache\r\n"
+                b"POST /api/command HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                 b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
             )
             for _ in range(limit // len(chunk)):  # exactly the limit: still acceptable
@@ -382,23 +382,23 @@ def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_limit(
 # -- item 9: malformed HTTP gets a 4xx, never a 5xx ------------------------------------
 
 MALFORMED = {
-    "conflicting Content-Length": b"POST /api/command HTTP/1.1\r\nHost: runcache\r\n"
+    "conflicting Content-Length": b"POST /api/command HTTP/1.1\r\nHost: 127.0.0.1\r\n"
     b"Content-Length: 2\r\nContent-Length: 40\r\n\r\n{}",
-    "Content-Length and Transfer-Encoding": b"POST /api/command HTTP/1.1\r\nHost: runcache\r\n"
+    "Content-Length and Transfer-Encoding": b"POST /api/command HTTP/1.1\r\nHost: 127.0.0.1\r\n"
     b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
-    "negative Content-Length": b"POST /api/command HTTP/1.1\r\nHost: runcache\r\n"
+    "negative Content-Length": b"POST /api/command HTTP/1.1\r\nHost: 127.0.0.1\r\n"
     b"Content-Length: -1\r\n\r\n{}",
-    "bad chunk size": b"POST /api/command HTTP/1.1\r\nHost: runcache\r\n"
+    "bad chunk size": b"POST /api/command HTTP/1.1\r\nHost: 127.0.0.1\r\n"
     b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
-    "chunk size past any integer": b"POST /api/command HTTP/1.1\r\nHost: runcache\r\n"
+    "chunk size past any integer": b"POST /api/command HTTP/1.1\r\nHost: 127.0.0.1\r\n"
     b"Transfer-Encoding: chunked\r\n\r\nffffffffffffffffffff\r\n{}\r\n",
-    "unknown Transfer-Encoding": b"POST /api/command HTTP/1.1\r\nHost: runcache\r\n"
+    "unknown Transfer-Encoding": b"POST /api/command HTTP/1.1\r\nHost: 127.0.0.1\r\n"
     b"Transfer-Encoding: gzip\r\n\r\n{}",
     "garbage request line": b"\x16\x03\x01\x02\x00 not http at all\r\n\r\n",
-    "unknown method": b"BREW /livez HTTP/1.1\r\nHost: runcache\r\n\r\n",
-    "bad HTTP version": b"GET /livez HTTP/9.9\r\nHost: runcache\r\n\r\n",
+    "unknown method": b"BREW /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    "bad HTTP version": b"GET /livez HTTP/9.9\r\nHost: 127.0.0.1\r\n\r\n",
     "header without a colon": b"GET /livez HTTP/1.1\r\nHost runcache\r\n\r\n",
-    "non-ASCII in the path": b"GET /\xff\xfe HTTP/1.1\r\nHost: runcache\r\n\r\n",
+    "non-ASCII in the path": b"GET /\xff\xfe HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
 }
 
 

@@ -104,15 +104,15 @@ def test_headers_past_the_bound_get_a_431_and_the_connection_closes(
 ) -> None:
     server = live_server_factory(env={"RUNCACHE_MAX_HEADER_BYTES": str(16 * KiB)})
     with _connect(server) as sock:  # just under the bound: answered
-        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: runcache\r\n" + _pad_lines(15 * KiB) + b"\r\n")
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n" + _pad_lines(15 * KiB) + b"\r\n")
         assert _read_answer(sock)[0] == 200
     with _connect(server) as sock:  # a body is no header: 200 KiB of it in the same writes
         body = orjson.dumps({"command": "cat", "stdin": "x" * (200 * KiB)})
-        sock.sendall(b"POST /api/command HTTP/1.1\r\nHost: runcache\r\nContent-Type: "
+        sock.sendall(b"POST /api/command HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                      b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         status, _, answer = _read_answer(sock)
         assert status == 200 and len(orjson.loads(answer)["stdout"]) == 200 * KiB
-    for head in (b"GET /livez HTTP/1.1\r\nHost: runcache\r\n" + _pad_lines(20 * KiB),
+    for head in (b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n" + _pad_lines(20 * KiB),
                  b"GET /livez?" + b"q" * (20 * KiB) + b" HTTP/1.1\r\n"):  # the URL counts too
         with _connect(server) as sock:
             sock.sendall(head)
@@ -129,7 +129,7 @@ def _flood(server: LiveServer, total: int) -> int:
     chunk = _pad_lines(MiB)
     sent = 0
     with _connect(server) as sock:
-        sock.sendall(b"GET /api/cache/stats HTTP/1.1\r\nHost: runcache\r\n")
+        sock.sendall(b"GET /api/cache/stats HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         with contextlib.suppress(OSError):  # the server closed: refused, as it should
             for _ in range(total // len(chunk)):
                 sock.sendall(chunk)
@@ -176,7 +176,7 @@ def _ended_job(server: LiveServer) -> str:
 
 
 def _stream_request(job_id: str) -> bytes:
-    return b"GET /api/jobs/%s/events HTTP/1.1\r\nHost: runcache\r\n\r\n" % job_id.encode()
+    return b"GET /api/jobs/%s/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % job_id.encode()
 
 
 def _has_data(sock: socket.socket) -> bool:
@@ -204,7 +204,7 @@ def _readers(server: LiveServer, job_id: str, count: int) -> Iterator[list[socke
 def _livez_seconds(server: LiveServer) -> float:
     started = time.monotonic()
     with _connect(server) as sock:
-        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: runcache\r\nConnection: close\r\n\r\n")
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         assert _read_answer(sock)[0] == 200
     return time.monotonic() - started
 
@@ -263,7 +263,7 @@ def test_streams_that_read_nothing_never_keep_ordinary_requests_out(
         assert headers["retry-after"] == "5" and "--max-streams" in orjson.loads(body)["error"]
         for _ in range(20):  # one at a time, as they come
             with _connect(server) as sock:
-                sock.sendall(b"GET /api/jobs HTTP/1.1\r\nHost: runcache\r\n"
+                sock.sendall(b"GET /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                              b"Connection: close\r\n\r\n")
                 assert _read_answer(sock)[0] == 200
     with httpx.Client(base_url=server.url, timeout=30) as http:  # the places are free again
