@@ -35,11 +35,19 @@ class Service:
 
     host = "127.0.0.1"
 
-    def __init__(self, argv: Sequence[str], *, port: int | None = None,
-                 announce: str = "listening on ", env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        port: int | None = None,
+        announce: str = "listening on ",
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.argv = list(argv)
         self.process = subprocess.Popen(
-            self.argv, stdout=subprocess.PIPE, text=True,
+            self.argv,
+            stdout=subprocess.PIPE,
+            text=True,
             env=None if env is None else {**os.environ, **env},
         )
         try:
@@ -81,14 +89,16 @@ class Service:
     def connection(self, timeout: float = 60) -> http.client.HTTPConnection:
         return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
 
-    def request(self, method: str, path: str, body: object = None,
-                timeout: float = 600) -> dict[str, object]:
+    def request(
+        self, method: str, path: str, body: object = None, timeout: float = 600
+    ) -> dict[str, object]:
         """One request on a connection of its own; the answer's JSON, whatever its status."""
         connection = self.connection(timeout=timeout)
         try:
             data = None if body is None else json.dumps(body)
-            connection.request(method, path, body=data,
-                               headers={"Content-Type": "application/json"})
+            connection.request(
+                method, path, body=data, headers={"Content-Type": "application/json"}
+            )
             payload: dict[str, object] = json.loads(connection.getresponse().read())
             return payload
         finally:
@@ -115,10 +125,20 @@ class Server(Service):
 
     def __init__(self, args: Sequence[str] = ()) -> None:
         super().__init__(
-            [sys.executable, "-m", "runcache", "serve", "--port", "0", "--log-level", "WARNING",
-             *args],
+            [
+                sys.executable,
+                "-m",
+                "runcache",
+                "serve",
+                "--port",
+                "0",
+                "--log-level",
+                "WARNING",
+                *args,
+            ],
             announce="runcache listening on ",
         )
+
 
 def free_port() -> int:
     with socket.socket() as sock:

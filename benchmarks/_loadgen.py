@@ -56,8 +56,10 @@ class Load:
         return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
     def describe(self) -> str:
-        return (f"{self.per_second:8.0f} req/s  p50 {self.percentile(0.5) * 1e3:6.2f} ms  "
-                f"p99 {self.percentile(0.99) * 1e3:6.2f} ms  errors {self.errors}")
+        return (
+            f"{self.per_second:8.0f} req/s  p50 {self.percentile(0.5) * 1e3:6.2f} ms  "
+            f"p99 {self.percentile(0.99) * 1e3:6.2f} ms  errors {self.errors}"
+        )
 
 
 class Target(Protocol):
@@ -75,8 +77,15 @@ def http_request(method: str, path: str, host: str, port: int, body: bytes | Non
     return (head + "\r\n").encode() + (body or b"")
 
 
-def load(server: Target, method: str, path: str, body: bytes | None,
-         connections: int, seconds: float, processes: int = 1) -> Load:
+def load(
+    server: Target,
+    method: str,
+    path: str,
+    body: bytes | None,
+    connections: int,
+    seconds: float,
+    processes: int = 1,
+) -> Load:
     """Keep-alive connections, each sending its next request as soon as an answer is in.
 
     ``connections`` are shared out over ``processes`` generator processes; all
@@ -91,7 +100,8 @@ def load(server: Target, method: str, path: str, body: bytes | None,
         share = connections // processes + (index < connections % processes)
         receiver, sender = context.Pipe(duplex=False)
         process = context.Process(
-            target=_generate, daemon=True,
+            target=_generate,
+            daemon=True,
             args=(sender, go, server.host, server.port, request, share, seconds),
         )
         process.start()
@@ -101,8 +111,10 @@ def load(server: Target, method: str, path: str, body: bytes | None,
         for _, receiver in workers:
             _expect(receiver, START_SECONDS, "ready")
         go.set()
-        parts = [_expect(receiver, seconds + GRACE_SECONDS + START_SECONDS, "result")
-                 for _, receiver in workers]
+        parts = [
+            _expect(receiver, seconds + GRACE_SECONDS + START_SECONDS, "result")
+            for _, receiver in workers
+        ]
     finally:
         for process, _ in workers:
             process.join(10)
@@ -129,18 +141,27 @@ def _expect(receiver: Connection, timeout: float, kind: str) -> dict[str, Any]:
     return message
 
 
-def _generate(sender: Connection, go: object, host: str, port: int, request: bytes,
-              connections: int, seconds: float) -> None:
+def _generate(
+    sender: Connection,
+    go: object,
+    host: str,
+    port: int,
+    request: bytes,
+    connections: int,
+    seconds: float,
+) -> None:
     """One generator process: its connections, on one event loop."""
     loop: asyncio.AbstractEventLoop
     try:
         import uvloop
+
         loop = uvloop.new_event_loop()
     except ImportError:
         loop = asyncio.new_event_loop()
     try:
         result = loop.run_until_complete(
-            _drive(sender, go, host, port, request, connections, seconds))
+            _drive(sender, go, host, port, request, connections, seconds)
+        )
         sender.send({"kind": "result", **result})
     except Exception as error:  # reported to the parent, which stops the benchmark
         sender.send({"kind": "error", "error": repr(error)})
@@ -148,8 +169,15 @@ def _generate(sender: Connection, go: object, host: str, port: int, request: byt
         loop.close()
 
 
-async def _drive(sender: Connection, go: object, host: str, port: int, request: bytes,
-                 connections: int, seconds: float) -> dict[str, object]:
+async def _drive(
+    sender: Connection,
+    go: object,
+    host: str,
+    port: int,
+    request: bytes,
+    connections: int,
+    seconds: float,
+) -> dict[str, object]:
     latencies: array[float] = array("d")
     lanes = [_Lane(host, port, request, latencies) for _ in range(connections)]
     try:
@@ -197,8 +225,8 @@ class _Lane:
     async def connect(self) -> None:
         loop = asyncio.get_running_loop()
         _, self.connection = await asyncio.wait_for(
-            loop.create_connection(lambda: _Connection(self), self.host, self.port),
-            START_SECONDS)
+            loop.create_connection(lambda: _Connection(self), self.host, self.port), START_SECONDS
+        )
 
     def start(self, deadline: float, budget: int) -> None:
         self.deadline, self.budget = deadline, budget
@@ -290,10 +318,10 @@ class _Connection(asyncio.Protocol):
                 stop = head.find(b"\r\n", at + 2)
                 self.status = int(head[9:12])
                 self.keep_alive = b"\r\nconnection: close" not in head
-                self.expected = end + 4 + int(head[at + 17:stop if stop > 0 else len(head)])
+                self.expected = end + 4 + int(head[at + 17 : stop if stop > 0 else len(head)])
             if len(buffer) < self.expected:
                 return
-            del buffer[:self.expected]
+            del buffer[: self.expected]
             self.expected = -1
             self.lane.answered(self, self.status, self.keep_alive)
 
@@ -306,6 +334,7 @@ class _Connection(asyncio.Protocol):
         if not self.retired:
             self.retired = True
             self.lane.lost(self, error=False)
+
 
 def median_load(runs: list[Load]) -> Load:
     """The run with the median throughput, so one noisy burst does not decide."""

@@ -32,13 +32,24 @@ from typing import cast
 COMMAND = "echo runcache-benchmark"
 
 #: runcache's answer to a cached ``echo runcache-benchmark``, byte for byte but the times.
-ANSWER = json.dumps({
-    "return_code": 0, "success": True, "timed_out": False, "partial_results": False,
-    "stdout_truncated": False, "stderr_truncated": False, "execution_time": 0.00183,
-    "timestamp": "2026-11-28T12:39:39.756116+00:00",
-    "cache_key": "cf71151c6acaa7e87a591f7e46a0339f3a6d46bb53a488912c5b882696de22af",
-    "stdout": "runcache-benchmark\n", "stderr": "", "cached": True, "coalesced": False,
-}, separators=(",", ":")).encode()
+ANSWER = json.dumps(
+    {
+        "return_code": 0,
+        "success": True,
+        "timed_out": False,
+        "partial_results": False,
+        "stdout_truncated": False,
+        "stderr_truncated": False,
+        "execution_time": 0.00183,
+        "timestamp": "2026-11-28T12:39:39.756116+00:00",
+        "cache_key": "cf71151c6acaa7e87a591f7e46a0339f3a6d46bb53a488912c5b882696de22af",
+        "stdout": "runcache-benchmark\n",
+        "stderr": "",
+        "cached": True,
+        "coalesced": False,
+    },
+    separators=(",", ":"),
+).encode()
 
 RESULTS = {COMMAND: ANSWER}
 NOT_FOUND = b'{"error":"not cached"}'
@@ -86,8 +97,15 @@ def serve_starlette() -> None:
     listener.bind(("127.0.0.1", 0))
     listener.listen(1024)
     print(f"listening on http://127.0.0.1:{listener.getsockname()[1]}", flush=True)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, http="httptools",
-                            loop="uvloop", server_header=False, date_header=False)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        http="httptools",
+        loop="uvloop",
+        server_header=False,
+        date_header=False,
+    )
     uvicorn.Server(config).run(sockets=[listener])
 
 
@@ -97,18 +115,20 @@ class _FixedAnswer(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.buffer = bytearray()
-        self.answer = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                       b"content-length: %d\r\n\r\n" % len(ANSWER)) + ANSWER
+        self.answer = (
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n" % len(ANSWER)
+        ) + ANSWER
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
             head = bytes(self.buffer[:end]).lower()
             at = head.find(b"\r\ncontent-length:")
-            length = 0 if at < 0 else int(head[at + 17:].split(b"\r\n", 1)[0])
+            length = 0 if at < 0 else int(head[at + 17 :].split(b"\r\n", 1)[0])
             if len(self.buffer) < end + 4 + length:
                 return
-            del self.buffer[:end + 4 + length]
+            del self.buffer[: end + 4 + length]
             self.transport.write(self.answer)
 
 

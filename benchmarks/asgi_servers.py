@@ -7,7 +7,7 @@ Needs granian (``pip install granian``), which runcache itself does not.
 - uvicorn: ``runcache serve``, as it serves (one process, uvloop, runcache's
   httptools protocol with its header and body deadlines).
 - granian: ``python3 -m granian --interface asgi --factory --host 127.0.0.1
-  --port P --workers 1 runcache.app:create_app``; ``create_app()`` builds the
+  --port P --workers 1 runcache.web.app:create_app``; ``create_app()`` builds the
   engine from the ``RUNCACHE_*`` environment (defaults here, logging at WARNING).
 
 Both on free loopback ports, memory store. Each caches one command; then each
@@ -35,10 +35,25 @@ ROUTES = {"hits": ("POST", "/api/command", HIT_BODY), "livez": ("GET", "/livez",
 def granian() -> Service:
     port = free_port()
     return Service(
-        [sys.executable, "-m", "granian", "--interface", "asgi", "--factory",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--log-level", "warning", "runcache.app:create_app"],
-        port=port, env={"RUNCACHE_LOG_LEVEL": "WARNING"},
+        [
+            sys.executable,
+            "-m",
+            "granian",
+            "--interface",
+            "asgi",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--log-level",
+            "warning",
+            "runcache.web.app:create_app",
+        ],
+        port=port,
+        env={"RUNCACHE_LOG_LEVEL": "WARNING"},
     )
 
 
@@ -59,18 +74,26 @@ def main() -> None:
             for name, server in servers.items():
                 for route, (method, path, body) in ROUTES.items():
                     runs.setdefault((name, route), []).append(
-                        load(server, method, path, body, args.connections, args.seconds))
+                        load(server, method, path, body, args.connections, args.seconds)
+                    )
     finally:
         for server in servers.values():
             server.stop()
 
-    print(f"runcache's app, memory store, {args.connections} connections, {args.rounds} rounds "
-          f"of {args.seconds}s")
+    print(
+        f"runcache's app, memory store, {args.connections} connections, {args.rounds} rounds "
+        f"of {args.seconds}s"
+    )
     for route, (method, path, _) in ROUTES.items():
         for name in servers:
             print(f"{name:8} {method} {path:13} {median_load(runs[name, route]).describe()}")
-        print(ratio_line(f"granian / uvicorn, {route}", median_load(runs["granian", route]),
-                         median_load(runs["uvicorn", route])))
+        print(
+            ratio_line(
+                f"granian / uvicorn, {route}",
+                median_load(runs["granian", route]),
+                median_load(runs["uvicorn", route]),
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ def peak_rss(pid: int) -> int:
 def timed_request(server: Server, body: bytes) -> tuple[float, dict[str, object]]:
     connection = server.connection(timeout=300)
     began = time.perf_counter()
-    connection.request("POST", "/api/command", body=body,
-                       headers={"Content-Type": "application/json"})
+    connection.request(
+        "POST", "/api/command", body=body, headers={"Content-Type": "application/json"}
+    )
     response = connection.getresponse()
     data = response.read()
     elapsed = time.perf_counter() - began
@@ -54,15 +55,20 @@ def main() -> None:
         peak = peak_rss(server.process.pid)
     assert miss["cached"] is False and hit["cached"] is True
     assert isinstance(hit["stdout"], str) and len(hit["stdout"]) == size
-    print(f"output {size / 1e6:.0f} MB; server RSS before the first request "
-          f"{baseline / 1e6:.0f} MB")
+    print(
+        f"output {size / 1e6:.0f} MB; server RSS before the first request {baseline / 1e6:.0f} MB"
+    )
     print(f"miss (run, encode, store, send): {miss_time:.3f} s")
-    print(f"hit (send the stored JSON):      {hit_time:.3f} s "
-          f"({'meets' if hit_time < 0.1 else 'MISSES'} the goal of < 0.1 s)")
+    print(
+        f"hit (send the stored JSON):      {hit_time:.3f} s "
+        f"({'meets' if hit_time < 0.1 else 'MISSES'} the goal of < 0.1 s)"
+    )
     print(f"hit / miss time: {hit_time / miss_time:.3f}")
     ratio = peak / size
-    print(f"peak RSS {peak / 1e6:.0f} MB = {ratio:.2f}x the output "
-          f"({'meets' if ratio < 3 else 'MISSES'} the goal of < 3x)")
+    print(
+        f"peak RSS {peak / 1e6:.0f} MB = {ratio:.2f}x the output "
+        f"({'meets' if ratio < 3 else 'MISSES'} the goal of < 3x)"
+    )
 
 
 if __name__ == "__main__":

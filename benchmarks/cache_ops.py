@@ -72,8 +72,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args()
-    print(f"{'entries':>8} {'operation':<10} {'runcache ns':>12} {'max':>7} "
-          f"{'TTLCache ns':>12} {'max':>7} {'speed-up':>9}")
+    print(
+        f"{'entries':>8} {'operation':<10} {'runcache ns':>12} {'max':>7} "
+        f"{'TTLCache ns':>12} {'max':>7} {'speed-up':>9}"
+    )
     for size in (1_000, 100_000):
         ours, theirs = runcache_ops(size), ttlcache_ops(size)
         for name in ours:
@@ -84,8 +86,10 @@ def main() -> None:
                 mine += time_batches(ours[name], 1)
                 other += time_batches(theirs[name], 1)
             speedup = statistics.median(other) / statistics.median(mine)
-            print(f"{size:>8} {name:<10} {statistics.median(mine):>12.0f} {max(mine):>7.0f} "
-                  f"{statistics.median(other):>12.0f} {max(other):>7.0f} {speedup:>8.2f}x")
+            print(
+                f"{size:>8} {name:<10} {statistics.median(mine):>12.0f} {max(mine):>7.0f} "
+                f"{statistics.median(other):>12.0f} {max(other):>7.0f} {speedup:>8.2f}x"
+            )
     print("goal: get-hit at least 2.00x faster than TTLCache")
 
 

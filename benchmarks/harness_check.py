@@ -41,13 +41,23 @@ wrk.headers["Content-Type"] = "application/json"
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
-def wrk(executable: str, script: Path, server: Service, connections: int,
-        seconds: float) -> Load:
+def wrk(executable: str, script: Path, server: Service, connections: int, seconds: float) -> Load:
     """wrk's figures as a Load: its own req/s, p50 and p99 (it gives no raw latencies)."""
     finished = subprocess.run(
-        [executable, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency",
-         "-s", str(script), f"{server.url}/api/command"],
-        capture_output=True, text=True, timeout=seconds + 60, check=True,
+        [
+            executable,
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            "--latency",
+            "-s",
+            str(script),
+            f"{server.url}/api/command",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=True,
     )
     out = finished.stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
@@ -61,8 +71,12 @@ def wrk(executable: str, script: Path, server: Service, connections: int,
     # Two latencies stand for the distribution: Load.percentile reads p50 and p99 from them.
     p50, p99 = percentile("50"), percentile("99")
     latencies = [p50] * 98 + [p99] * 2
-    return Load(requests=round(rate * 1000), seconds=1000.0, latencies=latencies,
-                errors=int(errors.group(1)) if errors else 0)
+    return Load(
+        requests=round(rate * 1000),
+        seconds=1000.0,
+        latencies=latencies,
+        errors=int(errors.group(1)) if errors else 0,
+    )
 
 
 def main() -> None:
@@ -83,18 +97,20 @@ def main() -> None:
             for _ in range(args.rounds):
                 for name, server in servers.items():
                     runs.setdefault((name, "generator"), []).append(
-                        load(server, "POST", "/api/command", BODY, args.connections,
-                             args.seconds))
+                        load(server, "POST", "/api/command", BODY, args.connections, args.seconds)
+                    )
                     if wrk_executable:
                         runs.setdefault((name, "wrk"), []).append(
-                            wrk(wrk_executable, script, server, args.connections,
-                                args.seconds))
+                            wrk(wrk_executable, script, server, args.connections, args.seconds)
+                        )
     finally:
         for server in servers.values():
             server.stop()
 
-    print(f"POST /api/command, {args.connections} connections, {args.rounds} rounds of "
-          f"{args.seconds}s; generator: 1 process; wrk: 1 thread")
+    print(
+        f"POST /api/command, {args.connections} connections, {args.rounds} rounds of "
+        f"{args.seconds}s; generator: 1 process; wrk: 1 thread"
+    )
     for name in servers:
         for tool in ("generator", "wrk"):
             if (name, tool) in runs:
@@ -103,8 +119,13 @@ def main() -> None:
         print("wrk is not installed: no comparison")
         return
     for name in servers:
-        print(ratio_line(f"generator / wrk on {name}", median_load(runs[name, "generator"]),
-                         median_load(runs[name, "wrk"])))
+        print(
+            ratio_line(
+                f"generator / wrk on {name}",
+                median_load(runs[name, "generator"]),
+                median_load(runs[name, "wrk"]),
+            )
+        )
 
 
 if __name__ == "__main__":

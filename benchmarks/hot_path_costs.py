@@ -19,9 +19,16 @@ from collections.abc import Callable
 import orjson
 
 RESULT = {
-    "stdout": "hi\n", "stderr": "", "return_code": 0, "success": True, "timed_out": False,
-    "partial_results": False, "stdout_truncated": False, "stderr_truncated": False,
-    "execution_time": 0.001, "timestamp": "2026-11-26T23:21:13.058620+00:00",
+    "stdout": "hi\n",
+    "stderr": "",
+    "return_code": 0,
+    "success": True,
+    "timed_out": False,
+    "partial_results": False,
+    "stdout_truncated": False,
+    "stderr_truncated": False,
+    "execution_time": 0.001,
+    "timestamp": "2026-11-26T23:21:13.058620+00:00",
     "cache_key": "c" * 64,
 }
 
@@ -42,8 +49,7 @@ def main() -> None:
     info = microseconds(lambda: logger.info("%s hit %r", "127.0.0.1", "echo hi"), 20_000)
     debug = microseconds(lambda: logger.debug("%s hit %r", "127.0.0.1", "echo hi"))
     print(f"json.dumps {stdlib:.2f} µs, orjson.dumps {fast:.2f} µs: orjson {stdlib / fast:.1f}x")
-    print(f"INFO log line {info:.2f} µs, filtered DEBUG call {debug:.3f} µs: "
-          f"{info / debug:.0f}x")
+    print(f"INFO log line {info:.2f} µs, filtered DEBUG call {debug:.3f} µs: {info / debug:.0f}x")
 
 
 if __name__ == "__main__":

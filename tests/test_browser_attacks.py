@@ -113,8 +113,9 @@ def _nothing_happened(api: httpx.Client, executed: int, *files: Path) -> None:
     assert api.get("/api/cache/stats").json()["size"] == 1, "a foreign page cleared the cache"
 
 
-@pytest.mark.parametrize("page_host", ["localhost", "127.0.0.1"],
-                         ids=["cross-site", "same-site-other-port"])
+@pytest.mark.parametrize(
+    "page_host", ["localhost", "127.0.0.1"], ids=["cross-site", "same-site-other-port"]
+)
 def test_a_page_of_another_origin_runs_clears_and_reads_nothing(
     browser: Browser,  # noqa: F811 - the fixture
     live_server: LiveServer,
@@ -148,9 +149,13 @@ def rebinding_browser() -> Iterator[Browser]:
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(
             executable_path="/usr/bin/chromium",
-            args=[*CHROMIUM_ARGS, "--host-resolver-rules=MAP evil.example 127.0.0.1",
-                  "--disable-features=LocalNetworkAccessChecks,BlockInsecurePrivateNetworkRequests,"
-                  "PrivateNetworkAccessSendPreflights"])
+            args=[
+                *CHROMIUM_ARGS,
+                "--host-resolver-rules=MAP evil.example 127.0.0.1",
+                "--disable-features=LocalNetworkAccessChecks,BlockInsecurePrivateNetworkRequests,"
+                "PrivateNetworkAccessSendPreflights",
+            ],
+        )
         yield launched
         launched.close()
 
@@ -201,9 +206,11 @@ def test_allowed_hosts_admits_a_name_on_a_real_server(
 ) -> None:
     server = live_server_factory("--allowed-hosts", "runcache.example")
     port = server.url.rsplit(":", 1)[1]
-    admitted = httpx.get(f"{server.url}/api/jobs", headers={"Host": f"runcache.example:{port}"},
-                         timeout=15)
+    admitted = httpx.get(
+        f"{server.url}/api/jobs", headers={"Host": f"runcache.example:{port}"}, timeout=15
+    )
     assert admitted.status_code == 200
-    refused = httpx.get(f"{server.url}/api/jobs", headers={"Host": f"evil.example:{port}"},
-                        timeout=15)
+    refused = httpx.get(
+        f"{server.url}/api/jobs", headers={"Host": f"evil.example:{port}"}, timeout=15
+    )
     assert refused.status_code == 403

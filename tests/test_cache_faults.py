@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any
 
-from runcache.cache import STORE_THREADS, Cache
+from runcache.engine.cache import STORE_THREADS, Cache
 from runcache.errors import StoreError
 
 HANG = 0.3

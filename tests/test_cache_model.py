@@ -152,10 +152,15 @@ class CacheMachine(RuleBasedStateMachine):
         model = self.model
         model.purge(self.clock())
         assert (stats.hits, stats.misses, stats.evictions, stats.expirations) == (
-            model.hits, model.misses, model.evictions, model.expirations
+            model.hits,
+            model.misses,
+            model.evictions,
+            model.expirations,
         )
         assert (stats.coalesced, stats.size, stats.bytes) == (
-            model.coalesced, len(model.entries), model.size_in_bytes
+            model.coalesced,
+            len(model.entries),
+            model.size_in_bytes,
         )
         assert (stats.max_size, stats.max_bytes) == (MAX_ENTRIES, MAX_BYTES)
 

@@ -26,8 +26,8 @@ import requests
 from starlette.testclient import TestClient
 
 from runcache.config import Config
-from runcache.runner import Runner
-from runcache.service import Engine
+from runcache.engine.engine import Engine
+from runcache.run.runner import Runner
 
 from conftest import LiveServer, until
 
@@ -58,9 +58,15 @@ def test_kill_all_kills_every_running_group() -> None:
     """Breaks with: kill only the first running group on shutdown."""
     runner = Runner(1024)
     results: list[int] = []
-    threads = [threading.Thread(target=lambda: results.append(
-        runner.run(["/bin/sh", "-c", "sleep 60 & wait"], 60).return_code), daemon=True)
-        for _ in range(3)]
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(
+                runner.run(["/bin/sh", "-c", "sleep 60 & wait"], 60).return_code
+            ),
+            daemon=True,
+        )
+        for _ in range(3)
+    ]
     for thread in threads:
         thread.start()
     until(lambda: runner.running == 3)
@@ -86,7 +92,8 @@ class _SlowReader:
         body = json.dumps({"command": command}).encode()
         self.sock.sendall(
             b"POST /api/command HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         self.received = b""
         self.length = 0
 
@@ -140,10 +147,18 @@ def test_a_stop_finishes_in_flight_answers_kills_commands_and_exits_0(
     started = tmp_path / "started"
     long_sleep = f"120.{uuid.uuid4().int % 10**6}"  # a sleep no other test runs
     answers: dict[str, requests.Response] = {}
-    commands = {"long": f"sleep {long_sleep} & wait",
-                "short": f"touch {started}; sleep 1; echo finished"}
-    threads = [threading.Thread(target=lambda name=name, command=command: answers.__setitem__(
-        name, _post(server, command=command))) for name, command in commands.items()]
+    commands = {
+        "long": f"sleep {long_sleep} & wait",
+        "short": f"touch {started}; sleep 1; echo finished",
+    }
+    threads = [
+        threading.Thread(
+            target=lambda name=name, command=command: answers.__setitem__(
+                name, _post(server, command=command)
+            )
+        )
+        for name, command in commands.items()
+    ]
     for thread in threads:
         thread.start()
     [sleeper] = until(lambda: _running("sleep", long_sleep))
@@ -219,6 +234,7 @@ def test_each_variable_of_the_servers_environment_changes_the_key(
 
     Two servers whose environments differ only in ``name`` must not share results;
     two with the same environment must."""
+
     def key_under(value: str) -> str:
         monkeypatch.setenv(name, value)
         engine = Engine.from_config(config)
@@ -259,8 +275,9 @@ def test_a_run_that_outlasts_its_timeout_keeps_the_lock_of_a_shared_store(
     assert paused.json()["status"] == "paused", paused.text
 
     answers: list[requests.Response] = []
-    waiter = threading.Thread(target=lambda: answers.append(
-        _post(two, command=command, timeout=timeout)))
+    waiter = threading.Thread(
+        target=lambda: answers.append(_post(two, command=command, timeout=timeout))
+    )
     waiter.start()
     # Paused until well past the lock's lease without a margin, then let it finish.
     time.sleep(max(0.0, locked_at + timeout + 1.0 - time.monotonic()))
@@ -290,6 +307,7 @@ def test_every_token_decision_is_the_constant_time_comparisons(
     def stand_in(presented: bytes | str, expected: bytes | str) -> bool:
         def raw(value: bytes | str) -> bytes:
             return value.encode() if isinstance(value, str) else bytes(value)
+
         return (raw(presented), raw(expected)) in matches
 
     client = client_factory(token=TOKEN, admin_token=ADMIN)

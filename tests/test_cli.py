@@ -74,8 +74,12 @@ def test_terminating_run_kills_the_command_it_runs_in_process(tmp_path: Path) ->
     # Found by its argument from here: in its namespaces a run sees only its own pids.
     mark = marker()
     process = subprocess.Popen([str(RUNCACHE), "run", "--", "sleep", mark], env=environment)
-    found = until(lambda: [found for found in marked(mark) if found.name() == "sleep"]
-                  or process.poll() is not None)
+    found = until(
+        lambda: (
+            [found for found in marked(mark) if found.name() == "sleep"]
+            or process.poll() is not None
+        )
+    )
     assert process.poll() is None, "runcache run ended before its command started"
     [command] = found
     process.send_signal(signal.SIGTERM)
@@ -101,8 +105,9 @@ def test_through_a_server_the_second_run_is_a_hit(live_server: LiveServer) -> No
     env = {"RUNCACHE_URL": live_server.url}
     first = runcache("run", "--", "sh", "-c", "cat /proc/sys/kernel/random/uuid", env=env)
     second = runcache("run", "--", "sh", "-c", "cat /proc/sys/kernel/random/uuid", env=env)
-    fresh = runcache("run", "--no-cache", "--", "sh", "-c", "cat /proc/sys/kernel/random/uuid",
-                     env=env)
+    fresh = runcache(
+        "run", "--no-cache", "--", "sh", "-c", "cat /proc/sys/kernel/random/uuid", env=env
+    )
     assert first.returncode == second.returncode == fresh.returncode == 0
     assert first.stdout == second.stdout != fresh.stdout
     stats = orjson.loads(runcache("stats", "--json", "--server", live_server.url).stdout)
@@ -179,8 +184,9 @@ def spawn_cli() -> Iterator[SpawnCli]:
         environment = {k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")}
         if server is not None:
             environment["RUNCACHE_URL"] = server.url
-        process = subprocess.Popen([str(RUNCACHE), *args], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, env=environment)
+        process = subprocess.Popen(
+            [str(RUNCACHE), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment
+        )
         started.append(process)
         return process
 
@@ -207,9 +213,15 @@ def test_run_prints_output_while_the_command_runs(
 ) -> None:
     server = request.getfixturevalue("live_server") if through == "server" else None
     gate = tmp_path / "gate"
-    process = spawn_cli("run", "--", "sh", "-c",
-                        f"echo first; echo warn >&2; while [ ! -e {gate} ]; "
-                        "do sleep 0.02; done; printf 'second\\r\\n'; exit 5", server=server)
+    process = spawn_cli(
+        "run",
+        "--",
+        "sh",
+        "-c",
+        f"echo first; echo warn >&2; while [ ! -e {gate} ]; "
+        "do sleep 0.02; done; printf 'second\\r\\n'; exit 5",
+        server=server,
+    )
     assert process.stdout is not None and process.stderr is not None
     assert _read_line(process.stdout) == b"first\n"  # while the command waits on its gate
     assert _read_line(process.stderr) == b"warn\n"
@@ -229,19 +241,23 @@ def _ctrl_c(spawn_cli: SpawnCli, server: LiveServer, command: str) -> tuple[int,
     return code, stderr
 
 
-def test_ctrl_c_cancels_a_run_only_it_wanted(live_server: LiveServer, tmp_path: Path,
-                                             spawn_cli: SpawnCli) -> None:
+def test_ctrl_c_cancels_a_run_only_it_wanted(
+    live_server: LiveServer, tmp_path: Path, spawn_cli: SpawnCli
+) -> None:
     pid_file = tmp_path / "pid"
-    code, stderr = _ctrl_c(spawn_cli, live_server, f"echo $$ > {pid_file}; echo started; "
-                                        f"sleep 60 & sleep 60 # {uuid.uuid4().hex}")
+    code, stderr = _ctrl_c(
+        spawn_cli,
+        live_server,
+        f"echo $$ > {pid_file}; echo started; sleep 60 & sleep 60 # {uuid.uuid4().hex}",
+    )
     assert (code, stderr) == (130, b"runcache: cancelled\n")
     assert _group_gone(int(pid_file.read_text()))
 
 
-def test_sigterm_cancels_a_run_and_exits_143(live_server: LiveServer, spawn_cli: SpawnCli
-                                             ) -> None:
-    process = spawn_cli("run", "--", "sh", "-c", f"echo started; sleep 60 # {uuid.uuid4().hex}",
-                        server=live_server)
+def test_sigterm_cancels_a_run_and_exits_143(live_server: LiveServer, spawn_cli: SpawnCli) -> None:
+    process = spawn_cli(
+        "run", "--", "sh", "-c", f"echo started; sleep 60 # {uuid.uuid4().hex}", server=live_server
+    )
     assert process.stdout is not None
     assert _read_line(process.stdout) == b"started\n"
     process.send_signal(signal.SIGTERM)
@@ -253,8 +269,9 @@ def test_a_run_another_client_cancels_exits_137_and_says_who(
     live_server: LiveServer, spawn_cli: SpawnCli
 ) -> None:
     marker = uuid.uuid4().hex
-    process = spawn_cli("run", "--", "sh", "-c", f"echo started; sleep 60 # {marker}",
-                        server=live_server)
+    process = spawn_cli(
+        "run", "--", "sh", "-c", f"echo started; sleep 60 # {marker}", server=live_server
+    )
     assert process.stdout is not None
     assert _read_line(process.stdout) == b"started\n"
     jobs = requests.get(f"{live_server.url}/api/jobs", timeout=5).json()["jobs"]
@@ -263,17 +280,25 @@ def test_a_run_another_client_cancels_exits_137_and_says_who(
     assert cancelled.status_code == 200, cancelled.text
     assert process.wait(30) == 137
     assert process.communicate(timeout=10)[1] == (
-        b"runcache: the run was cancelled by another client\n")
+        b"runcache: the run was cancelled by another client\n"
+    )
 
 
-def test_ctrl_c_leaves_a_run_another_client_waits_on(live_server: LiveServer, tmp_path: Path,
-                                                     spawn_cli: SpawnCli) -> None:
+def test_ctrl_c_leaves_a_run_another_client_waits_on(
+    live_server: LiveServer, tmp_path: Path, spawn_cli: SpawnCli
+) -> None:
     gate = tmp_path / "gate"
     command = f"echo started; while [ ! -e {gate} ]; do sleep 0.02; done; echo done"
     answers: list[requests.Response] = []
-    waiter = threading.Thread(target=lambda: answers.append(requests.post(
-        f"{live_server.url}/api/command", json={"command": shlex.join(["sh", "-c", command])},
-        timeout=30)))
+    waiter = threading.Thread(
+        target=lambda: answers.append(
+            requests.post(
+                f"{live_server.url}/api/command",
+                json={"command": shlex.join(["sh", "-c", command])},
+                timeout=30,
+            )
+        )
+    )
     waiter.start()
     until(lambda: requests.get(f"{live_server.url}/api/jobs", timeout=5).json()["jobs"])
     code, stderr = _ctrl_c(spawn_cli, live_server, command)
@@ -283,16 +308,25 @@ def test_ctrl_c_leaves_a_run_another_client_waits_on(live_server: LiveServer, tm
     assert answers[0].json()["stdout"] == "started\ndone\n"
 
 
-def test_jobs_lists_prints_follows_and_cancels(live_server: LiveServer, tmp_path: Path,
-                                               spawn_cli: SpawnCli) -> None:
+def test_jobs_lists_prints_follows_and_cancels(
+    live_server: LiveServer, tmp_path: Path, spawn_cli: SpawnCli
+) -> None:
     env = {"RUNCACHE_URL": live_server.url}
     gate = tmp_path / "gate"
     marker = uuid.uuid4().hex
-    job = requests.post(f"{live_server.url}/api/command", timeout=10, json={
-        "command": f"echo one {marker}; while [ ! -e {gate} ]; do sleep 0.02; done; echo two",
-        "background": True}).json()
-    until(lambda: requests.get(f"{live_server.url}/api/jobs/{job['job_id']}",
-                                timeout=5).json()["stdout_bytes"])
+    job = requests.post(
+        f"{live_server.url}/api/command",
+        timeout=10,
+        json={
+            "command": f"echo one {marker}; while [ ! -e {gate} ]; do sleep 0.02; done; echo two",
+            "background": True,
+        },
+    ).json()
+    until(
+        lambda: requests.get(f"{live_server.url}/api/jobs/{job['job_id']}", timeout=5).json()[
+            "stdout_bytes"
+        ]
+    )
     listing = runcache("jobs", env=env)
     assert listing.returncode == 0
     line = next(row for row in listing.stdout.decode().splitlines() if job["job_id"] in row)
@@ -305,8 +339,11 @@ def test_jobs_lists_prints_follows_and_cancels(live_server: LiveServer, tmp_path
     gate.touch()
     assert follower.wait(30) == 0
     assert follower.communicate(timeout=10)[0] == b"two\n"
-    slow = requests.post(f"{live_server.url}/api/command", timeout=10, json={
-        "command": "sleep 60", "use_cache": False, "background": True}).json()
+    slow = requests.post(
+        f"{live_server.url}/api/command",
+        timeout=10,
+        json={"command": "sleep 60", "use_cache": False, "background": True},
+    ).json()
     cancelled = runcache("jobs", "cancel", slow["job_id"], env=env)
     assert cancelled.stdout == f"job {slow['job_id']} cancelled\n".encode()
     again = runcache("jobs", "cancel", slow["job_id"], env=env)
@@ -324,31 +361,54 @@ def test_jobs_lists_prints_follows_and_cancels(live_server: LiveServer, tmp_path
 def test_jobs_json_and_logs_of_one_stream(live_server: LiveServer) -> None:
     env = {"RUNCACHE_URL": live_server.url}
     marker = uuid.uuid4().hex
-    job = requests.post(f"{live_server.url}/api/command", timeout=10, json={
-        "command": f"printf 'out {marker}\\r\\n'; printf 'err {marker}' >&2",
-        "background": True}).json()
-    until(lambda: requests.get(f"{live_server.url}/api/jobs/{job['job_id']}",
-                                timeout=5).json()["status"] == "completed")
+    job = requests.post(
+        f"{live_server.url}/api/command",
+        timeout=10,
+        json={
+            "command": f"printf 'out {marker}\\r\\n'; printf 'err {marker}' >&2",
+            "background": True,
+        },
+    ).json()
+    until(
+        lambda: (
+            requests.get(f"{live_server.url}/api/jobs/{job['job_id']}", timeout=5).json()["status"]
+            == "completed"
+        )
+    )
     listed = orjson.loads(runcache("jobs", "--json", env=env).stdout)["jobs"]
     found = next(record for record in listed if record["job_id"] == job["job_id"])
     assert (found["status"], found["return_code"], found["stderr_bytes"]) == (
-        "completed", 0, len(f"err {marker}"))
+        "completed",
+        0,
+        len(f"err {marker}"),
+    )
     err_only = runcache("jobs", "logs", "--stream", "stderr", job["job_id"], env=env)
     assert (err_only.returncode, err_only.stdout, err_only.stderr) == (
-        0, b"", f"err {marker}".encode())
+        0,
+        b"",
+        f"err {marker}".encode(),
+    )
     both = runcache("jobs", "logs", job["job_id"], env=env)
     assert (both.stdout, both.stderr) == (f"out {marker}\r\n".encode(), f"err {marker}".encode())
 
 
-def test_logs_follow_one_stream_live_while_the_other_grows(live_server: LiveServer,
-                                                           tmp_path: Path,
-                                                           spawn_cli: SpawnCli) -> None:
+def test_logs_follow_one_stream_live_while_the_other_grows(
+    live_server: LiveServer, tmp_path: Path, spawn_cli: SpawnCli
+) -> None:
     gate = tmp_path / "gate"
-    job = requests.post(f"{live_server.url}/api/command", timeout=10, json={
-        "command": f"seq 20000; echo first >&2; while [ ! -e {gate} ]; do sleep 0.02; done; "
-                   "seq 5; echo second >&2", "use_cache": False, "background": True}).json()
-    follower = spawn_cli("jobs", "logs", "--follow", "--stream", "stderr", job["job_id"],
-                         server=live_server)
+    job = requests.post(
+        f"{live_server.url}/api/command",
+        timeout=10,
+        json={
+            "command": f"seq 20000; echo first >&2; while [ ! -e {gate} ]; do sleep 0.02; done; "
+            "seq 5; echo second >&2",
+            "use_cache": False,
+            "background": True,
+        },
+    ).json()
+    follower = spawn_cli(
+        "jobs", "logs", "--follow", "--stream", "stderr", job["job_id"], server=live_server
+    )
     assert follower.stderr is not None
     assert _read_line(follower.stderr) == b"first\n"
     gate.touch()
@@ -384,22 +444,32 @@ def test_entries_lists_and_invalidate_deletes_with_the_admin_token(
         assert runcache("run", "--", "sh", "-c", command, env=env).returncode == 0
     listed = runcache("entries", "--prefix", "sh -c 'echo", env=env)
     lines = listed.stdout.decode().splitlines()
-    assert listed.returncode == 0 and lines[0].split() == ["KEY", "BYTES", "HITS", "EXPIRES",
-                                                           "IN", "COMMAND"]
+    assert listed.returncode == 0 and lines[0].split() == [
+        "KEY",
+        "BYTES",
+        "HITS",
+        "EXPIRES",
+        "IN",
+        "COMMAND",
+    ]
     assert [line.endswith(f"two {marker}'") for line in lines[1:]] == [True, False]  # newest first
     as_json = orjson.loads(runcache("entries", "--json", env=env).stdout)
     assert len(as_json["entries"]) == 3
     # The keys shown are whole: each one finds its entry through the API.
     key = lines[1].split()[0]
     assert key in {entry["cache_key"] for entry in as_json["entries"]}
-    found = requests.get(f"{server.url}/api/cache/entries/{key}", timeout=10,
-                         headers={"Authorization": f"Bearer {token}"})
+    found = requests.get(
+        f"{server.url}/api/cache/entries/{key}",
+        timeout=10,
+        headers={"Authorization": f"Bearer {token}"},
+    )
     assert found.status_code == 200, found.text
-    assert all(line[len(key):len(key) + 2] == "  " for line in lines)  # the columns line up
+    assert all(line[len(key) : len(key) + 2] == "  " for line in lines)  # the columns line up
     refused = runcache("invalidate", "--glob", f"*{marker}*", env=env)
     assert refused.returncode == 2 and b"needs the admin token" in refused.stderr
-    done = runcache("invalidate", "--glob", f"*{marker}*",
-                    env={**env, "RUNCACHE_ADMIN_TOKEN": admin})
+    done = runcache(
+        "invalidate", "--glob", f"*{marker}*", env={**env, "RUNCACHE_ADMIN_TOKEN": admin}
+    )
     assert (done.returncode, done.stdout) == (0, b"deleted 2 entries\n")
     left = orjson.loads(runcache("entries", "--json", env=env).stdout)["entries"]
     assert [entry["command"] for entry in left] == ["sh -c 'printf other'"]

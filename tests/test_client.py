@@ -10,8 +10,10 @@ from typing import Any
 import msgspec
 import pytest
 
-from runcache import errors, sse
-from runcache.client import (
+from runcache import errors
+from runcache.client import sse
+from runcache.client.follow import STREAMS
+from runcache.client.http import (
     CLEARED,
     Client,
     LocalClient,
@@ -21,9 +23,8 @@ from runcache.client import (
     normalize_url,
 )
 from runcache.config import Config
+from runcache.engine.engine import Engine
 from runcache.errors import BadRequest, ConfigError, Conflict, Forbidden, NotFound, Unauthorized
-from runcache.follower import STREAMS
-from runcache.service import Engine
 from runcache.wire import Cleared, CommandResult, to_builtins
 
 from conftest import LiveServer, free_port, until
@@ -197,8 +198,10 @@ def test_a_background_run_is_followed_by_its_events_and_read_byte_for_byte(
     backend: Client | LocalClient, tmp_path: Path
 ) -> None:
     gate = tmp_path / "gate"
-    job = backend.start(f"printf 'a\\r\\n'; echo err >&2; while [ ! -e {gate} ]; "
-                        "do sleep 0.02; done; echo b", use_cache=False)
+    job = backend.start(
+        f"printf 'a\\r\\n'; echo err >&2; while [ ! -e {gate} ]; do sleep 0.02; done; echo b",
+        use_cache=False,
+    )
     assert job.status == "running" and job.pid is not None
     events = backend.events(job.job_id)
     before = [next(events), next(events)]  # both streams, while the command waits

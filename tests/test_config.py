@@ -36,10 +36,12 @@ def test_environment_then_overrides() -> None:
 
 @pytest.mark.parametrize(
     ("environ", "message"),
-    [({"RUNCACHE_PORT": "eighty"}, "RUNCACHE_PORT must be a whole number"),
-     ({"RUNCACHE_MAX_ENTRIES": "0"}, "max_entries must be at least 1"),
-     ({"RUNCACHE_DEFAULT_TIMEOUT": "99999"}, "default_timeout must not exceed max_timeout"),
-     ({"RUNCACHE_LOG_LEVEL": "LOUD"}, "log_level")],
+    [
+        ({"RUNCACHE_PORT": "eighty"}, "RUNCACHE_PORT must be a whole number"),
+        ({"RUNCACHE_MAX_ENTRIES": "0"}, "max_entries must be at least 1"),
+        ({"RUNCACHE_DEFAULT_TIMEOUT": "99999"}, "default_timeout must not exceed max_timeout"),
+        ({"RUNCACHE_LOG_LEVEL": "LOUD"}, "log_level"),
+    ],
 )
 def test_bad_values_are_refused_with_the_reason(environ: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -48,11 +50,13 @@ def test_bad_values_are_refused_with_the_reason(environ: dict[str, str], message
 
 @pytest.mark.parametrize(
     ("settings", "message"),
-    [({"keepalive_timeout": 0}, "keepalive_timeout must be at least"),
-     ({"header_timeout": 0}, "header_timeout must be at least"),
-     ({"body_timeout": -1}, "body_timeout must be at least"),
-     ({"max_connections": 0}, "max_connections must be at least 1"),
-     ({"workers": 0}, "workers must be at least 1")],
+    [
+        ({"keepalive_timeout": 0}, "keepalive_timeout must be at least"),
+        ({"header_timeout": 0}, "header_timeout must be at least"),
+        ({"body_timeout": -1}, "body_timeout must be at least"),
+        ({"max_connections": 0}, "max_connections must be at least 1"),
+        ({"workers": 0}, "workers must be at least 1"),
+    ],
 )
 def test_server_settings_have_floors(settings: dict[str, float], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -92,16 +96,22 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 
 
 #: Every numeric setting of the table, so a new one is covered without a word here.
-NUMERIC = [setting for setting in settings()
-           if isinstance(setting.default, (int, float)) and not isinstance(setting.default, bool)]
+NUMERIC = [
+    setting
+    for setting in settings()
+    if isinstance(setting.default, (int, float)) and not isinstance(setting.default, bool)
+]
 
 
 def _nonsense(setting: Setting) -> list[str]:
     values = ["nan", "inf", "-inf", "-1", "1e12"]
     if isinstance(setting.default, int):
         values.append("9" * 25)  # past any 64-bit integer: once a traceback at start
-    minimum = next(field.metadata["minimum"] for field in dataclasses.fields(Config)
-                   if field.name == setting.name)
+    minimum = next(
+        field.metadata["minimum"]
+        for field in dataclasses.fields(Config)
+        if field.name == setting.name
+    )
     if minimum is not None and minimum > 0:
         values.append("0")
     return values
@@ -125,7 +135,10 @@ def test_serve_refuses_a_nan_or_infinite_setting_with_one_line(setting: Setting)
     for extra_env, flag in (({setting.env_var: "nan"}, []), ({}, [setting.flag, "inf"])):
         done = subprocess.run(
             [sys.executable, "-m", "runcache", "serve", *flag],
-            env={**environment, **extra_env}, capture_output=True, text=True, timeout=60,
+            env={**environment, **extra_env},
+            capture_output=True,
+            text=True,
+            timeout=60,
             check=False,
         )
         assert done.returncode == 2, done

@@ -22,11 +22,11 @@ import psutil
 import pytest
 import requests
 
-from runcache import containment
 from runcache.config import Config
+from runcache.engine.engine import SHELL, Engine
 from runcache.errors import ConfigError
-from runcache.runner import RunControl, Runner, RunResult
-from runcache.service import SHELL, Engine
+from runcache.run import containment
+from runcache.run.runner import RunControl, Runner, RunResult
 
 from conftest import LiveServer, alive, marked, marker, until
 
@@ -37,7 +37,8 @@ def _pid_namespaces() -> None:
     CI runs them as root (its test command installs packages), and a skip would hide a
     containment that stopped working."""
     assert containment.namespace_way() == containment.BY_THREAD, (
-        "PID namespaces by the spawning thread need CAP_SYS_ADMIN: run the tests as root")
+        "PID namespaces by the spawning thread need CAP_SYS_ADMIN: run the tests as root"
+    )
 
 
 @pytest.fixture(params=[containment.BY_THREAD, containment.BY_USER_NAMESPACE])
@@ -59,9 +60,20 @@ def _nobody_runs(python: str) -> bool:
     """Whether user nobody may start ``python`` and it is this Python's version (the venv's
     compiled packages must load in it)."""
     wanted = f"{sys.version_info[:2]}"
-    done = subprocess.run([*AS_NOBODY, "/bin/sh", "-c",
-                           'exec "$0" -c "import sys; print(sys.version_info[:2])"', python],
-                          capture_output=True, text=True, timeout=60, check=False, cwd="/")
+    done = subprocess.run(
+        [
+            *AS_NOBODY,
+            "/bin/sh",
+            "-c",
+            'exec "$0" -c "import sys; print(sys.version_info[:2])"',
+            python,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd="/",
+    )
     return done.stdout.strip() == wanted
 
 
@@ -85,9 +97,15 @@ def kernel_allows_unprivileged_namespaces() -> bool:
     """The kernel's own answer, without runcache: may user nobody make a user namespace and
     a PID namespace it owns?"""
     assert shutil.which("setpriv") and shutil.which("unshare"), "util-linux is missing"
-    done = subprocess.run([*AS_NOBODY, "unshare", "--user", "--pid", "--fork", "true"],
-                          capture_output=True, timeout=60, check=False, cwd="/")
+    done = subprocess.run(
+        [*AS_NOBODY, "unshare", "--user", "--pid", "--fork", "true"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+        cwd="/",
+    )
     return done.returncode == 0
+
 
 #: Commands that leave their run's process group, each holding ``{mark}``.
 ESCAPES = {
@@ -95,9 +113,9 @@ ESCAPES = {
     "setsid in a subshell": "(setsid sh -c 'sleep {mark}; :' &)",
     "cleared environment": "env -i setsid sleep {mark} &",
     "job control": "bash -c 'set -m; sleep {mark} & wait' &",
-    "python setpgid": "python3 -c 'import os; os.setpgid(0, 0); os.execvp(\"sleep\","
-                      " [\"sleep\", \"{mark}\"])' &",
-    "perl setpgrp": "perl -e 'setpgrp(0, 0); exec \"sleep\", \"{mark}\"' &",
+    "python setpgid": 'python3 -c \'import os; os.setpgid(0, 0); os.execvp("sleep",'
+    ' ["sleep", "{mark}"])\' &',
+    "perl setpgrp": 'perl -e \'setpgrp(0, 0); exec "sleep", "{mark}"\' &',
     "ignores SIGTERM and SIGHUP": "setsid sh -c 'trap \"\" TERM HUP INT; sleep {mark}; :' &",
 }
 
@@ -131,7 +149,8 @@ def test_an_escaped_process_dies_with_its_run(
     # Long enough for the escape to start on a loaded machine (python3, perl) and be seen.
     timeout = 5 if end == "timeout" else 60
     thread = threading.Thread(
-        target=lambda: results.append(runner.run([*SHELL, command], timeout, control)))
+        target=lambda: results.append(runner.run([*SHELL, command], timeout, control))
+    )
     thread.start()
     try:
         until(lambda: escaped_sleep(mark), what="for the escaped process")
@@ -173,8 +192,11 @@ def _held(process: psutil.Process) -> bool:
     if status == psutil.STATUS_STOPPED:
         return True
     children = process.children()
-    return status == psutil.STATUS_DISK_SLEEP and bool(children) and all(
-        child.status() == psutil.STATUS_STOPPED for child in children)
+    return (
+        status == psutil.STATUS_DISK_SLEEP
+        and bool(children)
+        and all(child.status() == psutil.STATUS_STOPPED for child in children)
+    )
 
 
 def test_pause_stops_processes_that_left_the_group_and_resume_continues_them(
@@ -225,7 +247,8 @@ def test_the_watchdog_kills_a_run_whose_runner_is_gone_and_ends(way: str) -> Non
     mark = marker()
     runner = Runner(1024, containment_mode="pidns")
     thread = threading.Thread(
-        target=lambda: runner.run([*SHELL, f"setsid sleep {mark} & sleep {mark}"], 60))
+        target=lambda: runner.run([*SHELL, f"setsid sleep {mark} & sleep {mark}"], 60)
+    )
     thread.start()
     until(lambda: escaped_sleep(mark), what="for the run")
     watchdog = psutil.Process(runner._watchdog.pid)
@@ -241,8 +264,11 @@ def test_the_watchdog_kills_a_run_whose_runner_is_gone_and_ends(way: str) -> Non
 def _post_in_background(server: LiveServer, command: str) -> threading.Thread:
     def post() -> None:
         try:
-            requests.post(f"{server.url}/api/command", json={"command": command,
-                          "use_cache": False}, timeout=60)
+            requests.post(
+                f"{server.url}/api/command",
+                json={"command": command, "use_cache": False},
+                timeout=60,
+            )
         except requests.RequestException:
             pass  # the server was killed under the request
 
@@ -251,14 +277,16 @@ def _post_in_background(server: LiveServer, command: str) -> threading.Thread:
     return thread
 
 
-def _start_as(factory: Callable[..., LiveServer], user: str,
-              env: dict[str, str] | None = None) -> LiveServer:
+def _start_as(
+    factory: Callable[..., LiveServer], user: str, env: dict[str, str] | None = None
+) -> LiveServer:
     python, environment = as_user(user)
     server = factory(python=python, env={**environment, **(env or {})})
     if user == "nobody" and kernel_allows_unprivileged_namespaces():
         # Said once, at start: how runs are contained.
-        assert any("PID namespaces of their own, in user namespaces" in line
-                   for line in server.output), server.output
+        assert any(
+            "PID namespaces of their own, in user namespaces" in line for line in server.output
+        ), server.output
     return server
 
 
@@ -271,13 +299,21 @@ def test_a_server_that_dies_takes_its_runs_with_it(
     (Debian 12 does), nobody's runs are contained in them, escapes included."""
     server = _start_as(live_server_factory, user)
     mark, other, third = marker(), marker(), marker()
-    posts = [_post_in_background(server, f"setsid sleep {mark} & sleep {mark}"),
-             _post_in_background(server, f"perl -e 'setpgrp(0, 0); exec \"sleep\", \"{other}\"'"
-                                 f" & sleep {other}"),
-             _post_in_background(server, f"(setsid sh -c 'sleep {third}; :' &); "
-                                 f"bash -c 'set -m; sleep {third} & wait'")]
-    until(lambda: len(marked(mark)) >= 3 and len(marked(other)) >= 2
-          and len(escaped_sleep(third)) >= 2, what="for the runs")
+    posts = [
+        _post_in_background(server, f"setsid sleep {mark} & sleep {mark}"),
+        _post_in_background(
+            server, f'perl -e \'setpgrp(0, 0); exec "sleep", "{other}"\' & sleep {other}'
+        ),
+        _post_in_background(
+            server, f"(setsid sh -c 'sleep {third}; :' &); bash -c 'set -m; sleep {third} & wait'"
+        ),
+    ]
+    until(
+        lambda: (
+            len(marked(mark)) >= 3 and len(marked(other)) >= 2 and len(escaped_sleep(third)) >= 2
+        ),
+        what="for the runs",
+    )
     runs = marked(mark) + marked(other) + marked(third)
     server.process.send_signal(signum)
     server.process.wait(15)
@@ -288,13 +324,14 @@ def test_a_server_that_dies_takes_its_runs_with_it(
 
 def _watchdog_of(server: LiveServer) -> psutil.Process:
     """The server's watchdog (started at its first run)."""
-    answer = requests.post(f"{server.url}/api/command", timeout=60,
-                           json={"command": "true", "use_cache": False})
+    answer = requests.post(
+        f"{server.url}/api/command", timeout=60, json={"command": "true", "use_cache": False}
+    )
     assert answer.status_code == 200, answer.text
 
     def find() -> psutil.Process | None:
         for child in psutil.Process(server.process.pid).children():
-            if "runcache.containment" in " ".join(child.cmdline()):
+            if "runcache.run.containment" in " ".join(child.cmdline()):
                 return child
         return None
 
@@ -312,10 +349,12 @@ def test_a_run_cannot_disable_the_watchdog(
     watchdog = _watchdog_of(server)
     mark = marker()
     forged = "".join(f"-{pid}\\n" for pid in range(1, 4)) + "garbage\\n+x\\n"
-    attack = (f"printf %b '{forged}' > /proc/{watchdog.pid}/fd/0; "
-              f"cat /proc/{server.process.pid}/environ; "
-              f"for s in KILL STOP TERM; do kill -s $s {watchdog.pid}; done; "
-              f"setsid sleep {mark} & sleep {mark}")
+    attack = (
+        f"printf %b '{forged}' > /proc/{watchdog.pid}/fd/0; "
+        f"cat /proc/{server.process.pid}/environ; "
+        f"for s in KILL STOP TERM; do kill -s $s {watchdog.pid}; done; "
+        f"setsid sleep {mark} & sleep {mark}"
+    )
     post = _post_in_background(server, attack)
     until(lambda: len(marked(mark)) >= 2, what="for the run")
     runs = marked(mark)
@@ -337,8 +376,7 @@ def test_the_watchdogs_stdin_cannot_be_opened_and_garbage_does_not_stop_it(way: 
         watchdog = psutil.Process(runner._watchdog.pid)
         with pytest.raises(OSError):  # a socket: not even root opens it through /proc
             open(f"/proc/{watchdog.pid}/fd/0", "wb").close()
-        runner._watchdog._send("garbage\n+\n-\n+-1\n+99999999999999\n" + "x" * 100_000
-                               + "\n-abc\n")
+        runner._watchdog._send("garbage\n+\n-\n+-1\n+99999999999999\n" + "x" * 100_000 + "\n-abc\n")
         runner._watchdog._send(f"-{os.getpid()}\n")
         escaped = marked(mark)
         runner._watchdog.close()  # as when the server dies
@@ -356,10 +394,13 @@ def test_a_run_sees_only_its_own_processes(
     are out of sight, and ps works."""
     secret = "s3cret-" + marker()
     server = _start_as(live_server_factory, user, {"RUNCACHE_REDIS_PASSWORD": secret})
-    command = (f"ls /proc | grep -E '^[0-9]+$' | tr '\\n' ' '; echo; "
-               f"cat /proc/{server.process.pid}/environ; echo; ps -eo pid=,comm= | wc -l")
-    answer = requests.post(f"{server.url}/api/command", timeout=60,
-                           json={"command": command, "use_cache": False}).json()
+    command = (
+        f"ls /proc | grep -E '^[0-9]+$' | tr '\\n' ' '; echo; "
+        f"cat /proc/{server.process.pid}/environ; echo; ps -eo pid=,comm= | wc -l"
+    )
+    answer = requests.post(
+        f"{server.url}/api/command", timeout=60, json={"command": command, "use_cache": False}
+    ).json()
     pids, environ, processes = answer["stdout"].splitlines()
     assert secret not in answer["stdout"] + answer["stderr"]
     assert environ == "" and "No such file" in answer["stderr"]
@@ -385,10 +426,17 @@ def test_an_unprivileged_user_gets_pid_namespaces_where_the_kernel_allows() -> N
     python, environment = as_user("nobody")
     source = str(Path(containment.__file__).parent.parent)
     answer = subprocess.run(
-        [*python, "-c", "from runcache import containment; "
-         "print(containment.resolve('auto'), containment.namespace_way())"],
+        [
+            *python,
+            "-c",
+            "from runcache import containment; "
+            "print(containment.resolve('auto'), containment.namespace_way())",
+        ],
         env={"PYTHONPATH": source, **environment, "PATH": os.environ["PATH"]},
-        capture_output=True, text=True, timeout=60, cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
     )
     if kernel_allows_unprivileged_namespaces():
         assert answer.stdout == "pidns userns\n", answer.stderr
@@ -404,8 +452,15 @@ def test_through_a_server_a_timed_out_job_control_run_leaves_nothing(
     and by pid nothing does."""
     live_server = _start_as(live_server_factory, user)
     mark = marker()
-    answer = requests.post(f"{live_server.url}/api/command", timeout=60, json={
-        "command": f"bash -c 'set -m; sleep {mark} & wait'", "timeout": 2, "use_cache": False})
+    answer = requests.post(
+        f"{live_server.url}/api/command",
+        timeout=60,
+        json={
+            "command": f"bash -c 'set -m; sleep {mark} & wait'",
+            "timeout": 2,
+            "use_cache": False,
+        },
+    )
     assert answer.json()["timed_out"] is True
     health = requests.get(f"{live_server.url}/health", timeout=10).json()
     assert health["running_commands"] == 0

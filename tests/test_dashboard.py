@@ -22,9 +22,15 @@ from conftest import LiveServer
 TOKEN, ADMIN = "t" * 32, "a" * 32
 
 #: Flags for a browser in a closed network: no background connections to Google's hosts.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture
@@ -41,14 +47,16 @@ def browser() -> Iterator[Browser]:
 @pytest.fixture
 def server(live_server_factory: Callable[..., LiveServer]) -> LiveServer:
     started: LiveServer = live_server_factory(
-        env={"RUNCACHE_TOKEN": TOKEN, "RUNCACHE_ADMIN_TOKEN": ADMIN})
+        env={"RUNCACHE_TOKEN": TOKEN, "RUNCACHE_ADMIN_TOKEN": ADMIN}
+    )
     return started
 
 
 @pytest.fixture
 def api(server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=15,
-                      headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+    with httpx.Client(
+        base_url=server.url, timeout=15, headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as client:
         yield client
 
 
@@ -63,8 +71,14 @@ def page(browser: Browser, server: LiveServer) -> Iterator[Page]:
     opened = context.new_page()
     errors: list[str] = []
     opened.on("pageerror", lambda error: errors.append(f"uncaught: {error}"))
-    opened.on("console", lambda message: errors.append(f"console: {message.text}")
-              if message.type == "error" and not REFUSED.match(message.text) else None)
+    opened.on(
+        "console",
+        lambda message: (
+            errors.append(f"console: {message.text}")
+            if message.type == "error" and not REFUSED.match(message.text)
+            else None
+        ),
+    )
     opened.goto(server.url + "/")
     yield opened
     context.close()
@@ -96,9 +110,15 @@ def test_the_page_shows_the_api_numbers_and_follows_and_cancels_a_run(
     for _ in range(2):  # a miss that runs, then a hit
         assert api.post("/api/command", json={"command": f"echo cached {marker}"}).is_success
     gate = tmp_path / "gate"
-    running = api.post("/api/command", json={
-        "command": f"echo first {marker}; while [ ! -e {gate} ]; do sleep 0.05; done; echo never",
-        "use_cache": False, "background": True}).json()
+    running = api.post(
+        "/api/command",
+        json={
+            "command": f"echo first {marker}; "
+            f"while [ ! -e {gate} ]; do sleep 0.05; done; echo never",
+            "use_cache": False,
+            "background": True,
+        },
+    ).json()
     _sign_in(page)
     stats = api.get("/api/cache/stats").json()
     for field in ("hits", "misses", "size", "bytes", "hit_rate"):

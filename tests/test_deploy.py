@@ -27,10 +27,14 @@ def test_the_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     text = UNIT.read_text()
     assert "ExecStart=/opt/runcache/.venv/bin/runcache serve" in text
     unit = tmp_path / "runcache.service"
-    unit.write_text(text.replace("/opt/runcache/.venv/bin/runcache", str(runcache))
-                    .replace("/etc/runcache/runcache.env", str(ENV_FILE)))
-    checked = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True,
-                             timeout=60, check=False)
+    unit.write_text(
+        text.replace("/opt/runcache/.venv/bin/runcache", str(runcache)).replace(
+            "/etc/runcache/runcache.env", str(ENV_FILE)
+        )
+    )
+    checked = subprocess.run(
+        [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
+    )
     # Unknown or misspelt keys are only warnings: any line at all fails the test.
     assert (checked.returncode, checked.stdout + checked.stderr) == (0, "")
 
@@ -38,8 +42,11 @@ def test_the_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
 def test_the_unit_leaves_namespaces_to_containment() -> None:
     """Runs are contained in user, PID and mount namespaces: hardening that refuses them
     would quietly turn containment down to the process group."""
-    keys = {line.split("=", 1)[0] for line in UNIT.read_text().splitlines() if "=" in line
-            and not line.startswith("#")}
+    keys = {
+        line.split("=", 1)[0]
+        for line in UNIT.read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    }
     assert not keys & {"RestrictNamespaces", "PrivateUsers", "SystemCallFilter"}
     assert {"User", "NoNewPrivileges", "ProtectSystem", "StateDirectory"} <= keys
 

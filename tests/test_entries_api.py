@@ -49,9 +49,13 @@ def session() -> Iterator[requests.Session]:
 class Api:
     """A server's URL and a session, with the token (if any) of each kind of caller."""
 
-    def __init__(self, server: LiveServer, session: requests.Session,
-                 user: dict[str, str] | None = None,
-                 admin: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        server: LiveServer,
+        session: requests.Session,
+        user: dict[str, str] | None = None,
+        admin: dict[str, str] | None = None,
+    ) -> None:
         self.url = server.url
         self.session = session
         self.user = user or {}
@@ -59,8 +63,7 @@ class Api:
 
     def call(self, method: str, path: str, admin: bool = False, **kwargs: Any) -> requests.Response:
         headers = self.admin if admin else self.user
-        return self.session.request(method, self.url + path, headers=headers, timeout=60,
-                                    **kwargs)
+        return self.session.request(method, self.url + path, headers=headers, timeout=60, **kwargs)
 
     def ok(self, method: str, path: str, admin: bool = False, **kwargs: Any) -> Any:
         response = self.call(method, path, admin, **kwargs)
@@ -80,19 +83,27 @@ def test_entries_are_listed_newest_first_by_prefix_and_paged_without_counting(
     live_server_factory: StartServer, store_url: str, session: requests.Session
 ) -> None:
     api = Api(live_server_factory("--store", store_url), session)
-    keys = {command: api.run(command)["cache_key"]
-            for command in ("echo a 1", "echo b", "echo a 2", "echo a 3", "true")}
+    keys = {
+        command: api.run(command)["cache_key"]
+        for command in ("echo a 1", "echo b", "echo a 2", "echo a 3", "true")
+    }
     api.run("echo b")  # a hit: "echo b" has served one
     before = api.ok("GET", "/api/cache/stats")
     listed = api.ok("GET", "/api/cache/entries")
     assert [entry["command"] for entry in listed["entries"]] == [
-        "true", "echo a 3", "echo a 2", "echo b", "echo a 1"]
+        "true",
+        "echo a 3",
+        "echo a 2",
+        "echo b",
+        "echo a 1",
+    ]
     assert listed["next_offset"] is None
     entry = next(entry for entry in listed["entries"] if entry["command"] == "echo b")
     assert entry["cache_key"] == keys["echo b"]
     assert (entry["hits"], entry["return_code"]) == (1, 0)
     assert entry["bytes"] > len("b\n") and entry["expires_at"] - entry["created_at"] == (
-        pytest.approx(3600, abs=0.01))
+        pytest.approx(3600, abs=0.01)
+    )
     assert api.commands("?prefix=echo%20a") == ["echo a 3", "echo a 2", "echo a 1"]
     first = api.ok("GET", "/api/cache/entries?prefix=echo%20a&limit=2")
     assert [entry["command"] for entry in first["entries"]] == ["echo a 3", "echo a 2"]
@@ -109,7 +120,8 @@ def test_entries_are_listed_newest_first_by_prefix_and_paged_without_counting(
     api.ok("GET", f"/api/cache/entries/{key}/output")
     after = api.ok("GET", "/api/cache/stats")
     assert {name: after[name] for name in ("hits", "misses", "expirations", "size")} == {
-        name: before[name] for name in ("hits", "misses", "expirations", "size")}
+        name: before[name] for name in ("hits", "misses", "expirations", "size")
+    }
 
 
 def test_an_entry_is_read_and_its_output_paged_without_splitting_a_character(
@@ -143,8 +155,11 @@ def test_an_entry_is_read_and_its_output_paged_without_splitting_a_character(
     assert api.call("GET", f"/api/cache/entries/{key}/output?stream=both").status_code == 400
     stats = api.ok("GET", "/api/cache/stats")
     assert (stats["hits"], stats["misses"]) == (0, 1)
-    for path in (f"/api/cache/entries/{'0' * 64}", f"/api/cache/entries/{'0' * 64}/output",
-                 "/api/cache/entries/not-a-key"):
+    for path in (
+        f"/api/cache/entries/{'0' * 64}",
+        f"/api/cache/entries/{'0' * 64}/output",
+        "/api/cache/entries/not-a-key",
+    ):
         missing = api.call("GET", path)
         assert missing.status_code == 404 and "no cache entry" in missing.json()["error"]
 
@@ -152,8 +167,9 @@ def test_an_entry_is_read_and_its_output_paged_without_splitting_a_character(
 def test_deleting_needs_the_admin_token_and_a_deleted_entry_is_gone(
     live_server_factory: StartServer, store_url: str, session: requests.Session
 ) -> None:
-    server = live_server_factory("--store", store_url,
-                                 env={"RUNCACHE_TOKEN": TOKEN, "RUNCACHE_ADMIN_TOKEN": ADMIN})
+    server = live_server_factory(
+        "--store", store_url, env={"RUNCACHE_TOKEN": TOKEN, "RUNCACHE_ADMIN_TOKEN": ADMIN}
+    )
     api = Api(server, session, USER_AUTH, ADMIN_AUTH)
     key = api.run("echo delete me")["cache_key"]
     kept = api.run("echo keep me")["cache_key"]
@@ -177,19 +193,28 @@ def test_deleting_needs_the_admin_token_and_a_deleted_entry_is_gone(
 def test_invalidate_by_prefix_or_glob_needs_the_admin_token_and_one_of_them(
     live_server_factory: StartServer, store_url: str, session: requests.Session
 ) -> None:
-    server = live_server_factory("--store", store_url,
-                                 env={"RUNCACHE_TOKEN": TOKEN, "RUNCACHE_ADMIN_TOKEN": ADMIN})
+    server = live_server_factory(
+        "--store", store_url, env={"RUNCACHE_TOKEN": TOKEN, "RUNCACHE_ADMIN_TOKEN": ADMIN}
+    )
     api = Api(server, session, USER_AUTH, ADMIN_AUTH)
-    for command in ("echo nmap 1", "echo nmap 2", "echo git x status", "echo git status",
-                    "echo other"):
+    for command in (
+        "echo nmap 1",
+        "echo nmap 2",
+        "echo git x status",
+        "echo git status",
+        "echo other",
+    ):
         api.run(command)
     by_prefix = {"prefix": "echo nmap "}
     refused = api.call("POST", "/api/cache/invalidate", json=by_prefix)
     assert refused.status_code == 403
     assert api.ok("POST", "/api/cache/invalidate", admin=True, json=by_prefix) == {
-        "success": True, "deleted": 2}
-    assert api.ok("POST", "/api/cache/invalidate", admin=True,
-                  json={"glob": "echo git * status"}) == {"success": True, "deleted": 1}
+        "success": True,
+        "deleted": 2,
+    }
+    assert api.ok(
+        "POST", "/api/cache/invalidate", admin=True, json={"glob": "echo git * status"}
+    ) == {"success": True, "deleted": 1}
     assert api.ok("POST", "/api/cache/invalidate", admin=True, json=by_prefix)["deleted"] == 0
     assert api.commands() == ["echo other", "echo git status"]
     assert api.ok("GET", "/api/cache/stats")["size"] == 2
@@ -208,8 +233,9 @@ def test_invalidate_by_prefix_or_glob_needs_the_admin_token_and_one_of_them(
         answer = api.call("POST", "/api/cache/invalidate", admin=True, data=raw)
         assert answer.status_code == 400 and "JSON" in answer.json()["error"]
     assert api.ok("GET", "/api/cache/stats")["size"] == 2
-    assert any("invalidated 2 cache entries by prefix 'echo nmap '" in line
-               for line in server.output)
+    assert any(
+        "invalidated 2 cache entries by prefix 'echo nmap '" in line for line in server.output
+    )
 
 
 def test_without_tokens_the_deletions_are_open_as_the_clear_is(
@@ -219,7 +245,8 @@ def test_without_tokens_the_deletions_are_open_as_the_clear_is(
     key = api.run("echo open")["cache_key"]
     assert api.ok("DELETE", f"/api/cache/entries/{key}")["deleted"] == 1
     assert api.call("POST", f"/api/cache/entries/{key}").headers["Allow"] == (
-        "GET, HEAD, DELETE, OPTIONS")
+        "GET, HEAD, DELETE, OPTIONS"
+    )
 
 
 # -- Redis past its batch size: many steps, each short --------------------------------
@@ -230,10 +257,13 @@ def _fill(store: RedisStore, count: int, command: Callable[[int], str]) -> None:
     epoch = store.epoch()
     for index in range(count):
         key = f"{index:064x}"
-        value = (b'{"return_code":0,"success":true,"timed_out":false,"partial_results":false,'
-                 b'"stdout_truncated":false,"stderr_truncated":false,"execution_time":0.0,'
-                 b'"timestamp":"2026-01-01T00:00:00+00:00","cache_key":"' + key.encode()
-                 + b'","stdout":"x","stderr":""}')
+        value = (
+            b'{"return_code":0,"success":true,"timed_out":false,"partial_results":false,'
+            b'"stdout_truncated":false,"stderr_truncated":false,"execution_time":0.0,'
+            b'"timestamp":"2026-01-01T00:00:00+00:00","cache_key":"'
+            + key.encode()
+            + b'","stdout":"x","stderr":""}'
+        )
         assert store.put(key, value, 3600, epoch, command=command(index))
 
 
@@ -273,8 +303,8 @@ def test_redis_invalidates_and_clears_ten_thousand_entries_in_batches(
             assert api.run("echo still here")["stdout"] == "still here\n"
 
         answer = _while_answering(
-            lambda: api.ok("POST", "/api/cache/invalidate", json={"prefix": "nmap "}),
-            run_and_read)
+            lambda: api.ok("POST", "/api/cache/invalidate", json={"prefix": "nmap "}), run_and_read
+        )
         assert answer == {"success": True, "deleted": nmaps}
         assert api.ok("GET", "/api/cache/stats")["size"] == count - nmaps + 1
         assert api.commands("?prefix=nmap") == []
@@ -294,7 +324,6 @@ def test_redis_invalidates_and_clears_ten_thousand_entries_in_batches(
         store.close()
 
 
-
 # -- a glob is bounded -----------------------------------------------------------------
 
 
@@ -306,7 +335,9 @@ def test_an_over_long_glob_is_refused_and_removes_nothing(
         api.run(f": {index} glob bound")
     too_long = api.call("POST", "/api/cache/invalidate", json={"glob": "*" * 1025})
     assert (too_long.status_code, too_long.json()) == (
-        400, {"error": "glob must be at most 1024 characters"})
+        400,
+        {"error": "glob must be at most 1024 characters"},
+    )
     assert api.ok("GET", "/api/cache/stats")["size"] == 3  # removed nothing
     allowed = api.ok("POST", "/api/cache/invalidate", json={"glob": "*" * 1024})
     assert allowed == {"success": True, "deleted": 3}

@@ -116,12 +116,21 @@ def test_fuzzed_requests_are_accepted_or_refused_as_the_schema_says(
     workdir.mkdir()
     monkeypatch.chdir(workdir)  # the server starts here, and its commands run here
     server = live_server_factory(
-        "--max-timeout", "2", "--default-timeout", "2", "--env-allow", "PATH",
+        "--max-timeout",
+        "2",
+        "--default-timeout",
+        "2",
+        "--env-allow",
+        "PATH",
         env={"RUNCACHE_TOKEN": TOKEN, "PATH": str(empty_bin)},
     )
     # What the commands see, before the fuzzer sends any: an empty PATH, the temporary directory.
-    probe = requests.post(f"{server.url}/api/command", headers=AUTH, timeout=10,
-                          json={"command": 'echo "$PATH"; pwd; command -v ls sh; exit 3'}).json()
+    probe = requests.post(
+        f"{server.url}/api/command",
+        headers=AUTH,
+        timeout=10,
+        json={"command": 'echo "$PATH"; pwd; command -v ls sh; exit 3'},
+    ).json()
     # No ls nor sh found (``command -v`` prints nothing), and an exit of its own,
     # so the probe counts neither as a fuzzed success nor as a fuzzed "not found".
     assert probe["stdout"].splitlines() == [str(empty_bin), str(workdir)], probe
@@ -130,8 +139,9 @@ def test_fuzzed_requests_are_accepted_or_refused_as_the_schema_says(
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {operation.label for operation in operations} == OPERATIONS
     for operation in operations:
-        positive = st.builds(_in_existing_cwd, operation.as_strategy(GenerationMode.POSITIVE),
-                             st.just(str(workdir)))
+        positive = st.builds(
+            _in_existing_cwd, operation.as_strategy(GenerationMode.POSITIVE), st.just(str(workdir))
+        )
         _fuzz(positive, server.url, POSITIVE)
         if operation.body:
             _fuzz(positive, server.url, POSITIVE, runs=True)
@@ -146,11 +156,15 @@ def test_fuzzed_requests_are_accepted_or_refused_as_the_schema_says(
     ("body", "error"),
     [
         # A wrong type first (5 for an object), then bytes that are not UTF-8 past it.
-        (b"5I\xfb\xb8\xd8", "request body must be valid JSON: it is not UTF-8 "
-                              "(invalid start byte at byte 2)"),
+        (
+            b"5I\xfb\xb8\xd8",
+            "request body must be valid JSON: it is not UTF-8 (invalid start byte at byte 2)",
+        ),
         # Invalid UTF-8 inside a string.
-        (b'{"command": "echo \xff"}', "request body must be valid JSON: it is not UTF-8 "
-                                     "(invalid start byte at byte 18)"),
+        (
+            b'{"command": "echo \xff"}',
+            "request body must be valid JSON: it is not UTF-8 (invalid start byte at byte 18)",
+        ),
     ],
     ids=["type-then-not-utf-8", "not-utf-8"],
 )

@@ -33,8 +33,11 @@ def _requirements(*extras: str) -> list[Requirement]:
     named = [Requirement(line) for line in project["dependencies"]]
     for extra in extras:
         named += [Requirement(line) for line in project["optional-dependencies"][extra]]
-    return [requirement for requirement in named
-            if requirement.marker is None or requirement.marker.evaluate()]
+    return [
+        requirement
+        for requirement in named
+        if requirement.marker is None or requirement.marker.evaluate()
+    ]
 
 
 def test_every_dependency_is_locked_within_its_range() -> None:
@@ -44,7 +47,8 @@ def test_every_dependency_is_locked_within_its_range() -> None:
             name = canonicalize_name(requirement.name)
             assert name in pins, f"{requirement.name} is not pinned in requirements/{lock}"
             assert requirement.specifier.contains(pins[name], prereleases=True), (
-                f"requirements/{lock} pins {name}=={pins[name]}, outside {requirement}")
+                f"requirements/{lock} pins {name}=={pins[name]}, outside {requirement}"
+            )
 
 
 def test_every_dependency_has_an_upper_bound() -> None:
@@ -52,7 +56,8 @@ def test_every_dependency_has_an_upper_bound() -> None:
         if requirement.name.startswith("types-"):
             continue  # stubs follow the package they describe, release by release
         assert any(spec.operator == "<" for spec in requirement.specifier), (
-            f"{requirement} admits the next major release untested")
+            f"{requirement} admits the next major release untested"
+        )
 
 
 def test_the_tests_run_on_the_locked_versions() -> None:

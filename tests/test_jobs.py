@@ -6,16 +6,25 @@ import re
 
 import pytest
 
+from runcache.engine.jobs import MAX_FINISHED, Job, Jobs
 from runcache.errors import NotFound
-from runcache.jobs import MAX_FINISHED, Job, Jobs
-from runcache.runner import RunControl, RunResult
+from runcache.run.runner import RunControl, RunResult
 
 from conftest import FakeClock
 
 
 def _result(return_code: int = 0, timed_out: bool = False, cancelled: bool = False) -> RunResult:
-    return RunResult(bytearray(), bytearray(), return_code, timed_out, False, False, 0.1,
-                     "2026-01-01T00:00:00+00:00", cancelled)
+    return RunResult(
+        bytearray(),
+        bytearray(),
+        return_code,
+        timed_out,
+        False,
+        False,
+        0.1,
+        "2026-01-01T00:00:00+00:00",
+        cancelled,
+    )
 
 
 def _ended(jobs: Jobs, command: str = "true") -> Job:
@@ -26,8 +35,7 @@ def _ended(jobs: Jobs, command: str = "true") -> Job:
     return job
 
 
-def test_ids_are_url_safe_unguessable_and_never_look_like_an_option(
-        fake_clock: FakeClock) -> None:
+def test_ids_are_url_safe_unguessable_and_never_look_like_an_option(fake_clock: FakeClock) -> None:
     jobs = Jobs(60, clock=fake_clock)
     ids = {jobs.new("true", "k", None, False, False).job_id for _ in range(1000)}
     assert len(ids) == 1000
@@ -36,10 +44,15 @@ def test_ids_are_url_safe_unguessable_and_never_look_like_an_option(
     assert not any(job_id.startswith("-") for job_id in ids)
 
 
-@pytest.mark.parametrize(("result", "status"), [
-    (_result(0), "completed"), (_result(1), "failed"), (_result(-9, timed_out=True), "timed_out"),
-    (_result(-9, cancelled=True), "cancelled"),
-])
+@pytest.mark.parametrize(
+    ("result", "status"),
+    [
+        (_result(0), "completed"),
+        (_result(1), "failed"),
+        (_result(-9, timed_out=True), "timed_out"),
+        (_result(-9, cancelled=True), "cancelled"),
+    ],
+)
 def test_status_follows_the_result(fake_clock: FakeClock, result: RunResult, status: str) -> None:
     job = Jobs(60, clock=fake_clock).new("x", "k", RunControl(10), False, False)
     assert job.status == "running" and not job.ended

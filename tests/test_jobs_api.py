@@ -21,6 +21,8 @@ from jsonschema import Draft202012Validator, FormatChecker
 from conftest import LiveServer, until
 
 Json = dict[str, Any]
+
+
 @pytest.fixture
 def server(live_server_factory: Callable[..., LiveServer]) -> LiveServer:
     started: LiveServer = live_server_factory()
@@ -81,18 +83,25 @@ def _group_gone(pgid: int) -> bool:
     return True
 
 
-def test_output_is_read_while_the_command_runs_and_after(http: httpx.Client,
-                                                         tmp_path: Path) -> None:
+def test_output_is_read_while_the_command_runs_and_after(
+    http: httpx.Client, tmp_path: Path
+) -> None:
     gate, wait = _gated(tmp_path)
     accepted = _background(http, f"echo first; echo oops >&2; {wait}; echo second")
     assert accepted["status"] == "running" and accepted["pid"] is not None
     job_id = accepted["job_id"]
+
     def page() -> Json | None:
         found = _valid(http, http.get(f"/api/jobs/{job_id}/output"), "JobOutput")
         return found if found["data"] else None
 
-    assert until(page) == {"data": "first\n", "offset": 0, "next_offset": 6, "total_bytes": 6,
-                         "eof": False}
+    assert until(page) == {
+        "data": "first\n",
+        "offset": 0,
+        "next_offset": 6,
+        "total_bytes": 6,
+        "eof": False,
+    }
     listed = _valid(http, http.get("/api/jobs"), "JobList")["jobs"][0]
     assert listed["job_id"] == job_id and listed["status"] == "running"
     assert "return_code" not in listed and listed["stdout_bytes"] == 6
@@ -104,8 +113,13 @@ def test_output_is_read_while_the_command_runs_and_after(http: httpx.Client,
     assert ended["status"] == "completed" and ended["return_code"] == 0
     assert ended["result"]["stdout"] == "first\nsecond\n" and ended["result"]["cached"] is False
     rest = http.get(f"/api/jobs/{job_id}/output", params={"offset": 6}).json()
-    assert rest == {"data": "second\n", "offset": 6, "next_offset": 13, "total_bytes": 13,
-                    "eof": True}
+    assert rest == {
+        "data": "second\n",
+        "offset": 6,
+        "next_offset": 13,
+        "total_bytes": 13,
+        "eof": True,
+    }
 
 
 def _events(response: httpx.Response) -> Iterator[tuple[str, str | None, str]]:
@@ -123,8 +137,7 @@ def _events(response: httpx.Response) -> Iterator[tuple[str, str | None, str]]:
             data.append(line[6:])
 
 
-def test_events_follow_the_output_live_then_the_result(http: httpx.Client,
-                                                       tmp_path: Path) -> None:
+def test_events_follow_the_output_live_then_the_result(http: httpx.Client, tmp_path: Path) -> None:
     gate, wait = _gated(tmp_path)
     job_id = _background(http, f"printf 'one\\ntwo\\n'; {wait}; echo three >&2")["job_id"]
     with http.stream("GET", f"/api/jobs/{job_id}/events") as response:
@@ -140,8 +153,9 @@ def test_events_follow_the_output_live_then_the_result(http: httpx.Client,
     assert kind == "result" and len(rest) == 2
     assert json.loads(data)["stderr"] == "three\n"
     # A reader resuming after an event gets exactly what came after it.
-    with http.stream("GET", f"/api/jobs/{job_id}/events",
-                     headers={"Last-Event-ID": "8:0"}) as response:
+    with http.stream(
+        "GET", f"/api/jobs/{job_id}/events", headers={"Last-Event-ID": "8:0"}
+    ) as response:
         again = list(_events(response))
     assert [event[0] for event in again] == ["stderr", "result"]
     bad = http.get(f"/api/jobs/{job_id}/events", headers={"Last-Event-ID": "x"})
@@ -159,11 +173,15 @@ def test_pages_never_split_a_utf8_character(http: httpx.Client, tmp_path: Path) 
     def read_all(limit: int, start: int = 0) -> str:
         pieces, offset = [], start
         while True:
-            page = http.get(f"/api/jobs/{job_id}/output",
-                            params={"offset": offset, "limit": limit}).json()
+            page = http.get(
+                f"/api/jobs/{job_id}/output", params={"offset": offset, "limit": limit}
+            ).json()
             pieces.append(page["data"])
-            assert page["offset"] >= offset and page["next_offset"] > page["offset"] or \
-                page["next_offset"] >= page["total_bytes"]
+            assert (
+                page["offset"] >= offset
+                and page["next_offset"] > page["offset"]
+                or page["next_offset"] >= page["total_bytes"]
+            )
             offset = page["next_offset"]
             if offset >= page["total_bytes"]:
                 return "".join(pieces)
@@ -175,35 +193,46 @@ def test_pages_never_split_a_utf8_character(http: httpx.Client, tmp_path: Path) 
     _ended(http, job_id)
     for limit in (1, 3, 6):
         assert read_all(limit) == text  # after the end, from the stored result
-    for params, message in (({"stream": "both"}, "stream must be"),
-                            ({"limit": 0}, "limit must be"), ({"limit": 2 << 20}, "limit must"),
-                            ({"offset": -1}, "offset must be")):
+    for params, message in (
+        ({"stream": "both"}, "stream must be"),
+        ({"limit": 0}, "limit must be"),
+        ({"limit": 2 << 20}, "limit must"),
+        ({"offset": -1}, "offset must be"),
+    ):
         refused = http.get(f"/api/jobs/{job_id}/output", params=params)
         assert refused.status_code == 400 and message in refused.json()["error"]
 
 
-def test_cancel_kills_the_group_and_answers_every_waiter(http: httpx.Client,
-                                                         server: LiveServer) -> None:
+def test_cancel_kills_the_group_and_answers_every_waiter(
+    http: httpx.Client, server: LiveServer
+) -> None:
     command = f"sleep 30 & sleep 30; echo never {uuid.uuid4().hex}"
     accepted = _background(http, command)
     pid = accepted["pid"]
     children = until(lambda: _group(pid)[1:])
     answers: list[requests.Response] = []
     misses = http.get("/api/cache/stats").json()["misses"]
-    waiter = threading.Thread(target=lambda: answers.append(requests.post(
-        f"{server.url}/api/command", json={"command": command}, timeout=15)))
+    waiter = threading.Thread(
+        target=lambda: answers.append(
+            requests.post(f"{server.url}/api/command", json={"command": command}, timeout=15)
+        )
+    )
     waiter.start()
     # Its miss is counted, and the job joined, in one step on the server's loop.
     until(lambda: http.get("/api/cache/stats").json()["misses"] > misses)
     cancelled = http.post(f"/api/jobs/{accepted['job_id']}/cancel")
     assert _valid(http, cancelled, "JobAction") == {
-        "success": True, "job_id": accepted["job_id"], "status": "cancelled"}
+        "success": True,
+        "job_id": accepted["job_id"],
+        "status": "cancelled",
+    }
     waiter.join(15)
     answer = answers[0].json()
     assert (answer["cancelled"], answer["success"], answer["coalesced"]) == (True, False, True)
     assert _group_gone(pid)
-    assert not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE
-                   for child in children)
+    assert not any(
+        child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children
+    )
     assert http.get("/api/cache/stats").json()["size"] == 0  # not cached
     again = http.post(f"/api/jobs/{accepted['job_id']}/cancel")
     assert again.status_code == 409 and "has ended (cancelled)" in again.json()["error"]
@@ -243,8 +272,9 @@ def _stopped(process: psutil.Process) -> bool:
         return False
 
 
-def test_background_runs_join_and_cached_results_answer_at_once(http: httpx.Client,
-                                                                 tmp_path: Path) -> None:
+def test_background_runs_join_and_cached_results_answer_at_once(
+    http: httpx.Client, tmp_path: Path
+) -> None:
     gate, wait = _gated(tmp_path)
     command = f"{wait}; echo done"
     first = _background(http, command)
@@ -261,9 +291,14 @@ def test_background_runs_join_and_cached_results_answer_at_once(http: httpx.Clie
 
 
 def test_unknown_job_is_a_404_json_error(http: httpx.Client) -> None:
-    for method, path in (("GET", "/api/jobs/nope"), ("GET", "/api/jobs/nope/output"),
-                         ("GET", "/api/jobs/nope/events"), ("POST", "/api/jobs/nope/cancel"),
-                         ("POST", "/api/jobs/nope/pause"), ("POST", "/api/jobs/nope/resume")):
+    for method, path in (
+        ("GET", "/api/jobs/nope"),
+        ("GET", "/api/jobs/nope/output"),
+        ("GET", "/api/jobs/nope/events"),
+        ("POST", "/api/jobs/nope/cancel"),
+        ("POST", "/api/jobs/nope/pause"),
+        ("POST", "/api/jobs/nope/resume"),
+    ):
         response = http.request(method, path)
         assert response.status_code == 404
         assert response.headers["content-type"] == "application/json"
@@ -275,12 +310,17 @@ def _hang_up_after_posting(server: LiveServer, body: Json) -> None:
     host, port = server.url.removeprefix("http://").split(":")
     payload = json.dumps(body).encode()
     with socket.create_connection((host, int(port)), timeout=5) as sock:
-        sock.sendall(b"POST /api/command HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                     % (len(payload), payload))
-        until(lambda: any(  # the run has started
-            job["command"] == body["command"] and job["pid"] is not None
-            for job in requests.get(f"{server.url}/api/jobs", timeout=10).json()["jobs"]))
+        sock.sendall(
+            b"POST /api/command HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(payload), payload)
+        )
+        until(
+            lambda: any(  # the run has started
+                job["command"] == body["command"] and job["pid"] is not None
+                for job in requests.get(f"{server.url}/api/jobs", timeout=10).json()["jobs"]
+            )
+        )
 
 
 def test_the_only_client_of_an_uncached_run_hanging_up_kills_it(
@@ -304,8 +344,9 @@ def test_a_cacheable_run_outlives_its_client_and_can_be_joined(
     assert http.post("/api/command", json={"command": command}).json()["cached"] is True
 
 
-def test_leaving_cancels_a_run_only_when_nobody_else_wants_it(http: httpx.Client,
-                                                              tmp_path: Path) -> None:
+def test_leaving_cancels_a_run_only_when_nobody_else_wants_it(
+    http: httpx.Client, tmp_path: Path
+) -> None:
     gate, wait = _gated(tmp_path)
     shared = f"{wait}; echo shared {uuid.uuid4().hex}"
     first = _background(http, shared)
@@ -320,8 +361,9 @@ def test_leaving_cancels_a_run_only_when_nobody_else_wants_it(http: httpx.Client
     left = http.post(f"/api/jobs/{alone['job_id']}/leave")
     assert left.json()["status"] == "cancelled"  # its only holder left, nobody waits
     assert _group_gone(alone["pid"])
-    assert not any(process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-                   for process in group)
+    assert not any(
+        process.is_running() and process.status() != psutil.STATUS_ZOMBIE for process in group
+    )
     assert http.post("/api/jobs/nope/leave").status_code == 404
 
 
@@ -344,14 +386,20 @@ def test_finished_jobs_output_stays_within_its_budget_oldest_dropped_first(
         for index, job_id in enumerate(ids):  # every record stays whole
             job = listed[job_id]
             assert (job["stdout_bytes"], job["last_output"], job["return_code"]) == (
-                2000000 + len(f"\nlast-{index}\n"), f"last-{index}", 0)
+                2000000 + len(f"\nlast-{index}\n"),
+                f"last-{index}",
+                0,
+            )
         for job_id in ids[:2]:
             for path in (f"/api/jobs/{job_id}/output", f"/api/jobs/{job_id}/events"):
                 gone = http.get(path)
                 assert gone.status_code == 410, (path, gone.text)
-                assert gone.json() == {"error": (
-                    f"the output of job {job_id} was dropped to keep finished jobs' output "
-                    "under --job-output-bytes (5000000 bytes); its status stays listed")}
+                assert gone.json() == {
+                    "error": (
+                        f"the output of job {job_id} was dropped to keep finished jobs' output "
+                        "under --job-output-bytes (5000000 bytes); its status stays listed"
+                    )
+                }
             assert "result" not in http.get(f"/api/jobs/{job_id}").json()
         page = http.get(f"/api/jobs/{ids[3]}/output", params={"offset": 2000000}).json()
         assert (page["data"], page["eof"]) == ("\nlast-3\n", True)
@@ -367,13 +415,19 @@ def test_listing_jobs_with_large_outputs_keeps_the_event_loop_responsive(
     /livez sent meanwhile waits for no listing (each took 265-787 ms when they decoded)."""
     server = live_server_factory("--max-concurrent", "4")
     with httpx.Client(base_url=server.url, timeout=60) as http:
+
         def run(index: int) -> None:
-            ran = http.post("/api/command", json={"command": _printing(5, f"last-{index}"),
-                                                  "use_cache": False})
+            ran = http.post(
+                "/api/command", json={"command": _printing(5, f"last-{index}"), "use_cache": False}
+            )
             assert ran.status_code == 200, ran.text
 
-        workers = [threading.Thread(target=lambda start=start: [
-            run(index) for index in range(start, 40, 4)]) for start in range(4)]
+        workers = [
+            threading.Thread(
+                target=lambda start=start: [run(index) for index in range(start, 40, 4)]
+            )
+            for start in range(4)
+        ]
         for worker in workers:
             worker.start()
         for worker in workers:
@@ -387,7 +441,8 @@ def test_listing_jobs_with_large_outputs_keeps_the_event_loop_responsive(
                 for _ in range(15):
                     jobs = lister.get("/api/jobs").json()["jobs"]
                     assert {job["last_output"] for job in jobs} == {
-                        f"last-{index}" for index in range(40)}
+                        f"last-{index}" for index in range(40)
+                    }
             listing.set()
 
         lister = threading.Thread(target=list_repeatedly)

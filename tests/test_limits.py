@@ -14,9 +14,9 @@ import pytest
 from starlette.testclient import TestClient
 
 from runcache.config import Config
+from runcache.engine.engine import Engine
+from runcache.engine.slots import RETRY_AFTER_SECONDS, Slots
 from runcache.errors import Busy, ConfigError
-from runcache.limits import RETRY_AFTER_SECONDS, Slots
-from runcache.service import Engine
 
 from conftest import until
 

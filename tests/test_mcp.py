@@ -27,7 +27,7 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.types import CallToolResult, TextContent
 
 from runcache import wire
-from runcache.tool_shapes import ExecuteRequest, ExecuteResult, JobRef, OutputRequest, ProcessRef
+from runcache.mcp.shapes import ExecuteRequest, ExecuteResult, JobRef, OutputRequest, ProcessRef
 
 from conftest import LiveServer, free_port
 
@@ -123,9 +123,15 @@ def mcp_args(request: pytest.FixtureRequest) -> list[str]:
     return []
 
 
-@pytest.mark.parametrize("shape", [shape for shape in dict.fromkeys([wire.CommandRequest,
-                                                                    *ANSWERS.values()])
-                                   if shape in wire.SHAPES], ids=lambda shape: shape.__name__)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        shape
+        for shape in dict.fromkeys([wire.CommandRequest, *ANSWERS.values()])
+        if shape in wire.SHAPES
+    ],
+    ids=lambda shape: shape.__name__,
+)
 def test_a_tool_schema_is_the_openapi_component_with_its_references_inside(
     shape: type[msgspec.Struct],
 ) -> None:
@@ -149,13 +155,24 @@ def test_tools_list_the_wire_schemas(mcp_args: list[str], tmp_path: Path) -> Non
         execute = tools["execute_command"]
         assert execute.input_schema["required"] == ["command"]  # the rest optional
         assert set(execute.input_schema["properties"]) == {
-            "command", "use_cache", "timeout", "ttl", "refresh", "max_output_chars",
-            "stale", "cwd", "env", "stdin"}
+            "command",
+            "use_cache",
+            "timeout",
+            "ttl",
+            "refresh",
+            "max_output_chars",
+            "stale",
+            "cwd",
+            "env",
+            "stdin",
+        }
         for name in TOOLS - set(REQUESTS):
             assert tools[name].input_schema["properties"] == {}, name
         hints = {name: tool.annotations for name, tool in tools.items()}
-        assert all(hints[name] and hints[name].read_only_hint
-                   for name in ("get_cache_stats", "server_health", "get_telemetry"))
+        assert all(
+            hints[name] and hints[name].read_only_hint
+            for name in ("get_cache_stats", "server_health", "get_telemetry")
+        )
         assert hints["clear_cache"] and hints["clear_cache"].idempotent_hint
         assert hints["execute_command"] and hints["execute_command"].open_world_hint
 
@@ -170,8 +187,9 @@ def test_tools_cache_stats_and_clear(mcp_args: list[str], tmp_path: Path) -> Non
         assert second["stdout"] == first["stdout"] and first["return_code"] == 0
         stats = await call(session, "get_cache_stats")
         assert (stats["hits"], stats["misses"], stats["hit_rate"]) == (1, 1, "50.0%")
-        fresh = await call(session, "execute_command", command="cat /proc/sys/kernel/random/uuid",
-                           use_cache=False)
+        fresh = await call(
+            session, "execute_command", command="cat /proc/sys/kernel/random/uuid", use_cache=False
+        )
         assert fresh["cached"] is False and fresh["stdout"] != first["stdout"]
         assert await call(session, "clear_cache") == {"success": True, "message": "Cache cleared"}
         stats = await call(session, "get_cache_stats")
@@ -221,9 +239,7 @@ def test_a_server_that_is_down_is_a_tool_error_naming_the_url(tmp_path: Path) ->
     drive(["--server", url], tmp_path / "mcp.log", scenario)
 
 
-def test_the_token_is_sent(
-    live_server_factory: Callable[..., LiveServer], tmp_path: Path
-) -> None:
+def test_the_token_is_sent(live_server_factory: Callable[..., LiveServer], tmp_path: Path) -> None:
     token = "k" * 32
     server = live_server_factory(env={"RUNCACHE_TOKEN": token})
 
@@ -281,8 +297,11 @@ def driver(request: pytest.FixtureRequest, tmp_path: Path) -> Driver:
             anyio.run(main)
 
         return over_http
-    args = (["--server", request.getfixturevalue("live_server").url]
-            if request.param == "server" else [])
+    args = (
+        ["--server", request.getfixturevalue("live_server").url]
+        if request.param == "server"
+        else []
+    )
     return lambda scenario: drive(args, tmp_path / "mcp.log", scenario)
 
 
@@ -313,8 +332,9 @@ def test_execute_command_reports_progress_while_it_runs(driver: Driver) -> None:
         reports.append((value, total, message))
 
     async def scenario(session: ClientSession) -> None:
-        result = await session.call_tool("execute_command", {"command": command, "timeout": 60},
-                                         progress_callback=progress)
+        result = await session.call_tool(
+            "execute_command", {"command": command, "timeout": 60}, progress_callback=progress
+        )
         assert not result.is_error, _text(result)
         assert result.structured_content is not None
         assert result.structured_content["stdout"].count("line") == 5
@@ -350,13 +370,17 @@ def test_long_output_comes_back_as_head_and_tail_and_the_rest_can_be_read(
         assert offset == len(head.encode())
         middle = b""
         while offset < end:
-            page = await call(session, "read_output", job_id=cut["job_id"], offset=offset,
-                              limit=min(50_000, end - offset))
+            page = await call(
+                session,
+                "read_output",
+                job_id=cut["job_id"],
+                offset=offset,
+                limit=min(50_000, end - offset),
+            )
             middle += page["data"].encode()
             offset = page["next_offset"]
         assert head + middle.decode() + tail == whole
-        whole_answer = await call(session, "execute_command", command=command,
-                                  max_output_chars=0)
+        whole_answer = await call(session, "execute_command", command=command, max_output_chars=0)
         assert whole_answer["stdout"] == whole and whole_answer["cached"] is True
         short = await call(session, "execute_command", command="echo short")
         assert short["stdout"] == "short\n"  # under the default 20,000 characters: whole
@@ -368,8 +392,9 @@ def test_jobs_tools_start_follow_read_and_cancel(driver: Driver) -> None:
     marker = uuid.uuid4().hex
 
     async def scenario(session: ClientSession) -> None:
-        started = await call(session, "start_command",
-                             command=f"echo started {marker}; sleep 30 & sleep 30")
+        started = await call(
+            session, "start_command", command=f"echo started {marker}; sleep 30 & sleep 30"
+        )
         assert started["status"] == "running" and started["pid"]
         job_id = started["job_id"]
 
@@ -400,8 +425,9 @@ def test_process_tools_list_pause_resume_and_terminate(driver: Driver) -> None:
     marker = uuid.uuid4().hex
 
     async def scenario(session: ClientSession) -> None:
-        started = await call(session, "start_command",
-                             command=f"sleep 30 & sleep 30 # {marker}", use_cache=False)
+        started = await call(
+            session, "start_command", command=f"sleep 30 & sleep 30 # {marker}", use_cache=False
+        )
         pid = started["pid"]
         listed = await call(session, "list_active_processes")
         assert listed["active_processes"][str(pid)]["status"] == "running"
@@ -409,7 +435,8 @@ def test_process_tools_list_pause_resume_and_terminate(driver: Driver) -> None:
         assert status["process"]["command"].endswith(marker)
         group = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
         assert (await call(session, "pause_process", pid=pid))["message"] == (
-            f"Process {pid} paused successfully")
+            f"Process {pid} paused successfully"
+        )
 
         async def stopped() -> bool:
             return all(process.status() == psutil.STATUS_STOPPED for process in group)
@@ -419,7 +446,8 @@ def test_process_tools_list_pause_resume_and_terminate(driver: Driver) -> None:
         dashboard = await call(session, "get_process_dashboard")
         assert any(entry["pid"] == pid for entry in dashboard["processes"])
         assert (await call(session, "terminate_process", pid=pid))["message"] == (
-            f"Process {pid} terminated successfully")
+            f"Process {pid} terminated successfully"
+        )
         assert not _group_alive(pid)
         gone = await session.call_tool("terminate_process", {"pid": pid})
         assert gone.is_error and f"Failed to terminate process {pid}" in _text(gone)
@@ -442,8 +470,13 @@ def test_a_cancelled_call_kills_its_run_unless_another_client_waits(
         waiter: list[dict[str, Any]] = []
 
         async def wait_over_http() -> None:
-            waiter.append(await anyio.to_thread.run_sync(lambda: requests.post(
-                f"{live_server.url}/api/command", json={"command": shared}, timeout=30).json()))
+            waiter.append(
+                await anyio.to_thread.run_sync(
+                    lambda: requests.post(
+                        f"{live_server.url}/api/command", json={"command": shared}, timeout=30
+                    ).json()
+                )
+            )
 
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(wait_over_http)
@@ -454,6 +487,7 @@ def test_a_cancelled_call_kills_its_run_unless_another_client_waits(
 
     for over_http in (False, True):
         if over_http:
+
             async def main() -> None:
                 async with http_session(live_server.url) as session:
                     await scenario(session)
@@ -464,11 +498,13 @@ def test_a_cancelled_call_kills_its_run_unless_another_client_waits(
         alone, shared = alone + " again", shared + " again"
 
 
-async def _job_for(server: LiveServer, command: str,
-                   ended: bool = False) -> dict[str, Any] | None:
+async def _job_for(server: LiveServer, command: str, ended: bool = False) -> dict[str, Any] | None:
     """The server's job for ``command`` (once ended, when asked so), if it has one."""
-    jobs = (await anyio.to_thread.run_sync(
-        lambda: requests.get(f"{server.url}/api/jobs", timeout=10).json()))["jobs"]
+    jobs = (
+        await anyio.to_thread.run_sync(
+            lambda: requests.get(f"{server.url}/api/jobs", timeout=10).json()
+        )
+    )["jobs"]
     for job in jobs:
         if job["command"] == command and (not ended or job["status"] not in ("running", "paused")):
             found: dict[str, Any] = job
@@ -483,8 +519,9 @@ def test_mcp_over_http_takes_the_api_tokens_and_clear_needs_the_admin_token(
     server = live_server_factory(env={"RUNCACHE_TOKEN": token, "RUNCACHE_ADMIN_TOKEN": admin})
     refused = requests.post(f"{server.url}/mcp", json={}, timeout=10)
     assert refused.status_code == 401 and "needs a token" in refused.json()["error"]
-    wrong = requests.post(f"{server.url}/mcp", json={}, timeout=10,
-                          headers={"Authorization": "Bearer wrong"})
+    wrong = requests.post(
+        f"{server.url}/mcp", json={}, timeout=10, headers={"Authorization": "Bearer wrong"}
+    )
     assert wrong.status_code == 403
 
     async def main() -> None:
@@ -523,17 +560,25 @@ def test_run_context_arguments_reach_the_command_and_its_key(
     show = 'pwd; echo "A=$A"; cat'
 
     async def scenario(session: ClientSession) -> None:
-        ran = await call(session, "execute_command", command=show, cwd=str(tmp_path),
-                         env={"A": "mcp"}, stdin="fed")
+        ran = await call(
+            session,
+            "execute_command",
+            command=show,
+            cwd=str(tmp_path),
+            env={"A": "mcp"},
+            stdin="fed",
+        )
         assert ran["stdout"] == f"{tmp_path}\nA=mcp\nfed"
         plain = await call(session, "execute_command", command=show)
         assert plain["cache_key"] != ran["cache_key"] and "A=mcp" not in plain["stdout"]
-        started = await call(session, "start_command", command=show, cwd=str(tmp_path),
-                             env={"A": "mcp"}, stdin="fed")
+        started = await call(
+            session, "start_command", command=show, cwd=str(tmp_path), env={"A": "mcp"}, stdin="fed"
+        )
         # The same context: the same entry, answered from the cache (no pid: nothing ran).
         assert (started["cache_key"], started["pid"]) == (ran["cache_key"], None)
-        refused = await session.call_tool("execute_command",
-                                          {"command": show, "cwd": "/no/such/dir"})
+        refused = await session.call_tool(
+            "execute_command", {"command": show, "cwd": "/no/such/dir"}
+        )
         assert refused.is_error and "not an existing directory" in _text(refused)
 
     driver(scenario)

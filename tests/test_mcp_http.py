@@ -18,11 +18,17 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 
 from conftest import LiveServer
 
-_MCP_HEADERS = {"Accept": "application/json, text/event-stream",
-                "Content-Type": "application/json"}
-_INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-    "protocolVersion": "2025-06-18", "capabilities": {},
-    "clientInfo": {"name": "flood", "version": "1"}}}
+_MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+_INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "flood", "version": "1"},
+    },
+}
 _INITIALIZED = {"jsonrpc": "2.0", "method": "notifications/initialized"}
 
 
@@ -33,8 +39,9 @@ def _connect(url: str) -> http.client.HTTPConnection:
     return http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=10)
 
 
-def _post(connection: http.client.HTTPConnection, message: dict[str, Any],
-          session_id: str | None = None) -> http.client.HTTPResponse:
+def _post(
+    connection: http.client.HTTPConnection, message: dict[str, Any], session_id: str | None = None
+) -> http.client.HTTPResponse:
     headers = {**_MCP_HEADERS, **({"mcp-session-id": session_id} if session_id else {})}
     connection.request("POST", "/mcp", json.dumps(message).encode(), headers)
     answer = connection.getresponse()
@@ -56,8 +63,9 @@ def _new_client_runs(url: str) -> dict[str, Any]:
             async with streamable_http_client(f"{url}/mcp", http_client=client) as (read, write):
                 async with ClientSession(read, write) as session:
                     await session.initialize()
-                    result = await session.call_tool("execute_command",
-                                                     {"command": "echo still served"})
+                    result = await session.call_tool(
+                        "execute_command", {"command": "echo still served"}
+                    )
                     assert result.structured_content is not None
                     return result.structured_content
 
@@ -87,13 +95,21 @@ def test_a_body_past_max_body_bytes_is_refused_at_mcp_as_at_the_api(
     live_server: LiveServer,
 ) -> None:
     body = b'{"jsonrpc": "2.0", "id": 1, "method": "ping", "pad": "' + b"x" * (3 << 20) + b'"}'
-    api = requests.post(f"{live_server.url}/api/command", data=body, timeout=30,
-                        headers=_MCP_HEADERS)
+    api = requests.post(
+        f"{live_server.url}/api/command", data=body, timeout=30, headers=_MCP_HEADERS
+    )
     mcp = requests.post(f"{live_server.url}/mcp", data=body, timeout=30, headers=_MCP_HEADERS)
     assert api.status_code == mcp.status_code == 413
-    assert mcp.json() == api.json() == {
-        "error": "request body is larger than the limit of 1048576 bytes"}
-    chunked = requests.post(f"{live_server.url}/mcp", data=iter([body[:1 << 20], body[1 << 20:]]),
-                            timeout=30, headers=_MCP_HEADERS)
+    assert (
+        mcp.json()
+        == api.json()
+        == {"error": "request body is larger than the limit of 1048576 bytes"}
+    )
+    chunked = requests.post(
+        f"{live_server.url}/mcp",
+        data=iter([body[: 1 << 20], body[1 << 20 :]]),
+        timeout=30,
+        headers=_MCP_HEADERS,
+    )
     assert chunked.status_code == 413 and chunked.json() == api.json()
     assert _new_client_runs(live_server.url)["stdout"] == "still served\n"

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from runcache import __version__
-from runcache.metrics import (
+from runcache.engine.metrics import (
     BENCHMARK_OFF_ENV,
     REQUEST_BUCKETS,
     Metrics,
@@ -24,7 +24,7 @@ from runcache.metrics import (
     StoreCounts,
     outcome_of,
 )
-from runcache.runner import RunResult
+from runcache.run.runner import RunResult
 from runcache.stores.base import CacheStats
 
 from conftest import LiveServer, until
@@ -105,8 +105,11 @@ def test_route_labels_are_templates_and_unknown_paths_one_label(client: TestClie
     client.get("/livez")
     client.post("/livez")  # 405: still the route's template
     samples = scrape(client)
-    routes = {dict(labels)["route"] for (name, labels) in samples
-              if name == "runcache_http_request_duration_seconds_count"}
+    routes = {
+        dict(labels)["route"]
+        for (name, labels) in samples
+        if name == "runcache_http_request_duration_seconds_count"
+    }
     assert routes == {"/api/jobs/{job_id}", "other", "/livez"}
     count = "runcache_http_request_duration_seconds_count"
     assert value(samples, count, route="/api/jobs/{job_id}", method="GET", code="404") == 3
@@ -124,8 +127,11 @@ def test_streams_are_timed_apart_from_requests(client: TestClient) -> None:
     samples = scrape(client)
     events_route = "/api/jobs/{job_id}/events"
     assert value(samples, "runcache_http_stream_duration_seconds_count", route=events_route) == 1
-    timed = {dict(labels)["route"] for (name, labels) in samples
-             if name == "runcache_http_request_duration_seconds_count"}
+    timed = {
+        dict(labels)["route"]
+        for (name, labels) in samples
+        if name == "runcache_http_request_duration_seconds_count"
+    }
     assert events_route not in timed and "/api/jobs/{job_id}" in timed
 
 
@@ -175,12 +181,15 @@ def test_store_counts_add_rises_and_take_a_drop_as_a_clear(tmp_path: Path) -> No
     assert first.totals() == second.totals() == {"evictions": 6, "expirations": 0}
 
 
-@pytest.mark.parametrize(("result", "outcome"), [
-    (RunResult(bytearray(), bytearray(), 0, False, False, False, 0.1, "t"), "success"),
-    (RunResult(bytearray(), bytearray(), 3, False, False, False, 0.1, "t"), "failure"),
-    (RunResult(bytearray(), bytearray(), -9, True, False, False, 0.1, "t"), "timeout"),
-    (RunResult(bytearray(), bytearray(), -9, False, False, False, 0.1, "t", True), "cancelled"),
-])
+@pytest.mark.parametrize(
+    ("result", "outcome"),
+    [
+        (RunResult(bytearray(), bytearray(), 0, False, False, False, 0.1, "t"), "success"),
+        (RunResult(bytearray(), bytearray(), 3, False, False, False, 0.1, "t"), "failure"),
+        (RunResult(bytearray(), bytearray(), -9, True, False, False, 0.1, "t"), "timeout"),
+        (RunResult(bytearray(), bytearray(), -9, False, False, False, 0.1, "t", True), "cancelled"),
+    ],
+)
 def test_each_run_has_one_outcome(result: RunResult, outcome: str) -> None:
     assert outcome_of(result) == outcome
 
@@ -195,8 +204,9 @@ def test_stale_hits_and_store_errors_count() -> None:
     assert value(samples, "runcache_store_errors_total") == 2
 
 
-def test_a_failing_store_counts_errors(client_factory: Callable[..., TestClient],
-                                       tmp_path: Path) -> None:
+def test_a_failing_store_counts_errors(
+    client_factory: Callable[..., TestClient], tmp_path: Path
+) -> None:
     database = tmp_path / "cache.db"
     client = client_factory(store=f"sqlite://{database}")
     client.post("/api/command", json={"command": "echo hi"})
@@ -216,9 +226,14 @@ def test_a_live_server_counts_every_outcome_behind_its_token(
     auth = {"Authorization": f"Bearer {TOKEN}"}
     refused = requests.get(server.url + "/metrics", timeout=10)
     assert refused.status_code == 401
-    assert requests.get(server.url + "/metrics", timeout=10,
-                        headers={"Authorization": "Bearer wrong-token-0123456789abcdef"}
-                        ).status_code == 403
+    assert (
+        requests.get(
+            server.url + "/metrics",
+            timeout=10,
+            headers={"Authorization": "Bearer wrong-token-0123456789abcdef"},
+        ).status_code
+        == 403
+    )
 
     def run(**body: object) -> dict[str, object]:
         answer = requests.post(server.url + "/api/command", json=body, headers=auth, timeout=30)
@@ -232,26 +247,51 @@ def test_a_live_server_counts_every_outcome_behind_its_token(
     assert run(command="sleep 5", timeout=0.2)["timed_out"] is True
     job = run(command="sleep 30", background=True)
     until(lambda: value(scrape_live(server.url, **auth), "runcache_running_commands") == 1)
-    cancel = requests.post(f"{server.url}/api/jobs/{job['job_id']}/cancel", headers=auth,
-                           timeout=10)
+    cancel = requests.post(
+        f"{server.url}/api/jobs/{job['job_id']}/cancel", headers=auth, timeout=10
+    )
     assert cancel.status_code == 200, cancel.text
-    until(lambda: requests.get(f"{server.url}/api/jobs/{job['job_id']}", headers=auth,
-                                timeout=10).json()["status"] == "cancelled")
+    until(
+        lambda: (
+            requests.get(f"{server.url}/api/jobs/{job['job_id']}", headers=auth, timeout=10).json()[
+                "status"
+            ]
+            == "cancelled"
+        )
+    )
 
     samples = scrape_live(server.url, **auth)
-    outcomes = {outcome: value(samples, "runcache_commands_total", outcome=outcome)
-                for outcome in ("success", "failure", "timeout", "cancelled")}
+    outcomes = {
+        outcome: value(samples, "runcache_commands_total", outcome=outcome)
+        for outcome in ("success", "failure", "timeout", "cancelled")
+    }
     assert outcomes == {"success": 1, "failure": 1, "timeout": 1, "cancelled": 1}
     assert value(samples, "runcache_cache_hits_total") == 1
     assert value(samples, "runcache_cache_misses_total") == 4
     assert value(samples, "runcache_running_commands") == 0
     assert value(samples, "runcache_command_duration_seconds_count") == 4
-    assert value(samples, "runcache_http_request_duration_seconds_count",
-                 route="/api/jobs/{job_id}/cancel", method="POST", code="200") == 1
+    assert (
+        value(
+            samples,
+            "runcache_http_request_duration_seconds_count",
+            route="/api/jobs/{job_id}/cancel",
+            method="POST",
+            code="200",
+        )
+        == 1
+    )
     # The refused scrapes were timed too, under their route and their refusal's code.
     for refused in ("401", "403"):
-        assert value(samples, "runcache_http_request_duration_seconds_count", route="/metrics",
-                     method="GET", code=refused) >= 1
+        assert (
+            value(
+                samples,
+                "runcache_http_request_duration_seconds_count",
+                route="/metrics",
+                method="GET",
+                code=refused,
+            )
+            >= 1
+        )
 
 
 def test_two_workers_sum_into_every_scrape(
@@ -259,9 +299,17 @@ def test_two_workers_sum_into_every_scrape(
 ) -> None:
     temp = tmp_path / "tmp"
     temp.mkdir()
-    server = live_server_factory("--workers", "2", "--max-entries", "1", "--containment", "group",
-                                 "--store", f"sqlite://{tmp_path / 'cache.db'}",
-                                 env={"TMPDIR": str(temp)})
+    server = live_server_factory(
+        "--workers",
+        "2",
+        "--max-entries",
+        "1",
+        "--containment",
+        "group",
+        "--store",
+        f"sqlite://{tmp_path / 'cache.db'}",
+        env={"TMPDIR": str(temp)},
+    )
     directories = list(temp.glob("runcache-metrics-*"))
     assert len(directories) == 1 and directories[0].stat().st_mode & 0o077 == 0
 
@@ -269,15 +317,17 @@ def test_two_workers_sum_into_every_scrape(
     workers: list[int] = []
     while len(set(workers)) < 2 or len(workers) < 20:
         assert len(workers) < 400, f"only worker {set(workers)} ever answered"
-        answer = requests.post(server.url + "/api/command", timeout=30,
-                               json={"command": PARENT, "use_cache": False})
+        answer = requests.post(
+            server.url + "/api/command", timeout=30, json={"command": PARENT, "use_cache": False}
+        )
         workers.append(int(answer.json()["stdout"]))
     for n in range(3):  # cacheable: a miss each (two evictions past --max-entries 1) ...
         requests.post(server.url + "/api/command", json={"command": f"echo {n}"}, timeout=30)
     hits = 0
     for _ in range(10):  # ... then hits of the last, on whichever worker takes each
-        hits += requests.post(server.url + "/api/command", json={"command": "echo 2"},
-                              timeout=30).json()["cached"]
+        hits += requests.post(
+            server.url + "/api/command", json={"command": "echo 2"}, timeout=30
+        ).json()["cached"]
 
     for _ in range(20):  # every scrape, whichever worker answers it, shows the sums
         samples = scrape_live(server.url)
@@ -286,17 +336,27 @@ def test_two_workers_sum_into_every_scrape(
         assert value(samples, "runcache_cache_misses_total") == 3
         assert value(samples, "runcache_cache_evictions_total") == 2
         assert value(samples, "runcache_cache_entries") == 1
-        assert value(samples, "runcache_http_request_duration_seconds_count",
-                     route="/api/command", method="POST", code="200") == len(workers) + 13
+        assert (
+            value(
+                samples,
+                "runcache_http_request_duration_seconds_count",
+                route="/api/command",
+                method="POST",
+                code="200",
+            )
+            == len(workers) + 13
+        )
 
     # A worker killed mid-run: its run stops counting as running, its counts stay.
-    job = requests.post(server.url + "/api/command", timeout=30,
-                        json={"command": "sleep 30", "use_cache": False, "background": True})
+    job = requests.post(
+        server.url + "/api/command",
+        timeout=30,
+        json={"command": "sleep 30", "use_cache": False, "background": True},
+    )
     job_id = job.json()["job_id"]
 
     def running() -> float:
-        return value(scrape_live(server.url),
-                     "runcache_running_commands")
+        return value(scrape_live(server.url), "runcache_running_commands")
 
     until(lambda: running() == 1)
     # Jobs live in the worker that runs them: another worker answers 404 for this one.
@@ -349,19 +409,29 @@ def test_route_durations_read_as_prometheus_clients_own_histogram() -> None:
     show what prometheus_client's Histogram shows for the same requests, bounds and
     the bucket past the last one included."""
     registry = CollectorRegistry()
-    histogram = Histogram("runcache_http_request_duration_seconds",
-                          "How long HTTP requests took, by route template, method and status "
-                          "code.", ["route", "method", "code"],
-                          buckets=REQUEST_BUCKETS, registry=registry)
+    histogram = Histogram(
+        "runcache_http_request_duration_seconds",
+        "How long HTTP requests took, by route template, method and status code.",
+        ["route", "method", "code"],
+        buckets=REQUEST_BUCKETS,
+        registry=registry,
+    )
     metrics = Metrics()
     command = ("/api/command", "POST", "200")
     requests_made = [(command, seconds) for seconds in (0.0, 0.0003, *REQUEST_BUCKETS)]
-    requests_made += [(command, 301.0), (("/livez", "GET", "200"), 0.001),
-                      (("other", "GET", "404"), 0.00051), (("/api/command", "POST", "400"), 0.01)]
+    requests_made += [
+        (command, 301.0),
+        (("/livez", "GET", "200"), 0.001),
+        (("other", "GET", "404"), 0.00051),
+        (("/api/command", "POST", "400"), 0.01),
+    ]
     for labels, seconds in requests_made:
         metrics.request(labels, seconds)
         histogram.labels(*labels).observe(seconds)
-    ours = {key: value for key, value in parse(metrics.exposition(0, 0).decode()).items()
-            if key[0].startswith("runcache_http_request_duration_seconds")}
+    ours = {
+        key: value
+        for key, value in parse(metrics.exposition(0, 0).decode()).items()
+        if key[0].startswith("runcache_http_request_duration_seconds")
+    }
     theirs = parse(generate_latest(registry).decode())
     assert ours == theirs

@@ -58,13 +58,22 @@ def test_without_a_token_no_operation_needs_one(client: TestClient) -> None:
 
 
 def test_document_states_this_servers_limits(client_factory: Callable[..., TestClient]) -> None:
-    client = client_factory(max_timeout=60.0, default_timeout=30.0, max_ttl=600.0,
-                            default_ttl=120.0, max_stale=90.0, default_stale=5.0,
-                            max_body_bytes=4096)
+    client = client_factory(
+        max_timeout=60.0,
+        default_timeout=30.0,
+        max_ttl=600.0,
+        default_ttl=120.0,
+        max_stale=90.0,
+        default_stale=5.0,
+        max_body_bytes=4096,
+    )
     document = client.get("/openapi.json").json()
     request = document["components"]["schemas"]["CommandRequest"]["properties"]
-    for name, maximum, default in (("timeout", 60.0, 30.0), ("ttl", 600.0, 120.0),
-                                   ("stale", 90.0, 5.0)):
+    for name, maximum, default in (
+        ("timeout", 60.0, 30.0),
+        ("ttl", 600.0, 120.0),
+        ("stale", 90.0, 5.0),
+    ):
         number = next(option for option in request[name]["anyOf"] if option["type"] == "number")
         assert (number["maximum"], request[name]["default"]) == (maximum, default)
     assert "4096 bytes" in document["components"]["responses"]["TooLarge"]["description"]
@@ -73,17 +82,25 @@ def test_document_states_this_servers_limits(client_factory: Callable[..., TestC
 def test_components_are_the_wire_shapes_and_only_the_request_carries_the_config(
     client_factory: Callable[..., TestClient],
 ) -> None:
-    client = client_factory(max_timeout=60.0, default_timeout=30.0, max_ttl=600.0,
-                            default_ttl=120.0, max_stale=90.0, default_stale=5.0)
+    client = client_factory(
+        max_timeout=60.0,
+        default_timeout=30.0,
+        max_ttl=600.0,
+        default_ttl=120.0,
+        max_stale=90.0,
+        default_stale=5.0,
+    )
     served = client.get("/openapi.json").json()["components"]["schemas"]
     declared = wire.schema_components()
     assert served.keys() == declared.keys()
     request = served.pop("CommandRequest")
-    assert served == {name: schema for name, schema in declared.items()
-                      if name != "CommandRequest"}
+    assert served == {name: schema for name, schema in declared.items() if name != "CommandRequest"}
     # The request is wire's with each bound and default written in, and nothing else changed.
-    for name, maximum, default in (("timeout", 60.0, 30.0), ("ttl", 600.0, 120.0),
-                                   ("stale", 90.0, 5.0)):
+    for name, maximum, default in (
+        ("timeout", 60.0, 30.0),
+        ("ttl", 600.0, 120.0),
+        ("stale", 90.0, 5.0),
+    ):
         field = request["properties"][name]
         number = next(option for option in field["anyOf"] if option["type"] == "number")
         assert (number.pop("maximum"), field["default"]) == (maximum, default)
@@ -116,8 +133,10 @@ def _check(document: Document, method: str, path: str, response: requests.Respon
     assert response.headers["Content-Type"] == "application/json"
     for header in documented.get("headers", {}):
         assert header in response.headers, f"{method} {path} {status} lacks {header}"
-    schema = {**documented["content"]["application/json"]["schema"],
-              "components": document["components"]}
+    schema = {
+        **documented["content"]["application/json"]["schema"],
+        "components": document["components"],
+    }
     Draft202012Validator(schema, format_checker=FormatChecker()).validate(response.json())
 
 
@@ -181,7 +200,10 @@ def test_live_responses_match_the_document(
     live_server_factory: Callable[..., LiveServer],
 ) -> None:
     server = live_server_factory(
-        "--allow", "echo,true", "--max-body-bytes", "1024",
+        "--allow",
+        "echo,true",
+        "--max-body-bytes",
+        "1024",
         env={"RUNCACHE_TOKEN": TOKEN, "RUNCACHE_ADMIN_TOKEN": ADMIN},
     )
     document = requests.get(f"{server.url}/openapi.json", timeout=10).json()
@@ -192,12 +214,15 @@ def test_live_responses_match_the_document(
             )
             assert response.status_code == status, (method, path, body, response.text)
             _check(document, method, path, response)
-        stored = session.post(f"{server.url}/api/command", headers=_USER, timeout=30,
-                              json={"command": "echo stored"}).json()["cache_key"]
-        for method, path, headers in (("GET", f"/api/cache/entries/{stored}", _USER),
-                                      ("GET", f"/api/cache/entries/{stored}/output", _USER),
-                                      ("GET", "/api/cache/entries?prefix=echo", _USER),
-                                      ("DELETE", f"/api/cache/entries/{stored}", _ADMIN)):
+        stored = session.post(
+            f"{server.url}/api/command", headers=_USER, timeout=30, json={"command": "echo stored"}
+        ).json()["cache_key"]
+        for method, path, headers in (
+            ("GET", f"/api/cache/entries/{stored}", _USER),
+            ("GET", f"/api/cache/entries/{stored}/output", _USER),
+            ("GET", "/api/cache/entries?prefix=echo", _USER),
+            ("DELETE", f"/api/cache/entries/{stored}", _ADMIN),
+        ):
             response = session.request(method, server.url + path, headers=headers, timeout=30)
             assert response.status_code == 200, (method, path, response.text)
             _check(document, method, path, response)
@@ -211,8 +236,13 @@ def test_live_responses_match_the_document(
 def test_every_error_status_is_the_json_error(client: TestClient, status: str) -> None:
     document = client.get("/openapi.json").json()
     names = {
-        "400": "BadRequest", "401": "Unauthorized", "403": "Forbidden", "404": "NotFound",
-        "405": "MethodNotAllowed", "413": "TooLarge", "503": "Unavailable",
+        "400": "BadRequest",
+        "401": "Unauthorized",
+        "403": "Forbidden",
+        "404": "NotFound",
+        "405": "MethodNotAllowed",
+        "413": "TooLarge",
+        "503": "Unavailable",
     }
     response = document["components"]["responses"][names[status]]
     assert response["content"]["application/json"]["schema"] == {

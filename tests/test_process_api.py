@@ -26,8 +26,12 @@ Json = dict[str, Any]
 
 
 def _object(**properties: Json) -> Json:
-    return {"type": "object", "properties": properties, "required": list(properties),
-            "additionalProperties": False}
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+        "additionalProperties": False,
+    }
 
 
 _TEXT: Json = {"type": "string"}
@@ -38,37 +42,63 @@ _TIMESTAMP: Json = {"type": "string", "format": "date-time"}
 _SUCCESS: Json = {"const": True}
 
 PROCESS = _object(
-    pid={"type": "integer"}, command=_TEXT,
+    pid={"type": "integer"},
+    command=_TEXT,
     status={"enum": ["running", "paused", "terminated", "completed"]},
-    start_time=_NUMBER, progress={"type": "number", "minimum": 0, "maximum": 1},
-    last_output={"type": "string", "maxLength": 200}, bytes_processed=_COUNT,
-    runtime_formatted=_DURATION, eta_formatted=_TEXT,
+    start_time=_NUMBER,
+    progress={"type": "number", "minimum": 0, "maximum": 1},
+    last_output={"type": "string", "maxLength": 200},
+    bytes_processed=_COUNT,
+    runtime_formatted=_DURATION,
+    eta_formatted=_TEXT,
 )
 DASH = _object(
-    pid={"type": "integer"}, command={"type": "string", "maxLength": 63}, status=_TEXT,
-    runtime=_DURATION, progress_percent={"type": "string", "pattern": r"^\d+\.\d%$"},
-    progress_bar=_TEXT, eta=_TEXT, bytes_processed=_COUNT,
+    pid={"type": "integer"},
+    command={"type": "string", "maxLength": 63},
+    status=_TEXT,
+    runtime=_DURATION,
+    progress_percent={"type": "string", "pattern": r"^\d+\.\d%$"},
+    progress_bar=_TEXT,
+    eta=_TEXT,
+    bytes_processed=_COUNT,
     last_output={"type": "string", "maxLength": 100},
 )
 SPEC: dict[str, Json] = {
-    "list": _object(success=_SUCCESS,
-                    active_processes={"type": "object", "additionalProperties": PROCESS,
-                                      "propertyNames": {"pattern": r"^\d+$"}},
-                    total_count=_COUNT),
+    "list": _object(
+        success=_SUCCESS,
+        active_processes={
+            "type": "object",
+            "additionalProperties": PROCESS,
+            "propertyNames": {"pattern": r"^\d+$"},
+        },
+        total_count=_COUNT,
+    ),
     "status": _object(success=_SUCCESS, process=PROCESS),
     "done": _object(success=_SUCCESS, message=_TEXT),
     "failure": _object(success={"const": False}, error=_TEXT),
     "dashboard": _object(
-        timestamp=_TIMESTAMP, total_processes=_COUNT, processes={"type": "array", "items": DASH},
-        system_load=_object(cpu_percent=_NUMBER, memory_percent=_NUMBER,
-                            active_connections=_COUNT),
+        timestamp=_TIMESTAMP,
+        total_processes=_COUNT,
+        processes={"type": "array", "items": DASH},
+        system_load=_object(cpu_percent=_NUMBER, memory_percent=_NUMBER, active_connections=_COUNT),
     ),
-    "submitted": _object(success=_SUCCESS, task_id=_TEXT, command=_TEXT,
-                         status={"const": "submitted"}, timestamp=_TIMESTAMP),
-    "task": _object(success=_SUCCESS, task_id=_TEXT, timestamp=_TIMESTAMP, result=_object(
-        status={"enum": ["running", "completed", "failed"]},
-        result={"type": ["object", "null"]}, execution_time=_NUMBER,
-    )),
+    "submitted": _object(
+        success=_SUCCESS,
+        task_id=_TEXT,
+        command=_TEXT,
+        status={"const": "submitted"},
+        timestamp=_TIMESTAMP,
+    ),
+    "task": _object(
+        success=_SUCCESS,
+        task_id=_TEXT,
+        timestamp=_TIMESTAMP,
+        result=_object(
+            status={"enum": ["running", "completed", "failed"]},
+            result={"type": ["object", "null"]},
+            execution_time=_NUMBER,
+        ),
+    ),
     "error": _object(error=_TEXT),
 }
 
@@ -81,8 +111,15 @@ class Checked:
         self.http = httpx.Client(base_url=server.url, timeout=15)
         self.document: Json = self.http.get("/openapi.json").json()
 
-    def call(self, method: str, template: str, spec: str, status: int = 200,
-             body: Json | None = None, **params: str) -> Json:
+    def call(
+        self,
+        method: str,
+        template: str,
+        spec: str,
+        status: int = 200,
+        body: Json | None = None,
+        **params: str,
+    ) -> Json:
         response = self.http.request(method, template.format(**params), json=body)
         assert response.status_code == status, response.text
         assert response.headers["content-type"] == "application/json"
@@ -92,14 +129,17 @@ class Checked:
         if "$ref" in documented:
             name = documented["$ref"].split("/")[-1]
             documented = self.document["components"]["responses"][name]
-        schema = {**documented["content"]["application/json"]["schema"],
-                  "components": self.document["components"]}
+        schema = {
+            **documented["content"]["application/json"]["schema"],
+            "components": self.document["components"],
+        }
         Draft202012Validator(schema, format_checker=FormatChecker()).validate(answer)
         return answer
 
     def submit(self, command: str, **fields: object) -> str:
-        answer = self.call("POST", "/api/process/execute-async", "submitted",
-                           body={"command": command, **fields})
+        answer = self.call(
+            "POST", "/api/process/execute-async", "submitted", body={"command": command, **fields}
+        )
         assert answer["command"] == command
         task_id: str = answer["task_id"]
         return task_id
@@ -112,6 +152,7 @@ class Checked:
 
     def pid_of(self, command: str) -> int:
         """The pid of the listed run of ``command``, once it prints its first line."""
+
         def listed() -> int | None:
             for pid, process in self.active().items():
                 if process["command"] == command and process["last_output"]:
@@ -122,8 +163,7 @@ class Checked:
         return until(listed)
 
     def task(self, task_id: str) -> Json:
-        answer = self.call("GET", "/api/process/get-task-result/{task_id}", "task",
-                           task_id=task_id)
+        answer = self.call("GET", "/api/process/get-task-result/{task_id}", "task", task_id=task_id)
         assert answer["task_id"] == task_id
         state: Json = answer["result"]
         return state
@@ -156,11 +196,11 @@ SLEEPER = "sleep 30 & echo started; wait"
 
 
 def test_execute_async_goes_from_running_to_completed_with_the_result(
-    api: Checked, tmp_path: Path,
+    api: Checked,
+    tmp_path: Path,
 ) -> None:
     gate = tmp_path / "gate"
-    task_id = api.submit(f"while [ ! -e {gate} ]; do sleep 0.01; done; echo done",
-                         use_cache=False)
+    task_id = api.submit(f"while [ ! -e {gate} ]; do sleep 0.01; done; echo done", use_cache=False)
     state = api.task(task_id)
     assert (state["status"], state["result"]) == ("running", None)
     gate.touch()
@@ -197,15 +237,27 @@ def test_list_status_and_dashboard_show_every_run(api: Checked, tmp_path: Path) 
     gate = tmp_path / "gate"
     foreground = f"echo waiting; while [ ! -e {gate} ]; do sleep 0.01; done"
     answered: list[int] = []
-    waiter = threading.Thread(target=lambda: answered.append(api.http.post(
-        "/api/command", json={"command": foreground, "use_cache": False}).status_code))
+    waiter = threading.Thread(
+        target=lambda: answered.append(
+            api.http.post(
+                "/api/command", json={"command": foreground, "use_cache": False}
+            ).status_code
+        )
+    )
     waiter.start()
     try:
         other = api.pid_of(foreground)
         process = api.active()[str(pid)]
-        assert process == {**process, "pid": pid, "command": command, "status": "running",
-                           "progress": 0.0, "last_output": "started", "bytes_processed": 8,
-                           "eta_formatted": "Unknown"}
+        assert process == {
+            **process,
+            "pid": pid,
+            "command": command,
+            "status": "running",
+            "progress": 0.0,
+            "last_output": "started",
+            "bytes_processed": 8,
+            "eta_formatted": "Unknown",
+        }
         assert time.time() - 30 < process["start_time"] <= time.time()
         status = api.call("GET", "/api/processes/status/{pid}", "status", pid=str(pid))
         assert status["process"]["pid"] == pid
@@ -215,9 +267,15 @@ def test_list_status_and_dashboard_show_every_run(api: Checked, tmp_path: Path) 
         assert time.monotonic() - started < 0.5  # no one-second CPU sample on the way
         assert board["total_processes"] == len(board["processes"]) == 2
         entry = next(entry for entry in board["processes"] if entry["pid"] == pid)
-        assert entry == {**entry, "command": command[:60] + "...", "status": "running",
-                         "progress_percent": "0.0%", "eta": "Calculating...",
-                         "bytes_processed": 8, "last_output": "started"}
+        assert entry == {
+            **entry,
+            "command": command[:60] + "...",
+            "status": "running",
+            "progress_percent": "0.0%",
+            "eta": "Calculating...",
+            "bytes_processed": 8,
+            "last_output": "started",
+        }
         assert entry["progress_bar"] and set(entry["progress_bar"]) == {"░"}
         assert board["system_load"]["active_connections"] >= 1  # this very request
         assert {e["pid"] for e in board["processes"]} == {pid, other}
@@ -243,8 +301,7 @@ def test_terminate_kills_the_whole_group(api: Checked) -> None:
     assert status["process"]["status"] == "terminated"
     state = api.task(task_id)
     assert (state["status"], state["result"]["cancelled"]) == ("failed", True)
-    again = api.call("POST", "/api/processes/terminate/{pid}", "failure", status=404,
-                     pid=str(pid))
+    again = api.call("POST", "/api/processes/terminate/{pid}", "failure", status=404, pid=str(pid))
     assert again["error"] == f"Failed to terminate process {pid} or process not found"
 
 
@@ -283,12 +340,16 @@ def test_unknown_pids_and_tasks_answer_the_specs_404s(api: Checked) -> None:
         answer = api.call("GET", "/api/processes/status/{pid}", "failure", status=404, pid=text)
         assert answer == {"success": False, "error": f"Process {text} not found"}
         for verb in ("terminate", "pause", "resume"):
-            answer = api.call("POST", f"/api/processes/{verb}/{{pid}}", "failure", status=404,
-                              pid=text)
-            assert answer == {"success": False,
-                              "error": f"Failed to {verb} process {text} or process not found"}
-    answer = api.call("GET", "/api/process/get-task-result/{task_id}", "error", status=404,
-                      task_id="no-such-task")
+            answer = api.call(
+                "POST", f"/api/processes/{verb}/{{pid}}", "failure", status=404, pid=text
+            )
+            assert answer == {
+                "success": False,
+                "error": f"Failed to {verb} process {text} or process not found",
+            }
+    answer = api.call(
+        "GET", "/api/process/get-task-result/{task_id}", "error", status=404, task_id="no-such-task"
+    )
     assert answer == {"error": "Task not found"}
     assert api.call("GET", "/api/processes/list", "list")["total_count"] == 0
     board = api.call("GET", "/api/processes/dashboard", "dashboard")

@@ -26,25 +26,34 @@ _DEEP = b"[" * 2000 + b"]" * 2000
 
 
 def _in_process(client: TestClient) -> Send:
-    def send(method: str, path: str, headers: dict[str, str],
-             body: bytes | None) -> tuple[int, Any]:
+    def send(
+        method: str, path: str, headers: dict[str, str], body: bytes | None
+    ) -> tuple[int, Any]:
         answer = client.request(method, path, headers=headers, content=body)
         return answer.status_code, answer.json()
+
     return send
 
 
 def _live(server: LiveServer) -> Send:
-    def send(method: str, path: str, headers: dict[str, str],
-             body: bytes | None) -> tuple[int, Any]:
-        answer = requests.request(method, f"{server.url}{path}", headers=headers, data=body,
-                                  timeout=30)
+    def send(
+        method: str, path: str, headers: dict[str, str], body: bytes | None
+    ) -> tuple[int, Any]:
+        answer = requests.request(
+            method, f"{server.url}{path}", headers=headers, data=body, timeout=30
+        )
         return answer.status_code, answer.json()
+
     return send
 
 
 def _refused_each(send: Send) -> None:
-    status, started = send("POST", "/api/command", {"Content-Type": "application/json"},
-                           b'{"command": "echo bounds", "background": true}')
+    status, started = send(
+        "POST",
+        "/api/command",
+        {"Content-Type": "application/json"},
+        b'{"command": "echo bounds", "background": true}',
+    )
     assert status == 202
     job = started["job_id"]
     until(lambda: send("GET", f"/api/jobs/{job}", {}, None)[1]["status"] == "completed")
@@ -53,10 +62,16 @@ def _refused_each(send: Send) -> None:
         (f"/api/cache/entries?limit={_DIGITS}", {}, "limit must be a whole number from 1 to "),
         (f"/api/jobs/{job}/output?offset={_DIGITS}", {}, "offset must be a whole number"),
         (f"/api/jobs/{job}/output?limit={_DIGITS}", {}, "limit must be a whole number"),
-        (f"/api/jobs/{job}/events", {"Last-Event-ID": f"{_DIGITS}:0"},
-         "Last-Event-ID must be <stdout offset>:<stderr offset>"),
-        (f"/api/jobs/{job}/events", {"Last-Event-ID": f"0:{_DIGITS}"},
-         "Last-Event-ID must be <stdout offset>:<stderr offset>"),
+        (
+            f"/api/jobs/{job}/events",
+            {"Last-Event-ID": f"{_DIGITS}:0"},
+            "Last-Event-ID must be <stdout offset>:<stderr offset>",
+        ),
+        (
+            f"/api/jobs/{job}/events",
+            {"Last-Event-ID": f"0:{_DIGITS}"},
+            "Last-Event-ID must be <stdout offset>:<stderr offset>",
+        ),
     ]
     for path, headers, message in numbers:
         status, answer = send("GET", path, headers, None)
@@ -72,8 +87,10 @@ def _refused_each(send: Send) -> None:
     for path, body in bodies:
         status, answer = send("POST", path, {"Content-Type": "application/json"}, body)
         assert status == 400, (path, answer)
-        assert answer == {"error": "request body is nested too deeply: its arrays and "
-                                   "objects may nest a few hundred deep"}
+        assert answer == {
+            "error": "request body is nested too deeply: its arrays and "
+            "objects may nest a few hundred deep"
+        }
     assert send("GET", "/api/jobs", {}, None)[1]["jobs"] == jobs_before  # nothing ran
     assert send("GET", "/api/cache/stats", {}, None)[1]["size"] == 1  # nothing invalidated
 

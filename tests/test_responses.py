@@ -8,9 +8,9 @@ import json
 import pytest
 from starlette.types import Message
 
-from runcache import responses
 from runcache.errors import Busy, MethodNotAllowed, RuncacheError, Unauthorized
-from runcache.responses import ResultResponse, error_answer
+from runcache.web import responses
+from runcache.web.responses import ResultResponse, error_answer
 
 STORED = b'{"stdout":"' + b"0123456789" * 3 + b'","return_code":0}'
 TAIL = b',"cached":true,"coalesced":false}'
@@ -45,7 +45,7 @@ def test_a_result_goes_out_in_slices_then_its_tail(
     *pieces, last = bodies
     head = STORED[:-1]  # the stored object without its closing brace
     assert [piece["body"] for piece in pieces] == [
-        head[start:start + chunk] for start in range(0, len(head), chunk)
+        head[start : start + chunk] for start in range(0, len(head), chunk)
     ]
     assert all(piece["type"] == "http.response.body" and piece["more_body"] for piece in pieces)
     assert last == {"type": "http.response.body", "body": TAIL, "more_body": False}

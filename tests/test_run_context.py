@@ -14,8 +14,8 @@ from starlette.testclient import TestClient
 
 from runcache.config import Config
 from runcache.errors import ConfigError
-from runcache.run_context import ContextRules, key_part
-from runcache.runner import NO_CONTEXT, RunContext
+from runcache.run.context import ContextRules, key_part
+from runcache.run.runner import NO_CONTEXT, RunContext
 from runcache.wire import RunRequest
 from test_cli import runcache
 
@@ -68,17 +68,20 @@ def test_a_large_stdin_is_fed_whole(client: TestClient) -> None:
     assert answer.json()["stdout"].strip() == str(len(text))
 
 
-@pytest.mark.parametrize(("body", "status", "message"), [
-    ({"cwd": "relative/dir"}, 400, "cwd must be an absolute path"),
-    ({"cwd": "/no/such/directory"}, 400, "is not an existing directory"),
-    ({"cwd": "/etc/hostname"}, 400, "is not an existing directory"),
-    ({"cwd": 5}, 400, "cwd must be a string"),
-    ({"env": ["A=1"]}, 400, "env must be an object"),
-    ({"env": {"1A": "x"}}, 400, "variable names"),
-    ({"env": {"A": 1}}, 400, "variable names"),
-    ({"env": {"A": "a\u0000b"}}, 400, "without NUL"),
-    ({"stdin": ["text"]}, 400, "stdin must be a string"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"cwd": "relative/dir"}, 400, "cwd must be an absolute path"),
+        ({"cwd": "/no/such/directory"}, 400, "is not an existing directory"),
+        ({"cwd": "/etc/hostname"}, 400, "is not an existing directory"),
+        ({"cwd": 5}, 400, "cwd must be a string"),
+        ({"env": ["A=1"]}, 400, "env must be an object"),
+        ({"env": {"1A": "x"}}, 400, "variable names"),
+        ({"env": {"A": 1}}, 400, "variable names"),
+        ({"env": {"A": "a\u0000b"}}, 400, "without NUL"),
+        ({"stdin": ["text"]}, 400, "stdin must be a string"),
+    ],
+)
 def test_bad_context_is_a_4xx_naming_the_field_and_runs_nothing(
     client: TestClient, body: dict, status: int, message: str
 ) -> None:
@@ -105,38 +108,45 @@ def test_allow_cwd_confines_the_directory_links_followed(
 
 
 def test_env_allow_names_the_only_variables_a_request_may_set(
-    client_factory: Callable[..., TestClient]
+    client_factory: Callable[..., TestClient],
 ) -> None:
     client = client_factory(env_allow="PATH,A")
     assert _post(client, env={"A": "yes"})["stdout"].splitlines()[1] == "A=yes"
-    answer = client.post("/api/command",
-                         json={"command": "true", "env": {"A": "1", "LD_PRELOAD": "x", "B": "2"}})
+    answer = client.post(
+        "/api/command", json={"command": "true", "env": {"A": "1", "LD_PRELOAD": "x", "B": "2"}}
+    )
     assert answer.status_code == 403
     assert "not B, LD_PRELOAD" in answer.json()["error"]
 
 
 def test_allowlist_mode_refuses_env_unless_env_allow_names_it(
-    client_factory: Callable[..., TestClient]
+    client_factory: Callable[..., TestClient],
 ) -> None:
     client = client_factory(allow="echo")
     answer = client.post("/api/command", json={"command": "echo hi", "env": {"LD_PRELOAD": "x"}})
     assert answer.status_code == 403
     assert "--env-allow" in answer.json()["error"]
     # A cwd and stdin are fine: the program run is still the one allowed.
-    assert client.post("/api/command", json={"command": "echo hi", "cwd": "/tmp",
-                                             "stdin": "x"}).status_code == 200
+    assert (
+        client.post(
+            "/api/command", json={"command": "echo hi", "cwd": "/tmp", "stdin": "x"}
+        ).status_code
+        == 200
+    )
 
 
 def test_rules_and_key_part_on_their_own(tmp_path: Path) -> None:
     rules = ContextRules([str(tmp_path)], [], allowlist_mode=False)
     assert rules.check(RunRequest("true")) is NO_CONTEXT
     assert key_part(NO_CONTEXT) == b""
-    context = rules.check(RunRequest("true", cwd=str(tmp_path), env={"B": "1", "A": "2"},
-                                     stdin="in"))
+    context = rules.check(
+        RunRequest("true", cwd=str(tmp_path), env={"B": "1", "A": "2"}, stdin="in")
+    )
     assert context == RunContext(str(tmp_path), {"B": "1", "A": "2"}, b"in")
     # The order of env's names changes nothing.
-    swapped = rules.check(RunRequest("true", cwd=str(tmp_path), env={"A": "2", "B": "1"},
-                                     stdin="in"))
+    swapped = rules.check(
+        RunRequest("true", cwd=str(tmp_path), env={"A": "2", "B": "1"}, stdin="in")
+    )
     assert key_part(context) == key_part(swapped)
 
 
@@ -145,7 +155,9 @@ def test_allow_cwd_must_name_absolute_existing_directories(tmp_path: Path) -> No
         with pytest.raises(ConfigError, match="allow_cwd"):
             Config.load(environ={"RUNCACHE_ALLOW_CWD": bad})
     assert Config.load(environ={"RUNCACHE_ALLOW_CWD": f"{tmp_path}, /tmp"}).cwd_roots == (
-        str(tmp_path), "/tmp")
+        str(tmp_path),
+        "/tmp",
+    )
 
 
 def test_context_over_a_live_server_and_the_cli(live_server: LiveServer, tmp_path: Path) -> None:
@@ -153,9 +165,25 @@ def test_context_over_a_live_server_and_the_cli(live_server: LiveServer, tmp_pat
     answer = requests.post(f"{live_server.url}/api/command", json=body, timeout=30).json()
     assert answer["stdout"] == f"{tmp_path}\nA=live\nfed"
     done = subprocess.run(
-        [str(Path(sys.executable).with_name("runcache")), "run", "--server", live_server.url,
-         "--cwd", str(tmp_path), "--env", "A=live", "--stdin", "--", "sh", "-c", SHOW],
-        input=b"fed", capture_output=True, timeout=60, check=False,
+        [
+            str(Path(sys.executable).with_name("runcache")),
+            "run",
+            "--server",
+            live_server.url,
+            "--cwd",
+            str(tmp_path),
+            "--env",
+            "A=live",
+            "--stdin",
+            "--",
+            "sh",
+            "-c",
+            SHOW,
+        ],
+        input=b"fed",
+        capture_output=True,
+        timeout=60,
+        check=False,
         env={k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")},
     )
     assert (done.returncode, done.stdout) == (0, f"{tmp_path}\nA=live\nfed".encode()), done
@@ -165,7 +193,10 @@ def test_context_over_a_live_server_and_the_cli(live_server: LiveServer, tmp_pat
 def test_cli_cwd_is_made_absolute_here(tmp_path: Path) -> None:
     done = subprocess.run(
         [str(Path(sys.executable).with_name("runcache")), "run", "--cwd", ".", "--", "pwd"],
-        cwd=tmp_path, capture_output=True, timeout=60, check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=60,
+        check=False,
         env={k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")},
     )
     assert (done.returncode, done.stdout) == (0, f"{tmp_path}\n".encode()), done

@@ -12,10 +12,10 @@ import pytest
 import requests
 
 from runcache.config import Config, parse_size
+from runcache.engine.engine import SHELL
 from runcache.errors import ConfigError
-from runcache.run_limits import NO_LIMITS, RunLimits, format_size
-from runcache.runner import Runner
-from runcache.service import SHELL
+from runcache.run.rlimits import NO_LIMITS, RunLimits, format_size
+from runcache.run.runner import Runner
 
 from conftest import LiveServer
 
@@ -27,14 +27,26 @@ def run(server: LiveServer, command: str) -> dict[str, object]:
     return result
 
 
-LIMIT_FLAGS = ("--max-memory", "256M", "--max-file-size", "1M", "--max-open-files", "32",
-               "--max-cpu-seconds", "1", "--max-processes", "300")
+LIMIT_FLAGS = (
+    "--max-memory",
+    "256M",
+    "--max-file-size",
+    "1M",
+    "--max-open-files",
+    "32",
+    "--max-cpu-seconds",
+    "1",
+    "--max-processes",
+    "300",
+)
 
 OVER = {
     "memory": ("python3 -c 'b = bytearray(512 << 20)'", "--max-memory 256M"),
     "file size": ("head -c 2000000 /dev/zero > {tmp}/big", "--max-file-size 1M"),
-    "open files": ("python3 -c 'fs = [open(\"/dev/null\") for _ in range(100)]'",
-                   "--max-open-files 32"),
+    "open files": (
+        "python3 -c 'fs = [open(\"/dev/null\") for _ in range(100)]'",
+        "--max-open-files 32",
+    ),
     "cpu": ("python3 -c 'while True: pass'", "--max-cpu-seconds 1"),
     "processes": ("while :; do sleep 600 & done", "--max-processes 300"),
 }
@@ -77,23 +89,36 @@ def test_a_failure_not_caused_by_a_limit_gets_no_line() -> None:
     limits = RunLimits(memory=1 << 30, open_files=64)
     assert limits.exceeded(1, b"grep: no such file\n", 0.0) is None
     assert limits.exceeded(0, b"MemoryError\n", 0.0) is None  # it coped
-    assert limits.exceeded(1, b"MemoryError\n", 0.0) == "runcache: the run exceeded " \
-                                                        "--max-memory 1G\n"
+    assert (
+        limits.exceeded(1, b"MemoryError\n", 0.0) == "runcache: the run exceeded --max-memory 1G\n"
+    )
     cpu = RunLimits(cpu_seconds=2)
-    assert cpu.exceeded(-signal.SIGKILL, b"", 2.01) == "runcache: the run exceeded " \
-                                                        "--max-cpu-seconds 2\n"
+    assert (
+        cpu.exceeded(-signal.SIGKILL, b"", 2.01) == "runcache: the run exceeded "
+        "--max-cpu-seconds 2\n"
+    )
     assert cpu.exceeded(1, b"", 0.5) is None
 
 
-@pytest.mark.parametrize(("text", "size"), [("", 0), ("0", 0), ("512M", 512 << 20),
-                                             ("2G", 2 << 30), ("2GiB", 2 << 30),
-                                             ("10k", 10 << 10), ("4096", 4096)])
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("", 0),
+        ("0", 0),
+        ("512M", 512 << 20),
+        ("2G", 2 << 30),
+        ("2GiB", 2 << 30),
+        ("10k", 10 << 10),
+        ("4096", 4096),
+    ],
+)
 def test_sizes_parse(text: str, size: int) -> None:
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize(("size", "text"), [(512 << 20, "512M"), (1 << 30, "1G"), (1000, "1000"),
-                                             (3 << 40, "3T")])
+@pytest.mark.parametrize(
+    ("size", "text"), [(512 << 20, "512M"), (1 << 30, "1G"), (1000, "1000"), (3 << 40, "3T")]
+)
 def test_sizes_are_shown_in_the_largest_whole_unit(size: int, text: str) -> None:
     assert format_size(size) == text
 
@@ -121,8 +146,9 @@ def test_most_processes_at_once_is_the_limit(tmp_path: Path) -> None:
     count = tmp_path / "count"
     runner = Runner(1024, limits=RunLimits(processes=300))
     try:
-        result = runner.run([*SHELL, f"while :; do sleep 600 & i=$((i+1)); echo $i > {count}; "
-                                     "done"], 60)
+        result = runner.run(
+            [*SHELL, f"while :; do sleep 600 & i=$((i+1)); echo $i > {count}; done"], 60
+        )
     finally:
         runner.kill_all()
     assert not result.success and not result.timed_out

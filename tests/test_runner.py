@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from runcache.runner import Runner
-from runcache.service import SHELL
+from runcache.engine.engine import SHELL
+from runcache.run.runner import Runner
 
 from conftest import marked, marker
 
@@ -39,9 +39,11 @@ def test_success_means_exit_zero() -> None:
 
 def test_timeout_kills_the_whole_process_group(containment: str) -> None:
     one, two = marker(), marker()
-    command = (f"sleep {one} & (sleep {two}; echo never) & "
-               f"until pgrep -f '^sleep {two}' >/dev/null; do sleep 0.01; done; "
-               "echo started; sleep 60")
+    command = (
+        f"sleep {one} & (sleep {two}; echo never) & "
+        f"until pgrep -f '^sleep {two}' >/dev/null; do sleep 0.01; done; "
+        "echo started; sleep 60"
+    )
     result = Runner(1024, containment_mode=containment).run(sh(command), timeout=2)
     assert result.timed_out and not result.success
     assert result.stdout == b"started\n" and result.partial_results
@@ -51,8 +53,10 @@ def test_timeout_kills_the_whole_process_group(containment: str) -> None:
 
 def test_processes_left_behind_by_a_finished_command_are_killed(containment: str) -> None:
     mark = marker()
-    command = (f"sleep {mark} > /dev/null 2>&1 & "
-               f"until pgrep -f '^sleep {mark}' >/dev/null; do sleep 0.01; done")
+    command = (
+        f"sleep {mark} > /dev/null 2>&1 & "
+        f"until pgrep -f '^sleep {mark}' >/dev/null; do sleep 0.01; done"
+    )
     result = Runner(1024, containment_mode=containment).run(sh(command), 10)
     assert result.success
     assert _gone(mark)

@@ -23,14 +23,21 @@ from conftest import LiveServer, until
 TOKEN = "run-token-0123456789abcdef"
 ADMIN = "admin-token-0123456789abcdef"
 REDIS_PASSWORD = "redis-password-0123456789"
-SERVER_SECRETS = {"RUNCACHE_TOKEN": TOKEN, "RUNCACHE_ADMIN_TOKEN": ADMIN,
-                  "RUNCACHE_REDIS_PASSWORD": REDIS_PASSWORD}
+SERVER_SECRETS = {
+    "RUNCACHE_TOKEN": TOKEN,
+    "RUNCACHE_ADMIN_TOKEN": ADMIN,
+    "RUNCACHE_REDIS_PASSWORD": REDIS_PASSWORD,
+}
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def _run(server: LiveServer, command: str, **fields: object) -> dict:
-    answer = httpx.post(f"{server.url}/api/command", headers=AUTH, timeout=60,
-                        json={"command": command, "use_cache": False, **fields})
+    answer = httpx.post(
+        f"{server.url}/api/command",
+        headers=AUTH,
+        timeout=60,
+        json={"command": command, "use_cache": False, **fields},
+    )
     assert answer.status_code == 200, answer.text
     result: dict = answer.json()
     return result
@@ -39,43 +46,58 @@ def _run(server: LiveServer, command: str, **fields: object) -> dict:
 def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``runcache serve`` expected to refuse to start: its exit and output."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")}
-    return subprocess.run([sys.executable, "-m", "runcache", "serve", "--port", "0", *args],
-                          env={**environment, **(env or {})}, capture_output=True, text=True,
-                          timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "runcache", "serve", "--port", "0", *args],
+        env={**environment, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 # -- runcache's own variables ----------------------------------------------------------
 
 
 def test_a_run_never_sees_runcaches_own_variables_nor_a_token_under_another_name(
-    live_server_factory: Callable[..., LiveServer]
+    live_server_factory: Callable[..., LiveServer],
 ) -> None:
-    server = live_server_factory(env={**SERVER_SECRETS, "COPIED_TOKEN": TOKEN,
-                                      "HARMLESS": "seen"})
-    seen = _run(server, "env; echo \"[$RUNCACHE_ADMIN_TOKEN]\"")["stdout"]
+    server = live_server_factory(env={**SERVER_SECRETS, "COPIED_TOKEN": TOKEN, "HARMLESS": "seen"})
+    seen = _run(server, 'env; echo "[$RUNCACHE_ADMIN_TOKEN]"')["stdout"]
     assert "HARMLESS=seen" in seen and "[]" in seen
     for secret in (TOKEN, ADMIN, REDIS_PASSWORD):
         assert secret not in seen
     assert not [line for line in seen.splitlines() if line.startswith("RUNCACHE_")]
     # A request's env may not set one either: refused as the server's policy.
-    refused = httpx.post(f"{server.url}/api/command", headers=AUTH, timeout=60,
-                         json={"command": "env", "env": {"RUNCACHE_TOKEN": "x", "A": "1"}})
+    refused = httpx.post(
+        f"{server.url}/api/command",
+        headers=AUTH,
+        timeout=60,
+        json={"command": "env", "env": {"RUNCACHE_TOKEN": "x", "A": "1"}},
+    )
     assert refused.status_code == 403 and "RUNCACHE_TOKEN" in refused.json()["error"]
 
 
 def test_env_allow_listing_them_still_shows_them_to_no_run(
-    live_server_factory: Callable[..., LiveServer]
+    live_server_factory: Callable[..., LiveServer],
 ) -> None:
     refused = _serve("--env-allow", "PATH,RUNCACHE_TOKEN", env=SERVER_SECRETS)
     assert refused.returncode == 2, refused
     assert refused.stderr.count("\n") == 1 and "RUNCACHE_TOKEN" in refused.stderr
-    server = live_server_factory("--env-allow", "PATH,COPIED", env={
-        **SERVER_SECRETS, "COPIED": ADMIN, "RUNCACHE_STORE": "memory://"})
+    server = live_server_factory(
+        "--env-allow",
+        "PATH,COPIED",
+        env={**SERVER_SECRETS, "COPIED": ADMIN, "RUNCACHE_STORE": "memory://"},
+    )
     seen = _run(server, "env")["stdout"]
     assert "PATH=" in seen and ADMIN not in seen and "RUNCACHE_" not in seen
     assert not [line for line in seen.splitlines() if not line.startswith(("PATH=", "PWD="))]
-    refused_env = httpx.post(f"{server.url}/api/command", headers=AUTH, timeout=60,
-                             json={"command": "env", "env": {"RUNCACHE_REDIS_PASSWORD": "x"}})
+    refused_env = httpx.post(
+        f"{server.url}/api/command",
+        headers=AUTH,
+        timeout=60,
+        json={"command": "env", "env": {"RUNCACHE_REDIS_PASSWORD": "x"}},
+    )
     assert refused_env.status_code == 403
 
 
@@ -101,12 +123,29 @@ def test_run_as_keeps_the_servers_files_out_of_a_runs_reach(
     token_file.write_text(TOKEN)
     token_file.chmod(0o600)
     server = live_server_factory(
-        "--run-as", "nobody", "--token-file", str(token_file), "--audit-log", str(audit),
-        "--store", f"sqlite://{store}", "--max-open-files", "64", "--max-processes", "300",
-        env={"RUNCACHE_ADMIN_TOKEN": ADMIN, "HOME": "/root", "USER": "root"})
+        "--run-as",
+        "nobody",
+        "--token-file",
+        str(token_file),
+        "--audit-log",
+        str(audit),
+        "--store",
+        f"sqlite://{store}",
+        "--max-open-files",
+        "64",
+        "--max-processes",
+        "300",
+        env={"RUNCACHE_ADMIN_TOKEN": ADMIN, "HOME": "/root", "USER": "root"},
+    )
     ids = _run(server, "id -u; id -g; id -G; echo $HOME $USER; ulimit -n")["stdout"].split()
-    assert ids == [str(nobody.pw_uid), str(nobody.pw_gid), str(nobody.pw_gid),
-                   nobody.pw_dir, "nobody", "64"]
+    assert ids == [
+        str(nobody.pw_uid),
+        str(nobody.pw_gid),
+        str(nobody.pw_gid),
+        nobody.pw_dir,
+        "nobody",
+        "64",
+    ]
     assert _run(server, "true", use_cache=True)["return_code"] == 0  # the store's file made
     server_pid = server.process.pid
     for secret in (token_file, audit, store):
@@ -120,10 +159,17 @@ def test_run_as_keeps_the_servers_files_out_of_a_runs_reach(
     assert environ.exists() and result["return_code"] != 0 and TOKEN not in result["stdout"]
     assert "No such file" in result["stderr"] or "Permission denied" in result["stderr"]
     # What the run is given stays usable: its stdin, its pipes reopened, its directory.
-    given = _run(server, "cat /dev/stdin; echo out > /dev/stdout; echo err > /dev/stderr; pwd",
-                 stdin="fed\n", cwd=str(tmp_path))
+    given = _run(
+        server,
+        "cat /dev/stdin; echo out > /dev/stdout; echo err > /dev/stderr; pwd",
+        stdin="fed\n",
+        cwd=str(tmp_path),
+    )
     assert (given["return_code"], given["stdout"], given["stderr"]) == (
-        0, f"fed\nout\n{tmp_path}\n", "err\n"), given
+        0,
+        f"fed\nout\n{tmp_path}\n",
+        "err\n",
+    ), given
 
 
 def test_run_as_needs_root_and_a_known_user() -> None:
@@ -132,13 +178,21 @@ def test_run_as_needs_root_and_a_known_user() -> None:
     assert "no user 'no-such-user-here'" in unknown.stderr
     # The server's code is loaded as root (Python lives under /root here), then it gives up
     # root and starts, as a server started by another user would.
-    code = ("import os, sys, runcache.cli, runcache.server, runcache.service; "
-            "os.setegid(65534); os.seteuid(65534); "
-            "sys.argv = ['runcache', 'serve', '--port', '0', '--run-as', 'nobody']; "
-            "runcache.cli.main()")
+    code = (
+        "import os, sys, runcache.cli, runcache.web.server, runcache.engine.engine; "
+        "os.setegid(65534); os.seteuid(65534); "
+        "sys.argv = ['runcache', 'serve', '--port', '0', '--run-as', 'nobody']; "
+        "runcache.cli.main()"
+    )
     environment = {k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")}
-    as_nobody = subprocess.run([sys.executable, "-c", code], env=environment,
-                               capture_output=True, text=True, timeout=60, check=False)
+    as_nobody = subprocess.run(
+        [sys.executable, "-c", code],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert as_nobody.returncode == 2 and as_nobody.stderr.count("\n") == 1, as_nobody
     assert "needs runcache to run as root" in as_nobody.stderr
 
@@ -157,13 +211,24 @@ def test_a_run_enters_the_directory_checked_not_a_link_swapped_in_while_it_waite
     server = live_server_factory("--allow-cwd", str(root), "--max-concurrent", "1")
     headers = {**AUTH}
     with httpx.Client(base_url=server.url, timeout=60, headers=headers) as http:
-        first = http.post("/api/command", json={
-            "command": f"until [ -e {go} ]; do sleep 0.02; done", "background": True,
-            "use_cache": False})
+        first = http.post(
+            "/api/command",
+            json={
+                "command": f"until [ -e {go} ]; do sleep 0.02; done",
+                "background": True,
+                "use_cache": False,
+            },
+        )
         assert first.status_code == 202, first.text
-        second = http.post("/api/command", json={
-            "command": "pwd -P; ls", "cwd": str(checked), "background": True,
-            "use_cache": False})
+        second = http.post(
+            "/api/command",
+            json={
+                "command": "pwd -P; ls",
+                "cwd": str(checked),
+                "background": True,
+                "use_cache": False,
+            },
+        )
         assert second.status_code == 202, second.text  # checked: waiting for the slot
         checked.rename(root / "moved")
         checked.symlink_to("/etc")
@@ -191,10 +256,10 @@ def test_huge_commands_grow_the_logs_by_a_bounded_amount(
     logged_before = sum(len(line) for line in server.output)
     filler = "x" * (1000 * 1000)
     with httpx.Client(base_url=server.url, timeout=60, headers=AUTH) as http:
+
         def send(start: int) -> None:
             for number in range(start, 65, 4):
-                answer = http.post("/api/command",
-                                   json={"command": f": {number} {filler}; true"})
+                answer = http.post("/api/command", json={"command": f": {number} {filler}; true"})
                 assert answer.status_code == 200, answer.text
 
         threads = [threading.Thread(target=send, args=(start,)) for start in range(4)]

@@ -103,8 +103,6 @@ def test_a_stop_signal_kills_running_commands_and_exits_0(
     assert any("stopping" in line for line in server.output)
 
 
-
-
 def test_a_stop_kills_every_running_group_not_only_the_first(
     live_server_factory: Callable[..., LiveServer], tmp_path: Path
 ) -> None:
@@ -112,8 +110,11 @@ def test_a_stop_kills_every_running_group_not_only_the_first(
     # Found from here by their arguments: a run sees only its own pids, in its namespaces.
     marks = [marker() for _ in range(3)]
     for mark in marks:  # three runs at once, each a shell waiting on a child
-        accepted = requests.post(f"{server.url}/api/command", timeout=10, json={
-            "command": f"sleep {mark} & wait", "background": True})
+        accepted = requests.post(
+            f"{server.url}/api/command",
+            timeout=10,
+            json={"command": f"sleep {mark} & wait", "background": True},
+        )
         assert accepted.status_code == 202
     sleepers = [_sleeping(mark) for mark in marks]
     server.process.send_signal(signal.SIGTERM)
@@ -131,8 +132,9 @@ def test_commands_never_read_the_servers_stdin(
     try:
         server = start_server(stdin=read_end)
         try:
-            result = typed(CommandResult, post(server, "/api/command", command="cat; echo done",
-                                               timeout=10))
+            result = typed(
+                CommandResult, post(server, "/api/command", command="cat; echo done", timeout=10)
+            )
         finally:
             server.stop()
     finally:
@@ -150,19 +152,22 @@ def test_a_hit_costs_no_info_log_line(live_server: LiveServer) -> None:
     # The log keeps the order of events: once a later run's line is in, a hit's would be.
     post(live_server, "/api/command", command="echo after")
     until(lambda: any("ran 'echo after'" in line for line in live_server.output))
-    assert [line for line in live_server.output[lines_before:]
-            if "ran 'echo after'" not in line] == []
+    assert [
+        line for line in live_server.output[lines_before:] if "ran 'echo after'" not in line
+    ] == []
 
 
 def test_start_up_errors_are_one_line_and_exit_2() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "runcache", "serve", "--store", "ftp://nowhere"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "runcache: unknown store 'ftp://nowhere': use one of " + result.stderr.split("one of ")[1]
-        .strip()
+        "runcache: unknown store 'ftp://nowhere': use one of "
+        + result.stderr.split("one of ")[1].strip()
     ]
     assert "Traceback" not in result.stderr
 
@@ -171,7 +176,9 @@ def test_port_in_use_is_one_line(live_server: LiveServer) -> None:
     port = live_server.url.rsplit(":", 1)[1]
     result = subprocess.run(
         [sys.executable, "-m", "runcache", "serve", "--port", port],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and port in result.stderr
@@ -205,8 +212,9 @@ def test_serves_on_ipv6_loopback(live_server_factory: Callable[..., LiveServer])
 def test_two_workers_serve_one_port_share_the_cache_and_stop_together(
     live_server_factory: Callable[..., LiveServer], tmp_path: Path
 ) -> None:
-    server = live_server_factory("--workers", "2", "--store", f"sqlite://{tmp_path / 'cache.db'}",
-                                 "--containment", "group")
+    server = live_server_factory(
+        "--workers", "2", "--store", f"sqlite://{tmp_path / 'cache.db'}", "--containment", "group"
+    )
     url = server.url + "/api/command"
 
     def worker_of(session: requests.Session) -> int:
@@ -262,7 +270,10 @@ def test_several_workers_refuse_the_memory_store_in_one_line() -> None:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")}
     result = subprocess.run(
         [sys.executable, "-m", "runcache", "serve", "--port", "0", "--workers", "2"],
-        capture_output=True, text=True, timeout=30, env=environment,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=environment,
     )
     assert (result.returncode, result.stdout) == (2, "")
     [line] = result.stderr.strip().splitlines()
@@ -276,9 +287,21 @@ def test_workers_do_not_share_a_port_another_server_holds(
     first = live_server_factory("--workers", "2", "--store", store)
     port = first.url.rsplit(":", 1)[1]
     result = subprocess.run(
-        [sys.executable, "-m", "runcache", "serve", "--port", port, "--workers", "2",
-         "--store", store],
-        capture_output=True, text=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "runcache",
+            "serve",
+            "--port",
+            port,
+            "--workers",
+            "2",
+            "--store",
+            store,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip().splitlines() == [
@@ -292,12 +315,15 @@ def test_an_identical_request_runs_at_once_after_the_worker_holding_its_lock_is_
     """A worker killed with SIGKILL cannot release its SQLite lock: the next acquire sees
     that its owner (a process of this machine) is gone and takes it, without waiting for
     the lease (here over 120 s: the request's timeout)."""
-    server = live_server_factory("--workers", "2", "--store", f"sqlite://{tmp_path / 'cache.db'}",
-                                 "--containment", "group")
+    server = live_server_factory(
+        "--workers", "2", "--store", f"sqlite://{tmp_path / 'cache.db'}", "--containment", "group"
+    )
     runs, mark = tmp_path / "runs", marker()
     # The first run records its worker and sleeps; the second one ends at once.
-    command = {"command": f"{_PARENT} >> {runs}; [ $(wc -l < {runs}) -gt 1 ] || sleep {mark}",
-               "timeout": 120}
+    command = {
+        "command": f"{_PARENT} >> {runs}; [ $(wc -l < {runs}) -gt 1 ] || sleep {mark}",
+        "timeout": 120,
+    }
     url = server.url + "/api/command"
     first = threading.Thread(
         target=lambda: _ignore_errors(requests.post, url, json=command, timeout=60)

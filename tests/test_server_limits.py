@@ -54,8 +54,6 @@ class Answer:
         return orjson.loads(self.body)
 
 
-
-
 def post_request(path: str, body: bytes, *, close: bool = True) -> bytes:
     connection = b"Connection: close\r\n" if close else b""
     return (
@@ -135,10 +133,6 @@ async def time_to_close(reader: asyncio.StreamReader, started: float, wait: floa
     return time.monotonic() - started
 
 
-
-
-
-
 @pytest.fixture
 def many_open_files() -> Iterator[None]:
     """Room for thousands of sockets here and in the servers this test starts."""
@@ -188,9 +182,9 @@ def test_a_thousand_identical_requests_run_once_on_few_threads(
 ) -> None:
     server = live_server_factory()
     runs = tmp_path / "runs"
-    request = post_request("/api/command", orjson.dumps(
-        {"command": f"echo run >> {runs}; sleep 2; echo x"}
-    ))
+    request = post_request(
+        "/api/command", orjson.dumps({"command": f"echo run >> {runs}; sleep 2; echo x"})
+    )
 
     async def ask_all() -> list[Answer]:
         return await asyncio.gather(*(exchange(server.port, request) for _ in range(1000)))

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from runcache.cache import Cache
 from runcache.config import Config
+from runcache.engine.cache import Cache
+from runcache.engine.engine import KEY_ENV_VARS, CommandRequest, Engine, Outcome
 from runcache.errors import BadRequest, Busy
-from runcache.results import encode_result
-from runcache.runner import Runner, RunResult
-from runcache.service import KEY_ENV_VARS, CommandRequest, Engine, Outcome
+from runcache.run.encode import encode_result
+from runcache.run.runner import Runner, RunResult
 from runcache.stores import MemoryStore, open_store
 
 
@@ -97,8 +97,9 @@ def test_result_of_a_run_that_began_before_a_clear_is_returned_not_stored(
 
 def test_errors_are_shared_with_the_requests_that_joined(tmp_path: Path) -> None:
     """A run refused (every slot stayed busy) fails every request that joined it, once."""
-    engine = Engine.from_config(Config.load({"max_concurrent": 1, "queue_timeout": 0.2},
-                                            environ={}))
+    engine = Engine.from_config(
+        Config.load({"max_concurrent": 1, "queue_timeout": 0.2}, environ={})
+    )
     gate = tmp_path / "gate"
     blocker = CommandRequest(f"while [ ! -e {gate} ]; do sleep 0.01; done", use_cache=False)
     shared = CommandRequest("echo shared")
@@ -106,8 +107,9 @@ def test_errors_are_shared_with_the_requests_that_joined(tmp_path: Path) -> None
     async def main() -> list[BaseException | Outcome]:
         holding = asyncio.ensure_future(engine.execute(blocker))
         await _until(lambda: engine.runner.running > 0)
-        answers = await asyncio.gather(*(engine.execute(shared) for _ in range(2)),
-                                       return_exceptions=True)
+        answers = await asyncio.gather(
+            *(engine.execute(shared) for _ in range(2)), return_exceptions=True
+        )
         gate.touch()
         await asyncio.wait_for(holding, 15)
         return answers
@@ -191,8 +193,10 @@ def test_cache_key_depends_on_each_variable_that_changes_what_commands_print(
     """PATH picks the programs, HOME and USER what they read, LANG, LC_ALL and TZ how
     they print: a server that sees another value must not answer with this one's result."""
     base = {variable: f"base-{variable}" for variable in KEY_ENV_VARS}
-    engines = [Engine(config, Cache(MemoryStore(10, 1000)), Runner(100, env=environment))
-               for environment in (base, {**base, name: "other"}, dict(base))]
+    engines = [
+        Engine(config, Cache(MemoryStore(10, 1000)), Runner(100, env=environment))
+        for environment in (base, {**base, name: "other"}, dict(base))
+    ]
     try:
         same, other, again = (engine.cache_key("date") for engine in engines)
         assert same != other and same == again
@@ -202,8 +206,11 @@ def test_cache_key_depends_on_each_variable_that_changes_what_commands_print(
 
 
 def test_bounds_come_from_the_config() -> None:
-    engine = Engine.from_config(Config.load({"max_timeout": 5, "default_timeout": 5,
-                                             "max_ttl": 10, "default_ttl": 10}, environ={}))
+    engine = Engine.from_config(
+        Config.load(
+            {"max_timeout": 5, "default_timeout": 5, "max_ttl": 10, "default_ttl": 10}, environ={}
+        )
+    )
     try:
         with pytest.raises(BadRequest, match="timeout must be at most 5 seconds"):
             asyncio.run(engine.execute(CommandRequest("echo", timeout=6)))
@@ -217,14 +224,18 @@ def test_bounds_come_from_the_config() -> None:
 def test_outcome_flags_are_appended_to_the_stored_body() -> None:
     body = b'{"stdout":"x"}'
     assert json.loads(Outcome(body, cached=True).to_json()) == {
-        "stdout": "x", "cached": True, "coalesced": False}
+        "stdout": "x",
+        "cached": True,
+        "coalesced": False,
+    }
     assert json.loads(Outcome(body, coalesced=True).to_json())["coalesced"] is True
     assert json.loads(Outcome(body).to_json())["cached"] is False
 
 
 def test_outcome_result_is_the_typed_answer() -> None:
-    run = RunResult(bytearray(b"out\n"), bytearray(), 0, False, False, False, 0.25,
-                    "2026-01-01T00:00:00+00:00")
+    run = RunResult(
+        bytearray(b"out\n"), bytearray(), 0, False, False, False, 0.25, "2026-01-01T00:00:00+00:00"
+    )
     stored = encode_result(run, "ab" * 32)
     shared = Outcome(stored, coalesced=True).result()
     assert (shared.stdout, shared.cache_key, shared.success) == ("out\n", "ab" * 32, True)
@@ -241,8 +252,11 @@ def test_unknown_store_scheme_names_the_valid_ones() -> None:
 def test_a_cancelled_run_whose_leader_exited_0_is_not_cached(config: Config) -> None:
     """Under process-group containment the shell of ``sleep & echo`` exits 0 before the
     cancel kills its background child: the run is cancelled all the same, and not cached."""
-    engine = Engine(config, Cache(MemoryStore(config.max_entries, config.max_bytes)),
-                    Runner(config.max_output_bytes, containment_mode="group"))
+    engine = Engine(
+        config,
+        Cache(MemoryStore(config.max_entries, config.max_bytes)),
+        Runner(config.max_output_bytes, containment_mode="group"),
+    )
     request = CommandRequest("sleep 30 & echo x")
 
     async def main() -> tuple[Outcome, Outcome]:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import requests
 
-from runcache.cache import Cache
+from runcache.engine.cache import Cache
 from runcache.errors import StoreError
 from runcache.stores import open_store
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runcache.sse import Event, parse
+from runcache.client.sse import Event, parse
 
 
 def _lines(text: str) -> list[bytes]:
@@ -11,8 +11,7 @@ def _lines(text: str) -> list[bytes]:
 
 def test_events_with_kind_id_and_data_lines_joined() -> None:
     stream = "event: stdout\nid: 6:0\ndata: a\ndata: b\n\nevent: result\ndata: {}\n\n"
-    assert list(parse(_lines(stream))) == [Event("stdout", "a\nb", "6:0"),
-                                           Event("result", "{}")]
+    assert list(parse(_lines(stream))) == [Event("stdout", "a\nb", "6:0"), Event("result", "{}")]
 
 
 def test_comments_retry_and_crlf_line_ends_are_read_as_the_format_says() -> None:
@@ -21,8 +20,7 @@ def test_comments_retry_and_crlf_line_ends_are_read_as_the_format_says() -> None
 
 
 def test_an_event_without_data_is_not_dispatched_and_an_empty_data_line_is() -> None:
-    assert list(parse(_lines("event: ping\n\nevent: blank\ndata:\n\n"))) == [
-        Event("blank", "")]
+    assert list(parse(_lines("event: ping\n\nevent: blank\ndata:\n\n"))) == [Event("blank", "")]
 
 
 def test_an_event_cut_before_its_blank_line_is_dropped() -> None:

@@ -36,8 +36,9 @@ def test_a_stale_result_answers_at_once_and_one_run_refreshes_it(
     client = client_factory()
     first = client.post("/api/command", json={"command": UUID, "ttl": 0.3}).json()
     until(lambda: _expired(client, UUID))
-    answers = [client.post("/api/command", json={"command": UUID, "stale": 60}).json()
-               for _ in range(5)]
+    answers = [
+        client.post("/api/command", json={"command": UUID, "stale": 60}).json() for _ in range(5)
+    ]
     assert answers[0]["stale"] is True and answers[0]["cached"] is True
     assert answers[0]["stdout"] == first["stdout"]
     until(lambda: _no_job_running(client))
@@ -74,11 +75,14 @@ def test_default_stale_answers_requests_that_do_not_say(
     until(lambda: _no_job_running(client))
 
 
-@pytest.mark.parametrize(("stale", "message"), [
-    (-1, "stale must be 0 or more seconds"),
-    ("soon", "stale must be a number of seconds"),
-    (3601, "stale must be at most 3600 seconds"),
-])
+@pytest.mark.parametrize(
+    ("stale", "message"),
+    [
+        (-1, "stale must be 0 or more seconds"),
+        ("soon", "stale must be a number of seconds"),
+        (3601, "stale must be at most 3600 seconds"),
+    ],
+)
 def test_a_bad_stale_is_a_400_that_runs_nothing(
     client: TestClient, stale: object, message: str
 ) -> None:
@@ -90,7 +94,10 @@ def test_a_bad_stale_is_a_400_that_runs_nothing(
 def test_default_stale_past_max_stale_is_refused_at_start() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "runcache", "serve", "--default-stale", "10", "--max-stale", "5"],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
         env={k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")},
     )
     assert done.returncode == 2 and "default_stale must not exceed max_stale" in done.stderr
@@ -103,27 +110,33 @@ def test_servers_sharing_a_store_refresh_a_stale_result_once(
     command = f"echo run >> {runs}; cat /proc/sys/kernel/random/uuid; sleep 0.5"
     store = f"sqlite:///{tmp_path / 'cache.db'}"
     servers = [live_server_factory("--store", store) for _ in range(2)]
-    first = requests.post(f"{servers[0].url}/api/command",
-                          json={"command": command, "ttl": 0.3}, timeout=30).json()
+    first = requests.post(
+        f"{servers[0].url}/api/command", json={"command": command, "ttl": 0.3}, timeout=30
+    ).json()
 
     def expired() -> bool:
-        found = requests.get(f"{servers[0].url}/api/cache/entries",
-                             params={"prefix": "echo run"}, timeout=30).json()
+        found = requests.get(
+            f"{servers[0].url}/api/cache/entries", params={"prefix": "echo run"}, timeout=30
+        ).json()
         return not found["entries"]
 
     until(expired)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(
-            lambda url: requests.post(f"{url}/api/command",
-                                      json={"command": command, "stale": 60}, timeout=30).json(),
-            [server.url for server in servers] * 4,
-        ))
+        answers = list(
+            pool.map(
+                lambda url: requests.post(
+                    f"{url}/api/command", json={"command": command, "stale": 60}, timeout=30
+                ).json(),
+                [server.url for server in servers] * 4,
+            )
+        )
     stale = [answer for answer in answers if answer.get("stale")]
     assert stale and all(answer["stdout"] == first["stdout"] for answer in stale)
 
     def refreshed() -> bool:
-        found = requests.post(f"{servers[1].url}/api/command", json={"command": command},
-                              timeout=30).json()
+        found = requests.post(
+            f"{servers[1].url}/api/command", json={"command": command}, timeout=30
+        ).json()
         return found["cached"] and found["stdout"] != first["stdout"]
 
     # Asked without stale only once the refresh has stored (a miss would run it again).
@@ -134,9 +147,19 @@ def test_servers_sharing_a_store_refresh_a_stale_result_once(
 def test_runcache_run_stale_answers_an_expired_result(live_server: LiveServer) -> None:
     def run(*flags: str) -> bytes:
         done = subprocess.run(
-            [str(Path(sys.executable).with_name("runcache")), "run", "--server", live_server.url,
-             *flags, "--", "cat", "/proc/sys/kernel/random/uuid"],
-            capture_output=True, timeout=60, check=True,
+            [
+                str(Path(sys.executable).with_name("runcache")),
+                "run",
+                "--server",
+                live_server.url,
+                *flags,
+                "--",
+                "cat",
+                "/proc/sys/kernel/random/uuid",
+            ],
+            capture_output=True,
+            timeout=60,
+            check=True,
             env={k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")},
         )
         return done.stdout
@@ -144,8 +167,9 @@ def test_runcache_run_stale_answers_an_expired_result(live_server: LiveServer) -
     first = run("--ttl", "0.3")
 
     def expired() -> bool:
-        found = requests.get(f"{live_server.url}/api/cache/entries",
-                             params={"prefix": "cat /proc"}, timeout=30).json()
+        found = requests.get(
+            f"{live_server.url}/api/cache/entries", params={"prefix": "cat /proc"}, timeout=30
+        ).json()
         return not found["entries"]
 
     until(expired)
@@ -160,8 +184,7 @@ def test_a_background_request_and_its_job_say_the_answer_was_stale(
     client = client_factory()
     client.post("/api/command", json={"command": UUID, "ttl": 0.3})
     until(lambda: _expired(client, UUID))
-    accepted = client.post("/api/command", json={"command": UUID, "stale": 60,
-                                                 "background": True})
+    accepted = client.post("/api/command", json={"command": UUID, "stale": 60, "background": True})
     assert accepted.status_code == 202, accepted.text
     job = client.get(f"/api/jobs/{accepted.json()['job_id']}").json()
     assert job["result"]["cached"] is True and job["result"]["stale"] is True
@@ -169,14 +192,17 @@ def test_a_background_request_and_its_job_say_the_answer_was_stale(
 
 
 def test_a_request_without_stale_leaves_the_expired_result_to_those_with_it(
-    client_factory: Callable[..., TestClient], tmp_path: Path,
+    client_factory: Callable[..., TestClient],
+    tmp_path: Path,
 ) -> None:
     """A request that does not accept stale answers misses and runs the command; one
     that does, while that run goes on, still gets the stale answer at once (it once
     found the result removed by the first, and waited for the run)."""
     ran, gate = tmp_path / "ran", tmp_path / "gate"
-    command = (f"cat /proc/sys/kernel/random/uuid; if [ -e {ran} ]; then "
-               f"while [ ! -e {gate} ]; do sleep 0.02; done; fi; touch {ran}")
+    command = (
+        f"cat /proc/sys/kernel/random/uuid; if [ -e {ran} ]; then "
+        f"while [ ! -e {gate} ]; do sleep 0.02; done; fi; touch {ran}"
+    )
     client = client_factory()
     first = client.post("/api/command", json={"command": command, "ttl": 0.3}).json()
     until(lambda: _expired(client, command))
@@ -187,7 +213,10 @@ def test_a_request_without_stale_leaves_the_expired_result_to_those_with_it(
     try:
         answer = client.post("/api/command", json={"command": command, "stale": 60}).json()
         assert (answer["cached"], answer.get("stale"), answer["stdout"]) == (
-            True, True, first["stdout"])
+            True,
+            True,
+            first["stdout"],
+        )
     finally:
         gate.touch()
         opener.cancel()

@@ -52,8 +52,12 @@ def make(redis_server: RedisServer, namespace: str) -> Iterator[MakeStore]:
     """Stores on the session Redis; by default all of one test share its namespace."""
     made: list[RedisStore] = []
 
-    def make_store(max_entries: int = 100, max_bytes: int = 1 << 20,
-                   name: str | None = None, clock: FakeClock | None = None) -> RedisStore:
+    def make_store(
+        max_entries: int = 100,
+        max_bytes: int = 1 << 20,
+        name: str | None = None,
+        clock: FakeClock | None = None,
+    ) -> RedisStore:
         url = f"{redis_server.url}?namespace={name or namespace}"
         store = open_store(url, max_entries, max_bytes, clock=clock or FakeClock())
         assert isinstance(store, RedisStore)
@@ -96,9 +100,22 @@ def test_a_clear_of_a_big_cache_deletes_every_entry_in_batches(
     epoch = store.epoch()
     with connection.pipeline(transaction=False) as pipe:  # the entries, in few round trips
         for index in range(count):
-            store._put(keys=store._entry_keys(f"k{index}"), args=[
-                f"k{index}", b"v", epoch, 0.0, 1e12, 600_000, count, 1 << 30,
-                store.entry_prefix, b'["echo",0.0,0]'], client=pipe)
+            store._put(
+                keys=store._entry_keys(f"k{index}"),
+                args=[
+                    f"k{index}",
+                    b"v",
+                    epoch,
+                    0.0,
+                    1e12,
+                    600_000,
+                    count,
+                    1 << 30,
+                    store.entry_prefix,
+                    b'["echo",0.0,0]',
+                ],
+                client=pipe,
+            )
         pipe.execute()
     assert store.stats().size == count
     before = store.clear()
@@ -113,8 +130,9 @@ def test_a_clear_left_half_done_is_finished_by_the_next_and_spares_new_entries(
     store = make()
     for index in range(5):
         store.put(f"k{index}", b"old", 60, store.epoch(), command=f"echo {index}")
-    keys = redis_store._ClearKeys(*store._index_keys, cleared_key=store.cleared_key,
-                                  trash_key=store.cleared_key + ":left")
+    keys = redis_store._ClearKeys(
+        *store._index_keys, cleared_key=store.cleared_key, trash_key=store.cleared_key + ":left"
+    )
     store._run(store._clear, keys, [])  # the step alone
     assert store.get("k1") is None and store.entries("", 0, 10) == []
     assert store.stats().size == 0
@@ -209,7 +227,6 @@ def test_scripts_are_loaded_again_after_redis_forgets_them(
     assert store.get("k") == b"v"
 
 
-
 _PARAMETER = re.compile(r"^local (\w+) = (?:tonumber\()?(KEYS|ARGV)\[(\d+)\]\)? +-- .*$", re.M)
 
 
@@ -279,10 +296,12 @@ def test_a_password_in_the_url_query_works_and_is_never_shown(
     try:
         url = f"redis://127.0.0.1:{redis.port}/0?password={secret}"
         server = live_server_factory("--store", url)
-        ran = requests.post(f"{server.url}/api/command", json={"command": "echo kept"},
-                            timeout=10).json()
-        hit = requests.post(f"{server.url}/api/command", json={"command": "echo kept"},
-                            timeout=10).json()
+        ran = requests.post(
+            f"{server.url}/api/command", json={"command": "echo kept"}, timeout=10
+        ).json()
+        hit = requests.post(
+            f"{server.url}/api/command", json={"command": "echo kept"}, timeout=10
+        ).json()
         assert (ran["cached"], hit["cached"]) == (False, True)  # it did reach the Redis
         health = requests.get(f"{server.url}/health", timeout=10)
         assert health.json()["status"] == "healthy"
@@ -391,8 +410,9 @@ def test_a_hung_redis_costs_each_request_at_most_the_store_timeout(
     server says degraded, and once Redis is continued it caches again. Today's 10 s
     (a 5 s socket timeout and its retry) would fail the bounds; the bounds leave
     seconds of room for a slow machine, not a tight timing."""
-    server = live_server_factory("--store", f"{own_redis.url}?namespace=hang",
-                                 "--store-timeout", "0.5")
+    server = live_server_factory(
+        "--store", f"{own_redis.url}?namespace=hang", "--store-timeout", "0.5"
+    )
     _timed_run(server, "echo hit")
     assert _timed_run(server, "echo hit")[0]["cached"] is True
     commands = ["echo hit" if index % 2 else f"echo miss-{index}" for index in range(12)]

@@ -24,8 +24,13 @@ from runcache.stores.sqlite import SqliteStore
 from conftest import FakeClock
 
 
-def make(opened: list[SqliteStore], path: Path, namespace: str = "runcache",
-         max_entries: int = 100, clock: FakeClock | None = None) -> SqliteStore:
+def make(
+    opened: list[SqliteStore],
+    path: Path,
+    namespace: str = "runcache",
+    max_entries: int = 100,
+    clock: FakeClock | None = None,
+) -> SqliteStore:
     store = SqliteStore(path, max_entries, 1 << 20, namespace, clock=clock or FakeClock())
     opened.append(store)
     return store
@@ -73,9 +78,7 @@ def test_namespaces_in_one_file_are_separate(db_path: Path, opened: list[SqliteS
     assert (team_b.stats().size, team_b.stats().hits) == (1, 1)
 
 
-def test_bounds_hold_across_stores_sharing_a_file(
-    db_path: Path, opened: list[SqliteStore]
-) -> None:
+def test_bounds_hold_across_stores_sharing_a_file(db_path: Path, opened: list[SqliteStore]) -> None:
     one, two = make(opened, db_path, max_entries=5), make(opened, db_path, max_entries=5)
     for index in range(20):
         store = one if index % 2 else two
@@ -98,9 +101,7 @@ def test_stats_sweep_away_lapsed_locks_only(
         assert db.execute("SELECT key FROM locks").fetchall() == [("running",)]
 
 
-def test_a_file_without_the_locks_table_gains_it(
-    db_path: Path, opened: list[SqliteStore]
-) -> None:
+def test_a_file_without_the_locks_table_gains_it(db_path: Path, opened: list[SqliteStore]) -> None:
     old = make(opened, db_path)
     assert old.put("k", b"v", 60, old.epoch())
     old.close()
@@ -296,8 +297,9 @@ def test_processes_opening_a_new_file_at_once_all_succeed(tmp_path: Path) -> Non
         path = tmp_path / f"new-{round_number}.db"
         start = time.time() + 0.5  # far enough for every interpreter to be up and waiting
         processes = [
-            subprocess.Popen([sys.executable, "-c", _OPEN_AT, str(path), str(start)],
-                             stderr=subprocess.PIPE)
+            subprocess.Popen(
+                [sys.executable, "-c", _OPEN_AT, str(path), str(start)], stderr=subprocess.PIPE
+            )
             for _ in range(4)
         ]
         failures = [process.communicate(timeout=60)[1] for process in processes]
@@ -320,8 +322,12 @@ def test_a_lock_whose_owner_process_ended_is_taken_at_once_and_a_live_owners_is_
     """The lease (600 s here) is for holders on other machines: a holder of this machine
     that has ended (SIGKILL leaves its row) lets the next acquire take the lock at once."""
     path = tmp_path / "cache.db"
-    with subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(path)],
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as holder:
+    with subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as holder:
         try:
             assert holder.stdout is not None and holder.stdout.readline().strip()
             store = SqliteStore(path, 100, 1 << 20)

@@ -141,8 +141,12 @@ store.close()
 def test_a_shm_truncated_under_its_mapping_is_an_error_not_sigbus(db_path: Path) -> None:
     """In a process of its own, so that a fault kills that process, not the test run;
     it must end normally, its connections on the faulty file left untouched for good."""
-    done = subprocess.run([sys.executable, "-c", _TRUNCATE_SHM, str(db_path)],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", _TRUNCATE_SHM, str(db_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)
     lines = done.stdout.splitlines()
     assert len(lines) == 3, lines
@@ -166,8 +170,9 @@ store._local.connection.execute("SELECT 1 FROM entries")  # past the store's loo
 
 
 def test_a_fault_past_the_look_still_leaves_a_line(db_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-c", _FAULT, str(db_path)],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", _FAULT, str(db_path)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == -7, (done.returncode, done.stderr)  # SIGBUS
     assert "Fatal Python error: Bus error" in done.stderr, done.stderr
 
@@ -279,8 +284,12 @@ def test_a_file_another_process_holds_costs_each_request_at_most_the_store_timeo
     call waits for it at most --store-timeout, then the store rests as a failed one."""
     server = live_server_factory("--store", f"sqlite://{db_path}", "--store-timeout", "0.5")
     run(server, "echo hit")
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD_WRITE_LOCK, str(db_path)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_WRITE_LOCK, str(db_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
         for command in ("echo hit", "echo miss", "echo hit"):
@@ -305,11 +314,15 @@ def test_checking_the_companions_keeps_this_processs_locks_on_them(tmp_path: Pat
         fcntl.lockf(held, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
         sqlite_files.check_companions(database)
         probe = subprocess.run(
-            [sys.executable, "-c",
-             "import fcntl, sys\n"
-             f"f = open({str(shm)!r}, 'r+b')\n"
-             "try:\n    fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)\n"
-             "except OSError:\n    sys.exit(3)\n"],
-            timeout=30, check=False,
+            [
+                sys.executable,
+                "-c",
+                "import fcntl, sys\n"
+                f"f = open({str(shm)!r}, 'r+b')\n"
+                "try:\n    fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)\n"
+                "except OSError:\n    sys.exit(3)\n",
+            ],
+            timeout=30,
+            check=False,
         )
         assert probe.returncode == 3, "the lock was dropped: another process took it"

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from runcache.service import stats_answer
+from runcache.engine.engine import stats_answer
 from runcache.stores import MemoryStore, Store
 from runcache.stores.base import CacheStats
 from runcache.stores.redis import RedisStore
@@ -173,6 +173,7 @@ def test_peek_sees_only_live_entries_and_leaves_expiry_to_get(
     stats = store.stats()
     assert (stats.misses, stats.expirations) == (1, 1)
 
+
 def test_hit_rate_is_the_contract_string(store_factory: StoreFactory) -> None:
     store = store_factory()
     store.put("k", b"v", 60, store.epoch())
@@ -317,7 +318,9 @@ def test_a_put_again_is_the_newest_entry_and_counts_its_hits_anew(
     store.get("a")
     store.put("a", b"11", 60, epoch, command="echo a")
     assert [(info.key, info.hits, info.size) for info in store.entries("", 0, 10)] == [
-        ("a", 0, 2), ("b", 0, 1)]
+        ("a", 0, 2),
+        ("b", 0, 1),
+    ]
 
 
 def test_expired_entries_are_neither_listed_nor_read_nor_counted_by_it(
@@ -425,7 +428,12 @@ def test_a_reader_that_accepts_less_staleness_misses_and_leaves_the_entry(
     assert store.get_stale("k", 5) is None
     stats = store.stats()
     assert (stats.hits, stats.stale_hits, stats.misses, stats.expirations, stats.size) == (
-        0, 0, 1, 0, 1)
+        0,
+        0,
+        1,
+        0,
+        1,
+    )
     assert store.get_stale("k", 60) == (b"old", True)  # still there for who accepts it
 
 

@@ -32,8 +32,6 @@ OUTPUT_BYTES = 16 * MiB
 SOCKET_TIMEOUT = 30.0
 
 
-
-
 def _connect(server: LiveServer) -> socket.socket:
     return socket.create_connection((HOST, server.port), timeout=SOCKET_TIMEOUT)
 
@@ -55,10 +53,6 @@ def _read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     return int(status_line.split()[1]), headers, body
 
 
-
-
-
-
 class Sampler:
     """A reading of a process, taken every 20 ms while the block runs; keeps every value."""
 
@@ -72,8 +66,12 @@ class Sampler:
         self.start()
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     def start(self) -> None:
@@ -108,18 +106,23 @@ def test_headers_past_the_bound_get_a_431_and_the_connection_closes(
         assert _read_answer(sock)[0] == 200
     with _connect(server) as sock:  # a body is no header: 200 KiB of it in the same writes
         body = orjson.dumps({"command": "cat", "stdin": "x" * (200 * KiB)})
-        sock.sendall(b"POST /api/command HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
-                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.sendall(
+            b"POST /api/command HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+            b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         status, _, answer = _read_answer(sock)
         assert status == 200 and len(orjson.loads(answer)["stdout"]) == 200 * KiB
-    for head in (b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n" + _pad_lines(20 * KiB),
-                 b"GET /livez?" + b"q" * (20 * KiB) + b" HTTP/1.1\r\n"):  # the URL counts too
+    for head in (
+        b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n" + _pad_lines(20 * KiB),
+        b"GET /livez?" + b"q" * (20 * KiB) + b" HTTP/1.1\r\n",
+    ):  # the URL counts too
         with _connect(server) as sock:
             sock.sendall(head)
             status, headers, answer = _read_answer(sock)
             assert (status, headers["connection"]) == (431, "close")
             assert orjson.loads(answer) == {
-                "error": f"request headers larger than {16 * KiB} bytes (--max-header-bytes)"}
+                "error": f"request headers larger than {16 * KiB} bytes (--max-header-bytes)"
+            }
             assert sock.recv(65536) == b""  # closed
     server.assert_quiet_log()
 
@@ -145,8 +148,10 @@ def test_endless_headers_cannot_grow_the_server(
     before = process.memory_info().rss
     sent: list[int] = []
     with Sampler(lambda: process.memory_info().rss) as rss:
-        floods = [threading.Thread(target=lambda: sent.append(_flood(server, 200 * MiB)))
-                  for _ in range(3)]
+        floods = [
+            threading.Thread(target=lambda: sent.append(_flood(server, 200 * MiB)))
+            for _ in range(3)
+        ]
         for flood in floods:
             flood.start()
         for flood in floods:
@@ -154,7 +159,8 @@ def test_endless_headers_cannot_grow_the_server(
     assert len(sent) == 3, "a flood never ended"
     assert max(rss.samples) - before < 64 * MiB, (
         f"the server grew by {(max(rss.samples) - before) / MiB:.0f} MiB "
-        f"taking {sum(sent) / MiB:.0f} MiB of headers")
+        f"taking {sum(sent) / MiB:.0f} MiB of headers"
+    )
     assert sum(sent) < 3 * 10 * MiB, "the server kept taking headers"
     assert httpx.get(f"{server.url}/livez", timeout=10).status_code == 200
     server.assert_quiet_log()
@@ -170,8 +176,11 @@ def _ended_job(server: LiveServer) -> str:
         accepted = http.post("/api/command", json={"command": command, "background": True})
         assert accepted.status_code == 202, accepted.text
         job_id: str = accepted.json()["job_id"]
-        until(lambda: http.get(f"/api/jobs/{job_id}").json()["status"] == "completed",
-              30, "the job's end")
+        until(
+            lambda: http.get(f"/api/jobs/{job_id}").json()["status"] == "completed",
+            30,
+            "the job's end",
+        )
     return job_id
 
 
@@ -234,8 +243,9 @@ def test_livez_answers_while_readers_that_read_nothing_follow_a_large_job_and_ha
 def test_a_reader_that_takes_nothing_is_dropped_after_the_write_timeout(
     live_server_factory: Callable[..., LiveServer],
 ) -> None:
-    server = live_server_factory("--max-output-bytes", str(4 * OUTPUT_BYTES),
-                                 env={"RUNCACHE_WRITE_TIMEOUT": "1"})
+    server = live_server_factory(
+        "--max-output-bytes", str(4 * OUTPUT_BYTES), env={"RUNCACHE_WRITE_TIMEOUT": "1"}
+    )
     job_id = _ended_job(server)
     with _readers(server, job_id, 5) as readers:
         until(lambda: all(_has_data(sock) for sock in readers), 30, "every stream's start")
@@ -250,8 +260,9 @@ def test_a_reader_that_takes_nothing_is_dropped_after_the_write_timeout(
 def test_streams_that_read_nothing_never_keep_ordinary_requests_out(
     live_server_factory: Callable[..., LiveServer],
 ) -> None:
-    server = live_server_factory("--max-output-bytes", str(4 * OUTPUT_BYTES),
-                                 "--max-connections", "20")
+    server = live_server_factory(
+        "--max-output-bytes", str(4 * OUTPUT_BYTES), "--max-connections", "20"
+    )
     job_id = _ended_job(server)
     with _readers(server, job_id, 19) as readers:
         until(lambda: all(_has_data(sock) for sock in readers), 30, "every stream's answer")
@@ -263,12 +274,15 @@ def test_streams_that_read_nothing_never_keep_ordinary_requests_out(
         assert headers["retry-after"] == "5" and "--max-streams" in orjson.loads(body)["error"]
         for _ in range(20):  # one at a time, as they come
             with _connect(server) as sock:
-                sock.sendall(b"GET /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                             b"Connection: close\r\n\r\n")
+                sock.sendall(
+                    b"GET /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+                )
                 assert _read_answer(sock)[0] == 200
     with httpx.Client(base_url=server.url, timeout=30) as http:  # the places are free again
+
         def admitted() -> bool:
             with http.stream("GET", f"/api/jobs/{job_id}/events") as events:
                 return events.status_code == 200
+
         until(admitted, 15, "a stream admitted once the others hung up")
     server.assert_quiet_log()

@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from jsonschema import Draft202012Validator
 
 from runcache import wire
+from runcache.engine.engine import Engine
 from runcache.errors import BadRequest
-from runcache.service import Engine
 from runcache.wire import COMMAND_PATTERN, COMMAND_REQUIRED, CommandRequest, decode_command_request
 from test_api import BAD_COMMAND_BODIES
 
@@ -50,26 +50,26 @@ def test_every_bad_body_gets_the_api_message_without_http(
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        (b'{"ttl": 0, "timeout": "x", "use_cache": 1, "command": 5}',
-         "command must be a string"),
-        (b'{"ttl": 0, "timeout": "x", "use_cache": 1, "command": "echo"}',
-         "use_cache must be true or false"),
-        (b'{"ttl": 0, "timeout": -1, "command": "echo"}',
-         "timeout must be greater than 0 seconds"),
+        (b'{"ttl": 0, "timeout": "x", "use_cache": 1, "command": 5}', "command must be a string"),
+        (
+            b'{"ttl": 0, "timeout": "x", "use_cache": 1, "command": "echo"}',
+            "use_cache must be true or false",
+        ),
+        (b'{"ttl": 0, "timeout": -1, "command": "echo"}', "timeout must be greater than 0 seconds"),
         (b'{"ttl": {}, "timeout": null, "command": "echo"}', "ttl must be a number of seconds"),
         (b'{"use_cache": "no", "command": "   "}', COMMAND_REQUIRED),
         (b'{"timeout": 0, "command": "echo \\u0000"}', NUL_MESSAGE),
         (b'{"ttl": -5, "use_cache": null, "command": "echo"}', "use_cache must be true or false"),
         # A number past any float's range is refused in another way, but in the same order.
         (b'{"ttl": 1e400, "command": 5}', "command must be a string"),
-        (b'{"ttl": "x", "timeout": 1e400, "command": "echo"}',
-         "timeout must be a number of seconds"),
+        (
+            b'{"ttl": "x", "timeout": 1e400, "command": "echo"}',
+            "timeout must be a number of seconds",
+        ),
         (b'{"ttl": 1e400, "timeout": 5.5, "command": "echo"}', "ttl must be a number of seconds"),
     ],
 )
-def test_the_first_wrong_field_in_declaration_order_is_reported(
-    body: bytes, message: str
-) -> None:
+def test_the_first_wrong_field_in_declaration_order_is_reported(body: bytes, message: str) -> None:
     assert refusal(body) == message
 
 
@@ -77,13 +77,25 @@ def test_declaration_order_is_command_use_cache_timeout_ttl_refresh_context_back
     info = msgspec.inspect.type_info(CommandRequest)
     assert isinstance(info, msgspec.inspect.StructType)
     names = [field.encode_name for field in info.fields]
-    assert names == ["command", "use_cache", "timeout", "ttl", "refresh", "stale", "cwd", "env",
-                     "stdin", "background"]
+    assert names == [
+        "command",
+        "use_cache",
+        "timeout",
+        "ttl",
+        "refresh",
+        "stale",
+        "cwd",
+        "env",
+        "stdin",
+        "background",
+    ]
 
 
 def test_unknown_fields_are_ignored() -> None:
-    body = (b'{"extra": [1, {"a": null}], "command": "echo hi", "Command": 5, "TIMEOUT": -1,'
-            b' "huge": 1e400}')
+    body = (
+        b'{"extra": [1, {"a": null}], "command": "echo hi", "Command": 5, "TIMEOUT": -1,'
+        b' "huge": 1e400}'
+    )
     assert decode_command_request(body) == CommandRequest("echo hi", True, None, None)
 
 
@@ -94,9 +106,7 @@ def test_a_full_request_decodes_to_its_fields() -> None:
 
 @pytest.mark.parametrize("field", ["timeout", "ttl"])
 @pytest.mark.parametrize("number", [b"1e400", b"-1e400", b"9" * 400])
-def test_a_number_out_of_float_range_is_not_a_number_of_seconds(
-    field: str, number: bytes
-) -> None:
+def test_a_number_out_of_float_range_is_not_a_number_of_seconds(field: str, number: bytes) -> None:
     body = b'{"command": "echo", "%s": %s}' % (field.encode(), number)
     assert refusal(body) == f"{field} must be a number of seconds"
 
@@ -145,39 +155,63 @@ def test_the_command_pattern_accepts_exactly_what_decoding_accepts(
 
 # -- the property: the request schema says exactly what the server accepts -----------
 
-_scalars = (st.none() | st.booleans() | st.integers()
-            | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8))
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8)
+)
 _json_values = st.recursive(
     _scalars,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
-                                                               max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
     max_leaves=6,
 )
 _seconds = st.one_of(
     st.floats(min_value=0, max_value=MAX_TIMEOUT, exclude_min=True),
     st.floats(min_value=-10, max_value=MAX_TTL * 2),
     st.integers(min_value=-10, max_value=int(MAX_TTL * 2)),
-    st.sampled_from([0, 0.0, -0.0, 5e-324, MAX_TIMEOUT, MAX_TIMEOUT + 1e-9, 3601, MAX_TTL,
-                     MAX_TTL + 1, 1e308, 10**400, None, True, "5"]),
+    st.sampled_from(
+        [
+            0,
+            0.0,
+            -0.0,
+            5e-324,
+            MAX_TIMEOUT,
+            MAX_TIMEOUT + 1e-9,
+            3601,
+            MAX_TTL,
+            MAX_TTL + 1,
+            1e308,
+            10**400,
+            None,
+            True,
+            "5",
+        ]
+    ),
     _json_values,
 )
 _commands = st.one_of(
     st.from_regex(r"[a-z]{1,8}( [a-z0-9-]{1,8}){0,3}", fullmatch=True),
     st.text(),
-    st.text(alphabet=st.sampled_from(
-        [" ", "\t", "\n", "\r", "\x0b", "\x00", "\u3000", "\xa0", "a", "é"]
-    )),
+    st.text(
+        alphabet=st.sampled_from(
+            [" ", "\t", "\n", "\r", "\x0b", "\x00", "\u3000", "\xa0", "a", "é"]
+        )
+    ),
 )
 _KNOWN = {"command", "use_cache", "timeout", "ttl"}
 _requests = st.builds(
     lambda known, extra: {**extra, **known},
     st.fixed_dictionaries(
         {"command": _commands},
-        optional={"use_cache": st.booleans() | _json_values, "timeout": _seconds,
-                  "ttl": _seconds},
+        optional={"use_cache": st.booleans() | _json_values, "timeout": _seconds, "ttl": _seconds},
     ),
-    st.dictionaries(st.text(max_size=6).filter(lambda name: name not in _KNOWN), _json_values,
-                    max_size=2),
+    st.dictionaries(
+        st.text(max_size=6).filter(lambda name: name not in _KNOWN), _json_values, max_size=2
+    ),
 )
 
 _REQUEST_SCHEMA = Draft202012Validator(
@@ -191,8 +225,9 @@ def _accepted(body: bytes) -> bool:
         request = decode_command_request(body)
     except BadRequest:
         return False
-    return ((request.timeout is None or request.timeout <= MAX_TIMEOUT)
-            and (request.ttl is None or request.ttl <= MAX_TTL))
+    return (request.timeout is None or request.timeout <= MAX_TIMEOUT) and (
+        request.ttl is None or request.ttl <= MAX_TTL
+    )
 
 
 @settings(max_examples=1000, deadline=None, derandomize=True, database=None)

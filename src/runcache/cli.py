@@ -21,7 +21,8 @@ import msgspec
 import orjson
 
 from runcache import __version__
-from runcache.client import (
+from runcache.client.follow import copy_output
+from runcache.client.http import (
     ADMIN_TOKEN_ENV,
     TOKEN_ENV,
     URL_ENV,
@@ -31,7 +32,6 @@ from runcache.client import (
 )
 from runcache.config import Config, settings
 from runcache.errors import RuncacheError
-from runcache.follower import copy_output
 from runcache.wire import CommandResult, to_builtins
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -93,8 +93,8 @@ def cli() -> None:
 @setting_options
 def serve(**options: Any) -> None:
     """Start the HTTP API (the default command)."""
-    from runcache.app import configure_logging
-    from runcache.server import serve as serve_forever
+    from runcache.web.app import configure_logging
+    from runcache.web.server import serve as serve_forever
 
     config = Config.load(options)
     configure_logging(config.log_level, config.log_format)
@@ -114,7 +114,10 @@ def client_options(command: F) -> F:
     server: a flag's value is visible to every user of the machine in ``ps``.
     """
     return click.option(
-        "--server", envvar=URL_ENV, default=None, metavar="URL",
+        "--server",
+        envvar=URL_ENV,
+        default=None,
+        metavar="URL",
         help="A running runcache server, e.g. http://127.0.0.1:8888; without one the engine "
         f"runs in this process with the store of RUNCACHE_STORE. [env {URL_ENV}]",
     )(command)
@@ -125,21 +128,45 @@ def _connect(server: str | None) -> Client | LocalClient:
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.option("--no-cache", is_flag=True,
-              help="Run the command even if a result is cached, and store nothing.")
-@click.option("--refresh", is_flag=True,
-              help="Run the command even if a result is cached, and store the new result.")
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Run the command even if a result is cached, and store nothing.",
+)
+@click.option(
+    "--refresh",
+    is_flag=True,
+    help="Run the command even if a result is cached, and store the new result.",
+)
 @click.option("--ttl", type=float, default=None, help="Seconds to keep this result cached.")
-@click.option("--stale", type=float, default=None, metavar="SECONDS",
-              help="Accept a cached result this long past its expiry, answered at once while "
-              "the server refreshes it.")
+@click.option(
+    "--stale",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="Accept a cached result this long past its expiry, answered at once while "
+    "the server refreshes it.",
+)
 @click.option("--timeout", type=float, default=None, help="Most seconds the command may run.")
-@click.option("--cwd", default=None, metavar="DIR",
-              help="Directory to run in (made absolute here; the server's own by default).")
-@click.option("--env", "env_pairs", multiple=True, metavar="NAME=VALUE",
-              help="A variable to set for the command; repeat for more.")
-@click.option("--stdin", "feed_stdin", is_flag=True,
-              help="Feed this command's standard input to the run (read to its end first).")
+@click.option(
+    "--cwd",
+    default=None,
+    metavar="DIR",
+    help="Directory to run in (made absolute here; the server's own by default).",
+)
+@click.option(
+    "--env",
+    "env_pairs",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A variable to set for the command; repeat for more.",
+)
+@click.option(
+    "--stdin",
+    "feed_stdin",
+    is_flag=True,
+    help="Feed this command's standard input to the run (read to its end first).",
+)
 @client_options
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
 def run(
@@ -162,32 +189,44 @@ def run(
     signal.signal(signal.SIGTERM, _interrupt)
     with _connect(server) as backend:
         with _signals_held() as held:
-            job = backend.start(shlex.join(argv), use_cache=not no_cache, timeout=timeout,
-                                ttl=ttl, refresh=refresh, stale=stale,
-                                **_run_context(cwd, env_pairs, feed_stdin))
+            job = backend.start(
+                shlex.join(argv),
+                use_cache=not no_cache,
+                timeout=timeout,
+                ttl=ttl,
+                refresh=refresh,
+                stale=stale,
+                **_run_context(cwd, env_pairs, feed_stdin),
+            )
         try:
             if held:
                 raise _Interrupted(held[0])
-            copy_output(backend, job.job_id, {"stdout": sys.stdout.buffer,
-                                              "stderr": sys.stderr.buffer})
+            copy_output(
+                backend, job.job_id, {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+            )
             detail = backend.job(job.job_id)
         except KeyboardInterrupt as interrupt:
             left = backend.leave(job.job_id)
-            click.echo("runcache: cancelled" if left.status == "cancelled" else
-                       "runcache: left the run to the other clients waiting on it", err=True)
+            click.echo(
+                "runcache: cancelled"
+                if left.status == "cancelled"
+                else "runcache: left the run to the other clients waiting on it",
+                err=True,
+            )
             sys.exit(128 + getattr(interrupt, "signum", signal.SIGINT))
     if isinstance(detail.result, msgspec.UnsetType):
         raise RuncacheError(detail.error or f"job {job.job_id} ended without a result")
     result = detail.result
-    for stream, truncated in (("stdout", result.stdout_truncated),
-                              ("stderr", result.stderr_truncated)):
+    for stream, truncated in (
+        ("stdout", result.stdout_truncated),
+        ("stderr", result.stderr_truncated),
+    ):
         if truncated:
             click.echo(f"runcache: {stream} was cut at the output cap", err=True)
     sys.exit(_exit_status(result))
 
 
-def _run_context(cwd: str | None, env_pairs: tuple[str, ...],
-                 feed_stdin: bool) -> dict[str, Any]:
+def _run_context(cwd: str | None, env_pairs: tuple[str, ...], feed_stdin: bool) -> dict[str, Any]:
     """The run context fields of ``runcache run``'s flags (None where a flag is not given)."""
     env: dict[str, str] = {}
     for pair in env_pairs:
@@ -196,8 +235,11 @@ def _run_context(cwd: str | None, env_pairs: tuple[str, ...],
             raise click.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--env")
         env[name] = value
     stdin = sys.stdin.buffer.read().decode("utf-8", "replace") if feed_stdin else None
-    return {"cwd": None if cwd is None else os.path.abspath(cwd), "env": env or None,
-            "stdin": stdin}
+    return {
+        "cwd": None if cwd is None else os.path.abspath(cwd),
+        "env": env or None,
+        "stdin": stdin,
+    }
 
 
 class _Interrupted(KeyboardInterrupt):
@@ -275,8 +317,13 @@ def clear(server: str | None) -> None:
 
 @cli.command()
 @click.option("--prefix", default="", help="Only commands that start with this.")
-@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True,
-              help="The most entries to list.")
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 1000),
+    default=100,
+    show_default=True,
+    help="The most entries to list.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON object.")
 @client_options
 def entries(prefix: str, limit: int, as_json: bool, server: str | None) -> None:
@@ -291,14 +338,19 @@ def entries(prefix: str, limit: int, as_json: bool, server: str | None) -> None:
     click.echo(f"{'KEY':<{width}}  {'BYTES':>9}  {'HITS':>6}  {'EXPIRES IN':>10}  COMMAND")
     now = time.time()
     for entry in listing.entries:
-        click.echo(f"{entry.cache_key:<{width}}  {entry.bytes:>9}  {entry.hits:>6}  "
-                   f"{max(0.0, entry.expires_at - now):>9.0f}s  {_cut(entry.command)}")
+        click.echo(
+            f"{entry.cache_key:<{width}}  {entry.bytes:>9}  {entry.hits:>6}  "
+            f"{max(0.0, entry.expires_at - now):>9.0f}s  {_cut(entry.command)}"
+        )
 
 
 @cli.command()
 @click.option("--prefix", default=None, help="Delete the entries whose command starts with this.")
-@click.option("--glob", default=None,
-              help="Delete the entries whose command matches this pattern (*, ?, [abc]).")
+@click.option(
+    "--glob",
+    default=None,
+    help="Delete the entries whose command matches this pattern (*, ?, [abc]).",
+)
 @client_options
 def invalidate(prefix: str | None, glob: str | None, server: str | None) -> None:
     """Delete cached results by how their command starts, or by a pattern (admin token)."""
@@ -321,25 +373,32 @@ def jobs(ctx: click.Context, as_json: bool, server: str | None) -> None:
         click.echo(orjson.dumps(to_builtins(listing), option=orjson.OPT_INDENT_2).decode())
         return
     width = max((len(job.job_id) for job in listing.jobs), default=3)
-    click.echo(f"{'JOB':<{width}}  {'STATUS':<9}  {'PID':>7}  {'RUNTIME':>9}  {'OUTPUT':>10}  "
-               "COMMAND")
+    click.echo(
+        f"{'JOB':<{width}}  {'STATUS':<9}  {'PID':>7}  {'RUNTIME':>9}  {'OUTPUT':>10}  COMMAND"
+    )
     for job in listing.jobs:
-        click.echo(f"{job.job_id:<{width}}  {job.status:<9}  {job.pid or '-':>7}  "
-                   f"{job.runtime:>8.1f}s  {job.stdout_bytes + job.stderr_bytes:>9}B  "
-                   f"{_cut(job.command)}")
+        click.echo(
+            f"{job.job_id:<{width}}  {job.status:<9}  {job.pid or '-':>7}  "
+            f"{job.runtime:>8.1f}s  {job.stdout_bytes + job.stderr_bytes:>9}B  "
+            f"{_cut(job.command)}"
+        )
 
 
 def _cut(text: str, most: int = 60) -> str:
     """A table's last column: one line, at most ``most`` characters, an ellipsis where cut."""
     line = " ".join(text.split())
-    return line if len(line) <= most else line[:most - 1] + "…"
+    return line if len(line) <= most else line[: most - 1] + "…"
 
 
 @jobs.command()
 @click.argument("job_id")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
-@click.option("--stream", type=click.Choice(["stdout", "stderr"]), default=None,
-              help="Only this stream (both by default, each to its own).")
+@click.option(
+    "--stream",
+    type=click.Choice(["stdout", "stderr"]),
+    default=None,
+    help="Only this stream (both by default, each to its own).",
+)
 @client_options
 def logs(job_id: str, follow: bool, stream: str | None, server: str | None) -> None:
     """Print a job's output so far, exactly as printed; --follow prints it as it comes."""
@@ -376,8 +435,8 @@ def _server_client(server: str | None) -> Client:
 def mcp_command(server: str | None) -> None:
     """Serve MCP over stdio for AI agents (tools: execute_command and the rest)."""
     # Imported here: the SDK takes a while to import, and only this command needs it.
-    from runcache.mcp import serve_stdio
-    from runcache.mcp_backends import EngineBackend, ServerBackend, ToolBackend
+    from runcache.mcp.backends import EngineBackend, ServerBackend, ToolBackend
+    from runcache.mcp.tools import serve_stdio
 
     backend: ToolBackend
     log_level, log_format = "INFO", "text"
@@ -385,7 +444,7 @@ def mcp_command(server: str | None) -> None:
         client = Client(server, os.environ.get(TOKEN_ENV), os.environ.get(ADMIN_TOKEN_ENV))
         backend = ServerBackend(client)
     else:  # settings apply to an engine in this process; a forwarding adapter needs none
-        from runcache.service import Engine
+        from runcache.engine.engine import Engine
 
         config = Config.load()
         log_level, log_format = config.log_level, config.log_format

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runcache.errors import ConfigError
-from runcache.run_as import OWN_PREFIX, RunAs, is_own
+from runcache.run.run_as import OWN_PREFIX, RunAs, is_own
 
 MiB = 1024 * 1024
 
@@ -37,7 +37,11 @@ MAX_WHOLE = 2**63 - 1
 
 
 def _setting(
-    default: Any, help: str, minimum: float | None = None, *, secret: bool = False,
+    default: Any,
+    help: str,
+    minimum: float | None = None,
+    *,
+    secret: bool = False,
     maximum: float | None = None,
 ) -> Any:
     """A row of the table.
@@ -67,8 +71,10 @@ class Config:
         " (also rediss://), each with an optional ?namespace=NAME.",
     )
     store_timeout: float = _setting(
-        0.5, "Seconds a call to the store may take (a Redis round trip, a wait for SQLite's"
-        " write lock) before the request goes on uncached and the store rests a second.", 0.001
+        0.5,
+        "Seconds a call to the store may take (a Redis round trip, a wait for SQLite's"
+        " write lock) before the request goes on uncached and the store rests a second.",
+        0.001,
     )
     max_entries: int = _setting(1000, "Most cached results held at once.", 1)
     max_bytes: int = _setting(256 * MiB, "Most bytes of cached results held at once.", 1)
@@ -77,8 +83,10 @@ class Config:
     default_timeout: float = _setting(300.0, "Seconds a command may run unless asked.", 0.001)
     max_timeout: float = _setting(3600.0, "Longest timeout a request may ask for.", 0.001)
     default_stale: float = _setting(
-        0.0, "Seconds past expiry a result is still answered (marked stale, refreshed meanwhile)"
-        " unless a request says.", 0,
+        0.0,
+        "Seconds past expiry a result is still answered (marked stale, refreshed meanwhile)"
+        " unless a request says.",
+        0,
     )
     max_stale: float = _setting(
         3600.0, "Longest stale a request may ask for; expired results are kept that long.", 0
@@ -88,7 +96,8 @@ class Config:
     )
     max_body_bytes: int = _setting(1 * MiB, "Largest request body accepted (413 past it).", 1)
     containment: str = _setting(
-        "auto", "How a run's processes are kept together so none outlives it: pidns (a PID"
+        "auto",
+        "How a run's processes are kept together so none outlives it: pidns (a PID"
         " namespace per run, with its own /proc; as root, or as any user where the kernel"
         " allows unprivileged user namespaces), group (its process group only) or auto (pidns"
         " where allowed).",
@@ -106,8 +115,11 @@ class Config:
         0, "Most files each process of a run may have open (0: no limit).", 0, maximum=1 << 20
     )
     max_processes: int = _setting(
-        0, "Most processes a run may have at once, 300 or more (0: no limit); needs a PID"
-        " namespace per run and Linux 6.14 or later.", 0, maximum=MAX_PID_MAX,
+        0,
+        "Most processes a run may have at once, 300 or more (0: no limit); needs a PID"
+        " namespace per run and Linux 6.14 or later.",
+        0,
+        maximum=MAX_PID_MAX,
     )
     workers: int = _setting(
         1, "Server processes sharing the port; more than 1 needs a sqlite:// or redis:// store.", 1
@@ -116,24 +128,30 @@ class Config:
         10000, "Most open client connections; past it new requests get a 503.", 1
     )
     keepalive_timeout: int = _setting(
-        5, "Seconds an idle keep-alive connection stays open between requests.", 1,
+        5,
+        "Seconds an idle keep-alive connection stays open between requests.",
+        1,
         maximum=MAX_SECONDS,
     )
     header_timeout: float = _setting(
-        10.0, "Seconds a client has to send a request's headers, from its first byte"
-        " (or from connecting).", 0.001
+        10.0,
+        "Seconds a client has to send a request's headers, from its first byte"
+        " (or from connecting).",
+        0.001,
     )
     body_timeout: float = _setting(
         30.0, "Seconds a client has to send a request's body once its headers are in.", 0.001
     )
     log_level: str = _setting("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.")
     log_format: str = _setting(
-        "text", "Server log format: text (one readable line each) or json (one JSON object"
-        " a line, with time, level, logger, message and the line's fields)."
+        "text",
+        "Server log format: text (one readable line each) or json (one JSON object"
+        " a line, with time, level, logger, message and the line's fields).",
     )
     audit_log: str = _setting(
-        "", "File that gets one JSON line for each command request, clear, delete and"
-        " invalidation: who, as which credential, what came of it (empty: none)."
+        "",
+        "File that gets one JSON line for each command request, clear, delete and"
+        " invalidation: who, as which credential, what came of it (empty: none).",
     )
     audit_log_max_bytes: int = _setting(
         10 * MiB, "Size past which the audit log is rotated; five rotated files are kept.", 1024
@@ -142,11 +160,13 @@ class Config:
         "", "Bearer token every /api/* request must send (environment only).", secret=True
     )
     token_file: str = _setting(
-        "", "File holding the token, instead of RUNCACHE_TOKEN; or several, one `name token`"
-        " (or `token`) a line, each client's jobs its own."
+        "",
+        "File holding the token, instead of RUNCACHE_TOKEN; or several, one `name token`"
+        " (or `token`) a line, each client's jobs its own.",
     )
     admin_token: str = _setting(
-        "", "Bearer token for cache clearing (environment only); defaults to the token.",
+        "",
+        "Bearer token for cache clearing (environment only); defaults to the token.",
         secret=True,
     )
     admin_token_file: str = _setting("", "File holding the admin token.")
@@ -154,7 +174,8 @@ class Config:
         "", "Comma-separated executables to allow; set, commands run without a shell."
     )
     allow_runners: str = _setting(
-        "", "Programs in --allow that run other programs (env, find, git, sh, python3...) "
+        "",
+        "Programs in --allow that run other programs (env, find, git, sh, python3...) "
         "and that you mean to allow anyway.",
     )
     max_concurrent: int = _setting(32, "Most commands running at once; cache hits never wait.", 1)
@@ -165,56 +186,75 @@ class Config:
         3600.0, "Seconds a finished job stays listed, with its output (at most 1,000 kept).", 0
     )
     env_allow: str = _setting(
-        "", "Comma-separated environment variables commands see (empty: all of runcache's),"
+        "",
+        "Comma-separated environment variables commands see (empty: all of runcache's),"
         " and the only ones a request's env may set.",
     )
     allow_cwd: str = _setting(
-        "", "Comma-separated absolute directories a request's cwd must lie within"
+        "",
+        "Comma-separated absolute directories a request's cwd must lie within"
         " (empty: any existing directory).",
     )
     allowed_hosts: str = _setting(
-        "", "Comma-separated further names (name or name:port) the Host header of a request"
+        "",
+        "Comma-separated further names (name or name:port) the Host header of a request"
         " may carry, besides 127.0.0.1, localhost, [::1] and --host: a reverse proxy's.",
     )
     allowed_origins: str = _setting(
-        "", "Comma-separated further browser origins (https://ui.example) whose pages may"
+        "",
+        "Comma-separated further browser origins (https://ui.example) whose pages may"
         " call the server; pages of other origins are refused.",
     )
     max_header_bytes: int = _setting(
-        64 * 1024, "Most bytes of a request's line and headers; past it a 431 and the"
-        " connection closed.", 1024, maximum=1 << 30,
+        64 * 1024,
+        "Most bytes of a request's line and headers; past it a 431 and the connection closed.",
+        1024,
+        maximum=1 << 30,
     )
     write_timeout: float = _setting(
-        30.0, "Seconds a client may take none of an answer the server has waiting (a stream"
-        " it does not read) before its connection is dropped.", 0.001
+        30.0,
+        "Seconds a client may take none of an answer the server has waiting (a stream"
+        " it does not read) before its connection is dropped.",
+        0.001,
     )
     max_streams: int = _setting(
-        0, "Most event streams open at once (job events, MCP's GET); past it a new one gets"
-        " a 503 with Retry-After (0: half of --max-connections).", 0
+        0,
+        "Most event streams open at once (job events, MCP's GET); past it a new one gets"
+        " a 503 with Retry-After (0: half of --max-connections).",
+        0,
     )
     job_output_bytes: int = _setting(
-        128 * MiB, "Most bytes of output finished jobs keep, all together (their results and"
+        128 * MiB,
+        "Most bytes of output finished jobs keep, all together (their results and"
         " the text decoded for pages); past it the output of the jobs that ended or were read"
-        " longest ago is dropped (410 Gone), their status still listed.", 0,
+        " longest ago is dropped (410 Gone), their status still listed.",
+        0,
     )
     run_as: str = _setting(
-        "", "User commands run as (with its primary group, no supplementary groups), so they"
+        "",
+        "User commands run as (with its primary group, no supplementary groups), so they"
         " cannot read what only runcache's user may; needs root (empty: runcache's user).",
     )
     mcp_session_timeout: float = _setting(
-        300.0, "Seconds an MCP session at /mcp may sit idle (no request in flight, no stream"
-        " open) before it is closed; its client then opens another.", 1
+        300.0,
+        "Seconds an MCP session at /mcp may sit idle (no request in flight, no stream"
+        " open) before it is closed; its client then opens another.",
+        1,
     )
     mcp_sessions_per_client: int = _setting(
-        256, "Most MCP sessions one client address keeps at /mcp: opening one more closes"
-        " its oldest.", 1
+        256,
+        "Most MCP sessions one client address keeps at /mcp: opening one more closes its oldest.",
+        1,
     )
 
     def __post_init__(self) -> None:
         for setting in dataclasses.fields(self):
             _check_range(setting.name, getattr(self, setting.name), setting.metadata)
-        for default, most in (("default_timeout", "max_timeout"), ("default_ttl", "max_ttl"),
-                              ("default_stale", "max_stale")):
+        for default, most in (
+            ("default_timeout", "max_timeout"),
+            ("default_ttl", "max_ttl"),
+            ("default_stale", "max_stale"),
+        ):
             if getattr(self, default) > getattr(self, most):
                 raise ConfigError(
                     f"{default} must not exceed {most}: {getattr(self, default):g} > "
@@ -233,9 +273,7 @@ class Config:
                 "--store sqlite:///path/cache.db or redis://host:port/0"
             )
         if self.containment not in ("auto", "pidns", "group"):
-            raise ConfigError(
-                f"containment must be auto, pidns or group, got {self.containment!r}"
-            )
+            raise ConfigError(f"containment must be auto, pidns or group, got {self.containment!r}")
         if 0 < self.max_processes < MIN_PROCESSES:
             raise ConfigError(
                 f"max_processes must be 0 (no limit) or at least {MIN_PROCESSES} (the least"
@@ -257,15 +295,19 @@ class Config:
             if not _ENV_NAME.fullmatch(name):
                 raise ConfigError(f"env_allow: {name!r} is not an environment variable name")
             if is_own(name):
-                raise ConfigError(f"env_allow: {name!r} is one of runcache's own variables"
-                                  f" ({OWN_PREFIX}*), which commands never see")
+                raise ConfigError(
+                    f"env_allow: {name!r} is one of runcache's own variables"
+                    f" ({OWN_PREFIX}*), which commands never see"
+                )
         for root in self.cwd_roots:
             if not os.path.isabs(root) or not os.path.isdir(root):
                 raise ConfigError(f"allow_cwd: {root!r} is not an absolute path of a directory")
         for origin in self.origins:
             if not _ORIGIN.fullmatch(origin):
-                raise ConfigError(f"allowed_origins: {origin!r} is not an origin such as "
-                                  "https://ui.example or http://127.0.0.1:3000")
+                raise ConfigError(
+                    f"allowed_origins: {origin!r} is not an origin such as "
+                    "https://ui.example or http://127.0.0.1:3000"
+                )
         if self.run_as:
             try:
                 RunAs.lookup(self.run_as)
@@ -297,7 +339,8 @@ class Config:
         """Each token ``token`` (or ``token_file``) holds, with its identity: its name in
         the file, else ``token-`` and 12 hex digits of its SHA-256 (never the token)."""
         return tuple(
-            (line.partition(" ")[0], line.partition(" ")[2]) if " " in line
+            (line.partition(" ")[0], line.partition(" ")[2])
+            if " " in line
             else (token_identity(line), line)
             for line in self.token.splitlines()
         )
@@ -336,8 +379,9 @@ class Config:
     @property
     def secrets(self) -> tuple[str, ...]:
         """The values of the secret settings (the tokens), which no command may see."""
-        return tuple(getattr(self, item.name) for item in dataclasses.fields(self)
-                     if item.metadata["secret"])
+        return tuple(
+            getattr(self, item.name) for item in dataclasses.fields(self) if item.metadata["secret"]
+        )
 
     @property
     def cwd_roots(self) -> tuple[str, ...]:
@@ -523,4 +567,3 @@ _SIZE = re.compile(r"(\d{1,20})\s*(?:([KMGTkmgt])(?:i?[Bb])?)?")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ORIGIN = re.compile(r"https?://[^/?#\s]+/?", re.IGNORECASE)
 _TOKEN_NAME = re.compile(rf"[A-Za-z0-9._-]{{1,{MIN_TOKEN_LENGTH - 1}}}")
-

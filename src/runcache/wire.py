@@ -84,7 +84,7 @@ Background = Annotated[
     bool,
     Meta(
         description="true answers 202 at once with the job that runs the command; "
-                    "follow it under /api/jobs/{job_id}.",
+        "follow it under /api/jobs/{job_id}.",
         extra={"type": "background must be true or false"},
     ),
 ]
@@ -93,7 +93,7 @@ Refresh = Annotated[
     bool,
     Meta(
         description="true runs the command even when a result is cached, and stores the "
-                    "new result in its place (identical requests still share the run).",
+        "new result in its place (identical requests still share the run).",
         extra={"type": "refresh must be true or false"},
     ),
 ]
@@ -104,8 +104,8 @@ Stale = Annotated[
     Meta(
         ge=0,
         description="Seconds past its expiry a cached result may still answer at once, "
-                    "marked \"stale\": true, while one run refreshes it "
-                    "(default --default-stale, at most --max-stale).",
+        'marked "stale": true, while one run refreshes it '
+        "(default --default-stale, at most --max-stale).",
         extra={
             "type": "stale must be a number of seconds",
             "constraint": "stale must be 0 or more seconds",
@@ -124,12 +124,12 @@ Cwd = Annotated[
         pattern=r"^/[^\x00]*$",
         max_length=MAX_PATH,
         description="The directory the command runs in: an absolute path to an existing "
-                    "directory (within the server's --allow-cwd roots when it names any). "
-                    "Part of the cache key.",
+        "directory (within the server's --allow-cwd roots when it names any). "
+        "Part of the cache key.",
         extra={
             "type": "cwd must be a string",
             "constraint": f"cwd must be an absolute path (starting with /) of at most "
-                          f"{MAX_PATH} characters",
+            f"{MAX_PATH} characters",
             "nul": "cwd must not contain NUL characters",
         },
     ),
@@ -141,11 +141,11 @@ Env = Annotated[
     Meta(
         max_length=MAX_ENV_VARIABLES,
         description="Environment variables to set for the command, over the server's own "
-                    "(only those --env-allow names, when it names any). Part of the cache key.",
+        "(only those --env-allow names, when it names any). Part of the cache key.",
         extra={
             "type": "env must be an object of variable names to string values",
             "constraint": f"env must map at most {MAX_ENV_VARIABLES} variable names (letters, "
-                          "digits and _, not starting with a digit) to values without NUL",
+            "digits and _, not starting with a digit) to values without NUL",
         },
     ),
 ]
@@ -153,7 +153,7 @@ Stdin = Annotated[
     str,
     Meta(
         description="Text fed to the command's standard input (UTF-8); without it the "
-                    "command reads end of file at once. Part of the cache key.",
+        "command reads end of file at once. Part of the cache key.",
         extra={"type": "stdin must be a string"},
     ),
 ]
@@ -294,7 +294,14 @@ class Error(Struct, frozen=True):
 
 #: Every shape the API sends or takes, named as the OpenAPI components name them.
 SHAPES: tuple[type[Struct], ...] = (
-    CommandRequest, CommandResult, CacheStats, Telemetry, Health, Cleared, Live, Error,
+    CommandRequest,
+    CommandResult,
+    CacheStats,
+    Telemetry,
+    Health,
+    Cleared,
+    Live,
+    Error,
 )
 
 encode = msgspec.json.Encoder().encode
@@ -359,14 +366,16 @@ def _malformed(error: Exception, body: bytes) -> BadRequest:
     try:
         body.decode()
     except UnicodeDecodeError as bad:
-        return BadRequest(f"request body must be valid JSON: it is not UTF-8 "
-                          f"({bad.reason} at byte {bad.start})")
+        return BadRequest(
+            f"request body must be valid JSON: it is not UTF-8 ({bad.reason} at byte {bad.start})"
+        )
     return BadRequest(f"request body must be valid JSON: {error}")
 
 
 #: What a body nested past the decoder's recursion limit answers.
-NESTED_TOO_DEEP = ("request body is nested too deeply: its arrays and objects may nest "
-                   "a few hundred deep")
+NESTED_TOO_DEEP = (
+    "request body is nested too deeply: its arrays and objects may nest a few hundred deep"
+)
 
 #: The most digits a whole number in a query string or header may have: enough for any
 #: offset (2**63 has 19), far below the 4,300 past which ``int()`` refuses a string.
@@ -436,8 +445,9 @@ def command_request_schema(bounds: dict[str, tuple[float, float]]) -> dict[str, 
     schema: dict[str, Any] = schema_components()["CommandRequest"]
     properties = schema["properties"]
     for name, (limit, default) in bounds.items():
-        number = next(option for option in properties[name]["anyOf"]
-                      if option.get("type") == "number")
+        number = next(
+            option for option in properties[name]["anyOf"] if option.get("type") == "number"
+        )
         number["maximum"] = limit
         properties[name]["default"] = default
     return schema
@@ -663,8 +673,16 @@ class TaskResult(Struct, frozen=True, kw_only=True):
     timestamp: _Timestamp
 
 
-SHAPES = (*SHAPES, ProcessList, ProcessDetail, ProcessDone, ProcessFailure, Dashboard,
-          TaskSubmitted, TaskResult)
+SHAPES = (
+    *SHAPES,
+    ProcessList,
+    ProcessDetail,
+    ProcessDone,
+    ProcessFailure,
+    Dashboard,
+    TaskSubmitted,
+    TaskResult,
+)
 
 
 # -- cache entries: listing, reading, deleting and invalidating what the cache holds --
@@ -703,9 +721,14 @@ class CacheEntryDetail(CacheEntry, frozen=True, kw_only=True):
 
 def _not_empty(name: str, description: str) -> Meta:
     """A string of at least one character, with the messages for ``name``."""
-    return Meta(min_length=1, description=description, extra={
-        "type": f"{name} must be a string", "constraint": f"{name} must not be empty",
-    })
+    return Meta(
+        min_length=1,
+        description=description,
+        extra={
+            "type": f"{name} must be a string",
+            "constraint": f"{name} must not be empty",
+        },
+    )
 
 
 #: The longest ``glob`` an invalidation takes. Each of its characters is a step of the
@@ -717,25 +740,42 @@ MAX_GLOB = 1024
 class InvalidateRequest(Request, frozen=True):
     """The body of ``POST /api/cache/invalidate``: exactly one of ``prefix`` and ``glob``."""
 
-    prefix: Annotated[str, _not_empty(
-        "prefix", "Delete the entries whose command starts with this.")] | UnsetType = UNSET
-    glob: Annotated[str, Meta(
-        min_length=1, max_length=MAX_GLOB,
-        description="Delete the entries whose whole command matches this shell-style pattern "
-                    f"(*, ?, [abc], [!abc]), at most {MAX_GLOB} characters.",
-        extra={"type": "glob must be a string", "constraint": "glob must not be empty",
-               "too_long": f"glob must be at most {MAX_GLOB} characters"},
-    )] | UnsetType = UNSET
+    prefix: (
+        Annotated[str, _not_empty("prefix", "Delete the entries whose command starts with this.")]
+        | UnsetType
+    ) = UNSET
+    glob: (
+        Annotated[
+            str,
+            Meta(
+                min_length=1,
+                max_length=MAX_GLOB,
+                description="Delete the entries whose whole command matches this shell-style "
+                f"pattern (*, ?, [abc], [!abc]), at most {MAX_GLOB} characters.",
+                extra={
+                    "type": "glob must be a string",
+                    "constraint": "glob must not be empty",
+                    "too_long": f"glob must be at most {MAX_GLOB} characters",
+                },
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
 
 
 #: What the JSON Schema of a shape states beyond its fields.
 _SCHEMA_EXTRAS: dict[str, dict[str, Any]] = {
     "InvalidateRequest": {"oneOf": [{"required": ["prefix"]}, {"required": ["glob"]}]},
-    **dict.fromkeys(("RunRequest", "CommandRequest", "ExecuteRequest"), {
-        # refresh stores the new result, use_cache false stores nothing: not both.
-        "not": {"required": ["refresh", "use_cache"],
-                "properties": {"refresh": {"const": True}, "use_cache": {"const": False}}},
-    }),
+    **dict.fromkeys(
+        ("RunRequest", "CommandRequest", "ExecuteRequest"),
+        {
+            # refresh stores the new result, use_cache false stores nothing: not both.
+            "not": {
+                "required": ["refresh", "use_cache"],
+                "properties": {"refresh": {"const": True}, "use_cache": {"const": False}},
+            },
+        },
+    ),
 }
 
 INVALIDATE_ONE = 'give exactly one of "prefix" and "glob"'

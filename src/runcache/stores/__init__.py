@@ -20,8 +20,7 @@ from runcache.errors import ConfigError
 from runcache.stores.base import DEFAULT_TIMEOUT, Store
 from runcache.stores.memory import MemoryStore
 
-__all__ = ["Store", "MemoryStore", "open_store", "SCHEMES", "DEFAULT_NAMESPACE",
-           "DEFAULT_TIMEOUT"]
+__all__ = ["Store", "MemoryStore", "open_store", "SCHEMES", "DEFAULT_NAMESPACE", "DEFAULT_TIMEOUT"]
 
 #: The namespace of a store URL that names none.
 DEFAULT_NAMESPACE = "runcache"
@@ -31,14 +30,16 @@ _NAMESPACE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 Clock = Callable[[], float]
 
 
-def _open_memory(url: str, max_entries: int, max_bytes: int, clock: Clock | None,
-                 timeout: float, retain: float) -> Store:
+def _open_memory(
+    url: str, max_entries: int, max_bytes: int, clock: Clock | None, timeout: float, retain: float
+) -> Store:
     _split_namespace(url)
     return MemoryStore(max_entries, max_bytes, clock=clock or time.monotonic, retain=retain)
 
 
-def _open_sqlite(url: str, max_entries: int, max_bytes: int, clock: Clock | None,
-                 timeout: float, retain: float) -> Store:
+def _open_sqlite(
+    url: str, max_entries: int, max_bytes: int, clock: Clock | None, timeout: float, retain: float
+) -> Store:
     from runcache.stores.sqlite import SqliteStore
 
     rest, namespace = _split_namespace(url)
@@ -49,12 +50,20 @@ def _open_sqlite(url: str, max_entries: int, max_bytes: int, clock: Clock | None
     path = parts.netloc + parts.path
     if not path:
         raise ConfigError(f"store {url!r} names no file: use sqlite:///path/to/cache.db")
-    return SqliteStore(Path(path), max_entries, max_bytes, namespace, clock=clock or time.time,
-                       timeout=timeout, retain=retain)
+    return SqliteStore(
+        Path(path),
+        max_entries,
+        max_bytes,
+        namespace,
+        clock=clock or time.time,
+        timeout=timeout,
+        retain=retain,
+    )
 
 
-def _open_redis(url: str, max_entries: int, max_bytes: int, clock: Clock | None,
-                timeout: float, retain: float) -> Store:
+def _open_redis(
+    url: str, max_entries: int, max_bytes: int, clock: Clock | None, timeout: float, retain: float
+) -> Store:
     try:
         from runcache.stores.redis import RedisStore
     except ModuleNotFoundError as error:
@@ -64,8 +73,15 @@ def _open_redis(url: str, max_entries: int, max_bytes: int, clock: Clock | None,
             f"store {url!r} needs the redis package: pip install 'runcache[redis]'"
         ) from None
     rest, namespace = _split_namespace(url)
-    return RedisStore.from_url(rest, max_entries, max_bytes, namespace, clock=clock or time.time,
-                               timeout=timeout, retain=retain)
+    return RedisStore.from_url(
+        rest,
+        max_entries,
+        max_bytes,
+        namespace,
+        clock=clock or time.time,
+        timeout=timeout,
+        retain=retain,
+    )
 
 
 #: Each URL scheme and the function that opens a store for it.

@@ -119,8 +119,15 @@ class Store(Protocol):
         """
         ...
 
-    def put(self, key: str, value: bytes, ttl: float, epoch: int,
-            command: str = "", return_code: int = 0) -> bool:
+    def put(
+        self,
+        key: str,
+        value: bytes,
+        ttl: float,
+        epoch: int,
+        command: str = "",
+        return_code: int = 0,
+    ) -> bool:
         """Store ``value`` for ``ttl`` seconds, evicting least recently used entries to fit.
 
         ``command`` and ``return_code`` are kept beside it for :meth:`entries`; the

@@ -15,8 +15,15 @@ class _Entry:
 
     __slots__ = ("value", "expires_at", "command", "created_at", "return_code", "hits", "order")
 
-    def __init__(self, value: bytes, expires_at: float, command: str, created_at: float,
-                 return_code: int, order: int) -> None:
+    def __init__(
+        self,
+        value: bytes,
+        expires_at: float,
+        command: str,
+        created_at: float,
+        return_code: int,
+        order: int,
+    ) -> None:
         self.value = value
         self.expires_at = expires_at
         self.command = command
@@ -25,6 +32,7 @@ class _Entry:
         self.hits = 0
         #: Puts before this one since the store was made: newest first sorts on it.
         self.order = order
+
 
 #: The token :meth:`MemoryStore.acquire` grants: there is no lock to hold.
 LOCAL_TOKEN = "local"
@@ -106,8 +114,15 @@ class MemoryStore:
         value = self.get(key)  # a miss, as any reader's (or a put made since)
         return None if value is None else (value, False)
 
-    def put(self, key: str, value: bytes, ttl: float, epoch: int,
-            command: str = "", return_code: int = 0) -> bool:
+    def put(
+        self,
+        key: str,
+        value: bytes,
+        ttl: float,
+        epoch: int,
+        command: str = "",
+        return_code: int = 0,
+    ) -> bool:
         size = len(value)
         with self._lock:
             if epoch != self._epoch or size > self.max_bytes:
@@ -152,10 +167,13 @@ class MemoryStore:
     def entries(self, prefix: str, offset: int, limit: int) -> list[EntryInfo]:
         with self._lock:
             now = self._clock()
-            found = [(key, entry) for key, entry in self._entries.items()
-                     if entry.expires_at > now and entry.command.startswith(prefix)]
+            found = [
+                (key, entry)
+                for key, entry in self._entries.items()
+                if entry.expires_at > now and entry.command.startswith(prefix)
+            ]
             found.sort(key=lambda item: item[1].order, reverse=True)
-            return [self._info(key, entry) for key, entry in found[offset:offset + limit]]
+            return [self._info(key, entry) for key, entry in found[offset : offset + limit]]
 
     def entry(self, key: str) -> tuple[EntryInfo, bytes] | None:
         with self._lock:
@@ -169,9 +187,13 @@ class MemoryStore:
         # times by the clocks' difference now, the only moment both can be read.
         to_wall = time.time() - self._clock()
         return EntryInfo(
-            key=key, command=entry.command, size=len(entry.value),
-            created_at=entry.created_at + to_wall, expires_at=entry.expires_at + to_wall,
-            hits=entry.hits, return_code=entry.return_code,
+            key=key,
+            command=entry.command,
+            size=len(entry.value),
+            created_at=entry.created_at + to_wall,
+            expires_at=entry.expires_at + to_wall,
+            hits=entry.hits,
+            return_code=entry.return_code,
         )
 
     def delete(self, key: str) -> bool:
@@ -188,8 +210,7 @@ class MemoryStore:
         are still the same entries (one replaced meanwhile stays)."""
         with self._lock:
             now = self._clock()
-            live = [(key, entry) for key, entry in self._entries.items()
-                    if entry.expires_at > now]
+            live = [(key, entry) for key, entry in self._entries.items() if entry.expires_at > now]
         doomed = [(key, entry) for key, entry in live if match(entry.command)]
         with self._lock:
             gone = [(key, entry) for key, entry in doomed if self._entries.get(key) is entry]
@@ -226,8 +247,7 @@ class MemoryStore:
         # So that ``size`` and ``bytes`` count only entries that could be served
         # (stale ones too, while they are retained).
         now = self._clock() - self.retain
-        expired = [(key, entry) for key, entry in self._entries.items()
-                   if entry.expires_at <= now]
+        expired = [(key, entry) for key, entry in self._entries.items() if entry.expires_at <= now]
         for key, entry in expired:
             self._remove(key, entry)
         self._expirations += len(expired)

@@ -332,7 +332,9 @@ local info_key = KEYS[6]      -- hash of each key's command, creation time and e
 local created_key = KEYS[7]   -- sorted set of keys by the order they were stored in
 """
 
-_STATS = _INDEX_KEYS + """
+_STATS = (
+    _INDEX_KEYS
+    + """
 local now = ARGV[1]           -- the store's clock less its retention, as a score bound
 local entry_prefix = ARGV[2]  -- entry_prefix .. member is a member's entry key
 local expired = redis.call('ZRANGEBYSCORE', expiry_key, '-inf', now)
@@ -351,17 +353,24 @@ if #expired > 0 then
   redis.call('HINCRBY', counts_key, 'bytes', -freed)
   redis.call('HINCRBY', counts_key, 'expirations', #expired)
 end
-""" + _COUNTS + """
+"""
+    + _COUNTS
+    + """
 return counts
 """
+)
 
 # A clear takes the whole namespace out of use in one step whatever its size:
 # the LRU set is renamed aside (its entries are deleted after, by ``_DRAIN``)
 # and the other indexes are unlinked, which Redis frees in a background thread.
-_CLEAR = _INDEX_KEYS + """
+_CLEAR = (
+    _INDEX_KEYS
+    + """
 local cleared_key = KEYS[8]   -- set of the renamed LRU sets still to drain
 local trash_key = KEYS[9]     -- the name the LRU set takes until it is drained
-""" + _COUNTS + """
+"""
+    + _COUNTS
+    + """
 if redis.call('EXISTS', lru_key) == 1 then
   redis.call('RENAME', lru_key, trash_key)
   redis.call('SADD', cleared_key, trash_key)
@@ -372,6 +381,7 @@ redis.call('DEL', counts_key)
 redis.call('HSET', counts_key, 'epoch', epoch)
 return counts
 """
+)
 
 # One batch of a clear's deletions. An entry stored again since the clear is in
 # the live LRU set, under the same entry key: that one stays.
@@ -395,7 +405,9 @@ return 0
 """
 
 # Delete the live entries among the members given, keeping the counts; how many.
-_DELETE = _INDEX_KEYS + """
+_DELETE = (
+    _INDEX_KEYS
+    + """
 local now = tonumber(ARGV[1])  -- the store's clock
 local entry_prefix = ARGV[2]   -- entry_prefix .. member is a member's entry key
 local members = ARGV           -- from its third on: the members to delete
@@ -421,6 +433,7 @@ if freed > 0 then
 end
 return deleted
 """
+)
 
 _RELEASE = """
 local lock_key = KEYS[1]  -- the key's single-flight lock
@@ -526,19 +539,24 @@ class RedisStore:
         except (ValueError, TypeError) as error:
             raise ConfigError(f"bad redis store URL {mask_password(url)}: {error}") from None
         async_client = functools.partial(
-            redis.asyncio.Redis.from_url, url, **timeouts,
+            redis.asyncio.Redis.from_url,
+            url,
+            **timeouts,
             retry=AsyncRetry(NoBackoff(), 1, supported_errors=_RETRIED),
         )
-        return cls(client, async_client, max_entries, max_bytes, namespace, clock, description,
-                   retain)
+        return cls(
+            client, async_client, max_entries, max_bytes, namespace, clock, description, retain
+        )
 
     # -- the cache's operations -------------------------------------------------
 
     def get(self, key: str) -> bytes | None:
         # Every cache hit comes through here: one script call, no helper layers.
         try:
-            value = self._get(keys=self._entry_keys(key),
-                              args=_Lookup(key, repr(self._clock()), retain=self.retain))
+            value = self._get(
+                keys=self._entry_keys(key),
+                args=_Lookup(key, repr(self._clock()), retain=self.retain),
+            )
         except redis.RedisError as error:
             raise self._failure(error) from error
         return value if isinstance(value, bytes) else None
@@ -549,7 +567,8 @@ class RedisStore:
         try:
             value = await self._loop_get()(
                 keys=self._entry_keys(key),
-                args=_Lookup(key, repr(self._clock()), retain=self.retain))
+                args=_Lookup(key, repr(self._clock()), retain=self.retain),
+            )
         except redis.RedisError as error:
             raise self._failure(error) from error
         return value if isinstance(value, bytes) else None
@@ -569,8 +588,15 @@ class RedisStore:
             self._on_loop = (loop, client, client.register_script(_GET))
         return self._on_loop[2]
 
-    def put(self, key: str, value: bytes, ttl: float, epoch: int,
-            command: str = "", return_code: int = 0) -> bool:
+    def put(
+        self,
+        key: str,
+        value: bytes,
+        ttl: float,
+        epoch: int,
+        command: str = "",
+        return_code: int = 0,
+    ) -> bool:
         now = self._clock()
         native_ms = math.ceil((ttl + self.retain + NATIVE_EXPIRY_GRACE) * 1000)
         args = _PutArgs(
@@ -628,8 +654,11 @@ class RedisStore:
         the namespace finishes the job (``cleared`` names what is left), and
         each value's native expiry bounds how long it could stay.
         """
-        keys = _ClearKeys(*self._index_keys, cleared_key=self.cleared_key,
-                          trash_key=f"{self.cleared_key}:{secrets.token_hex(8)}")
+        keys = _ClearKeys(
+            *self._index_keys,
+            cleared_key=self.cleared_key,
+            trash_key=f"{self.cleared_key}:{secrets.token_hex(8)}",
+        )
         counts = self._run(self._clear, keys, [])
         self._drain_cleared()
         return self._snapshot(counts)
@@ -637,8 +666,9 @@ class RedisStore:
     def _drain_cleared(self) -> None:
         """Delete, a batch at a time, the entries of every LRU set a clear renamed aside."""
         for trash in self._call(self.client.smembers, self.cleared_key):
-            keys = _DrainKeys(trash_key=trash.decode(), lru_key=self.lru_key,
-                              cleared_key=self.cleared_key)
+            keys = _DrainKeys(
+                trash_key=trash.decode(), lru_key=self.lru_key, cleared_key=self.cleared_key
+            )
             # ARGV: entry_prefix, batch.
             while self._run(self._drain, keys, [self.entry_prefix, BATCH]) == 1:
                 pass
@@ -650,15 +680,14 @@ class RedisStore:
         found: list[EntryInfo] = []
         start = 0
         while len(found) < offset + limit:
-            members = self._call(self.client.zrevrange, self.created_key, start,
-                                 start + BATCH - 1)
+            members = self._call(self.client.zrevrange, self.created_key, start, start + BATCH - 1)
             if not members:
                 break
             start += len(members)
             for info in self._infos([member.decode() for member in members]):
                 if info.expires_at > now and info.command.startswith(prefix):
                     found.append(info)
-        return found[offset:offset + limit]
+        return found[offset : offset + limit]
 
     def _infos(self, members: list[str]) -> list[EntryInfo]:
         """What the indexes hold of each member; ones no longer held are left out."""
@@ -670,8 +699,9 @@ class RedisStore:
         infos, hits, sizes, expiries = self._call(pipe.execute)
         return [
             _entry_info(member, info, int(hit or 0), int(size), float(expires_at))
-            for member, info, hit, size, expires_at in zip(members, infos, hits, sizes, expiries,
-                                                           strict=True)
+            for member, info, hit, size, expires_at in zip(
+                members, infos, hits, sizes, expiries, strict=True
+            )
             if size is not None and expires_at is not None
         ]
 
@@ -702,10 +732,13 @@ class RedisStore:
             members = [member for member, _ in scored]
             if members:
                 infos = self._call(self.client.hmget, self.info_key, members)
-                doomed = [member for member, info in zip(members, infos, strict=True)
-                          if info is not None and match(_decode_info(info)[0])]
+                doomed = [
+                    member
+                    for member, info in zip(members, infos, strict=True)
+                    if info is not None and match(_decode_info(info)[0])
+                ]
                 for start in range(0, len(doomed), BATCH):  # ZSCAN's COUNT is but a hint
-                    deleted += self._delete_members(doomed[start:start + BATCH])
+                    deleted += self._delete_members(doomed[start : start + BATCH])
             if cursor == 0:
                 return deleted
 
@@ -759,12 +792,18 @@ _encode_info = msgspec.json.Encoder().encode
 _decode_info = msgspec.json.Decoder(_Info).decode
 
 
-def _entry_info(key: str, info: bytes | None, hits: int, size: int,
-                expires_at: float) -> EntryInfo:
+def _entry_info(key: str, info: bytes | None, hits: int, size: int, expires_at: float) -> EntryInfo:
     """An entry as listed; one stored by a runcache older than ``info`` has none."""
     command, created_at, return_code = ("", 0.0, 0) if info is None else _decode_info(info)
-    return EntryInfo(key=key, command=command, size=size, created_at=created_at,
-                     expires_at=expires_at, hits=hits, return_code=return_code)
+    return EntryInfo(
+        key=key,
+        command=command,
+        size=size,
+        created_at=created_at,
+        expires_at=expires_at,
+        hits=hits,
+        return_code=return_code,
+    )
 
 
 def _argument(value: Any) -> Any:
@@ -786,7 +825,9 @@ def mask_password(url: str) -> str:
     if parts.query:
         pairs = parse_qsl(parts.query, keep_blank_values=True)
         if any(name.lower() in _SECRET_PARAMETERS for name, _ in pairs):
-            masked = [(name, "***" if name.lower() in _SECRET_PARAMETERS else value)
-                      for name, value in pairs]
+            masked = [
+                (name, "***" if name.lower() in _SECRET_PARAMETERS else value)
+                for name, value in pairs
+            ]
             parts = parts._replace(query=urlencode(masked, safe="*"))
     return urlunsplit(parts)

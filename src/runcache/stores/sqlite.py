@@ -120,8 +120,9 @@ LOOK_INTERVAL = 0.01
 #: shares its -wal and -shm and fails ("disk I/O error") until the idle one is called.
 WATCH_INTERVAL = 1.0
 
-_COUNTS = ("SELECT hits, misses, evictions, expirations, coalesced, entries, bytes, stale_hits"
-           " FROM counts")
+_COUNTS = (
+    "SELECT hits, misses, evictions, expirations, coalesced, entries, bytes, stale_hits FROM counts"
+)
 
 
 class _ThreadConnection(threading.local):
@@ -242,8 +243,15 @@ class SqliteStore:
         # thread of this one) writes; that is rare, and as short as their write.
         return self.get(key)
 
-    def put(self, key: str, value: bytes, ttl: float, epoch: int,
-            command: str = "", return_code: int = 0) -> bool:
+    def put(
+        self,
+        key: str,
+        value: bytes,
+        ttl: float,
+        epoch: int,
+        command: str = "",
+        return_code: int = 0,
+    ) -> bool:
         size = len(value)
         if size > self.max_bytes:
             return False
@@ -259,8 +267,13 @@ class SqliteStore:
                 (self.namespace, key),
             ).fetchall()
             old_size = replaced[0][0] if replaced else 0
-            self._count(db, used=1, entries=0 if replaced else 1, bytes=size - old_size,
-                        expirations=int(bool(replaced) and replaced[0][1] <= now))
+            self._count(
+                db,
+                used=1,
+                entries=0 if replaced else 1,
+                bytes=size - old_size,
+                expirations=int(bool(replaced) and replaced[0][1] <= now),
+            )
             added = db.execute(
                 "INSERT INTO entries (namespace, key, size, expires_at, used, command,"
                 " created_at, return_code)"
@@ -474,8 +487,10 @@ class SqliteStore:
         # Bounded: a thread stuck in SQLite's busy handler holds the lock for up to
         # the timeout itself, and a queue of threads must not add theirs up.
         if not self._write_lock.acquire(timeout=self.timeout):
-            raise StoreError(f"sqlite store {self.path}: busy: another call waited over"
-                             f" the store timeout ({self.timeout:g} s) for the file")
+            raise StoreError(
+                f"sqlite store {self.path}: busy: another call waited over"
+                f" the store timeout ({self.timeout:g} s) for the file"
+            )
         try:
             yield self._connection()
         except sqlite3.Error as error:
@@ -489,8 +504,11 @@ class SqliteStore:
         found, self._found = self._found, None
         if found is not None:
             raise StoreError(_changed_message(self.path, found))
-        if (local.connection is not None and local.pid == os.getpid()
-                and local.generation == self._generation):
+        if (
+            local.connection is not None
+            and local.pid == os.getpid()
+            and local.generation == self._generation
+        ):
             now = time.monotonic()
             if now >= local.next_look:
                 local.next_look = now + self.look_interval
@@ -577,8 +595,7 @@ class SqliteStore:
         # Made readable by runcache's user alone (SQLite would make it 0644 less the umask;
         # its -wal and -shm take the database's mode): a run as --run-as cannot read it.
         with contextlib.suppress(OSError):  # there already, or SQLite will say what is wrong
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                             0o600))
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         # isolation_level=None: this module issues BEGIN and COMMIT itself.
         db = sqlite3.connect(
             self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
@@ -601,8 +618,7 @@ class SqliteStore:
                 # A -shm truncated between the look before a call and SQLite's touch
                 # still faults: let the SIGBUS leave a line and a stack, not nothing.
                 faulthandler.enable()
-            threading.Thread(target=self._watch, name="runcache-sqlite-watch",
-                             daemon=True).start()
+            threading.Thread(target=self._watch, name="runcache-sqlite-watch", daemon=True).start()
         return db, opened
 
     def _prepare(self, db: sqlite3.Connection) -> None:
@@ -631,9 +647,11 @@ class SqliteStore:
 
 def _changed_message(path: Path, change: str) -> str:
     if change == sqlite_files.TRUNCATED:
-        return (f"sqlite store {path} {change}: runcache no longer touches this file (SQLite"
-                " would crash the process with SIGBUS); remove the database file and its -wal"
-                " and -shm, or restart runcache")
+        return (
+            f"sqlite store {path} {change}: runcache no longer touches this file (SQLite"
+            " would crash the process with SIGBUS); remove the database file and its -wal"
+            " and -shm, or restart runcache"
+        )
     return f"sqlite store {path} {change} while open: reopening the path"
 
 
@@ -683,7 +701,7 @@ def _machine() -> str:
 def _started(pid: int) -> str:
     """When process ``pid`` started (clock ticks since boot); "" for a zombie, which has ended."""
     stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()  # after the command's name, which may hold spaces
+    fields = stat[stat.rindex(")") + 2 :].split()  # after the command's name, which may hold spaces
     return "" if fields[0] in ("Z", "X") else fields[19]
 
 

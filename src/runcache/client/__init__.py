@@ -1,0 +1,1 @@
+"""Clients of a runcache server: over HTTP, or an engine in the same process."""

@@ -1,0 +1,521 @@
+"""The engine: everything runcache does, with no knowledge of HTTP.
+
+The API, the CLI and the MCP adapter are thin layers over one :class:`Engine`,
+so a behaviour (a cache key, a bound, a log line) is written once here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import os
+import shlex
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import msgspec
+import orjson
+
+from runcache import __version__, wire
+from runcache.config import Config
+from runcache.engine.audit import AuditLog
+from runcache.engine.cache import Cache
+from runcache.engine.jobs import Job, Jobs, OutputFacts, output_facts
+from runcache.engine.metrics import Metrics
+from runcache.engine.slots import Slots
+from runcache.engine.telemetry import Telemetry
+from runcache.errors import BadRequest, ConfigError, RuncacheError, StoreError
+from runcache.logs import loggable
+from runcache.run.allowlist import Allowlist
+from runcache.run.context import ContextRules, key_part
+from runcache.run.encode import encode_result
+from runcache.run.rlimits import RunLimits
+from runcache.run.run_as import RunAs, without_own
+from runcache.run.runner import NO_CONTEXT, RunContext, RunControl, Runner, RunResult
+from runcache.stores import open_store
+from runcache.stores.base import CacheStats
+from runcache.wire import CommandRequest
+
+log = logging.getLogger("runcache")
+
+#: The shell that runs a command string, as the contract has it.
+SHELL = ("/bin/sh", "-c")
+
+#: Environment variables whose values go into the cache key: a command that
+#: sees another PATH, home, user, locale or time zone may well print something else.
+KEY_ENV_VARS = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ")
+
+#: The tail of a stored result that each answer replaces with its own flags.
+_HIT_TAIL = b',"cached":true,"coalesced":false}'
+_RUN_TAIL = b',"cached":false,"coalesced":false}'
+_SHARED_TAIL = b',"cached":false,"coalesced":true}'
+_STALE_TAIL = b',"cached":true,"coalesced":false,"stale":true}'
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A checked request: what to run, under which key, for how long, kept how long."""
+
+    command: str
+    argv: list[str]
+    key: str
+    timeout: float
+    ttl: float
+    use_cache: bool
+    #: Run even if a result is cached, and store the new one in its place.
+    refresh: bool = False
+    #: Where the command runs and what it is given, when the request says.
+    context: RunContext = NO_CONTEXT
+    #: Seconds past expiry a cached result may still answer (stale), refreshed meanwhile.
+    stale: float = 0.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The answer to a command request.
+
+    ``body`` is the result encoded once as JSON, exactly as the cache holds it;
+    answering only appends the ``cached`` and ``coalesced`` flags, so a hit on a
+    large result is served without decoding or re-encoding it.
+    """
+
+    body: bytes
+    cached: bool = False
+    coalesced: bool = False
+    #: Cached, but past its expiry: a refresh of it is running.
+    stale: bool = False
+
+    @property
+    def tail(self) -> bytes:
+        """What replaces the body's closing brace: this answer's flags, then the brace."""
+        if self.cached:
+            return _STALE_TAIL if self.stale else _HIT_TAIL
+        return _SHARED_TAIL if self.coalesced else _RUN_TAIL
+
+    def to_json(self) -> bytes:
+        return self.body[:-1] + self.tail
+
+    def result(self) -> wire.CommandResult:
+        """The answer decoded as the typed result clients read."""
+        return msgspec.json.decode(self.to_json(), type=wire.CommandResult)
+
+
+class Engine:
+    """Runs commands through the cache, once per key at a time, and keeps the counts.
+
+    Its operations are coroutines on one event loop at a time: a cache hit on
+    the memory store is answered without leaving the loop, and requests waiting
+    for an identical run or for a slot await futures, not threads. Commands run
+    in a pool of ``max_concurrent`` threads, one per slot.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        cache: Cache,
+        runner: Runner,
+        metrics: Metrics | None = None,
+        audit: AuditLog | None = None,
+    ) -> None:
+        self.config = config
+        #: Where the layers that know the caller record each request (``--audit-log``).
+        self.audit = audit if audit is not None else AuditLog()
+        self.cache = cache
+        self.runner = runner
+        self.telemetry = Telemetry()
+        #: Prometheus counts, which no clear resets (``GET /metrics``).
+        self.metrics = metrics if metrics is not None else Metrics()
+        cache.on_failure = self.metrics.store_error
+        self.jobs = Jobs(config.job_retention, output_bytes=config.job_output_bytes)
+        self._last_stats = CacheStats(0, 0, 0, 0, 0, 0, config.max_entries, 0, config.max_bytes)
+        self.slots = Slots(config.max_concurrent, config.queue_timeout)
+        self._run_threads = ThreadPoolExecutor(
+            config.max_concurrent, thread_name_prefix="runcache-run"
+        )
+        self.allowlist: Allowlist | None = None
+        if config.allowed_commands:
+            self.allowlist = Allowlist(
+                config.allowed_commands, runner.env, runner.cwd, config.runner_names
+            )
+        self.context_rules = ContextRules(
+            config.cwd_roots, config.env_names, self.allowlist is not None
+        )
+        self._key_prefix = self._key_context()
+
+    @classmethod
+    def from_config(cls, config: Config) -> Engine:
+        audit = AuditLog(config.audit_log, config.audit_log_max_bytes)
+        store = open_store(
+            config.store,
+            config.max_entries,
+            config.max_bytes,
+            retain=config.max_stale,
+            timeout=config.store_timeout,
+        )
+        try:
+            runner = Runner(
+                config.max_output_bytes,
+                _command_env(config),
+                containment_mode=config.containment,
+                limits=RunLimits(
+                    config.memory_limit,
+                    config.max_cpu_seconds,
+                    config.file_size_limit,
+                    config.max_open_files,
+                    config.max_processes,
+                ),
+                run_as=RunAs.lookup(config.run_as) if config.run_as else None,
+            )
+        except (OSError, ValueError) as error:  # a containment or a limit this machine cannot give
+            store.close()
+            audit.close()
+            raise ConfigError(str(error)) from None
+        return cls(config, Cache(store), runner, Metrics.for_server(config.workers), audit)
+
+    async def aclose(self) -> None:
+        """Release what the engine opened on the running loop (the store's hit path)."""
+        await self.cache.aclose()
+
+    def close(self) -> None:
+        """Kill running commands and release the store."""
+        self.runner.kill_all()
+        self._run_threads.shutdown(wait=True)
+        self.cache.close()
+        self.audit.close()
+
+    # -- commands ---------------------------------------------------------------
+
+    async def execute(self, request: CommandRequest, client: str = "-") -> Outcome:
+        """Answer a request from the cache, from an identical run in flight, or by running it."""
+        plan = self.plan(request)
+        hit = await self.lookup(plan, client)
+        if hit is not None:
+            return hit
+        job, joined = self.claim(plan, client)
+        return await self.outcome(job, joined)
+
+    def plan(self, request: CommandRequest) -> Plan:
+        """What a request asks for, checked against this server's bounds."""
+        context = self.context_rules.check(request)
+        return Plan(
+            command=request.command,
+            argv=self.argv(request.command),
+            key=self.cache_key(request.command, context),
+            timeout=self._bounded(
+                request.timeout, "timeout", self.config.default_timeout, self.config.max_timeout
+            ),
+            ttl=self._bounded(request.ttl, "ttl", self.config.default_ttl, self.config.max_ttl),
+            use_cache=request.use_cache,
+            refresh=self._refresh(request),
+            context=context,
+            stale=self._bounded(
+                request.stale, "stale", self.config.default_stale, self.config.max_stale
+            ),
+        )
+
+    async def lookup(self, plan: Plan, client: str, owner: str | None = None) -> Outcome | None:
+        """The cached answer, if the request may have one and there is one (a stale one's
+        refresh is a job of ``owner``'s)."""
+        if not plan.use_cache or plan.refresh:
+            return None
+        if plan.stale > 0:
+            return await self._lookup_stale(plan, client, owner)
+        cached = await self.cache.get(plan.key)
+        if cached is None:
+            self.metrics.miss()
+            return None
+        self.metrics.hit()
+        self.telemetry.record_hit()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s hit %r", client, loggable(plan.command))
+        return Outcome(cached, cached=True)
+
+    async def _lookup_stale(
+        self, plan: Plan, client: str, owner: str | None = None
+    ) -> Outcome | None:
+        """A lookup that accepts a result up to ``plan.stale`` seconds past its expiry;
+        a stale one starts its refresh, once per key (across instances, the store's
+        lock lets one run it and the others take its result)."""
+        found = await self.cache.get_stale(plan.key, plan.stale)
+        if found is None:
+            self.metrics.miss()
+            return None
+        cached, stale = found
+        self.metrics.hit()
+        if stale:
+            self.metrics.stale_hit()
+        self.telemetry.record_hit()
+        if stale and self.jobs.running_for(plan.key) is None:
+            log.debug("%s stale hit %r: refreshing it", client, loggable(plan.command))
+            self.claim(
+                dataclasses.replace(plan, refresh=True), client, background=True, owner=owner
+            )
+        return Outcome(cached, cached=True, stale=stale)
+
+    def claim(
+        self, plan: Plan, client: str, background: bool = False, owner: str | None = None
+    ) -> tuple[Job, bool]:
+        """The job that answers ``plan``: the identical one running, joined, or a new one;
+        either way ``owner``'s (:mod:`runcache.web.auth`) from now on."""
+        if plan.use_cache:
+            running = self.jobs.running_for(plan.key)
+            if running is not None:
+                running.holders += background
+                running.own(owner)
+                return running, True
+        control = RunControl(self.runner.max_output_bytes)
+        job = self.jobs.new(plan.command, plan.key, control, plan.use_cache, background, owner)
+        control.on_output = job.attach(asyncio.get_running_loop())
+        job.task = asyncio.ensure_future(self._run_job(job, plan, client))
+        job.task.add_done_callback(lambda _: self.jobs.ended(job))
+        return job, False
+
+    async def submit(self, request: CommandRequest, client: str = "-") -> Job:
+        """Start (or join) a request's run in the background: the job, at once.
+
+        A request the cache answers gets a job that has ended already, with the
+        cached result.
+        """
+        return (await self.submit_joined(request, client))[0]
+
+    async def submit_joined(
+        self, request: CommandRequest, client: str = "-", owner: str | None = None
+    ) -> tuple[Job, bool]:
+        """:meth:`submit`, and whether the job was an identical one already running;
+        the job is ``owner``'s from now on."""
+        plan = self.plan(request)
+        hit = await self.lookup(plan, client, owner)
+        if hit is None:
+            return self.claim(plan, client, background=True, owner=owner)
+        facts = await _facts_of(hit.body)
+        job = self.jobs.new(plan.command, plan.key, None, plan.use_cache, True, owner)
+        job.cached, job.stale = True, hit.stale
+        job.finish(hit.body, None, facts=facts)
+        return job, False
+
+    async def outcome(self, job: Job, joined: bool) -> Outcome:
+        """Wait for a job's answer as one of its clients.
+
+        A client that goes away (its request cancelled) leaves the run alone
+        unless it was the last client of a run nobody else can use: neither
+        cached nor in the background. That run is cancelled.
+        """
+        assert job.task is not None
+        job.clients += 1
+        try:
+            body = await asyncio.shield(job.task)
+        except asyncio.CancelledError:
+            if job.clients == 1 and not job.cacheable and not job.background:
+                self.cancel(job)
+            raise
+        finally:
+            job.clients -= 1
+        coalesced = joined or job.elsewhere
+        if coalesced:
+            self.metrics.coalesced()
+            await self.cache.record_coalesced()
+        return Outcome(body, coalesced=coalesced)
+
+    def cancel(self, job: Job) -> bool:
+        """Kill a running job's whole group; everyone waiting gets the cancelled result."""
+        return job.control is not None and not job.ended and job.control.cancel()
+
+    def leave(self, job: Job) -> bool:
+        """A background request gives up ``job``: its run is cancelled when nobody else
+        wants it (no other background request holds it, no request waits on it), cached
+        or not. Whether this cancelled it."""
+        if job.holders > 0:
+            job.holders -= 1
+        if job.holders == 0 and job.clients == 0:
+            return self.cancel(job)
+        return False
+
+    def pause(self, job: Job) -> bool:
+        return job.control is not None and not job.ended and job.control.pause()
+
+    def resume(self, job: Job) -> bool:
+        return job.control is not None and not job.ended and job.control.resume()
+
+    def argv(self, command: str) -> list[str]:
+        """The argument vector that runs ``command``: the shell's, or the allowlist's."""
+        if self.allowlist is not None:
+            return self.allowlist.argv(command)
+        return [*SHELL, command]
+
+    def cache_key(self, command: str, context: RunContext = NO_CONTEXT) -> str:
+        """The key of a command's result: the command, its run context, and everything
+        else that changes it."""
+        text = self._key_prefix + command.encode() + key_part(context)
+        return hashlib.sha256(text).hexdigest()
+
+    def _key_context(self) -> bytes:
+        env = self.runner.env
+        context = {
+            "shell": SHELL if self.allowlist is None else "none: allowlist mode",
+            "cwd": self.runner.cwd or os.getcwd(),
+            "env": {name: env.get(name) for name in KEY_ENV_VARS},
+            "max_output_bytes": self.runner.max_output_bytes,
+        }
+        return orjson.dumps(context, option=orjson.OPT_SORT_KEYS) + b"\0"
+
+    async def _run_job(self, job: Job, plan: Plan, client: str) -> bytes:
+        """Run a job's command (and store its result when it may be); its result's JSON.
+
+        A cacheable run first takes the store's lock for its key, so an identical
+        request on another instance sharing the store runs once; if that one
+        stored the result meanwhile, it is this job's answer.
+        """
+        assert job.control is not None
+        try:
+            if not job.cacheable:
+                result, body, facts = await self._execute(plan, client, job.control)
+                job.finish(body, result, facts=facts)
+                return body
+            lease = self.config.queue_timeout + plan.timeout
+            superseded = await self.cache.peek(plan.key) if plan.refresh else None
+            async with self.cache.exclusive(plan.key, lease, superseded) as elsewhere:
+                if elsewhere is not None:
+                    job.finish(elsewhere, None, elsewhere=True, facts=await _facts_of(elsewhere))
+                    return elsewhere
+                epoch = await self.cache.epoch()
+                result, body, facts = await self._execute(plan, client, job.control)
+                if result.cacheable:
+                    await self.cache.put(
+                        plan.key, body, plan.ttl, epoch, plan.command, result.return_code
+                    )
+                job.finish(body, result, facts=facts)
+                return body
+        except RuncacheError as error:  # refused before it ran: every slot stayed busy
+            job.fail(error.message)
+            raise
+        finally:
+            job.control.close()
+
+    async def _execute(
+        self, plan: Plan, client: str, control: RunControl
+    ) -> tuple[RunResult, bytes, OutputFacts]:
+        loop = asyncio.get_running_loop()
+        async with self.slots.hold():
+            with self.metrics.running():
+                result, body, facts = await loop.run_in_executor(
+                    self._run_threads, self._run_and_encode, plan, control
+                )
+        self.telemetry.record_run(result)
+        self.metrics.ran(result)
+        log.info(
+            "%s ran %r: exit %d in %.3fs%s",
+            client,
+            loggable(plan.argv[-1] if plan.argv[:2] == list(SHELL) else shlex.join(plan.argv)),
+            result.return_code,
+            result.execution_time,
+            " (cancelled)" if result.cancelled else " (timed out)" if result.timed_out else "",
+            extra={
+                "client": client,
+                "command": loggable(plan.command),
+                "return_code": result.return_code,
+                "execution_time": round(result.execution_time, 6),
+            },
+        )
+        return result, body, facts
+
+    def _run_and_encode(
+        self, plan: Plan, control: RunControl
+    ) -> tuple[RunResult, bytes, OutputFacts]:
+        """In a run thread: the command, then its result encoded (a large output takes a
+        while), and what a job listing shows of it, worked out here once."""
+        result = self.runner.run(plan.argv, plan.timeout, control, plan.context)
+        control.sealed = True  # encoding empties its buffers: pages come from the result now
+        body = encode_result(result, plan.key, self.runner.max_output_bytes)
+        return result, body, output_facts(body)
+
+    @staticmethod
+    def _refresh(request: CommandRequest) -> bool:
+        if request.refresh and not request.use_cache:
+            raise BadRequest(
+                "refresh stores the new result and use_cache false stores nothing: send one of them"
+            )
+        return request.refresh
+
+    @staticmethod
+    def _bounded(value: float | None, name: str, default: float, limit: float) -> float:
+        if value is None:
+            return default
+        if value > limit:
+            raise BadRequest(f"{name} must be at most {limit:g} seconds")
+        return value
+
+    # -- the cache and the service's state -------------------------------------
+
+    async def clear(self) -> wire.Cleared:
+        """Empty the cache and reset its statistics in one step."""
+        self.metrics.store_seen(await self.cache.clear(), cleared=True)
+        log.info("🧹 Cache cleared")
+        return wire.Cleared()
+
+    async def cache_stats(self) -> wire.CacheStats:
+        """The statistics of ``GET /api/cache/stats``, or the last known while the store is down."""
+        try:
+            self._last_stats = await self.cache.stats()
+        except StoreError as error:
+            return stats_answer(self._last_stats, error.message)
+        self.metrics.store_seen(self._last_stats)
+        return stats_answer(self._last_stats)
+
+    async def health(self) -> wire.Health:
+        """The object of ``GET /health``: cheap enough to poll every second."""
+        stats = await self.cache_stats()
+        reason = self.cache.degraded_reason
+        return wire.Health(
+            status="degraded" if reason else "healthy",
+            version=__version__,
+            store=self.cache.store.description,
+            cache_stats=stats,
+            telemetry=self.telemetry.snapshot(),
+            uptime=round(self.telemetry.uptime, 3),
+            running_commands=self.runner.running,
+            reason=f"cache store failed: {reason}" if reason else msgspec.UNSET,
+        )
+
+
+def stats_answer(
+    stats: CacheStats, store_error: str | msgspec.UnsetType = msgspec.UNSET
+) -> wire.CacheStats:
+    """A store's snapshot as the API answers it; ``hit_rate`` is the contract's string."""
+    return wire.CacheStats(
+        hits=stats.hits,
+        misses=stats.misses,
+        evictions=stats.evictions,
+        expirations=stats.expirations,
+        coalesced=stats.coalesced,
+        stale_hits=stats.stale_hits,
+        size=stats.size,
+        max_size=stats.max_size,
+        bytes=stats.bytes,
+        max_bytes=stats.max_bytes,
+        hit_rate=f"{stats.hit_ratio * 100:.1f}%",
+        hit_ratio=round(stats.hit_ratio, 6),
+        store_error=store_error,
+    )
+
+
+#: A result larger than this has its job's facts worked out in a thread, not on the loop.
+_FACTS_IN_THREAD_BYTES = 256 * 1024
+
+
+async def _facts_of(body: bytes) -> OutputFacts:
+    """What a job listing shows of ``body``, worked out in a thread when it is large."""
+    if len(body) > _FACTS_IN_THREAD_BYTES:
+        return await asyncio.to_thread(output_facts, body)
+    return output_facts(body)
+
+
+def _command_env(config: Config) -> dict[str, str]:
+    """The environment commands run with: runcache's own, or only the variables allowed;
+    never runcache's settings nor a variable holding a token (:mod:`runcache.run.run_as`)."""
+    if not config.env_names:
+        return without_own(os.environ, config.secrets)
+    return without_own(
+        {name: os.environ[name] for name in config.env_names if name in os.environ}, config.secrets
+    )

@@ -1,0 +1,116 @@
+"""What clients see of the cache's entries: list, read, page, delete and invalidate them.
+
+The HTTP routes (:mod:`runcache.web.routes.entries`) call these, and so can any other
+layer over the engine: each takes the engine and returns a :mod:`runcache.wire`
+shape, or raises the :class:`~runcache.errors.RuncacheError` a client reads.
+Nothing here knows of HTTP, and nothing here counts a hit or a miss: looking at
+the cache must not change the statistics it reports. A store that is down
+raises :class:`~runcache.errors.StoreError` (a 503).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+from typing import Any
+
+import msgspec
+
+from runcache import wire
+from runcache.engine.engine import Engine
+from runcache.engine.job_answers import as_page, read_final
+from runcache.errors import NotFound
+from runcache.stores.base import CommandMatch, EntryInfo
+
+log = logging.getLogger("runcache")
+
+#: Entries a page lists unless the request asks for fewer (or more, up to MAX_LIST).
+DEFAULT_LIST = 100
+MAX_LIST = 1000
+
+
+def _entry_fields(info: EntryInfo) -> dict[str, Any]:
+    return {
+        "cache_key": info.key,
+        "command": info.command,
+        "bytes": info.size,
+        "created_at": round(info.created_at, 6),
+        "expires_at": round(info.expires_at, 6),
+        "hits": info.hits,
+        "return_code": info.return_code,
+    }
+
+
+async def listing(engine: Engine, prefix: str, offset: int, limit: int) -> wire.CacheEntryList:
+    """``GET /api/cache/entries``: live entries whose command starts with ``prefix``,
+    newest first, ``limit`` of them from ``offset``."""
+    found = await engine.cache.entries(prefix, offset, limit + 1)  # one more: is there a next?
+    return wire.CacheEntryList(
+        entries=[wire.CacheEntry(**_entry_fields(info)) for info in found[:limit]],
+        next_offset=offset + limit if len(found) > limit else None,
+    )
+
+
+async def _find(engine: Engine, key: str) -> tuple[EntryInfo, bytes]:
+    found = await engine.cache.entry(key)
+    if found is None:
+        raise NotFound(f"no cache entry {key}: never stored, expired, deleted or cleared")
+    return found
+
+
+async def detail(engine: Engine, key: str) -> wire.CacheEntryDetail:
+    """``GET /api/cache/entries/{cache_key}``: the entry and the result it holds."""
+    info, value = await _find(engine, key)
+    result = msgspec.json.decode(value, type=wire.StoredResult)
+    return wire.CacheEntryDetail(**_entry_fields(info), result=result)
+
+
+class _Output(msgspec.Struct):
+    """The streams of a stored result, decoded without the rest."""
+
+    stdout: str
+    stderr: str
+
+
+async def page(engine: Engine, key: str, stream: str, offset: int, limit: int) -> wire.JobOutput:
+    """``GET /api/cache/entries/{cache_key}/output``: a page of a stored stream, cut as a
+    job's finished output is: offsets count bytes of the stored text's UTF-8, and a page
+    never splits a character."""
+    _, value = await _find(engine, key)
+    output = msgspec.json.decode(value, type=_Output)
+    data = (output.stdout if stream == "stdout" else output.stderr).encode()
+    return as_page(*read_final(data, offset, limit))
+
+
+async def delete(engine: Engine, key: str, client: str = "-") -> wire.Deleted:
+    """``DELETE /api/cache/entries/{cache_key}``."""
+    if not await engine.cache.delete(key):
+        raise NotFound(f"no cache entry {key} to delete: never stored, expired, deleted or cleared")
+    log.info("%s deleted cache entry %s", client, key)
+    return wire.Deleted(deleted=1)
+
+
+def command_match(request: wire.InvalidateRequest) -> CommandMatch:
+    """The test of a command that an invalidation asks for: a prefix, or a shell-style
+    pattern the whole command must match (``*`` matches ``/`` and spaces too)."""
+    if isinstance(request.prefix, str):
+        prefix = request.prefix
+        return lambda command: command.startswith(prefix)
+    assert isinstance(request.glob, str)
+    pattern = re.compile(fnmatch.translate(request.glob))
+    return lambda command: pattern.match(command) is not None
+
+
+async def invalidate(
+    engine: Engine, request: wire.InvalidateRequest, client: str = "-"
+) -> wire.Deleted:
+    """``POST /api/cache/invalidate``: delete every live entry whose command matches."""
+    deleted = await engine.cache.delete_matching(command_match(request))
+    how = (
+        f"prefix {request.prefix!r}"
+        if isinstance(request.prefix, str)
+        else f"glob {request.glob!r}"
+    )
+    log.info("%s invalidated %d cache entries by %s", client, deleted, how)
+    return wire.Deleted(deleted=deleted)

@@ -1,0 +1,264 @@
+"""Where the MCP tools get their answers: an engine on the tools' own loop, or a server.
+
+The tools (:mod:`runcache.mcp.tools`) are written once against :class:`ToolBackend`.
+:class:`EngineBackend` calls an :class:`~runcache.engine.engine.Engine` directly: the
+one ``runcache serve`` already runs (MCP over HTTP at ``/mcp``), or one of
+``runcache mcp``'s own. :class:`ServerBackend` forwards to a runcache server
+over HTTP with the blocking :class:`~runcache.client.http.Client`, each call in a
+worker thread: one agent's few calls at a time, so threads cost nothing there,
+while the engine side never holds one per waiting call.
+
+Both raise :class:`~runcache.errors.RuncacheError` with the message the HTTP
+API would answer, which the tools pass on as tool errors.
+
+A call about jobs takes a ``viewer`` (:func:`runcache.engine.callers.viewer_of` of the
+``/mcp`` request: whose jobs it may see, None for all), and a run started over
+``/mcp`` is the caller's identity's job, as on the HTTP API. The server backend
+ignores the viewer: the server it forwards to decides by the token it sends.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+import anyio
+import anyio.to_thread
+import msgspec
+
+from runcache import wire
+from runcache.client.http import Client
+from runcache.engine import job_answers
+from runcache.engine.callers import ANONYMOUS, Caller
+from runcache.engine.engine import Engine
+
+T = TypeVar("T")
+
+#: How often a server's job is read while waiting for it to end.
+POLL_SECONDS = 0.25
+
+#: What the engine logs as the client of the runs the tools start.
+MCP_CLIENT = "mcp"
+
+#: Who the audit log names for a tool call of ``runcache mcp`` on stdio: the local agent.
+STDIO_CALLER = Caller("stdio")
+
+
+class ToolBackend(Protocol):
+    """What the MCP tools need, wherever the engine runs."""
+
+    description: str
+
+    async def start(
+        self, request: wire.RunRequest, caller: Caller | None = None
+    ) -> wire.JobAccepted:
+        """Start (or join) a run in the background, or answer it from the cache;
+        ``caller`` (the ``/mcp`` request's, or none on stdio) is what the audit log names."""
+
+    async def wait(self, job_id: str, seconds: float, viewer: str | None = None) -> wire.JobDetail:
+        """The job once it has ended, or as it is after ``seconds``."""
+
+    async def output(
+        self, job_id: str, stream: str, offset: int, limit: int, viewer: str | None = None
+    ) -> wire.JobOutput: ...
+
+    async def cancel(self, job_id: str, viewer: str | None = None) -> wire.JobAction: ...
+
+    async def leave(self, job_id: str, viewer: str | None = None) -> wire.JobAction:
+        """Give up a job this backend started or joined; cancelled if nobody else wants it."""
+
+    async def cache_stats(self) -> wire.CacheStats: ...
+
+    async def clear(self, caller: Caller | None = None) -> wire.Cleared: ...
+
+    async def health(self) -> wire.Health: ...
+
+    async def telemetry(self) -> wire.Telemetry: ...
+
+    async def processes(self, viewer: str | None = None) -> wire.ProcessList: ...
+
+    async def process_status(self, pid: int, viewer: str | None = None) -> wire.ProcessDetail: ...
+
+    async def steer_process(
+        self, pid: int, verb: str, viewer: str | None = None
+    ) -> wire.ProcessDone:
+        """``terminate``, ``pause`` or ``resume`` a run by its pid."""
+
+    async def dashboard(self, viewer: str | None = None) -> wire.Dashboard: ...
+
+    async def aclose(self) -> None: ...
+
+    def close_now(self) -> None:
+        """Without a loop, what closing must not skip: no command outlives the backend."""
+
+
+class EngineBackend:
+    """The tools over an engine on the running loop: nothing waits in a thread.
+
+    ``owned`` says whether closing the backend closes the engine (``runcache
+    mcp``'s own) or leaves it to the server that serves it.
+    """
+
+    def __init__(self, engine: Engine, owned: bool = False) -> None:
+        self.engine = engine
+        self.owned = owned
+        self._closed = False
+        self.description = f"runcache in-process (store {engine.cache.store.description})"
+
+    async def start(
+        self, request: wire.RunRequest, caller: Caller | None = None
+    ) -> wire.JobAccepted:
+        background = wire.CommandRequest(**msgspec.structs.asdict(request), background=True)
+        owner = None if caller is None or caller.credential == ANONYMOUS else caller.identity
+        job, joined = await self.engine.submit_joined(background, MCP_CLIENT, owner)
+        self.engine.audit.submitted(caller or STDIO_CALLER, job, joined)
+        return await job_answers.accepted(job)
+
+    async def wait(self, job_id: str, seconds: float, viewer: str | None = None) -> wire.JobDetail:
+        job = self.engine.jobs.get(job_id, viewer)
+        await job_answers.until_ended(job, seconds)
+        return job_answers.detail(job)
+
+    async def output(
+        self, job_id: str, stream: str, offset: int, limit: int, viewer: str | None = None
+    ) -> wire.JobOutput:
+        return await job_answers.page(self.engine.jobs.get(job_id, viewer), stream, offset, limit)
+
+    async def cancel(self, job_id: str, viewer: str | None = None) -> wire.JobAction:
+        return await job_answers.cancel(self.engine, self.engine.jobs.get(job_id, viewer))
+
+    async def leave(self, job_id: str, viewer: str | None = None) -> wire.JobAction:
+        return await job_answers.leave(self.engine, self.engine.jobs.get(job_id, viewer))
+
+    async def cache_stats(self) -> wire.CacheStats:
+        return await self.engine.cache_stats()
+
+    async def clear(self, caller: Caller | None = None) -> wire.Cleared:
+        cleared = await self.engine.clear()
+        self.engine.audit.removed(caller or STDIO_CALLER, "clear", None)
+        return cleared
+
+    async def health(self) -> wire.Health:
+        return await self.engine.health()
+
+    async def telemetry(self) -> wire.Telemetry:
+        return self.engine.telemetry.snapshot()
+
+    async def processes(self, viewer: str | None = None) -> wire.ProcessList:
+        return job_answers.process_list(self.engine, viewer)
+
+    async def process_status(self, pid: int, viewer: str | None = None) -> wire.ProcessDetail:
+        return job_answers.process_status(self.engine, str(pid), viewer)
+
+    async def steer_process(
+        self, pid: int, verb: str, viewer: str | None = None
+    ) -> wire.ProcessDone:
+        return await job_answers.steer_process(self.engine, str(pid), verb, viewer)
+
+    async def dashboard(self, viewer: str | None = None) -> wire.Dashboard:
+        return await job_answers.dashboard(self.engine, viewer)
+
+    async def aclose(self) -> None:
+        """Kill what still runs and release the store, when the engine is this backend's."""
+        if self.owned and not self._closed:
+            self._closed = True
+            self.engine.runner.kill_all()
+            await self.engine.aclose()
+            await anyio.to_thread.run_sync(self.engine.close)
+
+    def close_now(self) -> None:
+        if self.owned and not self._closed:
+            self._closed = True
+            self.engine.close()
+
+
+class ServerBackend:
+    """The tools forwarded to a runcache server, with its tokens."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.description = client.description
+
+    async def _call(self, operation: Callable[..., T], *args: object) -> T:
+        """A blocking client call in a worker thread, abandoned if the tool call is
+        cancelled (closing the client then cuts its connection)."""
+        return await anyio.to_thread.run_sync(
+            functools.partial(operation, *args), abandon_on_cancel=True
+        )
+
+    async def start(
+        self, request: wire.RunRequest, caller: Caller | None = None
+    ) -> wire.JobAccepted:
+        # The server it forwards to audits the request, with this adapter's token.
+        return await self._call(
+            functools.partial(
+                self.client.start,
+                request.command,
+                request.use_cache,
+                request.timeout,
+                request.ttl,
+                request.refresh,
+                stale=request.stale,
+                cwd=request.cwd,
+                env=request.env,
+                stdin=request.stdin,
+            )
+        )
+
+    async def wait(self, job_id: str, seconds: float, viewer: str | None = None) -> wire.JobDetail:
+        with anyio.move_on_after(seconds):
+            while True:
+                detail = await self._call(self.client.job, job_id)
+                if detail.status not in ("running", "paused"):
+                    return detail
+                await anyio.sleep(POLL_SECONDS)
+        return await self._call(self.client.job, job_id)
+
+    async def output(
+        self, job_id: str, stream: str, offset: int, limit: int, viewer: str | None = None
+    ) -> wire.JobOutput:
+        return await self._call(self.client.output, job_id, stream, offset, limit)
+
+    async def cancel(self, job_id: str, viewer: str | None = None) -> wire.JobAction:
+        return await self._call(self.client.cancel, job_id)
+
+    async def leave(self, job_id: str, viewer: str | None = None) -> wire.JobAction:
+        return await self._call(self.client.leave, job_id)
+
+    async def cache_stats(self) -> wire.CacheStats:
+        return await self._call(self.client.cache_stats)
+
+    async def clear(self, caller: Caller | None = None) -> wire.Cleared:
+        return await self._call(self.client.clear)
+
+    async def health(self) -> wire.Health:
+        return await self._call(self.client.health)
+
+    async def telemetry(self) -> wire.Telemetry:
+        return await self._call(self.client.telemetry)
+
+    async def processes(self, viewer: str | None = None) -> wire.ProcessList:
+        return await self._call(self.client.processes)
+
+    async def process_status(self, pid: int, viewer: str | None = None) -> wire.ProcessDetail:
+        return await self._call(self.client.process_status, pid)
+
+    async def steer_process(
+        self, pid: int, verb: str, viewer: str | None = None
+    ) -> wire.ProcessDone:
+        steer = {
+            "terminate": self.client.terminate_process,
+            "pause": self.client.pause_process,
+            "resume": self.client.resume_process,
+        }[verb]
+        return await self._call(steer, pid)
+
+    async def dashboard(self, viewer: str | None = None) -> wire.Dashboard:
+        return await self._call(self.client.dashboard)
+
+    async def aclose(self) -> None:
+        self.client.close()
+
+    def close_now(self) -> None:
+        self.client.close()

@@ -1,0 +1,4 @@
+"""Running one command: the runner, its containment and limits, what it is given.
+
+Knows nothing above it.
+"""

@@ -1,0 +1,227 @@
+"""The HTTP API: Starlette routes over the engine, and every error as the one JSON shape.
+
+Each route is a short coroutine: read and check the request against its
+declared shape (:mod:`runcache.wire`), call the engine, encode its typed
+answer. A cache hit on the memory store runs from the first byte read to the
+last byte written on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from runcache import wire
+from runcache.engine import job_answers
+from runcache.engine.callers import caller_of, owner_of
+from runcache.engine.engine import Engine, Outcome
+from runcache.errors import BadRequest, MethodNotAllowed, NotFound, RuncacheError, TooLarge
+from runcache.web.responses import (
+    STREAM_THRESHOLD,
+    JSONBytes,
+    ResultResponse,
+    error_answer,
+    json_answer,
+)
+
+log = logging.getLogger(__name__)
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+#: The body of ``POST /api/cache/clear``, fixed to the letter by the user's specification.
+CLEAR_BODY = wire.encode(wire.Cleared())
+
+_LIVE_BODY = wire.encode(wire.Live())
+
+_ADMIN_ATTRIBUTE = "_runcache_admin"
+
+
+def admin_only(endpoint: Endpoint) -> Endpoint:
+    """Mark an endpoint as an administrative operation: only the admin token may call it."""
+    setattr(endpoint, _ADMIN_ATTRIBUTE, True)
+    return endpoint
+
+
+def is_admin(route: Route) -> bool:
+    return bool(getattr(route.endpoint, _ADMIN_ATTRIBUTE, False))
+
+
+def engine_of(request: Request) -> Engine:
+    """The engine of the app serving this request."""
+    found: Engine = request.app.state.engine
+    return found
+
+
+def client_of(request: Request) -> str:
+    return request.client.host if request.client else "-"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with a 413 as soon as it is known to pass ``limit``.
+
+    A declared ``Content-Length`` over the limit is refused before a byte of
+    the body is read; a chunked body is refused the moment it passes the limit.
+    """
+    declared = wire.whole_number(request.headers.get("content-length") or "")
+    if declared is not None and declared > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # Closed mid-body: the client hung up, or the server cut it (a bad chunk,
+        # the body deadline). The client's doing, not an unexpected error to log.
+        raise BadRequest("the connection closed before the request body ended") from None
+    return b"".join(chunks)
+
+
+async def _unless_client_leaves(
+    request: Request, waiting: Coroutine[None, None, Outcome]
+) -> Outcome | None:
+    """``waiting``'s answer, or None if the client hung up first: then the wait is
+    cancelled, so the engine counts one client less (and kills a run only it wanted)."""
+    answer = asyncio.ensure_future(waiting)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not answer.done():
+            answer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await answer
+    return None if answer.cancelled() else answer.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client closes the connection (its body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _too_large(limit: int) -> TooLarge:
+    return TooLarge(f"request body is larger than the limit of {limit} bytes")
+
+
+async def run_command(request: Request) -> Response:
+    engine = engine_of(request)
+    body = await read_body(request, engine.config.max_body_bytes)
+    command = wire.decode_command_request(body)
+    try:
+        return await _answer_command(request, engine, command)
+    except RuncacheError as error:  # refused (the allowlist, a bound, no free slot): audited
+        engine.audit.refused(caller_of(request.scope), command.command, error.message)
+        raise
+
+
+async def _answer_command(
+    request: Request, engine: Engine, command: wire.CommandRequest
+) -> Response:
+    client = client_of(request)
+    if command.background:
+        job, joined = await engine.submit_joined(command, client, owner_of(request.scope))
+        engine.audit.submitted(caller_of(request.scope), job, joined)
+        return json_answer(await job_answers.accepted(job), 202)
+    plan = engine.plan(command)
+    # a hit is answered here, on the loop
+    outcome = await engine.lookup(plan, client, owner_of(request.scope))
+    if outcome is None:
+        job, joined = engine.claim(plan, client, owner=owner_of(request.scope))
+        answer = await _unless_client_leaves(request, engine.outcome(job, joined))
+        if answer is None:
+            engine.audit.left(caller_of(request.scope), plan.command, plan.key)
+            return Response(status_code=499)  # nobody is there to read it
+        outcome = answer
+    if engine.audit.enabled:  # the hit path: no Caller made for no audit log
+        engine.audit.answered(caller_of(request.scope), plan.command, plan.key, outcome)
+    if len(outcome.body) < STREAM_THRESHOLD:
+        return JSONBytes(outcome.to_json())
+    return ResultResponse(outcome.body, outcome.tail)
+
+
+async def cache_stats(request: Request) -> Response:
+    return json_answer(await engine_of(request).cache_stats())
+
+
+@admin_only
+async def clear_cache(request: Request) -> Response:
+    engine = engine_of(request)
+    await engine.clear()
+    engine.audit.removed(caller_of(request.scope), "clear", None)
+    return JSONBytes(CLEAR_BODY)
+
+
+async def telemetry(request: Request) -> Response:
+    return json_answer(engine_of(request).telemetry.snapshot())
+
+
+async def health(request: Request) -> Response:
+    return json_answer(await engine_of(request).health())
+
+
+async def livez(request: Request) -> Response:
+    """Liveness for load balancers: answers without touching the store or the machine."""
+    return JSONBytes(_LIVE_BODY)
+
+
+ROUTES = [
+    Route("/api/command", run_command, methods=["POST"]),
+    Route("/api/cache/stats", cache_stats, methods=["GET"]),
+    Route("/api/cache/clear", clear_cache, methods=["POST"]),
+    Route("/api/telemetry", telemetry, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
+    Route("/livez", livez, methods=["GET"]),
+]
+
+
+async def on_runcache_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, RuncacheError)
+    return error_answer(error)
+
+
+async def on_http_error(request: Request, error: Exception) -> Response:
+    """Routing's own errors (no such path, a method it does not take) as runcache errors."""
+    assert isinstance(error, HTTPException)
+    path, method = request.url.path, request.method
+    if error.status_code == 405:
+        allowed = (*_methods_at(request), "OPTIONS")
+        if method == "OPTIONS":  # what the path takes: the answer HTTP gives OPTIONS
+            return Response(status_code=200, headers={"Allow": ", ".join(allowed)})
+        return error_answer(MethodNotAllowed(f"method {method} is not allowed on {path}", allowed))
+    if error.status_code == 404:
+        return error_answer(NotFound(f"no endpoint at {path}; see the README for the API"))
+    problem = RuncacheError(error.detail)
+    problem.status = error.status_code
+    return error_answer(problem)
+
+
+#: The order ``Allow`` lists methods in: a route keeps its methods in a set, whose order
+#: changes from one process to the next.
+_METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _methods_at(request: Request) -> list[str]:
+    """The methods of every route at the request's path, in a fixed order: a path may
+    have a route per method (``GET`` and an admin-only ``DELETE``, say)."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if isinstance(route, Route) and route.path_regex.match(request.scope["path"]):
+            methods.update(route.methods or ())
+    return sorted(methods, key=lambda method: (_METHOD_ORDER + (method,)).index(method))
+
+
+async def on_unexpected(request: Request, error: Exception) -> Response:
+    log.error("unexpected error on %s %r", request.method, request.url.path, exc_info=error)
+    return error_answer(RuncacheError("internal error; see the server log"))
