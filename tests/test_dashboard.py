@@ -126,7 +126,8 @@ def test_the_page_shows_the_api_numbers_and_follows_and_cancels_a_run(
     # One point every 2 s from the page's first poll: on a busy machine there may be more by
     # now, every one at 50 % (one hit, one miss).
     expect(page.locator("#hit-rate-line")).to_have_attribute(
-        "points", re.compile(r"^0\.0,50\.0( [0-9.]+,50\.0)*$"))
+        "points", re.compile(r"^0\.0,50\.0( [0-9.]+,50\.0)*$")
+    )
 
     row = page.locator(f"#running tr[data-job-id='{running['job_id']}']")
     row.locator("button.follow").click()
