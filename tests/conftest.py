@@ -383,6 +383,15 @@ class LiveServer:
             1 for c in held if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == self.port
         )
 
+    def logged(self, wanted: Callable[[str], bool], seconds: float = 15.0) -> str:
+        """The first line of the server's log that ``wanted`` accepts, waiting for it: a
+        line may be written after the answer it reports, and is copied here by a thread."""
+        return until(
+            lambda: next((line for line in self.output if wanted(line)), None),
+            seconds,
+            "a log line",
+        )
+
     def assert_quiet_log(self) -> None:
         """Clients' misbehaviour is theirs: no traceback, no 'unexpected error' in the log."""
         log = "".join(self.output)

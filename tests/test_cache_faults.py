@@ -47,17 +47,14 @@ def test_calls_queued_behind_a_hung_store_are_not_made() -> None:
     cache = Cache(store, retry_interval=60)  # type: ignore[arg-type]
 
     async def many() -> list[Any]:
-        async def timed() -> tuple[int | None, float]:
-            start = time.monotonic()
-            return await cache.epoch(), time.monotonic() - start
-
-        return await asyncio.gather(*(timed() for _ in range(3 * STORE_THREADS)))
+        return await asyncio.gather(*(cache.epoch() for _ in range(3 * STORE_THREADS)))
 
     try:
         answers = asyncio.run(many())
     finally:
         cache.close()
-    assert [epoch for epoch, _ in answers] == [None] * (3 * STORE_THREADS)
-    assert max(took for _, took in answers) < 2 * HANG, answers
+    assert answers == [None] * (3 * STORE_THREADS)
+    # Had the queued calls been made, each would have hung a timeout of its own: the count
+    # says so without timing anything (a busy machine stretches every wait alike).
     assert store.calls == STORE_THREADS, "only the calls under way when it failed were made"
     assert cache.degraded_reason == "hanging store: Timeout reading from socket"

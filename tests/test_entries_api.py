@@ -187,7 +187,7 @@ def test_deleting_needs_the_admin_token_and_a_deleted_entry_is_gone(
     assert api.run("echo delete me")["cached"] is False
     stats = api.ok("GET", "/api/cache/stats")
     assert (stats["size"], stats["evictions"], stats["expirations"]) == (2, 0, 0)
-    assert any(f"deleted cache entry {key}" in line for line in server.output)
+    server.logged(lambda line: f"deleted cache entry {key}" in line)
 
 
 def test_invalidate_by_prefix_or_glob_needs_the_admin_token_and_one_of_them(
