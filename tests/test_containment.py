@@ -88,7 +88,7 @@ def as_user(user: str) -> tuple[list[str], dict[str, str]]:
         return [*AS_NOBODY, sys.executable], {}
     system = "/usr/bin/python3"
     assert _nobody_runs(system), f"user nobody can run neither {sys.executable} nor {system}"
-    source = str(Path(containment.__file__).parent.parent)
+    source = str(Path(containment.__file__).parents[2])  # src/, above runcache/run/
     packages = [path for path in sys.path if path.endswith("site-packages")]
     return [*AS_NOBODY, system], {"PYTHONPATH": os.pathsep.join([source, *packages])}
 
@@ -424,12 +424,12 @@ def test_an_unprivileged_user_gets_pid_namespaces_where_the_kernel_allows() -> N
     """Asked as user nobody (util-linux's setpriv): pidns where the kernel lets nobody make
     user and PID namespaces (Debian 12, CI), else group and the cause."""
     python, environment = as_user("nobody")
-    source = str(Path(containment.__file__).parent.parent)
+    source = str(Path(containment.__file__).parents[2])  # src/, above runcache/run/
     answer = subprocess.run(
         [
             *python,
             "-c",
-            "from runcache import containment; "
+            "from runcache.run import containment; "
             "print(containment.resolve('auto'), containment.namespace_way())",
         ],
         env={"PYTHONPATH": source, **environment, "PATH": os.environ["PATH"]},

@@ -57,6 +57,10 @@ def test_env_and_stdin_reach_the_command_and_keep_results_apart(client: TestClie
     assert len(keys) == 4
     assert _post(client, env={"A": "2"})["cached"]
     assert _post(client, stdin="line one\nline two\n")["cached"]
+    # Two different stdins are two results (not only stdin against none).
+    other_stdin = _post(client, stdin="another line\n")
+    assert not other_stdin["cached"] and other_stdin["stdout"].splitlines()[2:] == ["another line"]
+    assert other_stdin["cache_key"] != with_stdin["cache_key"]
     # No context and an empty one are the same run, under the key a request always had.
     assert _post(client, env={}, stdin="")["cache_key"] == plain["cache_key"]
 
@@ -98,10 +102,12 @@ def test_allow_cwd_confines_the_directory_links_followed(
     (root / "inner").mkdir(parents=True)
     outside.mkdir()
     (root / "escape").symlink_to(outside)
+    sibling = tmp_path / "root2"  # shares the root's name as a prefix, and is not inside it
+    sibling.mkdir()
     client = client_factory(allow_cwd=str(root))
     assert _post(client, cwd=str(root / "inner"))["stdout"].startswith(str(root / "inner"))
     assert _post(client, cwd=str(root))["stdout"].startswith(str(root))
-    for refused in (outside, root / "escape", root / ".." / "outside", Path("/")):
+    for refused in (outside, sibling, root / "escape", root / ".." / "outside", Path("/")):
         answer = client.post("/api/command", json={"command": "pwd", "cwd": str(refused)})
         assert answer.status_code == 403, (refused, answer.text)
         assert "--allow-cwd" in answer.json()["error"]
