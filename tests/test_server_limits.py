@@ -107,8 +107,16 @@ async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
     return True
 
 
-async def trickle(port: int, data: bytes, interval: float, *, wait: float = 10.0) -> float:
-    """Send ``data`` a byte every ``interval`` seconds on a new connection.
+async def trickle(
+    port: int,
+    data: bytes,
+    interval: float,
+    *,
+    wait: float = 10.0,
+    two_sent: asyncio.Event | None = None,
+) -> float:
+    """Send ``data`` a byte every ``interval`` seconds on a new connection (``two_sent`` is
+    set once two bytes are written).
 
     Returns the seconds from connecting until the server closed the connection;
     fails if it is still open ``wait`` seconds after the last byte.
@@ -118,6 +126,8 @@ async def trickle(port: int, data: bytes, interval: float, *, wait: float = 10.0
     try:
         for index in range(len(data)):
             writer.write(data[index : index + 1])
+            if two_sent is not None and index == 1:
+                two_sent.set()
             if await closed_within(reader, interval):
                 return time.monotonic() - started
         if await closed_within(reader, wait):
@@ -218,13 +228,17 @@ def test_idle_and_trickling_connections_lock_no_one_out(
     async def scenario() -> tuple[Answer, float, Answer, float]:
         assert (await exchange(port, hit)).json()["cached"] is False
         idle = [await asyncio.open_connection(HOST, port) for _ in range(1000)]
-        slow = [asyncio.create_task(trickle(port, SLOW_HEADERS, 1.0)) for _ in range(200)]
+        sent = [asyncio.Event() for _ in range(200)]
+        slow = [
+            asyncio.create_task(trickle(port, SLOW_HEADERS, 1.0, two_sent=event)) for event in sent
+        ]
         try:
             deadline = time.monotonic() + 10
             while server.connections() < 1200:
                 assert time.monotonic() < deadline, "the server did not accept 1,200 connections"
                 await asyncio.sleep(0.1)
-            await asyncio.sleep(1.5)  # every trickler has sent a byte or two
+            # Every trickler has sent two bytes (so each is mid-header, not merely connected).
+            await asyncio.wait_for(asyncio.gather(*(event.wait() for event in sent)), 30)
             cached, cached_seconds = await timed(exchange(port, hit))
             live, live_seconds = await timed(exchange(port, get_request("/livez")))
             assert server.connections() >= 1200, "the connections were held throughout"

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import redis
 import requests
@@ -31,7 +32,7 @@ from runcache.stores import DEFAULT_TIMEOUT, open_store
 from runcache.stores import redis as redis_store
 from runcache.stores.redis import NATIVE_EXPIRY_GRACE, RedisStore
 
-from conftest import FakeClock, LiveServer, RedisServer, free_port
+from conftest import FakeClock, LiveServer, RedisServer, free_port, until
 
 MakeStore = Callable[..., RedisStore]
 
@@ -403,6 +404,17 @@ def _wait_for_status(server: LiveServer, status: str) -> None:
         time.sleep(0.1)
 
 
+def _sleeping(server: LiveServer) -> int:
+    """The server's runs now in their ``sleep 1``."""
+    count = 0
+    for process in psutil.Process(server.process.pid).children(recursive=True):
+        try:
+            count += process.cmdline()[:2] == ["sleep", "1"]
+        except psutil.NoSuchProcess:
+            continue
+    return count
+
+
 def test_a_hung_redis_costs_each_request_at_most_the_store_timeout(
     live_server_factory: Callable[..., LiveServer], own_redis: RedisServer
 ) -> None:
@@ -427,7 +439,7 @@ def test_a_hung_redis_costs_each_request_at_most_the_store_timeout(
     slow = [f"sleep 1; echo during-{index}" for index in range(8)]
     with ThreadPoolExecutor(8) as pool:
         running = [pool.submit(_timed_run, server, command) for command in slow]
-        time.sleep(0.5)
+        until(lambda: _sleeping(server) >= 8 or None, 30, "the eight runs to start")
         with stopped(own_redis):
             answers = [future.result() for future in running]
             assert _status(server) == "degraded"
