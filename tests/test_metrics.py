@@ -174,6 +174,10 @@ def test_store_counts_add_rises_and_take_a_drop_as_a_clear(tmp_path: Path) -> No
     counts.observe(stats(4, 2), cleared=True)  # a clear here: what it reset counts
     counts.observe(stats(1, 0))
     assert counts.totals() == {"evictions": 10, "expirations": 3}
+    # A clear here, then more than it reset with no reading between: all of them are new.
+    counts.observe(stats(2, 0), cleared=True)
+    counts.observe(stats(6, 0))
+    assert counts.totals() == {"evictions": 10 + 1 + 6, "expirations": 3}
 
     # Two processes of one server share a ledger file: one store's rise counts once.
     first, second = StoreCounts(str(tmp_path / "ledger")), StoreCounts(str(tmp_path / "ledger"))
