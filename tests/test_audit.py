@@ -19,9 +19,12 @@ import orjson
 import pytest
 import requests
 
+from runcache.client.local import LocalClient
+from runcache.config import Config
 from runcache.engine.audit import KEPT_FILES, AuditLog, result_summary
 from runcache.engine.callers import Caller
-from runcache.engine.engine import Outcome
+from runcache.engine.engine import Engine, Outcome
+from runcache.errors import BadRequest
 from test_mcp import call, drive, http_session
 
 from conftest import LiveServer, until
@@ -321,6 +324,39 @@ def test_refused_requests_are_audited_with_the_error(
     assert first["command"] == "rm -rf /tmp/x" and first["error"] == refused.json()["error"]
     assert first["cache_key"] is None and first["return_code"] is None
     assert second["command"] == "echo hi" and "timeout" in second["error"]
+
+
+def test_a_refused_command_writes_the_same_line_whichever_way_it_came_in(
+    live_server_factory: Callable[..., LiveServer],
+    tmp_path: Path,
+) -> None:
+    """The engine's one door audits: the command route, execute-async, MCP and the
+    in-process client each write the refusal's line, and the same line."""
+    audit = tmp_path / "audit.log"
+    server = live_server_factory("--audit-log", str(audit), "--allow", "echo")
+    refused = "rm -rf /tmp/runcache-never"
+    for path in ("/api/command", "/api/process/execute-async"):
+        answer = requests.post(server.url + path, json={"command": refused}, timeout=10)
+        assert answer.status_code == 400, answer.text
+
+    async def over_mcp() -> None:
+        async with http_session(server.url) as session:
+            result = await session.call_tool("start_command", {"command": refused})
+            assert result.is_error
+
+    anyio.run(over_mcp)
+    config = Config.load(environ={"RUNCACHE_AUDIT_LOG": str(audit), "RUNCACHE_ALLOW": "echo"})
+    with LocalClient(Engine.from_config(config)) as local, pytest.raises(BadRequest):
+        local.execute(refused)
+
+    until(lambda: audit.read_text().count("\n") >= 4)
+    records = lines(audit)
+    assert len(records) == 4
+    assert [record.pop("client") for record in records] == ["127.0.0.1"] * 3 + ["local"]
+    for record in records:
+        del record["time"]
+    assert records[0]["command"] == refused and "not an allowed executable" in records[0]["error"]
+    assert records == [records[0]] * 4
 
 
 def _answer(return_code: int, stdout: str) -> Outcome:

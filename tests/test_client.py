@@ -11,21 +11,15 @@ import msgspec
 import pytest
 
 from runcache import errors
-from runcache.client import sse
+from runcache.client import connect, sse
+from runcache.client.base import CLEARED, BaseClient
 from runcache.client.follow import STREAMS
-from runcache.client.http import (
-    CLEARED,
-    Client,
-    LocalClient,
-    ServerError,
-    ServerUnreachable,
-    connect,
-    normalize_url,
-)
+from runcache.client.http import Client, ServerError, ServerUnreachable, normalize_url
+from runcache.client.local import LocalClient
 from runcache.config import Config
 from runcache.engine.engine import Engine
 from runcache.errors import BadRequest, ConfigError, Conflict, Forbidden, NotFound, Unauthorized
-from runcache.wire import Cleared, CommandResult, to_builtins
+from runcache.wire import Cleared, CommandResult, RunRequest, to_builtins
 
 from conftest import LiveServer, free_port, until
 
@@ -34,7 +28,7 @@ ADMIN_TOKEN = "a" * 24
 
 
 @pytest.fixture(params=["http", "local"])
-def backend(request: pytest.FixtureRequest) -> Iterator[Client | LocalClient]:
+def backend(request: pytest.FixtureRequest) -> Iterator[BaseClient]:
     """Each test runs against a real server and against an in-process engine."""
     if request.param == "http":
         server: LiveServer = request.getfixturevalue("live_server")
@@ -46,18 +40,18 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Client | LocalClient]:
 
 
 def test_second_run_is_cached_and_use_cache_false_runs_again(
-    backend: Client | LocalClient,
+    backend: BaseClient,
 ) -> None:
     first = backend.execute("cat /proc/sys/kernel/random/uuid")
     second = backend.execute("cat /proc/sys/kernel/random/uuid")
-    fresh = backend.execute("cat /proc/sys/kernel/random/uuid", use_cache=False)
+    fresh = backend.execute(RunRequest("cat /proc/sys/kernel/random/uuid", use_cache=False))
     assert (first.cached, second.cached, fresh.cached) == (False, True, False)
     assert second.stdout == first.stdout != fresh.stdout
     assert backend.cache_stats().hits == 1
 
 
-def test_result_has_the_contract_fields(backend: Client | LocalClient) -> None:
-    result = backend.execute("echo out; echo err >&2; exit 3", timeout=10)
+def test_result_has_the_contract_fields(backend: BaseClient) -> None:
+    result = backend.execute(RunRequest("echo out; echo err >&2; exit 3", timeout=10))
     assert isinstance(result, CommandResult)
     assert (result.stdout, result.stderr, result.return_code) == ("out\n", "err\n", 3)
     assert result.success is False and result.timed_out is False
@@ -68,13 +62,19 @@ def test_result_has_the_contract_fields(backend: Client | LocalClient) -> None:
     ("call", "message"),
     [
         (lambda b: b.execute("   "), "Command parameter is required"),
-        (lambda b: b.execute("true", timeout=0), "timeout must be greater than 0 seconds"),
-        (lambda b: b.execute("true", timeout=10**9), "timeout must be at most 3600 seconds"),
-        (lambda b: b.execute("true", ttl=-1), "ttl must be greater than 0 seconds"),
+        (
+            lambda b: b.execute(RunRequest("true", timeout=0)),
+            "timeout must be greater than 0 seconds",
+        ),
+        (
+            lambda b: b.execute(RunRequest("true", timeout=10**9)),
+            "timeout must be at most 3600 seconds",
+        ),
+        (lambda b: b.execute(RunRequest("true", ttl=-1)), "ttl must be greater than 0 seconds"),
     ],
 )
 def test_bad_requests_fail_with_the_api_message_either_way(
-    backend: Client | LocalClient, call: Callable[[Any], object], message: str
+    backend: BaseClient, call: Callable[[Any], object], message: str
 ) -> None:
     with pytest.raises(BadRequest) as raised:
         call(backend)
@@ -82,7 +82,7 @@ def test_bad_requests_fail_with_the_api_message_either_way(
     assert backend.cache_stats().misses == 0
 
 
-def test_clear_empties_and_answers_as_the_contract_says(backend: Client | LocalClient) -> None:
+def test_clear_empties_and_answers_as_the_contract_says(backend: BaseClient) -> None:
     backend.execute("echo x")
     answer = backend.clear()
     assert isinstance(answer, Cleared) and answer == CLEARED
@@ -91,7 +91,7 @@ def test_clear_empties_and_answers_as_the_contract_says(backend: Client | LocalC
     assert (stats.size, stats.hits, stats.misses, stats.hit_rate) == (0, 0, 0, "0.0%")
 
 
-def test_health_and_telemetry(backend: Client | LocalClient) -> None:
+def test_health_and_telemetry(backend: BaseClient) -> None:
     backend.execute("true")
     health = backend.health()
     assert health.status == "healthy" and health.cache_stats.size == 1
@@ -141,7 +141,7 @@ def test_close_cuts_a_request_still_waiting(live_server: LiveServer) -> None:
 
     def wait_for_sleep() -> None:
         try:
-            client.execute("sleep 30", timeout=60)
+            client.execute(RunRequest("sleep 30", timeout=60))
         except ServerUnreachable as error:
             errors.append(error)
 
@@ -195,12 +195,14 @@ def test_a_url_that_is_not_http_is_refused() -> None:
 
 
 def test_a_background_run_is_followed_by_its_events_and_read_byte_for_byte(
-    backend: Client | LocalClient, tmp_path: Path
+    backend: BaseClient, tmp_path: Path
 ) -> None:
     gate = tmp_path / "gate"
     job = backend.start(
-        f"printf 'a\\r\\n'; echo err >&2; while [ ! -e {gate} ]; do sleep 0.02; done; echo b",
-        use_cache=False,
+        RunRequest(
+            f"printf 'a\\r\\n'; echo err >&2; while [ ! -e {gate} ]; do sleep 0.02; done; echo b",
+            use_cache=False,
+        )
     )
     assert job.status == "running" and job.pid is not None
     events = backend.events(job.job_id)
@@ -223,15 +225,15 @@ def test_a_background_run_is_followed_by_its_events_and_read_byte_for_byte(
     assert [event.kind for event in resumed] == ["stderr", "result"]
 
 
-def test_an_unknown_job_is_not_found_either_way(backend: Client | LocalClient) -> None:
+def test_an_unknown_job_is_not_found_either_way(backend: BaseClient) -> None:
     with pytest.raises(NotFound, match="no job 'nope'"):
         backend.job("nope")
     with pytest.raises(NotFound, match="no job 'nope'"):
         next(backend.events("nope"))
 
 
-def test_leaving_the_only_hold_on_a_run_cancels_it(backend: Client | LocalClient) -> None:
-    job = backend.start("sleep 30", use_cache=False)
+def test_leaving_the_only_hold_on_a_run_cancels_it(backend: BaseClient) -> None:
+    job = backend.start(RunRequest("sleep 30", use_cache=False))
     assert backend.leave(job.job_id).status == "cancelled"
     result = backend.job(job.job_id).result
     assert isinstance(result, CommandResult) and result.cancelled is True
@@ -239,7 +241,7 @@ def test_leaving_the_only_hold_on_a_run_cancels_it(backend: Client | LocalClient
 
 def test_close_cuts_an_event_stream_still_open(live_server: LiveServer) -> None:
     client = Client(live_server.url)
-    job = client.start("echo started; sleep 30", use_cache=False)
+    job = client.start(RunRequest("echo started; sleep 30", use_cache=False))
     seen: list[sse.Event] = []
     failures: list[ServerUnreachable] = []
 
@@ -262,7 +264,7 @@ def test_close_cuts_an_event_stream_still_open(live_server: LiveServer) -> None:
 
 def test_jobs_are_listed_paused_resumed_and_cancelled(live_server: LiveServer) -> None:
     with Client(live_server.url) as client:
-        job = client.start("sleep 30", use_cache=False)
+        job = client.start(RunRequest("sleep 30", use_cache=False))
         assert [found.job_id for found in client.jobs().jobs] == [job.job_id]
         assert client.pause(job.job_id).status == "paused"
         with pytest.raises(Conflict, match="cannot be paused: it is paused"):
@@ -276,7 +278,7 @@ def test_jobs_are_listed_paused_resumed_and_cancelled(live_server: LiveServer) -
 
 def test_the_process_routes_over_a_run(live_server: LiveServer) -> None:
     with Client(live_server.url) as client:
-        job = client.start("sleep 30", use_cache=False)
+        job = client.start(RunRequest("sleep 30", use_cache=False))
         assert job.pid is not None
         listed = client.processes()
         assert list(listed.active_processes) == [str(job.pid)]

@@ -12,11 +12,16 @@ import pytest
 
 from runcache.config import Config
 from runcache.engine.cache import Cache
-from runcache.engine.engine import KEY_ENV_VARS, CommandRequest, Engine, Outcome
+from runcache.engine.callers import Caller
+from runcache.engine.engine import KEY_ENV_VARS, Engine, Outcome
 from runcache.errors import BadRequest, Busy
 from runcache.run.encode import encode_result
 from runcache.run.runner import Runner, RunResult
 from runcache.stores import MemoryStore, open_store
+from runcache.wire import CommandRequest
+
+#: Who the engine logs and audits as asking, in these tests.
+CALLER = Caller("test")
 
 
 async def _until(condition: Callable[[], bool], seconds: float = 15.0) -> None:
@@ -32,7 +37,7 @@ def test_concurrent_identical_requests_run_once(engine: Engine, tmp_path: Path) 
     request = CommandRequest(f"echo run >> {runs}; sleep 0.5; echo done")
 
     async def main() -> list[Outcome]:
-        return await asyncio.gather(*(engine.execute(request) for _ in range(20)))
+        return await asyncio.gather(*(engine.run(request, CALLER) for _ in range(20)))
 
     outcomes = asyncio.run(main())
     assert runs.read_text() == "run\n"
@@ -49,17 +54,17 @@ def test_identical_refreshes_share_one_run_that_replaces_the_entry(
 ) -> None:
     runs = tmp_path / "runs"
     command = f"echo run >> {runs}; sleep 0.3; wc -l < {runs}"
-    first = asyncio.run(engine.execute(CommandRequest(command)))
+    first = asyncio.run(engine.run(CommandRequest(command), CALLER))
     refresh = CommandRequest(command, refresh=True)
 
     async def main() -> list[Outcome]:
-        return await asyncio.gather(*(engine.execute(refresh) for _ in range(10)))
+        return await asyncio.gather(*(engine.run(refresh, CALLER) for _ in range(10)))
 
     outcomes = asyncio.run(main())
     assert runs.read_text() == "run\n" * 2  # the first run, then one refresh for all ten
     assert {outcome.result().stdout for outcome in outcomes} == {"2\n"}
     assert sum(outcome.coalesced for outcome in outcomes) == 9
-    hit = asyncio.run(engine.execute(CommandRequest(command)))
+    hit = asyncio.run(engine.run(CommandRequest(command), CALLER))
     assert (first.result().stdout, hit.cached, hit.result().stdout) == ("1\n", True, "2\n")
 
 
@@ -68,7 +73,7 @@ def test_uncached_requests_are_not_coalesced(engine: Engine, tmp_path: Path) -> 
     request = CommandRequest(f"echo run >> {runs}; sleep 0.2", use_cache=False)
 
     async def main() -> list[Outcome]:
-        return await asyncio.gather(*(engine.execute(request) for _ in range(3)))
+        return await asyncio.gather(*(engine.run(request, CALLER) for _ in range(3)))
 
     outcomes = asyncio.run(main())
     assert runs.read_text() == "run\n" * 3
@@ -82,13 +87,13 @@ def test_result_of_a_run_that_began_before_a_clear_is_returned_not_stored(
     request = CommandRequest(f"while [ ! -e {gate} ]; do sleep 0.01; done; echo finished")
 
     async def main() -> tuple[Outcome, Outcome]:
-        running = asyncio.ensure_future(engine.execute(request))
+        running = asyncio.ensure_future(engine.run(request, CALLER))
         await _until(lambda: engine.runner.running > 0)
         await engine.clear()
         gate.touch()
         first = await asyncio.wait_for(running, 15)
         assert (await engine.cache_stats()).size == 0
-        return first, await engine.execute(request)
+        return first, await engine.run(request, CALLER)
 
     first, again = asyncio.run(main())
     assert first.result().stdout == "finished\n"
@@ -105,10 +110,10 @@ def test_errors_are_shared_with_the_requests_that_joined(tmp_path: Path) -> None
     shared = CommandRequest("echo shared")
 
     async def main() -> list[BaseException | Outcome]:
-        holding = asyncio.ensure_future(engine.execute(blocker))
+        holding = asyncio.ensure_future(engine.run(blocker, CALLER))
         await _until(lambda: engine.runner.running > 0)
         answers = await asyncio.gather(
-            *(engine.execute(shared) for _ in range(2)), return_exceptions=True
+            *(engine.run(shared, CALLER) for _ in range(2)), return_exceptions=True
         )
         gate.touch()
         await asyncio.wait_for(holding, 15)
@@ -130,9 +135,9 @@ def test_a_caller_going_away_cancels_neither_the_shared_run_nor_the_others_answe
     request = CommandRequest(f"while [ ! -e {gate} ]; do sleep 0.01; done; echo answer")
 
     async def main() -> Outcome:
-        first = asyncio.ensure_future(engine.execute(request))
+        first = asyncio.ensure_future(engine.run(request, CALLER))
         await _until(lambda: engine.runner.running > 0)
-        second = asyncio.ensure_future(engine.execute(request))
+        second = asyncio.ensure_future(engine.run(request, CALLER))
         job = engine.jobs.running_for(engine.cache_key(request.command))
         assert job is not None
         await _until(lambda: job.clients == 2)  # the second has joined the run
@@ -152,7 +157,7 @@ def test_the_last_caller_of_an_uncached_run_going_away_cancels_it(engine: Engine
     request = CommandRequest("sleep 30", use_cache=False)
 
     async def main() -> None:
-        waiting = asyncio.ensure_future(engine.execute(request))
+        waiting = asyncio.ensure_future(engine.run(request, CALLER))
         await _until(lambda: engine.runner.running > 0)
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -213,9 +218,9 @@ def test_bounds_come_from_the_config() -> None:
     )
     try:
         with pytest.raises(BadRequest, match="timeout must be at most 5 seconds"):
-            asyncio.run(engine.execute(CommandRequest("echo", timeout=6)))
+            asyncio.run(engine.run(CommandRequest("echo", timeout=6), CALLER))
         with pytest.raises(BadRequest, match="ttl must be at most 10 seconds"):
-            asyncio.run(engine.execute(CommandRequest("echo", ttl=11)))
+            asyncio.run(engine.run(CommandRequest("echo", ttl=11), CALLER))
         assert engine.telemetry.snapshot().commands_executed == 0
     finally:
         engine.close()
@@ -260,14 +265,14 @@ def test_a_cancelled_run_whose_leader_exited_0_is_not_cached(config: Config) -> 
     request = CommandRequest("sleep 30 & echo x")
 
     async def main() -> tuple[Outcome, Outcome]:
-        running = asyncio.ensure_future(engine.execute(request))
+        running = asyncio.ensure_future(engine.run(request, CALLER))
         await _until(lambda: engine.jobs.running_for(engine.cache_key(request.command)) is not None)
         job = engine.jobs.running_for(engine.cache_key(request.command))
         assert job is not None
         await _until(lambda: job.stream("stdout") == b"x\n")  # the leader has printed and exits
         assert engine.cancel(job)
         cancelled = await asyncio.wait_for(running, 15)
-        return cancelled, await engine.execute(request)
+        return cancelled, await engine.run(request, CALLER)
 
     try:
         cancelled, repeat = asyncio.run(main())

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from jsonschema import Draft202012Validator
 
 from runcache import wire
+from runcache.engine.callers import Caller
 from runcache.engine.engine import Engine
 from runcache.errors import BadRequest
 from runcache.wire import COMMAND_PATTERN, COMMAND_REQUIRED, CommandRequest, decode_command_request
@@ -23,6 +24,9 @@ from test_api import BAD_COMMAND_BODIES
 MAX_TIMEOUT, MAX_TTL = 3600.0, 2592000.0
 
 NUL_MESSAGE = "command must not contain NUL characters"
+
+#: Who the engine logs and audits as asking, in these tests.
+CALLER = Caller("test")
 
 
 def refusal(body: bytes) -> str:
@@ -41,7 +45,7 @@ def test_every_bad_body_gets_the_api_message_without_http(
         # Decoding knows no server's bounds: the engine refuses these, before running anything.
         request = decode_command_request(body)
         with pytest.raises(BadRequest, match=message):
-            asyncio.run(engine.execute(request))
+            asyncio.run(engine.run(request, CALLER))
         assert engine.telemetry.snapshot().commands_executed == 0
     else:
         assert message in refusal(body)

@@ -21,18 +21,13 @@ import msgspec
 import orjson
 
 from runcache import __version__
+from runcache.client import connect
+from runcache.client.base import BaseClient
 from runcache.client.follow import copy_output
-from runcache.client.http import (
-    ADMIN_TOKEN_ENV,
-    TOKEN_ENV,
-    URL_ENV,
-    Client,
-    LocalClient,
-    connect,
-)
+from runcache.client.http import ADMIN_TOKEN_ENV, TOKEN_ENV, URL_ENV, Client
 from runcache.config import Config, settings
 from runcache.errors import RuncacheError
-from runcache.wire import CommandResult, to_builtins
+from runcache.wire import CommandResult, RunRequest, to_builtins
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -123,7 +118,7 @@ def client_options(command: F) -> F:
     )(command)
 
 
-def _connect(server: str | None) -> Client | LocalClient:
+def _connect(server: str | None) -> BaseClient:
     return connect(server, os.environ.get(TOKEN_ENV), os.environ.get(ADMIN_TOKEN_ENV))
 
 
@@ -190,13 +185,15 @@ def run(
     with _connect(server) as backend:
         with _signals_held() as held:
             job = backend.start(
-                shlex.join(argv),
-                use_cache=not no_cache,
-                timeout=timeout,
-                ttl=ttl,
-                refresh=refresh,
-                stale=stale,
-                **_run_context(cwd, env_pairs, feed_stdin),
+                RunRequest(
+                    shlex.join(argv),
+                    use_cache=not no_cache,
+                    timeout=timeout,
+                    ttl=ttl,
+                    refresh=refresh,
+                    stale=stale,
+                    **_run_context(cwd, env_pairs, feed_stdin),
+                )
             )
         try:
             if held:

@@ -134,6 +134,13 @@ class ServerError(RuncacheError):
         self.status = status
 
 
+class ClientGone(RuncacheError):
+    """The client went away before its answer (its connection closed): nobody reads
+    this error, which ends the request and is audited as the client's leaving."""
+
+    status = 499
+
+
 class Conflict(RuncacheError):
     """The request cannot be carried out in the state its target is in now
     (pausing a job that has ended, resuming one that is not paused)."""

@@ -1,10 +1,8 @@
-"""Talking to runcache: over HTTP to a running server, or to an engine in this process.
+"""Talking to a running runcache server over HTTP: :class:`Client`.
 
-The CLI's client commands and the MCP adapter both need the same five
-operations. :class:`Backend` names them once, with the typed answers of
-:mod:`runcache.wire`; :class:`Client` answers them from a server and
-:class:`LocalClient` from an :class:`Engine` of its own, so each caller has one
-code path whichever way it was started, and HTTP handling lives only here.
+The operations and their checks are :class:`~runcache.client.base.BaseClient`'s,
+shared with the in-process :class:`~runcache.client.local.LocalClient`; this module
+carries them over HTTP, and HTTP handling lives only here.
 
 HTTP goes through the standard library's ``http.client``: a handful of small
 JSON requests per process does not justify a dependency, and holding each
@@ -19,15 +17,14 @@ import re
 import socket
 import threading
 import urllib.parse
-from contextlib import AbstractContextManager
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TypeVar
 
 import msgspec
 import orjson
 
 from runcache import __version__, wire
 from runcache.client import sse
+from runcache.client.base import FINAL_EVENTS, BaseClient
 from runcache.errors import (
     BadRequest,
     ConfigError,
@@ -41,13 +38,7 @@ from runcache.errors import (
 )
 from runcache.wire import CacheStats, Cleared, CommandResult, Health, Telemetry
 
-if TYPE_CHECKING:  # the engine is imported only when one runs in this process
-    from anyio.from_thread import BlockingPortal
-
-    from runcache.engine.engine import Engine
-    from runcache.engine.jobs import Job
-
-__all__ = ["Backend", "Client", "LocalClient", "ServerError", "ServerUnreachable", "connect"]
+__all__ = ["Client", "ServerError", "ServerUnreachable", "normalize_url"]
 
 S = TypeVar("S", bound=msgspec.Struct)
 
@@ -61,12 +52,6 @@ REQUEST_TIMEOUT = 30.0
 
 #: Seconds to wait past a command's own timeout, for the server to kill it and answer.
 EXECUTE_MARGIN = 60.0
-
-#: The answer to a clear, as the contract fixes it for ``POST /api/cache/clear``.
-CLEARED = Cleared()
-
-#: The events that end a job's event stream: its result, or why it never ran.
-FINAL_EVENTS = frozenset({"result", "error"})
 
 #: A job event's id: the bytes of stdout and of stderr sent up to and with it.
 _EVENT_ID = re.compile(r"^(\d+):(\d+)$")
@@ -82,94 +67,7 @@ _ERRORS_BY_STATUS: dict[int, type[RuncacheError]] = {
 }
 
 
-class Backend(Protocol):
-    """The operations the CLI and the MCP adapter use, wherever the engine runs."""
-
-    description: str
-
-    def execute(
-        self,
-        command: str,
-        use_cache: bool = True,
-        timeout: float | None = None,
-        ttl: float | None = None,
-    ) -> CommandResult: ...
-
-    def cache_stats(self) -> CacheStats: ...
-
-    def clear(self) -> Cleared: ...
-
-    def health(self) -> Health: ...
-
-    def telemetry(self) -> Telemetry: ...
-
-    def close(self) -> None: ...
-
-
-_Self = TypeVar("_Self", bound="_Closing")
-
-
-class _Closing:
-    """``with`` support: leaving the block closes the backend."""
-
-    def close(self) -> None:
-        """Release what the backend holds."""
-
-    def __enter__(self: _Self) -> _Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-#: The optional request fields passed by name: how stale an answer may be, and the
-#: run's context (see :mod:`runcache.run.context`).
-OPTIONAL_FIELDS = ("stale", "cwd", "env", "stdin")
-
-
-def command_request(
-    command: str,
-    use_cache: bool,
-    timeout: float | None,
-    ttl: float | None,
-    refresh: bool = False,
-    background: bool = False,
-    **context: Any,
-) -> wire.CommandRequest:
-    """A ``POST /api/command`` body, checked as the server checks it.
-
-    ``context`` holds the fields of ``OPTIONAL_FIELDS`` (``stale`` and the run
-    context: ``cwd``, ``env``, ``stdin``); one left None is left out. Encoded and
-    decoded once, so a bad value fails here with the very message the server would
-    answer, before anything is sent or run.
-    """
-    unknown = set(context) - set(OPTIONAL_FIELDS)
-    if unknown:
-        raise TypeError(f"unknown request field(s): {', '.join(sorted(unknown))}")
-    payload: dict[str, Any] = {"command": command, "use_cache": use_cache}
-    optional = {"timeout": timeout, "ttl": ttl, **context}
-    payload.update((name, value) for name, value in optional.items() if value is not None)
-    if refresh:
-        payload["refresh"] = True
-    if background:
-        payload["background"] = True
-    return wire.decode_command_request(orjson.dumps(payload))
-
-
-def invalidate_request(prefix: str | None, glob: str | None) -> wire.InvalidateRequest:
-    """A ``POST /api/cache/invalidate`` body, checked as the server checks it."""
-    payload = {
-        name: value for name, value in (("prefix", prefix), ("glob", glob)) if value is not None
-    }
-    return wire.decode_invalidate_request(orjson.dumps(payload))
-
-
-class Client(_Closing):
+class Client(BaseClient):
     """A runcache server over HTTP; every failure is a :class:`RuncacheError` with one line.
 
     Each request opens its own connection, so one client serves many threads.
@@ -194,20 +92,9 @@ class Client(_Closing):
         self._open: set[http.client.HTTPConnection] = set()
         self._closed = False
 
-    def execute(
-        self,
-        command: str,
-        use_cache: bool = True,
-        timeout: float | None = None,
-        ttl: float | None = None,
-        **context: Any,
-    ) -> CommandResult:
-        """Run a command on the server; wait as long as the server lets it run.
-
-        ``context`` takes ``stale`` and the run context fields: ``cwd``, ``env``, ``stdin``."""
-        wait = None if timeout is None else timeout + EXECUTE_MARGIN
-        body = wire.encode(command_request(command, use_cache, timeout, ttl, **context))
-        return self._request(CommandResult, "POST", "/api/command", body, wait=wait)
+    def _execute(self, request: wire.CommandRequest) -> CommandResult:
+        wait = None if request.timeout is None else request.timeout + EXECUTE_MARGIN
+        return self._request(CommandResult, "POST", "/api/command", wire.encode(request), wait=wait)
 
     def cache_stats(self) -> CacheStats:
         return self._request(CacheStats, "GET", "/api/cache/stats")
@@ -226,21 +113,8 @@ class Client(_Closing):
 
     # -- jobs ------------------------------------------------------------------------
 
-    def start(
-        self,
-        command: str,
-        use_cache: bool = True,
-        timeout: float | None = None,
-        ttl: float | None = None,
-        refresh: bool = False,
-        **context: Any,
-    ) -> wire.JobAccepted:
-        """Start (or join) a run in the background: its job, at once (``context`` as for
-        :meth:`execute`)."""
-        body = wire.encode(
-            command_request(command, use_cache, timeout, ttl, refresh, background=True, **context)
-        )
-        return self._request(wire.JobAccepted, "POST", "/api/command", body)
+    def _start(self, request: wire.CommandRequest) -> wire.JobAccepted:
+        return self._request(wire.JobAccepted, "POST", "/api/command", wire.encode(request))
 
     def jobs(self) -> wire.JobList:
         return self._request(wire.JobList, "GET", "/api/jobs")
@@ -312,15 +186,12 @@ class Client(_Closing):
         path = f"/api/cache/entries?{urllib.parse.urlencode(query)}"
         return self._request(wire.CacheEntryList, "GET", path)
 
-    def invalidate(self, prefix: str | None = None, glob: str | None = None) -> wire.Deleted:
-        """Delete the entries whose command starts with ``prefix`` or matches ``glob``,
-        with the admin token when there is one."""
-        body = wire.encode(invalidate_request(prefix, glob))
+    def _invalidate(self, request: wire.InvalidateRequest) -> wire.Deleted:
         return self._request(
             wire.Deleted,
             "POST",
             "/api/cache/invalidate",
-            body,
+            wire.encode(request),
             token=self.admin_token or self.token,
         )
 
@@ -439,192 +310,12 @@ class Client(_Closing):
         return ServerUnreachable(f"cannot reach a runcache server at {self.url}: {reason}")
 
 
-class LocalClient(_Closing):
-    """An engine in this process, behind the same interface as :class:`Client`.
-
-    The engine's coroutines run on an event loop of the client's own, in a
-    thread, so the calls here block like :class:`Client`'s and may come from
-    any thread. Requests are checked by the wire's own decoder, so a bad one
-    fails with the very message the API would give.
-    """
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.description = f"runcache in-process (store {engine.cache.store.description})"
-        from anyio.from_thread import start_blocking_portal
-
-        self._loop: AbstractContextManager[BlockingPortal] = start_blocking_portal()
-        self._portal = self._loop.__enter__()
-
-    @classmethod
-    def from_environment(cls) -> LocalClient:
-        """An engine with the settings of the environment (``RUNCACHE_STORE`` and the rest)."""
-        from runcache.config import Config
-        from runcache.engine.engine import Engine
-
-        return cls(Engine.from_config(Config.load()))
-
-    def execute(
-        self,
-        command: str,
-        use_cache: bool = True,
-        timeout: float | None = None,
-        ttl: float | None = None,
-        **context: Any,
-    ) -> CommandResult:
-        request = command_request(command, use_cache, timeout, ttl, **context)
-        return self._portal.call(self.engine.execute, request, "local").result()
-
-    def cache_stats(self) -> CacheStats:
-        return self._portal.call(self.engine.cache_stats)
-
-    def clear(self) -> Cleared:
-        return self._portal.call(self.engine.clear)
-
-    def health(self) -> Health:
-        return self._portal.call(self.engine.health)
-
-    def telemetry(self) -> Telemetry:
-        return self.engine.telemetry.snapshot()
-
-    # -- jobs, as Client has them: what following a run needs ------------------------
-
-    def start(
-        self,
-        command: str,
-        use_cache: bool = True,
-        timeout: float | None = None,
-        ttl: float | None = None,
-        refresh: bool = False,
-        **context: Any,
-    ) -> wire.JobAccepted:
-        request = command_request(
-            command, use_cache, timeout, ttl, refresh, background=True, **context
-        )
-        return self._portal.call(self._start, request)
-
-    async def _start(self, request: wire.CommandRequest) -> wire.JobAccepted:
-        from runcache.engine import job_answers
-
-        return await job_answers.accepted(await self.engine.submit(request, "local"))
-
-    def job(self, job_id: str) -> wire.JobDetail:
-        from runcache.engine import job_answers
-
-        return self._portal.call(lambda: job_answers.detail(self.engine.jobs.get(job_id)))
-
-    def output(
-        self, job_id: str, stream: str = "stdout", offset: int = 0, limit: int | None = None
-    ) -> wire.JobOutput:
-        from runcache.engine import job_answers
-
-        size = job_answers.DEFAULT_PAGE_BYTES if limit is None else limit
-        job = self._portal.call(lambda: self.engine.jobs.get(job_id))
-        return self._portal.call(job_answers.page, job, stream, offset, size)
-
-    def events(self, job_id: str, last_event_id: str | None = None) -> sse.EventStream:
-        """The job's events as :meth:`Client.events` gives them, read from the engine's job
-        on this client's loop one at a time (the data keeps carriage returns here: no
-        wire format forces lines)."""
-        job = self._portal.call(lambda: self.engine.jobs.get(job_id))
-        positions = _positions(last_event_id)
-        while True:
-            event = self._portal.call(_next_event, job, positions)
-            yield event
-            if event.kind in FINAL_EVENTS:
-                return
-
-    def leave(self, job_id: str) -> wire.JobAction:
-        from runcache.engine import job_answers
-
-        job = self._portal.call(lambda: self.engine.jobs.get(job_id))
-        return self._portal.call(job_answers.leave, self.engine, job)
-
-    def entries(
-        self, prefix: str = "", offset: int = 0, limit: int | None = None
-    ) -> wire.CacheEntryList:
-        from runcache.engine import entry_answers
-
-        size = entry_answers.DEFAULT_LIST if limit is None else limit
-        return self._portal.call(entry_answers.listing, self.engine, prefix, offset, size)
-
-    def invalidate(self, prefix: str | None = None, glob: str | None = None) -> wire.Deleted:
-        from runcache.engine import entry_answers
-
-        request = invalidate_request(prefix, glob)
-        return self._portal.call(entry_answers.invalidate, self.engine, request, "local")
-
-    def close(self) -> None:
-        """Kill commands still running, stop the client's loop, and release the store."""
-        self.engine.runner.kill_all()
-        self._portal.call(self.engine.aclose)
-        self._loop.__exit__(None, None, None)
-        self.engine.close()
-
-
-def connect(
-    url: str | None, token: str | None = None, admin_token: str | None = None
-) -> Client | LocalClient:
-    """A client for the server at ``url``, or an engine in this process when there is none."""
-    if url:
-        return Client(url, token, admin_token)
-    return LocalClient.from_environment()
-
-
 def normalize_url(url: str) -> str:
     """``host:port`` or a full URL, as the base URL every path is appended to."""
     url = url.strip()
     if "://" not in url:
         url = "http://" + url
     return url.rstrip("/")
-
-
-def _positions(last_event_id: str | None) -> dict[str, int]:
-    """Where a reader resumes: after the id of the last event it read, as the API reads
-    ``Last-Event-ID``."""
-    if last_event_id is None or not last_event_id.strip():
-        return {"stdout": 0, "stderr": 0}
-    match = _EVENT_ID.match(last_event_id.strip())
-    if match is None:
-        raise BadRequest(
-            "Last-Event-ID must be <stdout offset>:<stderr offset>, as the events of this job carry"
-        )
-    return {"stdout": int(match[1]), "stderr": int(match[2])}
-
-
-async def _next_event(job: Job, positions: dict[str, int]) -> sse.Event:
-    """The next event of ``job`` for a reader at ``positions`` (moved past it): new output
-    on either stream, else the result once the job has ended, else wait for a change.
-
-    The API's event stream does the same for many readers at once, written as
-    bytes; one reader in process takes one event per call through the portal. The
-    reader counts as a follower while it waits, so the run's thread wakes it on new
-    output; output that came before is seen by its length, so none is missed.
-    """
-    from runcache.engine import job_answers
-
-    job.followers += 1
-    try:
-        while True:
-            ended = job.ended
-            for name in job_answers.STREAMS:
-                if not (ended or job_answers.may_have_more(job, name, positions[name])):
-                    continue
-                data, next_offset, _, _ = await job_answers.read_stream(
-                    job, name, positions[name], job_answers.EVENT_BYTES
-                )
-                if next_offset != positions[name]:
-                    positions[name] = next_offset
-                    event_id = f"{positions['stdout']}:{positions['stderr']}"
-                    return sse.Event(name, data.decode("utf-8", "replace"), event_id)
-            if ended:
-                body = job_answers.result_json(job)
-                if body is None:
-                    return sse.Event("error", wire.encode(wire.Error(job.error or "")).decode())
-                return sse.Event("result", body.decode())
-            await job.changed()
-    finally:
-        job.followers -= 1
 
 
 def _segment(text: str) -> str:

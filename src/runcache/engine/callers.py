@@ -36,6 +36,13 @@ class Caller(NamedTuple):
     credential: str = ANONYMOUS
     identity: str = ANONYMOUS
 
+    @property
+    def owner(self) -> str | None:
+        """The identity the jobs it starts or joins are filed under: None for an anonymous
+        caller (a server without tokens, stdio, the in-process client), whose jobs are
+        everyone's."""
+        return None if self.credential == ANONYMOUS else self.identity
+
 
 def caller_of(scope: Mapping[str, Any]) -> Caller:
     """The caller of an HTTP request, from its ASGI scope: the token gate records which
@@ -55,10 +62,3 @@ def viewer_of(scope: Mapping[str, Any]) -> str | None:
         return None
     viewer: str = scope[IDENTITY]
     return viewer
-
-
-def owner_of(scope: Mapping[str, Any]) -> str | None:
-    """The identity a job a request starts or joins is recorded under (None without
-    tokens, where every job is everyone's)."""
-    owner: str | None = scope.get(IDENTITY)
-    return owner

@@ -7,11 +7,13 @@ so a behaviour (a cache key, a bound, a log line) is written once here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
 import shlex
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -22,11 +24,12 @@ from runcache import __version__, wire
 from runcache.config import Config
 from runcache.engine.audit import AuditLog
 from runcache.engine.cache import Cache
+from runcache.engine.callers import Caller
 from runcache.engine.jobs import Job, Jobs, OutputFacts, output_facts
 from runcache.engine.metrics import Metrics
 from runcache.engine.slots import Slots
 from runcache.engine.telemetry import Telemetry
-from runcache.errors import BadRequest, ConfigError, RuncacheError, StoreError
+from runcache.errors import BadRequest, ClientGone, ConfigError, RuncacheError, StoreError
 from runcache.logs import loggable
 from runcache.run.allowlist import Allowlist
 from runcache.run.context import ContextRules, key_part
@@ -36,7 +39,6 @@ from runcache.run.run_as import RunAs, without_own
 from runcache.run.runner import NO_CONTEXT, RunContext, RunControl, Runner, RunResult
 from runcache.stores import open_store
 from runcache.stores.base import CacheStats
-from runcache.wire import CommandRequest
 
 log = logging.getLogger("runcache")
 
@@ -185,18 +187,62 @@ class Engine:
         self.cache.close()
         self.audit.close()
 
-    # -- commands ---------------------------------------------------------------
+    # -- commands: the one door --------------------------------------------------
 
-    async def execute(self, request: CommandRequest, client: str = "-") -> Outcome:
-        """Answer a request from the cache, from an identical run in flight, or by running it."""
-        plan = self.plan(request)
-        hit = await self.lookup(plan, client)
-        if hit is not None:
-            return hit
-        job, joined = self.claim(plan, client)
-        return await self.outcome(job, joined)
+    async def run(
+        self,
+        request: wire.RunRequest,
+        caller: Caller,
+        gone: Callable[[], Awaitable[object]] | None = None,
+    ) -> Outcome:
+        """Answer a request from the cache, from an identical run in flight, or by running it.
 
-    def plan(self, request: CommandRequest) -> Plan:
+        The one way in for an answer, whoever asks (the command route, MCP, the
+        in-process client): it plans, checks the allowlist and the run context, looks
+        up, joins or claims, waits, and writes the request's one audit line, a refusal's
+        too. ``gone``, when given, returns once the caller has gone away: the wait then
+        ends with :class:`~runcache.errors.ClientGone` (and a run only that caller
+        wanted is killed).
+        """
+        try:
+            plan = self.plan(request)
+            outcome = await self._lookup(plan, caller)
+            if outcome is None:
+                job, joined = self._claim(plan, caller)
+                outcome = await self._answer(job, joined, gone)
+        except ClientGone:
+            self.audit.left(caller, plan.command, plan.key)
+            raise
+        except RuncacheError as error:  # the allowlist, a bound, no free slot
+            self.audit.refused(caller, request.command, error.message)
+            raise
+        if self.audit.enabled:  # a hit's path: no record made for no audit log
+            self.audit.answered(caller, plan.command, plan.key, outcome)
+        return outcome
+
+    async def start(self, request: wire.RunRequest, caller: Caller) -> tuple[Job, bool]:
+        """Start (or join) a request's run in the background: its job at once, and whether
+        that was an identical run already going. The one way in for a background run
+        (``"background": true``, ``execute-async``, MCP's tools); the job is the caller's
+        from now on, and its audit line is written when it ends (a refusal's at once).
+
+        A request the cache answers gets a job that has ended already, with the
+        cached result.
+        """
+        try:
+            plan = self.plan(request)
+            hit = await self._lookup(plan, caller)
+            if hit is None:
+                job, joined = self._claim(plan, caller, background=True)
+            else:
+                job, joined = await self._answered_job(plan, hit, caller), False
+        except RuncacheError as error:
+            self.audit.refused(caller, request.command, error.message)
+            raise
+        self.audit.submitted(caller, job, joined)
+        return job, joined
+
+    def plan(self, request: wire.RunRequest) -> Plan:
         """What a request asks for, checked against this server's bounds."""
         context = self.context_rules.check(request)
         return Plan(
@@ -215,13 +261,13 @@ class Engine:
             ),
         )
 
-    async def lookup(self, plan: Plan, client: str, owner: str | None = None) -> Outcome | None:
+    async def _lookup(self, plan: Plan, caller: Caller) -> Outcome | None:
         """The cached answer, if the request may have one and there is one (a stale one's
-        refresh is a job of ``owner``'s)."""
+        refresh is a job of the caller's)."""
         if not plan.use_cache or plan.refresh:
             return None
         if plan.stale > 0:
-            return await self._lookup_stale(plan, client, owner)
+            return await self._lookup_stale(plan, caller)
         cached = await self.cache.get(plan.key)
         if cached is None:
             self.metrics.miss()
@@ -229,12 +275,10 @@ class Engine:
         self.metrics.hit()
         self.telemetry.record_hit()
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s hit %r", client, loggable(plan.command))
+            log.debug("%s hit %r", caller.client, loggable(plan.command))
         return Outcome(cached, cached=True)
 
-    async def _lookup_stale(
-        self, plan: Plan, client: str, owner: str | None = None
-    ) -> Outcome | None:
+    async def _lookup_stale(self, plan: Plan, caller: Caller) -> Outcome | None:
         """A lookup that accepts a result up to ``plan.stale`` seconds past its expiry;
         a stale one starts its refresh, once per key (across instances, the store's
         lock lets one run it and the others take its result)."""
@@ -248,54 +292,58 @@ class Engine:
             self.metrics.stale_hit()
         self.telemetry.record_hit()
         if stale and self.jobs.running_for(plan.key) is None:
-            log.debug("%s stale hit %r: refreshing it", client, loggable(plan.command))
-            self.claim(
-                dataclasses.replace(plan, refresh=True), client, background=True, owner=owner
-            )
+            log.debug("%s stale hit %r: refreshing it", caller.client, loggable(plan.command))
+            self._claim(dataclasses.replace(plan, refresh=True), caller, background=True)
         return Outcome(cached, cached=True, stale=stale)
 
-    def claim(
-        self, plan: Plan, client: str, background: bool = False, owner: str | None = None
-    ) -> tuple[Job, bool]:
+    def _claim(self, plan: Plan, caller: Caller, background: bool = False) -> tuple[Job, bool]:
         """The job that answers ``plan``: the identical one running, joined, or a new one;
-        either way ``owner``'s (:mod:`runcache.web.auth`) from now on."""
+        either way the caller's (:attr:`Caller.owner`) from now on."""
         if plan.use_cache:
             running = self.jobs.running_for(plan.key)
             if running is not None:
                 running.holders += background
-                running.own(owner)
+                running.own(caller.owner)
                 return running, True
         control = RunControl(self.runner.max_output_bytes)
-        job = self.jobs.new(plan.command, plan.key, control, plan.use_cache, background, owner)
+        job = self.jobs.new(
+            plan.command, plan.key, control, plan.use_cache, background, caller.owner
+        )
         control.on_output = job.attach(asyncio.get_running_loop())
-        job.task = asyncio.ensure_future(self._run_job(job, plan, client))
+        job.task = asyncio.ensure_future(self._run_job(job, plan, caller.client))
         job.task.add_done_callback(lambda _: self.jobs.ended(job))
         return job, False
 
-    async def submit(self, request: CommandRequest, client: str = "-") -> Job:
-        """Start (or join) a request's run in the background: the job, at once.
-
-        A request the cache answers gets a job that has ended already, with the
-        cached result.
-        """
-        return (await self.submit_joined(request, client))[0]
-
-    async def submit_joined(
-        self, request: CommandRequest, client: str = "-", owner: str | None = None
-    ) -> tuple[Job, bool]:
-        """:meth:`submit`, and whether the job was an identical one already running;
-        the job is ``owner``'s from now on."""
-        plan = self.plan(request)
-        hit = await self.lookup(plan, client, owner)
-        if hit is None:
-            return self.claim(plan, client, background=True, owner=owner)
+    async def _answered_job(self, plan: Plan, hit: Outcome, caller: Caller) -> Job:
+        """A background request the cache answered: a job that has ended, with the hit."""
         facts = await _facts_of(hit.body)
-        job = self.jobs.new(plan.command, plan.key, None, plan.use_cache, True, owner)
+        job = self.jobs.new(plan.command, plan.key, None, plan.use_cache, True, caller.owner)
         job.cached, job.stale = True, hit.stale
         job.finish(hit.body, None, facts=facts)
-        return job, False
+        return job
 
-    async def outcome(self, job: Job, joined: bool) -> Outcome:
+    async def _answer(
+        self, job: Job, joined: bool, gone: Callable[[], Awaitable[object]] | None
+    ) -> Outcome:
+        """The job's answer, unless the caller goes first (``gone`` returns): then the
+        wait is cancelled, so the job counts one client less, and ClientGone is raised."""
+        if gone is None:
+            return await self._outcome(job, joined)
+        answer = asyncio.ensure_future(self._outcome(job, joined))
+        left = asyncio.ensure_future(gone())
+        try:
+            await asyncio.wait((answer, left), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            left.cancel()
+            if not answer.done():
+                answer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await answer
+        if answer.cancelled():
+            raise ClientGone("the client closed the connection before the answer")
+        return answer.result()
+
+    async def _outcome(self, job: Job, joined: bool) -> Outcome:
         """Wait for a job's answer as one of its clients.
 
         A client that goes away (its request cancelled) leaves the run alone
@@ -431,7 +479,7 @@ class Engine:
         return result, body, output_facts(body)
 
     @staticmethod
-    def _refresh(request: CommandRequest) -> bool:
+    def _refresh(request: wire.RunRequest) -> bool:
         if request.refresh and not request.use_cache:
             raise BadRequest(
                 "refresh stores the new result and use_cache false stores nothing: send one of them"

@@ -25,21 +25,17 @@ from typing import Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
-import msgspec
 
 from runcache import wire
 from runcache.client.http import Client
 from runcache.engine import job_answers
-from runcache.engine.callers import ANONYMOUS, Caller
+from runcache.engine.callers import Caller
 from runcache.engine.engine import Engine
 
 T = TypeVar("T")
 
 #: How often a server's job is read while waiting for it to end.
 POLL_SECONDS = 0.25
-
-#: What the engine logs as the client of the runs the tools start.
-MCP_CLIENT = "mcp"
 
 #: Who the audit log names for a tool call of ``runcache mcp`` on stdio: the local agent.
 STDIO_CALLER = Caller("stdio")
@@ -109,10 +105,7 @@ class EngineBackend:
     async def start(
         self, request: wire.RunRequest, caller: Caller | None = None
     ) -> wire.JobAccepted:
-        background = wire.CommandRequest(**msgspec.structs.asdict(request), background=True)
-        owner = None if caller is None or caller.credential == ANONYMOUS else caller.identity
-        job, joined = await self.engine.submit_joined(background, MCP_CLIENT, owner)
-        self.engine.audit.submitted(caller or STDIO_CALLER, job, joined)
+        job, _ = await self.engine.start(request, caller or STDIO_CALLER)
         return await job_answers.accepted(job)
 
     async def wait(self, job_id: str, seconds: float, viewer: str | None = None) -> wire.JobDetail:
@@ -191,20 +184,7 @@ class ServerBackend:
         self, request: wire.RunRequest, caller: Caller | None = None
     ) -> wire.JobAccepted:
         # The server it forwards to audits the request, with this adapter's token.
-        return await self._call(
-            functools.partial(
-                self.client.start,
-                request.command,
-                request.use_cache,
-                request.timeout,
-                request.ttl,
-                request.refresh,
-                stale=request.stale,
-                cwd=request.cwd,
-                env=request.env,
-                stdin=request.stdin,
-            )
-        )
+        return await self._call(self.client.start, request)
 
     async def wait(self, job_id: str, seconds: float, viewer: str | None = None) -> wire.JobDetail:
         with anyio.move_on_after(seconds):

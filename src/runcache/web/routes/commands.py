@@ -8,10 +8,8 @@ last byte written on the event loop.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -20,8 +18,8 @@ from starlette.routing import Route
 
 from runcache import wire
 from runcache.engine import job_answers
-from runcache.engine.callers import caller_of, owner_of
-from runcache.engine.engine import Engine, Outcome
+from runcache.engine.callers import caller_of
+from runcache.engine.engine import Engine
 from runcache.errors import BadRequest, MethodNotAllowed, NotFound, RuncacheError, TooLarge
 from runcache.web.responses import (
     STREAM_THRESHOLD,
@@ -87,24 +85,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _unless_client_leaves(
-    request: Request, waiting: Coroutine[None, None, Outcome]
-) -> Outcome | None:
-    """``waiting``'s answer, or None if the client hung up first: then the wait is
-    cancelled, so the engine counts one client less (and kills a run only it wanted)."""
-    answer = asyncio.ensure_future(waiting)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not answer.done():
-            answer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await answer
-    return None if answer.cancelled() else answer.result()
-
-
 async def _disconnected(request: Request) -> None:
     """Return when the client closes the connection (its body has been read already)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -116,36 +96,14 @@ def _too_large(limit: int) -> TooLarge:
 
 
 async def run_command(request: Request) -> Response:
+    """One call into the engine: a run answered (a hit on the loop), or a job started."""
     engine = engine_of(request)
-    body = await read_body(request, engine.config.max_body_bytes)
-    command = wire.decode_command_request(body)
-    try:
-        return await _answer_command(request, engine, command)
-    except RuncacheError as error:  # refused (the allowlist, a bound, no free slot): audited
-        engine.audit.refused(caller_of(request.scope), command.command, error.message)
-        raise
-
-
-async def _answer_command(
-    request: Request, engine: Engine, command: wire.CommandRequest
-) -> Response:
-    client = client_of(request)
+    command = wire.decode_command_request(await read_body(request, engine.config.max_body_bytes))
+    caller = caller_of(request.scope)
     if command.background:
-        job, joined = await engine.submit_joined(command, client, owner_of(request.scope))
-        engine.audit.submitted(caller_of(request.scope), job, joined)
+        job, _ = await engine.start(command, caller)
         return json_answer(await job_answers.accepted(job), 202)
-    plan = engine.plan(command)
-    # a hit is answered here, on the loop
-    outcome = await engine.lookup(plan, client, owner_of(request.scope))
-    if outcome is None:
-        job, joined = engine.claim(plan, client, owner=owner_of(request.scope))
-        answer = await _unless_client_leaves(request, engine.outcome(job, joined))
-        if answer is None:
-            engine.audit.left(caller_of(request.scope), plan.command, plan.key)
-            return Response(status_code=499)  # nobody is there to read it
-        outcome = answer
-    if engine.audit.enabled:  # the hit path: no Caller made for no audit log
-        engine.audit.answered(caller_of(request.scope), plan.command, plan.key, outcome)
+    outcome = await engine.run(command, caller, gone=lambda: _disconnected(request))
     if len(outcome.body) < STREAM_THRESHOLD:
         return JSONBytes(outcome.to_json())
     return ResultResponse(outcome.body, outcome.tail)

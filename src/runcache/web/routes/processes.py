@@ -17,9 +17,9 @@ from starlette.routing import Route
 
 from runcache import wire
 from runcache.engine import job_answers
-from runcache.engine.callers import caller_of, owner_of, viewer_of
+from runcache.engine.callers import caller_of, viewer_of
 from runcache.web.responses import json_answer
-from runcache.web.routes.commands import client_of, engine_of, read_body
+from runcache.web.routes.commands import engine_of, read_body
 
 
 async def list_processes(request: Request) -> Response:
@@ -64,8 +64,7 @@ async def execute_async(request: Request) -> Response:
     is its job's id, so ``/api/jobs/{task_id}`` follows it too."""
     engine = engine_of(request)
     command = wire.decode_command_request(await read_body(request, engine.config.max_body_bytes))
-    job, joined = await engine.submit_joined(command, client_of(request), owner_of(request.scope))
-    engine.audit.submitted(caller_of(request.scope), job, joined)
+    job, _ = await engine.start(command, caller_of(request.scope))
     return json_answer(job_answers.task_submitted(job))
 
 
