@@ -25,12 +25,16 @@ resolve to the MCP SDK, never to this module.
 
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 import signal
 import sys
+import types
+import typing
 from collections.abc import Awaitable, Callable
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any, Optional, TypeVar
 
 import anyio
 import msgspec
@@ -38,10 +42,12 @@ import orjson
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools import Tool
+from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from msgspec import Struct
+from pydantic import create_model
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
@@ -155,34 +161,9 @@ class _Tools:
     def __init__(self, backend: ToolBackend) -> None:
         self.backend = backend
 
-    async def execute_command(
-        self,
-        command: str,
-        use_cache: bool = True,
-        timeout: float | None = None,
-        ttl: float | None = None,
-        refresh: bool = False,
-        max_output_chars: int = DEFAULT_OUTPUT_CHARS,
-        stale: float | None = None,
-        cwd: str | None = None,
-        env: dict[str, str] | None = None,
-        stdin: str | None = None,
-        ctx: Context | None = None,
-    ) -> CallToolResult:
-        request = _checked(
-            ExecuteRequest,
-            command=command,
-            use_cache=use_cache,
-            timeout=timeout,
-            ttl=ttl,
-            refresh=refresh,
-            max_output_chars=max_output_chars,
-            stale=stale,
-            cwd=cwd,
-            env=env,
-            stdin=stdin,
-        )
-        accepted = await _call(self.backend.start(_run_request(request), _caller(ctx)))
+    async def execute_command(self, ctx: Context | None = None, **arguments: Any) -> CallToolResult:
+        request = _checked(ExecuteRequest, arguments)
+        accepted = await _call(self.backend.start(request, _caller(ctx)))
         detail = await self._until_ended(accepted.job_id, request.timeout, ctx)
         if isinstance(detail.result, msgspec.UnsetType):
             raise ToolError(detail.error or f"job {detail.job_id} ended without a result")
@@ -208,54 +189,24 @@ class _Tools:
                     log.warning("could not give up job %s: %s", job_id, error.message)
             raise
 
-    async def start_command(
-        self,
-        command: str,
-        use_cache: bool = True,
-        timeout: float | None = None,
-        ttl: float | None = None,
-        refresh: bool = False,
-        stale: float | None = None,
-        cwd: str | None = None,
-        env: dict[str, str] | None = None,
-        stdin: str | None = None,
-        ctx: Context | None = None,
-    ) -> CallToolResult:
-        request = _checked(
-            wire.RunRequest,
-            command=command,
-            use_cache=use_cache,
-            timeout=timeout,
-            ttl=ttl,
-            refresh=refresh,
-            stale=stale,
-            cwd=cwd,
-            env=env,
-            stdin=stdin,
-        )
+    async def start_command(self, ctx: Context | None = None, **arguments: Any) -> CallToolResult:
+        request = _checked(wire.RunRequest, arguments)
         return _answer(await _call(self.backend.start(request, _caller(ctx))))
 
-    async def job_status(self, job_id: str, ctx: Context | None = None) -> CallToolResult:
-        job = _checked(JobRef, job_id=job_id)
+    async def job_status(self, ctx: Context | None = None, **arguments: Any) -> CallToolResult:
+        job = _checked(JobRef, arguments)
         return _answer(await _call(self.backend.wait(job.job_id, 0, _viewer(ctx))))
 
-    async def read_output(
-        self,
-        job_id: str,
-        stream: str = "stdout",
-        offset: int = 0,
-        limit: int = DEFAULT_READ_BYTES,
-        ctx: Context | None = None,
-    ) -> CallToolResult:
-        page = _checked(OutputRequest, job_id=job_id, stream=stream, offset=offset, limit=limit)
+    async def read_output(self, ctx: Context | None = None, **arguments: Any) -> CallToolResult:
+        page = _checked(OutputRequest, arguments)
         return _answer(
             await _call(
                 self.backend.output(page.job_id, page.stream, page.offset, page.limit, _viewer(ctx))
             )
         )
 
-    async def cancel_job(self, job_id: str, ctx: Context | None = None) -> CallToolResult:
-        job = _checked(JobRef, job_id=job_id)
+    async def cancel_job(self, ctx: Context | None = None, **arguments: Any) -> CallToolResult:
+        job = _checked(JobRef, arguments)
         return _answer(await _call(self.backend.cancel(job.job_id, _viewer(ctx))))
 
     async def get_cache_stats(self) -> CallToolResult:
@@ -274,21 +225,27 @@ class _Tools:
     async def list_active_processes(self, ctx: Context | None = None) -> CallToolResult:
         return _answer(await _call(self.backend.processes(_viewer(ctx))))
 
-    async def get_process_status(self, pid: int, ctx: Context | None = None) -> CallToolResult:
-        process = _checked(ProcessRef, pid=pid)
+    async def get_process_status(
+        self, ctx: Context | None = None, **arguments: Any
+    ) -> CallToolResult:
+        process = _checked(ProcessRef, arguments)
         return _answer(await _call(self.backend.process_status(process.pid, _viewer(ctx))))
 
-    async def terminate_process(self, pid: int, ctx: Context | None = None) -> CallToolResult:
-        return await self._steer(pid, "terminate", ctx)
+    async def terminate_process(
+        self, ctx: Context | None = None, **arguments: Any
+    ) -> CallToolResult:
+        return await self._steer(arguments, "terminate", ctx)
 
-    async def pause_process(self, pid: int, ctx: Context | None = None) -> CallToolResult:
-        return await self._steer(pid, "pause", ctx)
+    async def pause_process(self, ctx: Context | None = None, **arguments: Any) -> CallToolResult:
+        return await self._steer(arguments, "pause", ctx)
 
-    async def resume_process(self, pid: int, ctx: Context | None = None) -> CallToolResult:
-        return await self._steer(pid, "resume", ctx)
+    async def resume_process(self, ctx: Context | None = None, **arguments: Any) -> CallToolResult:
+        return await self._steer(arguments, "resume", ctx)
 
-    async def _steer(self, pid: int, verb: str, ctx: Context | None) -> CallToolResult:
-        process = _checked(ProcessRef, pid=pid)
+    async def _steer(
+        self, arguments: dict[str, Any], verb: str, ctx: Context | None
+    ) -> CallToolResult:
+        process = _checked(ProcessRef, arguments)
         return _answer(await _call(self.backend.steer_process(process.pid, verb, _viewer(ctx))))
 
     async def get_process_dashboard(self, ctx: Context | None = None) -> CallToolResult:
@@ -340,29 +297,53 @@ def _tool(
     """A tool whose schemas are the declared shapes: ``answer``'s for its output and,
     when it takes arguments, ``request``'s for its input.
 
-    The SDK would derive both from the function's annotations; they are replaced
-    by the declared shapes, so the tools and the HTTP API cannot drift apart. The
-    SDK still reads the arguments by the function's signature (which must name
-    the request's fields), leniently as it always has; each tool then checks them
-    with :func:`_checked`, with the API's messages.
+    The SDK would derive both, and the model it reads arguments with, from the
+    function's annotations; all three come from the declared shapes instead, so the
+    tools and the HTTP API cannot drift apart and a field is listed once (a tool
+    function takes ``**arguments``). The SDK reads the arguments leniently, as it
+    always has; each tool then checks them with :func:`_checked`, with the API's
+    messages.
     """
     tool = Tool.from_function(fn, description=description, annotations=annotations)
-    declared: set[str] = set()
     if request is not None:
         tool.parameters = wire.shape_schema(request)
-        declared = set(tool.parameters["properties"])
+        tool.fn_metadata.arg_model = _arguments_model(request)
     else:
         tool.parameters = {"type": "object", "properties": {}, "title": f"{tool.name}Arguments"}
-    taken = set(tool.fn_metadata.arg_model.model_fields)
-    if taken != declared:
-        raise TypeError(f"{tool.name} takes {sorted(taken)}; the shape declares {sorted(declared)}")
     # Read live by the SDK: the tool lists this schema, and answers with a CallToolResult
     # whose structured content the client checks against it.
     tool.fn_metadata.output_schema = wire.shape_schema(answer)
     return tool
 
 
-def _checked(shape: type[T], **arguments: Any) -> T:
+def _arguments_model(shape: type[Struct]) -> type[ArgModelBase]:
+    """The SDK's model of a tool's arguments, made from the shape's fields: each of its
+    type (coerced leniently by the SDK, as from a function's annotations) or None, so a
+    missing one reaches :func:`_checked`, which answers with the API's message."""
+    fields: dict[str, Any] = {
+        field.name: (Optional[_lenient(field.type)], None)  # noqa: UP045 (a runtime type)
+        for field in msgspec.structs.fields(shape)
+    }
+    model: type[ArgModelBase] = create_model(
+        f"{shape.__name__}Arguments", __base__=ArgModelBase, **fields
+    )
+    return model
+
+
+def _lenient(annotation: Any) -> Any:
+    """``annotation`` as the SDK may coerce to, and no stricter: without its bounds, a
+    choice of words as ``str`` (so a wrong one gets the API's message, not the SDK's)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _lenient(typing.get_args(annotation)[0])
+    if origin is typing.Literal:
+        return type(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return functools.reduce(operator.or_, map(_lenient, typing.get_args(annotation)))
+    return annotation
+
+
+def _checked(shape: type[T], arguments: dict[str, Any]) -> T:
     """A tool's arguments checked as the API checks its requests, with its messages.
     An argument left out (None) takes the shape's default, as an absent field does."""
     present = {name: value for name, value in arguments.items() if value is not None}
@@ -370,13 +351,6 @@ def _checked(shape: type[T], **arguments: Any) -> T:
         return wire.decode_request(shape, orjson.dumps(present))  # type: ignore[type-var]
     except RuncacheError as error:
         raise ToolError(error.message) from None
-
-
-def _run_request(request: ExecuteRequest) -> wire.RunRequest:
-    """The run an ``execute_command`` call asks for, without how much output it returns."""
-    fields = msgspec.structs.asdict(request)
-    del fields["max_output_chars"]
-    return wire.RunRequest(**fields)
 
 
 async def _call(operation: Awaitable[T]) -> T:
