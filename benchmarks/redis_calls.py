@@ -71,7 +71,7 @@ async def main(seconds: float, rounds: int, concurrency: int, url: str) -> None:
     script = connection.register_script(_GET)
 
     async def thread_hit() -> object:
-        return await cache.get(key)
+        return await cache.lookup(key)
 
     async def asyncio_hit() -> object:
         return await script(keys=keys, args=[key, repr(time.time())])

@@ -168,7 +168,7 @@ def test_cache_leaves_a_failed_store_alone_until_the_retry_interval(tmp_path: Pa
 
     async def outage_then_recovery() -> None:
         for cache in (resting, eager):
-            assert await cache.get("k") is None
+            assert await cache.lookup("k") is None
             reason = cache.degraded_reason
             assert reason is not None and "Error 111 connecting" in reason  # ECONNREFUSED
         redis.start()

@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from runcache.errors import StoreError
 from runcache.stores.base import CacheStats, CommandMatch, EntryInfo, Store
@@ -82,8 +82,16 @@ class Cache:
     def degraded_reason(self) -> str | None:
         return self._degraded_reason
 
-    async def get(self, key: str) -> bytes | None:
-        """The hit path: the store's ``get_async``, on the loop whatever ``blocking`` says."""
+    async def lookup(self, key: str, stale: float = 0.0) -> tuple[bytes, bool] | None:
+        """The value of ``key`` and whether it is stale, accepting it up to ``stale``
+        seconds past its expiry (0: live only), or None.
+
+        With ``stale`` 0, the hit path: the store's ``get_async``, on the loop whatever
+        ``blocking`` says. A stale lookup is not the hot path: a blocking store's call
+        is made in a thread.
+        """
+        if stale > 0:
+            return await self._attempt(None, lambda: self.store.get_stale(key, stale))
         if self._resting():
             return None
         try:
@@ -92,13 +100,7 @@ class Cache:
             self._failed(error)
             return None
         self._succeeded()
-        return found
-
-    async def get_stale(self, key: str, stale: float) -> tuple[bytes, bool] | None:
-        """A lookup accepting an entry up to ``stale`` seconds past its expiry: the value
-        and whether it had expired. Not the hot path: a blocking store's call is made in
-        a thread."""
-        return await self._attempt(None, self.store.get_stale, key, stale)
+        return None if found is None else (found, False)
 
     async def put(
         self,
@@ -113,34 +115,34 @@ class Cache:
         if epoch is None:
             return False
         return await self._attempt(
-            False, self.store.put, key, value, ttl, epoch, command, return_code
+            False, lambda: self.store.put(key, value, ttl, epoch, command, return_code)
         )
 
     async def epoch(self) -> int | None:
         """The store's clear counter, or None when the store cannot be reached."""
-        return await self._attempt(None, self.store.epoch)
+        return await self._attempt(None, lambda: self.store.epoch())
 
     async def record_coalesced(self) -> None:
-        await self._attempt(None, self.store.record_coalesced)
+        await self._attempt(None, lambda: self.store.record_coalesced())
 
     async def clear(self) -> CacheStats:
         """Empty the store and reset its counts; raises StoreError if the store is down."""
-        return await self._insist(self.store.clear)
+        return await self._insist(lambda: self.store.clear())
 
     async def stats(self) -> CacheStats:
         """The store's statistics; raises StoreError if the store is down."""
-        return await self._insist(self.store.stats)
+        return await self._insist(lambda: self.store.stats())
 
     # What operators do to entries: each raises StoreError while the store is down.
 
     async def entries(self, prefix: str, offset: int, limit: int) -> list[EntryInfo]:
-        return await self._insist(functools.partial(self.store.entries, prefix, offset, limit))
+        return await self._insist(lambda: self.store.entries(prefix, offset, limit))
 
     async def entry(self, key: str) -> tuple[EntryInfo, bytes] | None:
-        return await self._insist(functools.partial(self.store.entry, key))
+        return await self._insist(lambda: self.store.entry(key))
 
     async def delete(self, key: str) -> bool:
-        return await self._insist(functools.partial(self.store.delete, key))
+        return await self._insist(lambda: self.store.delete(key))
 
     async def delete_matching(self, match: CommandMatch) -> int:
         """Delete what ``match`` accepts, in a thread on every store (the memory store's
@@ -148,19 +150,22 @@ class Cache:
         against every command in the cache."""
         if self._threads is None:
             return await asyncio.to_thread(self.store.delete_matching, match)
-        return await self._insist(functools.partial(self.store.delete_matching, match))
+        return await self._insist(lambda: self.store.delete_matching(match))
 
-    async def _call(self, operation: Callable[..., T], *args: Any) -> T:
-        """``operation(*args)``: here when the store answers from memory, else in a thread."""
+    async def _call(self, operation: Callable[[], T]) -> T:
+        """``operation()``: here when the store answers from memory, else in a thread.
+
+        Each caller passes its store call as a ``lambda``, so the call reads (and an
+        editor finds it) as what it is: ``self.store.put(key, ...)``."""
         if self._threads is None:
-            return operation(*args)
+            return operation()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._threads, functools.partial(self._unless_resting, operation, *args)
+            self._threads, functools.partial(self._unless_resting, operation)
         )
 
-    def _unless_resting(self, operation: Callable[..., T], *args: Any) -> T:
-        """In a store thread: ``operation(*args)``, unless the store failed while it waited.
+    def _unless_resting(self, operation: Callable[[], T]) -> T:
+        """In a store thread: ``operation()``, unless the store failed while it waited.
 
         With the store hanging, every thread waits out the store's timeout; a call
         queued behind them would wait for theirs, then for its own. Not made, it
@@ -170,17 +175,17 @@ class Cache:
         if reason is not None and time.monotonic() < self._retry_at:
             raise _Rested(reason)
         try:
-            return operation(*args)
+            return operation()
         except StoreError as error:
             self._failed(error)  # now, before this thread takes the next queued call
             raise
 
-    async def _attempt(self, fallback: T, operation: Callable[..., T], *args: Any) -> T:
-        """``operation(*args)``, or ``fallback`` while the store is failing or resting."""
+    async def _attempt(self, fallback: T, operation: Callable[[], T]) -> T:
+        """``operation()``, or ``fallback`` while the store is failing or resting."""
         if self._resting():
             return fallback
         try:
-            result = await self._call(operation, *args)
+            result = await self._call(operation)
         except StoreError as error:
             self._failed(error)
             return fallback
@@ -220,7 +225,7 @@ class Cache:
 
     async def peek(self, key: str) -> bytes | None:
         """The stored result for ``key``, counting neither a hit nor a miss."""
-        return await self._attempt(None, self.store.peek, key)
+        return await self._attempt(None, lambda: self.store.peek(key))
 
     async def _claim(
         self, key: str, lease: float, superseded: bytes | None
@@ -230,7 +235,7 @@ class Cache:
         pause = POLL_FIRST
         while not self._resting():
             try:
-                token, found = await self._call(self._try_claim, key, lease)
+                token, found = await self._call(lambda: self._try_claim(key, lease))
             except StoreError as error:
                 self._failed(error)
                 break
@@ -254,7 +259,7 @@ class Cache:
 
     async def _release(self, key: str, token: str) -> None:
         try:
-            await self._call(self.store.release, key, token)
+            await self._call(lambda: self.store.release(key, token))
         except StoreError as error:
             self._failed(error)
 

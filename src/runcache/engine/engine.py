@@ -262,38 +262,26 @@ class Engine:
         )
 
     async def _lookup(self, plan: Plan, caller: Caller) -> Outcome | None:
-        """The cached answer, if the request may have one and there is one (a stale one's
-        refresh is a job of the caller's)."""
+        """The cached answer, if the request may have one and there is one. A stale one
+        (``plan.stale`` accepts it: :func:`runcache.stores.base.answers`) starts its
+        refresh, a job of the caller's, once per key (across instances, the store's lock
+        lets one run it and the others take its result)."""
         if not plan.use_cache or plan.refresh:
             return None
-        if plan.stale > 0:
-            return await self._lookup_stale(plan, caller)
-        cached = await self.cache.get(plan.key)
-        if cached is None:
-            self.metrics.miss()
-            return None
-        self.metrics.hit()
-        self.telemetry.record_hit()
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s hit %r", caller.client, loggable(plan.command))
-        return Outcome(cached, cached=True)
-
-    async def _lookup_stale(self, plan: Plan, caller: Caller) -> Outcome | None:
-        """A lookup that accepts a result up to ``plan.stale`` seconds past its expiry;
-        a stale one starts its refresh, once per key (across instances, the store's
-        lock lets one run it and the others take its result)."""
-        found = await self.cache.get_stale(plan.key, plan.stale)
+        found = await self.cache.lookup(plan.key, plan.stale)
         if found is None:
             self.metrics.miss()
             return None
         cached, stale = found
         self.metrics.hit()
+        self.telemetry.record_hit()
         if stale:
             self.metrics.stale_hit()
-        self.telemetry.record_hit()
-        if stale and self.jobs.running_for(plan.key) is None:
-            log.debug("%s stale hit %r: refreshing it", caller.client, loggable(plan.command))
-            self._claim(dataclasses.replace(plan, refresh=True), caller, background=True)
+            if self.jobs.running_for(plan.key) is None:
+                log.debug("%s stale hit %r: refreshing it", caller.client, loggable(plan.command))
+                self._claim(dataclasses.replace(plan, refresh=True), caller, background=True)
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug("%s hit %r", caller.client, loggable(plan.command))
         return Outcome(cached, cached=True, stale=stale)
 
     def _claim(self, plan: Plan, caller: Caller, background: bool = False) -> tuple[Job, bool]:

@@ -31,6 +31,20 @@ from typing import Any, Protocol
 DEFAULT_TIMEOUT = 0.5
 
 
+def answers(expires_at: float, now: float, stale: float) -> bool:
+    """Whether an entry expiring at ``expires_at`` answers a reader that accepts ``stale``
+    seconds past expiry (0: a live entry only). The rule of a stale answer, here once:
+    the memory store calls it, and the SQLite and Redis stores, which must apply it
+    inside their own transaction, write the same comparison (``expires_at > now - stale``)
+    in SQL and in Lua; the store suite checks all three at its edges."""
+    return expires_at > now - stale
+
+
+def is_stale(expires_at: float, now: float) -> bool:
+    """Whether an entry that answers has expired: a stale answer, refreshed meanwhile."""
+    return expires_at <= now
+
+
 @dataclass(frozen=True)
 class CacheStats:
     """A consistent snapshot of a store's counts, taken in one step."""

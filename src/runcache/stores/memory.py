@@ -7,7 +7,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from runcache.stores.base import CacheStats, CommandMatch, EntryInfo
+from runcache.stores.base import CacheStats, CommandMatch, EntryInfo, answers, is_stale
 
 
 class _Entry:
@@ -78,24 +78,8 @@ class MemoryStore:
         self._stale_hits = 0
 
     def get(self, key: str) -> bytes | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                self._misses += 1
-                return None
-            now = self._clock()
-            if entry.expires_at <= now:
-                # Kept while retained, for a reader that accepts it stale (even while
-                # this reader's run refreshes it); its expiration counts when it goes.
-                if entry.expires_at <= now - self.retain:
-                    self._remove(key, entry)
-                    self._expirations += 1
-                self._misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self._hits += 1
-            entry.hits += 1
-            return entry.value
+        found = self.get_stale(key, 0.0)
+        return None if found is None else found[0]
 
     async def get_async(self, key: str) -> bytes | None:
         return self.get(key)
@@ -103,16 +87,24 @@ class MemoryStore:
     def get_stale(self, key: str, stale: float) -> tuple[bytes, bool] | None:
         with self._lock:
             entry = self._entries.get(key)
+            if entry is None:
+                self._misses += 1
+                return None
             now = self._clock()
-            if entry is not None and entry.expires_at > now - stale:
+            if answers(entry.expires_at, now, stale):
                 self._entries.move_to_end(key)
-                expired = entry.expires_at <= now
+                expired = is_stale(entry.expires_at, now)
                 self._hits += 1
                 self._stale_hits += expired
                 entry.hits += 1
                 return entry.value, expired
-        value = self.get(key)  # a miss, as any reader's (or a put made since)
-        return None if value is None else (value, False)
+            # Kept while retained, for a reader that accepts it stale (even while
+            # this reader's run refreshes it); its expiration counts when it goes.
+            if not answers(entry.expires_at, now, self.retain):
+                self._remove(key, entry)
+                self._expirations += 1
+            self._misses += 1
+            return None
 
     def put(
         self,

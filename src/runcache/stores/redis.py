@@ -191,6 +191,7 @@ local stale = tonumber(ARGV[3])  -- seconds past expiry the reader accepts; 0: n
 local retain = tonumber(ARGV[4])  -- seconds past expiry an entry is kept for such readers
 local value = redis.call('GET', entry_key)
 local expires_at = tonumber(redis.call('ZSCORE', expiry_key, member))
+-- The rule of an answer (runcache.stores.base.answers), in the script's transaction:
 if value and expires_at and expires_at > now - stale then
   redis.call('ZADD', lru_key, redis.call('HINCRBY', counts_key, 'used', 1), member)
   redis.call('HINCRBY', counts_key, 'hits', 1)

@@ -46,6 +46,7 @@ from runcache.stores.base import (
     CacheStats,
     CommandMatch,
     EntryInfo,
+    is_stale,
     stats_from_counts,
 )
 
@@ -191,36 +192,14 @@ class SqliteStore:
     # -- the cache's operations -------------------------------------------------
 
     def get(self, key: str) -> bytes | None:
-        now = self._clock()
-        with self._transaction() as db:
-            # A hit is one statement that finds, checks and touches the entry.
-            hit = db.execute(
-                "UPDATE entries SET used = (SELECT used + 1 FROM counts WHERE namespace = ?),"
-                " hits = hits + 1 WHERE namespace = ? AND key = ? AND expires_at > ? RETURNING id",
-                (self.namespace, self.namespace, key, now),
-            ).fetchall()
-            if hit:
-                self._count(db, hits=1, used=1)
-                (value,) = db.execute(
-                    'SELECT value FROM "values" WHERE id = ?', (hit[0][0],)
-                ).fetchone()
-                return bytes(value)
-            # An expired entry is kept while retained, for a reader that accepts it
-            # stale (even while this reader's run refreshes it).
-            expired = db.execute(
-                "DELETE FROM entries WHERE namespace = ? AND key = ? AND expires_at <= ?"
-                " RETURNING size",
-                (self.namespace, key, now - self.retain),
-            ).fetchall()
-            if expired:
-                self._count(db, misses=1, expirations=1, entries=-1, bytes=-expired[0][0])
-            else:
-                self._count(db, misses=1)
-            return None
+        found = self.get_stale(key, 0.0)
+        return None if found is None else found[0]
 
     def get_stale(self, key: str, stale: float) -> tuple[bytes, bool] | None:
         now = self._clock()
         with self._transaction() as db:
+            # A hit is one statement that finds, checks and touches the entry; its
+            # WHERE is the rule of an answer (runcache.stores.base.answers).
             hit = db.execute(
                 "UPDATE entries SET used = (SELECT used + 1 FROM counts WHERE namespace = ?),"
                 " hits = hits + 1 WHERE namespace = ? AND key = ? AND expires_at > ?"
@@ -228,14 +207,24 @@ class SqliteStore:
                 (self.namespace, self.namespace, key, now - stale),
             ).fetchall()
             if hit:
-                expired = hit[0][1] <= now
-                self._count(db, hits=1, used=1, stale_hits=int(expired))
+                expired = is_stale(hit[0][1], now)
+                self._count(db, hits=1, used=1, **({"stale_hits": 1} if expired else {}))
                 (value,) = db.execute(
                     'SELECT value FROM "values" WHERE id = ?', (hit[0][0],)
                 ).fetchone()
                 return bytes(value), expired
-        value = self.get(key)  # a miss, as any reader's (or a put made since)
-        return None if value is None else (value, False)
+            # An expired entry is kept while retained, for a reader that accepts it
+            # stale (even while this reader's run refreshes it).
+            gone = db.execute(
+                "DELETE FROM entries WHERE namespace = ? AND key = ? AND NOT expires_at > ?"
+                " RETURNING size",
+                (self.namespace, key, now - self.retain),
+            ).fetchall()
+            if gone:
+                self._count(db, misses=1, expirations=1, entries=-1, bytes=-gone[0][0])
+            else:
+                self._count(db, misses=1)
+            return None
 
     async def get_async(self, key: str) -> bytes | None:
         # In place on the loop: one short transaction costs less than the hop to
