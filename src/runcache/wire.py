@@ -846,7 +846,11 @@ def _whole(name: str, low: int, high: int, description: str) -> Meta:
 
 PageStream = Annotated[
     Literal["stdout", "stderr"],
-    Meta(description="The stream to read.", extra={"type": "stream must be stdout or stderr"}),
+    Meta(
+        description="The stream to read.",
+        extra_json_schema={"type": "string"},  # msgspec leaves it to the enum
+        extra={"type": "stream must be stdout or stderr"},
+    ),
 ]
 PageOffset = Annotated[int, _whole("offset", 0, MAX_OFFSET, "The first byte to read.")]
 PageLimit = Annotated[int, _whole("limit", 1, MAX_PAGE_BYTES, "Most bytes to read.")]
