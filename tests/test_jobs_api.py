@@ -198,6 +198,8 @@ def test_pages_never_split_a_utf8_character(http: httpx.Client, tmp_path: Path) 
         ({"limit": 0}, "limit must be"),
         ({"limit": 2 << 20}, "limit must"),
         ({"offset": -1}, "offset must be"),
+        ({"offset": "5.0"}, "offset must be a whole number"),  # what int("5.0") refuses
+        ({"limit": "1e3"}, "limit must be a whole number"),
     ):
         refused = http.get(f"/api/jobs/{job_id}/output", params=params)
         assert refused.status_code == 400 and message in refused.json()["error"]

@@ -417,6 +417,17 @@ def test_jobs_tools_start_follow_read_and_cancel(driver: Driver) -> None:
         assert unknown.is_error and "no job 'nope'" in _text(unknown)
         bad = await session.call_tool("read_output", {"job_id": job_id, "stream": "stdin"})
         assert bad.is_error and "stream must be stdout or stderr" in _text(bad)
+        # The page query is the API's (wire.PageQuery): its bounds and its messages.
+        for argument, value, message in (
+            (
+                "offset",
+                wire.MAX_OFFSET + 1,
+                f"offset must be a whole number from 0 to {wire.MAX_OFFSET}",
+            ),
+            ("limit", 0, f"limit must be a whole number from 1 to {wire.MAX_PAGE_BYTES}"),
+        ):
+            refused = await session.call_tool("read_output", {"job_id": job_id, argument: value})
+            assert refused.is_error and message in _text(refused), _text(refused)
 
     driver(scenario)
 

@@ -15,6 +15,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from runcache import wire
+from runcache.web.app import OPERATIONS
 
 from conftest import LiveServer
 
@@ -115,6 +116,29 @@ def test_every_answer_schema_allows_only_the_fields_it_lists(client: TestClient)
     answers = {name: schema for name, schema in schemas.items() if name not in requests}
     assert {"CommandResult", "Error", "SystemMetrics"} <= answers.keys()
     assert all(schema["additionalProperties"] is False for schema in answers.values())
+
+
+def test_the_token_gate_does_what_the_declarations_say(
+    client_factory: Callable[..., TestClient],
+) -> None:
+    """An operation the document leaves open is open; one it puts behind the token answers 401
+    without one; the operations declared admin, and only those, refuse a plain token."""
+    client = client_factory(token=TOKEN, admin_token=ADMIN)
+    document = client.get("/openapi.json").json()
+    admin = {(operation.method, operation.path) for operation in OPERATIONS if operation.admin}
+    assert admin == {
+        ("POST", "/api/cache/clear"),
+        ("DELETE", "/api/cache/entries/{cache_key}"),
+        ("POST", "/api/cache/invalidate"),
+    }
+    for template, item in document["paths"].items():
+        path = re.sub(r"\{[a-z_]+\}", "nosuch", template)
+        for method, operation in item.items():
+            bare = client.request(method, path)
+            assert (bare.status_code == 401) == bool(operation["security"]), (method, path)
+            plain = client.request(method, path, headers=_USER)
+            refused = plain.status_code == 403 and "admin token" in plain.text
+            assert refused == ((method.upper(), template) in admin), (method, path, plain.text)
 
 
 def _check(document: Document, method: str, path: str, response: requests.Response) -> None:

@@ -17,9 +17,11 @@ document by :func:`command_request_schema`.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import re
 import typing
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -489,7 +491,21 @@ def to_builtins(value: Struct) -> dict[str, Any]:
 # -- jobs: background runs, following, paging and steering a run ------------------
 
 JobStatus = Literal["running", "paused", "completed", "failed", "timed_out", "cancelled"]
-_JobId = Annotated[str, Meta(pattern="^[A-Za-z0-9_-]+$", description="The job's URL-safe id.")]
+#: A job's id: URL-safe characters (the engine makes hex ones). One declaration for the
+#: paths that name a job, the MCP tools' arguments and every answer that carries one.
+JOB_ID_PATTERN = "^[A-Za-z0-9_-]+$"
+JobId = Annotated[
+    str,
+    Meta(
+        pattern=JOB_ID_PATTERN,
+        description="The job's URL-safe id.",
+        extra={
+            "missing": "job_id is required",
+            "type": "job_id must be a string",
+            "constraint": "job_id must be a job id (letters, digits, _ and -)",
+        },
+    ),
+]
 _CacheKey = Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
 
 
@@ -497,7 +513,7 @@ class JobAccepted(Struct, frozen=True):
     """The 202 answer of ``POST /api/command`` with ``"background": true``;
     ``pid`` is null for a job answered from the cache."""
 
-    job_id: _JobId
+    job_id: JobId
     status: JobStatus
     cache_key: _CacheKey
     pid: int | None
@@ -507,7 +523,7 @@ class JobRecord(Struct, frozen=True, kw_only=True):
     """One job as ``GET /api/jobs`` lists it. ``return_code`` once it has ended;
     ``error`` only when it ended without running (every slot stayed busy, say)."""
 
-    job_id: _JobId
+    job_id: JobId
     command: str
     status: JobStatus
     pid: int | None
@@ -554,7 +570,7 @@ class JobAction(Struct, frozen=True, kw_only=True):
     one that cannot be done now answers 409 instead."""
 
     success: Literal[True] = True
-    job_id: _JobId
+    job_id: JobId
     status: JobStatus
 
 
@@ -650,7 +666,7 @@ class TaskSubmitted(Struct, frozen=True, kw_only=True):
     """The answer of ``POST /api/process/execute-async``; ``task_id`` is the job's id."""
 
     success: Literal[True] = True
-    task_id: _JobId
+    task_id: JobId
     command: str
     status: Literal["submitted"] = "submitted"
     timestamp: _Timestamp
@@ -668,7 +684,7 @@ class TaskResult(Struct, frozen=True, kw_only=True):
     """The answer of ``GET /api/process/get-task-result/{task_id}``."""
 
     success: Literal[True] = True
-    task_id: _JobId
+    task_id: JobId
     result: TaskState
     timestamp: _Timestamp
 
@@ -800,3 +816,92 @@ class Deleted(Struct, frozen=True, kw_only=True):
 
 
 SHAPES = (*SHAPES, CacheEntryList, CacheEntryDetail, InvalidateRequest, Deleted)
+
+
+# -- query strings: a page of output, a page of entries ------------------------------
+# Declared once, for the routes that read them from a query string (decode_query), the
+# OpenAPI document's parameters and the MCP tool that reads a page (mcp/shapes.py).
+
+#: Bytes a page of output holds unless the request asks for fewer (or more, up to
+#: MAX_PAGE_BYTES).
+DEFAULT_PAGE_BYTES = 65536
+MAX_PAGE_BYTES = 1 << 20
+
+#: The largest offset a page may start at.
+MAX_OFFSET = 1 << 62
+
+#: Entries a page lists unless the request asks for fewer (or more, up to MAX_LIST).
+DEFAULT_LIST = 100
+MAX_LIST = 1000
+
+
+def _whole(name: str, low: int, high: int, description: str) -> Meta:
+    """A whole number from ``low`` to ``high``: one message whatever is wrong with it,
+    the one the API has always given."""
+    message = f"{name} must be a whole number from {low} to {high}"
+    return Meta(
+        ge=low, le=high, description=description, extra={"type": message, "constraint": message}
+    )
+
+
+PageStream = Annotated[
+    Literal["stdout", "stderr"],
+    Meta(
+        description="The stream to read.",
+        extra_json_schema={"type": "string"},  # msgspec leaves it to the enum
+        extra={"type": "stream must be stdout or stderr"},
+    ),
+]
+PageOffset = Annotated[int, _whole("offset", 0, MAX_OFFSET, "The first byte to read.")]
+PageLimit = Annotated[int, _whole("limit", 1, MAX_PAGE_BYTES, "Most bytes to read.")]
+
+
+class PageQuery(Request, frozen=True):
+    """A page of one stream of output, by byte offsets: the query of
+    ``GET /api/jobs/{job_id}/output`` and ``GET /api/cache/entries/{cache_key}/output``."""
+
+    stream: PageStream = "stdout"
+    offset: PageOffset = 0
+    limit: PageLimit = DEFAULT_PAGE_BYTES
+
+
+class EntryListQuery(Request, frozen=True):
+    """A page of the cache's entries: the query of ``GET /api/cache/entries``."""
+
+    prefix: Annotated[str, Meta(description="Only entries whose command starts with this.")] = ""
+    offset: Annotated[int, _whole("offset", 0, MAX_OFFSET, "Entries to skip.")] = 0
+    limit: Annotated[int, _whole("limit", 1, MAX_LIST, "Most entries to list.")] = DEFAULT_LIST
+
+
+def decode_query(shape: type[S], query: Mapping[str, str]) -> S:
+    """A query string checked against ``shape``; BadRequest says what is wrong.
+
+    Whole numbers are read by :func:`whole_number`, as every number the HTTP layer
+    reads (``+5``, ``1e3`` or a 5,000-digit offset is refused, not converted). A
+    parameter the shape does not declare is ignored, as a body's unknown field is.
+    """
+    payload: dict[str, object] = dict(query)
+    for name in _number_fields(shape):
+        text = payload.get(name)
+        if isinstance(text, str):
+            number = whole_number(text)
+            payload[name] = text if number is None else number
+    try:
+        return msgspec.convert(payload, shape)
+    except msgspec.ValidationError:
+        raise BadRequest(_first_problem(shape, payload)) from None
+
+
+@functools.cache
+def _number_fields(shape: type[Struct]) -> tuple[str, ...]:
+    """The names (as sent) of ``shape``'s whole-number fields; the same for every request."""
+    info = msgspec.inspect.type_info(shape)
+    assert isinstance(info, msgspec.inspect.StructType)
+    return tuple(
+        field.encode_name
+        for field in info.fields
+        if isinstance(
+            field.type.type if isinstance(field.type, msgspec.inspect.Metadata) else field.type,
+            msgspec.inspect.IntType,
+        )
+    )

@@ -25,9 +25,9 @@ from runcache.stores.base import CommandMatch, EntryInfo
 
 log = logging.getLogger("runcache")
 
-#: Entries a page lists unless the request asks for fewer (or more, up to MAX_LIST).
-DEFAULT_LIST = 100
-MAX_LIST = 1000
+#: A listing's bounds, declared with the query that asks for one (``wire.EntryListQuery``).
+DEFAULT_LIST = wire.DEFAULT_LIST
+MAX_LIST = wire.MAX_LIST
 
 
 def _entry_fields(info: EntryInfo) -> dict[str, Any]:

@@ -32,12 +32,10 @@ from runcache.engine.jobs import STREAMS as STREAMS
 from runcache.engine.jobs import Job, decode_output
 from runcache.errors import Conflict, NotFound
 
-#: Bytes a page holds unless the request asks for fewer (or more, up to MAX_PAGE_BYTES).
-DEFAULT_PAGE_BYTES = 65536
-MAX_PAGE_BYTES = 1 << 20
-
-#: The largest offset a page may start at.
-MAX_OFFSET = 1 << 62
+#: A page's bounds, declared with the query that asks for one (``wire.PageQuery``).
+DEFAULT_PAGE_BYTES = wire.DEFAULT_PAGE_BYTES
+MAX_PAGE_BYTES = wire.MAX_PAGE_BYTES
+MAX_OFFSET = wire.MAX_OFFSET
 
 #: Most bytes of one stream an event carries.
 EVENT_BYTES = 65536

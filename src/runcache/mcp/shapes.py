@@ -7,12 +7,11 @@ arguments with the same one-line messages the API gives.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from msgspec import Meta
 
 from runcache import wire
-from runcache.engine.job_answers import MAX_PAGE_BYTES
 
 #: Characters of each stream an ``execute_command`` answer holds unless told otherwise.
 DEFAULT_OUTPUT_CHARS = 20_000
@@ -35,40 +34,7 @@ MaxOutputChars = Annotated[
     ),
 ]
 JobId = Annotated[
-    str,
-    Meta(
-        pattern="^[A-Za-z0-9_-]+$",
-        description="The job's id, as start_command or execute_command returned it.",
-        extra={
-            "missing": "job_id is required",
-            "type": "job_id must be a string",
-            "constraint": "job_id must be a job id (letters, digits, _ and -)",
-        },
-    ),
-]
-Stream = Annotated[
-    Literal["stdout", "stderr"],
-    Meta(description="Which stream to read.", extra={"type": "stream must be stdout or stderr"}),
-]
-Offset = Annotated[
-    int,
-    Meta(
-        ge=0,
-        description="The byte of the stream to start at.",
-        extra={"type": "offset must be a whole number", "constraint": "offset must be 0 or more"},
-    ),
-]
-Limit = Annotated[
-    int,
-    Meta(
-        ge=1,
-        le=MAX_PAGE_BYTES,
-        description="The most bytes to return.",
-        extra={
-            "type": "limit must be a whole number",
-            "constraint": f"limit must be from 1 to {MAX_PAGE_BYTES}",
-        },
-    ),
+    wire.JobId, Meta(description="The job's id, as start_command or execute_command returned it.")
 ]
 Pid = Annotated[
     int,
@@ -103,13 +69,12 @@ class JobRef(wire.Request, frozen=True):
     job_id: JobId
 
 
-class OutputRequest(wire.Request, frozen=True):
-    """The arguments of ``read_output``: a page of one stream of a job, by byte offsets."""
+class OutputRequest(wire.PageQuery, frozen=True, kw_only=True):
+    """The arguments of ``read_output``: the page query of ``GET /api/jobs/{job_id}/output``,
+    with a smaller page unless told otherwise, and the job."""
 
+    limit: wire.PageLimit = DEFAULT_READ_BYTES
     job_id: JobId
-    stream: Stream = "stdout"
-    offset: Offset = 0
-    limit: Limit = DEFAULT_READ_BYTES
 
 
 class ProcessRef(wire.Request, frozen=True):

@@ -16,13 +16,25 @@ from runcache import logs
 from runcache.config import Config
 from runcache.engine.engine import Engine
 from runcache.errors import RuncacheError
-from runcache.web import dashboard
+from runcache.web import dashboard, openapi, operations
 from runcache.web.auth import TokenGate
-from runcache.web.openapi import openapi_json
+from runcache.web.operations import Operation
 from runcache.web.origins import OriginGuard
 from runcache.web.routes import commands, entries, jobs, metrics, processes
 from runcache.web.routes.mcp import McpEndpoint
 from runcache.web.streams import StreamSlots
+
+#: Every operation the API serves, in the order the router tries them; the OpenAPI
+#: document describes these and only these.
+OPERATIONS: tuple[Operation, ...] = (
+    *commands.OPERATIONS,
+    *entries.OPERATIONS,
+    *jobs.OPERATIONS,
+    *processes.OPERATIONS,
+    *dashboard.OPERATIONS,
+    *metrics.OPERATIONS,
+    openapi.OPERATION,
+)
 
 
 def create_app(config: Config | None = None, engine: Engine | None = None) -> Starlette:
@@ -36,16 +48,8 @@ def create_app(config: Config | None = None, engine: Engine | None = None) -> St
         engine = Engine.from_config(config or Config.load())
     streams = StreamSlots.for_config(engine.config)
     mcp_endpoint = McpEndpoint(engine, streams)
-    routes = [
-        *commands.ROUTES,
-        *entries.ROUTES,
-        *jobs.ROUTES,
-        *processes.ROUTES,
-        *dashboard.ROUTES,
-        *metrics.ROUTES,
-        Route("/openapi.json", openapi_json, methods=["GET"]),
-        Route("/mcp", mcp_endpoint),
-    ]
+    # /mcp is MCP's own protocol, described by its tools rather than by OpenAPI.
+    routes = [*operations.routes(OPERATIONS), Route("/mcp", mcp_endpoint)]
     middleware = []
     if engine.metrics.enabled:  # outermost, so that requests the token gate refuses count too
         middleware.append(Middleware(metrics.RequestTimer, metrics=engine.metrics, routes=routes))
@@ -59,18 +63,12 @@ def create_app(config: Config | None = None, engine: Engine | None = None) -> St
         )
     )
     if engine.config.token:
-        admin_routes = [
-            (method, route.path)
-            for route in routes
-            if commands.is_admin(route)
-            for method in route.methods or ()
-        ]
         middleware.append(
             Middleware(
                 TokenGate,
                 tokens=engine.config.plain_tokens,
                 admin_token=engine.config.admin_secret,
-                admin_routes=admin_routes,
+                admin_routes=operations.admin_routes(OPERATIONS),
             )
         )
 
@@ -92,6 +90,7 @@ def create_app(config: Config | None = None, engine: Engine | None = None) -> St
     )
     app.state.engine = engine
     app.state.streams = streams  # the event streams' places, taken by the job event routes
+    app.state.operations = OPERATIONS  # what /openapi.json describes
     return app
 
 

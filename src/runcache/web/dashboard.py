@@ -18,7 +18,8 @@ from importlib import resources
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+
+from runcache.web.operations import Answer, Operation
 
 _INLINE = re.compile(r"<(script|style)>(.*?)</\1>", re.DOTALL)
 
@@ -60,4 +61,15 @@ async def dashboard(request: Request) -> Response:
     )
 
 
-ROUTES = [Route("/", dashboard, methods=["GET"])]
+OPERATIONS = (
+    Operation(
+        method="GET",
+        path="/",
+        endpoint=dashboard,
+        operation_id="dashboard",
+        summary="The dashboard: one HTML page that reads this API with the token "
+        "typed into it; open without a token, as it holds no data.",
+        ok=Answer("The page.", media="text/html"),
+        open=True,
+    ),
+)

@@ -1,24 +1,30 @@
 """The OpenAPI 3.1 description of the HTTP API, served at ``GET /openapi.json``.
 
-The schemas are those of :mod:`runcache.wire`, the shapes the server decodes
-and encodes, so the document cannot drift from the code. Built from the running
-config, so the limits it states (body size, timeout and ttl caps) and whether a
-token is needed are the ones this server enforces. Response objects list every
-field they carry and allow no others; a test checks live responses against them.
+Written from the operations the routes declare (:mod:`runcache.web.operations`), the
+ones the app serves: each path, method, id, summary, query, body and answer is the
+route's own declaration, and the schemas are those of :mod:`runcache.wire`, the
+shapes the server decodes and encodes, so the document cannot drift from the code.
+Built from the running config, so the limits it states (body size, timeout and ttl
+caps) and whether a token is needed are the ones this server enforces. Response
+objects list every field they carry and allow no others; a test checks live
+responses against them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+import msgspec
 import orjson
+from msgspec import Struct
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import compile_path
 
 from runcache import __version__, wire
 from runcache.config import Config
-from runcache.engine.entry_answers import DEFAULT_LIST, MAX_LIST
-from runcache.engine.job_answers import DEFAULT_PAGE_BYTES, MAX_OFFSET, MAX_PAGE_BYTES
+from runcache.web.operations import JSON, PATH_PARAMETERS, Answer, Operation
 from runcache.web.responses import JSONBytes
 from runcache.web.routes.commands import engine_of
 
@@ -26,14 +32,33 @@ Schema = dict[str, Any]
 
 _ERROR_REF = {"$ref": "#/components/schemas/Error"}
 
+_COMPONENT = "#/components/schemas/{name}"
+
 
 async def openapi_json(request: Request) -> Response:
-    return JSONBytes(orjson.dumps(build(engine_of(request).config)))
+    operations: tuple[Operation, ...] = request.app.state.operations
+    return JSONBytes(orjson.dumps(build(engine_of(request).config, operations)))
 
 
-def build(config: Config) -> Schema:
-    """The whole document for a server running with ``config``."""
+OPERATION = Operation(
+    method="GET",
+    path="/openapi.json",
+    endpoint=openapi_json,
+    operation_id="openapi",
+    summary="This document.",
+    ok=Answer("The OpenAPI document."),
+    open=True,
+)
+
+
+def build(config: Config, operations: Iterable[Operation]) -> Schema:
+    """The whole document for a server running with ``config`` and serving ``operations``."""
     protected = bool(config.token)
+    paths: Schema = {}
+    for operation in operations:
+        paths.setdefault(operation.path, {})[operation.method.lower()] = _operation(
+            operation, protected
+        )
     return {
         "openapi": "3.1.0",
         "info": {
@@ -47,7 +72,7 @@ def build(config: Config) -> Schema:
                 "not take answers 405 with an Allow header."
             ),
         },
-        "paths": _paths(config, protected),
+        "paths": paths,
         "components": {
             "schemas": _schemas(config),
             "responses": _error_responses(config),
@@ -56,484 +81,87 @@ def build(config: Config) -> Schema:
     }
 
 
-def _paths(config: Config, protected: bool) -> Schema:
-    api_errors = ["401", "403"] if protected else []
-    return {
-        "/api/command": {
-            "post": _operation(
-                "runCommand",
-                "Run a command, or answer it from the cache.",
-                ok=("The command's result.", "CommandResult"),
-                # 403 without tokens too: the run context rules (--allow-cwd, --env-allow).
-                errors=["400", *(api_errors or ["403"]), "413", "503"],
-                protected=protected,
-                body={"$ref": "#/components/schemas/CommandRequest"},
-                accepted=(
-                    'With "background": true, at once: the job that runs the command '
-                    "(already completed when the cache answered it).",
-                    "JobAccepted",
-                ),
-            )
-        },
-        **_job_paths(api_errors, protected),
-        **_process_paths(api_errors, protected),
-        "/api/cache/stats": {
-            "get": _operation(
-                "cacheStats",
-                "The cache's statistics.",
-                ok=("Counts and sizes.", "CacheStats"),
-                errors=api_errors,
-                protected=protected,
-            )
-        },
-        "/api/cache/clear": {
-            "post": _operation(
-                "clearCache",
-                "Empty the cache and reset its statistics, as one step. Takes any body or none; "
-                "needs the admin token when tokens are on.",
-                ok=("The cache is empty.", "Cleared"),
-                errors=[*api_errors, "503"],
-                protected=protected,
-            )
-        },
-        **_entry_paths(api_errors, protected),
-        "/api/telemetry": {
-            "get": _operation(
-                "telemetry",
-                "What the server ran, and the machine it runs on.",
-                ok=("Execution counts and system metrics.", "Telemetry"),
-                errors=api_errors,
-                protected=protected,
-            )
-        },
-        "/health": {
-            "get": _operation(
-                "health",
-                "Health, cache statistics and telemetry; open without a token.",
-                ok=("The server's health.", "Health"),
-                errors=[],
-                protected=False,
-            )
-        },
-        "/livez": {
-            "get": _operation(
-                "livez",
-                "Liveness: answers without touching the store.",
-                ok=("The process is serving.", "Live"),
-                errors=[],
-                protected=False,
-            )
-        },
-        "/metrics": {
-            "get": _operation(
-                "metrics",
-                "Prometheus metrics in the text format: counts no clear resets, "
-                "durations, and the cache's size now.",
-                ok=("The metrics.", None),
-                errors=api_errors,
-                protected=protected,
-                media="text/plain",
-            )
-        },
-        "/": {
-            "get": _operation(
-                "dashboard",
-                "The dashboard: one HTML page that reads this API with the token "
-                "typed into it; open without a token, as it holds no data.",
-                ok=("The page.", None),
-                errors=[],
-                protected=False,
-                media="text/html",
-            )
-        },
-        "/openapi.json": {
-            "get": _operation(
-                "openapi",
-                "This document.",
-                ok=("The OpenAPI document.", None),
-                errors=[],
-                protected=False,
-            )
-        },
+def _operation(operation: Operation, protected: bool) -> Schema:
+    """One operation object. Behind a token, every operation that is not open may also
+    answer 401 (no token) and 403 (a token that does not grant it)."""
+    guarded = protected and not operation.open
+    responses: Schema = {"200": _response(operation.ok)}
+    if operation.accepted is not None:
+        responses["202"] = _response(operation.accepted)
+    for status in {*operation.errors, *(("401", "403") if guarded else ())}:
+        responses[status] = {"$ref": f"#/components/responses/{_ERROR_NAMES[status]}"}
+    for status, answer in operation.failures.items():
+        responses[status] = _response(answer)
+    described: Schema = {
+        "operationId": operation.operation_id,
+        "summary": operation.summary,
+        "responses": dict(sorted(responses.items())),
+        "security": [{"bearer": []}] if guarded else [],
     }
+    parameters = [
+        *_path_parameters(operation.path),
+        *(dict(header) for header in operation.headers),
+        *_query_parameters(operation.query),
+    ]
+    if parameters:
+        described["parameters"] = parameters
+    if operation.body is not None:
+        described["requestBody"] = {
+            "required": True,
+            "content": {JSON: {"schema": _reference(operation.body)}},
+        }
+    return described
 
 
-_JOB_ID = {
-    "name": "job_id",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"},
-}
-
-_CACHE_KEY = {
-    "name": "cache_key",
-    "in": "path",
-    "required": True,
-    "description": "The entry's key: `cache_key` in a result or a listing.",
-    "schema": {"type": "string"},
-}
+def _response(answer: Answer) -> Schema:
+    schema: Schema = (
+        _reference(answer.shape)
+        if answer.shape is not None
+        else {"type": "object"}
+        if answer.media == JSON
+        else {"type": "string"}
+    )
+    return {"description": answer.description, "content": {answer.media: {"schema": schema}}}
 
 
-def _query(name: str, description: str, schema: Schema) -> Schema:
-    return {
-        "name": name,
-        "in": "query",
-        "required": False,
-        "description": description,
-        "schema": schema,
-    }
+def _reference(shape: type[Struct]) -> Schema:
+    """A shape's component, named as :func:`wire.schema_components` names it."""
+    return {"$ref": _COMPONENT.format(name=shape.__name__)}
 
 
-def _page_parameters() -> list[Schema]:
-    """The query of a page of output: a job's or a cache entry's."""
+def _path_parameters(path: str) -> list[Schema]:
+    """The parameters a path template holds, each as :data:`PATH_PARAMETERS` declares it."""
+    parameters = []
+    for name in compile_path(path)[2]:
+        if name not in PATH_PARAMETERS:
+            raise ValueError(f"{path}: the path parameter {name} is not in PATH_PARAMETERS")
+        schema = msgspec.json.schema(PATH_PARAMETERS[name])
+        parameters.append(_parameter(name, "path", True, schema))
+    return parameters
+
+
+def _query_parameters(shape: type[Struct] | None) -> list[Schema]:
+    """A query Struct's fields as query parameters, with their bounds and defaults."""
+    if shape is None:
+        return []
+    _, components = msgspec.json.schema_components((shape,), ref_template=_COMPONENT)
+    schema = components[shape.__name__]
+    required = set(schema.get("required", ()))
     return [
-        _query(
-            "stream",
-            "The stream to read.",
-            {"type": "string", "enum": ["stdout", "stderr"], "default": "stdout"},
-        ),
-        _query(
-            "offset",
-            "The first byte to read.",
-            {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0},
-        ),
-        _query(
-            "limit",
-            "Most bytes to read.",
-            {
-                "type": "integer",
-                "minimum": 1,
-                "maximum": MAX_PAGE_BYTES,
-                "default": DEFAULT_PAGE_BYTES,
-            },
-        ),
+        _parameter(name, "query", name in required, field)
+        for name, field in schema["properties"].items()
     ]
 
 
-def _entry_paths(api_errors: list[str], protected: bool) -> Schema:
-    """The cache entries API (:mod:`runcache.web.routes.entries`). None of it counts a hit or a
-    miss; the deletions need the admin token when tokens are on."""
-    errors = [*api_errors, "404", "503"]
-    return {
-        "/api/cache/entries": {
-            "get": _operation(
-                "listEntries",
-                "Live cache entries, newest first; counts no hit or miss.",
-                ok=("A page of entries.", "CacheEntryList"),
-                errors=["400", *api_errors, "503"],
-                protected=protected,
-                parameters=[
-                    _query(
-                        "prefix",
-                        "Only entries whose command starts with this.",
-                        {"type": "string", "default": ""},
-                    ),
-                    _query(
-                        "offset",
-                        "Entries to skip.",
-                        {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0},
-                    ),
-                    _query(
-                        "limit",
-                        "Most entries to list.",
-                        {
-                            "type": "integer",
-                            "minimum": 1,
-                            "maximum": MAX_LIST,
-                            "default": DEFAULT_LIST,
-                        },
-                    ),
-                ],
-            )
-        },
-        "/api/cache/entries/{cache_key}": {
-            "get": _operation(
-                "getEntry",
-                "One live entry and the result it holds; counts no hit.",
-                ok=("The entry.", "CacheEntryDetail"),
-                errors=errors,
-                protected=protected,
-                parameters=[_CACHE_KEY],
-            ),
-            "delete": _operation(
-                "deleteEntry",
-                "Delete one live entry; needs the admin token when tokens are "
-                "on. Counts no eviction.",
-                ok=("Deleted.", "Deleted"),
-                errors=errors,
-                protected=protected,
-                parameters=[_CACHE_KEY],
-            ),
-        },
-        "/api/cache/entries/{cache_key}/output": {
-            "get": _operation(
-                "entryOutput",
-                "A page of one stream of a stored result, as a finished job's output is paged: "
-                "offsets count bytes of the stored text's UTF-8, and data never splits a "
-                "character.",
-                ok=("The page.", "JobOutput"),
-                errors=["400", *errors, "410"],
-                protected=protected,
-                parameters=[_CACHE_KEY, *_page_parameters()],
-            )
-        },
-        "/api/cache/invalidate": {
-            "post": _operation(
-                "invalidateEntries",
-                "Delete every live entry whose command starts with `prefix`, or matches the "
-                "shell-style pattern `glob` as a whole (exactly one of them); needs the admin "
-                "token when tokens are on. Statistics are not reset.",
-                ok=("How many entries went.", "Deleted"),
-                errors=["400", *api_errors, "413", "503"],
-                protected=protected,
-                body={"$ref": "#/components/schemas/InvalidateRequest"},
-            )
-        },
-    }
-
-
-def _job_paths(api_errors: list[str], protected: bool) -> Schema:
-    """The jobs API (:mod:`runcache.web.routes.jobs`): every run, followed and steered."""
-    errors = [*api_errors, "404"]
-    steering = [*errors, "409"]
-    return {
-        "/api/jobs": {
-            "get": _operation(
-                "listJobs",
-                "Running jobs and recent ones, newest first.",
-                ok=("The jobs.", "JobList"),
-                errors=api_errors,
-                protected=protected,
-            )
-        },
-        "/api/jobs/{job_id}": {
-            "get": _operation(
-                "getJob",
-                "One job, with its result once it has ended.",
-                ok=("The job.", "JobDetail"),
-                errors=errors,
-                protected=protected,
-                parameters=[_JOB_ID],
-            )
-        },
-        "/api/jobs/{job_id}/output": {
-            "get": _operation(
-                "jobOutput",
-                "A page of one stream, while the job runs and after. Offsets count bytes of the "
-                "captured stream (after the end, of the stored text's UTF-8: the same unless the "
-                "output was not valid UTF-8); data never splits a UTF-8 character.",
-                ok=("The page.", "JobOutput"),
-                errors=["400", *errors],
-                protected=protected,
-                parameters=[_JOB_ID, *_page_parameters()],
-            )
-        },
-        "/api/jobs/{job_id}/events": {
-            "get": _operation(
-                "jobEvents",
-                "Server-Sent Events: `stdout` and `stderr` events carry output as the command "
-                "prints it, each with the id `<stdout offset>:<stderr offset>` to resume after "
-                "(Last-Event-ID); then one `result` event with the CommandResult JSON (or "
-                "`error` for a job that never ran), then the stream ends.",
-                ok=("The event stream.", None),
-                errors=["400", *errors, "410"],
-                protected=protected,
-                parameters=[
-                    _JOB_ID,
-                    {
-                        "name": "Last-Event-ID",
-                        "in": "header",
-                        "required": False,
-                        "schema": {"type": "string", "pattern": r"^\d+:\d+$"},
-                    },
-                ],
-                media="text/event-stream",
-            )
-        },
-        "/api/jobs/{job_id}/cancel": {
-            "post": _operation(
-                "cancelJob",
-                "Kill the run's whole process group; it is not cached, and everyone "
-                "waiting gets its result with cancelled: true.",
-                ok=("Cancelled.", "JobAction"),
-                errors=steering,
-                protected=protected,
-                parameters=[_JOB_ID],
-            )
-        },
-        "/api/jobs/{job_id}/leave": {
-            "post": _operation(
-                "leaveJob",
-                "A client that started or joined the job in the background gives it "
-                "up: the run is cancelled when no other background request holds it and no "
-                "request waits on it (cached or not); otherwise it runs on. Its status after.",
-                ok=("Left.", "JobAction"),
-                errors=errors,
-                protected=protected,
-                parameters=[_JOB_ID],
-            )
-        },
-        "/api/jobs/{job_id}/pause": {
-            "post": _operation(
-                "pauseJob",
-                "SIGSTOP to the run's whole group; paused time does not count toward the timeout.",
-                ok=("Paused.", "JobAction"),
-                errors=steering,
-                protected=protected,
-                parameters=[_JOB_ID],
-            )
-        },
-        "/api/jobs/{job_id}/resume": {
-            "post": _operation(
-                "resumeJob",
-                "SIGCONT to the run's whole group.",
-                ok=("Resumed.", "JobAction"),
-                errors=steering,
-                protected=protected,
-                parameters=[_JOB_ID],
-            )
-        },
-    }
-
-
-_PID = {
-    "name": "pid",
-    "in": "path",
-    "required": True,
-    "description": "The pid of the run's process-group leader.",
-    "schema": {"type": "string"},
-}
-
-
-def _process_paths(api_errors: list[str], protected: bool) -> Schema:
-    """The process routes kept from the reference API (:mod:`runcache.web.routes.processes`),
-    over the same jobs. Their 404 is the reference's ``ProcessFailure``, not ``Error``."""
-    not_found = {
-        "description": "No running run has this pid (or it cannot do this now).",
-        "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/ProcessFailure"}}
-        },
-    }
-
-    def on_pid(operation_id: str, summary: str, ok: tuple[str, str]) -> Schema:
-        operation = _operation(
-            operation_id, summary, ok=ok, errors=api_errors, protected=protected, parameters=[_PID]
-        )
-        operation["responses"]["404"] = not_found
-        return operation
-
-    return {
-        "/api/processes/list": {
-            "get": _operation(
-                "listProcesses",
-                "Running and paused runs, keyed by pid.",
-                ok=("The runs.", "ProcessList"),
-                errors=api_errors,
-                protected=protected,
-            )
-        },
-        "/api/processes/status/{pid}": {
-            "get": on_pid(
-                "getProcess",
-                "The run with this pid: the running one, else the last that ended.",
-                ok=("The run.", "ProcessDetail"),
-            )
-        },
-        "/api/processes/terminate/{pid}": {
-            "post": on_pid(
-                "terminateProcess",
-                "Kill the run's whole process group (a cancel).",
-                ok=("Terminated.", "ProcessDone"),
-            )
-        },
-        "/api/processes/pause/{pid}": {
-            "post": on_pid(
-                "pauseProcess",
-                "SIGSTOP to the run's whole group.",
-                ok=("Paused.", "ProcessDone"),
-            )
-        },
-        "/api/processes/resume/{pid}": {
-            "post": on_pid(
-                "resumeProcess",
-                "SIGCONT to the run's whole group.",
-                ok=("Resumed.", "ProcessDone"),
-            )
-        },
-        "/api/processes/dashboard": {
-            "get": _operation(
-                "processDashboard",
-                "The running runs, and the machine's load (read at once).",
-                ok=("The dashboard.", "Dashboard"),
-                errors=api_errors,
-                protected=protected,
-            )
-        },
-        "/api/process/execute-async": {
-            "post": _operation(
-                "executeAsync",
-                "Start a command in the background; the task id is its job id.",
-                ok=("Submitted.", "TaskSubmitted"),
-                errors=["400", *api_errors, "413", "503"],
-                protected=protected,
-                body={"$ref": "#/components/schemas/CommandRequest"},
-            )
-        },
-        "/api/process/get-task-result/{task_id}": {
-            "get": _operation(
-                "getTaskResult",
-                "Where a task stands, with its result once it has ended.",
-                ok=("The task.", "TaskResult"),
-                errors=[*api_errors, "404"],
-                protected=protected,
-                parameters=[{**_JOB_ID, "name": "task_id"}],
-            )
-        },
-    }
-
-
-def _operation(
-    operation_id: str,
-    summary: str,
-    ok: tuple[str, str | None],
-    errors: list[str],
-    protected: bool,
-    body: Schema | None = None,
-    accepted: tuple[str, str] | None = None,
-    parameters: list[Schema] | None = None,
-    media: str = "application/json",
-) -> Schema:
-    schema: Schema = (
-        {"$ref": f"#/components/schemas/{ok[1]}"}
-        if ok[1]
-        else {"type": "object"}
-        if media == "application/json"
-        else {"type": "string"}
-    )
-    responses: Schema = {"200": {"description": ok[0], "content": {media: {"schema": schema}}}}
-    if accepted is not None:
-        responses["202"] = {
-            "description": accepted[0],
-            "content": {
-                "application/json": {"schema": {"$ref": f"#/components/schemas/{accepted[1]}"}}
-            },
-        }
-    for status in errors:
-        responses[status] = {"$ref": f"#/components/responses/{_ERROR_NAMES[status]}"}
-    operation: Schema = {
-        "operationId": operation_id,
-        "summary": summary,
-        "responses": responses,
-        "security": [{"bearer": []}] if protected else [],
-    }
-    if parameters:
-        operation["parameters"] = parameters
-    if body is not None:
-        operation["requestBody"] = {
-            "required": True,
-            "content": {"application/json": {"schema": body}},
-        }
-    return operation
+def _parameter(name: str, where: str, required: bool, schema: Mapping[str, Any]) -> Schema:
+    """A parameter object: what the field's schema describes it as, said of the parameter."""
+    schema = dict(schema)
+    description = schema.pop("description", None)
+    parameter: Schema = {"name": name, "in": where, "required": required}
+    if description is not None:
+        parameter["description"] = description
+    parameter["schema"] = schema
+    return parameter
 
 
 _ERROR_NAMES = {

@@ -9,7 +9,6 @@ last byte written on the event loop.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -21,6 +20,7 @@ from runcache.engine import job_answers
 from runcache.engine.callers import caller_of
 from runcache.engine.engine import Engine
 from runcache.errors import BadRequest, MethodNotAllowed, NotFound, RuncacheError, TooLarge
+from runcache.web.operations import Answer, Operation
 from runcache.web.responses import (
     STREAM_THRESHOLD,
     JSONBytes,
@@ -31,24 +31,10 @@ from runcache.web.responses import (
 
 log = logging.getLogger(__name__)
 
-Endpoint = Callable[[Request], Awaitable[Response]]
-
 #: The body of ``POST /api/cache/clear``, fixed to the letter by the user's specification.
 CLEAR_BODY = wire.encode(wire.Cleared())
 
 _LIVE_BODY = wire.encode(wire.Live())
-
-_ADMIN_ATTRIBUTE = "_runcache_admin"
-
-
-def admin_only(endpoint: Endpoint) -> Endpoint:
-    """Mark an endpoint as an administrative operation: only the admin token may call it."""
-    setattr(endpoint, _ADMIN_ATTRIBUTE, True)
-    return endpoint
-
-
-def is_admin(route: Route) -> bool:
-    return bool(getattr(route.endpoint, _ADMIN_ATTRIBUTE, False))
 
 
 def engine_of(request: Request) -> Engine:
@@ -113,7 +99,6 @@ async def cache_stats(request: Request) -> Response:
     return json_answer(await engine_of(request).cache_stats())
 
 
-@admin_only
 async def clear_cache(request: Request) -> Response:
     engine = engine_of(request)
     await engine.clear()
@@ -134,14 +119,69 @@ async def livez(request: Request) -> Response:
     return JSONBytes(_LIVE_BODY)
 
 
-ROUTES = [
-    Route("/api/command", run_command, methods=["POST"]),
-    Route("/api/cache/stats", cache_stats, methods=["GET"]),
-    Route("/api/cache/clear", clear_cache, methods=["POST"]),
-    Route("/api/telemetry", telemetry, methods=["GET"]),
-    Route("/health", health, methods=["GET"]),
-    Route("/livez", livez, methods=["GET"]),
-]
+OPERATIONS = (
+    Operation(
+        method="POST",
+        path="/api/command",
+        endpoint=run_command,
+        operation_id="runCommand",
+        summary="Run a command, or answer it from the cache.",
+        ok=Answer("The command's result.", wire.CommandResult),
+        accepted=Answer(
+            'With "background": true, at once: the job that runs the command '
+            "(already completed when the cache answered it).",
+            wire.JobAccepted,
+        ),
+        body=wire.CommandRequest,
+        # 403 without tokens too: the run context rules (--allow-cwd, --env-allow).
+        errors=("400", "403", "413", "503"),
+    ),
+    Operation(
+        method="GET",
+        path="/api/cache/stats",
+        endpoint=cache_stats,
+        operation_id="cacheStats",
+        summary="The cache's statistics.",
+        ok=Answer("Counts and sizes.", wire.CacheStats),
+    ),
+    Operation(
+        method="POST",
+        path="/api/cache/clear",
+        endpoint=clear_cache,
+        operation_id="clearCache",
+        summary="Empty the cache and reset its statistics, as one step. Takes any body or none; "
+        "needs the admin token when tokens are on.",
+        ok=Answer("The cache is empty.", wire.Cleared),
+        errors=("503",),
+        admin=True,
+    ),
+    Operation(
+        method="GET",
+        path="/api/telemetry",
+        endpoint=telemetry,
+        operation_id="telemetry",
+        summary="What the server ran, and the machine it runs on.",
+        ok=Answer("Execution counts and system metrics.", wire.Telemetry),
+    ),
+    Operation(
+        method="GET",
+        path="/health",
+        endpoint=health,
+        operation_id="health",
+        summary="Health, cache statistics and telemetry; open without a token.",
+        ok=Answer("The server's health.", wire.Health),
+        open=True,
+    ),
+    Operation(
+        method="GET",
+        path="/livez",
+        endpoint=livez,
+        operation_id="livez",
+        summary="Liveness: answers without touching the store.",
+        ok=Answer("The process is serving.", wire.Live),
+        open=True,
+    ),
+)
 
 
 async def on_runcache_error(request: Request, error: Exception) -> Response:

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from runcache import wire
 from runcache.engine import entry_answers
 from runcache.engine.callers import caller_of
-from runcache.engine.job_answers import DEFAULT_PAGE_BYTES, MAX_OFFSET, MAX_PAGE_BYTES
+from runcache.web.operations import Answer, Operation
 from runcache.web.responses import json_answer
-from runcache.web.routes.commands import admin_only, client_of, engine_of, read_body
-from runcache.web.routes.jobs import int_param, stream_param
+from runcache.web.routes.commands import client_of, engine_of, read_body
 
 
 def _key(request: Request) -> str:
@@ -26,10 +24,11 @@ def _key(request: Request) -> str:
 
 
 async def list_entries(request: Request) -> Response:
-    prefix = request.query_params.get("prefix", "")
-    offset = int_param(request, "offset", 0, 0, MAX_OFFSET)
-    limit = int_param(request, "limit", entry_answers.DEFAULT_LIST, 1, entry_answers.MAX_LIST)
-    return json_answer(await entry_answers.listing(engine_of(request), prefix, offset, limit))
+    query = wire.decode_query(wire.EntryListQuery, request.query_params)
+    answer = await entry_answers.listing(
+        engine_of(request), query.prefix, query.offset, query.limit
+    )
+    return json_answer(answer)
 
 
 async def entry_detail(request: Request) -> Response:
@@ -37,14 +36,13 @@ async def entry_detail(request: Request) -> Response:
 
 
 async def entry_output(request: Request) -> Response:
-    stream = stream_param(request)
-    offset = int_param(request, "offset", 0, 0, MAX_OFFSET)
-    limit = int_param(request, "limit", DEFAULT_PAGE_BYTES, 1, MAX_PAGE_BYTES)
-    answer = await entry_answers.page(engine_of(request), _key(request), stream, offset, limit)
+    query = wire.decode_query(wire.PageQuery, request.query_params)
+    answer = await entry_answers.page(
+        engine_of(request), _key(request), query.stream, query.offset, query.limit
+    )
     return json_answer(answer)
 
 
-@admin_only
 async def delete_entry(request: Request) -> Response:
     engine = engine_of(request)
     answer = await entry_answers.delete(engine, _key(request), client_of(request))
@@ -54,7 +52,6 @@ async def delete_entry(request: Request) -> Response:
     return json_answer(answer)
 
 
-@admin_only
 async def invalidate(request: Request) -> Response:
     engine = engine_of(request)
     body = wire.decode_invalidate_request(await read_body(request, engine.config.max_body_bytes))
@@ -64,10 +61,60 @@ async def invalidate(request: Request) -> Response:
     return json_answer(answer)
 
 
-ROUTES = [
-    Route("/api/cache/entries", list_entries, methods=["GET"]),
-    Route("/api/cache/entries/{cache_key}", entry_detail, methods=["GET"]),
-    Route("/api/cache/entries/{cache_key}", delete_entry, methods=["DELETE"]),
-    Route("/api/cache/entries/{cache_key}/output", entry_output, methods=["GET"]),
-    Route("/api/cache/invalidate", invalidate, methods=["POST"]),
-]
+OPERATIONS = (
+    Operation(
+        method="GET",
+        path="/api/cache/entries",
+        endpoint=list_entries,
+        operation_id="listEntries",
+        summary="Live cache entries, newest first; counts no hit or miss.",
+        ok=Answer("A page of entries.", wire.CacheEntryList),
+        query=wire.EntryListQuery,
+        errors=("400", "503"),
+    ),
+    Operation(
+        method="GET",
+        path="/api/cache/entries/{cache_key}",
+        endpoint=entry_detail,
+        operation_id="getEntry",
+        summary="One live entry and the result it holds; counts no hit.",
+        ok=Answer("The entry.", wire.CacheEntryDetail),
+        errors=("404", "503"),
+    ),
+    Operation(
+        method="DELETE",
+        path="/api/cache/entries/{cache_key}",
+        endpoint=delete_entry,
+        operation_id="deleteEntry",
+        summary="Delete one live entry; needs the admin token when tokens are "
+        "on. Counts no eviction.",
+        ok=Answer("Deleted.", wire.Deleted),
+        errors=("404", "503"),
+        admin=True,
+    ),
+    Operation(
+        method="GET",
+        path="/api/cache/entries/{cache_key}/output",
+        endpoint=entry_output,
+        operation_id="entryOutput",
+        summary="A page of one stream of a stored result, as a finished job's output is paged: "
+        "offsets count bytes of the stored text's UTF-8, and data never splits a "
+        "character.",
+        ok=Answer("The page.", wire.JobOutput),
+        query=wire.PageQuery,
+        errors=("400", "404", "410", "503"),
+    ),
+    Operation(
+        method="POST",
+        path="/api/cache/invalidate",
+        endpoint=invalidate,
+        operation_id="invalidateEntries",
+        summary="Delete every live entry whose command starts with `prefix`, or matches the "
+        "shell-style pattern `glob` as a whole (exactly one of them); needs the admin "
+        "token when tokens are on. Statistics are not reset.",
+        ok=Answer("How many entries went.", wire.Deleted),
+        body=wire.InvalidateRequest,
+        errors=("400", "413", "503"),
+        admin=True,
+    ),
+)

@@ -10,22 +10,14 @@ from collections.abc import AsyncGenerator
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from runcache import wire
 from runcache.engine import job_answers
 from runcache.engine.callers import viewer_of
-from runcache.engine.job_answers import (
-    DEFAULT_PAGE_BYTES,
-    EVENT_BYTES,
-    MAX_OFFSET,
-    MAX_PAGE_BYTES,
-    STREAMS,
-    read_stream,
-    result_json,
-)
+from runcache.engine.job_answers import EVENT_BYTES, STREAMS, read_stream, result_json
 from runcache.engine.jobs import Job
 from runcache.errors import BadRequest, Gone
+from runcache.web.operations import Answer, Operation
 from runcache.web.responses import json_answer
 from runcache.web.routes.commands import engine_of
 from runcache.web.streams import EventStreamResponse
@@ -45,30 +37,10 @@ async def job_detail(request: Request) -> Response:
     return json_answer(job_answers.detail(_job(request)))
 
 
-def int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
-    """A query parameter that is a whole number from ``low`` to ``high``, or ``default``."""
-    text = request.query_params.get(name)
-    if text is None:
-        return default
-    number = wire.whole_number(text)
-    if number is None or not low <= number <= high:
-        raise BadRequest(f"{name} must be a whole number from {low} to {high}")
-    return number
-
-
-def stream_param(request: Request) -> str:
-    name = request.query_params.get("stream", "stdout")
-    if name not in STREAMS:
-        raise BadRequest("stream must be stdout or stderr")
-    return name
-
-
 async def job_output(request: Request) -> Response:
     job = _job(request)
-    name = stream_param(request)
-    offset = int_param(request, "offset", 0, 0, MAX_OFFSET)
-    limit = int_param(request, "limit", DEFAULT_PAGE_BYTES, 1, MAX_PAGE_BYTES)
-    return json_answer(await job_answers.page(job, name, offset, limit))
+    query = wire.decode_query(wire.PageQuery, request.query_params)
+    return json_answer(await job_answers.page(job, query.stream, query.offset, query.limit))
 
 
 # -- following a job: Server-Sent Events ---------------------------------------------
@@ -178,13 +150,94 @@ async def resume_job(request: Request) -> Response:
     return json_answer(job_answers.resume(engine_of(request), _job(request)))
 
 
-ROUTES = [
-    Route("/api/jobs", list_jobs, methods=["GET"]),
-    Route("/api/jobs/{job_id}", job_detail, methods=["GET"]),
-    Route("/api/jobs/{job_id}/output", job_output, methods=["GET"]),
-    Route("/api/jobs/{job_id}/events", job_events, methods=["GET"]),
-    Route("/api/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
-    Route("/api/jobs/{job_id}/leave", leave_job, methods=["POST"]),
-    Route("/api/jobs/{job_id}/pause", pause_job, methods=["POST"]),
-    Route("/api/jobs/{job_id}/resume", resume_job, methods=["POST"]),
-]
+#: The header a reader resumes the events from.
+_LAST_EVENT_ID = {
+    "name": "Last-Event-ID",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "pattern": r"^\d+:\d+$"},
+}
+
+OPERATIONS = (
+    Operation(
+        method="GET",
+        path="/api/jobs",
+        endpoint=list_jobs,
+        operation_id="listJobs",
+        summary="Running jobs and recent ones, newest first.",
+        ok=Answer("The jobs.", wire.JobList),
+    ),
+    Operation(
+        method="GET",
+        path="/api/jobs/{job_id}",
+        endpoint=job_detail,
+        operation_id="getJob",
+        summary="One job, with its result once it has ended.",
+        ok=Answer("The job.", wire.JobDetail),
+        errors=("404",),
+    ),
+    Operation(
+        method="GET",
+        path="/api/jobs/{job_id}/output",
+        endpoint=job_output,
+        operation_id="jobOutput",
+        summary="A page of one stream, while the job runs and after. Offsets count bytes of the "
+        "captured stream (after the end, of the stored text's UTF-8: the same unless the "
+        "output was not valid UTF-8); data never splits a UTF-8 character.",
+        ok=Answer("The page.", wire.JobOutput),
+        query=wire.PageQuery,
+        errors=("400", "404"),
+    ),
+    Operation(
+        method="GET",
+        path="/api/jobs/{job_id}/events",
+        endpoint=job_events,
+        operation_id="jobEvents",
+        summary="Server-Sent Events: `stdout` and `stderr` events carry output as the command "
+        "prints it, each with the id `<stdout offset>:<stderr offset>` to resume after "
+        "(Last-Event-ID); then one `result` event with the CommandResult JSON (or "
+        "`error` for a job that never ran), then the stream ends.",
+        ok=Answer("The event stream.", media="text/event-stream"),
+        headers=(_LAST_EVENT_ID,),
+        errors=("400", "404", "410"),
+    ),
+    Operation(
+        method="POST",
+        path="/api/jobs/{job_id}/cancel",
+        endpoint=cancel_job,
+        operation_id="cancelJob",
+        summary="Kill the run's whole process group; it is not cached, and everyone "
+        "waiting gets its result with cancelled: true.",
+        ok=Answer("Cancelled.", wire.JobAction),
+        errors=("404", "409"),
+    ),
+    Operation(
+        method="POST",
+        path="/api/jobs/{job_id}/leave",
+        endpoint=leave_job,
+        operation_id="leaveJob",
+        summary="A client that started or joined the job in the background gives it "
+        "up: the run is cancelled when no other background request holds it and no "
+        "request waits on it (cached or not); otherwise it runs on. Its status after.",
+        ok=Answer("Left.", wire.JobAction),
+        errors=("404",),
+    ),
+    Operation(
+        method="POST",
+        path="/api/jobs/{job_id}/pause",
+        endpoint=pause_job,
+        operation_id="pauseJob",
+        summary="SIGSTOP to the run's whole group; paused time does not count toward the timeout.",
+        ok=Answer("Paused.", wire.JobAction),
+        errors=("404", "409"),
+    ),
+    Operation(
+        method="POST",
+        path="/api/jobs/{job_id}/resume",
+        endpoint=resume_job,
+        operation_id="resumeJob",
+        summary="SIGCONT to the run's whole group.",
+        ok=Answer("Resumed.", wire.JobAction),
+        errors=("404", "409"),
+    ),
+)

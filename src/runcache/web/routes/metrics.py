@@ -11,6 +11,7 @@ from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runcache.engine.metrics import CONTENT_TYPE, OTHER_ROUTE, Metrics
+from runcache.web.operations import Answer, Operation
 from runcache.web.routes.commands import engine_of
 
 
@@ -21,7 +22,17 @@ async def metrics(request: Request) -> Response:
     return Response(engine.metrics.exposition(stats.size, stats.bytes), media_type=CONTENT_TYPE)
 
 
-ROUTES = [Route("/metrics", metrics, methods=["GET"])]
+OPERATIONS = (
+    Operation(
+        method="GET",
+        path="/metrics",
+        endpoint=metrics,
+        operation_id="metrics",
+        summary="Prometheus metrics in the text format: counts no clear resets, "
+        "durations, and the cache's size now.",
+        ok=Answer("The metrics.", media="text/plain"),
+    ),
+)
 
 
 class RequestTimer:

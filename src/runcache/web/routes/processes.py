@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from runcache import wire
 from runcache.engine import job_answers
 from runcache.engine.callers import caller_of, viewer_of
+from runcache.web.operations import Answer, Operation
 from runcache.web.responses import json_answer
 from runcache.web.routes.commands import engine_of, read_body
 
@@ -76,13 +76,81 @@ async def task_result(request: Request) -> Response:
     )
 
 
-ROUTES = [
-    Route("/api/processes/list", list_processes, methods=["GET"]),
-    Route("/api/processes/status/{pid}", process_status, methods=["GET"]),
-    Route("/api/processes/terminate/{pid}", terminate_process, methods=["POST"]),
-    Route("/api/processes/pause/{pid}", pause_process, methods=["POST"]),
-    Route("/api/processes/resume/{pid}", resume_process, methods=["POST"]),
-    Route("/api/processes/dashboard", dashboard, methods=["GET"]),
-    Route("/api/process/execute-async", execute_async, methods=["POST"]),
-    Route("/api/process/get-task-result/{task_id}", task_result, methods=["GET"]),
-]
+#: A process route's 404 is the reference's ``ProcessFailure``, not ``Error``.
+_NO_SUCH_RUN = {
+    "404": Answer("No running run has this pid (or it cannot do this now).", wire.ProcessFailure)
+}
+
+OPERATIONS = (
+    Operation(
+        method="GET",
+        path="/api/processes/list",
+        endpoint=list_processes,
+        operation_id="listProcesses",
+        summary="Running and paused runs, keyed by pid.",
+        ok=Answer("The runs.", wire.ProcessList),
+    ),
+    Operation(
+        method="GET",
+        path="/api/processes/status/{pid}",
+        endpoint=process_status,
+        operation_id="getProcess",
+        summary="The run with this pid: the running one, else the last that ended.",
+        ok=Answer("The run.", wire.ProcessDetail),
+        failures=_NO_SUCH_RUN,
+    ),
+    Operation(
+        method="POST",
+        path="/api/processes/terminate/{pid}",
+        endpoint=terminate_process,
+        operation_id="terminateProcess",
+        summary="Kill the run's whole process group (a cancel).",
+        ok=Answer("Terminated.", wire.ProcessDone),
+        failures=_NO_SUCH_RUN,
+    ),
+    Operation(
+        method="POST",
+        path="/api/processes/pause/{pid}",
+        endpoint=pause_process,
+        operation_id="pauseProcess",
+        summary="SIGSTOP to the run's whole group.",
+        ok=Answer("Paused.", wire.ProcessDone),
+        failures=_NO_SUCH_RUN,
+    ),
+    Operation(
+        method="POST",
+        path="/api/processes/resume/{pid}",
+        endpoint=resume_process,
+        operation_id="resumeProcess",
+        summary="SIGCONT to the run's whole group.",
+        ok=Answer("Resumed.", wire.ProcessDone),
+        failures=_NO_SUCH_RUN,
+    ),
+    Operation(
+        method="GET",
+        path="/api/processes/dashboard",
+        endpoint=dashboard,
+        operation_id="processDashboard",
+        summary="The running runs, and the machine's load (read at once).",
+        ok=Answer("The dashboard.", wire.Dashboard),
+    ),
+    Operation(
+        method="POST",
+        path="/api/process/execute-async",
+        endpoint=execute_async,
+        operation_id="executeAsync",
+        summary="Start a command in the background; the task id is its job id.",
+        ok=Answer("Submitted.", wire.TaskSubmitted),
+        body=wire.CommandRequest,
+        errors=("400", "413", "503"),
+    ),
+    Operation(
+        method="GET",
+        path="/api/process/get-task-result/{task_id}",
+        endpoint=task_result,
+        operation_id="getTaskResult",
+        summary="Where a task stands, with its result once it has ended.",
+        ok=Answer("The task.", wire.TaskResult),
+        errors=("404",),
+    ),
+)
