@@ -12,11 +12,12 @@ import pytest
 
 from runcache.config import Config
 from runcache.engine.cache import Cache
-from runcache.engine.engine import KEY_ENV_VARS, CommandRequest, Engine, Outcome
+from runcache.engine.engine import KEY_ENV_VARS, Engine, Outcome
 from runcache.errors import BadRequest, Busy
 from runcache.run.encode import encode_result
 from runcache.run.runner import Runner, RunResult
 from runcache.stores import MemoryStore, open_store
+from runcache.wire import CommandRequest
 
 
 async def _until(condition: Callable[[], bool], seconds: float = 15.0) -> None:
