@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 import psutil
 import pytest
@@ -246,6 +246,24 @@ def until(probe: Callable[[], T | None], seconds: float = 15.0, what: str = "") 
         assert time.monotonic() < deadline, f"timed out waiting {what}".rstrip()
         time.sleep(0.02)
     return value
+
+
+#: A JSON object as a test reads it: the values are whatever the answer holds.
+Json = dict[str, Any]
+
+
+class _JsonAnswer(Protocol):
+    """An HTTP answer of any client the tests use (requests, httpx, Starlette's)."""
+
+    def json(self) -> Any: ...
+
+
+def json_object(answer: _JsonAnswer) -> Json:
+    """The JSON object an answer's body holds, typed as one: ``.json()`` is ``Any``,
+    and a test indexing it should not pass ``Any`` on to everything it touches."""
+    body = answer.json()
+    assert isinstance(body, dict), body
+    return body
 
 
 def alive(process: psutil.Process) -> bool:

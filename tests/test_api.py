@@ -205,7 +205,7 @@ def test_health_and_the_dashboards_never_sample_the_cpu_on_the_request(
 
     def recording(interval: float | None = None, percpu: bool = False) -> object:
         intervals.append(interval)
-        return real(None, percpu)
+        return real(None, True) if percpu else real(None)
 
     monkeypatch.setattr(psutil, "cpu_percent", recording)
     for path in ("/health", "/api/telemetry", "/api/processes/dashboard"):

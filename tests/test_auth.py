@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import subprocess
@@ -17,7 +18,6 @@ from starlette.testclient import TestClient
 from runcache.cli import cli
 from runcache.config import Config
 from runcache.errors import ConfigError
-from runcache.web import auth
 from runcache.web.server import check_exposure
 
 from conftest import LiveServer
@@ -75,7 +75,7 @@ def test_a_header_without_a_bearer_token_is_401(client_factory: ClientFactory, h
 def test_wrong_token_is_403_and_runs_nothing(client_factory: ClientFactory, presented: str) -> None:
     client = client_factory(token=TOKEN)
     # As bytes: a header value outside ASCII reaches the server as the client sent it.
-    header = {"Authorization": f"Bearer {presented}".encode()}
+    header = {b"Authorization": f"Bearer {presented}".encode()}
     response = client.post("/api/command", json={"command": "echo ran"}, headers=header)
     assert response.status_code == 403
     assert response.json() == {"error": "the token sent is not valid for this server"}
@@ -296,13 +296,13 @@ def test_tokens_are_compared_in_constant_time(
     """Timing cannot be seen from a test; the comparison used can. Every token check goes
     through hmac.compare_digest, with the token presented, for the answer each gives."""
     compared: list[tuple[bytes, bytes]] = []
-    real = auth.hmac.compare_digest
+    real = hmac.compare_digest
 
     def recording(presented: bytes, expected: bytes) -> bool:
         compared.append((presented, expected))
         return real(presented, expected)
 
-    monkeypatch.setattr(auth.hmac, "compare_digest", recording)
+    monkeypatch.setattr(hmac, "compare_digest", recording)
     client = client_factory(token=TOKEN, admin_token=ADMIN)
     for token, path, status in (
         (WRONG, "/api/cache/stats", 403),

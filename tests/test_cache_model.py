@@ -169,8 +169,15 @@ def test_every_store_behaves_like_the_model(
     store_factory: StoreFactory, fake_clock: FakeClock
 ) -> None:
     store = store_factory(max_entries=MAX_ENTRIES, max_bytes=MAX_BYTES)
+
+    class OnThisStore(CacheMachine):
+        """The machine on this test's store: Hypothesis's annotation asks for a class."""
+
+        def __init__(self) -> None:
+            super().__init__(store, fake_clock)
+
     run_state_machine_as_test(
-        lambda: CacheMachine(store, fake_clock),
+        OnThisStore,
         settings=settings(
             max_examples=100,
             stateful_step_count=50,

@@ -74,13 +74,16 @@ def test_terminating_run_kills_the_command_it_runs_in_process(tmp_path: Path) ->
     # Found by its argument from here: in its namespaces a run sees only its own pids.
     mark = marker()
     process = subprocess.Popen([str(RUNCACHE), "run", "--", "sleep", mark], env=environment)
-    found = until(
-        lambda: (
-            [found for found in marked(mark) if found.name() == "sleep"]
-            or process.poll() is not None
+
+    def started() -> list[psutil.Process] | bool:
+        """The command's process once it runs, or True once ``runcache run`` has ended."""
+        return [found for found in marked(mark) if found.name() == "sleep"] or (
+            process.poll() is not None
         )
-    )
+
+    found = until(started)
     assert process.poll() is None, "runcache run ended before its command started"
+    assert isinstance(found, list)
     [command] = found
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 128 + signal.SIGTERM

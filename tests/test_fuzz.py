@@ -33,6 +33,7 @@ from __future__ import annotations
 import shlex
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -49,6 +50,7 @@ from schemathesis.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from schemathesis.core.result import Ok
 from starlette.testclient import TestClient
 
 from conftest import LiveServer
@@ -105,6 +107,9 @@ NEGATIVE = [*CHECKS, negative_data_rejection]
 
 EXAMPLES_PER_PHASE = 50
 
+#: A request the fuzzer made: schemathesis's strategies give ``Case`` of no operation type.
+FuzzCase = schemathesis.Case[Any]
+
 
 def test_fuzzed_requests_are_accepted_or_refused_as_the_schema_says(
     live_server_factory: Callable[..., LiveServer],
@@ -136,7 +141,10 @@ def test_fuzzed_requests_are_accepted_or_refused_as_the_schema_says(
     assert probe["stdout"].splitlines() == [str(empty_bin), str(workdir)], probe
     assert probe["return_code"] == 3, probe
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
-    operations = [result.ok() for result in schema.get_all_operations()]
+    operations = []
+    for result in schema.get_all_operations():
+        assert isinstance(result, Ok), result.err()
+        operations.append(result.ok())
     assert {operation.label for operation in operations} == OPERATIONS
     for operation in operations:
         positive = st.builds(
@@ -186,7 +194,7 @@ def test_malformed_json_is_a_400_that_says_where(client: TestClient) -> None:
 
 
 def _fuzz(
-    cases: st.SearchStrategy[schemathesis.Case],
+    cases: st.SearchStrategy[FuzzCase],
     base_url: str,
     checks: list[schemathesis.CheckFunction],
     runs: bool = False,
@@ -210,13 +218,13 @@ def _fuzz(
         database=None,
         suppress_health_check=list(HealthCheck),
     )
-    def fuzz(case: schemathesis.Case) -> None:
+    def fuzz(case: FuzzCase) -> None:
         case.call_and_validate(base_url=base_url, headers=AUTH, checks=checks)
 
     fuzz()
 
 
-def _in_existing_cwd(case: schemathesis.Case, workdir: str) -> schemathesis.Case:
+def _in_existing_cwd(case: FuzzCase, workdir: str) -> FuzzCase:
     """A schema-valid ``cwd`` names a directory that exists: the schema cannot say that
     (a 400 answers one that does not), so the fuzzer's path is made one that does."""
     if isinstance(case.body, dict) and isinstance(case.body.get("cwd"), str):
@@ -224,8 +232,7 @@ def _in_existing_cwd(case: schemathesis.Case, workdir: str) -> schemathesis.Case
     return case
 
 
-def _runnable(case: schemathesis.Case, executable: str, quote: bool) -> schemathesis.Case:
-    if isinstance(case.body, dict) and isinstance(case.body.get("command"), str):
-        text = case.body["command"]
+def _runnable(case: FuzzCase, executable: str, quote: bool) -> FuzzCase:
+    if isinstance(case.body, dict) and isinstance(text := case.body.get("command"), str):
         case.body["command"] = f"{executable} {shlex.quote(text) if quote else text}"
     return case

@@ -426,12 +426,11 @@ def test_listing_jobs_with_large_outputs_keeps_the_event_loop_responsive(
             )
             assert ran.status_code == 200, ran.text
 
-        workers = [
-            threading.Thread(
-                target=lambda start=start: [run(index) for index in range(start, 40, 4)]
-            )
-            for start in range(4)
-        ]
+        def every_fourth(start: int) -> None:
+            for index in range(start, 40, 4):
+                run(index)
+
+        workers = [threading.Thread(target=every_fourth, args=(start,)) for start in range(4)]
         for worker in workers:
             worker.start()
         for worker in workers:

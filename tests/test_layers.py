@@ -51,7 +51,7 @@ def module_of(path: Path) -> str:
 
 def imported(path: Path) -> set[str]:
     """Every ``runcache`` module ``path`` imports, by absolute name."""
-    found = set()
+    found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text("utf-8"))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)

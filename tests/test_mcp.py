@@ -170,7 +170,7 @@ def test_tools_list_the_wire_schemas(mcp_args: list[str], tmp_path: Path) -> Non
             assert tools[name].input_schema["properties"] == {}, name
         hints = {name: tool.annotations for name, tool in tools.items()}
         assert all(
-            hints[name] and hints[name].read_only_hint
+            (hint := hints[name]) and hint.read_only_hint
             for name in ("get_cache_stats", "server_health", "get_telemetry")
         )
         assert hints["clear_cache"] and hints["clear_cache"].idempotent_hint
@@ -328,8 +328,8 @@ def test_execute_command_reports_progress_while_it_runs(driver: Driver) -> None:
     command = f"for i in 1 2 3 4 5; do echo line $i; sleep 1; done # {uuid.uuid4().hex}"
     reports: list[tuple[float, float | None, str | None]] = []
 
-    async def progress(value: float, total: float | None, message: str | None) -> None:
-        reports.append((value, total, message))
+    async def progress(progress: float, total: float | None, message: str | None) -> None:
+        reports.append((progress, total, message))
 
     async def scenario(session: ClientSession) -> None:
         result = await session.call_tool(

@@ -66,7 +66,7 @@ def _new_client_runs(url: str) -> dict[str, Any]:
                     result = await session.call_tool(
                         "execute_command", {"command": "echo still served"}
                     )
-                    assert result.structured_content is not None
+                    assert isinstance(result.structured_content, dict)
                     return result.structured_content
 
     return anyio.run(main)

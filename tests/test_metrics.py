@@ -8,7 +8,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 import requests
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -51,7 +51,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
 
 
-def scraped(response: requests.Response | httpx.Response) -> Samples:
+def scraped(response: requests.Response | httpx2.Response) -> Samples:
     """The samples of a ``GET /metrics`` answer, checked to be the Prometheus text format."""
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -288,14 +288,14 @@ def test_a_live_server_counts_every_outcome_behind_its_token(
         == 1
     )
     # The refused scrapes were timed too, under their route and their refusal's code.
-    for refused in ("401", "403"):
+    for refusal in ("401", "403"):
         assert (
             value(
                 samples,
                 "runcache_http_request_duration_seconds_count",
                 route="/metrics",
                 method="GET",
-                code=refused,
+                code=refusal,
             )
             >= 1
         )

@@ -147,7 +147,7 @@ def _check(document: Document, method: str, path: str, response: requests.Respon
     status = str(response.status_code)
     if status == "405":  # a method the path does not take has no operation to describe it
         assert method.lower() not in document["paths"][path]
-        documented = {"$ref": "#/components/responses/MethodNotAllowed"}
+        documented: Document = {"$ref": "#/components/responses/MethodNotAllowed"}
     else:
         operation = document["paths"][path][method.lower()]
         assert status in operation["responses"], f"{method} {path} answered undocumented {status}"
@@ -167,6 +167,7 @@ def _check(document: Document, method: str, path: str, response: requests.Respon
 def _described_path(document: Document, path: str) -> str:
     """The path of the document that describes ``path`` (a query left out, a key filled in)."""
     path = path.partition("?")[0]
+    described: str
     for described in document["paths"]:
         if re.fullmatch(re.sub(r"\{\w+\}", "[^/]+", described), path):
             return described

@@ -181,6 +181,12 @@ def _group(pid: int) -> list[psutil.Process]:
     return [leader, *leader.children(recursive=True)]
 
 
+def _group_of_two(pid: int) -> list[psutil.Process] | None:
+    """The group led by ``pid`` once it is the shell and its one command, else None."""
+    members = _group(pid)
+    return members if len(members) == 2 else None
+
+
 def _gone(process: psutil.Process) -> bool:
     try:
         return process.status() == psutil.STATUS_ZOMBIE
@@ -291,7 +297,7 @@ def test_list_status_and_dashboard_show_every_run(api: Checked, tmp_path: Path) 
 def test_terminate_kills_the_whole_group(api: Checked) -> None:
     task_id = api.submit(SLEEPER, use_cache=False)
     pid = api.pid_of(SLEEPER)
-    group = until(lambda: len(members := _group(pid)) == 2 and members)
+    group = until(lambda: _group_of_two(pid))
 
     answer = api.call("POST", "/api/processes/terminate/{pid}", "done", pid=str(pid))
     assert answer == {"success": True, "message": f"Process {pid} terminated successfully"}
@@ -310,7 +316,7 @@ def test_pause_stops_every_process_of_the_group_and_resume_continues_them(
 ) -> None:
     api.submit(SLEEPER, use_cache=False)
     pid = api.pid_of(SLEEPER)
-    group = until(lambda: len(members := _group(pid)) == 2 and members)
+    group = until(lambda: _group_of_two(pid))
 
     def states() -> set[str]:
         return {process.status() for process in group}

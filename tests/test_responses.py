@@ -66,6 +66,6 @@ def test_an_error_answer_carries_its_status_and_headers(
 ) -> None:
     answer = error_answer(error)
     assert answer.status_code == status
-    assert json.loads(answer.body) == {"error": error.message}
+    assert json.loads(bytes(answer.body)) == {"error": error.message}
     assert answer.headers["content-type"] == "application/json"
     assert {name: answer.headers[name] for name in headers} == headers

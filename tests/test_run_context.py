@@ -19,15 +19,15 @@ from runcache.run.runner import NO_CONTEXT, RunContext
 from runcache.wire import RunRequest
 from test_cli import runcache
 
-from conftest import LiveServer
+from conftest import Json, LiveServer, json_object
 
 SHOW = 'pwd; echo "A=$A"; cat'
 
 
-def _post(client: TestClient, **body: object) -> dict:
+def _post(client: TestClient, **body: object) -> Json:
     answer = client.post("/api/command", json={"command": SHOW, **body})
     assert answer.status_code == 200, answer.text
-    return answer.json()
+    return json_object(answer)
 
 
 def test_the_same_command_in_two_directories_gives_two_results(
@@ -87,7 +87,7 @@ def test_a_large_stdin_is_fed_whole(client: TestClient) -> None:
     ],
 )
 def test_bad_context_is_a_4xx_naming_the_field_and_runs_nothing(
-    client: TestClient, body: dict, status: int, message: str
+    client: TestClient, body: Json, status: int, message: str
 ) -> None:
     answer = client.post("/api/command", json={"command": "echo ran", **body})
     assert answer.status_code == status, answer.text

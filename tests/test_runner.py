@@ -27,7 +27,8 @@ def containment(request: pytest.FixtureRequest) -> str:
 
 def test_streams_and_exit_code_are_kept_apart() -> None:
     result = Runner(1024).run(sh("echo out; echo err >&2; exit 3"), timeout=10)
-    assert (result.stdout, result.stderr, result.return_code) == (b"out\n", b"err\n", 3)
+    kept = (bytes(result.stdout), bytes(result.stderr), result.return_code)
+    assert kept == (b"out\n", b"err\n", 3)
     assert not result.success and not result.timed_out and not result.partial_results
     assert result.execution_time >= 0 and "T" in result.timestamp
 

@@ -18,7 +18,7 @@ import pytest
 
 from runcache.logs import LOGGED_COMMAND_CHARS, loggable
 
-from conftest import LiveServer, until
+from conftest import Json, LiveServer, json_object, until
 
 TOKEN = "run-token-0123456789abcdef"
 ADMIN = "admin-token-0123456789abcdef"
@@ -31,7 +31,7 @@ SERVER_SECRETS = {
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def _run(server: LiveServer, command: str, **fields: object) -> dict:
+def _run(server: LiveServer, command: str, **fields: object) -> Json:
     answer = httpx.post(
         f"{server.url}/api/command",
         headers=AUTH,
@@ -39,8 +39,7 @@ def _run(server: LiveServer, command: str, **fields: object) -> dict:
         json={"command": command, "use_cache": False, **fields},
     )
     assert answer.status_code == 200, answer.text
-    result: dict = answer.json()
-    return result
+    return json_object(answer)
 
 
 def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -234,8 +233,8 @@ def test_a_run_enters_the_directory_checked_not_a_link_swapped_in_while_it_waite
         checked.symlink_to("/etc")
         go.touch()
 
-        def ended() -> dict | None:
-            job: dict = http.get(f"/api/jobs/{second.json()['job_id']}").json()
+        def ended() -> Json | None:
+            job = json_object(http.get(f"/api/jobs/{second.json()['job_id']}"))
             return job if job["status"] not in ("running", "paused") else None
 
         job = until(ended, 30)

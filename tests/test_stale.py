@@ -137,7 +137,7 @@ def test_servers_sharing_a_store_refresh_a_stale_result_once(
         found = requests.post(
             f"{servers[1].url}/api/command", json={"command": command}, timeout=30
         ).json()
-        return found["cached"] and found["stdout"] != first["stdout"]
+        return bool(found["cached"] and found["stdout"] != first["stdout"])
 
     # Asked without stale only once the refresh has stored (a miss would run it again).
     until(lambda: not expired() and refreshed())
