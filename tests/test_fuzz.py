@@ -161,26 +161,25 @@ def test_fuzzed_requests_are_accepted_or_refused_as_the_schema_says(
 
 
 @pytest.mark.parametrize(
-    ("body", "error"),
+    ("body", "where"),
     [
         # A wrong type first (5 for an object), then bytes that are not UTF-8 past it.
-        (
-            b"5I\xfb\xb8\xd8",
-            "request body must be valid JSON: it is not UTF-8 (invalid start byte at byte 2)",
-        ),
+        (b"5I\xfb\xb8\xd8", 2),
         # Invalid UTF-8 inside a string.
-        (
-            b'{"command": "echo \xff"}',
-            "request body must be valid JSON: it is not UTF-8 (invalid start byte at byte 18)",
-        ),
+        (b'{"command": "echo \xff"}', 18),
     ],
     ids=["type-then-not-utf-8", "not-utf-8"],
 )
 def test_bodies_the_fuzzing_found_are_a_400_not_a_500(
-    client: TestClient, body: bytes, error: str
+    client: TestClient, body: bytes, where: int
 ) -> None:
+    """runcache's words and the byte where the UTF-8 breaks; the reason between them is
+    the codec's (``invalid start byte`` today), not pinned here."""
     response = client.post("/api/command", content=body)
-    assert (response.status_code, response.json()) == (400, {"error": error})
+    message = response.json()["error"]
+    assert response.status_code == 400
+    assert message.startswith("request body must be valid JSON: it is not UTF-8 (")
+    assert message.endswith(f" at byte {where})")
 
 
 def test_malformed_json_is_a_400_that_says_where(client: TestClient) -> None:
