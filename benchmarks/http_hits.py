@@ -65,7 +65,7 @@ import psutil
 from _harness import Server, Service
 from _loadgen import Load, load, median_load, ratio_line
 from _toy_routes import COMMAND
-from runcache.engine.metrics import Metrics
+from runcache.engine.metrics import MULTIPROC_ENV, Metrics
 
 HIT_BODY = json.dumps({"command": COMMAND}).encode()
 TOYS = Path(__file__).with_name("_toy_routes.py")
@@ -190,8 +190,15 @@ def metrics_call_costs() -> str:
         return best * 1e6
 
     single = per_hit(Metrics())
+    saved = os.environ.get(MULTIPROC_ENV)
     with tempfile.TemporaryDirectory() as directory:
         multi = per_hit(Metrics(directory))
+    # Metrics(directory) names the directory in this process's environment, which the
+    # servers started after this would inherit (and fail on, the directory gone).
+    if saved is None:
+        os.environ.pop(MULTIPROC_ENV, None)
+    else:
+        os.environ[MULTIPROC_ENV] = saved
     return (
         f"metrics calls per hit, timed in process: {single:.2f} µs (one process), "
         f"{multi:.2f} µs (multiprocess mode, --workers N)"
