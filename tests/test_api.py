@@ -241,6 +241,9 @@ BAD_COMMAND_BODIES = [
     (b'{"command": "echo", "ttl": 0}', "ttl"),
     (b'{"command": "echo", "ttl": 1e12}', "ttl must be at most"),
     (b'{"command": "echo", "ttl": {}}', "ttl"),
+    # Strict about what it is told: a misspelt field does not run with the default.
+    (b'{"command": "sleep 1", "timeot": 0.1}', "unknown field 'timeot'; did you mean 'timeout'?"),
+    (b'{"command": "echo", "usecache": false}', "did you mean 'use_cache'?"),
 ]
 
 

@@ -222,6 +222,10 @@ def test_errors_are_tool_errors_with_the_message_and_the_server_keeps_serving(
         assert too_long.is_error and "timeout must be at most 3600 seconds" in _text(too_long)
         no_ttl = await session.call_tool("execute_command", {"command": "true", "ttl": 0})
         assert no_ttl.is_error and "ttl must be greater than 0 seconds" in _text(no_ttl)
+        for tool in ("execute_command", "start_command"):
+            misspelt = await session.call_tool(tool, {"command": "sleep 1", "timeot": 0.1})
+            assert misspelt.is_error
+            assert "unknown field 'timeot'; did you mean 'timeout'?" in _text(misspelt)
         kept = await call(session, "execute_command", command="echo ok", ttl=60)
         assert kept["stdout"] == "ok\n"
 

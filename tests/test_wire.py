@@ -95,12 +95,33 @@ def test_declaration_order_is_command_use_cache_timeout_ttl_refresh_context_back
     ]
 
 
-def test_unknown_fields_are_ignored() -> None:
-    body = (
-        b'{"extra": [1, {"a": null}], "command": "echo hi", "Command": 5, "TIMEOUT": -1,'
-        b' "huge": 1e400}'
-    )
-    assert decode_command_request(body) == CommandRequest("echo hi", True, None, None)
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"command": "echo hi", "timeot": 5}', "unknown field 'timeot'; did you mean 'timeout'?"),
+        (
+            b'{"command": "echo hi", "TIMEOUT": 5}',
+            "unknown field 'TIMEOUT'; did you mean 'timeout'?",
+        ),
+        (
+            b'{"Command": "echo hi", "command": "x"}',
+            "unknown field 'Command'; did you mean 'command'?",
+        ),
+        (
+            b'{"command": "echo hi", "extra": [1]}',
+            "unknown field 'extra'; known fields: command, use_cache, timeout, ttl, refresh, "
+            "stale, cwd, env, stdin, background",
+        ),
+        # A known field's own problem is named first.
+        (b'{"timeot": 5, "command": "echo hi", "ttl": -1}', "ttl must be greater than 0 seconds"),
+    ],
+)
+def test_an_unknown_field_is_refused_naming_the_closest_known_one(
+    body: bytes, message: str
+) -> None:
+    with pytest.raises(BadRequest) as refused:
+        decode_command_request(body)
+    assert refused.value.message == message
 
 
 def test_a_full_request_decodes_to_its_fields() -> None:

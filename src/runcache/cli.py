@@ -122,7 +122,9 @@ def _connect(server: str | None) -> BaseClient:
     return connect(server, os.environ.get(TOKEN_ENV), os.environ.get(ADMIN_TOKEN_ENV))
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+# Options end at the command: `runcache run ls -la` gives -la to ls. An unknown option
+# before the command is refused (click names the closest), never run as the command.
+@cli.command(context_settings={"allow_interspersed_args": False})
 @click.option(
     "--no-cache",
     is_flag=True,

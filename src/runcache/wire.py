@@ -17,6 +17,7 @@ document by :func:`command_request_schema`.
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import math
 import re
@@ -161,8 +162,9 @@ Stdin = Annotated[
 ]
 
 
-class Request(Struct, frozen=True):
-    """A request's shape. Fields it does not know are ignored, so its schema stays open."""
+class Request(Struct, frozen=True, forbid_unknown_fields=True):
+    """A request's shape. A field it does not know is refused, naming the closest one it
+    knows: ``{"timeot": 5}`` must not run with the default timeout, unnoticed."""
 
 
 class RunRequest(Request, frozen=True):
@@ -180,7 +182,7 @@ class RunRequest(Request, frozen=True):
 
 
 class CommandRequest(RunRequest, frozen=True):
-    """The body of ``POST /api/command``. Fields it does not know are ignored."""
+    """The body of ``POST /api/command``."""
 
     background: Background = False
 
@@ -415,7 +417,23 @@ def _first_problem(shape: type[Struct], payload: object) -> str:
             msgspec.convert(value, hints[field.name], strict=True)
         except msgspec.ValidationError as error:
             return _message_for(messages, value, str(error), field.name)
+    known = [field.encode_name for field in info.fields]
+    unknown = next((name for name in payload if name not in known), None)
+    if unknown is not None:
+        return unknown_field(unknown, known)
     return "request body is not valid"
+
+
+def unknown_field(name: str, known: list[str]) -> str:
+    """The message for a field no shape declares, with the closest known one, if any."""
+    by_lower = {field.lower(): field for field in known}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.6)
+    hint = (
+        f"; did you mean {by_lower[close[0]]!r}?"
+        if close
+        else f"; known fields: {', '.join(known)}"
+    )
+    return f"unknown field {name!r}{hint}"
 
 
 def _messages(field_type: msgspec.inspect.Type) -> dict[str, str]:
@@ -878,9 +896,12 @@ def decode_query(shape: type[S], query: Mapping[str, str]) -> S:
 
     Whole numbers are read by :func:`whole_number`, as every number the HTTP layer
     reads (``+5``, ``1e3`` or a 5,000-digit offset is refused, not converted). A
-    parameter the shape does not declare is ignored, as a body's unknown field is.
+    parameter the shape does not declare is ignored (unlike a body's unknown field): a
+    query string carries what caches and browsers add (``_=1733…``), not a request's
+    intent.
     """
-    payload: dict[str, object] = dict(query)
+    known = _field_names(shape)
+    payload: dict[str, object] = {name: value for name, value in query.items() if name in known}
     for name in _number_fields(shape):
         text = payload.get(name)
         if isinstance(text, str):
@@ -890,6 +911,14 @@ def decode_query(shape: type[S], query: Mapping[str, str]) -> S:
         return msgspec.convert(payload, shape)
     except msgspec.ValidationError:
         raise BadRequest(_first_problem(shape, payload)) from None
+
+
+@functools.cache
+def _field_names(shape: type[Struct]) -> frozenset[str]:
+    """The names (as sent) of ``shape``'s fields."""
+    info = msgspec.inspect.type_info(shape)
+    assert isinstance(info, msgspec.inspect.StructType)
+    return frozenset(field.encode_name for field in info.fields)
 
 
 @functools.cache

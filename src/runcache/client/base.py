@@ -16,7 +16,6 @@ from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import Any, TypeVar
 
-import msgspec
 import orjson
 
 from runcache import wire
@@ -133,7 +132,9 @@ def run_request(request: wire.RunRequest | str, background: bool = False) -> wir
     A field left None is left out, as an absent field takes the server's default.
     """
     fields: dict[str, Any] = (
-        {"command": request} if isinstance(request, str) else msgspec.structs.asdict(request)
+        {"command": request}
+        if isinstance(request, str)  # a run's fields only (not an MCP call's own, say)
+        else {name: getattr(request, name) for name in wire.RunRequest.__struct_fields__}
     )
     fields["background"] = background
     payload = {name: value for name, value in fields.items() if value is not None}

@@ -47,7 +47,7 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from msgspec import Struct
-from pydantic import create_model
+from pydantic import ConfigDict, create_model
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
@@ -316,6 +316,16 @@ def _tool(
     return tool
 
 
+class _Arguments(ArgModelBase):
+    """The SDK's argument model, keeping the arguments no field declares, so that
+    :func:`_checked` refuses them by name as the API does (the SDK would drop them)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="allow")
+
+    def model_dump_one_level(self) -> dict[str, Any]:
+        return {**super().model_dump_one_level(), **(self.model_extra or {})}
+
+
 def _arguments_model(shape: type[Struct]) -> type[ArgModelBase]:
     """The SDK's model of a tool's arguments, made from the shape's fields: each of its
     type (coerced leniently by the SDK, as from a function's annotations) or None, so a
@@ -325,7 +335,7 @@ def _arguments_model(shape: type[Struct]) -> type[ArgModelBase]:
         for field in msgspec.structs.fields(shape)
     }
     model: type[ArgModelBase] = create_model(
-        f"{shape.__name__}Arguments", __base__=ArgModelBase, **fields
+        f"{shape.__name__}Arguments", __base__=_Arguments, **fields
     )
     return model
 
