@@ -241,6 +241,10 @@ BAD_COMMAND_BODIES = [
     (b'{"command": "echo", "ttl": 0}', "ttl"),
     (b'{"command": "echo", "ttl": 1e12}', "ttl must be at most"),
     (b'{"command": "echo", "ttl": {}}', "ttl"),
+    (b'{"command": "echo", "cache_exit_codes": [256]}', "exit codes from 0 to 255"),
+    (b'{"command": "echo", "cache_exit_codes": []}', "1 to 256 exit codes"),
+    (b'{"command": "echo", "cache_exit_codes": "0"}', "cache_exit_codes must be a list"),
+    (b'{"command": "echo", "cache_exit_codes": [true]}', "cache_exit_codes must be a list"),
     # Strict about what it is told: a misspelt field does not run with the default.
     (b'{"command": "sleep 1", "timeot": 0.1}', "unknown field 'timeot'; did you mean 'timeout'?"),
     (b'{"command": "echo", "usecache": false}', "did you mean 'use_cache'?"),

@@ -162,6 +162,26 @@ Stdin = Annotated[
 ]
 
 
+#: The exit codes whose results are cached unless a request says otherwise.
+DEFAULT_CACHE_EXIT_CODES = (0,)
+
+CacheExitCodes = Annotated[
+    list[Annotated[int, Meta(ge=0, le=255)]],
+    Meta(
+        min_length=1,
+        max_length=256,
+        description="The exit codes whose results are answers to cache (default [0]): "
+        "[0, 1] caches grep finding nothing, diff finding a difference, a linter's "
+        "findings. A run that timed out or was cancelled is never cached. Part of the "
+        "cache key when it is not [0].",
+        extra={
+            "type": "cache_exit_codes must be a list of exit codes (whole numbers)",
+            "constraint": "cache_exit_codes must hold 1 to 256 exit codes from 0 to 255",
+        },
+    ),
+]
+
+
 class Request(Struct, frozen=True, forbid_unknown_fields=True):
     """A request's shape. A field it does not know is refused, naming the closest one it
     knows: ``{"timeot": 5}`` must not run with the default timeout, unnoticed."""
@@ -179,6 +199,7 @@ class RunRequest(Request, frozen=True):
     cwd: Cwd | None = None
     env: Env | None = None
     stdin: Stdin | None = None
+    cache_exit_codes: CacheExitCodes | None = None
 
 
 class CommandRequest(RunRequest, frozen=True):

@@ -72,6 +72,18 @@ class Plan:
     context: RunContext = NO_CONTEXT
     #: Seconds past expiry a cached result may still answer (stale), refreshed meanwhile.
     stale: float = 0.0
+    #: The exit codes whose results are answers to store.
+    cache_exit_codes: frozenset[int] = frozenset(wire.DEFAULT_CACHE_EXIT_CODES)
+
+    def keeps(self, result: RunResult) -> bool:
+        """Whether ``result`` is an answer to store: an exit code the request counts as
+        one, never a run that timed out or was cancelled (what it printed is not what
+        the command prints when it runs to its end)."""
+        return (
+            result.return_code in self.cache_exit_codes
+            and not result.timed_out
+            and not result.cancelled
+        )
 
 
 @dataclass(frozen=True)
@@ -245,10 +257,11 @@ class Engine:
     def plan(self, request: wire.RunRequest) -> Plan:
         """What a request asks for, checked against this server's bounds."""
         context = self.context_rules.check(request)
+        codes = frozenset(request.cache_exit_codes or wire.DEFAULT_CACHE_EXIT_CODES)
         return Plan(
             command=request.command,
             argv=self.argv(request.command),
-            key=self.cache_key(request.command, context),
+            key=self.cache_key(request.command, context, codes),
             timeout=self._bounded(
                 request.timeout, "timeout", self.config.default_timeout, self.config.max_timeout
             ),
@@ -259,6 +272,7 @@ class Engine:
             stale=self._bounded(
                 request.stale, "stale", self.config.default_stale, self.config.max_stale
             ),
+            cache_exit_codes=codes,
         )
 
     async def _lookup(self, plan: Plan, caller: Caller) -> Outcome | None:
@@ -380,10 +394,18 @@ class Engine:
             return self.allowlist.argv(command)
         return [*SHELL, command]
 
-    def cache_key(self, command: str, context: RunContext = NO_CONTEXT) -> str:
-        """The key of a command's result: the command, its run context, and everything
-        else that changes it."""
+    def cache_key(
+        self,
+        command: str,
+        context: RunContext = NO_CONTEXT,
+        cache_exit_codes: frozenset[int] = frozenset(wire.DEFAULT_CACHE_EXIT_CODES),
+    ) -> str:
+        """The key of a command's result: the command, its run context, the exit codes
+        that are answers (when not the default: a request that counts only 0 as an answer
+        must not be answered with another's exit 1), and everything else that changes it."""
         text = self._key_prefix + command.encode() + key_part(context)
+        if cache_exit_codes != frozenset(wire.DEFAULT_CACHE_EXIT_CODES):
+            text += b"\0exit:" + ",".join(map(str, sorted(cache_exit_codes))).encode()
         return hashlib.sha256(text).hexdigest()
 
     def _key_context(self) -> bytes:
@@ -417,7 +439,7 @@ class Engine:
                     return elsewhere
                 epoch = await self.cache.epoch()
                 result, body, facts = await self._execute(plan, client, job.control)
-                if result.cacheable:
+                if plan.keeps(result):
                     await self.cache.put(
                         plan.key, body, plan.ttl, epoch, plan.command, result.return_code
                     )

@@ -112,14 +112,6 @@ class RunResult:
         return self.return_code == 0 and not self.timed_out
 
     @property
-    def cacheable(self) -> bool:
-        """Whether the result may be stored: a success that nobody cancelled. A cancel can
-        find the leader gone already with exit 0 (``sleep 9 & echo x`` under process-group
-        containment: the cancel kills the child, the shell had ended): what it printed is
-        still not what the command prints when it runs to its end."""
-        return self.success and not self.cancelled
-
-    @property
     def partial_results(self) -> bool:
         return self.timed_out and bool(self.stdout or self.stderr)
 
