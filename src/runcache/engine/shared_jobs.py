@@ -169,6 +169,9 @@ class _Publisher:
         self.dirty = True
         self.syncing = False
         self.finished = False
+        #: Set while no sync runs: what the job was is on the board (unless it failed).
+        self.idle = asyncio.Event()
+        self.idle.set()
 
 
 class SharedJobs:
@@ -265,6 +268,10 @@ class SharedJobs:
         done = act is not None and act(job)
         if done and request.verb in ("cancel", "leave"):
             await job.ended_within(END_WAIT_SECONDS)
+        # The requester reads the record next: it must say what was just done.
+        self._kick(publisher)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(publisher.idle.wait(), END_WAIT_SECONDS)
         return ControlAnswer(done=done, status=job.status)
 
     # -- publishing -----------------------------------------------------------------
@@ -283,6 +290,7 @@ class SharedJobs:
         publisher.dirty = True
         if not publisher.syncing and not publisher.finished:
             publisher.syncing = True
+            publisher.idle.clear()
             asyncio.ensure_future(self._sync(publisher))
 
     async def _sync(self, publisher: _Publisher) -> None:
@@ -298,6 +306,7 @@ class SharedJobs:
                 self._failing = error.message
         finally:
             publisher.syncing = False
+            publisher.idle.set()
 
     async def _write(self, publisher: _Publisher) -> None:
         job = publisher.job
