@@ -48,6 +48,14 @@ WAIT_SECONDS = 1.0
 #: How long the inbox waits for a request before asking again.
 INBOX_SECONDS = 1.0
 
+#: After writing output, a job's next sync waits this long, so that a command printing
+#: fast has its lines written in batches, not one store call per line.
+BATCH_SECONDS = 0.005
+
+#: A running job's record (its sizes and last line, for listings) is written again with
+#: its output at most this often; a change of status or pid is written at once.
+RECORD_SECONDS = 0.5
+
 #: How long a cancel waits for the run to end before answering (job_answers' wait).
 END_WAIT_SECONDS = 5.0
 
@@ -168,6 +176,10 @@ class _Publisher:
         self.sent = dict.fromkeys(STREAMS, 0)
         self.dirty = True
         self.syncing = False
+        #: The status and pid last written, and when the record was.
+        self.written: tuple[str, int | None] | None = None
+        self.written_at = 0.0
+        self.record_due = False
         self.finished = False
         #: Set while no sync runs: what the job was is on the board (unless it failed).
         self.idle = asyncio.Event()
@@ -298,7 +310,8 @@ class SharedJobs:
         try:
             while publisher.dirty and not publisher.finished:
                 publisher.dirty = False
-                await self._write(publisher)
+                if await self._write(publisher):
+                    await asyncio.sleep(BATCH_SECONDS)
         except StoreError as error:
             publisher.dirty = True  # the next heartbeat tries again
             if self._failing is None:
@@ -308,7 +321,8 @@ class SharedJobs:
             publisher.syncing = False
             publisher.idle.set()
 
-    async def _write(self, publisher: _Publisher) -> None:
+    async def _write(self, publisher: _Publisher) -> bool:
+        """Write what is new of the job; whether that was output."""
         job = publisher.job
         ended = job.ended
         chunks = []
@@ -321,13 +335,23 @@ class SharedJobs:
             await self.board.append(job.job_id, chunks)
             for name, start, data in chunks:
                 publisher.sent[name] = start + len(data)
-        record = record_of(job, self.instance)
+        now = time.monotonic()
+        state = (job.status, job.pid)
         if ended:
-            await self.board.end(record)
+            await self.board.end(record_of(job, self.instance))
             publisher.finished = True
             self._publishers.pop(job.job_id, None)
-        else:
-            await self.board.publish(record)
+        elif state != publisher.written or now - publisher.written_at >= RECORD_SECONDS:
+            await self.board.publish(record_of(job, self.instance))
+            publisher.written, publisher.written_at = state, now
+        elif chunks and not publisher.record_due:  # its sizes: written a little later
+            publisher.record_due = True
+            asyncio.get_running_loop().call_later(RECORD_SECONDS, self._record_due, publisher)
+        return bool(chunks)
+
+    def _record_due(self, publisher: _Publisher) -> None:
+        publisher.record_due = False
+        self._kick(publisher)
 
     # -- reading and steering others' jobs --------------------------------------------
 
