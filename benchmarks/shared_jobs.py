@@ -26,7 +26,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,10 +76,11 @@ def follow_latency(one: Server, two: Server, lines: int) -> list[float]:
     return delays
 
 
-def until_state(process: psutil.Process, wanted: Callable[[str], bool]) -> float:
+def until_state(process: psutil.Process, stopped: bool) -> float:
+    """When the process is stopped (``stopped``) or running again, read in a tight loop."""
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        if wanted(process.status()):
+        if (process.status() == psutil.STATUS_STOPPED) == stopped:
             return time.monotonic()
     raise SystemExit("the process never changed state")
 
@@ -96,7 +96,7 @@ def control_latency(one: Server, two: Server, count: int) -> list[float]:
         connection = two.connection()
         sent = time.monotonic()
         connection.request("POST", f"/api/jobs/{job['job_id']}/{verb}")
-        changed = until_state(process, lambda status, want=stopped: (status == "stopped") == want)
+        changed = until_state(process, stopped)
         connection.getresponse().read()
         connection.close()
         delays.append(changed - sent)
