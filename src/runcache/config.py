@@ -185,6 +185,12 @@ class Config:
     job_retention: float = _setting(
         3600.0, "Seconds a finished job stays listed, with its output (at most 1,000 kept).", 0
     )
+    instance_timeout: float = _setting(
+        10.0,
+        "With a shared store: seconds an instance may miss its heartbeat before its running"
+        " jobs are marked failed and their cache lease released.",
+        3,
+    )
     env_allow: str = _setting(
         "",
         "Comma-separated environment variables commands see (empty: all of runcache's),"

@@ -575,6 +575,8 @@ class JobRecord(Struct, frozen=True, kw_only=True):
     background: bool
     return_code: int | UnsetType = UNSET
     error: str | UnsetType = UNSET
+    #: With a shared store: the server running the job, ``host:pid:suffix``.
+    instance: str | UnsetType = UNSET
 
 
 class JobDetail(JobRecord, frozen=True, kw_only=True):
@@ -641,6 +643,8 @@ class Process(Struct, frozen=True, kw_only=True):
     bytes_processed: _Count
     runtime_formatted: _Duration
     eta_formatted: str
+    #: With a shared store: the server running the run, ``host:pid:suffix``.
+    instance: str | UnsetType = UNSET
 
 
 class ProcessList(Struct, frozen=True, kw_only=True):

@@ -27,9 +27,16 @@ from runcache.engine.cache import Cache
 from runcache.engine.callers import Caller
 from runcache.engine.jobs import Job, Jobs, OutputFacts, output_facts
 from runcache.engine.metrics import Metrics
+from runcache.engine.shared_jobs import SharedJobs
 from runcache.engine.slots import Slots
 from runcache.engine.telemetry import Telemetry
-from runcache.errors import BadRequest, ClientGone, ConfigError, RuncacheError, StoreError
+from runcache.errors import (
+    BadRequest,
+    ClientGone,
+    ConfigError,
+    RuncacheError,
+    StoreError,
+)
 from runcache.logs import loggable
 from runcache.run.allowlist import Allowlist
 from runcache.run.context import ContextRules, key_part
@@ -39,6 +46,7 @@ from runcache.run.run_as import RunAs, without_own
 from runcache.run.runner import NO_CONTEXT, RunContext, RunControl, Runner, RunResult
 from runcache.stores import open_store
 from runcache.stores.base import CacheStats
+from runcache.stores.board import JobBoard, open_board
 
 log = logging.getLogger("runcache")
 
@@ -132,6 +140,7 @@ class Engine:
         runner: Runner,
         metrics: Metrics | None = None,
         audit: AuditLog | None = None,
+        board: JobBoard | None = None,
     ) -> None:
         self.config = config
         #: Where the layers that know the caller record each request (``--audit-log``).
@@ -143,6 +152,8 @@ class Engine:
         self.metrics = metrics if metrics is not None else Metrics()
         cache.on_failure = self.metrics.store_error
         self.jobs = Jobs(config.job_retention, output_bytes=config.job_output_bytes)
+        #: With a shared store, the jobs of every instance (:mod:`runcache.engine.shared_jobs`).
+        self.shared = SharedJobs(board) if board is not None else None
         self._last_stats = CacheStats(0, 0, 0, 0, 0, 0, config.max_entries, 0, config.max_bytes)
         self.slots = Slots(config.max_concurrent, config.queue_timeout)
         self._run_threads = ThreadPoolExecutor(
@@ -186,11 +197,58 @@ class Engine:
             store.close()
             audit.close()
             raise ConfigError(str(error)) from None
-        return cls(config, Cache(store), runner, Metrics.for_server(config.workers), audit)
+        board = open_board(
+            config.store, config.instance_timeout, config.store_timeout, config.job_retention
+        )
+        return cls(config, Cache(store), runner, Metrics.for_server(config.workers), audit, board)
+
+    async def serve_jobs(self) -> None:
+        """With a shared store, publish this instance's jobs from now on and answer the
+        others' control requests (on the loop that serves; a server calls it at start)."""
+        if self.shared is not None and not self.shared.active:
+            await self.shared.serve(self)
+            self.jobs.on_new = self.shared.track
 
     async def aclose(self) -> None:
         """Release what the engine opened on the running loop (the store's hit path)."""
+        if self.shared is not None:
+            self.jobs.on_new = None
+            await self.shared.aclose()
         await self.cache.aclose()
+
+    # -- jobs of every instance ------------------------------------------------------
+
+    @property
+    def sharing(self) -> SharedJobs | None:
+        """The job board's side of this instance, once it serves one."""
+        return self.shared if self.shared is not None and self.shared.active else None
+
+    async def job(self, job_id: str, viewer: str | None = None) -> Job:
+        """The job ``job_id`` if ``viewer`` may see it: this instance's, else (with a shared
+        store) another's, read from the job board; the same 404 either way."""
+        local = self.jobs.local(job_id)
+        if local is not None or self.sharing is None:
+            return self.jobs.get(job_id, viewer)
+        remote = await self.sharing.find(job_id)
+        if remote is None or not remote.visible_to(viewer):
+            raise self.jobs.not_found(job_id)
+        return remote
+
+    async def job_listing(self, viewer: str | None = None) -> list[Job]:
+        """Every job ``viewer`` may see, newest first: this instance's, and with a shared
+        store every other instance's (a board that fails lists this instance's alone)."""
+        local = self.jobs.listing(viewer)
+        if self.sharing is None:
+            return local
+        try:
+            remote = await self.sharing.listing()
+        except StoreError:
+            return local
+        known = {job.job_id for job in local}
+        others = [job for job in remote if job.job_id not in known and job.visible_to(viewer)]
+        merged: list[Job] = [*local, *others]
+        merged.sort(key=lambda job: job.started_at, reverse=True)
+        return merged
 
     def close(self) -> None:
         """Kill running commands and release the store."""
@@ -383,10 +441,16 @@ class Engine:
         return False
 
     def pause(self, job: Job) -> bool:
-        return job.control is not None and not job.ended and job.control.pause()
+        done = job.control is not None and not job.ended and job.control.pause()
+        if done:
+            job.touch()
+        return done
 
     def resume(self, job: Job) -> bool:
-        return job.control is not None and not job.ended and job.control.resume()
+        done = job.control is not None and not job.ended and job.control.resume()
+        if done:
+            job.touch()
+        return done
 
     def argv(self, command: str) -> list[str]:
         """The argument vector that runs ``command``: the shell's, or the allowlist's."""

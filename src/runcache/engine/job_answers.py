@@ -30,6 +30,7 @@ from runcache import wire
 from runcache.engine.engine import Engine, Outcome
 from runcache.engine.jobs import STREAMS as STREAMS
 from runcache.engine.jobs import Job, decode_output
+from runcache.engine.shared_jobs import RemoteJob
 from runcache.errors import Conflict, NotFound
 
 #: A page's bounds, declared with the query that asks for one (``wire.PageQuery``).
@@ -78,13 +79,13 @@ async def read_stream(job: Job, name: str, offset: int, limit: int) -> tuple[byt
     UTF-8 of the stored text, the same as the raw bytes unless the command
     printed something that is not valid UTF-8 (stored as U+FFFD).
     """
-    control = job.control
-    if control is not None and not control.sealed and not job.ended:
-        live = control.stdout.data if name == "stdout" else control.stderr.data
+    await job.catch_up()
+    live = job.live(name)
+    if live is not None:
         total = len(live)
         start = min(offset, total)
         piece = bytes(live[start : start + limit + 2 * _UTF8_MAX])
-        if not control.sealed:  # taken before the run's end emptied the capture
+        if job.live(name) is not None:  # taken before the run's end emptied the capture
             return _whole_characters(piece, start, limit, total, final=False)
     while not job.ended:  # its result is being encoded: the end is near
         await job.changed()
@@ -102,11 +103,8 @@ def read_final(data: bytes, offset: int, limit: int) -> tuple[bytes, int, int, b
 def may_have_more(job: Job, name: str, offset: int) -> bool:
     """Whether a stream may hold bytes past ``offset``: cheap, so a reader skips a stream
     that has not grown. Only a live capture can say no; an ended job's output is read."""
-    control = job.control
-    if control is None or control.sealed or job.ended:
-        return True
-    live = control.stdout.data if name == "stdout" else control.stderr.data
-    return len(live) > offset
+    live = job.live(name)
+    return live is None or len(live) > offset
 
 
 def _whole_characters(
@@ -180,13 +178,9 @@ async def accepted(job: Job) -> wire.JobAccepted:
 def _fields(job: Job) -> dict[str, object]:
     """A job's record; an ended one's from the facts it worked out as it ended, so that
     listing many jobs with large outputs decodes none of them."""
-    facts = job.facts if job.ended else None
-    if facts is None:
-        sizes = {name: len(job.stream(name)) for name in STREAMS}
-        last_output, return_code = job.last_output(), None
-    else:
-        sizes = {"stdout": facts.stdout_bytes, "stderr": facts.stderr_bytes}
-        last_output, return_code = facts.last_output, facts.return_code
+    facts = job.listing_facts()
+    sizes = {"stdout": facts.stdout_bytes, "stderr": facts.stderr_bytes}
+    last_output, return_code = facts.last_output, facts.return_code if job.ended else None
     fields: dict[str, object] = {
         "job_id": job.job_id,
         "command": job.command,
@@ -204,6 +198,8 @@ def _fields(job: Job) -> dict[str, object]:
         fields["return_code"] = return_code
     if job.error is not None:
         fields["error"] = job.error
+    if job.instance is not None:
+        fields["instance"] = job.instance
     return fields
 
 
@@ -259,9 +255,20 @@ def _action(job: Job) -> wire.JobAction:
     return wire.JobAction(job_id=job.job_id, status=job.status)  # type: ignore[arg-type]
 
 
+async def _steer(engine: Engine, job: Job, verb: str) -> bool:
+    """Do ``verb`` to ``job`` here, or (another instance's job) ask the instance that runs
+    it, through the job board; whether it was done."""
+    if isinstance(job, RemoteJob):
+        sharing = engine.sharing
+        assert sharing is not None
+        return (await sharing.control(job, verb)).done
+    act: Callable[[Job], bool] = getattr(engine, verb)
+    return act(job)
+
+
 async def cancel(engine: Engine, job: Job) -> wire.JobAction:
     """Kill a job's whole group, and answer once it has ended (or after END_WAIT_SECONDS)."""
-    if not engine.cancel(job):
+    if not await _steer(engine, job, "cancel"):
         raise Conflict(_cannot("cancelled", job))
     await until_ended(job)
     return _action(job)
@@ -269,19 +276,19 @@ async def cancel(engine: Engine, job: Job) -> wire.JobAction:
 
 async def leave(engine: Engine, job: Job) -> wire.JobAction:
     """A background request gives the job up; the run is cancelled if nobody else wants it."""
-    if engine.leave(job):
+    if await _steer(engine, job, "leave"):
         await until_ended(job)
     return _action(job)
 
 
-def pause(engine: Engine, job: Job) -> wire.JobAction:
-    if not engine.pause(job):
+async def pause(engine: Engine, job: Job) -> wire.JobAction:
+    if not await _steer(engine, job, "pause"):
         raise Conflict(_cannot("paused", job))
     return _action(job)
 
 
-def resume(engine: Engine, job: Job) -> wire.JobAction:
-    if not engine.resume(job):
+async def resume(engine: Engine, job: Job) -> wire.JobAction:
+    if not await _steer(engine, job, "resume"):
         raise Conflict(_cannot("resumed", job))
     return _action(job)
 
@@ -341,6 +348,7 @@ def _status(job: Job) -> wire.ProcessStatus:
 def _process(job: Job, pid: int) -> wire.Process:
     job_record = record(job)
     return wire.Process(
+        instance=job.instance if job.instance is not None else msgspec.UNSET,
         pid=pid,
         command=job.command,
         status=_status(job),
@@ -371,20 +379,37 @@ def _dashboard_entry(job: Job, pid: int) -> wire.DashboardEntry:
     )
 
 
-def _active(engine: Engine, viewer: str | None = None) -> list[tuple[int, Job]]:
+async def _active(engine: Engine, viewer: str | None = None) -> list[tuple[int, Job]]:
     """Running and paused runs that have a process, oldest first, as the reference lists them
-    (those ``viewer`` may see: :meth:`Job.visible_to <runcache.engine.jobs.Job.visible_to>`)."""
-    return [(job.pid, job) for job in reversed(engine.jobs.running(viewer)) if job.pid is not None]
+    (those ``viewer`` may see: :meth:`Job.visible_to <runcache.engine.jobs.Job.visible_to>`),
+    on every instance sharing the store."""
+    jobs = await engine.job_listing(viewer)
+    return [(job.pid, job) for job in reversed(jobs) if job.pid is not None and not job.ended]
 
 
-def _find(engine: Engine, pid: int, viewer: str | None = None) -> Job | None:
+async def _running(engine: Engine, pid: int, viewer: str | None) -> Job | None:
+    """The live run whose group leader is ``pid``. A pid is unique on one machine only:
+    when live runs of several instances have it, the answer is a 409 naming their jobs."""
+    if engine.sharing is None:
+        return engine.jobs.by_pid(pid, viewer)
+    found = [job for found_pid, job in await _active(engine, viewer) if found_pid == pid]
+    if len(found) > 1:
+        ids = ", ".join(job.job_id for job in found)
+        raise Conflict(
+            f"pid {pid} names live runs on several instances (jobs {ids}): "
+            "use the job routes, /api/jobs/{job_id}, with one of those ids"
+        )
+    return found[0] if found else None
+
+
+async def _find(engine: Engine, pid: int, viewer: str | None = None) -> Job | None:
     """The run whose group leader is ``pid``: the one running, else the last one that ended
     (kept for ``--job-retention``), so a status read just after the end still answers;
     either only if ``viewer`` may see it."""
-    running = engine.jobs.by_pid(pid, viewer)
+    running = await _running(engine, pid, viewer)
     if running is not None:
         return running
-    return next((job for job in engine.jobs.listing(viewer) if job.pid == pid), None)
+    return next((job for job in await engine.job_listing(viewer) if job.pid == pid), None)
 
 
 def _pid(text: str, failure: str) -> int:
@@ -394,28 +419,30 @@ def _pid(text: str, failure: str) -> int:
     return int(text)
 
 
-def process_list(engine: Engine, viewer: str | None = None) -> wire.ProcessList:
-    active = _active(engine, viewer)
+async def process_list(engine: Engine, viewer: str | None = None) -> wire.ProcessList:
+    active = await _active(engine, viewer)
     return wire.ProcessList(
         active_processes={str(pid): _process(job, pid) for pid, job in active},
         total_count=len(active),
     )
 
 
-def process_status(engine: Engine, pid_text: str, viewer: str | None = None) -> wire.ProcessDetail:
+async def process_status(
+    engine: Engine, pid_text: str, viewer: str | None = None
+) -> wire.ProcessDetail:
     failure = "Process {pid} not found"
     pid = _pid(pid_text, failure)
-    job = _find(engine, pid, viewer)
+    job = await _find(engine, pid, viewer)
     if job is None:
         raise ProcessNotFound(failure.format(pid=pid))
     return wire.ProcessDetail(process=_process(job, pid))
 
 
 #: What each steering verb does to a run, and how its answer says it was done.
-_STEERING: dict[str, tuple[Callable[[Engine, Job], bool], str]] = {
-    "terminate": (Engine.cancel, "terminated"),
-    "pause": (Engine.pause, "paused"),
-    "resume": (Engine.resume, "resumed"),
+_STEERING: dict[str, tuple[str, str]] = {
+    "terminate": ("cancel", "terminated"),
+    "pause": ("pause", "paused"),
+    "resume": ("resume", "resumed"),
 }
 
 
@@ -431,8 +458,8 @@ async def steer_process(
     act, done = _STEERING[verb]
     failure = f"Failed to {verb} process {{pid}} or process not found"
     pid = _pid(pid_text, failure)
-    job = engine.jobs.by_pid(pid, viewer)
-    if job is None or not act(engine, job):
+    job = await _running(engine, pid, viewer)
+    if job is None or not await _steer(engine, job, act):
         raise ProcessNotFound(failure.format(pid=pid))
     if verb == "terminate":
         await until_ended(job)
@@ -453,7 +480,7 @@ def _system_load() -> wire.SystemLoad:
 
 
 async def dashboard(engine: Engine, viewer: str | None = None) -> wire.Dashboard:
-    active = _active(engine, viewer)
+    active = await _active(engine, viewer)
     load = await asyncio.to_thread(_system_load)  # reads /proc: off the event loop
     return wire.Dashboard(
         timestamp=_now(),
@@ -468,9 +495,9 @@ def task_submitted(job: Job) -> wire.TaskSubmitted:
     return wire.TaskSubmitted(task_id=job.job_id, command=job.command, timestamp=_now())
 
 
-def task_result(engine: Engine, task_id: str, viewer: str | None = None) -> wire.TaskResult:
+async def task_result(engine: Engine, task_id: str, viewer: str | None = None) -> wire.TaskResult:
     try:
-        job = engine.jobs.get(task_id, viewer)
+        job = await engine.job(task_id, viewer)
     except NotFound:
         raise NotFound("Task not found") from None
     body = result_json(job)

@@ -30,6 +30,7 @@ every request to a server without tokens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections import OrderedDict
@@ -163,6 +164,11 @@ class Job:
         self.on_kept: Callable[[Job], None] | None = None
         #: The identities of the requests that started or joined it (empty without tokens).
         self.owners: set[str] = set()
+        #: The instance running it, with a shared store (:mod:`runcache.stores.board`).
+        self.instance: str | None = None
+        #: Told on the loop when the job changes (new output, a pid, a pause, its end):
+        #: what publishes it to the job board (:mod:`runcache.engine.shared_jobs`).
+        self.on_change: Callable[[], None] | None = None
 
     # -- state --------------------------------------------------------------------
 
@@ -206,6 +212,40 @@ class Job:
             return bytearray()
         return self.control.stdout.data if name == "stdout" else self.control.stderr.data
 
+    def live(self, name: str) -> bytearray | None:
+        """The live capture of a stream while the run goes; None once its output is to be
+        read from the result (the run is over, or it never ran here)."""
+        control = self.control
+        if control is None or control.sealed or self.ended:
+            return None
+        return control.stdout.data if name == "stdout" else control.stderr.data
+
+    def listing_facts(self) -> OutputFacts:
+        """What a listing shows of the output: the facts worked out at the end, or the
+        live captures' sizes and last line."""
+        if self.ended and self.facts is not None:
+            return self.facts
+        return OutputFacts(
+            len(self.stream("stdout")), len(self.stream("stderr")), self.last_output()
+        )
+
+    async def catch_up(self) -> None:
+        """Take what is new of the job before a read: nothing to do for a local one."""
+
+    async def ended_within(self, seconds: float) -> None:
+        """Wait for the job to end, ``seconds`` at most."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._end(), seconds)
+
+    async def _end(self) -> None:
+        while not self.ended:
+            await self.changed()
+
+    def touch(self) -> None:
+        """The job changed in a way its readers do not wait on (paused, resumed)."""
+        if self.on_change is not None:
+            self.on_change()
+
     def last_output(self) -> str:
         """The last non-empty line the command printed, on either stream, shortened."""
         for name in ("stdout", "stderr"):
@@ -230,7 +270,7 @@ class Job:
 
         def on_output() -> None:
             nonlocal pending
-            if self.followers and not pending:
+            if (self.followers or self.on_change is not None) and not pending:
                 pending = True
                 loop.call_soon_threadsafe(landed)
 
@@ -298,6 +338,8 @@ class Job:
     def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+        if self.on_change is not None:
+            self.on_change()
 
     async def changed(self) -> None:
         """Return when the job has new output or has ended."""
@@ -337,6 +379,8 @@ class Jobs:
         #: that ended or was read longest ago first.
         self._kept: OrderedDict[str, int] = OrderedDict()
         self._kept_total = 0
+        #: Told of each new job, with a shared store: it publishes them to the job board.
+        self.on_new: Callable[[Job], None] | None = None
 
     def new(
         self,
@@ -359,6 +403,8 @@ class Jobs:
         self._jobs[job.job_id] = job
         if cacheable and control is not None:
             self._running_by_key[cache_key] = job
+        if self.on_new is not None:
+            self.on_new(job)
         return job
 
     def running_for(self, cache_key: str) -> Job | None:
@@ -375,11 +421,24 @@ class Jobs:
         exist or is another's, so a job's id tells nobody else it exists."""
         job = self._jobs.get(job_id)
         if job is None or not job.visible_to(viewer):
-            raise NotFound(
-                f"no job {job_id!r} on this server: jobs live in the server process that runs "
-                f"them and are kept {self.retention:g} s after they end"
-            )
+            raise self.not_found(job_id)
         return job
+
+    def not_found(self, job_id: str) -> NotFound:
+        """The 404 of a job id that names no job ``viewer`` may see."""
+        if self.on_new is not None:  # a shared store: every instance's jobs were asked
+            return NotFound(
+                f"no job {job_id!r} on any server sharing this store: jobs are kept "
+                f"{self.retention:g} s after they end"
+            )
+        return NotFound(
+            f"no job {job_id!r} on this server: jobs live in the server process that runs "
+            f"them and are kept {self.retention:g} s after they end"
+        )
+
+    def local(self, job_id: str) -> Job | None:
+        """This process's job ``job_id``, whoever may see it."""
+        return self._jobs.get(job_id)
 
     def by_pid(self, pid: int, viewer: str | None = None) -> Job | None:
         """The running (or paused) job whose process group leader is ``pid``, if

@@ -109,20 +109,20 @@ class EngineBackend:
         return await job_answers.accepted(job)
 
     async def wait(self, job_id: str, seconds: float, viewer: str | None = None) -> wire.JobDetail:
-        job = self.engine.jobs.get(job_id, viewer)
+        job = await self.engine.job(job_id, viewer)
         await job_answers.until_ended(job, seconds)
         return job_answers.detail(job)
 
     async def output(
         self, job_id: str, stream: str, offset: int, limit: int, viewer: str | None = None
     ) -> wire.JobOutput:
-        return await job_answers.page(self.engine.jobs.get(job_id, viewer), stream, offset, limit)
+        return await job_answers.page(await self.engine.job(job_id, viewer), stream, offset, limit)
 
     async def cancel(self, job_id: str, viewer: str | None = None) -> wire.JobAction:
-        return await job_answers.cancel(self.engine, self.engine.jobs.get(job_id, viewer))
+        return await job_answers.cancel(self.engine, await self.engine.job(job_id, viewer))
 
     async def leave(self, job_id: str, viewer: str | None = None) -> wire.JobAction:
-        return await job_answers.leave(self.engine, self.engine.jobs.get(job_id, viewer))
+        return await job_answers.leave(self.engine, await self.engine.job(job_id, viewer))
 
     async def cache_stats(self) -> wire.CacheStats:
         return await self.engine.cache_stats()
@@ -139,10 +139,10 @@ class EngineBackend:
         return self.engine.telemetry.snapshot()
 
     async def processes(self, viewer: str | None = None) -> wire.ProcessList:
-        return job_answers.process_list(self.engine, viewer)
+        return await job_answers.process_list(self.engine, viewer)
 
     async def process_status(self, pid: int, viewer: str | None = None) -> wire.ProcessDetail:
-        return job_answers.process_status(self.engine, str(pid), viewer)
+        return await job_answers.process_status(self.engine, str(pid), viewer)
 
     async def steer_process(
         self, pid: int, verb: str, viewer: str | None = None

@@ -212,6 +212,8 @@ class RunControl:
         with self._lock:
             self.pid = pid
             self.namespaced = namespaced
+        if self.on_output is not None:  # who follows the run learns its pid
+            self.on_output()
 
     def _signal(self, signum: int) -> bool:
         assert self.pid is not None

@@ -16,29 +16,30 @@ from runcache.engine import job_answers
 from runcache.engine.callers import viewer_of
 from runcache.engine.job_answers import EVENT_BYTES, STREAMS, read_stream, result_json
 from runcache.engine.jobs import Job
-from runcache.errors import BadRequest, Gone
+from runcache.errors import BadRequest, Gone, StoreError
 from runcache.web.operations import Answer, Operation
 from runcache.web.responses import json_answer
 from runcache.web.routes.commands import engine_of
 from runcache.web.streams import EventStreamResponse
 
 
-def _job(request: Request) -> Job:
-    """The job the path names, if the request's token may see it (404 otherwise)."""
-    return engine_of(request).jobs.get(request.path_params["job_id"], viewer_of(request.scope))
+async def _job(request: Request) -> Job:
+    """The job the path names, if the request's token may see it (404 otherwise): this
+    server's, or with a shared store any server's."""
+    return await engine_of(request).job(request.path_params["job_id"], viewer_of(request.scope))
 
 
 async def list_jobs(request: Request) -> Response:
-    jobs = engine_of(request).jobs.listing(viewer_of(request.scope))
+    jobs = await engine_of(request).job_listing(viewer_of(request.scope))
     return json_answer(wire.JobList([job_answers.record(job) for job in jobs]))
 
 
 async def job_detail(request: Request) -> Response:
-    return json_answer(job_answers.detail(_job(request)))
+    return json_answer(job_answers.detail(await _job(request)))
 
 
 async def job_output(request: Request) -> Response:
-    job = _job(request)
+    job = await _job(request)
     query = wire.decode_query(wire.PageQuery, request.query_params)
     return json_answer(await job_answers.page(job, query.stream, query.offset, query.limit))
 
@@ -91,7 +92,7 @@ async def _follow(job: Job, positions: dict[str, int]) -> AsyncGenerator[bytes, 
                     data, next_offset, _, _ = await read_stream(
                         job, name, positions[name], EVENT_BYTES
                     )
-                except Gone as gone:  # dropped while this reader followed
+                except (Gone, StoreError) as gone:  # dropped, or the job board failed
                     yield _event("error", wire.encode(wire.Error(gone.message)))
                     return
                 if next_offset != positions[name]:
@@ -103,7 +104,11 @@ async def _follow(job: Job, positions: dict[str, int]) -> AsyncGenerator[bytes, 
             elif ended:
                 break
             else:
-                await job.changed()
+                try:
+                    await job.changed()
+                except StoreError as failed:  # another server's job, and the board failed
+                    yield _event("error", wire.encode(wire.Error(failed.message)))
+                    return
         body = result_json(job)
         if body is None:
             message = job.error or job.dropped_message or ""
@@ -120,7 +125,7 @@ async def job_events(request: Request) -> Response:
     resume exactly after it), then one ``result`` (or ``error``, for a job that never
     ran), then the end. A carriage return reads as a line end (SSE cannot carry one):
     page ``/output`` for the exact bytes."""
-    job = _job(request)
+    job = await _job(request)
     out, err = _event_id_param(request)
     job.check_output()  # 410 if its output was dropped: there is nothing to follow
     return EventStreamResponse(
@@ -134,20 +139,20 @@ async def job_events(request: Request) -> Response:
 
 
 async def cancel_job(request: Request) -> Response:
-    return json_answer(await job_answers.cancel(engine_of(request), _job(request)))
+    return json_answer(await job_answers.cancel(engine_of(request), await _job(request)))
 
 
 async def leave_job(request: Request) -> Response:
     """A client that started or joined the job in the background no longer wants it."""
-    return json_answer(await job_answers.leave(engine_of(request), _job(request)))
+    return json_answer(await job_answers.leave(engine_of(request), await _job(request)))
 
 
 async def pause_job(request: Request) -> Response:
-    return json_answer(job_answers.pause(engine_of(request), _job(request)))
+    return json_answer(await job_answers.pause(engine_of(request), await _job(request)))
 
 
 async def resume_job(request: Request) -> Response:
-    return json_answer(job_answers.resume(engine_of(request), _job(request)))
+    return json_answer(await job_answers.resume(engine_of(request), await _job(request)))
 
 
 #: The header a reader resumes the events from.

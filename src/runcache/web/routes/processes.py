@@ -23,12 +23,12 @@ from runcache.web.routes.commands import engine_of, read_body
 
 
 async def list_processes(request: Request) -> Response:
-    return json_answer(job_answers.process_list(engine_of(request), viewer_of(request.scope)))
+    return json_answer(await job_answers.process_list(engine_of(request), viewer_of(request.scope)))
 
 
 async def process_status(request: Request) -> Response:
     return json_answer(
-        job_answers.process_status(
+        await job_answers.process_status(
             engine_of(request), request.path_params["pid"], viewer_of(request.scope)
         )
     )
@@ -70,7 +70,7 @@ async def execute_async(request: Request) -> Response:
 
 async def task_result(request: Request) -> Response:
     return json_answer(
-        job_answers.task_result(
+        await job_answers.task_result(
             engine_of(request), request.path_params["task_id"], viewer_of(request.scope)
         )
     )
@@ -98,6 +98,7 @@ OPERATIONS = (
         summary="The run with this pid: the running one, else the last that ended.",
         ok=Answer("The run.", wire.ProcessDetail),
         failures=_NO_SUCH_RUN,
+        errors=("409",),
     ),
     Operation(
         method="POST",
@@ -107,6 +108,7 @@ OPERATIONS = (
         summary="Kill the run's whole process group (a cancel).",
         ok=Answer("Terminated.", wire.ProcessDone),
         failures=_NO_SUCH_RUN,
+        errors=("409",),
     ),
     Operation(
         method="POST",
@@ -116,6 +118,7 @@ OPERATIONS = (
         summary="SIGSTOP to the run's whole group.",
         ok=Answer("Paused.", wire.ProcessDone),
         failures=_NO_SUCH_RUN,
+        errors=("409",),
     ),
     Operation(
         method="POST",
@@ -125,6 +128,7 @@ OPERATIONS = (
         summary="SIGCONT to the run's whole group.",
         ok=Answer("Resumed.", wire.ProcessDone),
         failures=_NO_SUCH_RUN,
+        errors=("409",),
     ),
     Operation(
         method="GET",

@@ -1,0 +1,170 @@
+"""Jobs across instances: follow and control latency, and hits beside printing jobs, in one run.
+
+Run:  python3 benchmarks/shared_jobs.py [--lines 100] [--controls 30] [--seconds 3]
+
+For each shared store (two ``runcache serve`` on one throwaway ``redis-server``,
+then two on one SQLite file: the same code as ``--workers 2`` on that file,
+with each server addressable) it measures:
+
+- follow latency: a job on A prints a line with the wall clock time every 20 ms;
+  an SSE reader of ``/api/jobs/{id}/events`` on B notes when each line arrives
+  (p50, p99; goal p99 < 50 ms);
+- control latency: ``POST /api/jobs/{id}/pause`` (then ``/resume``) sent to B for
+  a job on A, from the request to the process's state changing (psutil, read
+  in a tight loop) (p50, p99; goal p99 < 100 ms);
+- cache hits on A and B at once without jobs, then with 20 jobs printing (10 on
+  each), and their ratio (goal >= 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from _harness import Server
+from _loadgen import Load, load, ratio_line
+from store_hits import HIT_BODY, start_redis
+
+#: A job that prints the wall clock every 20 ms, ``{lines}`` times.
+PRINTER = (
+    "import sys, time\nfor _ in range({lines}):\n"
+    "    print(repr(time.time()), flush=True)\n    time.sleep(0.02)\n"
+)
+
+
+def start_job(server: Server, command: str) -> dict[str, Any]:
+    answer = server.request("POST", "/api/command", {"command": command, "background": True})
+    assert isinstance(answer, dict), answer
+    return answer
+
+
+def percentiles(values: list[float]) -> str:
+    values = sorted(values)
+    p99 = values[min(len(values) - 1, int(len(values) * 0.99))]
+    return f"p50 {statistics.median(values) * 1000:6.2f} ms  p99 {p99 * 1000:6.2f} ms"
+
+
+def follow_latency(one: Server, two: Server, lines: int) -> list[float]:
+    """Arrival on B's SSE minus print time on A, for each line."""
+    program = PRINTER.format(lines=lines)
+    job = start_job(one, f"{shlex.quote(sys.executable)} -c {shlex.quote(program)}")
+    delays: list[float] = []
+    connection = two.connection()
+    connection.request("GET", f"/api/jobs/{job['job_id']}/events")
+    answer = connection.getresponse()
+    while True:
+        line = answer.readline()
+        if not line or line.startswith(b"event: result"):
+            break
+        if line.startswith(b"data: ") and line[6:].strip():
+            arrived = time.time()
+            try:
+                delays.append(arrived - float(line[6:]))
+            except ValueError:
+                continue
+    connection.close()
+    return delays
+
+
+def until_state(process: psutil.Process, stopped: bool) -> float:
+    """When the process is stopped (``stopped``) or running again, read in a tight loop."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if (process.status() == psutil.STATUS_STOPPED) == stopped:
+            return time.monotonic()
+    raise SystemExit("the process never changed state")
+
+
+def control_latency(one: Server, two: Server, count: int) -> list[float]:
+    """From a pause (or resume) sent to B to the state change of A's process."""
+    job = start_job(one, "sleep 120")
+    process = psutil.Process(job["pid"])
+    delays = []
+    for index in range(count):
+        verb = "pause" if index % 2 == 0 else "resume"
+        stopped = verb == "pause"
+        connection = two.connection()
+        sent = time.monotonic()
+        connection.request("POST", f"/api/jobs/{job['job_id']}/{verb}")
+        changed = until_state(process, stopped)
+        connection.getresponse().read()
+        connection.close()
+        delays.append(changed - sent)
+    two.request("POST", f"/api/jobs/{job['job_id']}/cancel")
+    return delays
+
+
+def hits_on_both(one: Server, two: Server, seconds: float) -> Load:
+    """Hits to A and B at once; the sum of both as one load."""
+    found: list[Load] = []
+    threads = [
+        threading.Thread(
+            target=lambda server=server: found.append(
+                load(server, "POST", "/api/command", HIT_BODY, 4, seconds)
+            )
+        )
+        for server in (one, two)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return Load(
+        sum(run.requests for run in found),
+        max(run.seconds for run in found),
+        [latency for run in found for latency in run.latencies],
+        sum(run.errors for run in found),
+    )
+
+
+def measure(name: str, store: str, args: argparse.Namespace) -> None:
+    with Server(["--store", store]) as one, Server(["--store", store]) as two:
+        for server in (one, two):
+            server.request("POST", "/api/command", json.loads(HIT_BODY))
+        follow = follow_latency(one, two, args.lines)
+        control = control_latency(one, two, args.controls)
+        quiet = hits_on_both(one, two, args.seconds)
+        printer = "while :; do echo printing a line of output; sleep 0.01; done"
+        jobs = [
+            start_job(server, printer + f" # {index}")
+            for index in range(10)
+            for server in (one, two)
+        ]
+        busy = hits_on_both(one, two, args.seconds)
+        for job in jobs:
+            one.request("POST", f"/api/jobs/{job['job_id']}/cancel")
+    print(f"{name}: follow A -> SSE on B   {percentiles(follow)}  ({len(follow)} lines)")
+    print(f"{name}: control B -> A        {percentiles(control)}  ({len(control)} pauses/resumes)")
+    print(f"{name}: hits A+B quiet {quiet.describe()}")
+    print(f"{name}: hits A+B, 20 jobs printing {busy.describe()}")
+    print(ratio_line(f"{name}: hits with 20 jobs printing / without", busy, quiet, 0.9))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lines", type=int, default=100)
+    parser.add_argument("--controls", type=int, default=30)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as directory:
+        redis_process, port = start_redis(Path(directory))
+        try:
+            measure("redis", f"redis://127.0.0.1:{port}/0?namespace=bench-jobs", args)
+        finally:
+            redis_process.terminate()
+            redis_process.wait(10)
+        measure("sqlite", f"sqlite://{directory}/jobs.db", args)
+
+
+if __name__ == "__main__":
+    main()
