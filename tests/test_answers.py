@@ -1,4 +1,5 @@
-"""Answers that stay true (issue 20): the exit codes that are answers, on every store.
+"""Answers that stay true (issue 20): the exit codes that are answers and the inputs in
+the key, on every store (real files, a real git repository).
 
 Each test runs an engine of its own over the memory store, a SQLite file and a real
 redis-server, with real commands.
@@ -7,6 +8,9 @@ redis-server, with real commands.
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +20,7 @@ import pytest
 from runcache.config import Config
 from runcache.engine.callers import Caller
 from runcache.engine.engine import Engine, Outcome
+from runcache.errors import BadRequest
 from runcache.wire import RunRequest
 
 from conftest import RedisServer
@@ -71,3 +76,130 @@ def test_a_timed_out_run_is_never_cached_whatever_codes_are_named(engine: Engine
     first, second = _run(engine, request), _run(engine, request)
     assert first.result().timed_out and second.result().timed_out
     assert (first.cached, second.cached) == (False, False)
+
+
+def _key(outcome: Outcome) -> str:
+    return outcome.result().cache_key
+
+
+def test_inputs_join_the_key_and_a_changed_file_is_a_new_answer(
+    engine: Engine, tmp_path: Path
+) -> None:
+    (tmp_path / "src").mkdir()
+    notes, module = tmp_path / "notes.txt", tmp_path / "src" / "a.py"
+    notes.write_text("one\n")
+    module.write_text("x = 1\n")
+    request = RunRequest(
+        "cat notes.txt src/*.py", cwd=str(tmp_path), inputs=["notes.txt", "src/**/*.py"]
+    )
+    first, hit = _run(engine, request), _run(engine, request)
+    assert first.result().stdout == "one\nx = 1\n" and hit.cached
+    assert first.result().inputs == ["notes.txt", "src/**/*.py"]
+
+    notes.write_text("two\n")  # same size: the mtime and then the digest tell
+    changed = _run(engine, request)
+    assert not changed.cached and changed.result().stdout == "two\nx = 1\n"
+    assert _key(changed) != _key(first)
+
+    (tmp_path / "src" / "b.py").write_text("y = 2\n")  # a new file the glob matches
+    added = _run(engine, request)
+    assert not added.cached and added.result().stdout.endswith("y = 2\n")
+
+    # Touched but unchanged content: read again, same digest, same key: a hit.
+    os.utime(notes, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert _run(engine, request).cached
+
+
+def test_a_result_whose_inputs_changed_while_it_ran_is_not_stored(
+    engine: Engine, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.write_text("before\n")
+    request = RunRequest(
+        "cat data; echo after > data", cwd=str(tmp_path), inputs=["data"], use_cache=True
+    )
+    first = _run(engine, request)
+    assert first.result().stdout == "before\n"
+    data.write_text("before\n")  # the content the key was made from, but a new stat
+    again = _run(engine, request)
+    assert not again.cached  # the first run changed its input: nothing was stored
+
+
+def test_git_input_keys_on_head_status_and_diff(engine: Engine, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "GIT_CONFIG_NOSYSTEM": "1"}
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(repo), *args], check=True, env=env, capture_output=True)
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.invalid")
+    git("config", "user.name", "t")
+    (repo / "a.txt").write_text("a\n")
+    (repo / ".gitignore").write_text("ignored/\n")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    request = RunRequest("echo listed", cwd=str(repo), inputs=["git:"])
+    keys = [_key(_run(engine, request))]
+    assert _run(engine, request).cached  # nothing changed
+
+    (repo / "ignored").mkdir()
+    (repo / "ignored" / "x").write_text("x\n")
+    assert _run(engine, request).cached  # an ignored file is not an input
+
+    (repo / "a.txt").write_text("changed\n")  # a diff
+    keys.append(_key(_run(engine, request)))
+    (repo / "new.txt").write_text("new\n")  # an untracked file
+    keys.append(_key(_run(engine, request)))
+    (repo / "new.txt").write_text("newer\n")  # its content
+    keys.append(_key(_run(engine, request)))
+    git("add", ".")
+    git("commit", "-qm", "two")  # HEAD moves
+    keys.append(_key(_run(engine, request)))
+    assert len(set(keys)) == 5
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        (["../outside"], "may not leave the run's directory"),
+        (["/etc/passwd"], "outside the run's directory"),
+        (["link/*"], "leads outside the run's directory"),
+        (["many/*"], "more than 3 files (--max-input-files)"),
+        (["git:"], "is not in a git repository"),
+    ],
+)
+def test_inputs_that_leave_the_directory_or_pass_a_bound_are_refused(
+    tmp_path: Path, inputs: list[str], message: str
+) -> None:
+    work = tmp_path / "work"
+    (work / "many").mkdir(parents=True)
+    for number in range(4):
+        (work / "many" / str(number)).write_text("x")
+    (work / "link").symlink_to("/etc")
+    built = Engine.from_config(Config.load({"max_input_files": 3}, environ={}))
+    try:
+        with pytest.raises(BadRequest) as refused:
+            _run(built, RunRequest("true", cwd=str(work), inputs=inputs))
+        assert message in refused.value.message
+    finally:
+        built.close()
+
+
+def test_only_files_whose_stat_changed_are_read_within_the_byte_bound(tmp_path: Path) -> None:
+    """Two files of 1,000 bytes under a bound of 1,500 read per request: the second
+    request reads only the file it has not seen (the first is known by its stat)."""
+    (tmp_path / "a").write_bytes(b"a" * 1000)
+    (tmp_path / "b").write_bytes(b"b" * 1000)
+    (tmp_path / "big").write_bytes(b"x" * 2000)
+    built = Engine.from_config(Config.load({"max_input_bytes": 1500}, environ={}))
+    try:
+        assert _run(built, RunRequest("true", cwd=str(tmp_path), inputs=["a"])).result().success
+        both = _run(built, RunRequest("true", cwd=str(tmp_path), inputs=["a", "b"]))
+        assert both.result().success
+        with pytest.raises(BadRequest) as refused:
+            _run(built, RunRequest("true", cwd=str(tmp_path), inputs=["big"]))
+        assert "more than 1500 bytes read (--max-input-bytes)" in refused.value.message
+    finally:
+        built.close()

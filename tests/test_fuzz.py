@@ -228,7 +228,21 @@ def _in_existing_cwd(case: FuzzCase, workdir: str) -> FuzzCase:
     (a 400 answers one that does not), so the fuzzer's path is made one that does."""
     if isinstance(case.body, dict) and isinstance(case.body.get("cwd"), str):
         case.body["cwd"] = workdir
+    if isinstance(case.body, dict) and isinstance(inputs := case.body.get("inputs"), list):
+        # Nor can it say that an input stays in the run's directory and a "git:" one
+        # runs in a repository: the fuzzer's patterns are made relative, without "..".
+        # (and they are matched in the fuzzer's directory, never the server's checkout).
+        case.body["inputs"] = [_within_directory(pattern) for pattern in inputs]
+        case.body["cwd"] = workdir
     return case
+
+
+def _within_directory(pattern: Any) -> Any:
+    if not isinstance(pattern, str):
+        return pattern
+    parts = [part if part != ".." else "_" for part in pattern.replace("\\", "/").split("/")]
+    relative = "/".join(parts).lstrip("/")
+    return "_" if relative in ("", "git:") else relative
 
 
 def _runnable(case: FuzzCase, executable: str, quote: bool) -> FuzzCase:

@@ -77,7 +77,7 @@ def test_the_first_wrong_field_in_declaration_order_is_reported(body: bytes, mes
     assert refusal(body) == message
 
 
-def test_declaration_order_is_command_use_cache_timeout_ttl_refresh_context_background() -> None:
+def test_the_declaration_order_of_a_command_request() -> None:
     info = msgspec.inspect.type_info(CommandRequest)
     assert isinstance(info, msgspec.inspect.StructType)
     names = [field.encode_name for field in info.fields]
@@ -91,6 +91,8 @@ def test_declaration_order_is_command_use_cache_timeout_ttl_refresh_context_back
         "cwd",
         "env",
         "stdin",
+        "cache_exit_codes",
+        "inputs",
         "background",
     ]
 
@@ -110,7 +112,7 @@ def test_declaration_order_is_command_use_cache_timeout_ttl_refresh_context_back
         (
             b'{"command": "echo hi", "extra": [1]}',
             "unknown field 'extra'; known fields: command, use_cache, timeout, ttl, refresh, "
-            "stale, cwd, env, stdin, background",
+            "stale, cwd, env, stdin, cache_exit_codes, inputs, background",
         ),
         # A known field's own problem is named first.
         (b'{"timeot": 5, "command": "echo hi", "ttl": -1}', "ttl must be greater than 0 seconds"),

@@ -229,6 +229,17 @@ class Config:
         " a 503 with Retry-After (0: half of --max-connections).",
         0,
     )
+    max_input_files: int = _setting(
+        10_000,
+        "Most files a request's inputs may match; past it the request is refused (400).",
+        1,
+    )
+    max_input_bytes: int = _setting(
+        1024 * MiB,
+        "Most bytes of input files one request may have read to hash (files whose stat is"
+        " unchanged since last seen are not read again); past it the request is refused (400).",
+        1,
+    )
     job_output_bytes: int = _setting(
         128 * MiB,
         "Most bytes of output finished jobs keep, all together (their results and"

@@ -165,8 +165,10 @@ Stdin = Annotated[
 #: The exit codes whose results are cached unless a request says otherwise.
 DEFAULT_CACHE_EXIT_CODES = (0,)
 
+# A JSON number, not an int: JSON has one kind of number, and its Schema calls 1.0 an
+# integer; msgspec's int would refuse it where the schema (and a client) accepts it.
 CacheExitCodes = Annotated[
-    list[Annotated[int, Meta(ge=0, le=255)]],
+    list[Annotated[float, Meta(ge=0, le=255, multiple_of=1)]],
     Meta(
         min_length=1,
         max_length=256,
@@ -176,7 +178,27 @@ CacheExitCodes = Annotated[
         "cache key when it is not [0].",
         extra={
             "type": "cache_exit_codes must be a list of exit codes (whole numbers)",
-            "constraint": "cache_exit_codes must hold 1 to 256 exit codes from 0 to 255",
+            "constraint": "cache_exit_codes must hold 1 to 256 whole numbers from 0 to 255",
+        },
+    ),
+]
+
+
+#: The most patterns a request's ``inputs`` may hold.
+MAX_INPUT_PATTERNS = 256
+
+Inputs = Annotated[
+    list[Annotated[str, Meta(min_length=1, max_length=4096, pattern="^[^\x00]*$")]],
+    Meta(
+        max_length=MAX_INPUT_PATTERNS,
+        description="Files the command reads, whose contents join the cache key: paths and "
+        'globs (**, *, ?, [abc]) relative to the run\'s directory, and "git:" for the git '
+        "repository there (HEAD, status and diff). A result whose inputs changed while it "
+        "ran is not stored.",
+        extra={
+            "type": "inputs must be a list of paths and globs (strings)",
+            "constraint": f"inputs must hold at most {MAX_INPUT_PATTERNS} paths or globs, "
+            "each 1 to 4096 characters without NUL",
         },
     ),
 ]
@@ -200,6 +222,7 @@ class RunRequest(Request, frozen=True):
     env: Env | None = None
     stdin: Stdin | None = None
     cache_exit_codes: CacheExitCodes | None = None
+    inputs: Inputs | None = None
 
 
 class CommandRequest(RunRequest, frozen=True):
@@ -227,6 +250,8 @@ class RunSummary(Struct, frozen=True, kw_only=True):
     cache_key: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
     #: Killed on request (a cancel or a terminate) before it ended; never cached.
     cancelled: bool = False
+    #: The inputs the request named (their contents are in the key), when it named any.
+    inputs: list[str] | UnsetType = UNSET
 
 
 class StoredResult(RunSummary, frozen=True):

@@ -41,6 +41,7 @@ from runcache.logs import loggable
 from runcache.run.allowlist import Allowlist
 from runcache.run.context import ContextRules, key_part
 from runcache.run.encode import encode_result
+from runcache.run.inputs import Inputs, Snapshot
 from runcache.run.rlimits import RunLimits
 from runcache.run.run_as import RunAs, without_own
 from runcache.run.runner import NO_CONTEXT, RunContext, RunControl, Runner, RunResult
@@ -82,6 +83,10 @@ class Plan:
     stale: float = 0.0
     #: The exit codes whose results are answers to store.
     cache_exit_codes: frozenset[int] = frozenset(wire.DEFAULT_CACHE_EXIT_CODES)
+    #: The files the command reads, as the request named them (their contents are keyed).
+    inputs: tuple[str, ...] = ()
+    #: What those inputs were when the key was made (None without inputs).
+    snapshot: Snapshot | None = None
 
     def keeps(self, result: RunResult) -> bool:
         """Whether ``result`` is an answer to store: an exit code the request counts as
@@ -167,6 +172,8 @@ class Engine:
         self.context_rules = ContextRules(
             config.cwd_roots, config.env_names, self.allowlist is not None
         )
+        #: The digests of the files requests name as their inputs, shared by them all.
+        self.inputs = Inputs(config.max_input_files, config.max_input_bytes, config.cwd_roots)
         self._key_prefix = self._key_context()
 
     @classmethod
@@ -275,7 +282,7 @@ class Engine:
         wanted is killed).
         """
         try:
-            plan = self.plan(request)
+            plan = await self._planned(request)
             outcome = await self._lookup(plan, caller)
             if outcome is None:
                 job, joined = self._claim(plan, caller)
@@ -300,7 +307,7 @@ class Engine:
         cached result.
         """
         try:
-            plan = self.plan(request)
+            plan = await self._planned(request)
             hit = await self._lookup(plan, caller)
             if hit is None:
                 job, joined = self._claim(plan, caller, background=True)
@@ -312,10 +319,33 @@ class Engine:
         self.audit.submitted(caller, job, joined)
         return job, joined
 
+    async def _planned(self, request: wire.RunRequest) -> Plan:
+        """:meth:`plan`, and with ``inputs`` their contents in the key (read in a thread:
+        a stat of each file, a digest of those whose stat changed since last seen)."""
+        plan = self.plan(request)
+        if not plan.inputs:
+            return plan
+        snapshot = await asyncio.to_thread(self.inputs.snapshot, self._cwd(plan), plan.inputs)
+        key = hashlib.sha256(plan.key.encode() + b"\0inputs\0" + snapshot.digest).hexdigest()
+        return dataclasses.replace(plan, key=key, snapshot=snapshot)
+
+    def _cwd(self, plan: Plan) -> str:
+        """The directory ``plan`` runs in."""
+        return plan.context.cwd or self.runner.cwd or os.getcwd()
+
+    async def _inputs_changed(self, plan: Plan) -> bool:
+        """Whether the inputs changed since the key was made (then the result, which may
+        have read either version, is not stored)."""
+        if plan.snapshot is None:
+            return False
+        return await asyncio.to_thread(
+            self.inputs.changed, self._cwd(plan), plan.inputs, plan.snapshot
+        )
+
     def plan(self, request: wire.RunRequest) -> Plan:
         """What a request asks for, checked against this server's bounds."""
         context = self.context_rules.check(request)
-        codes = frozenset(request.cache_exit_codes or wire.DEFAULT_CACHE_EXIT_CODES)
+        codes = frozenset(map(int, request.cache_exit_codes or wire.DEFAULT_CACHE_EXIT_CODES))
         return Plan(
             command=request.command,
             argv=self.argv(request.command),
@@ -331,6 +361,7 @@ class Engine:
                 request.stale, "stale", self.config.default_stale, self.config.max_stale
             ),
             cache_exit_codes=codes,
+            inputs=tuple(request.inputs or ()),
         )
 
     async def _lookup(self, plan: Plan, caller: Caller) -> Outcome | None:
@@ -503,7 +534,7 @@ class Engine:
                     return elsewhere
                 epoch = await self.cache.epoch()
                 result, body, facts = await self._execute(plan, client, job.control)
-                if plan.keeps(result):
+                if plan.keeps(result) and not await self._inputs_changed(plan):
                     await self.cache.put(
                         plan.key, body, plan.ttl, epoch, plan.command, result.return_code
                     )
@@ -549,7 +580,7 @@ class Engine:
         while), and what a job listing shows of it, worked out here once."""
         result = self.runner.run(plan.argv, plan.timeout, control, plan.context)
         control.sealed = True  # encoding empties its buffers: pages come from the result now
-        body = encode_result(result, plan.key, self.runner.max_output_bytes)
+        body = encode_result(result, plan.key, self.runner.max_output_bytes, plan.inputs)
         return result, body, output_facts(body)
 
     @staticmethod

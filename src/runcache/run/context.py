@@ -61,7 +61,7 @@ class ContextRules:
         except OSError:
             raise BadRequest(f"cwd {asked!r} is not an existing directory") from None
         resolved = held.path
-        if self.cwd_roots and not any(_within(resolved, root) for root in self.cwd_roots):
+        if self.cwd_roots and not any(within(resolved, root) for root in self.cwd_roots):
             raise Forbidden(
                 f"cwd {asked!r} is outside the directories this server allows "
                 f"(--allow-cwd): {', '.join(self.cwd_roots)}"
@@ -100,5 +100,6 @@ def key_part(context: RunContext) -> bytes:
     return b"\0" + orjson.dumps(described, option=orjson.OPT_SORT_KEYS)
 
 
-def _within(path: str, root: str) -> bool:
+def within(path: str, root: str) -> bool:
+    """Whether ``path`` is ``root`` or lies below it (both resolved already)."""
     return path == root or path.startswith(root.rstrip("/") + "/")

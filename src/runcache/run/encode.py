@@ -16,8 +16,10 @@ summary, whatever the command printed.
 from __future__ import annotations
 
 import codecs
+from collections.abc import Sequence
 
 import orjson
+from msgspec import UNSET
 
 from runcache.run.runner import RunResult
 from runcache.wire import RunSummary, encode
@@ -26,7 +28,12 @@ from runcache.wire import RunSummary, encode
 SLICE_BYTES = 1 << 20
 
 
-def encode_result(result: RunResult, key: str, limit: int | None = None) -> bytes:
+def encode_result(
+    result: RunResult,
+    key: str,
+    limit: int | None = None,
+    inputs: Sequence[str] | None = None,
+) -> bytes:
     """The result as a :class:`~runcache.wire.StoredResult`, consuming its output buffers.
 
     The summary is encoded by its declaration; the output strings, which may be
@@ -48,6 +55,7 @@ def encode_result(result: RunResult, key: str, limit: int | None = None) -> byte
             timestamp=result.timestamp,
             cache_key=key,
             cancelled=result.cancelled,
+            inputs=list(inputs) if inputs else UNSET,
         )
     )
     return b"".join([summary[:-1], b',"stdout":', *stdout, b',"stderr":', *stderr, b"}"])
