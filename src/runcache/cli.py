@@ -449,6 +449,50 @@ def mcp_command(server: str | None) -> None:
     serve_stdio(backend, log_level, log_format)
 
 
+@cli.command("mcp-config")
+@click.argument("client", type=click.Choice(["claude-desktop", "claude-code", "vscode", "cursor"]))
+@click.option(
+    "--url",
+    default=None,
+    metavar="URL",
+    help="A runcache server the agent reaches over HTTP at URL/mcp, e.g. http://127.0.0.1:8888"
+    " (Claude Desktop: through `runcache mcp --server URL`).",
+)
+@click.option(
+    "--token-env",
+    default=TOKEN_ENV,
+    show_default=True,
+    metavar="NAME",
+    help="The environment variable the agent takes the server's token from; the token itself "
+    "is never printed.",
+)
+@click.option("--no-token", is_flag=True, help="Send no Authorization header (a server without).")
+@click.option(
+    "--name", default="runcache", show_default=True, metavar="NAME", help="The server's name."
+)
+@client_options
+def mcp_config(
+    client: str, url: str | None, token_env: str, no_token: bool, name: str, server: str | None
+) -> None:
+    """Print an agent's configuration for runcache's MCP server, with this install's paths.
+
+    Without --url or --server the agent starts `runcache mcp` with an engine of its own;
+    with --server it starts it forwarding to that server; with --url it talks to the
+    server's /mcp itself. The JSON goes to stdout, where to put it to stderr.
+    """
+    from runcache.mcp.client_config import CLIENTS, snippet
+
+    found = snippet(client, server, url, None if no_token else token_env, name)
+    click.echo(orjson.dumps(found, option=orjson.OPT_INDENT_2).decode())
+    click.echo(f"runcache: put this in {CLIENTS[client].where}", err=True)
+    if (url or server) and not no_token and CLIENTS[client].variable is None:
+        click.echo(
+            f"runcache: the agent must start runcache with {TOKEN_ENV} in its environment "
+            "when the server has a token (this file expands no variables)",
+            err=True,
+        )
+
+
 def main() -> None:
     """Entry point: run the CLI, turning runcache errors into one line and exit code 2."""
     try:
