@@ -24,6 +24,7 @@ import requests
 from click.testing import CliRunner
 
 from runcache.cli import cli
+from runcache.stores import open_store
 
 from conftest import LiveServer, free_port, marked, marker, until
 
@@ -507,3 +508,82 @@ def test_serve_help_speaks_one_placeholder_style_and_names_empty_defaults() -> N
     placeholders = set(re.findall(r"^\s+--[a-z-]+ ([A-Z]+)\s", shown, flags=re.MULTILINE))
     assert placeholders and placeholders <= {"N", "SECONDS", "TEXT"}, placeholders
     assert "default ]" not in shown and "default none]" in shown
+
+
+def test_entries_show_and_delete_take_a_unique_prefix_of_the_key(
+    live_server_factory: Callable[..., LiveServer],
+) -> None:
+    token, admin = "t" * 32, "a" * 32
+    server = live_server_factory(env={"RUNCACHE_TOKEN": token, "RUNCACHE_ADMIN_TOKEN": admin})
+    env = {"RUNCACHE_URL": server.url, "RUNCACHE_TOKEN": token}
+    marker = uuid.uuid4().hex
+    command = ("sh", "-c", f"echo out {marker}; echo err {marker} >&2")
+    assert runcache("run", "--", *command, env=env).returncode == 0
+    [entry] = orjson.loads(runcache("entries", "--json", env=env).stdout)["entries"]
+    key = entry["cache_key"]
+    shown = runcache("entries", "show", key[:6], env=env)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.decode().splitlines()
+    assert lines[0] == f"key:        {key}" and lines[2] == "exit code:  0"
+    assert lines[1] == f"command:    {shlex.join(command)}"
+    assert lines[-4:] == ["--- stdout ---", f"out {marker}", "--- stderr ---", f"err {marker}"]
+    as_json = orjson.loads(runcache("entries", "show", "--json", key[:10], env=env).stdout)
+    assert (as_json["cache_key"], as_json["result"]["stdout"]) == (key, f"out {marker}\n")
+    short = runcache("entries", "show", key[:5], env=env)
+    assert (short.returncode, short.stdout) == (2, b"")
+    assert short.stderr.decode() == (
+        f"runcache: '{key[:5]}' is too short to name a cache entry: give at least 6 characters\n"
+    )
+    refused = runcache("entries", "delete", key[:8], env=env)
+    assert refused.returncode == 2 and b"needs the admin token" in refused.stderr
+    deleted = runcache("entries", "delete", key[:8], env={**env, "RUNCACHE_ADMIN_TOKEN": admin})
+    assert (deleted.returncode, deleted.stdout) == (0, f"deleted {key}\n".encode())
+    gone = runcache("entries", "show", key[:8], env=env)
+    assert gone.returncode == 2
+    assert gone.stderr.decode().startswith(f"runcache: no cache entry {key[:8]}: never stored")
+
+
+def test_an_ambiguous_key_prefix_names_the_candidates(tmp_path: Path) -> None:
+    """Keys that share their first characters, put in a SQLite store beside a real one."""
+    env = {"RUNCACHE_STORE": f"sqlite:///{tmp_path / 'cache.db'}"}
+    assert runcache("run", "--", "echo", "shared", env=env).returncode == 0
+    store = open_store(env["RUNCACHE_STORE"], 100, 1 << 20)
+    try:
+        [info] = store.entries("", 0, 10)
+        found = store.entry(info.key)
+        assert found is not None
+        twins = ["abcdef" + "0" * 58, "abcdef" + "1" * 58]
+        for twin in twins:
+            assert store.put(twin, found[1], 600, store.epoch(), "echo twin")
+    finally:
+        store.close()
+    both = runcache("entries", "show", "abcdef", env=env)
+    assert (both.returncode, both.stdout) == (2, b"")
+    assert both.stderr.decode() == (
+        f"runcache: 'abcdef' starts 2 cache entry ids: {twins[0]}, {twins[1]}; "
+        "give more characters\n"
+    )
+    one = runcache("entries", "show", "abcdef1", env=env)
+    assert one.returncode == 0 and one.stdout.startswith(f"key:        {twins[1]}\n".encode())
+
+
+def test_jobs_logs_and_cancel_take_a_unique_prefix_of_the_id(live_server: LiveServer) -> None:
+    env = {"RUNCACHE_URL": live_server.url}
+    marker = uuid.uuid4().hex
+    job = requests.post(
+        f"{live_server.url}/api/command",
+        timeout=10,
+        json={"command": f"echo {marker}; sleep 60", "use_cache": False, "background": True},
+    ).json()
+    job_id = job["job_id"]
+    until(
+        lambda: requests.get(f"{live_server.url}/api/jobs/{job_id}", timeout=5).json()[
+            "stdout_bytes"
+        ]
+    )
+    logs = runcache("jobs", "logs", job_id[:6], env=env)
+    assert (logs.returncode, logs.stdout) == (0, f"{marker}\n".encode())
+    cancelled = runcache("jobs", "cancel", job_id[:7], env=env)
+    assert cancelled.stdout == f"job {job_id} cancelled\n".encode()
+    short = runcache("jobs", "logs", job_id[:3], env=env)
+    assert short.returncode == 2 and b"give at least 6 characters" in short.stderr
