@@ -24,6 +24,7 @@ import requests
 from click.testing import CliRunner
 
 from runcache.cli import cli
+from runcache.config import GROUPS, settings
 from runcache.stores import open_store
 
 from conftest import LiveServer, free_port, marked, marker, until
@@ -503,11 +504,44 @@ def test_dash_h_after_the_command_of_run_is_the_command_s() -> None:
     assert (done.returncode, done.stdout) == (0, b"-h\n")
 
 
-def test_serve_help_speaks_one_placeholder_style_and_names_empty_defaults() -> None:
+#: The placeholders help may show: what a value is, never the Python type behind it.
+PLACEHOLDERS = {"N", "SECONDS", "TEXT", "URL", "DIR", "NAME", "NAME=VALUE", "PATTERN", "KEY", "JOB"}
+
+
+@pytest.mark.parametrize("path", [(), *_commands(cli)], ids=" ".join)
+def test_help_speaks_one_placeholder_style_and_names_empty_defaults(
+    path: tuple[str, ...],
+) -> None:
+    shown = CliRunner().invoke(cli, [*path, "-h"], terminal_width=200).output
+    placeholders = set(
+        re.findall(r"^\s+(?:-\w, )?--[a-z-]+ ([A-Z=]+)\s", shown, flags=re.MULTILINE)
+    )
+    assert placeholders <= PLACEHOLDERS, placeholders
+    assert not re.search(r"\b(FLOAT|INTEGER|STR|BOOLEAN|RANGE)\b", shown), shown
+    assert "default ]" not in shown
+    if path == ("serve",):
+        assert "default none]" in shown and placeholders == {"N", "SECONDS", "TEXT"}
+
+
+def test_serve_help_groups_the_settings_by_the_table_s_sections() -> None:
     shown = CliRunner().invoke(cli, ["serve", "-h"], terminal_width=200).output
-    placeholders = set(re.findall(r"^\s+--[a-z-]+ ([A-Z]+)\s", shown, flags=re.MULTILINE))
-    assert placeholders and placeholders <= {"N", "SECONDS", "TEXT"}, placeholders
-    assert "default ]" not in shown and "default none]" in shown
+    titles = re.findall(r"^(\S[^:]*):$", shown, flags=re.MULTILINE)
+    assert titles == [title for title in GROUPS] + ["Other options"]
+    section = {}
+    for line in shown.splitlines():
+        if line in {f"{title}:" for title in titles}:
+            current = line[:-1]
+        elif match := re.match(r"^\s+(?:-\w, )?(--[a-z-]+)", line):
+            section[match[1]] = current
+    for setting in settings():
+        if not setting.secret:
+            assert section[setting.flag] == setting.group, setting.flag
+    assert section["--help"] == "Other options"
+
+
+def test_every_setting_is_in_one_group() -> None:
+    named = [name for names in GROUPS.values() for name in names]
+    assert sorted(named) == sorted(setting.name for setting in settings())
 
 
 def test_entries_show_and_delete_take_a_unique_prefix_of_the_key(

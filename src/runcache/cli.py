@@ -26,7 +26,7 @@ from runcache.client import connect
 from runcache.client.base import BaseClient
 from runcache.client.follow import copy_output
 from runcache.client.http import ADMIN_TOKEN_ENV, TOKEN_ENV, URL_ENV, Client
-from runcache.config import Config, settings
+from runcache.config import GROUPS, Config, settings
 from runcache.errors import RuncacheError
 from runcache.wire import CommandResult, RunRequest, to_builtins
 
@@ -85,7 +85,30 @@ def cli() -> None:
     """runcache: run commands for AI agents and scripts, and cache their results."""
 
 
-@cli.command()
+class _GroupedHelp(click.Command):
+    """``serve --help`` with its setting flags in the sections of the settings table
+    (``config.GROUPS``), then the rest; click has no option groups of its own, and a
+    help formatter of a few lines costs no start-up time, as rich-click's import would."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        records = {
+            param.name: record
+            for param in self.get_params(ctx)
+            if param.name and (record := param.get_help_record(ctx)) is not None
+        }
+        grouped = {name for names in GROUPS.values() for name in names}
+        sections = [
+            (title, [records[name] for name in names if name in records])
+            for title, names in GROUPS.items()
+        ]
+        other = [record for name, record in records.items() if name not in grouped]
+        for title, rows in [*sections, ("Other options", other)]:
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+@cli.command(cls=_GroupedHelp)
 @setting_options
 def serve(**options: Any) -> None:
     """Start the HTTP API (the default command)."""
@@ -134,7 +157,9 @@ def _connect(server: str | None) -> BaseClient:
     is_flag=True,
     help="Run the command even if a result is cached, and store the new result.",
 )
-@click.option("--ttl", type=float, default=None, help="Seconds to keep this result cached.")
+@click.option(
+    "--ttl", type=float, default=None, metavar="SECONDS", help="Seconds to keep this result cached."
+)
 @click.option(
     "--stale",
     type=float,
@@ -143,7 +168,13 @@ def _connect(server: str | None) -> BaseClient:
     help="Accept a cached result this long past its expiry, answered at once while "
     "the server refreshes it.",
 )
-@click.option("--timeout", type=float, default=None, help="Most seconds the command may run.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="Most seconds the command may run.",
+)
 @click.option(
     "--cwd",
     default=None,
@@ -393,10 +424,16 @@ def delete_entry(key: str, server: str | None) -> None:
 
 
 @cli.command()
-@click.option("--prefix", default=None, help="Delete the entries whose command starts with this.")
+@click.option(
+    "--prefix",
+    default=None,
+    metavar="TEXT",
+    help="Delete the entries whose command starts with this.",
+)
 @click.option(
     "--glob",
     default=None,
+    metavar="PATTERN",
     help="Delete the entries whose command matches this pattern (*, ?, [abc]).",
 )
 @client_options

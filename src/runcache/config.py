@@ -423,6 +423,68 @@ class Config:
         return cls(**values)
 
 
+#: The settings by what they are about, in the order ``runcache serve --help`` shows
+#: them (click has no option groups; the CLI writes a section for each). A test checks
+#: that every setting is in exactly one.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "Listening": (
+        "host",
+        "port",
+        "workers",
+        "max_connections",
+        "keepalive_timeout",
+        "header_timeout",
+        "body_timeout",
+        "write_timeout",
+        "max_header_bytes",
+        "max_body_bytes",
+        "max_streams",
+        "allowed_hosts",
+        "allowed_origins",
+    ),
+    "Cache": (
+        "store",
+        "store_timeout",
+        "max_entries",
+        "max_bytes",
+        "default_ttl",
+        "max_ttl",
+        "default_stale",
+        "max_stale",
+    ),
+    "Runs": (
+        "default_timeout",
+        "max_timeout",
+        "max_concurrent",
+        "queue_timeout",
+        "max_output_bytes",
+        "job_retention",
+        "job_output_bytes",
+    ),
+    "Access": (
+        "token",
+        "token_file",
+        "admin_token",
+        "admin_token_file",
+        "allow",
+        "allow_runners",
+        "env_allow",
+        "allow_cwd",
+        "run_as",
+    ),
+    "Containment and limits": (
+        "containment",
+        "max_memory",
+        "max_cpu_seconds",
+        "max_file_size",
+        "max_open_files",
+        "max_processes",
+    ),
+    "Logs": ("log_level", "log_format", "audit_log", "audit_log_max_bytes"),
+    "MCP over HTTP": ("mcp_session_timeout", "mcp_sessions_per_client"),
+}
+
+
 @dataclass(frozen=True)
 class Setting:
     """One row of the settings table, as the CLI and the docs see it."""
@@ -432,6 +494,11 @@ class Setting:
     help: str
     #: Set only from the environment (or a file), never by a flag; kept out of logs.
     secret: bool = False
+
+    @property
+    def group(self) -> str:
+        """The section of :data:`GROUPS` it is in."""
+        return next(title for title, names in GROUPS.items() if self.name in names)
 
     @property
     def env_var(self) -> str:
