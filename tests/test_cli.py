@@ -621,3 +621,37 @@ def test_jobs_logs_and_cancel_take_a_unique_prefix_of_the_id(live_server: LiveSe
     assert cancelled.stdout == f"job {job_id} cancelled\n".encode()
     short = runcache("jobs", "logs", job_id[:3], env=env)
     assert short.returncode == 2 and b"give at least 6 characters" in short.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (
+            ("--default-ttl", "7200", "--max-ttl", "60"),
+            {},
+            "--default-ttl must not exceed --max-ttl: 7200 > 60",
+        ),
+        (
+            ("--max-ttl", "60"),
+            {"RUNCACHE_DEFAULT_TTL": "7200"},
+            "RUNCACHE_DEFAULT_TTL must not exceed --max-ttl: 7200 > 60",
+        ),
+        (("--max-entries", "0"), {}, "--max-entries must be at least 1"),
+        ((), {"RUNCACHE_MAX_ENTRIES": "0"}, "RUNCACHE_MAX_ENTRIES must be at least 1"),
+        (("--log-format", "xml"), {}, "--log-format must be text or json, got 'xml'"),
+        (("--max-memory", "lots"), {}, "--max-memory must be a size such as 512M"),
+        (("--env-allow", "A B"), {}, "--env-allow: 'A B' is not an environment variable name"),
+        (
+            (),
+            {"RUNCACHE_ADMIN_TOKEN": "a" * 32},
+            "RUNCACHE_ADMIN_TOKEN is set but RUNCACHE_TOKEN is not",
+        ),
+    ],
+)
+def test_a_refused_setting_is_named_as_it_was_set(
+    args: tuple[str, ...], env: dict[str, str], expected: str
+) -> None:
+    done = runcache("serve", "--port", "0", *args, env=env)
+    assert (done.returncode, done.stdout) == (2, b"")
+    assert done.stderr.decode().startswith(f"runcache: {expected}")
+    assert done.stderr.count(b"\n") == 1

@@ -115,7 +115,7 @@ def serve(**options: Any) -> None:
     from runcache.web.app import configure_logging
     from runcache.web.server import serve as serve_forever
 
-    config = Config.load(options)
+    config = Config.load(options, flags=True)
     configure_logging(config.log_level, config.log_format)
     serve_forever(config)
 
