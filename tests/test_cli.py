@@ -24,6 +24,8 @@ import requests
 from click.testing import CliRunner
 
 from runcache.cli import cli
+from runcache.config import GROUPS, settings
+from runcache.stores import open_store
 
 from conftest import LiveServer, free_port, marked, marker, until
 
@@ -502,8 +504,154 @@ def test_dash_h_after_the_command_of_run_is_the_command_s() -> None:
     assert (done.returncode, done.stdout) == (0, b"-h\n")
 
 
-def test_serve_help_speaks_one_placeholder_style_and_names_empty_defaults() -> None:
+#: The placeholders help may show: what a value is, never the Python type behind it.
+PLACEHOLDERS = {"N", "SECONDS", "TEXT", "URL", "DIR", "NAME", "NAME=VALUE", "PATTERN", "KEY", "JOB"}
+
+
+@pytest.mark.parametrize("path", [(), *_commands(cli)], ids=" ".join)
+def test_help_speaks_one_placeholder_style_and_names_empty_defaults(
+    path: tuple[str, ...],
+) -> None:
+    shown = CliRunner().invoke(cli, [*path, "-h"], terminal_width=200).output
+    placeholders = set(
+        re.findall(r"^\s+(?:-\w, )?--[a-z-]+ ([A-Z=]+)\s", shown, flags=re.MULTILINE)
+    )
+    assert placeholders <= PLACEHOLDERS, placeholders
+    assert not re.search(r"\b(FLOAT|INTEGER|STR|BOOLEAN|RANGE)\b", shown), shown
+    assert "default ]" not in shown
+    if path == ("serve",):
+        assert "default none]" in shown and placeholders == {"N", "SECONDS", "TEXT"}
+
+
+def test_serve_help_groups_the_settings_by_the_table_s_sections() -> None:
     shown = CliRunner().invoke(cli, ["serve", "-h"], terminal_width=200).output
-    placeholders = set(re.findall(r"^\s+--[a-z-]+ ([A-Z]+)\s", shown, flags=re.MULTILINE))
-    assert placeholders and placeholders <= {"N", "SECONDS", "TEXT"}, placeholders
-    assert "default ]" not in shown and "default none]" in shown
+    titles = re.findall(r"^(\S[^:]*):$", shown, flags=re.MULTILINE)
+    assert titles == [title for title in GROUPS] + ["Other options"]
+    section = {}
+    for line in shown.splitlines():
+        if line in {f"{title}:" for title in titles}:
+            current = line[:-1]
+        elif match := re.match(r"^\s+(?:-\w, )?(--[a-z-]+)", line):
+            section[match[1]] = current
+    for setting in settings():
+        if not setting.secret:
+            assert section[setting.flag] == setting.group, setting.flag
+    assert section["--help"] == "Other options"
+
+
+def test_every_setting_is_in_one_group() -> None:
+    named = [name for names in GROUPS.values() for name in names]
+    assert sorted(named) == sorted(setting.name for setting in settings())
+
+
+def test_entries_show_and_delete_take_a_unique_prefix_of_the_key(
+    live_server_factory: Callable[..., LiveServer],
+) -> None:
+    token, admin = "t" * 32, "a" * 32
+    server = live_server_factory(env={"RUNCACHE_TOKEN": token, "RUNCACHE_ADMIN_TOKEN": admin})
+    env = {"RUNCACHE_URL": server.url, "RUNCACHE_TOKEN": token}
+    marker = uuid.uuid4().hex
+    command = ("sh", "-c", f"echo out {marker}; echo err {marker} >&2")
+    assert runcache("run", "--", *command, env=env).returncode == 0
+    [entry] = orjson.loads(runcache("entries", "--json", env=env).stdout)["entries"]
+    key = entry["cache_key"]
+    shown = runcache("entries", "show", key[:6], env=env)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.decode().splitlines()
+    assert lines[0] == f"key:        {key}" and lines[2] == "exit code:  0"
+    assert lines[1] == f"command:    {shlex.join(command)}"
+    assert lines[-4:] == ["--- stdout ---", f"out {marker}", "--- stderr ---", f"err {marker}"]
+    as_json = orjson.loads(runcache("entries", "show", "--json", key[:10], env=env).stdout)
+    assert (as_json["cache_key"], as_json["result"]["stdout"]) == (key, f"out {marker}\n")
+    short = runcache("entries", "show", key[:5], env=env)
+    assert (short.returncode, short.stdout) == (2, b"")
+    assert short.stderr.decode() == (
+        f"runcache: '{key[:5]}' is too short to name a cache entry: give at least 6 characters\n"
+    )
+    refused = runcache("entries", "delete", key[:8], env=env)
+    assert refused.returncode == 2 and b"needs the admin token" in refused.stderr
+    deleted = runcache("entries", "delete", key[:8], env={**env, "RUNCACHE_ADMIN_TOKEN": admin})
+    assert (deleted.returncode, deleted.stdout) == (0, f"deleted {key}\n".encode())
+    gone = runcache("entries", "show", key[:8], env=env)
+    assert gone.returncode == 2
+    assert gone.stderr.decode().startswith(f"runcache: no cache entry {key[:8]}: never stored")
+
+
+def test_an_ambiguous_key_prefix_names_the_candidates(tmp_path: Path) -> None:
+    """Keys that share their first characters, put in a SQLite store beside a real one."""
+    env = {"RUNCACHE_STORE": f"sqlite:///{tmp_path / 'cache.db'}"}
+    assert runcache("run", "--", "echo", "shared", env=env).returncode == 0
+    store = open_store(env["RUNCACHE_STORE"], 100, 1 << 20)
+    try:
+        [info] = store.entries("", 0, 10)
+        found = store.entry(info.key)
+        assert found is not None
+        twins = ["abcdef" + "0" * 58, "abcdef" + "1" * 58]
+        for twin in twins:
+            assert store.put(twin, found[1], 600, store.epoch(), "echo twin")
+    finally:
+        store.close()
+    both = runcache("entries", "show", "abcdef", env=env)
+    assert (both.returncode, both.stdout) == (2, b"")
+    assert both.stderr.decode() == (
+        f"runcache: 'abcdef' starts 2 cache entry ids: {twins[0]}, {twins[1]}; "
+        "give more characters\n"
+    )
+    one = runcache("entries", "show", "abcdef1", env=env)
+    assert one.returncode == 0 and one.stdout.startswith(f"key:        {twins[1]}\n".encode())
+
+
+def test_jobs_logs_and_cancel_take_a_unique_prefix_of_the_id(live_server: LiveServer) -> None:
+    env = {"RUNCACHE_URL": live_server.url}
+    marker = uuid.uuid4().hex
+    job = requests.post(
+        f"{live_server.url}/api/command",
+        timeout=10,
+        json={"command": f"echo {marker}; sleep 60", "use_cache": False, "background": True},
+    ).json()
+    job_id = job["job_id"]
+    until(
+        lambda: requests.get(f"{live_server.url}/api/jobs/{job_id}", timeout=5).json()[
+            "stdout_bytes"
+        ]
+    )
+    logs = runcache("jobs", "logs", job_id[:6], env=env)
+    assert (logs.returncode, logs.stdout) == (0, f"{marker}\n".encode())
+    cancelled = runcache("jobs", "cancel", job_id[:7], env=env)
+    assert cancelled.stdout == f"job {job_id} cancelled\n".encode()
+    short = runcache("jobs", "logs", job_id[:3], env=env)
+    assert short.returncode == 2 and b"give at least 6 characters" in short.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (
+            ("--default-ttl", "7200", "--max-ttl", "60"),
+            {},
+            "--default-ttl must not exceed --max-ttl: 7200 > 60",
+        ),
+        (
+            ("--max-ttl", "60"),
+            {"RUNCACHE_DEFAULT_TTL": "7200"},
+            "RUNCACHE_DEFAULT_TTL must not exceed --max-ttl: 7200 > 60",
+        ),
+        (("--max-entries", "0"), {}, "--max-entries must be at least 1"),
+        ((), {"RUNCACHE_MAX_ENTRIES": "0"}, "RUNCACHE_MAX_ENTRIES must be at least 1"),
+        (("--log-format", "xml"), {}, "--log-format must be text or json, got 'xml'"),
+        (("--max-memory", "lots"), {}, "--max-memory must be a size such as 512M"),
+        (("--env-allow", "A B"), {}, "--env-allow: 'A B' is not an environment variable name"),
+        (
+            (),
+            {"RUNCACHE_ADMIN_TOKEN": "a" * 32},
+            "RUNCACHE_ADMIN_TOKEN is set but RUNCACHE_TOKEN is not",
+        ),
+    ],
+)
+def test_a_refused_setting_is_named_as_it_was_set(
+    args: tuple[str, ...], env: dict[str, str], expected: str
+) -> None:
+    done = runcache("serve", "--port", "0", *args, env=env)
+    assert (done.returncode, done.stdout) == (2, b"")
+    assert done.stderr.decode().startswith(f"runcache: {expected}")
+    assert done.stderr.count(b"\n") == 1

@@ -38,9 +38,12 @@ def test_environment_then_overrides() -> None:
     ("environ", "message"),
     [
         ({"RUNCACHE_PORT": "eighty"}, "RUNCACHE_PORT must be a whole number"),
-        ({"RUNCACHE_MAX_ENTRIES": "0"}, "max_entries must be at least 1"),
-        ({"RUNCACHE_DEFAULT_TIMEOUT": "99999"}, "default_timeout must not exceed max_timeout"),
-        ({"RUNCACHE_LOG_LEVEL": "LOUD"}, "log_level"),
+        ({"RUNCACHE_MAX_ENTRIES": "0"}, "^RUNCACHE_MAX_ENTRIES must be at least 1"),
+        (
+            {"RUNCACHE_DEFAULT_TIMEOUT": "99999"},
+            "^RUNCACHE_DEFAULT_TIMEOUT must not exceed max_timeout",
+        ),
+        ({"RUNCACHE_LOG_LEVEL": "LOUD"}, "^RUNCACHE_LOG_LEVEL must be DEBUG"),
     ],
 )
 def test_bad_values_are_refused_with_the_reason(environ: dict[str, str], message: str) -> None:
@@ -65,9 +68,10 @@ def test_server_settings_have_floors(settings: dict[str, float], message: str) -
 
 def test_several_workers_need_a_shared_store(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as refused:
-        Config.load({"workers": 2}, environ={})
+        Config.load({"workers": 2}, environ={}, flags=True)
     message = refused.value.message
     assert message.startswith("--workers 2 needs a store the workers share")
+    assert "set --store to sqlite://" in message
     assert "sqlite://" in message and "redis://" in message and "\n" not in message
     shared = Config.load({"workers": 2, "store": f"sqlite://{tmp_path / 'cache.db'}"}, environ={})
     assert shared.workers == 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -25,7 +26,7 @@ from runcache.client import connect
 from runcache.client.base import BaseClient
 from runcache.client.follow import copy_output
 from runcache.client.http import ADMIN_TOKEN_ENV, TOKEN_ENV, URL_ENV, Client
-from runcache.config import Config, settings
+from runcache.config import GROUPS, Config, settings
 from runcache.errors import RuncacheError
 from runcache.wire import CommandResult, RunRequest, to_builtins
 
@@ -84,14 +85,37 @@ def cli() -> None:
     """runcache: run commands for AI agents and scripts, and cache their results."""
 
 
-@cli.command()
+class _GroupedHelp(click.Command):
+    """``serve --help`` with its setting flags in the sections of the settings table
+    (``config.GROUPS``), then the rest; click has no option groups of its own, and a
+    help formatter of a few lines costs no start-up time, as rich-click's import would."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        records = {
+            param.name: record
+            for param in self.get_params(ctx)
+            if param.name and (record := param.get_help_record(ctx)) is not None
+        }
+        grouped = {name for names in GROUPS.values() for name in names}
+        sections = [
+            (title, [records[name] for name in names if name in records])
+            for title, names in GROUPS.items()
+        ]
+        other = [record for name, record in records.items() if name not in grouped]
+        for title, rows in [*sections, ("Other options", other)]:
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+@cli.command(cls=_GroupedHelp)
 @setting_options
 def serve(**options: Any) -> None:
     """Start the HTTP API (the default command)."""
     from runcache.web.app import configure_logging
     from runcache.web.server import serve as serve_forever
 
-    config = Config.load(options)
+    config = Config.load(options, flags=True)
     configure_logging(config.log_level, config.log_format)
     serve_forever(config)
 
@@ -135,7 +159,9 @@ def _connect(server: str | None) -> BaseClient:
     is_flag=True,
     help="Run the command even if a result is cached, and store the new result.",
 )
-@click.option("--ttl", type=float, default=None, help="Seconds to keep this result cached.")
+@click.option(
+    "--ttl", type=float, default=None, metavar="SECONDS", help="Seconds to keep this result cached."
+)
 @click.option(
     "--stale",
     type=float,
@@ -144,7 +170,13 @@ def _connect(server: str | None) -> BaseClient:
     help="Accept a cached result this long past its expiry, answered at once while "
     "the server refreshes it.",
 )
-@click.option("--timeout", type=float, default=None, help="Most seconds the command may run.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="Most seconds the command may run.",
+)
 @click.option(
     "--cwd",
     default=None,
@@ -314,40 +346,96 @@ def clear(server: str | None) -> None:
     click.echo(answer.message)
 
 
-@cli.command()
-@click.option("--prefix", default="", help="Only commands that start with this.")
+@cli.group(invoke_without_command=True)
+@click.option("--prefix", default="", metavar="TEXT", help="Only commands that start with this.")
 @click.option(
     "--limit",
     type=click.IntRange(1, 1000),
     default=100,
     show_default=True,
+    metavar="N",
     help="The most entries to list.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON object.")
 @client_options
-def entries(prefix: str, limit: int, as_json: bool, server: str | None) -> None:
-    """List cached results, newest first."""
+@click.pass_context
+def entries(ctx: click.Context, prefix: str, limit: int, as_json: bool, server: str | None) -> None:
+    """List cached results, newest first (and `entries show`, `entries delete`)."""
+    if ctx.invoked_subcommand is not None:
+        return
     with _connect(server) as backend:
         listing = backend.entries(prefix, limit=limit)
     if as_json:
-        click.echo(orjson.dumps(to_builtins(listing), option=orjson.OPT_INDENT_2).decode())
+        _print_json(listing)
         return
-    # Whole keys: a key is shown to be used (GET/DELETE /api/cache/entries/{key}).
-    width = max((len(entry.cache_key) for entry in listing.entries), default=3)
-    click.echo(f"{'KEY':<{width}}  {'BYTES':>9}  {'HITS':>6}  {'EXPIRES IN':>10}  COMMAND")
     now = time.time()
-    for entry in listing.entries:
-        click.echo(
-            f"{entry.cache_key:<{width}}  {entry.bytes:>9}  {entry.hits:>6}  "
-            f"{max(0.0, entry.expires_at - now):>9.0f}s  {_cut(entry.command)}"
-        )
+    # Whole keys: a key is shown to be used (entries show, GET/DELETE /api/cache/entries/{key}).
+    _table(
+        ("KEY", "BYTES", "HITS", "EXPIRES IN", "COMMAND"),
+        [
+            (
+                entry.cache_key,
+                str(entry.bytes),
+                str(entry.hits),
+                f"{max(0.0, entry.expires_at - now):.0f}s",
+                entry.command,
+            )
+            for entry in listing.entries
+        ],
+        right={1, 2, 3},
+    )
+
+
+@entries.command("show")
+@click.argument("key", metavar="KEY")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON object.")
+@client_options
+def show_entry(key: str, as_json: bool, server: str | None) -> None:
+    """Show one cached result: its command, exit code, times and output (KEY: 6 or more
+    characters of its key, if no other key starts with them)."""
+    with _connect(server) as backend:
+        found = backend.entry(backend.entry_key(key))
+    if as_json:
+        _print_json(found)
+        return
+    now = time.time()
+    _fields(
+        ("key", found.cache_key),
+        ("command", found.command),
+        ("exit code", str(found.result.return_code)),
+        ("bytes", str(found.bytes)),
+        ("hits", str(found.hits)),
+        ("stored", f"{max(0.0, now - found.created_at):.0f}s ago"),
+        ("expires in", f"{max(0.0, found.expires_at - now):.0f}s"),
+    )
+    for stream, text in (("stdout", found.result.stdout), ("stderr", found.result.stderr)):
+        if text:
+            click.echo(f"--- {stream} ---")
+            click.echo(text, nl=not text.endswith("\n"))
+
+
+@entries.command("delete")
+@click.argument("key", metavar="KEY")
+@client_options
+def delete_entry(key: str, server: str | None) -> None:
+    """Delete one cached result (admin token; KEY: 6 or more characters of its key)."""
+    with _connect(server) as backend:
+        whole = backend.entry_key(key)
+        backend.delete_entry(whole)
+    click.echo(f"deleted {whole}")
 
 
 @cli.command()
-@click.option("--prefix", default=None, help="Delete the entries whose command starts with this.")
+@click.option(
+    "--prefix",
+    default=None,
+    metavar="TEXT",
+    help="Delete the entries whose command starts with this.",
+)
 @click.option(
     "--glob",
     default=None,
+    metavar="PATTERN",
     help="Delete the entries whose command matches this pattern (*, ?, [abc]).",
 )
 @client_options
@@ -369,28 +457,63 @@ def jobs(ctx: click.Context, as_json: bool, server: str | None) -> None:
     with _server_client(server) as client:
         listing = client.jobs()
     if as_json:
-        click.echo(orjson.dumps(to_builtins(listing), option=orjson.OPT_INDENT_2).decode())
+        _print_json(listing)
         return
-    width = max((len(job.job_id) for job in listing.jobs), default=3)
-    click.echo(
-        f"{'JOB':<{width}}  {'STATUS':<9}  {'PID':>7}  {'RUNTIME':>9}  {'OUTPUT':>10}  COMMAND"
+    _table(
+        ("JOB", "STATUS", "PID", "RUNTIME", "OUTPUT", "COMMAND"),
+        [
+            (
+                job.job_id,
+                job.status,
+                str(job.pid or "-"),
+                f"{job.runtime:.1f}s",
+                f"{job.stdout_bytes + job.stderr_bytes}B",
+                job.command,
+            )
+            for job in listing.jobs
+        ],
+        right={2, 3, 4},
     )
-    for job in listing.jobs:
-        click.echo(
-            f"{job.job_id:<{width}}  {job.status:<9}  {job.pid or '-':>7}  "
-            f"{job.runtime:>8.1f}s  {job.stdout_bytes + job.stderr_bytes:>9}B  "
-            f"{_cut(job.command)}"
-        )
 
 
-def _cut(text: str, most: int = 60) -> str:
-    """A table's last column: one line, at most ``most`` characters, an ellipsis where cut."""
+def _print_json(found: Any) -> None:
+    click.echo(orjson.dumps(to_builtins(found), option=orjson.OPT_INDENT_2).decode())
+
+
+#: The widest a table's last column gets when output is not a terminal of known width.
+_LAST_COLUMN = 60
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int]) -> None:
+    """Columns as wide as their widest value (numbers, ``right``, aligned right), two
+    spaces apart; the last one (a command) on one line, cut with an ellipsis to fit the
+    terminal, or at 60 characters when the output is not one."""
+    widths = [max(len(row[index]) for row in (header, *rows)) for index in range(len(header) - 1)]
+    columns = shutil.get_terminal_size().columns if sys.stdout.isatty() else 0
+    room = max(20, columns - sum(widths) - 2 * len(widths)) if columns else _LAST_COLUMN
+    for row in (header, *rows):
+        cells = [
+            cell.rjust(width) if index in right else cell.ljust(width)
+            for index, (cell, width) in enumerate(zip(row, widths, strict=False))
+        ]
+        click.echo("  ".join([*cells, _cut(row[-1], room)]))
+
+
+def _fields(*pairs: tuple[str, str]) -> None:
+    """Name: value lines, the values aligned."""
+    width = max(len(name) for name, _ in pairs) + 1
+    for name, value in pairs:
+        click.echo(f"{name + ':':<{width}} {_cut(value, 1 << 20)}")
+
+
+def _cut(text: str, most: int) -> str:
+    """A cell: one line, at most ``most`` characters, an ellipsis where cut."""
     line = " ".join(text.split())
     return line if len(line) <= most else line[: most - 1] + "…"
 
 
 @jobs.command()
-@click.argument("job_id")
+@click.argument("job_id", metavar="JOB")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
 @click.option(
     "--stream",
@@ -400,23 +523,29 @@ def _cut(text: str, most: int = 60) -> str:
 )
 @client_options
 def logs(job_id: str, follow: bool, stream: str | None, server: str | None) -> None:
-    """Print a job's output so far, exactly as printed; --follow prints it as it comes."""
+    """Print a job's output so far, exactly as printed; --follow prints it as it comes.
+
+    JOB is the job's id, or 6 or more of its first characters if no other job's start so.
+    """
     sinks = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
     chosen = {stream: sinks[stream]} if stream else sinks
     with _server_client(server) as client:
         try:
-            copy_output(client, job_id, chosen, until_end=follow)
+            copy_output(client, client.job_id(job_id), chosen, until_end=follow)
         except KeyboardInterrupt:  # stop following; the job goes on
             sys.exit(130)
 
 
 @jobs.command()
-@click.argument("job_id")
+@click.argument("job_id", metavar="JOB")
 @client_options
 def cancel(job_id: str, server: str | None) -> None:
-    """Kill a running job's whole process group (not cached; its waiters get the result)."""
+    """Kill a running job's whole process group (not cached; its waiters get the result).
+
+    JOB is the job's id, or 6 or more of its first characters if no other job's start so.
+    """
     with _server_client(server) as client:
-        done = client.cancel(job_id)
+        done = client.cancel(client.job_id(job_id))
     click.echo(f"job {done.job_id} {done.status}")
 
 
@@ -449,6 +578,50 @@ def mcp_command(server: str | None) -> None:
         log_level, log_format = config.log_level, config.log_format
         backend = EngineBackend(Engine.from_config(config), owned=True)
     serve_stdio(backend, log_level, log_format)
+
+
+@cli.command("mcp-config")
+@click.argument("client", type=click.Choice(["claude-desktop", "claude-code", "vscode", "cursor"]))
+@click.option(
+    "--url",
+    default=None,
+    metavar="URL",
+    help="A runcache server the agent reaches over HTTP at URL/mcp, e.g. http://127.0.0.1:8888"
+    " (Claude Desktop: through `runcache mcp --server URL`).",
+)
+@click.option(
+    "--token-env",
+    default=TOKEN_ENV,
+    show_default=True,
+    metavar="NAME",
+    help="The environment variable the agent takes the server's token from; the token itself "
+    "is never printed.",
+)
+@click.option("--no-token", is_flag=True, help="Send no Authorization header (a server without).")
+@click.option(
+    "--name", default="runcache", show_default=True, metavar="NAME", help="The server's name."
+)
+@client_options
+def mcp_config(
+    client: str, url: str | None, token_env: str, no_token: bool, name: str, server: str | None
+) -> None:
+    """Print an agent's configuration for runcache's MCP server, with this install's paths.
+
+    Without --url or --server the agent starts `runcache mcp` with an engine of its own;
+    with --server it starts it forwarding to that server; with --url it talks to the
+    server's /mcp itself. The JSON goes to stdout, where to put it to stderr.
+    """
+    from runcache.mcp.client_config import CLIENTS, snippet
+
+    found = snippet(client, server, url, None if no_token else token_env, name)
+    click.echo(orjson.dumps(found, option=orjson.OPT_INDENT_2).decode())
+    click.echo(f"runcache: put this in {CLIENTS[client].where}", err=True)
+    if (url or server) and not no_token and CLIENTS[client].variable is None:
+        click.echo(
+            f"runcache: the agent must start runcache with {TOKEN_ENV} in its environment "
+            "when the server has a token (this file expands no variables)",
+            err=True,
+        )
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import hashlib
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,27 @@ MAX_PID_MAX = 4194304 - 1
 #: The largest whole-number setting: what a signed 64-bit integer holds, as the JSON
 #: encoder, SQLite and the kernel's limits do (a larger output cap crashed the start).
 MAX_WHOLE = 2**63 - 1
+
+
+class SettingError(ConfigError):
+    """A setting refused, in a message that names each setting it is about the way the
+    operator set it: ``--default-ttl`` on the command line, ``RUNCACHE_DEFAULT_TTL`` in
+    the environment (:meth:`Config.load` knows which), ``default_ttl`` in code.
+
+    ``template`` is a :meth:`str.format` string: ``{0}``, ``{1}``... are the settings
+    named, by field; the values shown are keyword arguments, so their text is never
+    read as a template.
+    """
+
+    def __init__(self, template: str, *settings: str, **values: Any) -> None:
+        self.template = template
+        self.settings = settings
+        self.values = values
+        super().__init__(self.named(str))
+
+    def named(self, name: Callable[[str], str]) -> str:
+        """The message, each setting called ``name(field)``."""
+        return self.template.format(*map(name, self.settings), **self.values)
 
 
 def _setting(
@@ -273,63 +294,93 @@ class Config:
             ("default_stale", "max_stale"),
         ):
             if getattr(self, default) > getattr(self, most):
-                raise ConfigError(
-                    f"{default} must not exceed {most}: {getattr(self, default):g} > "
-                    f"{getattr(self, most):g}"
+                raise SettingError(
+                    "{0} must not exceed {1}: {low:g} > {high:g}",
+                    default,
+                    most,
+                    low=getattr(self, default),
+                    high=getattr(self, most),
                 )
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-            raise ConfigError(
-                f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level}"
+            raise SettingError(
+                "{0} must be DEBUG, INFO, WARNING or ERROR, got {value}",
+                "log_level",
+                value=self.log_level,
             )
         if self.log_format not in ("text", "json"):
-            raise ConfigError(f"log_format must be text or json, got {self.log_format!r}")
+            raise SettingError(
+                "{0} must be text or json, got {value!r}", "log_format", value=self.log_format
+            )
         if self.workers > 1 and self.store.startswith("memory:"):
-            raise ConfigError(
-                f"--workers {self.workers} needs a store the workers share: with memory:// each "
-                "process would keep its own cache, statistics and clear; use "
-                "--store sqlite:///path/cache.db or redis://host:port/0"
+            raise SettingError(
+                "{0} {workers} needs a store the workers share: with memory:// each "
+                "process would keep its own cache, statistics and clear; set {1} to "
+                "sqlite:///path/cache.db or redis://host:port/0",
+                "workers",
+                "store",
+                workers=self.workers,
             )
         if self.containment not in ("auto", "pidns", "group"):
-            raise ConfigError(f"containment must be auto, pidns or group, got {self.containment!r}")
+            raise SettingError(
+                "{0} must be auto, pidns or group, got {value!r}",
+                "containment",
+                value=self.containment,
+            )
         if 0 < self.max_processes < MIN_PROCESSES:
-            raise ConfigError(
-                f"max_processes must be 0 (no limit) or at least {MIN_PROCESSES} (the least"
-                f" the kernel lets a PID namespace hold), got {self.max_processes}"
+            raise SettingError(
+                "{0} must be 0 (no limit) or at least {least} (the least the kernel lets a"
+                " PID namespace hold), got {value}",
+                "max_processes",
+                least=MIN_PROCESSES,
+                value=self.max_processes,
             )
         for name in ("max_memory", "max_file_size"):
             try:
                 parse_size(getattr(self, name))
             except ValueError:
-                raise ConfigError(
-                    f"{name} must be a size such as 512M or 2G (bytes, or a number with K, M,"
-                    f" G or T; 0 for no limit), got {getattr(self, name)!r}"
+                raise SettingError(
+                    "{0} must be a size such as 512M or 2G (bytes, or a number with K, M,"
+                    " G or T; 0 for no limit), got {value!r}",
+                    name,
+                    value=getattr(self, name),
                 ) from None
         self._load_tokens()
         for name in self.allowed_commands:
             if "/" in name:
-                raise ConfigError(f"allow takes executable names, not paths: {name!r}")
+                raise SettingError(
+                    "{0} takes executable names, not paths: {value!r}", "allow", value=name
+                )
         for name in self.env_names:
             if not _ENV_NAME.fullmatch(name):
-                raise ConfigError(f"env_allow: {name!r} is not an environment variable name")
+                raise SettingError(
+                    "{0}: {value!r} is not an environment variable name", "env_allow", value=name
+                )
             if is_own(name):
-                raise ConfigError(
-                    f"env_allow: {name!r} is one of runcache's own variables"
-                    f" ({OWN_PREFIX}*), which commands never see"
+                raise SettingError(
+                    "{0}: {value!r} is one of runcache's own variables ({own}*), which"
+                    " commands never see",
+                    "env_allow",
+                    value=name,
+                    own=OWN_PREFIX,
                 )
         for root in self.cwd_roots:
             if not os.path.isabs(root) or not os.path.isdir(root):
-                raise ConfigError(f"allow_cwd: {root!r} is not an absolute path of a directory")
+                raise SettingError(
+                    "{0}: {value!r} is not an absolute path of a directory", "allow_cwd", value=root
+                )
         for origin in self.origins:
             if not _ORIGIN.fullmatch(origin):
-                raise ConfigError(
-                    f"allowed_origins: {origin!r} is not an origin such as "
-                    "https://ui.example or http://127.0.0.1:3000"
+                raise SettingError(
+                    "{0}: {value!r} is not an origin such as https://ui.example or"
+                    " http://127.0.0.1:3000",
+                    "allowed_origins",
+                    value=origin,
                 )
         if self.run_as:
             try:
                 RunAs.lookup(self.run_as)
             except ValueError as error:
-                raise ConfigError(str(error)) from None
+                raise SettingError("{0}: {reason}", "run_as", reason=error) from None
 
     def _load_tokens(self) -> None:
         # Frozen, but a token read from a file belongs in the token field itself.
@@ -341,14 +392,17 @@ class Config:
                 raise _bad_token(name)
             object.__setattr__(self, name, token)
         if self.admin_token and not self.token:
-            raise ConfigError(
-                "admin_token is set but token is not: set RUNCACHE_TOKEN too, "
-                "or use the one token for both"
+            raise SettingError(
+                "{0} is set but {1} is not: set {1} too, or use the one token for both",
+                "admin_token",
+                "token",
             )
         if len(self.plain_tokens) > 1 and not self.admin_token:
-            raise ConfigError(
-                "token_file holds several tokens, so none of them is the admin's: set "
-                "RUNCACHE_ADMIN_TOKEN (or --admin-token-file) too"
+            raise SettingError(
+                "{0} holds several tokens, so none of them is the admin's: set {1} (or {2}) too",
+                "token_file",
+                "admin_token",
+                "admin_token_file",
             )
 
     @property
@@ -420,15 +474,40 @@ class Config:
         cls,
         overrides: Mapping[str, Any] | None = None,
         environ: Mapping[str, str] | None = None,
+        *,
+        flags: bool = False,
     ) -> Config:
-        """Build a config from the defaults, then the environment, then explicit overrides."""
+        """Build a config from the defaults, then the environment, then explicit overrides.
+
+        A refused setting is named as it was set: by its variable when the environment
+        gave it, by its flag when ``flags`` says the overrides are the command line's
+        (where the defaults are changed by flags too), else by its field.
+        """
         environ = os.environ if environ is None else environ
+        try:
+            return cls(**cls._values(overrides or {}, environ))
+        except SettingError as error:
+            by_name = {setting.name: setting for setting in settings()}
+
+            def name(field: str) -> str:
+                setting = by_name[field]
+                if setting.env_var in environ and (overrides or {}).get(field) is None:
+                    return setting.env_var
+                if setting.secret:  # no flag: only the environment sets it
+                    return setting.env_var if flags else field
+                return setting.flag if flags else field
+
+            raise ConfigError(error.named(name)) from None
+
+    @staticmethod
+    def _values(overrides: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+        """The settings the environment and the overrides give, parsed."""
         values: dict[str, Any] = {}
         for setting in settings():
             if setting.env_var in environ:
                 values[setting.name] = setting.parse(environ[setting.env_var], setting.env_var)
         by_name = {setting.name: setting for setting in settings()}
-        for name, value in (overrides or {}).items():
+        for name, value in overrides.items():
             if value is None:
                 continue
             if name not in by_name:
@@ -437,7 +516,72 @@ class Config:
             if isinstance(value, str) and setting.kind is not str:  # a flag's text
                 value = setting.parse(value, setting.flag)
             values[name] = value
-        return cls(**values)
+        return values
+
+
+#: The settings by what they are about, in the order ``runcache serve --help`` shows
+#: them (click has no option groups; the CLI writes a section for each). A test checks
+#: that every setting is in exactly one.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "Listening": (
+        "host",
+        "port",
+        "workers",
+        "max_connections",
+        "keepalive_timeout",
+        "header_timeout",
+        "body_timeout",
+        "write_timeout",
+        "max_header_bytes",
+        "max_body_bytes",
+        "max_streams",
+        "allowed_hosts",
+        "allowed_origins",
+    ),
+    "Cache": (
+        "store",
+        "store_timeout",
+        "max_entries",
+        "max_bytes",
+        "default_ttl",
+        "max_ttl",
+        "default_stale",
+        "max_stale",
+        "max_input_files",
+        "max_input_bytes",
+        "instance_timeout",
+    ),
+    "Runs": (
+        "default_timeout",
+        "max_timeout",
+        "max_concurrent",
+        "queue_timeout",
+        "max_output_bytes",
+        "job_retention",
+        "job_output_bytes",
+    ),
+    "Access": (
+        "token",
+        "token_file",
+        "admin_token",
+        "admin_token_file",
+        "allow",
+        "allow_runners",
+        "env_allow",
+        "allow_cwd",
+        "run_as",
+    ),
+    "Containment and limits": (
+        "containment",
+        "max_memory",
+        "max_cpu_seconds",
+        "max_file_size",
+        "max_open_files",
+        "max_processes",
+    ),
+    "Logs": ("log_level", "log_format", "audit_log", "audit_log_max_bytes"),
+    "MCP over HTTP": ("mcp_session_timeout", "mcp_sessions_per_client"),
+}
 
 
 @dataclass(frozen=True)
@@ -449,6 +593,11 @@ class Setting:
     help: str
     #: Set only from the environment (or a file), never by a flag; kept out of logs.
     secret: bool = False
+
+    @property
+    def group(self) -> str:
+        """The section of :data:`GROUPS` it is in."""
+        return next(title for title, names in GROUPS.items() if self.name in names)
 
     @property
     def env_var(self) -> str:
@@ -487,9 +636,13 @@ def _check_range(name: str, value: Any, metadata: Mapping[str, Any]) -> None:
     high = "" if maximum is None else f"at most {maximum:g}"
     allowed = " and ".join(part for part in (low, high) if part)
     if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number {allowed}, got {value}")
+        raise SettingError(
+            "{0} must be a finite number {allowed}, got {value}", name, allowed=allowed, value=value
+        )
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise ConfigError(f"{name} must be {allowed}, got {value:g}")
+        raise SettingError(
+            "{0} must be {allowed}, got {value:g}", name, allowed=allowed, value=value
+        )
 
 
 def parse_size(text: str) -> int:
@@ -518,18 +671,25 @@ def _token_from_file(name: str, token: str, path: str) -> str:
         with open(path, encoding="utf-8") as file:
             from_file = file.read().strip()
     except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{name}_file {path!r} cannot be read: {error}") from None
+        raise SettingError(
+            "{0} {path!r} cannot be read: {error}", name + "_file", path=path, error=error
+        ) from None
     if not from_file:
-        raise ConfigError(f"{name}_file {path!r} is empty")
+        raise SettingError("{0} {path!r} is empty", name + "_file", path=path)
     if token and token != from_file:
-        raise ConfigError(f"both {name} and {name}_file are set: use one")
+        raise SettingError("both {0} and {1} are set: use one", name, name + "_file")
     return from_file
 
 
-def _bad_token(name: str) -> ConfigError:
-    return ConfigError(
-        f"{name} must be at least {MIN_TOKEN_LENGTH} characters of letters, digits "
-        "and -._~+/ (e.g. the output of `openssl rand -hex 32`)"
+def _bad_token(name: str, line: int | None = None) -> SettingError:
+    """A token refused: the setting's own, or the one on ``line`` of the token file."""
+    return SettingError(
+        ("{0} line {line}: the token" if line is not None else "{0}")
+        + " must be at least {least} characters of letters, digits and -._~+/"
+        " (e.g. the output of `openssl rand -hex 32`)",
+        name,
+        line=line,
+        least=MIN_TOKEN_LENGTH,
     )
 
 
@@ -545,24 +705,32 @@ def _token_lines(text: str) -> str:
         if not words or words[0].startswith("#"):
             continue
         if len(words) > 2:
-            raise ConfigError(f"token_file line {number}: write `name token` or `token`")
+            raise SettingError(
+                "{0} line {number}: write `name token` or `token`", "token_file", number=number
+            )
         name, token = (None, words[0]) if len(words) == 1 else (words[0], words[1])
         if not _TOKEN.fullmatch(token):
-            raise _bad_token(f"token_file line {number}: the token")
+            raise _bad_token("token_file", number)
         if name is not None and (not _TOKEN_NAME.fullmatch(name) or name in RESERVED_NAMES):
-            raise ConfigError(
-                f"token_file line {number}: a name is 1 to {MIN_TOKEN_LENGTH - 1} letters, "
-                "digits and ._- (shorter than a token, so a token is never taken for a "
-                f"name and logged), and not {' or '.join(sorted(RESERVED_NAMES))}"
+            raise SettingError(
+                "{0} line {number}: a name is 1 to {most} letters, digits and ._- (shorter"
+                " than a token, so a token is never taken for a name and logged), and not"
+                " {reserved}",
+                "token_file",
+                number=number,
+                most=MIN_TOKEN_LENGTH - 1,
+                reserved=" or ".join(sorted(RESERVED_NAMES)),
             )
         identity = name if name is not None else token_identity(token)
         if identity in identities or token in tokens:
-            raise ConfigError(f"token_file line {number}: a name or token already given")
+            raise SettingError(
+                "{0} line {number}: a name or token already given", "token_file", number=number
+            )
         identities.add(identity)
         tokens.add(token)
         lines.append(token if name is None else f"{name} {token}")
     if not lines:
-        raise ConfigError("token_file holds no token (only blank lines and # comments)")
+        raise SettingError("{0} holds no token (only blank lines and # comments)", "token_file")
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ Each client then only carries a request to where it is answered (as httpx's
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -20,6 +21,7 @@ import orjson
 
 from runcache import wire
 from runcache.client import sse
+from runcache.errors import BadRequest
 from runcache.wire import CacheStats, Cleared, CommandResult, Health, Telemetry
 
 #: The answer to a clear, as the contract fixes it for ``POST /api/cache/clear``.
@@ -92,6 +94,25 @@ class BaseClient(ABC):
     ) -> wire.CacheEntryList:
         """Live entries whose command starts with ``prefix``, newest first."""
 
+    @abstractmethod
+    def entry(self, key: str) -> wire.CacheEntryDetail:
+        """One live entry and the result it holds (counts no hit)."""
+
+    @abstractmethod
+    def delete_entry(self, key: str) -> wire.Deleted:
+        """Delete one live entry (the admin token's, when there is one)."""
+
+    def entry_key(self, given: str) -> str:
+        """The whole key ``given`` is a unique prefix of (at least ``MIN_PREFIX``
+        characters), by listing every live entry; else ``given`` as it is."""
+        keys: list[str] = []
+        offset: int | None = 0
+        while offset is not None:
+            page = self.entries(offset=offset, limit=wire.MAX_LIST)
+            keys.extend(entry.cache_key for entry in page.entries)
+            offset = page.next_offset
+        return unique_prefix(given, keys, "cache entry")
+
     def invalidate(self, prefix: str | None = None, glob: str | None = None) -> wire.Deleted:
         """Delete the entries whose command starts with ``prefix`` or matches ``glob``
         (the admin token's, when there is one)."""
@@ -122,6 +143,41 @@ class BaseClient(ABC):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+#: The fewest characters of a job id or cache key the CLI takes for the whole (as
+#: docker takes an id's prefix): fewer would too often name several.
+MIN_PREFIX = 6
+
+#: The most candidates an ambiguous prefix names.
+_CANDIDATES_SHOWN = 5
+
+
+def unique_prefix(given: str, known: Iterable[str], noun: str) -> str:
+    """The one of ``known`` that starts with ``given``; ``given`` itself when it is one of
+    them or names none (the server then answers that there is no such one, in its words).
+
+    Resolved by the client, from a listing, so the API keeps taking whole ids only.
+    """
+    known = list(known)
+    if given in known:
+        return given
+    found = sorted(item for item in known if item.startswith(given))
+    if not found:
+        return given
+    if len(given) < MIN_PREFIX:
+        raise BadRequest(
+            f"{given!r} is too short to name a {noun}: give at least {MIN_PREFIX} characters"
+        )
+    if len(found) > 1:
+        shown = ", ".join(found[:_CANDIDATES_SHOWN])
+        more = len(found) - _CANDIDATES_SHOWN
+        raise BadRequest(
+            f"{given!r} starts {len(found)} {noun} ids: {shown}"
+            + (f" and {more} more" if more > 0 else "")
+            + "; give more characters"
+        )
+    return found[0]
 
 
 def run_request(request: wire.RunRequest | str, background: bool = False) -> wire.CommandRequest:

@@ -24,7 +24,7 @@ import orjson
 
 from runcache import __version__, wire
 from runcache.client import sse
-from runcache.client.base import FINAL_EVENTS, BaseClient
+from runcache.client.base import FINAL_EVENTS, BaseClient, unique_prefix
 from runcache.errors import (
     BadRequest,
     ConfigError,
@@ -185,6 +185,23 @@ class Client(BaseClient):
             query["limit"] = limit
         path = f"/api/cache/entries?{urllib.parse.urlencode(query)}"
         return self._request(wire.CacheEntryList, "GET", path)
+
+    def entry(self, key: str) -> wire.CacheEntryDetail:
+        return self._request(wire.CacheEntryDetail, "GET", f"/api/cache/entries/{_segment(key)}")
+
+    def delete_entry(self, key: str) -> wire.Deleted:
+        """Delete one entry, with the admin token when there is one."""
+        return self._request(
+            wire.Deleted,
+            "DELETE",
+            f"/api/cache/entries/{_segment(key)}",
+            token=self.admin_token or self.token,
+        )
+
+    def job_id(self, given: str) -> str:
+        """The whole id of this client's job ``given`` is a unique prefix of (at least
+        ``MIN_PREFIX`` characters), by listing the jobs; else ``given`` as it is."""
+        return unique_prefix(given, (job.job_id for job in self.jobs().jobs), "job")
 
     def _invalidate(self, request: wire.InvalidateRequest) -> wire.Deleted:
         return self._request(

@@ -113,6 +113,12 @@ class LocalClient(BaseClient):
         size = entry_answers.DEFAULT_LIST if limit is None else limit
         return self._portal.call(entry_answers.listing, self.engine, prefix, offset, size)
 
+    def entry(self, key: str) -> wire.CacheEntryDetail:
+        return self._portal.call(entry_answers.detail, self.engine, key)
+
+    def delete_entry(self, key: str) -> wire.Deleted:
+        return self._portal.call(entry_answers.delete, self.engine, key, "local")
+
     def _invalidate(self, request: wire.InvalidateRequest) -> wire.Deleted:
         return self._portal.call(entry_answers.invalidate, self.engine, request, "local")
 
