@@ -25,7 +25,8 @@ import requests
 from conftest import free_port, until
 
 #: The part of the configuration a team deploys, with the servers' addresses
-#: (``{servers}``) and the port (``{port}``) filled in; the README shows the same.
+#: (``{servers}``), the address nginx listens on and its name filled in; the README
+#: shows the same (a test checks it).
 SITE = """\
 upstream runcache {{
 {servers}
@@ -33,7 +34,8 @@ upstream runcache {{
 }}
 
 server {{
-    listen 127.0.0.1:{port};
+    listen {listen};
+    server_name {name};
     client_max_body_size 2m;
 
     location / {{
@@ -43,8 +45,8 @@ server {{
         proxy_set_header Host $http_host;
         proxy_buffering off;
         proxy_request_buffering off;
-        proxy_read_timeout 1h;
-        proxy_send_timeout 1h;
+        proxy_read_timeout 3700s;
+        proxy_send_timeout 3700s;
     }}
 }}
 """
@@ -106,10 +108,10 @@ class Nginx:
                 self.process.wait(10)
 
 
-def site(servers: list[str], port: int) -> str:
+def site(servers: list[str], listen: str, name: str) -> str:
     """The configuration of the balancer itself, for ``servers`` (``host:port`` each)."""
     lines = "\n".join(f"    server {server};" for server in servers)
-    return SITE.format(servers=lines, port=port)
+    return SITE.format(servers=lines, listen=listen, name=name)
 
 
 def start_nginx(servers: list[str], prefix: Path, host: str) -> Nginx:
@@ -123,7 +125,7 @@ def start_nginx(servers: list[str], prefix: Path, host: str) -> Nginx:
     # As root, nginx's workers would switch to "nobody", who cannot enter the test's
     # directory; as anyone else, the directive is refused.
     user = "user root;" if os.geteuid() == 0 else ""
-    text = _MAIN.format(user=user, prefix=prefix, site=site(servers, port))
+    text = _MAIN.format(user=user, prefix=prefix, site=site(servers, f"127.0.0.1:{port}", host))
     (prefix / "nginx.conf").write_text(text)
     process = subprocess.Popen(
         [executable, "-c", str(prefix / "nginx.conf"), "-p", str(prefix), "-g", "daemon off;"],

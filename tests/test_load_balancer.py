@@ -28,7 +28,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.types import TextContent
 
-from balancer import Nginx, start_nginx
+from balancer import Nginx, site, start_nginx
 from conftest import (
     Json,
     LiveServer,
@@ -143,6 +143,13 @@ def team(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) ->
         served(*kept)
     for server in servers:
         server.assert_quiet_log()
+
+
+def test_the_readme_shows_the_configuration_tested_here() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    shown = site(["10.0.0.11:8888", "10.0.0.12:8888"], "80", "runcache.internal")
+    assert f"```nginx\n{shown}```" in readme
+    assert "--allowed-hosts runcache.internal --mcp-stateless true" in readme
 
 
 def state(mark: str) -> str:
