@@ -226,6 +226,17 @@ def _leftovers(before: set[int]) -> list[psutil.Process]:
     ]
 
 
+def serving_several_tests(*pids: int) -> None:
+    """Exempt processes a fixture keeps for several tests (a module's servers) from the
+    leftover check; the fixture stops them, and calls :func:`served` after."""
+    _LONG_LIVED.update(pids)
+
+
+def served(*pids: int) -> None:
+    """The processes of :func:`serving_several_tests` stopped: checked again as any."""
+    _LONG_LIVED.difference_update(pids)
+
+
 def _marked(pid: int) -> bool:
     """Whether the process started with this test run's mark in its environment."""
     try:

@@ -78,6 +78,20 @@ def test_several_workers_need_a_shared_store(tmp_path: Path) -> None:
     assert Config.load({"workers": 1}, environ={}).store == "memory://"
 
 
+@pytest.mark.parametrize(
+    ("text", "value"), [("true", True), ("On", True), ("0", False), ("no", False)]
+)
+def test_a_yes_or_no_setting_is_read_as_written(text: str, value: bool) -> None:
+    assert Config.load(environ={"RUNCACHE_MCP_STATELESS": text}).mcp_stateless is value
+    assert Config.load({"mcp_stateless": text}, environ={}).mcp_stateless is value
+
+
+def test_a_yes_or_no_setting_refuses_anything_else() -> None:
+    # bool("false") is True: a plain conversion would take every word as yes.
+    with pytest.raises(ConfigError, match="RUNCACHE_MCP_STATELESS must be true or false"):
+        Config.load(environ={"RUNCACHE_MCP_STATELESS": "maybe"})
+
+
 def test_unknown_override_is_refused() -> None:
     with pytest.raises(ConfigError, match="unknown setting"):
         Config.load({"colour": "blue"}, environ={})

@@ -284,6 +284,12 @@ class Config:
         "Most MCP sessions one client address keeps at /mcp: opening one more closes its oldest.",
         1,
     )
+    mcp_stateless: bool = _setting(
+        False,
+        "Serve /mcp without sessions, each request on its own (as --workers N does): for"
+        " servers behind a load balancer, where a session's next request may reach another"
+        " server; a client's cancel of a call in flight is then lost.",
+    )
 
     def __post_init__(self) -> None:
         for setting in dataclasses.fields(self):
@@ -613,11 +619,22 @@ class Setting:
 
     def parse(self, text: str, source: str) -> Any:
         """Turn the text of an environment variable or flag into the setting's type."""
+        if self.kind is bool:  # bool("false") is True: spelled out instead
+            if text.strip().lower() not in _BOOLEANS:
+                raise ConfigError(f"{source} must be true or false, got {text!r}")
+            return _BOOLEANS[text.strip().lower()]
         try:
             return self.kind(text)
         except ValueError:
             kind = {int: "a whole number", float: "a number"}.get(self.kind, self.kind.__name__)
             raise ConfigError(f"{source} must be {kind}, got {text!r}") from None
+
+
+#: How a yes-or-no setting may be written.
+_BOOLEANS = {
+    **dict.fromkeys(("true", "yes", "on", "1"), True),
+    **dict.fromkeys(("false", "no", "off", "0"), False),
+}
 
 
 def settings() -> Iterator[Setting]:

@@ -441,7 +441,7 @@ def _answer(value: Struct) -> CallToolResult:
 
 def streamable_http(
     backend: ToolBackend,
-    several_workers: bool,
+    stateless: bool,
     *,
     session_idle: float = 300.0,
     body_limit: int = 1 << 20,
@@ -449,8 +449,11 @@ def streamable_http(
     """MCP's Streamable HTTP transport over ``backend``: the ASGI app that answers at
     ``/mcp``, and the session manager to run for as long as it serves.
 
-    With several worker processes a session's next request may reach another
-    process, so the transport is stateless there: each request stands alone.
+    With several worker processes, or several servers behind a load balancer
+    (``--mcp-stateless``), a session's next request may reach another process,
+    which holds none of the SDK's per-process session state: the transport is
+    ``stateless`` there, each request standing alone (the tools keep nothing
+    between calls; a job they start is the deployment's with a shared store).
     The SDK's own Host and Origin check is off: it held only when ``--host`` was
     spelled 127.0.0.1, localhost or ::1, and let in pages of any port of those;
     :class:`~runcache.web.origins.OriginGuard` checks ``/mcp`` as it checks every route.
@@ -467,7 +470,7 @@ def streamable_http(
     server = build_server(backend)
     app = server.streamable_http_app(
         streamable_http_path="/mcp",
-        stateless_http=several_workers,
+        stateless_http=stateless,
         transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
         session_idle_timeout=session_idle,
         max_request_body_size=body_limit,

@@ -125,7 +125,7 @@ class McpEndpoint:
         config = self.engine.config
         return streamable_http(
             EngineBackend(self.engine),
-            several_workers=config.workers > 1,
+            stateless=config.workers > 1 or config.mcp_stateless,
             session_idle=config.mcp_session_timeout,
             body_limit=config.max_body_bytes,
         )
