@@ -586,7 +586,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "max_processes",
     ),
     "Logs": ("log_level", "log_format", "audit_log", "audit_log_max_bytes"),
-    "MCP over HTTP": ("mcp_session_timeout", "mcp_sessions_per_client"),
+    "MCP over HTTP": ("mcp_session_timeout", "mcp_sessions_per_client", "mcp_stateless"),
 }
 
 
