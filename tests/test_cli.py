@@ -505,7 +505,19 @@ def test_dash_h_after_the_command_of_run_is_the_command_s() -> None:
 
 
 #: The placeholders help may show: what a value is, never the Python type behind it.
-PLACEHOLDERS = {"N", "SECONDS", "TEXT", "URL", "DIR", "NAME", "NAME=VALUE", "PATTERN", "KEY", "JOB"}
+PLACEHOLDERS = {
+    "N",
+    "SECONDS",
+    "TEXT",
+    "URL",
+    "DIR",
+    "NAME",
+    "NAME=VALUE",
+    "PATTERN",
+    "KEY",
+    "JOB",
+    "BOOL",
+}
 
 
 @pytest.mark.parametrize("path", [(), *_commands(cli)], ids=" ".join)
