@@ -125,7 +125,7 @@ def opened() -> Iterator[list[SqliteStore]]:
         store.close()
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "redis-cluster"])
 def store_factory(
     request: pytest.FixtureRequest, fake_clock: FakeClock, tmp_path: Path
 ) -> Iterator[StoreFactory]:
@@ -148,6 +148,10 @@ def store_factory(
         elif request.param == "redis":
             server: RedisServer = request.getfixturevalue("redis_server")
             url = f"{server.url}?namespace={namespace}"
+            store = open_store(url, max_entries, max_bytes, clock=fake_clock, retain=retain)
+        elif request.param == "redis-cluster":
+            cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+            url = f"{cluster.url}?namespace={namespace}"
             store = open_store(url, max_entries, max_bytes, clock=fake_clock, retain=retain)
         else:
             raise AssertionError(f"unknown store kind {request.param}")
@@ -329,6 +333,8 @@ class RedisServer:
     process: subprocess.Popen[bytes] | None = None
     #: Set, clients must send it (redis-server --requirepass).
     password: str | None = None
+    #: A node of a Redis Cluster (its configuration in ``nodes-PORT.conf`` in ``directory``).
+    cluster: bool = False
 
     @property
     def url(self) -> str:
@@ -352,6 +358,11 @@ class RedisServer:
                 "--dir",
                 str(self.directory),
                 *(["--requirepass", self.password] if self.password else []),
+                *(
+                    ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{self.port}.conf"]
+                    if self.cluster
+                    else []
+                ),
             ],
             stdout=subprocess.DEVNULL,
         )
@@ -387,6 +398,75 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+@dataclass
+class RedisCluster:
+    """A Redis Cluster of three masters (no replicas), each a redis-server on a free
+    loopback port, the slots spread over them by ``redis-cli --cluster create``."""
+
+    nodes: list[RedisServer]
+
+    @property
+    def url(self) -> str:
+        """The store URL of the cluster; it names one node, the client finds the others."""
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            pytest.fail("redis-cli is not installed; the README's test command installs it")
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        until(self._ready, 30, "the cluster to say cluster_state:ok on every node")
+
+    def _ready(self) -> bool:
+        import redis
+
+        for node in self.nodes:
+            with redis.Redis(port=node.port) as connection:
+                if connection.cluster("INFO").get("cluster_state") != "ok":
+                    return False
+        return True
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (the port + 10000) is free too."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    pytest.fail("no free port with a free cluster bus port")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A real three-master Redis Cluster, for the session."""
+    directory = tmp_path_factory.mktemp("redis-cluster")
+    nodes = [RedisServer(_cluster_port(), directory, cluster=True) for _ in range(3)]
+    cluster = RedisCluster(nodes)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 # -- a real runcache server --------------------------------------------------------

@@ -18,6 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, rule, run_state_machine_as_test
 
@@ -165,6 +166,9 @@ class CacheMachine(RuleBasedStateMachine):
         assert (stats.max_size, stats.max_bytes) == (MAX_ENTRIES, MAX_BYTES)
 
 
+# Not on the Redis Cluster: the same scripts as on one Redis, only routed, and its
+# routing is the store suite's and tests/test_store_cluster.py's to check.
+@pytest.mark.parametrize("store_factory", ["memory", "sqlite", "redis"], indirect=True)
 def test_every_store_behaves_like_the_model(
     store_factory: StoreFactory, fake_clock: FakeClock
 ) -> None:

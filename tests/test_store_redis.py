@@ -101,7 +101,7 @@ def test_a_clear_of_a_big_cache_deletes_every_entry_in_batches(
     epoch = store.epoch()
     with connection.pipeline(transaction=False) as pipe:  # the entries, in few round trips
         for index in range(count):
-            store._put(
+            store._scripts.put(
                 keys=store._entry_keys(f"k{index}"),
                 args=[
                     f"k{index}",
@@ -134,7 +134,7 @@ def test_a_clear_left_half_done_is_finished_by_the_next_and_spares_new_entries(
     keys = redis_store._ClearKeys(
         *store._index_keys, cleared_key=store.cleared_key, trash_key=store.cleared_key + ":left"
     )
-    store._run(store._clear, keys, [])  # the step alone
+    store._run(store._scripts.clear, keys, [])  # the step alone
     assert store.get("k1") is None and store.entries("", 0, 10) == []
     assert store.stats().size == 0
     store.put("k2", b"new", 60, store.epoch(), command="echo 2")
@@ -142,7 +142,7 @@ def test_a_clear_left_half_done_is_finished_by_the_next_and_spares_new_entries(
     store.clear()
     assert namespace_keys(connection, namespace) == {store.counts_key.encode()}
     store.put("k2", b"new", 60, store.epoch(), command="echo 2")
-    store._run(store._clear, keys, [])
+    store._run(store._scripts.clear, keys, [])
     store.put("k4", b"newer", 60, store.epoch(), command="echo 4")
     store._drain_cleared()
     assert store.get("k4") == b"newer" and store.get("k2") is None
@@ -226,6 +226,37 @@ def test_scripts_are_loaded_again_after_redis_forgets_them(
     store.put("k", b"v", 60, store.epoch())
     connection.script_flush()
     assert store.get("k") == b"v"
+
+
+def test_hits_asked_at_once_share_a_trip_and_survive_redis_forgetting_the_script(
+    make: MakeStore, connection: redis.Redis
+) -> None:
+    """Lookups of one turn of the loop go as one pipeline; after ``SCRIPT FLUSH`` its
+    answers are NOSCRIPT errors, and each lookup is sent again once, counted once."""
+    store = make()
+    for index in range(3):
+        store.put(f"k{index}", f"v{index}".encode(), 60, store.epoch())
+    reads: list[int] = []
+
+    async def at_once() -> list[bytes | None]:
+        try:
+            await store.get_async("k0")  # connected, so the reads below are the lookups'
+            reads.append(connection.info("stats")["total_reads_processed"])
+            found = await asyncio.gather(*(store.get_async(f"k{i % 4}") for i in range(8)))
+            reads.append(connection.info("stats")["total_reads_processed"])
+            return found
+        finally:
+            await store.aclose()
+
+    expected = [b"v0", b"v1", b"v2", None] * 2
+    assert asyncio.run(at_once()) == expected
+    # Redis read the eight lookups at once (sent one by one, they would be eight reads);
+    # the second INFO is a read of its own.
+    assert reads[1] - reads[0] <= 3, reads
+    connection.script_flush()
+    assert asyncio.run(at_once()) == expected
+    stats = store.stats()
+    assert (stats.hits, stats.misses) == (14, 4)
 
 
 _PARAMETER = re.compile(r"^local (\w+) = (?:tonumber\()?(KEYS|ARGV)\[(\d+)\]\)? +-- .*$", re.M)

@@ -89,7 +89,8 @@ class Config:
     store: str = _setting(
         "memory://",
         "Where cached results live: memory://, sqlite:///path.db or redis://host:port/db"
-        " (also rediss://), each with an optional ?namespace=NAME.",
+        " (also rediss://; redis+cluster://host:port for a Redis Cluster), each with an"
+        " optional ?namespace=NAME.",
     )
     store_timeout: float = _setting(
         0.5,

@@ -3,9 +3,10 @@
 ``memory://`` keeps results in this process; ``sqlite:///path/cache.db`` in a
 file that survives restarts and that processes on one machine share;
 ``redis://host:port/db`` (or ``rediss://``, password in the URL) in a Redis that
-instances on many machines share. Each takes ``?namespace=NAME`` (default
-``runcache``): stores with different namespaces in one file or one Redis never
-see each other's entries or counts.
+instances on many machines share, and ``redis+cluster://host:port`` (or
+``rediss+cluster://``) in a Redis Cluster, any of its nodes named. Each takes
+``?namespace=NAME`` (default ``runcache``): stores with different namespaces in
+one file or one Redis never see each other's entries or counts.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def _open_sqlite(
 def _open_redis(
     url: str, max_entries: int, max_bytes: int, clock: Clock | None, timeout: float, retain: float
 ) -> Store:
+    scheme, _, rest = url.partition("://")
+    cluster = scheme.endswith("+cluster")
     try:
         from runcache.stores.redis import RedisStore
     except ModuleNotFoundError as error:
@@ -72,7 +75,8 @@ def _open_redis(
         raise ConfigError(
             f"store {url!r} needs the redis package: pip install 'runcache[redis]'"
         ) from None
-    rest, namespace = _split_namespace(url)
+    # redis-py reads redis:// and rediss://; the +cluster says which client to make.
+    rest, namespace = _split_namespace(f"{scheme.removesuffix('+cluster')}://{rest}")
     return RedisStore.from_url(
         rest,
         max_entries,
@@ -81,6 +85,7 @@ def _open_redis(
         clock=clock or time.time,
         timeout=timeout,
         retain=retain,
+        cluster=cluster,
     )
 
 
@@ -90,6 +95,8 @@ SCHEMES: dict[str, Callable[[str, int, int, Clock | None, float, float], Store]]
     "sqlite": _open_sqlite,
     "redis": _open_redis,
     "rediss": _open_redis,
+    "redis+cluster": _open_redis,
+    "rediss+cluster": _open_redis,
 }
 
 

@@ -41,16 +41,20 @@ import asyncio
 import functools
 import math
 import secrets
+import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgspec
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisClusterException
 from redis.retry import Retry
 
 from runcache.errors import ConfigError, StoreError
@@ -65,6 +69,14 @@ from runcache.stores.base import (
 #: The failures a call is retried after, once and at once: a connection found
 #: closed or refused. Not a timeout (see :meth:`RedisStore.from_url`).
 _RETRIED: tuple[type[redis.RedisError], ...] = (redis.ConnectionError,)
+
+#: What a call to Redis may raise: a cluster client's own failures (no node
+#: reachable, a slot nobody serves) are not ``RedisError``s.
+_FAILURES = (redis.RedisError, RedisClusterException)
+
+#: A client for one Redis, or for a Redis Cluster (``redis+cluster://``).
+_Client: TypeAlias = redis.Redis | redis.cluster.RedisCluster
+_AsyncClient: TypeAlias = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
 
 #: Seconds after an entry expires on the store's clock at which Redis deletes it
 #: natively; the margin absorbs clock skew between instances.
@@ -446,6 +458,105 @@ return 0
 """
 
 
+class _Scripts(NamedTuple):
+    """The scripts, registered with the client that runs them."""
+
+    get: Any
+    put: Any
+    peek: Any
+    stats: Any
+    clear: Any
+    drain: Any
+    delete: Any
+    release: Any
+
+    @classmethod
+    def of(cls, client: _Client) -> _Scripts:
+        texts = (_GET, _PUT, _PEEK, _STATS, _CLEAR, _DRAIN, _DELETE, _RELEASE)
+        return cls(*(client.register_script(text) for text in texts))
+
+
+#: How many KEYS ``_GET`` takes.
+_GET_KEYS = len(_EntryKeys._fields)
+
+
+class _Hits:
+    """The hit path on one event loop: its client, and the lookups waiting to be sent.
+
+    Lookups asked in one turn of the loop (several requests read at once, or
+    answered by one read from Redis) go to Redis together, as one pipeline of
+    the get script: one write and one read for them all instead of one each. A
+    round trip costs this process more than the rest of a hit (two system
+    calls, and redis-py's connection handling around them), so under load this
+    is what keeps a Redis hit near a memory one; alone, a lookup waits one turn
+    of the loop, microseconds. Each lookup is still its own script, its own
+    atomic step: only the trip is shared.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, client: _AsyncClient) -> None:
+        self.loop = loop
+        self.client = client
+        self.script = client.register_script(_GET)
+        self._waiting: list[tuple[Sequence[Any], asyncio.Future[Any]]] = []
+        # The sends under way: the loop keeps only weak references to tasks.
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def get(self, keys_and_args: Sequence[Any]) -> asyncio.Future[Any]:
+        """The get script's answer to these KEYS then ARGV, once the batch is sent."""
+        answer = self.loop.create_future()
+        if not self._waiting:
+            self.loop.call_soon(self._send_waiting)
+        self._waiting.append((keys_and_args, answer))
+        return answer
+
+    def _send_waiting(self) -> None:
+        batch, self._waiting = self._waiting, []
+        task = self.loop.create_task(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[Sequence[Any], asyncio.Future[Any]]]) -> None:
+        try:
+            answers = await self._pipeline([keys_and_args for keys_and_args, _ in batch])
+        except Exception as error:
+            answers = [error] * len(batch)
+        for (_, answer), found in zip(batch, answers, strict=True):
+            if answer.done():  # its request was cancelled (the client left)
+                continue
+            if isinstance(found, Exception):
+                answer.set_exception(found)
+            else:
+                answer.set_result(found)
+
+    async def _pipeline(self, batch: list[Sequence[Any]]) -> list[Any]:
+        """Each lookup's answer (or its error), in order; the script is loaded when
+        Redis lacks it (restarted, or a cluster node that never had it)."""
+        if len(batch) == 1:  # a pipeline of one costs more than the call
+            return [await self.script(keys=batch[0][:_GET_KEYS], args=batch[0][_GET_KEYS:])]
+        answers = await self._evalshas(batch)
+        if any(isinstance(found, NoScriptError) for found in answers):
+            self.script.sha = await self.client.script_load(self.script.script)
+            again = [i for i, found in enumerate(answers) if isinstance(found, NoScriptError)]
+            for i, found in zip(
+                again, await self._evalshas([batch[i] for i in again]), strict=True
+            ):
+                answers[i] = found
+        return answers
+
+    async def _evalshas(self, batch: list[Sequence[Any]]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for keys_and_args in batch:
+            pipe.evalsha(self.script.sha, _GET_KEYS, *keys_and_args)
+        answers: list[Any] = await pipe.execute(raise_on_error=False)
+        return answers
+
+    async def aclose(self) -> None:
+        """Let the lookups under way finish, then close the client."""
+        while self._sending or self._waiting:
+            await asyncio.sleep(0)
+        await self.client.aclose()
+
+
 class RedisStore:
     """The cache's rules kept in Redis by Lua scripts, one round trip per operation."""
 
@@ -454,8 +565,8 @@ class RedisStore:
 
     def __init__(
         self,
-        client: redis.Redis,
-        async_client: Callable[[], redis.asyncio.Redis],
+        connect: Callable[[], _Client],
+        async_client: Callable[[], _AsyncClient],
         max_entries: int,
         max_bytes: int,
         namespace: str = "runcache",
@@ -463,13 +574,17 @@ class RedisStore:
         description: str = "redis://",
         retain: float = 0.0,
     ) -> None:
-        self.client = client
+        # Made on first use: a cluster client asks a node for the cluster's
+        # layout as it is made, and opening a store never connects.
+        self._connect = connect
+        self._connected: tuple[_Client, _Scripts] | None = None
+        self._connecting = threading.Lock()
         #: Seconds an expired entry is kept for readers that accept a stale answer.
         self.retain = retain
         # The hit path's client, made on the loop that first awaits a hit:
         # redis.asyncio's connections belong to one event loop.
         self._async_client = async_client
-        self._on_loop: tuple[asyncio.AbstractEventLoop, redis.asyncio.Redis, Any] | None = None
+        self._hits: _Hits | None = None
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.namespace = namespace
@@ -495,14 +610,28 @@ class RedisStore:
             info_key=self.info_key,
             created_key=self.created_key,
         )
-        self._get = client.register_script(_GET)
-        self._put = client.register_script(_PUT)
-        self._peek = client.register_script(_PEEK)
-        self._stats = client.register_script(_STATS)
-        self._clear = client.register_script(_CLEAR)
-        self._drain = client.register_script(_DRAIN)
-        self._delete = client.register_script(_DELETE)
-        self._release = client.register_script(_RELEASE)
+
+    @property
+    def client(self) -> _Client:
+        """The client of the calls made off the hit path (made on first use)."""
+        return self._connection()[0]
+
+    @property
+    def _scripts(self) -> _Scripts:
+        return self._connection()[1]
+
+    def _connection(self) -> tuple[_Client, _Scripts]:
+        connected = self._connected
+        if connected is None:
+            with self._connecting:
+                if self._connected is None:
+                    try:
+                        client = self._connect()
+                    except _FAILURES as error:
+                        raise self._failure(error) from error
+                    self._connected = (client, _Scripts.of(client))
+                connected = self._connected
+        return connected
 
     @classmethod
     def from_url(
@@ -514,8 +643,10 @@ class RedisStore:
         clock: Callable[[], float] = time.time,
         timeout: float = DEFAULT_TIMEOUT,
         retain: float = 0.0,
+        cluster: bool = False,
     ) -> RedisStore:
-        """Build a client from a redis:// or rediss:// URL (without the namespace) lazily.
+        """Build a client from a redis:// or rediss:// URL (without the namespace) lazily;
+        with ``cluster``, a Redis Cluster client, the URL naming any of its nodes.
 
         Nothing connects here: a Redis that is down at start makes the server
         start degraded, not fail. ``timeout`` bounds each call, on the hit path's
@@ -524,70 +655,73 @@ class RedisStore:
         description = f"{mask_password(url)}{'&' if '?' in url else '?'}namespace={namespace}"
         timeouts: dict[str, Any] = {"socket_connect_timeout": timeout, "socket_timeout": timeout}
         try:
-            client = redis.Redis.from_url(
-                url,
-                **timeouts,
-                # One immediate retry on a fresh connection covers a pooled
-                # connection that a restarted Redis closed, which fails at once.
-                # A timeout is never retried: a Redis that hangs (stopped, or
-                # its host gone) would cost each call two timeouts, not one.
-                retry=Retry(NoBackoff(), 1, supported_errors=_RETRIED),
-            )
+            # One immediate retry on a fresh connection covers a pooled
+            # connection that a restarted Redis closed, which fails at once.
+            # A timeout is never retried: a Redis that hangs (stopped, or
+            # its host gone) would cost each call two timeouts, not one.
+            retry = Retry(NoBackoff(), 1, supported_errors=_RETRIED)
+            client = redis.Redis.from_url(url, **timeouts, retry=retry)
             # Build (without connecting) one connection now, so that an unknown
             # URL option fails at start rather than on the first request.
             pool = client.connection_pool
             pool.connection_class(**pool.connection_kwargs)
         except (ValueError, TypeError) as error:
             raise ConfigError(f"bad redis store URL {mask_password(url)}: {error}") from None
-        async_client = functools.partial(
-            redis.asyncio.Redis.from_url,
-            url,
-            **timeouts,
-            retry=AsyncRetry(NoBackoff(), 1, supported_errors=_RETRIED),
-        )
+        async_retry = AsyncRetry(NoBackoff(), 1, supported_errors=_RETRIED)
+        if cluster:
+            # A cluster has no database but 0 (and its client refuses one as it connects).
+            if pool.connection_kwargs.get("db", 0) != 0:
+                raise ConfigError(
+                    f"store {mask_password(url)}: a Redis Cluster has database 0 only"
+                )
+            description = "redis+cluster" + description.removeprefix("redis")
+            connect: Callable[[], _Client] = functools.partial(
+                redis.cluster.RedisCluster.from_url, url, **timeouts, retry=retry
+            )
+            async_client: Callable[[], _AsyncClient] = functools.partial(
+                redis.asyncio.cluster.RedisCluster.from_url, url, **timeouts, retry=async_retry
+            )
+        else:
+            connect = functools.partial(lambda client: client, client)
+            async_client = functools.partial(
+                redis.asyncio.Redis.from_url, url, **timeouts, retry=async_retry
+            )
         return cls(
-            client, async_client, max_entries, max_bytes, namespace, clock, description, retain
+            connect, async_client, max_entries, max_bytes, namespace, clock, description, retain
         )
 
     # -- the cache's operations -------------------------------------------------
 
     def get(self, key: str) -> bytes | None:
-        # Every cache hit comes through here: one script call, no helper layers.
-        try:
-            value = self._get(
-                keys=self._entry_keys(key),
-                args=_Lookup(key, repr(self._clock()), retain=self.retain),
-            )
-        except redis.RedisError as error:
-            raise self._failure(error) from error
+        args = _Lookup(key, repr(self._clock()), retain=self.retain)
+        value = self._run(self._scripts.get, self._entry_keys(key), args)
         return value if isinstance(value, bytes) else None
 
     async def get_async(self, key: str) -> bytes | None:
-        # The same script as get, through redis.asyncio: the loop serves other
-        # requests during the round trip instead of handing it to a thread.
+        # Every cache hit comes through here: the same script as get, through
+        # redis.asyncio (the loop serves other requests during the round trip
+        # instead of handing it to a thread), sent with the lookups of the same
+        # turn of the loop (see _Hits).
+        lookup = (*self._entry_keys(key), *_Lookup(key, repr(self._clock()), retain=self.retain))
         try:
-            value = await self._loop_get()(
-                keys=self._entry_keys(key),
-                args=_Lookup(key, repr(self._clock()), retain=self.retain),
-            )
-        except redis.RedisError as error:
+            value = await self._loop_hits().get(lookup)
+        except _FAILURES as error:
             raise self._failure(error) from error
         return value if isinstance(value, bytes) else None
 
     def get_stale(self, key: str, stale: float) -> tuple[bytes, bool] | None:
         args = _Lookup(member=key, now=repr(self._clock()), stale=stale, retain=self.retain)
-        found = self._run(self._get, self._entry_keys(key), args)
+        found = self._run(self._scripts.get, self._entry_keys(key), args)
         if isinstance(found, list):
             return bytes(found[0]), bool(found[1])
         return (found, False) if isinstance(found, bytes) else None
 
-    def _loop_get(self) -> Any:
-        """The get script on this loop's client, made on first use on each loop."""
+    def _loop_hits(self) -> _Hits:
+        """The hit path on this loop, made on first use on each loop."""
         loop = asyncio.get_running_loop()
-        if self._on_loop is None or self._on_loop[0] is not loop:
-            client = self._async_client()
-            self._on_loop = (loop, client, client.register_script(_GET))
-        return self._on_loop[2]
+        if self._hits is None or self._hits.loop is not loop:
+            self._hits = _Hits(loop, self._async_client())
+        return self._hits
 
     def put(
         self,
@@ -612,7 +746,7 @@ class RedisStore:
             entry_prefix=self.entry_prefix,
             info=_encode_info((command, now, return_code)),
         )
-        stored = self._run(self._put, self._entry_keys(key), args)
+        stored = self._run(self._scripts.put, self._entry_keys(key), args)
         return bool(stored == 1)
 
     def epoch(self) -> int:
@@ -620,7 +754,7 @@ class RedisStore:
 
     def peek(self, key: str) -> bytes | None:
         keys = _PeekKeys(entry_key=self.entry_prefix + key, expiry_key=self.expiry_key)
-        value = self._run(self._peek, keys, _PeekArgs(member=key, now=repr(self._clock())))
+        value = self._run(self._scripts.peek, keys, _PeekArgs(member=key, now=repr(self._clock())))
         return value if isinstance(value, bytes) else None
 
     def acquire(self, key: str, lease: float) -> str | None:
@@ -632,7 +766,7 @@ class RedisStore:
 
     def release(self, key: str, token: str) -> None:
         # KEYS: lock_key; ARGV: token.
-        self._run(self._release, [self.lock_prefix + key], [token])
+        self._run(self._scripts.release, [self.lock_prefix + key], [token])
 
     def record_coalesced(self) -> None:
         self._call(self.client.hincrby, self.counts_key, "coalesced", 1)
@@ -660,7 +794,7 @@ class RedisStore:
             cleared_key=self.cleared_key,
             trash_key=f"{self.cleared_key}:{secrets.token_hex(8)}",
         )
-        counts = self._run(self._clear, keys, [])
+        counts = self._run(self._scripts.clear, keys, [])
         self._drain_cleared()
         return self._snapshot(counts)
 
@@ -671,7 +805,7 @@ class RedisStore:
                 trash_key=trash.decode(), lru_key=self.lru_key, cleared_key=self.cleared_key
             )
             # ARGV: entry_prefix, batch.
-            while self._run(self._drain, keys, [self.entry_prefix, BATCH]) == 1:
+            while self._run(self._scripts.drain, keys, [self.entry_prefix, BATCH]) == 1:
                 pass
 
     def entries(self, prefix: str, offset: int, limit: int) -> list[EntryInfo]:
@@ -748,21 +882,21 @@ class RedisStore:
             return 0
         # ARGV: now, entry_prefix, then the members.
         args = [self._clock(), self.entry_prefix, *members]
-        return int(self._run(self._delete, self._index_keys, args))
+        return int(self._run(self._scripts.delete, self._index_keys, args))
 
     def stats(self) -> CacheStats:
         args = _StatsArgs(now=self._clock() - self.retain, entry_prefix=self.entry_prefix)
-        counts = self._run(self._stats, self._index_keys, args)
+        counts = self._run(self._scripts.stats, self._index_keys, args)
         return self._snapshot(counts)
 
     def close(self) -> None:
-        self.client.close()
+        if self._connected is not None:
+            self._connected[0].close()
 
     async def aclose(self) -> None:
-        if self._on_loop is not None:
-            client = self._on_loop[1]
-            self._on_loop = None
-            await client.aclose()
+        if self._hits is not None:
+            hits, self._hits = self._hits, None
+            await hits.aclose()
 
     # -- helpers ----------------------------------------------------------------
 
@@ -779,10 +913,10 @@ class RedisStore:
     def _call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
             return function(*args, **kwargs)
-        except redis.RedisError as error:
+        except _FAILURES as error:
             raise self._failure(error) from error
 
-    def _failure(self, error: redis.RedisError) -> StoreError:
+    def _failure(self, error: Exception) -> StoreError:
         return StoreError(f"redis store {self.description}: {error}")
 
 
