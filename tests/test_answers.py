@@ -20,7 +20,7 @@ import pytest
 from runcache.config import Config
 from runcache.engine.callers import Caller
 from runcache.engine.engine import Engine, Outcome
-from runcache.errors import BadRequest
+from runcache.errors import BadRequest, Forbidden
 from runcache.wire import RunRequest
 
 from conftest import RedisServer
@@ -203,3 +203,34 @@ def test_only_files_whose_stat_changed_are_read_within_the_byte_bound(tmp_path: 
         assert "more than 1500 bytes read (--max-input-bytes)" in refused.value.message
     finally:
         built.close()
+
+
+def test_pass_env_reaches_the_command_and_leaves_the_key_alone(
+    engine: Engine, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    command = f'echo run >> {runs}; echo "token=$SCAN_TOKEN"'
+    plain = _run(engine, RunRequest(command))
+    assert plain.result().stdout == "token=\n"
+    engine.cache.store.clear()  # the next run must be a run, to see the variable
+    first = _run(engine, RunRequest(command, pass_env={"SCAN_TOKEN": "s3cret"}))
+    assert first.result().stdout == "token=s3cret\n" and not first.cached
+    other = _run(engine, RunRequest(command, pass_env={"SCAN_TOKEN": "another"}))
+    assert other.cached and _key(other) == _key(first) == _key(plain)
+    assert runs.read_text() == "run\n" * 2
+
+
+def test_pass_env_follows_the_env_rules_and_is_never_logged(tmp_path: Path) -> None:
+    built = Engine.from_config(
+        Config.load({"env_allow": "PATH,SCAN_TOKEN", "audit_log": str(tmp_path / "a")}, environ={})
+    )
+    try:
+        with pytest.raises(Forbidden) as refused:
+            _run(built, RunRequest("true", pass_env={"OTHER": "x"}))
+        assert "pass_env may set only the variables --env-allow names" in refused.value.message
+        with pytest.raises(Forbidden):
+            _run(built, RunRequest("true", pass_env={"RUNCACHE_TOKEN": "x"}))
+        _run(built, RunRequest("true", pass_env={"SCAN_TOKEN": "s3cret-value"}))
+    finally:
+        built.close()
+    assert "s3cret-value" not in (tmp_path / "a").read_text()

@@ -152,6 +152,20 @@ Env = Annotated[
         },
     ),
 ]
+PassEnv = Annotated[
+    dict[_EnvName, _EnvValue],
+    Meta(
+        max_length=MAX_ENV_VARIABLES,
+        description="Environment variables passed to the command but left out of the cache "
+        "key (a scanner's token, say): results are shared whatever their values. The same "
+        "rules as env (--env-allow); never logged, audited or stored.",
+        extra={
+            "type": "pass_env must be an object of variable names to string values",
+            "constraint": f"pass_env must map at most {MAX_ENV_VARIABLES} variable names "
+            "(letters, digits and _, not starting with a digit) to values without NUL",
+        },
+    ),
+]
 Stdin = Annotated[
     str,
     Meta(
@@ -223,6 +237,7 @@ class RunRequest(Request, frozen=True):
     stdin: Stdin | None = None
     cache_exit_codes: CacheExitCodes | None = None
     inputs: Inputs | None = None
+    pass_env: PassEnv | None = None
 
 
 class CommandRequest(RunRequest, frozen=True):

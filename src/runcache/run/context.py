@@ -42,15 +42,17 @@ class ContextRules:
 
     def check(self, request: RunRequest) -> RunContext:
         """The context to run ``request`` in; BadRequest or Forbidden says what is wrong."""
-        if request.cwd is None and not request.env and not request.stdin:
+        if request.cwd is None and not request.env and not request.stdin and not request.pass_env:
             return NO_CONTEXT
-        env = self._env(request.env) if request.env else None
+        env = self._env(request.env, "env") if request.env else None
+        passed = self._env(request.pass_env, "pass_env") if request.pass_env else None
         held = None if request.cwd is None else self._cwd(request.cwd)
         return RunContext(
             cwd=None if held is None else held.path,
             env=env,
             stdin=request.stdin.encode() if request.stdin else None,
             held=held,
+            passed_env=passed,
         )
 
     def _cwd(self, asked: str) -> HeldDirectory:
@@ -68,29 +70,32 @@ class ContextRules:
             )
         return held
 
-    def _env(self, asked: Mapping[str, str]) -> Mapping[str, str]:
+    def _env(self, asked: Mapping[str, str], field: str) -> Mapping[str, str]:
+        """``env`` or ``pass_env`` (``field``), checked by the same rules."""
         own = sorted(name for name in asked if is_own(name))
         if own:
             raise Forbidden(
-                f"env may not set runcache's own variables ({OWN_PREFIX}*): not {', '.join(own)}"
+                f"{field} may not set runcache's own variables ({OWN_PREFIX}*): "
+                f"not {', '.join(own)}"
             )
         if self.allowlist_mode and not self.env_names:
             raise Forbidden(
-                "env is refused in allowlist mode unless the server names the "
+                f"{field} is refused in allowlist mode unless the server names the "
                 "variables a request may set (--env-allow)"
             )
         refused = sorted(name for name in asked if self.env_names and name not in self.env_names)
         if refused:
             raise Forbidden(
-                f"env may set only the variables --env-allow names "
+                f"{field} may set only the variables --env-allow names "
                 f"({', '.join(sorted(self.env_names))}): not {', '.join(refused)}"
             )
         return dict(asked)
 
 
 def key_part(context: RunContext) -> bytes:
-    """What a context adds to a command's cache key: nothing when there is none."""
-    if context is NO_CONTEXT:
+    """What a context adds to a command's cache key: nothing when there is none (its
+    ``passed_env`` never counts: that is what it is for)."""
+    if context is NO_CONTEXT or (context.cwd is None and not context.env and not context.stdin):
         return b""
     described = {
         "cwd": context.cwd,

@@ -58,6 +58,9 @@ class RunContext:
     cwd: str | None = None
     env: Mapping[str, str] | None = None
     stdin: bytes | None = None
+    #: Variables set after ``env`` and left out of the key (``pass_env``): kept out of
+    #: ``repr`` so no log line can show them.
+    passed_env: Mapping[str, str] | None = field(default=None, compare=False, repr=False)
     #: ``cwd`` held open since it was checked: the run enters this directory, whatever
     #: the path names by then (a link swapped in while the run waited for a slot).
     held: HeldDirectory | None = field(default=None, compare=False)
@@ -345,11 +348,9 @@ class Runner:
         self, argv: Sequence[str], context: RunContext, control: RunControl
     ) -> subprocess.Popen[bytes]:
         env = self.env
-        if context.env:
-            env = {
-                **self.env,
-                **{name: value for name, value in context.env.items() if not is_own(name)},
-            }
+        if context.env or context.passed_env:
+            given = {**(context.env or {}), **(context.passed_env or {})}
+            env = {**self.env, **{name: value for name, value in given.items() if not is_own(name)}}
         # A held directory is entered by its descriptor: the child's chdir (before exec,
         # before its descriptors close) resolves /proc/self/fd/N to that very directory.
         cwd = f"/proc/self/fd/{context.held.fd}" if context.held else context.cwd or self.cwd
