@@ -65,12 +65,13 @@ REFUSED = re.compile(r"^Failed to load resource: the server responded with a sta
 
 
 @pytest.fixture
-def open_page(browser: Browser) -> Iterator[Callable[[LiveServer], Page]]:
-    """Opens the dashboard of a server; a test fails if a page threw or logged an error."""
+def open_page(browser: Browser) -> Iterator[Callable[..., Page]]:
+    """Opens the dashboard of a server; a test fails if a page threw or logged an error
+    (beyond the refusals of :data:`REFUSED`, and those of ``expected``)."""
     errors: list[str] = []
     contexts: list[BrowserContext] = []
 
-    def open_on(server: LiveServer) -> Page:
+    def open_on(server: LiveServer, expected: re.Pattern[str] = REFUSED) -> Page:
         # en-US, so numbers read "65,536" whatever the machine's locale.
         context = browser.new_context(locale="en-US", viewport={"width": 1280, "height": 900})
         contexts.append(context)
@@ -80,7 +81,9 @@ def open_page(browser: Browser) -> Iterator[Callable[[LiveServer], Page]]:
             "console",
             lambda message: (
                 errors.append(f"console: {message.text}")
-                if message.type == "error" and not REFUSED.match(message.text)
+                if message.type == "error"
+                and not REFUSED.match(message.text)
+                and not expected.match(message.text)
                 else None
             ),
         )
@@ -94,7 +97,7 @@ def open_page(browser: Browser) -> Iterator[Callable[[LiveServer], Page]]:
 
 
 @pytest.fixture
-def page(open_page: Callable[[LiveServer], Page], server: LiveServer) -> Iterator[Page]:
+def page(open_page: Callable[..., Page], server: LiveServer) -> Iterator[Page]:
     """The dashboard, opened; closed before its server stops, so it polls no stopped server."""
     opened = open_page(server)
     yield opened
@@ -340,7 +343,7 @@ def test_the_chart_has_axes_and_the_history_from_before_the_page_opened(
 
 def test_slots_queue_and_store_are_shown(
     live_server_factory: Callable[..., LiveServer],
-    open_page: Callable[[LiveServer], Page],
+    open_page: Callable[..., Page],
     tmp_path: Path,
 ) -> None:
     server = live_server_factory(
@@ -378,3 +381,34 @@ def test_commands_never_wrap_inside_a_word(page: Page, api: httpx.Client) -> Non
     shown.click()
     expect(page.locator("#detail-command")).to_have_text(command)
     assert page.locator("#detail-command").evaluate("e => getComputedStyle(e).whiteSpace") == "pre"
+
+
+def test_a_failing_store_is_shown_with_its_reason(
+    live_server_factory: Callable[..., LiveServer],
+    open_page: Callable[..., Page],
+    tmp_path: Path,
+) -> None:
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"not a database at all" * 200)
+    server = live_server_factory(
+        "--store",
+        f"sqlite://{corrupt}",
+        env={"RUNCACHE_TOKEN": TOKEN, "RUNCACHE_ADMIN_TOKEN": ADMIN},
+    )
+    # The entries cannot be listed while the store fails: a 503, which the page reports.
+    page = open_page(server, re.compile(r"^Failed to load resource: .* status of 503"))
+    with httpx.Client(
+        base_url=server.url, timeout=30, headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as api:
+        assert api.post("/api/command", json={"command": "echo uncached"}).is_success
+        health = until(
+            lambda: (found := api.get("/health").json())["status"] == "degraded" and found,
+            seconds=30,
+            what="the server to find its store failing",
+        )
+    expect(page.locator("#message")).to_contain_text("needs a token")
+    page.fill("#token", TOKEN)
+    page.click("#use-token")
+    expect(page.locator("#health")).to_contain_text("degraded")
+    expect(page.locator("#store-state")).to_have_text("failing")
+    expect(page.locator("#store-problem")).to_contain_text(str(health["reason"]))
