@@ -412,3 +412,23 @@ def test_a_failing_store_is_shown_with_its_reason(
     expect(page.locator("#health")).to_contain_text("degraded")
     expect(page.locator("#store-state")).to_have_text("failing")
     expect(page.locator("#store-problem")).to_contain_text(str(health["reason"]))
+
+
+def test_entries_are_paged(page: Page, api: httpx.Client) -> None:
+    marker = uuid.uuid4().hex
+    for n in range(25):
+        assert api.post("/api/command", json={"command": f"echo {marker} {n}"}).is_success
+    _sign_in(page)
+    page.fill("#entry-search", f"echo {marker}")
+    rows = page.locator("#entries tbody tr")
+    expect(rows).to_have_count(20)
+    expect(page.locator("#entries-page")).to_have_text("1–20")
+    expect(rows.first.locator("td.command")).to_have_text(f"echo {marker} 24")  # newest first
+    page.click("#entries-next")
+    expect(rows).to_have_count(5)
+    expect(page.locator("#entries-page")).to_have_text("21–25")
+    expect(page.locator("#entries-next")).to_be_disabled()
+    expect(rows.last.locator("td.command")).to_have_text(f"echo {marker} 0")
+    page.click("#entries-prev")
+    expect(rows).to_have_count(20)
+    expect(page.locator("#entries-prev")).to_be_disabled()
