@@ -64,6 +64,7 @@ OPERATIONS = {
     "GET /",
     "POST /api/command",
     "GET /api/cache/stats",
+    "GET /api/cache/history",
     "POST /api/cache/clear",
     "GET /api/cache/entries",
     "GET /api/cache/entries/{cache_key}",

@@ -196,6 +196,8 @@ REQUESTS: list[tuple[str, str, dict[str, str], Any, int]] = [
     ("GET", "/api/cache/stats", _USER, None, 200),
     ("GET", "/api/cache/stats", {}, None, 401),
     ("GET", "/api/cache/stats", _WRONG, None, 403),
+    ("GET", "/api/cache/history", _USER, None, 200),
+    ("GET", "/api/cache/history", {}, None, 401),
     ("GET", "/api/telemetry", _USER, None, 200),
     ("GET", "/api/telemetry", {}, None, 401),
     ("POST", "/api/cache/clear", _USER, None, 403),

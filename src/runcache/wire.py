@@ -325,6 +325,16 @@ class Telemetry(Struct, frozen=True):
     system_metrics: SystemMetrics
 
 
+class SlotUse(Struct, frozen=True, kw_only=True):
+    """How busy the answering process's command slots are: ``size`` runs at once
+    (``--max-concurrent``), ``in_use`` of them taken now, and ``queued`` runs waiting
+    for one (each at most ``--queue-timeout``). Per process, with ``--workers``."""
+
+    size: _Count
+    in_use: _Count
+    queued: _Count
+
+
 class Health(Struct, frozen=True):
     """The answer of ``GET /health``; ``reason`` only while degraded."""
 
@@ -335,7 +345,25 @@ class Health(Struct, frozen=True):
     telemetry: Telemetry
     uptime: _Seconds
     running_commands: _Count
+    slots: SlotUse
     reason: str | UnsetType = UNSET
+
+
+class HitSample(Struct, frozen=True):
+    """The cache's counts at one moment (``at``, seconds since the epoch): hits and
+    misses since the last clear, as ``GET /api/cache/stats`` answered then."""
+
+    at: Annotated[float, Meta(ge=0, description="Seconds since the epoch.")]
+    hits: _Count
+    misses: _Count
+
+
+class CacheHistory(Struct, frozen=True, kw_only=True):
+    """The answer of ``GET /api/cache/history``: a sample every ``interval`` seconds
+    since the server started, oldest first, the last hour of them at most."""
+
+    interval: _Seconds
+    samples: list[HitSample]
 
 
 class Cleared(Struct, frozen=True):
@@ -364,6 +392,7 @@ SHAPES: tuple[type[Struct], ...] = (
     CacheStats,
     Telemetry,
     Health,
+    CacheHistory,
     Cleared,
     Live,
     Error,

@@ -25,6 +25,7 @@ from runcache.config import Config
 from runcache.engine.audit import AuditLog
 from runcache.engine.cache import Cache
 from runcache.engine.callers import Caller
+from runcache.engine.history import History
 from runcache.engine.jobs import Job, Jobs, OutputFacts, output_facts
 from runcache.engine.metrics import Metrics
 from runcache.engine.shared_jobs import SharedJobs
@@ -161,6 +162,8 @@ class Engine:
         self.shared = SharedJobs(board) if board is not None else None
         self._last_stats = CacheStats(0, 0, 0, 0, 0, 0, config.max_entries, 0, config.max_bytes)
         self.slots = Slots(config.max_concurrent, config.queue_timeout)
+        #: The cache's counts over time, recorded while the app serves (the dashboard's chart).
+        self.history = History()
         self._run_threads = ThreadPoolExecutor(
             config.max_concurrent, thread_name_prefix="runcache-run"
         )
@@ -628,6 +631,9 @@ class Engine:
             telemetry=self.telemetry.snapshot(),
             uptime=round(self.telemetry.uptime, 3),
             running_commands=self.runner.running,
+            slots=wire.SlotUse(
+                size=self.slots.size, in_use=self.slots.held, queued=self.slots.waiting
+            ),
             reason=f"cache store failed: {reason}" if reason else msgspec.UNSET,
         )
 

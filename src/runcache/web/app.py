@@ -75,7 +75,7 @@ def create_app(config: Config | None = None, engine: Engine | None = None) -> St
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await engine.serve_jobs()  # with a shared store: this instance's jobs on its board
-        async with mcp_endpoint.serving():
+        async with mcp_endpoint.serving(), engine.history.recording(engine.cache_stats):
             yield
         await engine.aclose()  # on the loop that served, before it ends
 

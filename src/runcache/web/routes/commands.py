@@ -99,6 +99,10 @@ async def cache_stats(request: Request) -> Response:
     return json_answer(await engine_of(request).cache_stats())
 
 
+async def cache_history(request: Request) -> Response:
+    return json_answer(engine_of(request).history.answer())
+
+
 async def clear_cache(request: Request) -> Response:
     engine = engine_of(request)
     await engine.clear()
@@ -143,6 +147,15 @@ OPERATIONS = (
         operation_id="cacheStats",
         summary="The cache's statistics.",
         ok=Answer("Counts and sizes.", wire.CacheStats),
+    ),
+    Operation(
+        method="GET",
+        path="/api/cache/history",
+        endpoint=cache_history,
+        operation_id="cacheHistory",
+        summary="The cache's hits and misses since the last clear, sampled every few seconds "
+        "by this server process: the last hour of samples, oldest first.",
+        ok=Answer("The samples.", wire.CacheHistory),
     ),
     Operation(
         method="POST",
