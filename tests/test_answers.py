@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -234,3 +235,76 @@ def test_pass_env_follows_the_env_rules_and_is_never_logged(tmp_path: Path) -> N
     finally:
         built.close()
     assert "s3cret-value" not in (tmp_path / "a").read_text()
+
+
+POLICY = """
+[[rule]]
+program = "sh"
+cache_exit_codes = [0, 1]
+ttl = 600
+
+[[rule]]
+match = "echo never*"
+cache = false
+
+[[rule]]
+match = "cat *"
+inputs = ["data"]
+"""
+
+
+def test_the_first_matching_rule_sets_what_the_request_leaves_out(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY)
+    (tmp_path / "data").write_text("one\n")
+    built = Engine.from_config(Config.load({"policy": str(policy)}, environ={}))
+    try:
+        exit_one = RunRequest("sh -c 'exit 1'")
+        assert [_run(built, exit_one).cached for _ in range(2)] == [False, True]
+        # A request's own value wins over the rule's.
+        own = RunRequest("sh -c 'exit 1; true'", cache_exit_codes=[0])
+        assert [_run(built, own).cached for _ in range(2)] == [False, False]
+        never = RunRequest("echo never cached")
+        assert [_run(built, never).cached for _ in range(2)] == [False, False]
+        with pytest.raises(BadRequest):
+            _run(built, RunRequest("echo never again", refresh=True))
+        read = RunRequest("cat data", cwd=str(tmp_path))
+        assert _run(built, read).result().inputs == ["data"]
+        assert _run(built, read).cached
+        (tmp_path / "data").write_text("two\n")
+        assert _run(built, read).result().stdout == "two\n"  # the rule's inputs keyed it
+        answer = built.policy.answer()
+        assert answer.source == str(policy) and [r.program for r in answer.rules] == [
+            "sh",
+            None,
+            None,
+        ]
+    finally:
+        built.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[[rule]]\nprogram = "curl"\ncahce = false\n', "rule 1 (program 'curl'): unknown field "),
+        ('[[rule]]\nprogram = "git"\n[[rule]]\nmatch = "x"\nttl = -1\n', "rule 2 (match 'x'): ttl"),
+        ("[[rule]]\nttl = 5\n", 'rule 1: give exactly one of "match" and "program"'),
+        ("[[rule]\n", "is not TOML"),
+        ("[other]\nx = 1\n", "holds only [[rule]] tables"),
+    ],
+)
+def test_a_bad_policy_is_refused_at_start_with_one_line_naming_the_rule(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    policy = tmp_path / "p.toml"
+    policy.write_text(text)
+    done = subprocess.run(
+        [sys.executable, "-m", "runcache", "serve", "--port", "0", "--policy", str(policy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], done.stderr

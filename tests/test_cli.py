@@ -532,7 +532,7 @@ def test_help_speaks_one_placeholder_style_and_names_empty_defaults(
     assert not re.search(r"\b(FLOAT|INTEGER|STR|BOOLEAN|RANGE)\b", shown), shown
     assert "default ]" not in shown
     if path == ("serve",):
-        assert "default none]" in shown and placeholders == {"N", "SECONDS", "TEXT"}
+        assert "default none]" in shown and placeholders == {"N", "SECONDS", "TEXT", "BOOL"}
 
 
 def test_serve_help_groups_the_settings_by_the_table_s_sections() -> None:

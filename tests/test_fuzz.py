@@ -65,6 +65,7 @@ OPERATIONS = {
     "POST /api/command",
     "GET /api/cache/stats",
     "GET /api/cache/history",
+    "GET /api/policy",
     "POST /api/cache/clear",
     "GET /api/cache/entries",
     "GET /api/cache/entries/{cache_key}",

@@ -251,6 +251,12 @@ class Config:
         " a 503 with Retry-After (0: half of --max-connections).",
         0,
     )
+    policy: str = _setting(
+        "",
+        "A TOML file of rules matched on the command (its program or a pattern) that set"
+        " ttl, stale, timeout, inputs, cache_exit_codes or cache = false where a request leaves"
+        " them out; the first matching rule applies (empty: none).",
+    )
     max_input_files: int = _setting(
         10_000,
         "Most files a request's inputs may match; past it the request is refused (400).",
@@ -554,6 +560,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "max_ttl",
         "default_stale",
         "max_stale",
+        "policy",
         "max_input_files",
         "max_input_bytes",
         "instance_timeout",

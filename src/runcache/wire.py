@@ -358,6 +358,33 @@ class HitSample(Struct, frozen=True):
     misses: _Count
 
 
+class PolicyRule(Request, frozen=True, kw_only=True):
+    """A rule of ``--policy``: what it matches (exactly one of ``match``, a shell-style
+    pattern on the whole command, and ``program``, its first word's base name) and what
+    it sets where a request leaves it out (``cache`` false: nothing cached)."""
+
+    match: Annotated[str, Meta(min_length=1, extra={"type": "match must be a string"})] | None = (
+        None
+    )
+    program: (
+        Annotated[str, Meta(min_length=1, extra={"type": "program must be a string"})] | None
+    ) = None
+    ttl: Ttl | None = None
+    stale: Stale | None = None
+    timeout: Timeout | None = None
+    inputs: Inputs | None = None
+    cache_exit_codes: CacheExitCodes | None = None
+    cache: Annotated[bool, Meta(extra={"type": "cache must be true or false"})] = True
+
+
+class PolicyAnswer(Struct, frozen=True, kw_only=True):
+    """The answer of ``GET /api/policy``: the file the rules came from (empty without
+    ``--policy``) and the rules, in the order they are matched."""
+
+    source: str
+    rules: list[PolicyRule]
+
+
 class CacheHistory(Struct, frozen=True, kw_only=True):
     """The answer of ``GET /api/cache/history``: a sample every ``interval`` seconds
     since the server started, oldest first, the last hour of them at most."""
@@ -393,6 +420,7 @@ SHAPES: tuple[type[Struct], ...] = (
     Telemetry,
     Health,
     CacheHistory,
+    PolicyAnswer,
     Cleared,
     Live,
     Error,

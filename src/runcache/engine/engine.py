@@ -28,6 +28,7 @@ from runcache.engine.callers import Caller
 from runcache.engine.history import History
 from runcache.engine.jobs import Job, Jobs, OutputFacts, output_facts
 from runcache.engine.metrics import Metrics
+from runcache.engine.policy import Policy
 from runcache.engine.shared_jobs import SharedJobs
 from runcache.engine.slots import Slots
 from runcache.engine.telemetry import Telemetry
@@ -175,12 +176,15 @@ class Engine:
         self.context_rules = ContextRules(
             config.cwd_roots, config.env_names, self.allowlist is not None
         )
+        #: The rules of --policy, applied to each request before it is planned.
+        self.policy = Policy.load(config.policy)
         #: The digests of the files requests name as their inputs, shared by them all.
         self.inputs = Inputs(config.max_input_files, config.max_input_bytes, config.cwd_roots)
         self._key_prefix = self._key_context()
 
     @classmethod
     def from_config(cls, config: Config) -> Engine:
+        Policy.load(config.policy)  # a bad file is refused before anything is opened
         audit = AuditLog(config.audit_log, config.audit_log_max_bytes)
         store = open_store(
             config.store,
@@ -346,7 +350,9 @@ class Engine:
         )
 
     def plan(self, request: wire.RunRequest) -> Plan:
-        """What a request asks for, checked against this server's bounds."""
+        """What a request asks for (with the server's policy where it says nothing),
+        checked against this server's bounds."""
+        request = self.policy.applied_to(request)
         context = self.context_rules.check(request)
         codes = frozenset(map(int, request.cache_exit_codes or wire.DEFAULT_CACHE_EXIT_CODES))
         return Plan(

@@ -99,6 +99,10 @@ async def cache_stats(request: Request) -> Response:
     return json_answer(await engine_of(request).cache_stats())
 
 
+async def policy(request: Request) -> Response:
+    return json_answer(engine_of(request).policy.answer())
+
+
 async def cache_history(request: Request) -> Response:
     return json_answer(engine_of(request).history.answer())
 
@@ -147,6 +151,15 @@ OPERATIONS = (
         operation_id="cacheStats",
         summary="The cache's statistics.",
         ok=Answer("Counts and sizes.", wire.CacheStats),
+    ),
+    Operation(
+        method="GET",
+        path="/api/policy",
+        endpoint=policy,
+        operation_id="getPolicy",
+        summary="The rules of --policy, in the order they are matched: what each sets where "
+        "a request leaves it out.",
+        ok=Answer("The rules.", wire.PolicyAnswer),
     ),
     Operation(
         method="GET",
