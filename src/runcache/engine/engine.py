@@ -43,7 +43,7 @@ from runcache.logs import loggable
 from runcache.run.allowlist import Allowlist
 from runcache.run.context import ContextRules, key_part
 from runcache.run.encode import encode_result
-from runcache.run.inputs import Inputs, Snapshot
+from runcache.run.inputs import Inputs, NeedsRead, Snapshot
 from runcache.run.rlimits import RunLimits
 from runcache.run.run_as import RunAs, without_own
 from runcache.run.runner import NO_CONTEXT, RunContext, RunControl, Runner, RunResult
@@ -332,7 +332,12 @@ class Engine:
         plan = self.plan(request)
         if not plan.inputs:
             return plan
-        snapshot = await asyncio.to_thread(self.inputs.snapshot, self._cwd(plan), plan.inputs)
+        snapshot = None
+        if self.inputs.few_paths(plan.inputs):  # a stat each, on the loop: cheaper than a thread
+            with contextlib.suppress(NeedsRead):  # one to read: then in a thread
+                snapshot = self.inputs.snapshot(self._cwd(plan), plan.inputs, known_only=True)
+        if snapshot is None:
+            snapshot = await asyncio.to_thread(self.inputs.snapshot, self._cwd(plan), plan.inputs)
         key = hashlib.sha256(plan.key.encode() + b"\0inputs\0" + snapshot.digest).hexdigest()
         return dataclasses.replace(plan, key=key, snapshot=snapshot)
 

@@ -40,8 +40,15 @@ GIT = "git:"
 #: Seconds git may take to describe a repository before the request is refused.
 GIT_TIMEOUT = 10.0
 
+#: At most this many plain paths are looked at on the event loop (see Inputs.few_paths).
+FEW_PATHS = 32
+
 #: A file's stat as the cheap check sees it: size, mtime in ns, inode, device.
 Stat = tuple[int, int, int, int]
+
+
+class NeedsRead(Exception):
+    """A snapshot asked for without reading found a file it must read."""
 
 
 @dataclass(frozen=True)
@@ -67,74 +74,131 @@ class Inputs:
         self.max_bytes = max_bytes
         self.roots = tuple(os.path.realpath(root) for root in roots)
         self._memo: OrderedDict[str, tuple[Stat, bytes]] = OrderedDict()
+        #: Each path looked at (as joined to its directory): its lstat and real path when
+        #: last checked, so an unchanged regular file is not resolved and checked again.
+        self._seen: dict[str, tuple[Stat, str]] = {}
         self._memo_size = memo_size or 4 * max_files
         self._lock = threading.Lock()
 
-    def snapshot(self, cwd: str, patterns: Sequence[str]) -> Snapshot:
-        """The inputs ``patterns`` name at ``cwd`` now; BadRequest says what is wrong."""
+    @staticmethod
+    def few_paths(patterns: Sequence[str]) -> bool:
+        """Whether ``patterns`` are a few plain paths (no glob, no git): their snapshot is
+        a few ``lstat`` calls (and a read of a file seen changed), which the event loop
+        can afford where a hop to a thread costs more."""
+        return len(patterns) <= FEW_PATHS and not any(
+            pattern == GIT or glob.has_magic(pattern) for pattern in patterns
+        )
+
+    def snapshot(self, cwd: str, patterns: Sequence[str], known_only: bool = False) -> Snapshot:
+        """The inputs ``patterns`` name at ``cwd`` now; BadRequest says what is wrong.
+        ``known_only``: raise :class:`NeedsRead` rather than read a file (the caller, on
+        the event loop, then asks again from a thread)."""
         files = self._files(cwd, patterns)
         budget = [self.max_bytes]
         digest = hashlib.blake2b(digest_size=32)
-        stats: list[tuple[str, Stat]] = []
-        for name, path in files:
-            file_stat = _stat_of(path)
-            digest.update(name.encode() + b"\0" + self._digest(path, file_stat, budget))
-            stats.append((path, file_stat))
+        for name, path, file_stat in files:
+            file_digest = self._digest(path, file_stat, budget, known_only)
+            digest.update(name.encode() + b"\0" + file_digest)
         git = describe_git(cwd) if GIT in patterns else b""
         digest.update(b"\0git\0" + git)
-        return Snapshot(digest.digest(), tuple(stats), git)
+        return Snapshot(digest.digest(), tuple((path, found) for _, path, found in files), git)
 
     def changed(self, cwd: str, patterns: Sequence[str], before: Snapshot) -> bool:
         """Whether the inputs differ from ``before`` (a file added, gone or touched, or the
         repository moved): the stat pass and git again, no file read."""
         try:
-            now = tuple((path, _stat_of(path)) for _, path in self._files(cwd, patterns))
+            now = tuple((path, found) for _, path, found in self._files(cwd, patterns))
         except (BadRequest, OSError):
             return True
         if now != before.stats:
             return True
         return GIT in patterns and describe_git(cwd) != before.git
 
-    def _files(self, cwd: str, patterns: Sequence[str]) -> list[tuple[str, str]]:
-        """The files the patterns match, each as (name relative to ``cwd``, real path),
-        sorted and unique; at most ``max_files``."""
-        found: dict[str, str] = {}
+    def _files(self, cwd: str, patterns: Sequence[str]) -> list[tuple[str, str, Stat]]:
+        """The files the patterns match, each as (name relative to ``cwd``, real path,
+        stat), sorted and unique; at most ``max_files``. One ``lstat`` a file, and a
+        ``realpath`` for each directory they are in (and each link), not each file."""
+        found: dict[str, tuple[str, Stat]] = {}
+        directories: dict[str, str] = {}
+        real_cwd = os.path.realpath(cwd)
         for pattern in patterns:
             if pattern == GIT:
                 continue
-            self._check_pattern(cwd, pattern)
-            for match in glob.iglob(pattern, root_dir=cwd, recursive=True):
-                full = os.path.join(cwd, match)
-                if match in found or not os.path.isfile(full):
+            self._check_pattern(real_cwd, pattern)
+            matches = (
+                glob.iglob(pattern, root_dir=cwd, recursive=True)
+                if glob.has_magic(pattern)
+                else [pattern]
+            )
+            for match in matches:
+                name = os.path.normpath(match)
+                if name in found:
                     continue
-                real = os.path.realpath(full)
-                if not self._allowed(cwd, real):
-                    raise BadRequest(
-                        f"input {match!r} leads outside the run's directory (through a link)"
-                    )
-                found[os.path.normpath(match)] = real
+                entry = self._entry(cwd, real_cwd, match, directories)
+                if entry is None:
+                    continue
+                found[name] = entry
                 if len(found) > self.max_files:
                     raise BadRequest(
                         f"inputs match more than {self.max_files} files (--max-input-files)"
                     )
-        return sorted(found.items())
+        return [(name, *found[name]) for name in sorted(found)]
 
-    def _check_pattern(self, cwd: str, pattern: str) -> None:
-        if ".." in pattern.replace("\\", "/").split("/"):
+    def _entry(
+        self, cwd: str, real_cwd: str, match: str, directories: dict[str, str]
+    ) -> tuple[str, Stat] | None:
+        """A match's real path and stat, if it is a regular file (None if it is not, or
+        not there); BadRequest if it leads outside the allowed directories."""
+        full = os.path.join(cwd, match)
+        try:
+            found = os.lstat(full)
+        except OSError:
+            return None
+        file_stat = (found.st_size, found.st_mtime_ns, found.st_ino, found.st_dev)
+        seen = self._seen.get(full)
+        if seen is not None and seen[0] == file_stat:  # the same file as last time: checked
+            return seen[1], file_stat
+        if stat.S_ISLNK(found.st_mode):
+            real = os.path.realpath(full)
+            try:
+                found = os.stat(real)
+            except OSError:
+                return None
+        else:
+            parent, base = os.path.split(full)
+            if parent not in directories:
+                directories[parent] = os.path.realpath(parent)
+            real = os.path.join(directories[parent], base)
+        if not stat.S_ISREG(found.st_mode):
+            return None
+        if not self._allowed(real_cwd, real):
+            raise BadRequest(f"input {match!r} leads outside the run's directory (through a link)")
+        resolved = (found.st_size, found.st_mtime_ns, found.st_ino, found.st_dev)
+        if resolved == file_stat:  # a regular file, not a link: its lstat says it is the same
+            with self._lock:
+                self._seen[full] = (file_stat, real)
+                while len(self._seen) > self._memo_size:
+                    del self._seen[next(iter(self._seen))]
+        return real, resolved
+
+    def _check_pattern(self, real_cwd: str, pattern: str) -> None:
+        if ".." in pattern and ".." in pattern.replace("\\", "/").split("/"):
             raise BadRequest(f"input {pattern!r} may not leave the run's directory (..)")
-        if os.path.isabs(pattern) and not self._allowed(cwd, os.path.realpath(pattern)):
+        if os.path.isabs(pattern) and not self._allowed(real_cwd, os.path.realpath(pattern)):
             raise BadRequest(f"input {pattern!r} is outside the run's directory and --allow-cwd")
 
-    def _allowed(self, cwd: str, real: str) -> bool:
-        return any(within(real, root) for root in (os.path.realpath(cwd), *self.roots))
+    def _allowed(self, real_cwd: str, real: str) -> bool:
+        return any(within(real, root) for root in (real_cwd, *self.roots))
 
-    def _digest(self, path: str, file_stat: Stat, budget: list[int]) -> bytes:
+    def _digest(self, path: str, file_stat: Stat, budget: list[int], known_only: bool) -> bytes:
         """The file's content digest: the memo's while its stat is unchanged, else read."""
         with self._lock:
             known = self._memo.get(path)
             if known is not None and known[0] == file_stat:
                 self._memo.move_to_end(path)
                 return known[1]
+        if known_only:
+            raise NeedsRead(path)
         budget[0] -= file_stat[0]
         if budget[0] < 0:
             raise BadRequest(
@@ -150,16 +214,6 @@ class Inputs:
             while len(self._memo) > self._memo_size:
                 self._memo.popitem(last=False)
         return digest.digest()
-
-
-def _stat_of(path: str) -> Stat:
-    try:
-        found = os.stat(path)
-    except OSError as error:
-        raise BadRequest(f"input {path!r} cannot be read: {error.strerror}") from None
-    if not stat.S_ISREG(found.st_mode):
-        raise BadRequest(f"input {path!r} is not a regular file")
-    return (found.st_size, found.st_mtime_ns, found.st_ino, found.st_dev)
 
 
 def describe_git(cwd: str) -> bytes:
