@@ -58,12 +58,11 @@ def _lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def _entries(home: Path) -> list[dict[str, object]]:
+def _expiries(home: Path) -> list[float]:
+    """When each entry of the user's cache expires, as ``runcache entries`` lists them."""
     listing = orjson.loads(runcache(home, "entries", "--json").stdout)
     assert isinstance(listing, dict)
-    found = listing["entries"]
-    assert isinstance(found, list)
-    return found
+    return [float(entry["expires_at"]) for entry in listing["entries"]]
 
 
 # -- a cache of its own ------------------------------------------------------------
@@ -136,7 +135,7 @@ def test_an_input_that_changes_is_a_new_answer(home: Path, tmp_path: Path) -> No
     notes.write_text("second\n")
     assert runcache(home, *ask, cwd=tmp_path).stdout == b"second\n"
     assert runcache(home, *ask, cwd=tmp_path).stdout == b"second\n"
-    assert len(_entries(home)) == 2  # one per content of notes.txt
+    assert len(_expiries(home)) == 2  # one per content of notes.txt
 
 
 def test_the_store_is_chosen_by_flag_and_shared_by_the_other_commands(
@@ -182,18 +181,14 @@ def test_a_duration_without_a_unit_it_knows_is_refused_naming_its_source() -> No
 def test_ttl_5m_keeps_the_result_five_minutes(home: Path) -> None:
     before = time.time()
     assert runcache(home, "run", "--ttl", "5m", "echo", "five").returncode == 0
-    [entry] = _entries(home)
-    expires_at = entry["expires_at"]
-    assert isinstance(expires_at, float)
+    [expires_at] = _expiries(home)
     assert 299 < expires_at - before < 301 + (time.time() - before)
 
 
 def test_a_default_ttl_in_the_environment_takes_units(home: Path) -> None:
     before = time.time()
     runcache(home, "run", "echo", "env", env={"RUNCACHE_DEFAULT_TTL": "90s"})
-    [entry] = _entries(home)
-    expires_at = entry["expires_at"]
-    assert isinstance(expires_at, float)
+    [expires_at] = _expiries(home)
     assert 89 < expires_at - before < 91 + (time.time() - before)
 
 
@@ -260,7 +255,7 @@ def test_a_stale_answer_is_refreshed_by_a_process_that_outlives_the_call(
     runs = tmp_path / "runs"
     command = f"echo run >> {runs}; wc -l < {runs}"
     assert runcache(home, "run", "--ttl", "0.2", command).stdout == b"1\n"
-    until(lambda: all(entry["expires_at"] < time.time() for entry in _entries(home)))
+    until(lambda: all(expires_at < time.time() for expires_at in _expiries(home)))
     stale = runcache(home, "run", "--stale", "1h", command)
     assert (stale.returncode, stale.stdout) == (0, b"1\n")
     until(lambda: runcache(home, "run", command).stdout == b"2\n", what="the refresh")
