@@ -20,7 +20,7 @@ import pytest
 from runcache.config import Config, parse_duration
 from runcache.errors import ConfigError
 
-from conftest import until
+from conftest import LiveServer, until
 
 #: The console script pip installed beside this Python.
 RUNCACHE = Path(sys.executable).with_name("runcache")
@@ -235,10 +235,26 @@ def test_warm_answers_from_the_cache_and_refreshes_after_it_exits(
     runs = tmp_path / "runs"
     command = f"echo run >> {runs}; wc -l < {runs}"
     assert runcache(home, "run", command).stdout == b"1\n"
+    [stored] = _expiries(home)
     warm = runcache(home, "run", "--warm", command)
     assert (warm.returncode, warm.stdout) == (0, b"1\n")  # the cached answer, at once
-    until(lambda: runcache(home, "run", command).stdout == b"2\n", what="the refresh")
+    until(lambda: _expiries(home)[0] > stored, what="the refresh to be stored")
+    assert runcache(home, "run", command).stdout == b"2\n"
     assert _lines(runs) == 2  # one refresh, and the answers since are its result
+
+
+def test_warm_through_a_server_leaves_the_refresh_to_it(
+    home: Path, tmp_path: Path, live_server: LiveServer
+) -> None:
+    runs = tmp_path / "runs"
+    command = f"echo run >> {runs}; wc -l < {runs}"
+    through = {"RUNCACHE_URL": live_server.url}
+    assert runcache(home, "run", command, env=through).stdout == b"1\n"
+    warm = runcache(home, "run", "--warm", command, env=through)
+    assert (warm.returncode, warm.stdout) == (0, b"1\n")
+    until(lambda: runcache(home, "run", command, env=through).stdout == b"2\n")
+    assert _lines(runs) == 2
+    assert not (home / "runcache").exists()  # the server's cache, not this machine's
 
 
 def test_warm_with_nothing_cached_runs_the_command_once(home: Path, tmp_path: Path) -> None:
@@ -258,5 +274,7 @@ def test_a_stale_answer_is_refreshed_by_a_process_that_outlives_the_call(
     until(lambda: all(expires_at < time.time() for expires_at in _expiries(home)))
     stale = runcache(home, "run", "--stale", "1h", command)
     assert (stale.returncode, stale.stdout) == (0, b"1\n")
-    until(lambda: runcache(home, "run", command).stdout == b"2\n", what="the refresh")
+    # Waited for in the listing: a run asked meanwhile without --stale would run it too.
+    until(lambda: all(expires_at > time.time() for expires_at in _expiries(home)))
+    assert runcache(home, "run", command).stdout == b"2\n"
     assert _lines(runs) == 2
