@@ -33,6 +33,13 @@ from conftest import LiveServer, free_port, marked, marker, until
 RUNCACHE = Path(sys.executable).with_name("runcache")
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's ``runcache run`` without a server caches under its own directory,
+    never in the user's ``~/.cache/runcache``."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
 def runcache(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
     """Run ``runcache`` with none of the caller's RUNCACHE_* settings, plus ``env``."""
     assert RUNCACHE.exists(), f"{RUNCACHE} is missing: run pip install -e '.[test]'"
@@ -506,16 +513,8 @@ def test_dash_h_after_the_command_of_run_is_the_command_s() -> None:
 
 #: The placeholders help may show: what a value is, never the Python type behind it.
 PLACEHOLDERS = {
-    "N",
-    "SECONDS",
-    "TEXT",
-    "URL",
-    "DIR",
-    "NAME",
-    "NAME=VALUE",
-    "PATTERN",
-    "KEY",
-    "JOB",
+    *("N", "DURATION", "TEXT", "URL", "DIR", "NAME", "NAME=VALUE", "PATTERN", "KEY", "JOB"),
+    "CODES",
     "BOOL",
 }
 
@@ -532,7 +531,7 @@ def test_help_speaks_one_placeholder_style_and_names_empty_defaults(
     assert not re.search(r"\b(FLOAT|INTEGER|STR|BOOLEAN|RANGE)\b", shown), shown
     assert "default ]" not in shown
     if path == ("serve",):
-        assert "default none]" in shown and placeholders == {"N", "SECONDS", "TEXT", "BOOL"}
+        assert "default none]" in shown and placeholders == {"N", "DURATION", "TEXT", "BOOL"}
 
 
 def test_serve_help_groups_the_settings_by_the_table_s_sections() -> None:

@@ -10,6 +10,7 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -22,11 +23,11 @@ import msgspec
 import orjson
 
 from runcache import __version__
-from runcache.client import connect
+from runcache.client import STORE_ENV, connect, local_store
 from runcache.client.base import BaseClient
 from runcache.client.follow import copy_output
 from runcache.client.http import ADMIN_TOKEN_ENV, TOKEN_ENV, URL_ENV, Client
-from runcache.config import GROUPS, Config, settings
+from runcache.config import GROUPS, Config, parse_duration, settings
 from runcache.errors import RuncacheError
 from runcache.wire import CommandResult, RunRequest, to_builtins
 
@@ -46,8 +47,8 @@ class DefaultGroup(click.Group):
 
 
 #: One placeholder style for every flag's value: what it is, not the Python type behind it
-#: (every float setting is a duration in seconds, by the settings table's rule).
-_PLACEHOLDERS: dict[type, str] = {int: "N", float: "SECONDS", bool: "BOOL"}
+#: (every float setting is a duration: 90s, 5m, 1h, 1d or seconds, by the table's rule).
+_PLACEHOLDERS: dict[type, str] = {int: "N", float: "DURATION", bool: "BOOL"}
 
 
 def _shown(default: object) -> str:
@@ -142,8 +143,36 @@ def client_options(command: F) -> F:
     )(command)
 
 
-def _connect(server: str | None) -> BaseClient:
-    return connect(server, os.environ.get(TOKEN_ENV), os.environ.get(ADMIN_TOKEN_ENV))
+def _connect(server: str | None, store: str | None = None) -> BaseClient:
+    return connect(server, os.environ.get(TOKEN_ENV), os.environ.get(ADMIN_TOKEN_ENV), store)
+
+
+class _Duration(click.ParamType[float, Any]):
+    """A duration flag: ``90s``, ``5m``, ``1h``, ``1d`` or seconds, read as the settings'."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_duration(str(value), "duration")
+        except RuncacheError:
+            self.fail(f"{value!r} is not a duration such as 90s, 5m, 1h or 1d (or seconds)")
+
+
+DURATION = _Duration()
+
+
+def store_option(command: F) -> F:
+    """``--store``, the store of an engine in this process (no server given)."""
+    return click.option(
+        "--store",
+        default=None,
+        metavar="URL",
+        help="Without a server: where results are cached (sqlite:///path.db, redis://...)."
+        f" [env {STORE_ENV}; default sqlite:///$XDG_CACHE_HOME/runcache/cache.db]",
+    )(command)
 
 
 # Options end at the command: `runcache run ls -la` gives -la to ls. An unknown option
@@ -160,22 +189,46 @@ def _connect(server: str | None) -> BaseClient:
     help="Run the command even if a result is cached, and store the new result.",
 )
 @click.option(
-    "--ttl", type=float, default=None, metavar="SECONDS", help="Seconds to keep this result cached."
+    "--warm",
+    is_flag=True,
+    help="Answer from the cache at once (run it if nothing is cached) and refresh the"
+    " result in the background, for the next call.",
+)
+@click.option(
+    "--ttl",
+    type=DURATION,
+    default=None,
+    metavar="DURATION",
+    help="How long to keep this result cached: 90s, 5m, 1h, 1d or seconds.",
 )
 @click.option(
     "--stale",
-    type=float,
+    type=DURATION,
     default=None,
-    metavar="SECONDS",
+    metavar="DURATION",
     help="Accept a cached result this long past its expiry, answered at once while "
-    "the server refreshes it.",
+    "it is refreshed in the background.",
 )
 @click.option(
     "--timeout",
-    type=float,
+    type=DURATION,
     default=None,
-    metavar="SECONDS",
-    help="Most seconds the command may run.",
+    metavar="DURATION",
+    help="Longest the command may run.",
+)
+@click.option(
+    "--input",
+    "inputs",
+    multiple=True,
+    metavar="PATTERN",
+    help="A file or glob (relative to the directory it runs in) the command reads: a"
+    " change to it is a new result; repeat for more; git: for the repository's state.",
+)
+@click.option(
+    "--cache-exit-codes",
+    default=None,
+    metavar="CODES",
+    help="Exit codes whose results are cached (default 0): 0,1 caches grep finding nothing.",
 )
 @click.option(
     "--cwd",
@@ -197,57 +250,52 @@ def _connect(server: str | None) -> BaseClient:
     help="Feed this command's standard input to the run (read to its end first).",
 )
 @client_options
-@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
+@store_option
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED, metavar="COMMAND...")
 def run(
     argv: tuple[str, ...],
     no_cache: bool,
     refresh: bool,
+    warm: bool,
     ttl: float | None,
     stale: float | None,
     timeout: float | None,
+    inputs: tuple[str, ...],
+    cache_exit_codes: str | None,
     cwd: str | None,
     env_pairs: tuple[str, ...],
     feed_stdin: bool,
     server: str | None,
+    store: str | None,
 ) -> None:
     """Run a command through the cache, as if run directly: same output, same exit code.
 
-    The output is printed as the command prints it, each stream to its own. Ctrl-C
+    COMMAND is a program and its arguments (`runcache run ls -la`: options after
+    the program are its own), or one argument with spaces, run as shell text
+    (`runcache run 'ls | wc -l'`). Without a server the results are cached on
+    this machine, in one store every `runcache run` of the user shares. The
+    output is printed as the command prints it, each stream to its own. Ctrl-C
     (or SIGTERM) gives the run up: it is killed unless another client waits on it.
     """
+    if warm and (refresh or no_cache):
+        raise click.UsageError("--warm answers from the cache: it takes no --refresh or --no-cache")
     signal.signal(signal.SIGTERM, _interrupt)
-    with _connect(server) as backend:
-        with _signals_held() as held:
-            job = backend.start(
-                RunRequest(
-                    shlex.join(argv),
-                    use_cache=not no_cache,
-                    timeout=timeout,
-                    ttl=ttl,
-                    refresh=refresh,
-                    stale=stale,
-                    **_run_context(cwd, env_pairs, feed_stdin),
-                )
-            )
-        try:
-            if held:
-                raise _Interrupted(held[0])
-            copy_output(
-                backend, job.job_id, {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
-            )
-            detail = backend.job(job.job_id)
-        except KeyboardInterrupt as interrupt:
-            left = backend.leave(job.job_id)
-            click.echo(
-                "runcache: cancelled"
-                if left.status == "cancelled"
-                else "runcache: left the run to the other clients waiting on it",
-                err=True,
-            )
-            sys.exit(128 + getattr(interrupt, "signum", signal.SIGINT))
-    if isinstance(detail.result, msgspec.UnsetType):
-        raise RuncacheError(detail.error or f"job {job.job_id} ended without a result")
-    result = detail.result
+    stdin = sys.stdin.buffer.read() if feed_stdin else None
+    request = RunRequest(
+        _command_text(argv),
+        use_cache=not no_cache,
+        timeout=timeout,
+        ttl=ttl,
+        refresh=refresh,
+        stale=stale,
+        inputs=list(inputs) or None,
+        cache_exit_codes=_exit_codes(cache_exit_codes),
+        **_run_context(cwd, env_pairs, stdin),
+    )
+    with _connect(server, store) as backend:
+        result = _follow(backend, request)
+        if result.cached and (warm or result.stale is True):
+            _refresh_later(backend, request, server, store, stdin)
     for stream, truncated in (
         ("stdout", result.stdout_truncated),
         ("stderr", result.stderr_truncated),
@@ -257,7 +305,105 @@ def run(
     sys.exit(_exit_status(result))
 
 
-def _run_context(cwd: str | None, env_pairs: tuple[str, ...], feed_stdin: bool) -> dict[str, Any]:
+def _command_text(argv: tuple[str, ...]) -> str:
+    """The shell text of ``runcache run``'s COMMAND: one argument with spaces (or tabs,
+    or newlines) is shell text already; else the arguments quoted, so the shell neither
+    splits nor expands them."""
+    if len(argv) == 1 and any(space in argv[0] for space in " \t\n"):
+        return argv[0]
+    return shlex.join(argv)
+
+
+def _same_command(text: str) -> list[str]:
+    """The COMMAND arguments whose :func:`_command_text` is ``text``: itself when it has
+    spaces (shell text), else the one argument it quotes."""
+    return [text] if any(space in text for space in " \t\n") else shlex.split(text)
+
+
+def _exit_codes(text: str | None) -> list[float] | None:
+    """``--cache-exit-codes 0,1`` as the request's list."""
+    if text is None:
+        return None
+    try:
+        return [int(code) for code in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not exit codes such as 0,1", param_hint="--cache-exit-codes"
+        ) from None
+
+
+def _follow(backend: BaseClient, request: RunRequest) -> CommandResult:
+    """Start the run, copy its output to this process's own as it comes, and return its
+    result; Ctrl-C or SIGTERM gives the run up and exits 128 + the signal."""
+    with _signals_held() as held:
+        job = backend.start(request)
+    try:
+        if held:
+            raise _Interrupted(held[0])
+        copy_output(backend, job.job_id, {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer})
+        detail = backend.job(job.job_id)
+    except KeyboardInterrupt as interrupt:
+        left = backend.leave(job.job_id)
+        click.echo(
+            "runcache: cancelled"
+            if left.status == "cancelled"
+            else "runcache: left the run to the other clients waiting on it",
+            err=True,
+        )
+        sys.exit(128 + getattr(interrupt, "signum", signal.SIGINT))
+    if isinstance(detail.result, msgspec.UnsetType):
+        raise RuncacheError(detail.error or f"job {job.job_id} ended without a result")
+    return detail.result
+
+
+def _refresh_later(
+    backend: BaseClient,
+    request: RunRequest,
+    server: str | None,
+    store: str | None,
+    stdin: bytes | None,
+) -> None:
+    """Refresh a result answered from the cache (``--warm``, or a stale answer) after
+    this process has gone: a server runs it as a background job of its own; without
+    one, a detached ``runcache run --refresh`` of the same request does, in a session
+    of its own, with no terminal (identical refreshes join one run through the store's
+    lock)."""
+    fresh = msgspec.structs.replace(request, refresh=True, stale=None)
+    if server:
+        backend.start(fresh)  # a background job: the server keeps it when this client goes
+        return
+    options = ["--refresh", "--store", store or local_store()]
+    for flag, value in (("--ttl", fresh.ttl), ("--timeout", fresh.timeout)):
+        if value is not None:
+            options += [flag, repr(value)]
+    for pattern in fresh.inputs or ():
+        options += ["--input", pattern]
+    if fresh.cache_exit_codes is not None:
+        options += [
+            "--cache-exit-codes",
+            ",".join(str(int(code)) for code in fresh.cache_exit_codes),
+        ]
+    if fresh.cwd is not None:
+        options += ["--cwd", fresh.cwd]
+    for name, text in (fresh.env or {}).items():
+        options += ["--env", f"{name}={text}"]
+    if stdin is not None:
+        options.append("--stdin")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "runcache", "run", *options, "--", *_same_command(fresh.command)],
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    if child.stdin is not None:
+        with child.stdin:
+            child.stdin.write(stdin or b"")
+
+
+def _run_context(
+    cwd: str | None, env_pairs: tuple[str, ...], stdin: bytes | None
+) -> dict[str, Any]:
     """The run context fields of ``runcache run``'s flags (None where a flag is not given)."""
     env: dict[str, str] = {}
     for pair in env_pairs:
@@ -265,11 +411,10 @@ def _run_context(cwd: str | None, env_pairs: tuple[str, ...], feed_stdin: bool) 
         if not equals:
             raise click.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--env")
         env[name] = value
-    stdin = sys.stdin.buffer.read().decode("utf-8", "replace") if feed_stdin else None
     return {
         "cwd": None if cwd is None else os.path.abspath(cwd),
         "env": env or None,
-        "stdin": stdin,
+        "stdin": None if stdin is None else stdin.decode("utf-8", "replace"),
     }
 
 
@@ -325,9 +470,10 @@ def _exit_status(result: CommandResult) -> int:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON object.")
 @client_options
-def stats(as_json: bool, server: str | None) -> None:
+@store_option
+def stats(as_json: bool, server: str | None, store: str | None) -> None:
     """Print the cache statistics."""
-    with _connect(server) as backend:
+    with _connect(server, store) as backend:
         found = to_builtins(backend.cache_stats())
     if as_json:
         click.echo(orjson.dumps(found, option=orjson.OPT_INDENT_2).decode())
@@ -339,9 +485,10 @@ def stats(as_json: bool, server: str | None) -> None:
 
 @cli.command()
 @client_options
-def clear(server: str | None) -> None:
+@store_option
+def clear(server: str | None, store: str | None) -> None:
     """Empty the cache and reset its statistics."""
-    with _connect(server) as backend:
+    with _connect(server, store) as backend:
         answer = backend.clear()
     click.echo(answer.message)
 
@@ -358,12 +505,20 @@ def clear(server: str | None) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON object.")
 @client_options
+@store_option
 @click.pass_context
-def entries(ctx: click.Context, prefix: str, limit: int, as_json: bool, server: str | None) -> None:
+def entries(
+    ctx: click.Context,
+    prefix: str,
+    limit: int,
+    as_json: bool,
+    server: str | None,
+    store: str | None,
+) -> None:
     """List cached results, newest first (and `entries show`, `entries delete`)."""
     if ctx.invoked_subcommand is not None:
         return
-    with _connect(server) as backend:
+    with _connect(server, store) as backend:
         listing = backend.entries(prefix, limit=limit)
     if as_json:
         _print_json(listing)
@@ -390,10 +545,11 @@ def entries(ctx: click.Context, prefix: str, limit: int, as_json: bool, server: 
 @click.argument("key", metavar="KEY")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON object.")
 @client_options
-def show_entry(key: str, as_json: bool, server: str | None) -> None:
+@store_option
+def show_entry(key: str, as_json: bool, server: str | None, store: str | None) -> None:
     """Show one cached result: its command, exit code, times and output (KEY: 6 or more
     characters of its key, if no other key starts with them)."""
-    with _connect(server) as backend:
+    with _connect(server, store) as backend:
         found = backend.entry(backend.entry_key(key))
     if as_json:
         _print_json(found)
@@ -417,9 +573,10 @@ def show_entry(key: str, as_json: bool, server: str | None) -> None:
 @entries.command("delete")
 @click.argument("key", metavar="KEY")
 @client_options
-def delete_entry(key: str, server: str | None) -> None:
+@store_option
+def delete_entry(key: str, server: str | None, store: str | None) -> None:
     """Delete one cached result (admin token; KEY: 6 or more characters of its key)."""
-    with _connect(server) as backend:
+    with _connect(server, store) as backend:
         whole = backend.entry_key(key)
         backend.delete_entry(whole)
     click.echo(f"deleted {whole}")
@@ -439,9 +596,10 @@ def delete_entry(key: str, server: str | None) -> None:
     help="Delete the entries whose command matches this pattern (*, ?, [abc]).",
 )
 @client_options
-def invalidate(prefix: str | None, glob: str | None, server: str | None) -> None:
+@store_option
+def invalidate(prefix: str | None, glob: str | None, server: str | None, store: str | None) -> None:
     """Delete cached results by how their command starts, or by a pattern (admin token)."""
-    with _connect(server) as backend:
+    with _connect(server, store) as backend:
         done = backend.invalidate(prefix, glob)
     click.echo(f"deleted {done.deleted} {'entry' if done.deleted == 1 else 'entries'}")
 

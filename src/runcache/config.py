@@ -626,11 +626,14 @@ class Setting:
         return type(self.default)
 
     def parse(self, text: str, source: str) -> Any:
-        """Turn the text of an environment variable or flag into the setting's type."""
+        """Turn the text of an environment variable or flag into the setting's type
+        (a float setting is a duration: ``90s``, ``5m``, ``1h``, ``1d`` or seconds)."""
         if self.kind is bool:  # bool("false") is True: spelled out instead
             if text.strip().lower() not in _BOOLEANS:
                 raise ConfigError(f"{source} must be true or false, got {text!r}")
             return _BOOLEANS[text.strip().lower()]
+        if self.kind is float:
+            return parse_duration(text, source)
         try:
             return self.kind(text)
         except ValueError:
@@ -683,6 +686,24 @@ def parse_size(text: str) -> int:
     if size > MAX_WHOLE:
         raise ValueError(f"too large: {text!r}")
     return size
+
+
+#: Seconds in each unit a duration may be given in.
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, source: str) -> float:
+    """Seconds from a duration as people write it: ``90s``, ``5m``, ``1h``, ``1d``, or a
+    plain number of seconds (``0.5``), the one reading of every duration flag and
+    ``RUNCACHE_*`` variable. Request fields stay numbers of seconds: JSON has numbers.
+    ``source`` names the flag or variable in the one-line refusal."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise ConfigError(
+            f"{source} must be a duration such as 90s, 5m, 1h or 1d (or seconds), got {text!r}"
+        )
+    number, unit = match.groups()
+    return float(number) * DURATION_UNITS[unit.lower()] if unit else float(number)
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -774,6 +795,7 @@ MIN_TOKEN_LENGTH = 16
 #: RFC 6750's token characters, so a token always fits in an Authorization header.
 _TOKEN = re.compile(rf"[A-Za-z0-9\-._~+/]{{{MIN_TOKEN_LENGTH},}}=*")
 _SIZE = re.compile(r"(\d{1,20})\s*(?:([KMGTkmgt])(?:i?[Bb])?)?")
+_DURATION = re.compile(r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([smhdSMHD])?")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ORIGIN = re.compile(r"https?://[^/?#\s]+/?", re.IGNORECASE)
 _TOKEN_NAME = re.compile(rf"[A-Za-z0-9._-]{{1,{MIN_TOKEN_LENGTH - 1}}}")

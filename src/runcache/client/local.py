@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from anyio.from_thread import start_blocking_portal
 
 from runcache import wire
-from runcache.client import sse
+from runcache.client import local_store, sse
 from runcache.client.base import FINAL_EVENTS, BaseClient
 from runcache.config import Config
 from runcache.engine import entry_answers, job_answers
@@ -53,9 +53,18 @@ class LocalClient(BaseClient):
         self._portal = self._loop.__enter__()
 
     @classmethod
-    def from_environment(cls) -> LocalClient:
-        """An engine with the settings of the environment (``RUNCACHE_STORE`` and the rest)."""
-        return cls(Engine.from_config(Config.load()))
+    def from_environment(cls, store: str | None = None) -> LocalClient:
+        """An engine with the settings of the environment, on ``store`` (else the one
+        :func:`~runcache.client.local_store` names).
+
+        A stale answer's refresh is not started in this process: the process ends
+        with its command's answer, and a refresh it started would be killed with it.
+        The caller starts one that outlives it (``runcache run`` starts a detached
+        ``runcache run --refresh``).
+        """
+        engine = Engine.from_config(Config.load({"store": store or local_store()}))
+        engine.refresh_stale = False
+        return cls(engine)
 
     def _execute(self, request: wire.CommandRequest) -> CommandResult:
         return self._portal.call(self.engine.run, request, LOCAL_CALLER).result()

@@ -181,6 +181,9 @@ class Engine:
         #: The digests of the files requests name as their inputs, shared by them all.
         self.inputs = Inputs(config.max_input_files, config.max_input_bytes, config.cwd_roots)
         self._key_prefix = self._key_context()
+        #: Whether a stale answer starts its refresh here; a short-lived process (the
+        #: CLI's) that would kill it on exit starts a refresh of its own instead.
+        self.refresh_stale = True
 
     @classmethod
     def from_config(cls, config: Config) -> Engine:
@@ -394,7 +397,7 @@ class Engine:
         self.telemetry.record_hit()
         if stale:
             self.metrics.stale_hit()
-            if self.jobs.running_for(plan.key) is None:
+            if self.refresh_stale and self.jobs.running_for(plan.key) is None:
                 log.debug("%s stale hit %r: refreshing it", caller.client, loggable(plan.command))
                 self._claim(dataclasses.replace(plan, refresh=True), caller, background=True)
         elif log.isEnabledFor(logging.DEBUG):
