@@ -203,6 +203,9 @@ def test_cli_cwd_is_made_absolute_here(tmp_path: Path) -> None:
         capture_output=True,
         timeout=60,
         check=False,
-        env={k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")},
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")},
+            "XDG_CACHE_HOME": str(tmp_path / "cache"),  # its own cache, not the user's
+        },
     )
     assert (done.returncode, done.stdout) == (0, f"{tmp_path}\n".encode()), done
