@@ -82,7 +82,7 @@ def until_state(process: psutil.Process, stopped: bool) -> float:
     while time.monotonic() < deadline:
         if (process.status() == psutil.STATUS_STOPPED) == stopped:
             return time.monotonic()
-    raise SystemExit("the process never changed state")
+    raise SystemExit(f"the process never changed state: {process.status()}")
 
 
 def control_latency(one: Server, two: Server, count: int) -> list[float]:
@@ -96,8 +96,11 @@ def control_latency(one: Server, two: Server, count: int) -> list[float]:
         connection = two.connection()
         sent = time.monotonic()
         connection.request("POST", f"/api/jobs/{job['job_id']}/{verb}")
-        changed = until_state(process, stopped)
-        connection.getresponse().read()
+        try:
+            changed = until_state(process, stopped)
+        finally:
+            answer = connection.getresponse().read()
+        assert b'"success":true' in answer.replace(b" ", b""), answer
         connection.close()
         delays.append(changed - sent)
     two.request("POST", f"/api/jobs/{job['job_id']}/cancel")
