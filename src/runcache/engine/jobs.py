@@ -172,6 +172,9 @@ class Job:
         self.on_change: Callable[[], None] | None = None
         #: The token of the store's single-flight lock its run holds, once taken.
         self.lease: str | None = None
+        #: Told on the run's thread of new output, with a shared store: it only notes it
+        #: (and wakes the loop once a round), never works there.
+        self.on_output: Callable[[], None] | None = None
         #: Writes the job as it is now to the job board, with a shared store.
         self.on_publish: Callable[[], Awaitable[None]] | None = None
 
@@ -281,6 +284,8 @@ class Job:
 
         def on_output() -> None:
             nonlocal pending
+            if self.on_output is not None:
+                self.on_output()
             if self.followers and not pending:
                 pending = True
                 loop.call_soon_threadsafe(landed)

@@ -3,12 +3,12 @@ read from it, and control passed between them.
 
 With a shared store the engine has a :class:`SharedJobs` on a
 :class:`~runcache.stores.board.JobBoard`. Each local job is published as it
-goes, in rounds: every :data:`ROUND_SECONDS` while jobs run, one board
-transaction takes what every job printed since the last round, the records
-that are due (a running job's sizes and last line at most every
-:data:`RECORD_SECONDS`) and the ends. The run threads only append to their
-captures, as they do without a board; a change of state (a new job, a pause, a
-resume, a lease taken, an end) has a round written at once. A round the board
+goes, in rounds: one board transaction takes what every job printed since the
+last round, the records that are due (a running job's sizes and last line at
+most every :data:`RECORD_SECONDS`) and the ends; rounds are at least
+:data:`ROUND_SECONDS` apart. A run thread that captures output only notes it
+(the first note since a round wakes the loop); a change of state (a new job, a
+pause, a resume, a lease taken, an end) has a round due at once. A round the board
 refuses (Redis gone) is written again by the next, so a job that ended
 meanwhile does not stay ``running`` once the board is back; and a board that
 lost this instance's heartbeat (a Redis restarted empty) has every running job
@@ -56,10 +56,15 @@ WAIT_SECONDS = 1.0
 #: How long the inbox waits for a request before asking again.
 INBOX_SECONDS = 1.0
 
-#: How often a publishing round writes the output the running jobs printed meanwhile:
-#: every job's in one transaction, whatever they print, so a command printing fast
-#: costs the loop a round a tick, not a store call a line.
-ROUND_SECONDS = 0.02
+#: The shortest time between two publishing rounds: a round writes what every job
+#: printed meanwhile in one transaction, so commands printing fast cost the loop a
+#: round a tick, not a store call a line (and a line printed after a quiet spell goes
+#: at once).
+ROUND_SECONDS = 0.015
+
+#: How long a round woken by new output waits for the rest of it: a command's line and
+#: its newline often reach the run's thread apart, a fraction of a millisecond apart.
+GATHER_SECONDS = 0.001
 
 #: A running job's record (its sizes and last line, for listings) is written again at
 #: most this often; a change of status, pid or lease, and an end, are written at once.
@@ -243,6 +248,10 @@ class SharedJobs:
         #: the next tick; and held by the round that writes, so rounds never overlap.
         self._due = asyncio.Event()
         self._writing = asyncio.Lock()
+        #: Set by a run thread on new output, cleared by the round that reads it: the
+        #: first output after a round wakes the loop, the rest of it does nothing.
+        self._printed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         #: The reaper rests until then (monotonic): after the board failed or lost this
         #: instance's heartbeat, the others' heartbeats may be missing for the same
         #: reason, not because they died; each gets a full timeout to beat again.
@@ -258,6 +267,7 @@ class SharedJobs:
         """Start the heartbeat (with the reaper), the publishing rounds and the control
         inbox on this loop."""
         self._engine = engine
+        self._loop = asyncio.get_running_loop()
         self.active = True
         with contextlib.suppress(StoreError):
             await self.board.heartbeat()
@@ -357,6 +367,7 @@ class SharedJobs:
         job.instance = self.instance
         self._publishers[job.job_id] = _Publisher(job)
         job.on_change = self._due.set
+        job.on_output = self._output
         job.on_publish = self._published
         self._due.set()
 
@@ -365,21 +376,33 @@ class SharedJobs:
         with contextlib.suppress(StoreError):
             await self.publish_round()
 
+    def _output(self) -> None:
+        """On a run thread: new output. The first since the last round wakes the loop
+        (a race between two threads costs one wake-up more, nothing else)."""
+        if not self._printed and self._loop is not None:
+            self._printed = True
+            self._loop.call_soon_threadsafe(self._due.set)
+
     async def _publish(self) -> None:
-        """One round when one is due (a change), else at the next tick while jobs run.
-        The run threads only append to their captures: the round reads what is new."""
-        if not self._publishers:
-            await self._due.wait()
-        elif not self._due.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._due.wait(), ROUND_SECONDS)
+        """A round once one is due (new output, a change), at most every ROUND_SECONDS;
+        and when a record is behind its output, after RECORD_SECONDS at the latest."""
+        behind = any(publisher.behind for publisher in self._publishers.values())
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._due.wait(), RECORD_SECONDS if behind else None)
+        started = time.monotonic()
+        if self._printed:  # the rest of what is being printed (a line's end) comes along
+            await asyncio.sleep(GATHER_SECONDS)
         self._due.clear()
         await self.publish_round()
+        # The next round no sooner than ROUND_SECONDS after this one was due: a line
+        # printed less often than that goes at once, not after a pause of its own.
+        await asyncio.sleep(started + ROUND_SECONDS - time.monotonic())
 
     async def publish_round(self) -> None:
         """Write what is new of every local job in one board transaction: output, the
         records due, the ends. What a failed round had is written by the next."""
         async with self._writing:
+            self._printed = False  # output from now on wakes the next round
             now = time.monotonic()
             batch = Round()
             pending = []

@@ -87,6 +87,17 @@ end
 return reaped
 """
 
+#: Appends a round's output: KEYS, each chunk's job stream; ARGV, each chunk's stream
+#: name, offset and bytes. One command however many chunks: what the round costs the
+#: loop is packing arguments, not a pipeline's bookkeeping per command.
+_APPEND = """
+for i = 1, #KEYS do
+  local at = 3 * i - 2
+  redis.call('XADD', KEYS[i], '*', 's', ARGV[at], 'o', ARGV[at + 1], 'd', ARGV[at + 2])
+end
+return #KEYS
+"""
+
 _encode = msgspec.json.Encoder().encode
 _decode_record = msgspec.json.Decoder(JobRecord).decode
 
@@ -122,16 +133,24 @@ class RedisBoard:
         self._inbox = base + "control:" + self.instance
         self._inbox_cursor = "0"
         self._reap = self._redis.register_script(_REAP)
+        self._append = self._redis.register_script(_APPEND)
 
     # -- records ----------------------------------------------------------------------
 
     async def write(self, batch: Round) -> None:
         async with self._failing():
-            # One round trip, in order; no MULTI: every reply parsed once, not twice.
+            if batch.output:  # first: a job's end comes after its output
+                keys: list[str] = []
+                args: list[str | int | bytes] = []
+                for job_id, chunks in batch.output:
+                    for stream, offset, data in chunks:
+                        keys.append(self._out(job_id))
+                        args += (stream, offset, data)
+                await self._append(keys=keys, args=args)
+            if not (batch.records or batch.ended):
+                return
+            # In order; no MULTI: every reply parsed once, not twice.
             pipe = self._redis.pipeline(transaction=False)
-            for job_id, chunks in batch.output:
-                for stream, offset, data in chunks:
-                    pipe.xadd(self._out(job_id), {"s": stream, "o": offset, "d": data})
             for record in batch.records:
                 self._publish(pipe, record)
             if batch.records:
