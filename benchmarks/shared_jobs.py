@@ -175,10 +175,17 @@ def measure(name: str, store: str, args: argparse.Namespace, shared: bool = True
             print(f"{name}: control B -> A        {percentiles(control)}  ({len(control)} ops)")
         printer = f"{shlex.quote(sys.executable)} -c {shlex.quote(PRINTING)}"
         jobs = [
-            (server, start_job(server, printer + f" # {index}")["job_id"])
+            # Distinct commands: the same one on A and B would run once (single flight).
+            (server, start_job(server, f"{printer} # {index} {server.port}")["job_id"])
             for index in range(10)
             for server in (one, two)
         ]
+        for server, job_id in jobs:  # each has its slot and its process
+            deadline = time.monotonic() + 30
+            while (found := server.request("GET", f"/api/jobs/{job_id}")).get("pid") is None:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"job {job_id} never started: {found}")
+                time.sleep(0.05)
         before, started = server_cpu((one, two)), time.monotonic()
         time.sleep(args.seconds)
         idle_cpu = (server_cpu((one, two)) - before) / (time.monotonic() - started) / 2
