@@ -517,3 +517,30 @@ def test_the_reaper_releases_only_the_lock_its_job_held(
         asyncio.run(scenario())
     finally:
         store.close()
+
+
+def test_a_redis_restarted_empty_gets_the_running_jobs_back(
+    live_server_factory: StartServer, tmp_path: Path
+) -> None:
+    store = RedisServer(free_port(), tmp_path)
+    store.start()
+    try:
+        url = f"{store.url}?namespace=empty"
+        one = live_server_factory("--store", url)
+        two = live_server_factory("--store", url)
+        mark = marker()
+        job_id = start(one, f"sleep {mark}")["job_id"]  # prints nothing: no write due
+        until(lambda: get(two, f"/api/jobs/{job_id}")["status"] == "running", what="the record")
+        store.stop()
+        store.start()  # empty
+        # The first server finds its heartbeat gone and writes its running jobs again.
+        back = until(
+            lambda: requests.get(f"{two.url}/api/jobs/{job_id}", timeout=30).status_code == 200,
+            what="the job back on the board",
+        )
+        assert back
+        assert get(two, f"/api/jobs/{job_id}")["status"] == "running"
+        assert post(two, f"/api/jobs/{job_id}/cancel")["status"] == "cancelled"
+        until(lambda: not marked(mark), what="the run to go")
+    finally:
+        store.stop()
