@@ -1,6 +1,6 @@
 """Jobs across instances: follow and control latency, and hits beside printing jobs, in one run.
 
-Run:  python3 benchmarks/shared_jobs.py [--lines 100] [--controls 30] [--seconds 3]
+Run:  python3 benchmarks/shared_jobs.py [--lines 100] [--controls 30] [--seconds 3] [--rounds 3]
 
 For each shared store (two ``runcache serve`` on one throwaway ``redis-server``,
 then two on one SQLite file: the same code as ``--workers 2`` on that file,
@@ -12,8 +12,14 @@ with each server addressable) it measures:
 - control latency: ``POST /api/jobs/{id}/pause`` (then ``/resume``) sent to B for
   a job on A, from the request to the process's state changing (psutil, read
   in a tight loop) (p50, p99; goal p99 < 100 ms);
-- cache hits on A and B at once without jobs, then with 20 jobs printing (10 on
-  each), and their ratio (goal >= 0.9).
+- cache hits on A and B at once with 20 jobs printing a line every 10 ms (10 on
+  each) and with the same jobs paused (no job running), in alternating rounds, and
+  the ratio of their medians (goal >= 0.9); and the servers' own CPU while the 20
+  jobs print and no hit comes (what publishing them costs).
+
+Then the same hits with two servers on the memory store (no board: each keeps its
+own jobs), for what the 20 printing jobs cost the machine without a board: on a
+machine with cores to spare the ratio there is 1.
 """
 
 from __future__ import annotations
@@ -32,13 +38,21 @@ from typing import Any
 import psutil
 
 from _harness import Server
-from _loadgen import Load, load, ratio_line
+from _loadgen import Load, load, median_load, ratio_line
 from store_hits import HIT_BODY, start_redis
 
 #: A job that prints the wall clock every 20 ms, ``{lines}`` times.
 PRINTER = (
     "import sys, time\nfor _ in range({lines}):\n"
     "    print(repr(time.time()), flush=True)\n    time.sleep(0.02)\n"
+)
+
+
+#: A job printing a line every 10 ms until cancelled, without forking for each (a shell
+#: loop's ``sleep`` would cost the machine more than any server does).
+PRINTING = (
+    "import time\nwhile True:\n"
+    "    print('printing a line of output', flush=True)\n    time.sleep(0.01)\n"
 )
 
 
@@ -82,13 +96,20 @@ def until_state(process: psutil.Process, stopped: bool) -> float:
     while time.monotonic() < deadline:
         if (process.status() == psutil.STATUS_STOPPED) == stopped:
             return time.monotonic()
-    raise SystemExit("the process never changed state")
+    raise SystemExit(f"the process never changed state: {process.status()}")
 
 
 def control_latency(one: Server, two: Server, count: int) -> list[float]:
     """From a pause (or resume) sent to B to the state change of A's process."""
     job = start_job(one, "sleep 120")
     process = psutil.Process(job["pid"])
+    # The shell forks ``sleep`` with vfork: a SIGSTOP before the child has exec'd leaves
+    # the shell in uninterruptible sleep, never "stopped". Measure once it has.
+    deadline = time.monotonic() + 5
+    while not any(child.name() == "sleep" for child in process.children()):
+        if time.monotonic() > deadline:
+            raise SystemExit("the job never started sleep")
+        time.sleep(0.01)
     delays = []
     for index in range(count):
         verb = "pause" if index % 2 == 0 else "resume"
@@ -96,8 +117,11 @@ def control_latency(one: Server, two: Server, count: int) -> list[float]:
         connection = two.connection()
         sent = time.monotonic()
         connection.request("POST", f"/api/jobs/{job['job_id']}/{verb}")
-        changed = until_state(process, stopped)
-        connection.getresponse().read()
+        try:
+            changed = until_state(process, stopped)
+        finally:
+            answer = connection.getresponse().read()
+        assert b'"success":true' in answer.replace(b" ", b""), answer
         connection.close()
         delays.append(changed - sent)
     two.request("POST", f"/api/jobs/{job['job_id']}/cancel")
@@ -127,27 +151,58 @@ def hits_on_both(one: Server, two: Server, seconds: float) -> Load:
     )
 
 
-def measure(name: str, store: str, args: argparse.Namespace) -> None:
+def steer(jobs: list[tuple[Server, str]], verb: str) -> None:
+    for server, job_id in jobs:
+        answer = server.request("POST", f"/api/jobs/{job_id}/{verb}")
+        assert answer.get("success") is True, answer
+
+
+def server_cpu(servers: tuple[Server, Server]) -> float:
+    """User + system CPU seconds of both server processes, their commands left out."""
+    return sum(sum(psutil.Process(server.process.pid).cpu_times()[:2]) for server in servers)
+
+
+def measure(name: str, store: str, args: argparse.Namespace, shared: bool = True) -> None:
+    """``shared``: the store is shared (a job board); else (memory) only the hits, for
+    what 20 printing jobs cost the machine without a board."""
     with Server(["--store", store]) as one, Server(["--store", store]) as two:
         for server in (one, two):
             server.request("POST", "/api/command", json.loads(HIT_BODY))
-        follow = follow_latency(one, two, args.lines)
-        control = control_latency(one, two, args.controls)
-        quiet = hits_on_both(one, two, args.seconds)
-        printer = "while :; do echo printing a line of output; sleep 0.01; done"
+        if shared:
+            follow = follow_latency(one, two, args.lines)
+            control = control_latency(one, two, args.controls)
+            print(f"{name}: follow A -> SSE on B   {percentiles(follow)}  ({len(follow)} lines)")
+            print(f"{name}: control B -> A        {percentiles(control)}  ({len(control)} ops)")
+        printer = f"{shlex.quote(sys.executable)} -c {shlex.quote(PRINTING)}"
         jobs = [
-            start_job(server, printer + f" # {index}")
+            # Distinct commands: the same one on A and B would run once (single flight).
+            (server, start_job(server, f"{printer} # {index} {server.port}")["job_id"])
             for index in range(10)
             for server in (one, two)
         ]
-        busy = hits_on_both(one, two, args.seconds)
-        for job in jobs:
-            one.request("POST", f"/api/jobs/{job['job_id']}/cancel")
-    print(f"{name}: follow A -> SSE on B   {percentiles(follow)}  ({len(follow)} lines)")
-    print(f"{name}: control B -> A        {percentiles(control)}  ({len(control)} pauses/resumes)")
-    print(f"{name}: hits A+B quiet {quiet.describe()}")
+        for server, job_id in jobs:  # each has its slot and its process
+            deadline = time.monotonic() + 30
+            while (found := server.request("GET", f"/api/jobs/{job_id}")).get("pid") is None:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"job {job_id} never started: {found}")
+                time.sleep(0.05)
+        before, started = server_cpu((one, two)), time.monotonic()
+        time.sleep(args.seconds)
+        idle_cpu = (server_cpu((one, two)) - before) / (time.monotonic() - started) / 2
+        # Rounds alternate the jobs paused (no job running) and printing, so that what
+        # else loads the machine weighs on both alike; the median of each is compared.
+        quiet_runs, busy_runs = [], []
+        for _ in range(args.rounds):
+            steer(jobs, "pause")
+            quiet_runs.append(hits_on_both(one, two, args.seconds))
+            steer(jobs, "resume")
+            busy_runs.append(hits_on_both(one, two, args.seconds))
+        quiet, busy = median_load(quiet_runs), median_load(busy_runs)
+        steer(jobs, "cancel")
+    print(f"{name}: server CPU with 20 jobs printing, no hits: {idle_cpu:.1%} of a core each")
+    print(f"{name}: hits A+B, 20 jobs paused {quiet.describe()}")
     print(f"{name}: hits A+B, 20 jobs printing {busy.describe()}")
-    print(ratio_line(f"{name}: hits with 20 jobs printing / without", busy, quiet, 0.9))
+    print(ratio_line(f"{name}: hits with 20 jobs printing / paused", busy, quiet, 0.9))
 
 
 def main() -> None:
@@ -155,6 +210,7 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=100)
     parser.add_argument("--controls", type=int, default=30)
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
         redis_process, port = start_redis(Path(directory))
@@ -164,6 +220,7 @@ def main() -> None:
             redis_process.terminate()
             redis_process.wait(10)
         measure("sqlite", f"sqlite://{directory}/jobs.db", args)
+        measure("memory", "memory://", args, shared=False)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,12 @@ Each test starts its servers with a namespace (or a file) of its own.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -18,9 +20,22 @@ from typing import Any
 
 import psutil
 import pytest
+import redis
 import requests
 
-from conftest import LiveServer, RedisServer, alive, json_object, marked, marker, until
+from runcache.stores import open_store
+from runcache.stores.board import JobRecord, open_board
+
+from conftest import (
+    LiveServer,
+    RedisServer,
+    alive,
+    free_port,
+    json_object,
+    marked,
+    marker,
+    until,
+)
 
 StartServer = Callable[..., LiveServer]
 
@@ -326,3 +341,206 @@ def test_a_redis_gone_mid_job_answers_the_local_caller_and_fails_the_remote_foll
     final = until(ended, seconds=20, what="the final record once Redis is back")
     assert final["status"] == "completed"
     assert alive(psutil.Process(one.process.pid))
+
+
+def test_a_pid_live_on_two_instances_answers_409_naming_both_jobs(
+    live_server_factory: StartServer, shared_url: str
+) -> None:
+    server = live_server_factory("--store", shared_url)
+    mark = marker()
+    accepted = start(server, f"sleep {mark}")
+    job_id, pid = accepted["job_id"], accepted["pid"]
+    # Another machine's live run with the same pid, written through the board's own API
+    # by an instance that keeps its heartbeat (this test process).
+    board = open_board(shared_url, instance_timeout=30, timeout=5, retention=60)
+    assert board is not None
+    other = JobRecord(
+        job_id=uuid.uuid4().hex,
+        command="sleep elsewhere",
+        cache_key="k" * 64,
+        instance=board.instance,
+        status="running",
+        pid=pid,
+        started_at=time.time(),
+    )
+
+    async def publish() -> None:
+        await board.heartbeat()
+        await board.publish(other)
+        await board.aclose()
+
+    asyncio.run(publish())
+    try:
+        for method, route in [
+            ("GET", "status"),
+            ("POST", "pause"),
+            ("POST", "resume"),
+            ("POST", "terminate"),
+        ]:
+            answer = requests.request(
+                method, f"{server.url}/api/processes/{route}/{pid}", timeout=30
+            )
+            assert answer.status_code == 409, (route, answer.text)
+            error = json_object(answer)["error"]
+            assert job_id in error and other.job_id in error, error
+        assert state(mark) != psutil.STATUS_STOPPED  # neither pause nor terminate acted
+        listed = get(server, "/api/processes/list")["active_processes"]
+        assert str(pid) in listed
+    finally:
+        post(server, f"/api/jobs/{job_id}/cancel")
+
+
+def test_a_request_waiting_on_a_killed_servers_run_runs_the_command_itself(
+    live_server_factory: StartServer, redis_url: str, tmp_path: Path
+) -> None:
+    one = live_server_factory("--store", redis_url, "--instance-timeout", "3")
+    two = live_server_factory("--store", redis_url, "--instance-timeout", "3")
+    gate, mark = tmp_path / "gate", marker()
+    command = f"until [ -e {gate} ]; do sleep 0.05; done; echo ran; : {mark}"
+    start(one, command)
+    until(lambda: marked(mark), what="the run on the first server")
+    answers: list[requests.Response] = []
+    waiting = threading.Thread(
+        target=lambda: answers.append(
+            requests.post(two.url + "/api/command", json={"command": command}, timeout=60)
+        )
+    )
+    waiting.start()
+    # The second server's request waits for the first's run (its job holds no lease).
+    until(
+        lambda: any(
+            job["command"] == command and job["instance"].split(":")[1] == str(two.process.pid)
+            for job in get(two, "/api/jobs")["jobs"]
+        ),
+        what="the joined request's job",
+    )
+    os.kill(one.process.pid, signal.SIGKILL)
+    one.process.wait(10)
+    for process in marked(mark):  # what the killed server left
+        process.kill()
+    until(lambda: not marked(mark), what="the killed server's run to go")
+    # Reaped, its lease released: the waiting request takes the lock and runs it itself.
+    taken = until(lambda: marked(mark), seconds=20, what="the second server's own run")
+    assert all(two.process.pid in {p.pid for p in process.parents()} for process in taken)
+    gate.touch()
+    waiting.join(30)
+    answer = json_object(answers[0])
+    assert (answer["stdout"], answer["coalesced"]) == ("ran\n", False)
+
+
+def test_after_a_redis_restart_the_reaper_waits_for_live_instances_to_beat_again(
+    live_server_factory: StartServer, tmp_path: Path
+) -> None:
+    """Redis comes back with the jobs saved before it went, and every heartbeat expired:
+    the first instance back must not reap the others' live jobs before they beat."""
+    store = RedisServer(free_port(), tmp_path)
+    store.start()
+    client = redis.Redis(port=store.port)
+    try:
+        url = f"{store.url}?namespace=restart"
+        one = live_server_factory("--store", url, "--instance-timeout", "5")
+        two = live_server_factory("--store", url, "--instance-timeout", "5")
+        mark = marker()
+        job_id = start(one, f"sleep {mark}")["job_id"]
+        until(lambda: get(two, f"/api/jobs/{job_id}")["status"] == "running", what="the record")
+        client.save()
+        store.stop()
+        os.kill(one.process.pid, signal.SIGSTOP)  # silent through the restart
+        try:
+            time.sleep(5.5)  # the outage outlasts the saved heartbeats (5 s)
+            store.start()  # the saved jobs are back; no heartbeat is
+            beat = f"runcache:{{restart}}:instance:*:{two.process.pid}:*"
+            two_beat = until(lambda: client.keys(beat), what="the second server's heartbeat")[0]
+            _renewed(client, two_beat)  # its reaper had a round since
+            assert client.hget(f"runcache:{{restart}}:job:{job_id}", "reaped") is None
+        finally:
+            os.kill(one.process.pid, signal.SIGCONT)
+        one_beat = f"runcache:{{restart}}:instance:*:{one.process.pid}:*"
+        until(lambda: client.keys(one_beat), what="the first server's heartbeat")
+        _renewed(client, two_beat)
+        _renewed(client, two_beat)  # past the second server's rest: it reaps again
+        assert get(two, f"/api/jobs/{job_id}")["status"] == "running"
+        assert post(two, f"/api/jobs/{job_id}/cancel")["status"] == "cancelled"
+        until(lambda: not marked(mark), what="the run to go")
+    finally:
+        client.close()
+        store.stop()
+
+
+def _renewed(client: redis.Redis, key: bytes | str) -> None:
+    """Wait for the next renewal of a heartbeat (5 s, renewed every 2 s)."""
+    until(lambda: 0 < client.pttl(key) < 3800, what="the heartbeat to age")
+    until(lambda: client.pttl(key) > 4200, what="the heartbeat renewed")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_the_reaper_releases_only_the_lock_its_job_held(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    url: str = request.getfixturevalue(f"{kind}_url")
+    store = open_store(url, max_entries=100, max_bytes=1 << 20)
+    board = open_board(url, instance_timeout=30, timeout=5, retention=60)
+    assert board is not None
+    key = uuid.uuid4().hex
+
+    def dead_job(lease: str) -> JobRecord:
+        """A running job of an instance that never beat (so the reaper takes it)."""
+        return JobRecord(
+            job_id=uuid.uuid4().hex,
+            command="true",
+            cache_key=key,
+            instance=f"gone:1:{uuid.uuid4().hex[:6]}",
+            status="running",
+            started_at=time.time(),
+            cacheable=True,
+            lease=lease,
+        )
+
+    async def reap(record: JobRecord) -> list[str]:
+        await board.publish(record)
+        return await board.reap()
+
+    async def scenario() -> None:
+        token = store.acquire(key, 60)
+        assert token is not None
+        # A job whose lock lapsed and was taken by another run: that run keeps it.
+        lapsed = dead_job("a token that lapsed")
+        assert await reap(lapsed) == [lapsed.job_id]
+        assert store.acquire(key, 60) is None
+        # The job that holds it: released.
+        holder = dead_job(token)
+        assert await reap(holder) == [holder.job_id]
+        assert store.acquire(key, 60) is not None
+        await board.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()
+
+
+def test_a_redis_restarted_empty_gets_the_running_jobs_back(
+    live_server_factory: StartServer, tmp_path: Path
+) -> None:
+    store = RedisServer(free_port(), tmp_path)
+    store.start()
+    try:
+        url = f"{store.url}?namespace=empty"
+        one = live_server_factory("--store", url)
+        two = live_server_factory("--store", url)
+        mark = marker()
+        job_id = start(one, f"sleep {mark}")["job_id"]  # prints nothing: no write due
+        until(lambda: get(two, f"/api/jobs/{job_id}")["status"] == "running", what="the record")
+        store.stop()
+        store.start()  # empty
+        # The first server finds its heartbeat gone and writes its running jobs again.
+        back = until(
+            lambda: requests.get(f"{two.url}/api/jobs/{job_id}", timeout=30).status_code == 200,
+            what="the job back on the board",
+        )
+        assert back
+        assert get(two, f"/api/jobs/{job_id}")["status"] == "running"
+        assert post(two, f"/api/jobs/{job_id}/cancel")["status"] == "cancelled"
+        until(lambda: not marked(mark), what="the run to go")
+    finally:
+        store.stop()

@@ -205,7 +205,11 @@ class Cache:
 
     @asynccontextmanager
     async def exclusive(
-        self, key: str, run_timeout: float, superseded: bytes | None = None
+        self,
+        key: str,
+        run_timeout: float,
+        superseded: bytes | None = None,
+        on_lock: Callable[[str], None] | None = None,
     ) -> AsyncIterator[bytes | None]:
         """Let one instance at a time run ``key``'s command.
 
@@ -215,8 +219,12 @@ class Cache:
         ``superseded``, which never counts as found. The lock lapses on its own,
         so a crashed holder delays the others by at most ``run_timeout`` plus a
         margin; a store that fails lets the caller run the command unlocked.
+        ``on_lock`` is given the lock's token once taken (the job board keeps it, so
+        that a reaper releases this lock, not one taken after it lapsed).
         """
         token, found = await self._claim(key, run_timeout + LEASE_MARGIN, superseded)
+        if token is not None and on_lock is not None:
+            on_lock(token)
         try:
             yield found
         finally:

@@ -545,7 +545,7 @@ class Engine:
                 return body
             lease = self.config.queue_timeout + plan.timeout
             superseded = await self.cache.peek(plan.key) if plan.refresh else None
-            async with self.cache.exclusive(plan.key, lease, superseded) as elsewhere:
+            async with self.cache.exclusive(plan.key, lease, superseded, job.hold) as elsewhere:
                 if elsewhere is not None:
                     job.finish(elsewhere, None, elsewhere=True, facts=await _facts_of(elsewhere))
                     return elsewhere

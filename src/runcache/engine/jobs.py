@@ -34,7 +34,7 @@ import contextlib
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -166,9 +166,17 @@ class Job:
         self.owners: set[str] = set()
         #: The instance running it, with a shared store (:mod:`runcache.stores.board`).
         self.instance: str | None = None
-        #: Told on the loop when the job changes (new output, a pid, a pause, its end):
-        #: what publishes it to the job board (:mod:`runcache.engine.shared_jobs`).
+        #: Told on the loop when the job's state changes (a pause, a resume, a lease, its
+        #: end), not on each output: what publishes it to the job board
+        #: (:mod:`runcache.engine.shared_jobs`), which reads new output on its own tick.
         self.on_change: Callable[[], None] | None = None
+        #: The token of the store's single-flight lock its run holds, once taken.
+        self.lease: str | None = None
+        #: Told on the run's thread of new output, with a shared store: it only notes it
+        #: (and wakes the loop once a round), never works there.
+        self.on_output: Callable[[], None] | None = None
+        #: Writes the job as it is now to the job board, with a shared store.
+        self.on_publish: Callable[[], Awaitable[None]] | None = None
 
     # -- state --------------------------------------------------------------------
 
@@ -241,6 +249,12 @@ class Job:
         while not self.ended:
             await self.changed()
 
+    async def published(self) -> None:
+        """Return once the job as it is now is on the job board (at once without one), so
+        that another instance asked next answers about it."""
+        if self.on_publish is not None:
+            await self.on_publish()
+
     def touch(self) -> None:
         """The job changed in a way its readers do not wait on (paused, resumed)."""
         if self.on_change is not None:
@@ -266,11 +280,13 @@ class Job:
         def landed() -> None:
             nonlocal pending
             pending = False
-            self._wake()
+            self._wake_readers()
 
         def on_output() -> None:
             nonlocal pending
-            if (self.followers or self.on_change is not None) and not pending:
+            if self.on_output is not None:
+                self.on_output()
+            if self.followers and not pending:
                 pending = True
                 loop.call_soon_threadsafe(landed)
 
@@ -336,10 +352,18 @@ class Job:
             self.on_kept(self)
 
     def _wake(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self._wake_readers()
         if self.on_change is not None:
             self.on_change()
+
+    def _wake_readers(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def hold(self, token: str) -> None:
+        """Its run took the store's lock for its key with ``token``."""
+        self.lease = token
+        self.touch()
 
     async def changed(self) -> None:
         """Return when the job has new output or has ended."""

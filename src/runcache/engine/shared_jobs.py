@@ -3,12 +3,17 @@ read from it, and control passed between them.
 
 With a shared store the engine has a :class:`SharedJobs` on a
 :class:`~runcache.stores.board.JobBoard`. Each local job is published as it
-goes: its record when it starts, its output as the run's thread captures it
-(batched: the thread only wakes the loop, as it does for followers, and one
-sync per job at a time writes what piled up meanwhile), its status on pause and
-resume, its final record at the end. A write the board refuses (Redis gone) is
-tried again on the next heartbeat, so a job that ended meanwhile does not stay
-``running`` once the board is back.
+goes, in rounds: one board transaction takes what every job printed since the
+last round, the records that are due (a running job's sizes and last line at
+most every :data:`RECORD_SECONDS`) and the ends; rounds are at least
+:data:`ROUND_SECONDS` apart. A run thread that captures output only notes it
+(the first note since a round wakes the loop); a change of state (a new job, a
+pause, a resume, a lease taken, an end) has a round due at once. A round the board
+refuses (Redis gone) is written again by the next, so a job that ended
+meanwhile does not stay ``running`` once the board is back; and a board that
+lost this instance's heartbeat (a Redis restarted empty) has every running job
+written again, while the reaper rests for a timeout: the others' heartbeats
+may be missing for the same reason, not because they died.
 
 A job another instance runs is read through a :class:`RemoteJob`: a
 :class:`~runcache.engine.jobs.Job` built from its record, whose output comes
@@ -25,16 +30,19 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from runcache.engine.jobs import STREAMS, Job, OutputFacts
 from runcache.errors import StoreError
 from runcache.stores.board import (
     HEARTBEAT_SECONDS,
+    Chunk,
     ControlAnswer,
     ControlRequest,
     JobBoard,
     JobRecord,
+    Round,
 )
 
 if TYPE_CHECKING:
@@ -48,12 +56,18 @@ WAIT_SECONDS = 1.0
 #: How long the inbox waits for a request before asking again.
 INBOX_SECONDS = 1.0
 
-#: After writing output, a job's next sync waits this long, so that a command printing
-#: fast has its lines written in batches, not one store call per line.
-BATCH_SECONDS = 0.005
+#: The shortest time between two publishing rounds: a round writes what every job
+#: printed meanwhile in one transaction, so commands printing fast cost the loop a
+#: round a tick, not a store call a line (and a line printed after a quiet spell goes
+#: at once).
+ROUND_SECONDS = 0.015
 
-#: A running job's record (its sizes and last line, for listings) is written again with
-#: its output at most this often; a change of status or pid is written at once.
+#: How long a round woken by new output waits for the rest of it: a command's line and
+#: its newline often reach the run's thread apart, a fraction of a millisecond apart.
+GATHER_SECONDS = 0.001
+
+#: A running job's record (its sizes and last line, for listings) is written again at
+#: most this often; a change of status, pid or lease, and an end, are written at once.
 RECORD_SECONDS = 0.5
 
 #: How long a cancel waits for the run to end before answering (job_answers' wait).
@@ -76,6 +90,7 @@ def record_of(job: Job, instance: str) -> JobRecord:
         ended_at=job.started_at + job.runtime if ended else None,
         owners=sorted(job.owners),
         cacheable=job.cacheable,
+        lease=job.lease,
         background=job.background,
         stdout_bytes=facts.stdout_bytes,
         stderr_bytes=facts.stderr_bytes,
@@ -165,25 +180,57 @@ class RemoteJob(Job):
             if record is not None:
                 self._update(record)
         if update.chunks:
-            self._wake()
+            self._wake_readers()
+
+
+#: What of a job's record is written at once when it changes: status, pid, lease token.
+State = tuple[str, int | None, str | None]
 
 
 class _Publisher:
-    """What of one local job the board has: one sync at a time writes what is new."""
+    """What of one local job the board has: the output sent, the record last written."""
 
     def __init__(self, job: Job) -> None:
         self.job = job
         self.sent = dict.fromkeys(STREAMS, 0)
-        self.dirty = True
-        self.syncing = False
-        #: The status and pid last written, and when the record was.
-        self.written: tuple[str, int | None] | None = None
+        #: The status, pid and lease last written (None: write the record), and when.
+        self.written: State | None = None
         self.written_at = 0.0
-        self.record_due = False
-        self.finished = False
-        #: Set while no sync runs: what the job was is on the board (unless it failed).
-        self.idle = asyncio.Event()
-        self.idle.set()
+        #: Output was written since the record was (its sizes and last line are behind).
+        self.behind = False
+
+    def state(self) -> State:
+        return self.job.status, self.job.pid, self.job.lease
+
+    def output(self) -> list[Chunk]:
+        """The output printed since the last round that wrote."""
+        chunks = []
+        for name in STREAMS:
+            live = self.job.live(name)
+            if live is not None and len(live) > self.sent[name]:
+                start = self.sent[name]
+                chunks.append((name, start, bytes(live[start:])))
+        return chunks
+
+
+@dataclass
+class _Pending:
+    """What a round wrote of one job, noted once the board took it."""
+
+    publisher: _Publisher
+    chunks: list[Chunk]
+    #: The state its record was written with, if it was.
+    record: State | None
+    ended: bool
+
+    def sent(self, now: float) -> None:
+        publisher = self.publisher
+        for name, start, data in self.chunks:
+            publisher.sent[name] = start + len(data)
+        if self.record is not None:
+            publisher.written, publisher.written_at, publisher.behind = self.record, now, False
+        elif self.chunks:
+            publisher.behind = True
 
 
 class SharedJobs:
@@ -197,6 +244,18 @@ class SharedJobs:
         self._tasks: list[asyncio.Task[None]] = []
         self._engine: Engine | None = None
         self._failing: str | None = None
+        #: Set when a change must be written now (a new job, a status, an end), not at
+        #: the next tick; and held by the round that writes, so rounds never overlap.
+        self._due = asyncio.Event()
+        self._writing = asyncio.Lock()
+        #: Set by a run thread on new output, cleared by the round that reads it: the
+        #: first output after a round wakes the loop, the rest of it does nothing.
+        self._printed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: The reaper rests until then (monotonic): after the board failed or lost this
+        #: instance's heartbeat, the others' heartbeats may be missing for the same
+        #: reason, not because they died; each gets a full timeout to beat again.
+        self._reap_after = 0.0
 
     @property
     def instance(self) -> str:
@@ -205,13 +264,16 @@ class SharedJobs:
     # -- serving --------------------------------------------------------------------
 
     async def serve(self, engine: Engine) -> None:
-        """Start the heartbeat (with the reaper) and the control inbox on this loop."""
+        """Start the heartbeat (with the reaper), the publishing rounds and the control
+        inbox on this loop."""
         self._engine = engine
+        self._loop = asyncio.get_running_loop()
         self.active = True
         with contextlib.suppress(StoreError):
             await self.board.heartbeat()
         self._tasks = [
             asyncio.ensure_future(self._forever(self._beat, HEARTBEAT_SECONDS)),
+            asyncio.ensure_future(self._forever(self._publish, 0)),
             asyncio.ensure_future(self._forever(self._answer_inbox, 0)),
         ]
 
@@ -236,24 +298,35 @@ class SharedJobs:
                     log.warning("job board reachable again: %s", self.board_name)
                     self._failing = None
             except StoreError as error:
-                if self._failing is None:
-                    log.warning("job board failed: %s", error.message)
-                self._failing = error.message
-                pause_now = max(pause, 0.5)
-                await asyncio.sleep(pause_now)
+                self._failed(error)
+                await asyncio.sleep(max(pause, 0.5))
                 continue
             if pause:
                 await asyncio.sleep(pause)
+
+    def _failed(self, error: StoreError) -> None:
+        if self._failing is None:
+            log.warning("job board failed: %s", error.message)
+        self._failing = error.message
+        self._rest_reaper()
+
+    def _rest_reaper(self) -> None:
+        self._reap_after = time.monotonic() + self.board.instance_timeout
 
     @property
     def board_name(self) -> str:
         return type(self.board).__name__
 
     async def _beat(self) -> None:
-        await self.board.heartbeat()
-        for publisher in list(self._publishers.values()):
-            if publisher.dirty and not publisher.syncing:  # a write the board refused
-                self._kick(publisher)
+        if not await self.board.heartbeat():
+            # The board lost this instance (a Redis restarted empty, or a silence long
+            # enough to be reaped): write its running jobs again, and rest the reaper.
+            self._rest_reaper()
+            for publisher in self._publishers.values():
+                publisher.written = None
+            self._due.set()
+        if time.monotonic() < self._reap_after:
+            return
         reaped = await self.board.reap()
         if reaped:
             log.warning("jobs of a silent instance marked failed: %s", ", ".join(reaped))
@@ -281,9 +354,8 @@ class SharedJobs:
         if done and request.verb in ("cancel", "leave"):
             await job.ended_within(END_WAIT_SECONDS)
         # The requester reads the record next: it must say what was just done.
-        self._kick(publisher)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(publisher.idle.wait(), END_WAIT_SECONDS)
+        with contextlib.suppress(asyncio.TimeoutError, StoreError):
+            await asyncio.wait_for(self.publish_round(), END_WAIT_SECONDS)
         return ControlAnswer(done=done, status=job.status)
 
     # -- publishing -----------------------------------------------------------------
@@ -293,65 +365,72 @@ class SharedJobs:
         if not self.active:
             return
         job.instance = self.instance
-        publisher = _Publisher(job)
-        self._publishers[job.job_id] = publisher
-        job.on_change = lambda: self._kick(publisher)
-        self._kick(publisher)
+        self._publishers[job.job_id] = _Publisher(job)
+        job.on_change = self._due.set
+        job.on_output = self._output
+        job.on_publish = self._published
+        self._due.set()
 
-    def _kick(self, publisher: _Publisher) -> None:
-        publisher.dirty = True
-        if not publisher.syncing and not publisher.finished:
-            publisher.syncing = True
-            publisher.idle.clear()
-            asyncio.ensure_future(self._sync(publisher))
+    async def _published(self) -> None:
+        """A round now (a board that fails is the next round's to write)."""
+        with contextlib.suppress(StoreError):
+            await self.publish_round()
 
-    async def _sync(self, publisher: _Publisher) -> None:
-        """Write what is new of a job until nothing is: its output, its record, its end."""
-        try:
-            while publisher.dirty and not publisher.finished:
-                publisher.dirty = False
-                if await self._write(publisher):
-                    await asyncio.sleep(BATCH_SECONDS)
-        except StoreError as error:
-            publisher.dirty = True  # the next heartbeat tries again
-            if self._failing is None:
-                log.warning("job board failed: %s", error.message)
-                self._failing = error.message
-        finally:
-            publisher.syncing = False
-            publisher.idle.set()
+    def _output(self) -> None:
+        """On a run thread: new output. The first since the last round wakes the loop
+        (a race between two threads costs one wake-up more, nothing else)."""
+        if not self._printed and self._loop is not None:
+            self._printed = True
+            self._loop.call_soon_threadsafe(self._due.set)
 
-    async def _write(self, publisher: _Publisher) -> bool:
-        """Write what is new of the job; whether that was output."""
-        job = publisher.job
-        ended = job.ended
-        chunks = []
-        for name in STREAMS:
-            live = job.live(name)
-            if live is not None and len(live) > publisher.sent[name]:
-                start = publisher.sent[name]
-                chunks.append((name, start, bytes(live[start:])))
-        if chunks:
-            await self.board.append(job.job_id, chunks)
-            for name, start, data in chunks:
-                publisher.sent[name] = start + len(data)
-        now = time.monotonic()
-        state = (job.status, job.pid)
-        if ended:
-            await self.board.end(record_of(job, self.instance))
-            publisher.finished = True
-            self._publishers.pop(job.job_id, None)
-        elif state != publisher.written or now - publisher.written_at >= RECORD_SECONDS:
-            await self.board.publish(record_of(job, self.instance))
-            publisher.written, publisher.written_at = state, now
-        elif chunks and not publisher.record_due:  # its sizes: written a little later
-            publisher.record_due = True
-            asyncio.get_running_loop().call_later(RECORD_SECONDS, self._record_due, publisher)
-        return bool(chunks)
+    async def _publish(self) -> None:
+        """A round once one is due (new output, a change), at most every ROUND_SECONDS;
+        and when a record is behind its output, after RECORD_SECONDS at the latest."""
+        behind = any(publisher.behind for publisher in self._publishers.values())
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._due.wait(), RECORD_SECONDS if behind else None)
+        started = time.monotonic()
+        if self._printed:  # the rest of what is being printed (a line's end) comes along
+            await asyncio.sleep(GATHER_SECONDS)
+        self._due.clear()
+        await self.publish_round()
+        # The next round no sooner than ROUND_SECONDS after this one was due: a line
+        # printed less often than that goes at once, not after a pause of its own.
+        await asyncio.sleep(started + ROUND_SECONDS - time.monotonic())
 
-    def _record_due(self, publisher: _Publisher) -> None:
-        publisher.record_due = False
-        self._kick(publisher)
+    async def publish_round(self) -> None:
+        """Write what is new of every local job in one board transaction: output, the
+        records due, the ends. What a failed round had is written by the next."""
+        async with self._writing:
+            self._printed = False  # output from now on wakes the next round
+            now = time.monotonic()
+            batch = Round()
+            pending = []
+            for publisher in list(self._publishers.values()):
+                job = publisher.job
+                ended = job.ended  # read before the output: none is captured after the end
+                chunks = publisher.output()
+                if chunks:
+                    batch.output.append((job.job_id, chunks))
+                state = publisher.state()
+                record = not ended and (
+                    state != publisher.written
+                    or (
+                        (chunks or publisher.behind)
+                        and now - publisher.written_at >= RECORD_SECONDS
+                    )
+                )
+                if ended:
+                    batch.ended.append(record_of(job, self.instance))
+                elif record:
+                    batch.records.append(record_of(job, self.instance))
+                pending.append(_Pending(publisher, chunks, state if record else None, ended))
+            if batch:
+                await self.board.write(batch)
+            for done in pending:
+                done.sent(now)
+                if done.ended:
+                    self._publishers.pop(done.publisher.job.job_id, None)
 
     # -- reading and steering others' jobs --------------------------------------------
 

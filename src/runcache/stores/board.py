@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 from urllib.parse import urlsplit
 
@@ -60,6 +60,9 @@ class JobRecord(msgspec.Struct, kw_only=True):
     ended_at: float | None = None
     owners: list[str] = []
     cacheable: bool = False
+    #: The token of the single-flight lock its run holds (set once taken): the reaper
+    #: releases that lock only while this token still holds it.
+    lease: str | None = None
     background: bool = False
     stdout_bytes: int = 0
     stderr_bytes: int = 0
@@ -79,6 +82,20 @@ class JobRecord(msgspec.Struct, kw_only=True):
 
 #: One piece of a job's output: its stream (``stdout``/``stderr``), its offset, its bytes.
 Chunk = tuple[str, int, bytes]
+
+
+@dataclass
+class Round:
+    """What one publishing round of an instance writes, in one transaction: the output
+    its running jobs printed since the last round, the records of those whose record is
+    due, and the final records of those that ended (written after their last output)."""
+
+    output: list[tuple[str, list[Chunk]]] = field(default_factory=list)
+    records: list[JobRecord] = field(default_factory=list)
+    ended: list[JobRecord] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.output or self.records or self.ended)
 
 
 @dataclass(frozen=True)
@@ -116,15 +133,14 @@ class JobBoard(Protocol):
     #: Seconds an ended job stays listed (``--job-retention``).
     retention: float
 
+    async def write(self, batch: Round) -> None:
+        """Write a round in one transaction: the output appended to each job's, the
+        running jobs' records (replacing what was there), then the ended jobs' final
+        records, each with its end marked for waiting readers and kept ``retention``
+        seconds."""
+
     async def publish(self, record: JobRecord) -> None:
-        """Write a running job's record (again: status changes replace it)."""
-
-    async def append(self, job_id: str, chunks: list[Chunk]) -> None:
-        """Add live output of a running job."""
-
-    async def end(self, record: JobRecord) -> None:
-        """Write an ended job's final record, mark its end for waiting readers, and keep
-        it ``retention`` seconds."""
+        """Write one running job's record (a round of one)."""
 
     async def get(self, job_id: str) -> JobRecord | None: ...
 
@@ -145,12 +161,15 @@ class JobBoard(Protocol):
 
     async def answer(self, request: ControlRequest, answer: ControlAnswer) -> None: ...
 
-    async def heartbeat(self) -> None:
-        """Say this instance is alive for the next ``instance_timeout`` seconds."""
+    async def heartbeat(self) -> bool:
+        """Say this instance is alive for the next ``instance_timeout`` seconds; whether
+        its previous heartbeat was still there (False the first time, and after the
+        store lost it: a restarted Redis, or a silence the reaper saw)."""
 
     async def reap(self) -> list[str]:
         """Mark failed the running jobs of instances silent past the timeout, mark their
-        ends and release their cache leases; the ids of the jobs reaped."""
+        ends and release their cache leases (the lock of a key only while the reaped
+        job's token holds it); the ids of the jobs reaped."""
 
     async def aclose(self) -> None: ...
 

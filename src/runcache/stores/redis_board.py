@@ -8,8 +8,9 @@ script's keys share a slot):
 - ``jobs``: sorted set of job ids by start time, the listing's index (ids whose
   record expired are dropped as a listing meets them).
 - ``running``: hash of the running jobs' ids to the instance running each;
-  ``leases``: the cacheable ones' ids to their cache key, whose single-flight lock
-  (``lock:<key>``, :mod:`runcache.stores.redis`) the reaper releases.
+  ``leases``: the ids of those holding their key's single-flight lock (``lock:<key>``,
+  :mod:`runcache.stores.redis`) to ``<key>\\n<token>``: the reaper deletes that lock
+  only while the job's token holds it (it may have lapsed and been taken by another).
 - ``out:<id>``: stream of a job's output; each entry ``s`` (stream), ``o`` (offset),
   ``d`` (bytes), and a last entry ``end`` when the job ends, so one ``XREAD BLOCK``
   wakes a reader on new output and on the end alike. Bounded by the run's own output
@@ -39,6 +40,7 @@ from runcache.stores.board import (
     ControlAnswer,
     ControlRequest,
     JobRecord,
+    Round,
     Update,
     instance_name,
 )
@@ -69,9 +71,13 @@ for i = 1, #running, 2 do
     redis.call('PEXPIRE', job, retention)
     redis.call('XADD', out, '*', 'end', '1')
     redis.call('PEXPIRE', out, retention)
-    local key = redis.call('HGET', leases_key, id)
-    if key then
-      redis.call('DEL', base .. 'lock:' .. key)
+    local lease = redis.call('HGET', leases_key, id)
+    if lease then
+      local cut = string.find(lease, '\\n', 1, true)
+      local lock = base .. 'lock:' .. string.sub(lease, 1, cut - 1)
+      if redis.call('GET', lock) == string.sub(lease, cut + 1) then
+        redis.call('DEL', lock)
+      end
       redis.call('HDEL', leases_key, id)
     end
     redis.call('HDEL', running_key, id)
@@ -79,6 +85,17 @@ for i = 1, #running, 2 do
   end
 end
 return reaped
+"""
+
+#: Appends a round's output: KEYS, each chunk's job stream; ARGV, each chunk's stream
+#: name, offset and bytes. One command however many chunks: what the round costs the
+#: loop is packing arguments, not a pipeline's bookkeeping per command.
+_APPEND = """
+for i = 1, #KEYS do
+  local at = 3 * i - 2
+  redis.call('XADD', KEYS[i], '*', 's', ARGV[at], 'o', ARGV[at + 1], 'd', ARGV[at + 2])
+end
+return #KEYS
 """
 
 _encode = msgspec.json.Encoder().encode
@@ -116,39 +133,51 @@ class RedisBoard:
         self._inbox = base + "control:" + self.instance
         self._inbox_cursor = "0"
         self._reap = self._redis.register_script(_REAP)
+        self._append = self._redis.register_script(_APPEND)
 
     # -- records ----------------------------------------------------------------------
 
-    async def publish(self, record: JobRecord) -> None:
+    async def write(self, batch: Round) -> None:
         async with self._failing():
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.hset(self._job(record.job_id), "r", _encode(record))
-            pipe.zadd(self._index, {record.job_id: record.started_at})
-            pipe.zremrangebyrank(self._index, 0, -_INDEX_KEPT - 1)
-            pipe.hset(self._running, record.job_id, record.instance)
-            if record.cacheable:
-                pipe.hset(self._leases, record.job_id, record.cache_key)
-            await pipe.execute()
-
-    async def append(self, job_id: str, chunks: list[Chunk]) -> None:
-        async with self._failing():
+            if batch.output:  # first: a job's end comes after its output
+                keys: list[str] = []
+                args: list[str | int | bytes] = []
+                for job_id, chunks in batch.output:
+                    for stream, offset, data in chunks:
+                        keys.append(self._out(job_id))
+                        args += (stream, offset, data)
+                await self._append(keys=keys, args=args)
+            if not (batch.records or batch.ended):
+                return
+            # In order; no MULTI: every reply parsed once, not twice.
             pipe = self._redis.pipeline(transaction=False)
-            for stream, offset, data in chunks:
-                pipe.xadd(self._out(job_id), {"s": stream, "o": offset, "d": data})
+            for record in batch.records:
+                self._publish(pipe, record)
+            if batch.records:
+                pipe.zremrangebyrank(self._index, 0, -_INDEX_KEPT - 1)
+            for record in batch.ended:
+                self._end(pipe, record)
             await pipe.execute()
 
-    async def end(self, record: JobRecord) -> None:
+    async def publish(self, record: JobRecord) -> None:
+        await self.write(Round(records=[record]))
+
+    def _publish(self, pipe: Any, record: JobRecord) -> None:
+        pipe.hset(self._job(record.job_id), "r", _encode(record))
+        pipe.zadd(self._index, {record.job_id: record.started_at})
+        pipe.hset(self._running, record.job_id, record.instance)
+        if record.cacheable and record.lease is not None:
+            pipe.hset(self._leases, record.job_id, record.cache_key + "\n" + record.lease)
+
+    def _end(self, pipe: Any, record: JobRecord) -> None:
         keep = self._kept_ms()
-        async with self._failing():
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.hset(self._job(record.job_id), "r", _encode(record))
-            pipe.pexpire(self._job(record.job_id), keep)
-            pipe.zadd(self._index, {record.job_id: record.started_at})
-            pipe.xadd(self._out(record.job_id), {"end": 1})
-            pipe.pexpire(self._out(record.job_id), keep)
-            pipe.hdel(self._running, record.job_id)
-            pipe.hdel(self._leases, record.job_id)
-            await pipe.execute()
+        pipe.hset(self._job(record.job_id), "r", _encode(record))
+        pipe.pexpire(self._job(record.job_id), keep)
+        pipe.zadd(self._index, {record.job_id: record.started_at})
+        pipe.xadd(self._out(record.job_id), {"end": 1})
+        pipe.pexpire(self._out(record.job_id), keep)
+        pipe.hdel(self._running, record.job_id)
+        pipe.hdel(self._leases, record.job_id)
 
     async def get(self, job_id: str) -> JobRecord | None:
         found: Any
@@ -238,11 +267,13 @@ class RedisBoard:
 
     # -- liveness ---------------------------------------------------------------------
 
-    async def heartbeat(self) -> None:
+    async def heartbeat(self) -> bool:
+        previous: Any
         async with self._failing():
-            await self._redis.set(
-                self._heartbeat, 1, px=max(1, math.ceil(self.instance_timeout * 1000))
+            previous = await self._redis.set(
+                self._heartbeat, 1, px=max(1, math.ceil(self.instance_timeout * 1000)), get=True
             )
+        return previous is not None
 
     async def reap(self) -> list[str]:
         async with self._failing():

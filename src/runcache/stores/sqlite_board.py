@@ -7,14 +7,18 @@ end row when a job ends; the row's id is a reader's cursor), ``board_control``
 (requests to an instance and their answers) and ``board_instances`` (each
 instance's last heartbeat).
 
-The processes sharing the file are on one machine, so a reader that waits asks
-again every :data:`POLL_SECONDS`: each ask is one indexed query run in a thread,
-cheap when nothing changed, and the wait is bounded by its timeout.
+The processes sharing the file are on one machine, so waiting is polling, done
+once for the process: one thread (:class:`_Poller`) asks the file every
+:data:`POLL_SECONDS` whether anything was committed and which jobs got output,
+and wakes the waits that concern them, which then read what they wait for. A
+wait is bounded by its timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import sqlite3
 import threading
 import time
@@ -28,16 +32,23 @@ import msgspec
 from runcache.errors import StoreError
 from runcache.stores.board import (
     STOPPED_ANSWERING,
-    Chunk,
     ControlAnswer,
     ControlRequest,
     JobRecord,
+    Round,
     Update,
     instance_name,
 )
 
-#: How often a waiting reader, requester or inbox asks the file again.
-POLL_SECONDS = 0.02
+log = logging.getLogger("runcache")
+
+#: How often the poller asks the file whether anything changed.
+POLL_SECONDS = 0.01
+
+#: What a wait on a new control request (an inbox) and one on any commit (a requester
+#: waiting for its answer, an update) are woken by: job ids are hex, never these.
+REQUESTS: str | None = None
+ANY = "*"
 
 #: Records listed at the most (finished jobs are listed up to 1,000).
 _LISTED = 2000
@@ -91,44 +102,53 @@ class SqliteBoard:
         self._timeout = timeout
         self._local = threading.local()
         self._inbox_cursor = 0
+        self._poller = _Poller(self._open, namespace)
 
     # -- records ----------------------------------------------------------------------
 
-    async def publish(self, record: JobRecord) -> None:
-        await self._write(
-            "INSERT OR REPLACE INTO board_jobs (namespace, job_id, started_at, ended_at,"
-            " instance, record, reaped) VALUES (?, ?, ?, NULL, ?, ?, NULL)",
-            (self._namespace, record.job_id, record.started_at, record.instance, _encode(record)),
-        )
-
-    async def append(self, job_id: str, chunks: list[Chunk]) -> None:
-        rows = [(self._namespace, job_id, stream, offset, data) for stream, offset, data in chunks]
+    async def write(self, batch: Round) -> None:
+        namespace = self._namespace
+        output = [
+            (namespace, job_id, stream, offset, data)
+            for job_id, chunks in batch.output
+            for stream, offset, data in chunks
+        ]
+        records = [
+            (namespace, record.job_id, record.started_at, record.instance, _encode(record))
+            for record in batch.records
+        ]
+        ended = [
+            (record.ended_at, _encode(record), namespace, record.job_id) for record in batch.ended
+        ]
+        horizon = time.time() - self.retention
 
         def write(db: sqlite3.Connection) -> None:
             db.executemany(
                 "INSERT INTO board_output (namespace, job_id, stream, offset, data)"
                 " VALUES (?, ?, ?, ?, ?)",
-                rows,
+                output,
             )
+            db.executemany(
+                "INSERT OR REPLACE INTO board_jobs (namespace, job_id, started_at, ended_at,"
+                " instance, record, reaped) VALUES (?, ?, ?, NULL, ?, ?, NULL)",
+                records,
+            )
+            if ended:
+                db.executemany(
+                    "UPDATE board_jobs SET ended_at = ?, record = ? WHERE namespace = ?"
+                    " AND job_id = ? AND reaped IS NULL",
+                    ended,
+                )
+                db.executemany(
+                    "INSERT INTO board_output (namespace, job_id, ended) VALUES (?, ?, 1)",
+                    [(namespace, record.job_id) for record in batch.ended],
+                )
+                self._forget_before(db, horizon)
 
         await self._call(write)
 
-    async def end(self, record: JobRecord) -> None:
-        horizon = time.time() - self.retention
-
-        def write(db: sqlite3.Connection) -> None:
-            db.execute(
-                "UPDATE board_jobs SET ended_at = ?, record = ? WHERE namespace = ? AND job_id = ?"
-                " AND reaped IS NULL",
-                (record.ended_at, _encode(record), self._namespace, record.job_id),
-            )
-            db.execute(
-                "INSERT INTO board_output (namespace, job_id, ended) VALUES (?, ?, 1)",
-                (self._namespace, record.job_id),
-            )
-            self._forget_before(db, horizon)
-
-        await self._call(write)
+    async def publish(self, record: JobRecord) -> None:
+        await self.write(Round(records=[record]))
 
     async def get(self, job_id: str) -> JobRecord | None:
         def read(db: sqlite3.Connection) -> JobRecord | None:
@@ -172,7 +192,9 @@ class SqliteBoard:
             last = str(rows[-1][0]) if rows else cursor
             return Update(last, chunks, any(row[4] for row in rows))
 
-        return await self._polled(read, lambda update: bool(update.chunks or update.ended), timeout)
+        return await self._polled(
+            read, lambda update: bool(update.chunks or update.ended), timeout, job_id
+        )
 
     # -- control ----------------------------------------------------------------------
 
@@ -205,7 +227,7 @@ class SqliteBoard:
                 self._inbox_cursor = rows[-1][0]
             return [ControlRequest(str(row_id), job_id, verb) for row_id, job_id, verb in rows]
 
-        return await self._polled(read, bool, timeout)
+        return await self._polled(read, bool, timeout, REQUESTS)
 
     async def answer(self, request: ControlRequest, answer: ControlAnswer) -> None:
         await self._write(
@@ -215,11 +237,21 @@ class SqliteBoard:
 
     # -- liveness ---------------------------------------------------------------------
 
-    async def heartbeat(self) -> None:
-        await self._write(
-            "INSERT OR REPLACE INTO board_instances (namespace, instance, seen) VALUES (?, ?, ?)",
-            (self._namespace, self.instance, time.time()),
-        )
+    async def heartbeat(self) -> bool:
+        def beat(db: sqlite3.Connection) -> bool:
+            parameters = (time.time(), self._namespace, self.instance)
+            if db.execute(
+                "UPDATE board_instances SET seen = ? WHERE namespace = ? AND instance = ?",
+                parameters,
+            ).rowcount:
+                return True
+            db.execute(
+                "INSERT INTO board_instances (seen, namespace, instance) VALUES (?, ?, ?)",
+                parameters,
+            )
+            return False
+
+        return await self._call(beat)
 
     async def reap(self) -> list[str]:
         now = time.time()
@@ -243,8 +275,8 @@ class SqliteBoard:
                     "INSERT INTO board_output (namespace, job_id, ended) VALUES (?, ?, 1)",
                     (self._namespace, job_id),
                 )
-                if record.cacheable:
-                    _release_lease(db, self._namespace, record.cache_key)
+                if record.cacheable and record.lease is not None:
+                    _release_lease(db, self._namespace, record.cache_key, record.lease)
             db.execute(
                 "DELETE FROM board_instances WHERE namespace = ? AND seen < ?",
                 (self._namespace, now - self.instance_timeout),
@@ -254,7 +286,7 @@ class SqliteBoard:
         return await self._call(reap)
 
     async def aclose(self) -> None:
-        return None
+        await asyncio.to_thread(self._poller.stop)
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -271,15 +303,27 @@ class SqliteBoard:
         )
 
     async def _polled(
-        self, read: Callable[[sqlite3.Connection], T], enough: Callable[[T], bool], timeout: float
+        self,
+        read: Callable[[sqlite3.Connection], T],
+        enough: Callable[[T], bool],
+        timeout: float,
+        job_id: str | None = ANY,
     ) -> T:
-        """``read`` again every POLL_SECONDS until ``enough`` of what it found, or timeout."""
+        """``read`` until ``enough`` of what it found, or timeout: again each time the
+        poller sees a change (new output of ``job_id``, or :data:`REQUESTS`, :data:`ANY`)."""
         deadline = time.monotonic() + timeout
         while True:
-            found = await self._call(read)
-            if enough(found) or time.monotonic() >= deadline:
-                return found
-            await asyncio.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+            # Watched before reading: a commit after the read wakes the wait.
+            woken = self._poller.watch(job_id)
+            try:
+                found = await self._call(read)
+                left = deadline - time.monotonic()
+                if enough(found) or left <= 0:
+                    return found
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(woken, left)
+            finally:
+                self._poller.forget(woken, job_id)
 
     async def _write(self, sql: str, parameters: tuple[object, ...]) -> None:
         def write(db: sqlite3.Connection) -> None:
@@ -312,12 +356,106 @@ class SqliteBoard:
         """This thread's connection (SQLite's must not cross threads mid-transaction)."""
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self._path, timeout=self._timeout, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
-            self._local.db = db
+            db = self._local.db = self._open()
         return db
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self._path, timeout=self._timeout, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        return db
+
+
+class _Poller:
+    """One thread per board that asks the file every :data:`POLL_SECONDS` whether anything
+    was committed (``PRAGMA data_version``, which SQLite changes when another connection
+    commits: cheap enough to ask often) and, when something was, which jobs got output
+    since; it wakes the waits on those jobs, and every control wait. So a hundred
+    followers cost one query a tick between them, and a quiet file a pragma."""
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection], namespace: str) -> None:
+        self._connect = connect
+        self._namespace = namespace
+        self._lock = threading.Lock()
+        #: The waits: on a job's output (by its id), on a new control request
+        #: (:data:`REQUESTS`), on any commit (:data:`ANY`).
+        self._waits: dict[str | None, set[asyncio.Future[None]]] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    def watch(self, job_id: str | None) -> asyncio.Future[None]:
+        """A future that is done once ``job_id`` has new output (:data:`REQUESTS`: once a
+        control request is sent; :data:`ANY`: once anything was committed), the thread
+        started if it is not yet."""
+        woken = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self._waits.setdefault(job_id, set()).add(woken)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="runcache-board-poller", daemon=True
+                )
+                self._thread.start()
+        return woken
+
+    def forget(self, woken: asyncio.Future[None], job_id: str | None) -> None:
+        with self._lock:
+            waits = self._waits.get(job_id)
+            if waits is not None:
+                waits.discard(woken)
+                if not waits:
+                    del self._waits[job_id]
+
+    def stop(self) -> None:
+        self._stopping.set()
+        thread = self._thread
+        if thread is not None:
+            thread.join(5)
+
+    def _run(self) -> None:
+        db = self._connect()
+        try:
+            version = db.execute("PRAGMA data_version").fetchone()[0]
+            last = db.execute("SELECT COALESCE(MAX(id), 0) FROM board_output").fetchone()[0]
+            requests = self._last_request(db)
+            with self._lock:  # what was committed before ``last`` was read is looked at again
+                first = list(self._waits)
+            self._wake(first)
+            while not self._stopping.wait(POLL_SECONDS):
+                now = db.execute("PRAGMA data_version").fetchone()[0]
+                if now == version:
+                    continue
+                version = now
+                rows = db.execute(
+                    "SELECT job_id, MAX(id) FROM board_output WHERE id > ? AND namespace = ?"
+                    " GROUP BY job_id",
+                    (last, self._namespace),
+                ).fetchall()
+                last = max([last, *(row[1] for row in rows)])
+                keys: list[str | None] = [ANY, *(row[0] for row in rows)]
+                if (now_requests := self._last_request(db)) != requests:
+                    requests = now_requests
+                    keys.append(REQUESTS)
+                self._wake(keys)
+        except sqlite3.Error:  # the waits still end at their timeouts
+            log.exception("job board poller stopped")
+        finally:
+            db.close()
+
+    def _last_request(self, db: sqlite3.Connection) -> int:
+        found: int = db.execute("SELECT COALESCE(MAX(id), 0) FROM board_control").fetchone()[0]
+        return found
+
+    def _wake(self, keys: list[str | None]) -> None:
+        with self._lock:
+            woken = [wait for key in keys for wait in self._waits.pop(key, ())]
+        for wait in woken:
+            wait.get_loop().call_soon_threadsafe(_done, wait)
+
+
+def _done(wait: asyncio.Future[None]) -> None:
+    if not wait.done():
+        wait.set_result(None)
 
 
 def _record(body: bytes, reaped: float | None) -> JobRecord:
@@ -327,10 +465,14 @@ def _record(body: bytes, reaped: float | None) -> JobRecord:
     return record
 
 
-def _release_lease(db: sqlite3.Connection, namespace: str, key: str) -> None:
+def _release_lease(db: sqlite3.Connection, namespace: str, key: str, token: str) -> None:
     """Give up the single-flight lock of a reaped job's key (the cache store's ``locks``
-    row), so an instance waiting to run the same command takes it now."""
+    row), so an instance waiting to run the same command takes it now; only while the
+    reaped job's token holds it (it may have lapsed and been taken by another run)."""
     try:
-        db.execute("DELETE FROM locks WHERE namespace = ? AND key = ?", (namespace, key))
+        db.execute(
+            "DELETE FROM locks WHERE namespace = ? AND key = ? AND token = ?",
+            (namespace, key, token),
+        )
     except sqlite3.OperationalError:  # no locks table: the cache never took a lock here
         pass
