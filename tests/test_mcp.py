@@ -165,6 +165,9 @@ def test_tools_list_the_wire_schemas(mcp_args: list[str], tmp_path: Path) -> Non
             "cwd",
             "env",
             "stdin",
+            "cache_exit_codes",
+            "inputs",
+            "pass_env",
         }
         for name in TOOLS - set(REQUESTS):
             assert tools[name].input_schema["properties"] == {}, name

@@ -100,7 +100,7 @@ def test_default_stale_past_max_stale_is_refused_at_start() -> None:
         check=False,
         env={k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")},
     )
-    assert done.returncode == 2 and "default_stale must not exceed max_stale" in done.stderr
+    assert done.returncode == 2 and "--default-stale must not exceed --max-stale" in done.stderr
 
 
 def test_servers_sharing_a_store_refresh_a_stale_result_once(

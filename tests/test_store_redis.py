@@ -375,7 +375,7 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 def test_the_store_timeout_setting_defaults_to_the_stores_own() -> None:
     assert Config.load(environ={}).store_timeout == DEFAULT_TIMEOUT == 0.5
     assert Config.load(environ={"RUNCACHE_STORE_TIMEOUT": "2"}).store_timeout == 2.0
-    with pytest.raises(ConfigError, match="store_timeout"):
+    with pytest.raises(ConfigError, match="RUNCACHE_STORE_TIMEOUT"):
         Config.load(environ={"RUNCACHE_STORE_TIMEOUT": "0"})
 
 

@@ -93,6 +93,7 @@ def test_the_declaration_order_of_a_command_request() -> None:
         "stdin",
         "cache_exit_codes",
         "inputs",
+        "pass_env",
         "background",
     ]
 
@@ -112,7 +113,7 @@ def test_the_declaration_order_of_a_command_request() -> None:
         (
             b'{"command": "echo hi", "extra": [1]}',
             "unknown field 'extra'; known fields: command, use_cache, timeout, ttl, refresh, "
-            "stale, cwd, env, stdin, cache_exit_codes, inputs, background",
+            "stale, cwd, env, stdin, cache_exit_codes, inputs, pass_env, background",
         ),
         # A known field's own problem is named first.
         (b'{"timeot": 5, "command": "echo hi", "ttl": -1}', "ttl must be greater than 0 seconds"),

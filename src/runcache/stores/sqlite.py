@@ -27,7 +27,6 @@ answer with SIGBUS (see :mod:`runcache.stores.sqlite_files`).
 
 from __future__ import annotations
 
-import contextlib
 import faulthandler
 import os
 import secrets
@@ -581,10 +580,7 @@ class SqliteStore:
         except OSError:
             pass  # none yet, or one SQLite will say what is wrong with
         sqlite_files.check_companions(self.path)
-        # Made readable by runcache's user alone (SQLite would make it 0644 less the umask;
-        # its -wal and -shm take the database's mode): a run as --run-as cannot read it.
-        with contextlib.suppress(OSError):  # there already, or SQLite will say what is wrong
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        sqlite_files.create_private(self.path)
         # isolation_level=None: this module issues BEGIN and COMMIT itself.
         db = sqlite3.connect(
             self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False

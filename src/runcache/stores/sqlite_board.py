@@ -30,6 +30,7 @@ from typing import TypeVar
 import msgspec
 
 from runcache.errors import StoreError
+from runcache.stores import sqlite_files
 from runcache.stores.board import (
     STOPPED_ANSWERING,
     ControlAnswer,
@@ -339,7 +340,18 @@ class SqliteBoard:
             with self._transaction() as db:
                 return work(db)
         except sqlite3.Error as error:
+            self._let_go()
             raise StoreError(f"job board sqlite://{self._path}: {error}") from error
+
+    def _let_go(self) -> None:
+        """Close this thread's connection after a failure: one SQLite opened while its
+        -shm could not be (read-only, say) would keep the file so for every connection of
+        this process, the cache's too, until closed."""
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        self._local.db = None
+        if db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -360,11 +372,20 @@ class SqliteBoard:
         return db
 
     def _open(self) -> sqlite3.Connection:
+        sqlite_files.create_private(self._path)
         db = sqlite3.connect(self._path, timeout=self._timeout, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(_SCHEMA)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+        except BaseException:
+            db.close()  # not left open read-only (see _let_go)
+            raise
         return db
+
+
+#: Seconds the poller waits before opening the file again after it failed.
+RETRY_SECONDS = 1.0
 
 
 class _Poller:
@@ -413,7 +434,19 @@ class _Poller:
             thread.join(5)
 
     def _run(self) -> None:
-        db = self._connect()
+        """Poll until stopped; a file that fails (SQLite's error) is let go and opened
+        again a second later, so a fault that passes (a -shm made a directory, a disk
+        full) stops nobody's wake-ups for good."""
+        while not self._stopping.is_set():
+            self._poll()
+            self._stopping.wait(RETRY_SECONDS)
+
+    def _poll(self) -> None:
+        try:
+            db = self._connect()
+        except sqlite3.Error:
+            log.warning("job board poller cannot open the file; trying again", exc_info=True)
+            return
         try:
             version = db.execute("PRAGMA data_version").fetchone()[0]
             last = db.execute("SELECT COALESCE(MAX(id), 0) FROM board_output").fetchone()[0]
@@ -437,8 +470,8 @@ class _Poller:
                     requests = now_requests
                     keys.append(REQUESTS)
                 self._wake(keys)
-        except sqlite3.Error:  # the waits still end at their timeouts
-            log.exception("job board poller stopped")
+        except sqlite3.Error:  # the waits still end at their timeouts meanwhile
+            log.warning("job board poller failed; opening the file again", exc_info=True)
         finally:
             db.close()
 

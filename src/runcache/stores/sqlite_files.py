@@ -21,6 +21,7 @@ that names it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sqlite3
@@ -106,3 +107,12 @@ def abandon(connection: sqlite3.Connection) -> None:
     and one mapping until the process ends.
     """
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(connection))
+
+
+def create_private(path: str | os.PathLike[str]) -> None:
+    """Create the database file readable by runcache's user alone, if it is not there
+    (SQLite would make it 0644 less the umask, and its -wal and -shm take the database's
+    mode): a run as --run-as cannot read it. Whoever opens the file first (the cache or
+    the job board) must call this before SQLite creates it."""
+    with contextlib.suppress(OSError):  # there already, or SQLite will say what is wrong
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
