@@ -52,7 +52,7 @@ from mcp.server.mcpserver.tools import Tool
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
-from mcp.types import CallToolResult, ListToolsResult, ResourceLink, TextContent, ToolAnnotations
+from mcp.types import CallToolResult, ResourceLink, TextContent, ToolAnnotations
 from msgspec import Struct
 from pydantic import (
     ConfigDict,
@@ -325,12 +325,12 @@ async def _hide_clear_from_non_admins(
     scope = getattr(ctx.request, "scope", None)
     if (
         ctx.method == "tools/list"
-        and isinstance(result, ListToolsResult)
+        and isinstance(result, dict)  # the answer as it goes on the wire
         and isinstance(scope, dict)
         and scope.get(CREDENTIAL) == "token"
     ):
-        kept = [tool for tool in result.tools if tool.name != "clear_cache"]
-        return result.model_copy(update={"tools": kept})
+        kept = [tool for tool in result.get("tools", ()) if tool.get("name") != "clear_cache"]
+        return {**result, "tools": kept}
     return result
 
 
