@@ -1,10 +1,12 @@
 """The MCP tools, driven by the MCP SDK's own clients: ``runcache mcp`` as a real
 subprocess on stdio (forwarding to a server, or with its own engine), and
-``runcache serve``'s Streamable HTTP endpoint at ``/mcp``."""
+``runcache serve``'s Streamable HTTP endpoint at ``/mcp``. Most tests ask for every
+tool (``--mcp-tools all``); the default list has tests of its own."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,10 +26,19 @@ from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
-from mcp.types import CallToolResult, TextContent
+from mcp.types import CallToolResult, ResourceLink, TextContent, TextResourceContents
 
 from runcache import wire
-from runcache.mcp.shapes import ExecuteRequest, ExecuteResult, JobRef, OutputRequest, ProcessRef
+from runcache.mcp.shapes import (
+    DEFAULT_TOOLS,
+    MAX_RESULT_CHARS,
+    ExecuteRequest,
+    ExecuteResult,
+    JobRef,
+    OutputRequest,
+    ProcessRef,
+)
+from runcache.mcp.tools import _lean_schema
 
 from conftest import LiveServer, free_port
 
@@ -62,6 +73,7 @@ REQUESTS: dict[str, type[msgspec.Struct]] = {
     "resume_process": ProcessRef,
 }
 TOOLS = set(ANSWERS)
+ALL = ["--mcp-tools", "all"]
 
 Scenario = Callable[[ClientSession], Awaitable[None]]
 T = TypeVar("T")
@@ -119,8 +131,8 @@ def mcp_args(request: pytest.FixtureRequest) -> list[str]:
     """The adapter forwarding to a real server, and the adapter with its own engine."""
     if request.param == "server":
         server: LiveServer = request.getfixturevalue("live_server")
-        return ["--server", server.url]
-    return []
+        return ["--server", server.url, *ALL]
+    return ALL
 
 
 @pytest.mark.parametrize(
@@ -142,33 +154,34 @@ def test_a_tool_schema_is_the_openapi_component_with_its_references_inside(
     assert inside == {name: components[name] for name in inside}
 
 
-def test_tools_list_the_wire_schemas(mcp_args: list[str], tmp_path: Path) -> None:
+def _schema_texts(schema: Any) -> list[str]:
+    """Every key and string of a schema, to look for what a lean schema leaves out."""
+    if isinstance(schema, dict):
+        return [text for key, value in schema.items() for text in [key, *_schema_texts(value)]]
+    if isinstance(schema, list):
+        return [text for item in schema for text in _schema_texts(item)]
+    return [schema] if isinstance(schema, str) else []
+
+
+def test_tools_list_the_wire_schemas_made_lean(mcp_args: list[str], tmp_path: Path) -> None:
     async def scenario(session: ClientSession) -> None:
         tools = {tool.name: tool for tool in (await session.list_tools()).tools}
         assert tools.keys() == TOOLS
         for name, tool in tools.items():
-            assert tool.description, name
-            assert tool.output_schema == wire.shape_schema(ANSWERS[name]), name
-            Draft202012Validator.check_schema(tool.output_schema)
+            assert tool.description and tool.description.count(". ") <= 2, name
+            assert "process group" not in tool.description or "PID namespace" in tool.description
+            assert tool.output_schema is None, name  # the answers' shapes are the API's
+            assert tool.meta == {"anthropic/maxResultSizeChars": MAX_RESULT_CHARS}, name
         for name, shape in REQUESTS.items():
-            assert tools[name].input_schema == wire.shape_schema(shape), name
+            schema = tools[name].input_schema
+            assert schema == _lean_schema(wire.shape_schema(shape)), name
+            Draft202012Validator.check_schema(schema)
+            assert not {"pattern", "title", "anyOf"} & set(_schema_texts(schema)), name
         execute = tools["execute_command"]
         assert execute.input_schema["required"] == ["command"]  # the rest optional
-        assert set(execute.input_schema["properties"]) == {
-            "command",
-            "use_cache",
-            "timeout",
-            "ttl",
-            "refresh",
-            "max_output_chars",
-            "stale",
-            "cwd",
-            "env",
-            "stdin",
-            "cache_exit_codes",
-            "inputs",
-            "pass_env",
-        }
+        assert set(execute.input_schema["properties"]) == set(
+            msgspec.structs.asdict(ExecuteRequest(command="x"))
+        )
         for name in TOOLS - set(REQUESTS):
             assert tools[name].input_schema["properties"] == {}, name
         hints = {name: tool.annotations for name, tool in tools.items()}
@@ -180,6 +193,63 @@ def test_tools_list_the_wire_schemas(mcp_args: list[str], tmp_path: Path) -> Non
         assert hints["execute_command"] and hints["execute_command"].open_world_hint
 
     drive(mcp_args, tmp_path / "mcp.log", scenario)
+
+
+async def _listed(session: ClientSession) -> tuple[list[str], int]:
+    """The names ``tools/list`` gives, and the size of its answer as JSON on the wire."""
+    listed = await session.list_tools()
+    size = len(listed.model_dump_json(by_alias=True, exclude_none=True).encode())
+    return [tool.name for tool in listed.tools], size
+
+
+def test_the_default_tool_list_is_small_and_more_come_when_named(tmp_path: Path) -> None:
+    sizes: dict[str, int] = {}
+
+    async def default(session: ClientSession) -> None:
+        names, sizes["default"] = await _listed(session)
+        assert names == list(DEFAULT_TOOLS)  # clear_cache too: the local user has the right
+        hidden = await session.call_tool("get_process_dashboard", {})
+        assert hidden.is_error and "Unknown tool" in _text(hidden)
+
+    async def named(session: ClientSession) -> None:
+        names, _ = await _listed(session)
+        assert names == ["execute_command", "server_health"]
+
+    async def every(session: ClientSession) -> None:
+        names, sizes["all"] = await _listed(session)
+        assert set(names) == TOOLS
+
+    drive([], tmp_path / "mcp.log", default)
+    drive(["--mcp-tools", "execute_command, server_health"], tmp_path / "mcp.log", named)
+    drive([], tmp_path / "mcp.log", every, {"RUNCACHE_MCP_TOOLS": "all"})
+    assert sizes["default"] <= 8 * 1024 < sizes["all"], sizes
+
+
+def test_a_misspelt_tool_name_stops_the_start_naming_the_closest() -> None:
+    mcp = subprocess.run(
+        [sys.executable, "-m", "runcache", "mcp", "--mcp-tools", "default,job_stats"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert mcp.returncode != 0
+    assert "no tool 'job_stats'; did you mean 'job_status'?" in mcp.stderr
+    served = start_server_expecting_failure("--mcp-tools", "excute_command")
+    assert "no tool 'excute_command'; did you mean 'execute_command'?" in served
+
+
+def start_server_expecting_failure(*args: str) -> str:
+    """What ``runcache serve`` with ``args`` says on its way out, refusing to start."""
+    serve = subprocess.run(
+        [sys.executable, "-m", "runcache", "serve", "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert serve.returncode != 0
+    return serve.stderr
 
 
 def test_tools_cache_stats_and_clear(mcp_args: list[str], tmp_path: Path) -> None:
@@ -215,24 +285,76 @@ def test_health_telemetry_and_a_failing_command(mcp_args: list[str], tmp_path: P
     drive(mcp_args, tmp_path / "mcp.log", scenario)
 
 
-def test_errors_are_tool_errors_with_the_message_and_the_server_keeps_serving(
-    mcp_args: list[str], tmp_path: Path
-) -> None:
-    async def scenario(session: ClientSession) -> None:
-        empty = await session.call_tool("execute_command", {"command": ""})
-        assert empty.is_error and "Command parameter is required" in _text(empty)
-        too_long = await session.call_tool("execute_command", {"command": "true", "timeout": 1e9})
-        assert too_long.is_error and "timeout must be at most 3600 seconds" in _text(too_long)
-        no_ttl = await session.call_tool("execute_command", {"command": "true", "ttl": 0})
-        assert no_ttl.is_error and "ttl must be greater than 0 seconds" in _text(no_ttl)
-        for tool in ("execute_command", "start_command"):
-            misspelt = await session.call_tool(tool, {"command": "sleep 1", "timeot": 0.1})
-            assert misspelt.is_error
-            assert "unknown field 'timeot'; did you mean 'timeout'?" in _text(misspelt)
-        kept = await call(session, "execute_command", command="echo ok", ttl=60)
-        assert kept["stdout"] == "ok\n"
+#: Bad arguments and the HTTP API's message for each, answered as a tool error alone.
+BAD_ARGUMENTS: list[tuple[str, dict[str, Any], str]] = [
+    ("execute_command", {}, "Command parameter is required"),
+    ("execute_command", {"command": ""}, "Command parameter is required"),
+    (
+        "execute_command",
+        {"command": "true", "timeout": 1e9},
+        "timeout must be at most 3600 seconds",
+    ),
+    ("execute_command", {"command": "true", "ttl": 0}, "ttl must be greater than 0 seconds"),
+    (
+        "execute_command",
+        {"command": "true", "timeout": "soon"},
+        "timeout must be a number of seconds",
+    ),
+    ("execute_command", {"command": 5}, "command must be a string"),
+    (
+        "execute_command",
+        {"command": "true", "env": "A=1"},
+        "env must be an object of variable names to string values",
+    ),
+    (
+        "execute_command",
+        {"command": "true", "max_output_chars": -1},
+        "max_output_chars must be 0 or more",
+    ),
+    (
+        "execute_command",
+        {"command": "true", "timeot": 0.1},
+        "unknown field 'timeot'; did you mean 'timeout'?",
+    ),
+    (
+        "start_command",
+        {"command": "true", "timeot": 0.1},
+        "unknown field 'timeot'; did you mean 'timeout'?",
+    ),
+    ("start_command", {"command": "true", "use_cache": "maybe"}, "use_cache must be true or false"),
+    ("job_status", {}, "job_id is required"),
+    ("read_output", {"job_id": "x", "stream": "stdin"}, "stream must be stdout or stderr"),
+    (
+        "read_output",
+        {"job_id": "x", "limit": 0},
+        f"limit must be a whole number from 1 to {wire.MAX_PAGE_BYTES}",
+    ),
+    (
+        "read_output",
+        {"job_id": "x", "offset": "start"},
+        f"offset must be a whole number from 0 to {wire.MAX_OFFSET}",
+    ),
+    ("get_process_status", {"pid": "one"}, "pid must be a whole number"),
+    ("get_process_status", {}, "pid is required"),
+]
 
-    drive(mcp_args, tmp_path / "mcp.log", scenario)
+
+def test_argument_errors_are_the_apis_messages_as_tool_errors(driver: Driver) -> None:
+    async def scenario(session: ClientSession) -> None:
+        for tool, arguments, message in BAD_ARGUMENTS:
+            refused = await session.call_tool(tool, arguments)
+            assert refused.is_error, (tool, arguments)
+            assert _text(refused) == message, (tool, arguments)
+        assert (await call(session, "execute_command", command="echo ok"))["stdout"] == "ok\n"
+
+    driver(scenario)
+
+
+def test_the_http_api_gives_the_same_messages(live_server: LiveServer) -> None:
+    for tool, arguments, message in BAD_ARGUMENTS:
+        if tool == "execute_command" and "max_output_chars" not in arguments:
+            answer = requests.post(f"{live_server.url}/api/command", json=arguments, timeout=10)
+            assert answer.status_code == 400 and answer.json()["error"] == message, arguments
 
 
 def test_a_server_that_is_down_is_a_tool_error_naming_the_url(tmp_path: Path) -> None:
@@ -294,7 +416,8 @@ def driver(request: pytest.FixtureRequest, tmp_path: Path) -> Driver:
     """Run a scenario over each way the tools are served: stdio forwarding to a server,
     stdio with an engine of its own, and Streamable HTTP at a server's ``/mcp``."""
     if request.param == "http":
-        server: LiveServer = request.getfixturevalue("live_server")
+        factory: Callable[..., LiveServer] = request.getfixturevalue("live_server_factory")
+        server = factory(env={"RUNCACHE_MCP_TOOLS": "all"})
 
         def over_http(scenario: Scenario) -> None:
             async def main() -> None:
@@ -305,9 +428,9 @@ def driver(request: pytest.FixtureRequest, tmp_path: Path) -> Driver:
 
         return over_http
     args = (
-        ["--server", request.getfixturevalue("live_server").url]
+        ["--server", request.getfixturevalue("live_server").url, *ALL]
         if request.param == "server"
-        else []
+        else ALL
     )
     return lambda scenario: drive(args, tmp_path / "mcp.log", scenario)
 
@@ -350,10 +473,11 @@ def test_execute_command_reports_progress_while_it_runs(driver: Driver) -> None:
     assert len(reports) >= 2, reports  # one at least every 2 s over a run of 5 s
     values = [value for value, _, _ in reports]
     assert values == sorted(values) and len(set(values)) == len(values)  # always increasing
-    assert all(total == 60 for _, total, _ in reports)
-    messages = [message or "" for _, _, message in reports]
-    assert all("bytes of output so far" in message for message in messages)
-    assert any("; last line: line " in message for message in messages), messages
+    assert all(total is None for _, total, _ in reports)  # how much it will print is unknown
+    # The whole part is the bytes printed: "line N\n" is 7 bytes, and the last line the message.
+    for value, _, message in reports:
+        assert message and message.startswith("line "), reports
+        assert int(value) == 7 * int(message.split()[1]), reports
 
 
 def test_long_output_comes_back_as_head_and_tail_and_the_rest_can_be_read(
@@ -391,6 +515,45 @@ def test_long_output_comes_back_as_head_and_tail_and_the_rest_can_be_read(
         assert whole_answer["stdout"] == whole and whole_answer["cached"] is True
         short = await call(session, "execute_command", command="echo short")
         assert short["stdout"] == "short\n"  # under the default 20,000 characters: whole
+
+    driver(scenario)
+
+
+def test_results_link_the_whole_output_as_resources_read_in_pages(driver: Driver) -> None:
+    command = f"seq 1 3000 | sed 's/$/ é/'; echo oops >&2 # {uuid.uuid4().hex}"
+    whole = "".join(f"{n} é\n" for n in range(1, 3001))
+
+    async def scenario(session: ClientSession) -> None:
+        result = await session.call_tool(
+            "execute_command", {"command": command, "max_output_chars": 100}
+        )
+        assert result.structured_content is not None
+        job_id = result.structured_content["job_id"]
+        links = [block for block in result.content if isinstance(block, ResourceLink)]
+        assert [str(link.uri) for link in links] == [
+            f"runcache://jobs/{job_id}/stdout",
+            f"runcache://jobs/{job_id}/stderr",
+        ]
+        read = b""
+        while True:  # pages of 1,000 bytes, each ending on a whole character
+            page = await session.read_resource(f"{links[0].uri}?offset={len(read)}&limit=1000")
+            (contents,) = page.contents
+            assert isinstance(contents, TextResourceContents)
+            if not contents.text:
+                break
+            assert len(contents.text.encode()) <= 1000
+            read += contents.text.encode()
+        assert read.decode() == whole
+        (stderr,) = (await session.read_resource(str(links[1].uri))).contents
+        assert isinstance(stderr, TextResourceContents) and stderr.text == "oops\n"
+        paged = await session.call_tool("read_output", {"job_id": job_id, "limit": 10})
+        assert [block.uri for block in paged.content if isinstance(block, ResourceLink)] == [
+            link.uri for link in links
+        ]
+        with pytest.raises(Exception, match="no job 'nope'"):
+            await session.read_resource("runcache://jobs/nope/stdout")
+        with pytest.raises(Exception, match="stream must be stdout or stderr"):
+            await session.read_resource(f"runcache://jobs/{job_id}/stdin")
 
     driver(scenario)
 
@@ -546,10 +709,12 @@ def test_mcp_over_http_takes_the_api_tokens_and_clear_needs_the_admin_token(
         async with http_session(server.url, token) as session:
             ran = await call(session, "execute_command", command="echo over http")
             assert ran["stdout"] == "over http\n"
+            assert "clear_cache" not in (await _listed(session))[0]  # not for a plain token
             cleared = await session.call_tool("clear_cache", {})
             assert cleared.is_error and "needs the admin token" in _text(cleared)
             assert (await call(session, "get_cache_stats"))["size"] == 1  # nothing cleared
         async with http_session(server.url, admin) as session:
+            assert (await _listed(session))[0] == list(DEFAULT_TOOLS)
             assert (await call(session, "clear_cache"))["success"] is True
             assert (await call(session, "get_cache_stats"))["size"] == 0
 

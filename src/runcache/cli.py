@@ -707,6 +707,10 @@ def cancel(job_id: str, server: str | None) -> None:
     click.echo(f"job {done.job_id} {done.status}")
 
 
+#: The one setting ``runcache mcp`` takes even when it forwards to a server.
+_MCP_TOOLS = next(setting for setting in settings() if setting.name == "mcp_tools")
+
+
 def _server_client(server: str | None) -> Client:
     """Jobs live in the server process that runs them: these commands need one."""
     if not server:
@@ -718,11 +722,21 @@ def _server_client(server: str | None) -> Client:
 
 @cli.command("mcp")
 @client_options
-def mcp_command(server: str | None) -> None:
+@click.option(
+    "--mcp-tools",
+    envvar=_MCP_TOOLS.env_var,
+    default=_MCP_TOOLS.default,
+    metavar="TEXT",
+    help=f"{_MCP_TOOLS.help} [env {_MCP_TOOLS.env_var}; default {_MCP_TOOLS.default}]",
+)
+def mcp_command(server: str | None, mcp_tools: str) -> None:
     """Serve MCP over stdio for AI agents (tools: execute_command and the rest)."""
     # Imported here: the SDK takes a while to import, and only this command needs it.
     from runcache.mcp.backends import EngineBackend, ServerBackend, ToolBackend
+    from runcache.mcp.shapes import selected_tools
     from runcache.mcp.tools import serve_stdio
+
+    tools = selected_tools(mcp_tools)
 
     backend: ToolBackend
     log_level, log_format = "INFO", "text"
@@ -735,7 +749,7 @@ def mcp_command(server: str | None) -> None:
         config = Config.load()
         log_level, log_format = config.log_level, config.log_format
         backend = EngineBackend(Engine.from_config(config), owned=True)
-    serve_stdio(backend, log_level, log_format)
+    serve_stdio(backend, log_level, log_format, tools)
 
 
 @cli.command("mcp-config")

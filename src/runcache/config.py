@@ -297,6 +297,12 @@ class Config:
         " servers behind a load balancer, where a session's next request may reach another"
         " server; a client's cancel of a call in flight is then lost.",
     )
+    mcp_tools: str = _setting(
+        "default",
+        "MCP tools offered (at /mcp and by runcache mcp): default (execute_command,"
+        " start_command, read_output, job_status, cancel_job, get_cache_stats, and clear_cache"
+        " for a caller with the admin right), all, or tool names separated by commas.",
+    )
 
     def __post_init__(self) -> None:
         for setting in dataclasses.fields(self):
@@ -594,7 +600,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "max_processes",
     ),
     "Logs": ("log_level", "log_format", "audit_log", "audit_log_max_bytes"),
-    "MCP over HTTP": ("mcp_session_timeout", "mcp_sessions_per_client", "mcp_stateless"),
+    "MCP": ("mcp_tools", "mcp_session_timeout", "mcp_sessions_per_client", "mcp_stateless"),
 }
 
 

@@ -1,7 +1,11 @@
 """The MCP adapter: runcache's operations as tools for AI agents, over stdio or HTTP.
 
 The tools keep the names agent setups for this API already call, and add the
-reference client's process tools and runcache's jobs. Each is a thin call on a
+reference client's process tools and runcache's jobs. A few are offered unless
+``--mcp-tools`` says otherwise (:data:`~runcache.mcp.shapes.DEFAULT_TOOLS`): every
+tool listed costs each conversation its schema, so the default list stays under
+8 KB, its schemas the API's shapes without what the server checks anyway (patterns,
+bounds of length) and with their first sentences only. Each is a thin call on a
 :class:`~runcache.mcp.backends.ToolBackend`, so the tools behave the same
 whether they run in ``runcache serve`` (Streamable HTTP at ``/mcp``), forward
 to a server, or run an engine in ``runcache mcp``'s own process. A runcache
@@ -12,8 +16,9 @@ A command may run for minutes, and MCP clients give up on a call that sends
 nothing for about a minute: ``execute_command`` runs the command as a job,
 reports progress every ``PROGRESS_SECONDS`` while it runs, and returns at most
 ``max_output_chars`` of each stream (the head and the tail, with a line between
-them saying how to read the rest with ``read_output``). A call the client
-cancels gives the job up: it is killed unless someone else still wants it.
+them saying how to read the rest with ``read_output``), with links to the whole
+streams as resources (``runcache://jobs/{job_id}/stdout``, read in pages). A call
+the client cancels gives the job up: it is killed unless someone else still wants it.
 
 Over ``/mcp`` with tokens set, the job and process tools see and steer only the
 jobs of the caller's token, as the HTTP routes do (:mod:`runcache.web.auth`); the
@@ -28,6 +33,7 @@ from __future__ import annotations
 import functools
 import logging
 import operator
+import re
 import signal
 import sys
 import types
@@ -39,15 +45,22 @@ from typing import Any, Optional, TypeVar
 import anyio
 import msgspec
 import orjson
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp.server.mcpserver.tools import Tool
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
-from mcp.types import CallToolResult, TextContent, ToolAnnotations
+from mcp.types import CallToolResult, ResourceLink, TextContent, ToolAnnotations
 from msgspec import Struct
-from pydantic import ConfigDict, create_model
+from pydantic import (
+    ConfigDict,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
@@ -59,6 +72,9 @@ from runcache.mcp.backends import ToolBackend
 from runcache.mcp.shapes import (
     DEFAULT_OUTPUT_CHARS,
     DEFAULT_READ_BYTES,
+    DEFAULT_TOOLS,
+    MAX_RESULT_CHARS,
+    TOOL_NAMES,
     ExecuteRequest,
     ExecuteResult,
     JobRef,
@@ -74,13 +90,10 @@ T = TypeVar("T")
 PROGRESS_SECONDS = 2.0
 
 INSTRUCTIONS = (
-    "runcache runs shell commands and caches successful results, so asking for the same "
-    "command again answers at once from the cache. Use execute_command to run a command and "
-    "wait for its result (use_cache=false forces a fresh run); long output comes back cut, "
-    "with read_output to page the rest. start_command runs one in the background: follow it "
-    "with job_status and read_output, stop it with cancel_job. The process tools list, watch, "
-    "terminate, pause and resume running commands by pid; the others report on the cache and "
-    "the service or empty the cache."
+    "runcache runs shell commands and caches successful results: the same command asked "
+    "again answers at once from the cache. execute_command runs one and waits; "
+    "start_command runs one in the background, followed with job_status and read_output "
+    "and stopped with cancel_job."
 )
 
 _RUNS = ToolAnnotations(destructive_hint=True, open_world_hint=True)
@@ -90,69 +103,41 @@ _CLEARS = ToolAnnotations(destructive_hint=True, idempotent_hint=True, open_worl
 _STEERS = ToolAnnotations(destructive_hint=True, idempotent_hint=False, open_world_hint=False)
 
 _EXECUTE = (
-    "Run a shell command (with /bin/sh -c) and return its result: stdout, stderr, "
-    "return_code, success (exit code 0 and not timed out), timed_out, cancelled, "
-    "partial_results, execution_time (seconds), timestamp, cached (true when "
-    "the answer came from the cache) and job_id. Successful results are cached; set "
-    "use_cache=false to run the command again regardless and store nothing, or "
-    "refresh=true to run it again and store the new result. timeout is the most "
-    "seconds the command may run, and ttl how many seconds its result is kept "
-    "(each the server's default when omitted). cwd (an absolute directory), env (variables "
-    "to set) and stdin (text to feed it) give the run its context; each is part of the "
-    "cache key. stale (seconds) accepts a cached result that long past its expiry while "
-    "one run refreshes it. Progress is reported while it runs. "
-    f"Each stream longer than max_output_chars (default {DEFAULT_OUTPUT_CHARS}) comes "
-    "back as its head and tail with a line between saying how to read the rest "
-    "(read_output with the job_id)."
+    "Run a shell command (/bin/sh -c) and wait for its result (stdout, stderr, return_code, "
+    "cached, job_id...), from the cache when it holds one; it is killed after timeout "
+    "seconds (the server's --default-timeout when omitted). Each stream past max_output_chars "
+    f"(default {DEFAULT_OUTPUT_CHARS:,}) comes back as its head and tail, the rest readable "
+    "with read_output or the linked resources."
 )
 _START = (
-    "Start a shell command in the background and return at once: job_id, status, "
-    "cache_key and pid (null when answered from the cache, then status is completed). "
-    "An identical cacheable command already running is joined instead of run twice. "
-    "Follow it with job_status and read_output; stop it with cancel_job."
+    "Start a shell command in the background and return its job_id at once (joining an "
+    "identical run in flight, or answered from the cache); the same limits as execute_command."
 )
 _JOB_STATUS = (
-    "Return a job: status (running, paused, completed, failed, timed_out or cancelled), "
-    "pid, runtime, stdout_bytes, stderr_bytes, last_output, and once it has ended "
-    "return_code and result (what execute_command returns, output whole)."
+    "A job's status (running, paused, completed, failed, timed_out or cancelled), bytes of "
+    "output and last line, and its result (output whole) once it has ended."
 )
 _READ_OUTPUT = (
-    "Read a page of a job's stdout or stderr, while it runs or after: data from byte "
-    f"offset (default 0), at most limit bytes (default {DEFAULT_READ_BYTES}), with "
-    "next_offset to continue from, total_bytes so far, and eof once nothing more will come."
+    "Read a page of a job's stdout or stderr, while it runs or after: at most limit bytes "
+    f"(default {DEFAULT_READ_BYTES:,}) from a byte offset, with next_offset and eof."
 )
 _CANCEL = (
-    "Cancel a running job: kill its whole process group. Its result is not cached and "
-    "says cancelled: true to everyone waiting on it."
+    "Cancel a running job: kill it and everything it started (its PID namespace, or its "
+    "process group where namespaces are not allowed). Its result is not cached."
 )
-_PROCESSES = (
-    "List the running commands: active_processes keyed by pid (each with command, "
-    "status, start_time, last_output, bytes_processed, runtime_formatted) and total_count."
+_PROCESSES = "List the running commands by pid, with their status, runtime and last line."
+_PROCESS_STATUS = "One running command by its pid."
+_TERMINATE = "Kill a running command and everything it started, by its pid (as cancel_job does)."
+_PAUSE = (
+    "Pause a running command and everything it started (SIGSTOP), by its pid; paused time "
+    "does not count towards its timeout."
 )
-_PROCESS_STATUS = "Return one run by the pid of its process-group leader."
-_TERMINATE = "Kill a run's whole process group by its pid (as cancel_job does)."
-_PAUSE = "Pause a run by its pid: SIGSTOP to its whole group; paused time is off its timeout."
-_RESUME = "Resume a paused run by its pid: SIGCONT to its whole group."
-_DASHBOARD = (
-    "Return a dashboard of the running commands (pid, command, status, runtime, "
-    "bytes_processed, last_output) and the machine's load."
-)
-_STATS = (
-    "Return the cache statistics: size (entries held), max_size, hits, misses, evictions "
-    'and hit_rate (a percentage string such as "87.5%").'
-)
-_CLEAR = (
-    "Empty the cache and reset its statistics to zero. Returns "
-    '{"success": true, "message": "Cache cleared"}.'
-)
-_HEALTH = (
-    'Return the service\'s health: status ("healthy" when all is well), version, '
-    "cache_stats, telemetry and uptime (seconds)."
-)
-_TELEMETRY = (
-    "Return execution telemetry: uptime_seconds, commands_executed, success_rate, "
-    "average_execution_time and system_metrics (cpu_percent, memory_percent, disk_usage)."
-)
+_RESUME = "Resume a paused command and everything it started (SIGCONT), by its pid."
+_DASHBOARD = "The running commands and the machine's load."
+_STATS = "The cache's statistics: entries held, hits, misses, evictions and hit rate."
+_CLEAR = "Empty the cache and reset its statistics (needs the admin right)."
+_HEALTH = "The service's health, version, cache statistics and uptime."
+_TELEMETRY = "Execution telemetry: commands run, success rate, average time, system load."
 
 
 class _Tools:
@@ -164,23 +149,23 @@ class _Tools:
     async def execute_command(self, ctx: Context | None = None, **arguments: Any) -> CallToolResult:
         request = _checked(ExecuteRequest, arguments)
         accepted = await _call(self.backend.start(request, _caller(ctx)))
-        detail = await self._until_ended(accepted.job_id, request.timeout, ctx)
+        detail = await self._until_ended(accepted.job_id, ctx)
         if isinstance(detail.result, msgspec.UnsetType):
             raise ToolError(detail.error or f"job {detail.job_id} ended without a result")
-        return _answer(cut_output(detail.result, accepted.job_id, request.max_output_chars))
+        cut = cut_output(detail.result, accepted.job_id, request.max_output_chars)
+        return _answer(cut, _output_links(accepted.job_id))
 
-    async def _until_ended(
-        self, job_id: str, timeout: float | None, ctx: Context | None
-    ) -> wire.JobDetail:
+    async def _until_ended(self, job_id: str, ctx: Context | None) -> wire.JobDetail:
         """Wait for the job, reporting progress; a cancelled call gives the job up."""
         viewer = _viewer(ctx)
+        progress = _Progress()
         try:
             while True:
                 detail = await _call(self.backend.wait(job_id, PROGRESS_SECONDS, viewer))
                 if detail.status not in ("running", "paused"):
                     return detail
                 if ctx is not None:
-                    await ctx.report_progress(detail.runtime, timeout, _progress_message(detail))
+                    await ctx.report_progress(progress.next(detail), None, _last_line(detail))
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 try:
@@ -202,8 +187,29 @@ class _Tools:
         return _answer(
             await _call(
                 self.backend.output(page.job_id, page.stream, page.offset, page.limit, _viewer(ctx))
-            )
+            ),
+            _output_links(page.job_id),
         )
+
+    async def output_resource(
+        self,
+        job_id: str,
+        stream: str,
+        offset: int = 0,
+        limit: int = DEFAULT_READ_BYTES,
+        ctx: Context | None = None,
+    ) -> str:
+        """A page of a job's stream as a resource (:data:`OUTPUT_URI`), checked as
+        ``read_output`` checks its arguments, a refusal in the API's words."""
+        arguments = {"job_id": job_id, "stream": stream, "offset": offset, "limit": limit}
+        try:
+            page = _checked(OutputRequest, arguments)
+            answer = await _call(
+                self.backend.output(page.job_id, page.stream, page.offset, page.limit, _viewer(ctx))
+            )
+        except ToolError as error:
+            raise ResourceError(str(error)) from None
+        return answer.data
 
     async def cancel_job(self, ctx: Context | None = None, **arguments: Any) -> CallToolResult:
         job = _checked(JobRef, arguments)
@@ -252,39 +258,80 @@ class _Tools:
         return _answer(await _call(self.backend.dashboard(_viewer(ctx))))
 
 
-#: Each tool: its description, hints, answer shape and (when it takes arguments) request shape.
-_TOOLS: list[tuple[str, str, ToolAnnotations, type[Struct], type[Struct] | None]] = [
-    ("execute_command", _EXECUTE, _RUNS, ExecuteResult, ExecuteRequest),
-    ("start_command", _START, _RUNS, wire.JobAccepted, wire.RunRequest),
-    ("job_status", _JOB_STATUS, _READ_ONLY, wire.JobDetail, JobRef),
-    ("read_output", _READ_OUTPUT, _READ_ONLY, wire.JobOutput, OutputRequest),
-    ("cancel_job", _CANCEL, _STEERS, wire.JobAction, JobRef),
-    ("get_cache_stats", _STATS, _READ_ONLY, wire.CacheStats, None),
-    ("clear_cache", _CLEAR, _CLEARS, wire.Cleared, None),
-    ("server_health", _HEALTH, _READ_ONLY, wire.Health, None),
-    ("get_telemetry", _TELEMETRY, _READ_ONLY, wire.Telemetry, None),
-    ("list_active_processes", _PROCESSES, _READ_ONLY, wire.ProcessList, None),
-    ("get_process_status", _PROCESS_STATUS, _READ_ONLY, wire.ProcessDetail, ProcessRef),
-    ("terminate_process", _TERMINATE, _STEERS, wire.ProcessDone, ProcessRef),
-    ("pause_process", _PAUSE, _STEERS, wire.ProcessDone, ProcessRef),
-    ("resume_process", _RESUME, _STEERS, wire.ProcessDone, ProcessRef),
-    ("get_process_dashboard", _DASHBOARD, _READ_ONLY, wire.Dashboard, None),
-]
+#: Each tool: its description, hints, answer shape and (when it takes arguments) request
+#: shape, in the order of :data:`~runcache.mcp.shapes.TOOL_NAMES`.
+_TOOLS: dict[str, tuple[str, ToolAnnotations, type[Struct], type[Struct] | None]] = {
+    "execute_command": (_EXECUTE, _RUNS, ExecuteResult, ExecuteRequest),
+    "start_command": (_START, _RUNS, wire.JobAccepted, wire.RunRequest),
+    "read_output": (_READ_OUTPUT, _READ_ONLY, wire.JobOutput, OutputRequest),
+    "job_status": (_JOB_STATUS, _READ_ONLY, wire.JobDetail, JobRef),
+    "cancel_job": (_CANCEL, _STEERS, wire.JobAction, JobRef),
+    "get_cache_stats": (_STATS, _READ_ONLY, wire.CacheStats, None),
+    "clear_cache": (_CLEAR, _CLEARS, wire.Cleared, None),
+    "server_health": (_HEALTH, _READ_ONLY, wire.Health, None),
+    "get_telemetry": (_TELEMETRY, _READ_ONLY, wire.Telemetry, None),
+    "list_active_processes": (_PROCESSES, _READ_ONLY, wire.ProcessList, None),
+    "get_process_status": (_PROCESS_STATUS, _READ_ONLY, wire.ProcessDetail, ProcessRef),
+    "terminate_process": (_TERMINATE, _STEERS, wire.ProcessDone, ProcessRef),
+    "pause_process": (_PAUSE, _STEERS, wire.ProcessDone, ProcessRef),
+    "resume_process": (_RESUME, _STEERS, wire.ProcessDone, ProcessRef),
+    "get_process_dashboard": (_DASHBOARD, _READ_ONLY, wire.Dashboard, None),
+}
+assert tuple(_TOOLS) == TOOL_NAMES
+
+#: Where a job's whole stdout or stderr is read, a page at a time (bytes from ``offset``,
+#: ``limit`` at most; an empty page past the end).
+OUTPUT_URI = "runcache://jobs/{job_id}/{stream}{?offset,limit}"
+
+#: What a tool tells clients of its results' size: Claude Code lifts its own cut to it.
+_META = {"anthropic/maxResultSizeChars": MAX_RESULT_CHARS}
 
 
-def build_server(backend: ToolBackend) -> MCPServer:
-    """An MCP server whose tools call ``backend``."""
-    tools = _Tools(backend)
-    return MCPServer(
+def build_server(backend: ToolBackend, tools: tuple[str, ...] = DEFAULT_TOOLS) -> MCPServer:
+    """An MCP server whose ``tools`` call ``backend``, and whose resources are the jobs'
+    output.
+
+    ``clear_cache`` is listed only to a caller with the admin right: over HTTP
+    (``/mcp``) the admin token, or any caller of a server without tokens. On stdio
+    the agent is the local user who started the adapter, and sees it (a server the
+    adapter forwards to still asks for its admin token).
+    """
+    calls = _Tools(backend)
+    server = MCPServer(
         "runcache",
         title="runcache",
         instructions=INSTRUCTIONS,
         version=__version__,
-        tools=[
-            _tool(getattr(tools, name), description, hints, answer, request)
-            for name, description, hints, answer, request in _TOOLS
-        ],
+        tools=[_tool(getattr(calls, name), *_TOOLS[name]) for name in tools],
+        middleware=[_hide_clear_from_non_admins],
     )
+    server.resource(
+        OUTPUT_URI,
+        name="job_output",
+        description="A page of a job's stdout or stderr: at most limit bytes (default "
+        f"{DEFAULT_READ_BYTES:,}) from byte offset (default 0); the next page starts at "
+        "offset plus the page's length in UTF-8 bytes, and an empty page is past the end.",
+        mime_type="text/plain",
+    )(calls.output_resource)
+    return server
+
+
+async def _hide_clear_from_non_admins(
+    ctx: ServerRequestContext[Any, Any], call_next: CallNext
+) -> HandlerResult:
+    """``tools/list`` without ``clear_cache`` for a caller over HTTP with a plain token:
+    a tool it can only be refused costs its conversation for nothing."""
+    result = await call_next(ctx)
+    scope = getattr(ctx.request, "scope", None)
+    if (
+        ctx.method == "tools/list"
+        and isinstance(result, dict)  # the answer as it goes on the wire
+        and isinstance(scope, dict)
+        and scope.get(CREDENTIAL) == "token"
+    ):
+        kept = [tool for tool in result.get("tools", ()) if tool.get("name") != "clear_cache"]
+        return {**result, "tools": kept}
+    return result
 
 
 def _tool(
@@ -294,26 +341,96 @@ def _tool(
     answer: type[Struct],
     request: type[Struct] | None = None,
 ) -> Tool:
-    """A tool whose schemas are the declared shapes: ``answer``'s for its output and,
-    when it takes arguments, ``request``'s for its input.
+    """A tool whose input schema is ``request``'s, made lean (:func:`_lean_schema`).
 
-    The SDK would derive both, and the model it reads arguments with, from the
-    function's annotations; all three come from the declared shapes instead, so the
-    tools and the HTTP API cannot drift apart and a field is listed once (a tool
-    function takes ``**arguments``). The SDK reads the arguments leniently, as it
-    always has; each tool then checks them with :func:`_checked`, with the API's
-    messages.
+    The SDK would derive its schema, and the model it reads arguments with, from the
+    function's annotations; both come from the declared shape instead, so the tools
+    and the HTTP API cannot drift apart and a field is listed once (a tool function
+    takes ``**arguments``). The SDK reads the arguments leniently; each tool then
+    checks them with :func:`_checked`, with the API's messages.
+
+    It declares no output schema: ``answer``'s would double the size of the list
+    (the structured content is still that shape, the one the API answers with and
+    its OpenAPI document describes).
     """
-    tool = Tool.from_function(fn, description=description, annotations=annotations)
+    tool = Tool.from_function(
+        _as_tool_errors(fn), description=description, annotations=annotations, meta=_META
+    )
     if request is not None:
-        tool.parameters = wire.shape_schema(request)
+        tool.parameters = _lean_schema(wire.shape_schema(request))
         tool.fn_metadata.arg_model = _arguments_model(request)
     else:
-        tool.parameters = {"type": "object", "properties": {}, "title": f"{tool.name}Arguments"}
-    # Read live by the SDK: the tool lists this schema, and answers with a CallToolResult
-    # whose structured content the client checks against it.
-    tool.fn_metadata.output_schema = wire.shape_schema(answer)
+        tool.parameters = {"type": "object", "properties": {}}
+    tool.fn_metadata.output_schema = None
     return tool
+
+
+def _as_tool_errors(
+    fn: Callable[..., Awaitable[CallToolResult]],
+) -> Callable[..., Awaitable[CallToolResult]]:
+    """``fn`` answering a refusal as a tool error result whose text is the API's message
+    alone (the SDK would put "Error executing tool NAME: " before it)."""
+
+    @functools.wraps(fn)
+    async def answering(*args: Any, **kwargs: Any) -> CallToolResult:
+        try:
+            return await fn(*args, **kwargs)
+        except ToolError as error:
+            return CallToolResult(
+                content=[TextContent(type="text", text=str(error))], is_error=True
+            )
+
+    return answering
+
+
+#: Keywords a tool's input schema leaves to the server's own checks (with its messages):
+#: titles, and bounds whose text (a Unicode pattern, a length) costs more than it guides.
+_LEFT_TO_THE_SERVER = frozenset(
+    {
+        "title",
+        "pattern",
+        "propertyNames",
+        "maxLength",
+        "maxProperties",
+        "maxItems",
+        "minItems",
+        "not",
+    }
+)
+
+
+def _lean_schema(node: Any, top: bool = True) -> Any:
+    """A tool's input schema as a model reads it: the shape's, without what the server
+    checks anyway (:data:`_LEFT_TO_THE_SERVER`), an optional field's "or null" (leaving
+    it out is how to say null), and each description cut to its first sentence."""
+    if isinstance(node, list):
+        return [_lean_schema(item, False) for item in node]
+    if not isinstance(node, dict):
+        return node
+    options = node.get("anyOf")
+    if isinstance(options, list) and len(options) == 2 and {"type": "null"} in options:
+        (inner,) = (option for option in options if option != {"type": "null"})
+        node = {**inner, **{key: value for key, value in node.items() if key != "anyOf"}}
+        if node.get("default", 0) is None:
+            del node["default"]
+    lean: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _LEFT_TO_THE_SERVER:
+            continue
+        if key == "description":
+            if not top and isinstance(value, str):
+                lean[key] = _first_sentence(value)
+        elif key == "properties":
+            lean[key] = {name: _lean_schema(field, False) for name, field in value.items()}
+        else:
+            lean[key] = _lean_schema(value, False)
+    return lean
+
+
+def _first_sentence(text: str) -> str:
+    """``text`` up to its first full stop, semicolon or colon (one not closing a quote)."""
+    match = re.match(r'(.+?)(?<!")[.;:](?=\s|$)', text)
+    return f"{match.group(1)}." if match else text
 
 
 class _Arguments(ArgModelBase):
@@ -321,6 +438,19 @@ class _Arguments(ArgModelBase):
     :func:`_checked` refuses them by name as the API does (the SDK would drop them)."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="allow")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _as_sent_when_refused(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+        """Arguments the lenient model cannot read (a word where a number goes) are kept
+        as sent, for :func:`_checked` to refuse with the API's message: pydantic's text,
+        and its link to its documentation, never reach a client."""
+        try:
+            return handler(data)
+        except ValidationError:
+            if not isinstance(data, dict):
+                raise
+            return cls.model_construct(**data)
 
     def model_dump_one_level(self) -> dict[str, Any]:
         return {**super().model_dump_one_level(), **(self.model_extra or {})}
@@ -398,13 +528,45 @@ def _require_admin(ctx: Context | None) -> None:
         raise ToolError("this operation needs the admin token")
 
 
-def _progress_message(detail: wire.JobDetail) -> str:
-    message = f"{detail.stdout_bytes + detail.stderr_bytes:,} bytes of output so far"
-    if detail.status == "paused":
-        message += " (paused)"
-    if detail.last_output:
-        message += f"; last line: {detail.last_output}"
-    return message
+class _Progress:
+    """A run's progress as MCP reports it: the bytes it has printed (stdout and stderr),
+    with no total, since how much a command will print is not known.
+
+    MCP wants each report's ``progress`` greater than the one before, and a client
+    waits only as long as reports keep coming: a report while nothing new was
+    printed adds a fraction that stays under the next byte (1/2, 2/3, 3/4...), so
+    its whole part is still the bytes printed.
+    """
+
+    def __init__(self) -> None:
+        self.printed = -1
+        self.quiet = 0
+
+    def next(self, detail: wire.JobDetail) -> float:
+        printed = detail.stdout_bytes + detail.stderr_bytes
+        self.quiet = self.quiet + 1 if printed <= self.printed else 0
+        self.printed = max(printed, self.printed)
+        return self.printed + self.quiet / (self.quiet + 1)
+
+
+def _last_line(detail: wire.JobDetail) -> str:
+    """A progress report's message: the last line printed, and whether the run is paused."""
+    line = detail.last_output or "(no output yet)"
+    return f"(paused) {line}" if detail.status == "paused" else line
+
+
+def _output_links(job_id: str) -> list[ResourceLink]:
+    """Links to a job's whole stdout and stderr (:data:`OUTPUT_URI`)."""
+    return [
+        ResourceLink(
+            type="resource_link",
+            name=f"{stream} of job {job_id}",
+            uri=f"runcache://jobs/{job_id}/{stream}",
+            mime_type="text/plain",
+            description=f"The whole {stream}, read in pages with ?offset=BYTES&limit=BYTES.",
+        )
+        for stream in STREAMS
+    ]
 
 
 def cut_output(result: wire.CommandResult, job_id: str, max_chars: int) -> ExecuteResult:
@@ -432,11 +594,13 @@ def _head_and_tail(text: str, stream: str, job_id: str, max_chars: int) -> str:
     )
 
 
-def _answer(value: Struct) -> CallToolResult:
+def _answer(value: Struct, links: list[ResourceLink] | None = None) -> CallToolResult:
     """A tool's result: the shape as structured content, and as JSON text for clients
-    that read only text."""
+    that read only text; then ``links``, if any."""
     text = TextContent(type="text", text=wire.encode(value).decode())
-    return CallToolResult(content=[text], structured_content=wire.to_builtins(value))
+    return CallToolResult(
+        content=[text, *(links or [])], structured_content=wire.to_builtins(value)
+    )
 
 
 def streamable_http(
@@ -445,6 +609,7 @@ def streamable_http(
     *,
     session_idle: float = 300.0,
     body_limit: int = 1 << 20,
+    tools: tuple[str, ...] = DEFAULT_TOOLS,
 ) -> tuple[ASGIApp, StreamableHTTPSessionManager]:
     """MCP's Streamable HTTP transport over ``backend``: the ASGI app that answers at
     ``/mcp``, and the session manager to run for as long as it serves.
@@ -467,7 +632,7 @@ def streamable_http(
     closes (no request in flight, no stream open), and :class:`~runcache.web.routes.mcp.
     McpEndpoint` keeps a few per client address.
     """
-    server = build_server(backend)
+    server = build_server(backend, tools)
     app = server.streamable_http_app(
         streamable_http_path="/mcp",
         stateless_http=stateless,
@@ -480,7 +645,12 @@ def streamable_http(
     return endpoint, server.session_manager
 
 
-def serve_stdio(backend: ToolBackend, log_level: str = "INFO", log_format: str = "text") -> None:
+def serve_stdio(
+    backend: ToolBackend,
+    log_level: str = "INFO",
+    log_format: str = "text",
+    tools: tuple[str, ...] = DEFAULT_TOOLS,
+) -> None:
     """Serve MCP on stdin/stdout until the client hangs up, then close the backend.
 
     SIGTERM (what an MCP client sends when stdin's closing was not enough) ends
@@ -490,7 +660,7 @@ def serve_stdio(backend: ToolBackend, log_level: str = "INFO", log_format: str =
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logs.formatter(log_format))
     logging.basicConfig(level=log_level.upper(), handlers=[handler])
-    server = build_server(backend)
+    server = build_server(backend, tools)
     log.info("runcache MCP server on stdio, using %s", backend.description)
 
     async def serve() -> None:

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runcache.engine.engine import Engine
 from runcache.errors import RuncacheError
+from runcache.mcp.shapes import selected_tools
 from runcache.web.responses import error_answer
 from runcache.web.routes.commands import read_body
 from runcache.web.streams import StreamSlots
@@ -54,6 +55,8 @@ class McpEndpoint:
     def __init__(self, engine: Engine, streams: StreamSlots) -> None:
         self.engine = engine
         self.streams = streams
+        #: Checked here, at start: a misspelt tool name stops the server before it serves.
+        self.tools = selected_tools(engine.config.mcp_tools)
         self._transport: ASGIApp | None = None
         self._loading = anyio.Lock()
         self._tasks: anyio.abc.TaskGroup | None = None
@@ -128,6 +131,7 @@ class McpEndpoint:
             stateless=config.workers > 1 or config.mcp_stateless,
             session_idle=config.mcp_session_timeout,
             body_limit=config.max_body_bytes,
+            tools=self.tools,
         )
 
     @staticmethod
