@@ -21,9 +21,11 @@ from typing import Any, Protocol, TypeVar
 
 import psutil
 import pytest
+import requests
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
+from runcache.client import sse
 from runcache.config import Config
 from runcache.engine.cache import Cache
 from runcache.engine.engine import Engine
@@ -598,3 +600,42 @@ def live_server_factory() -> Iterator[Callable[..., LiveServer]]:
 def live_server(live_server_factory: Callable[..., LiveServer]) -> LiveServer:
     server: LiveServer = live_server_factory()
     return server
+
+
+def job_events(
+    base_url: str,
+    job_id: str,
+    headers: dict[str, str] | None = None,
+    on_event: Callable[[], None] | None = None,
+) -> list[tuple[str, str, str]]:
+    """A job's events read to their end, parsed by runcache's own SSE reader
+    (:func:`runcache.client.sse.parse`): (kind, id, data) each; ``on_event`` is called
+    after each."""
+    found: list[tuple[str, str, str]] = []
+    with requests.get(
+        f"{base_url}/api/jobs/{job_id}/events", headers=headers or {}, stream=True, timeout=30
+    ) as answer:
+        assert answer.status_code == 200, answer.text
+        for event in sse.parse(answer.iter_lines()):
+            found.append((event.kind, event.id or "", event.data))
+            if on_event is not None:
+                on_event()
+    return found
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """A namespace of its own on the shared redis-server."""
+    return f"{redis_server.url}?namespace=test-{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite://{tmp_path / 'shared.db'}"
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def shared_url(request: pytest.FixtureRequest) -> str:
+    """A store several servers share: a SQLite file, or a namespace on Redis."""
+    url: str = request.getfixturevalue(f"{request.param}_url")
+    return url

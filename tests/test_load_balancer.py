@@ -33,6 +33,7 @@ from conftest import (
     Json,
     LiveServer,
     RedisServer,
+    job_events,
     json_object,
     marked,
     marker,
@@ -85,26 +86,9 @@ class Team:
     ) -> list[tuple[str, str, str]]:
         """A job's events read to their end through nginx: (kind, id, data) each."""
         headers = {"Host": self.host, **({"Last-Event-ID": last} if last else {})}
-        found: list[tuple[str, str, str]] = []
-        with requests.get(
-            f"{self.nginx.url}/api/jobs/{job_id}/events", headers=headers, stream=True, timeout=30
-        ) as answer:
-            assert answer.status_code == 200, answer.text
-            kind = event_id = ""
-            data: list[str] = []
-            for line in answer.iter_lines(decode_unicode=True):
-                if line.startswith("event: "):
-                    kind = line[7:]
-                elif line.startswith("id: "):
-                    event_id = line[4:]
-                elif line.startswith("data: "):
-                    data.append(line[6:])
-                elif not line and kind:
-                    found.append((kind, event_id, "\n".join(data)))
-                    kind, event_id, data = "", "", []
-                    if opened is not None:
-                        opened.set()
-        return found
+        return job_events(
+            self.nginx.url, job_id, headers, opened.set if opened is not None else None
+        )
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from conftest import (
     RedisServer,
     alive,
     free_port,
+    job_events,
     json_object,
     marked,
     marker,
@@ -40,22 +41,6 @@ from conftest import (
 StartServer = Callable[..., LiveServer]
 
 STOPPED = "the instance running this job stopped answering"
-
-
-@pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    return f"{redis_server.url}?namespace=jobs-{uuid.uuid4().hex}"
-
-
-@pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
-    return f"sqlite://{tmp_path / 'shared.db'}"
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def shared_url(request: pytest.FixtureRequest) -> str:
-    url: str = request.getfixturevalue(f"{request.param}_url")
-    return url
 
 
 def start(server: LiveServer, command: str) -> dict[str, Any]:
@@ -80,25 +65,7 @@ def post(server: LiveServer, path: str, status: int = 200) -> dict[str, Any]:
 
 def events(server: LiveServer, job_id: str, last: str | None = None) -> list[tuple[str, str, str]]:
     """The events of a job read to their end: (kind, id, data) each."""
-    headers = {"Last-Event-ID": last} if last is not None else {}
-    found: list[tuple[str, str, str]] = []
-    with requests.get(
-        f"{server.url}/api/jobs/{job_id}/events", headers=headers, stream=True, timeout=30
-    ) as answer:
-        assert answer.status_code == 200, answer.text
-        kind = event_id = ""
-        data: list[str] = []
-        for line in answer.iter_lines(decode_unicode=True):
-            if line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("id: "):
-                event_id = line[4:]
-            elif line.startswith("data: "):
-                data.append(line[6:])
-            elif not line and kind:
-                found.append((kind, event_id, "\n".join(data)))
-                kind, event_id, data = "", "", []
-    return found
+    return job_events(server.url, job_id, {"Last-Event-ID": last} if last is not None else {})
 
 
 def state(mark: str) -> str:

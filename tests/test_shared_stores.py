@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -54,22 +53,6 @@ def wait_for_status(server: LiveServer, status: str) -> dict[str, Any]:
             assert health["status"] == status, health
             return health
         time.sleep(0.1)
-
-
-@pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    return f"{redis_server.url}?namespace=test-{uuid.uuid4().hex}"
-
-
-@pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
-    return f"sqlite://{tmp_path / 'shared.db'}"
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def shared_url(request: pytest.FixtureRequest) -> str:
-    url: str = request.getfixturevalue(f"{request.param}_url")
-    return url
 
 
 def test_two_servers_share_entries_stats_and_clear(
