@@ -57,6 +57,8 @@ def server(
         str(token_file),
         "--audit-log",
         str(tmp_path / "audit.log"),
+        "--mcp-tools",
+        "all",  # the process tools too: they follow the owners' rule as well
         env={"RUNCACHE_ADMIN_TOKEN": ADMIN},
     )
     return started
@@ -242,7 +244,7 @@ def test_mcp_tools_over_http_follow_the_same_rule(
                 failed, text = await _tool(session, tool, **arguments)
                 assert failed and f"no job {job_id!r} on this server" in text, (tool, text)
             failed, text = await _tool(session, "get_process_status", pid=pid)
-            assert failed and text.endswith(f": Process {pid} not found")
+            assert failed and text.endswith(f"Process {pid} not found")
             for verb in ("terminate", "pause", "resume"):
                 failed, text = await _tool(session, f"{verb}_process", pid=pid)
                 assert failed and text.endswith(

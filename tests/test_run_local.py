@@ -11,6 +11,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -108,6 +109,26 @@ def test_invalid_utf8_reads_the_same_cached_or_not(home: Path, tmp_path: Path) -
     assert live.stdout == cached.stdout == b"a" + replaced * 2 + b"b\n"
     assert live.stderr == cached.stderr == replaced
     assert _lines(runs) == 1
+
+
+def test_output_that_is_not_utf8_is_printed_once_while_followed(home: Path, tmp_path: Path) -> None:
+    """A live page of bytes that are not UTF-8 counts raw bytes, the final pages count
+    the stored text: the follower holds what follows the first bad byte until the end,
+    rather than print it twice (it did: "a\ufffdb" then "b" again)."""
+    gate = tmp_path / "gate"
+    opener = threading.Timer(1.5, gate.touch)  # after the follower read the live page
+    opener.start()
+    try:
+        done = runcache(
+            home,
+            "run",
+            "--no-cache",
+            f"printf 'a\\377b\\n'; while [ ! -e {gate} ]; do sleep 0.05; done; echo c",
+        )
+    finally:
+        opener.cancel()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "a\ufffdb\nc\n".encode()
 
 
 def test_identical_concurrent_calls_run_once(home: Path, tmp_path: Path) -> None:

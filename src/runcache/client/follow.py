@@ -74,9 +74,21 @@ def _copy(
     """Copy what ``stream`` holds past its offset; whether that is all it will ever hold."""
     while True:
         page = source.output(job_id, stream, offsets[stream])
-        if page.data:
-            sink.write(page.data.encode())
+        data = page.data.encode()
+        if len(data) != page.next_offset - page.offset:
+            # A live page with bytes that are not UTF-8 (each read as U+FFFD, whose UTF-8
+            # is longer): its offsets count the raw bytes, the final pages' count the stored
+            # text. Print what comes before the first such byte (the same in both) and hold
+            # the rest for the final pages, so nothing is printed twice.
+            valid = page.data.split("\ufffd", 1)[0].encode()
+            if valid:
+                sink.write(valid)
+                sink.flush()
+            offsets[stream] = page.offset + len(valid)
+            return False
+        if data:
+            sink.write(data)
             sink.flush()
         offsets[stream] = page.next_offset
-        if page.eof or not page.data or page.next_offset >= page.total_bytes:
+        if page.eof or not data or page.next_offset >= page.total_bytes:
             return page.eof
