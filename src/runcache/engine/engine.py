@@ -60,6 +60,10 @@ SHELL = ("/bin/sh", "-c")
 #: sees another PATH, home, user, locale or time zone may well print something else.
 KEY_ENV_VARS = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ")
 
+#: The exit codes whose results are stored unless a request says (made once: every hit
+#: plans with it).
+DEFAULT_EXIT_CODES = frozenset(wire.DEFAULT_CACHE_EXIT_CODES)
+
 #: The tail of a stored result that each answer replaces with its own flags.
 _HIT_TAIL = b',"cached":true,"coalesced":false}'
 _RUN_TAIL = b',"cached":false,"coalesced":false}'
@@ -84,7 +88,7 @@ class Plan:
     #: Seconds past expiry a cached result may still answer (stale), refreshed meanwhile.
     stale: float = 0.0
     #: The exit codes whose results are answers to store.
-    cache_exit_codes: frozenset[int] = frozenset(wire.DEFAULT_CACHE_EXIT_CODES)
+    cache_exit_codes: frozenset[int] = DEFAULT_EXIT_CODES
     #: The files the command reads, as the request named them (their contents are keyed).
     inputs: tuple[str, ...] = ()
     #: What those inputs were when the key was made (None without inputs).
@@ -362,7 +366,8 @@ class Engine:
         checked against this server's bounds."""
         request = self.policy.applied_to(request)
         context = self.context_rules.check(request)
-        codes = frozenset(map(int, request.cache_exit_codes or wire.DEFAULT_CACHE_EXIT_CODES))
+        asked = request.cache_exit_codes
+        codes = DEFAULT_EXIT_CODES if asked is None else frozenset(map(int, asked))
         return Plan(
             command=request.command,
             argv=self.argv(request.command),
@@ -510,13 +515,13 @@ class Engine:
         self,
         command: str,
         context: RunContext = NO_CONTEXT,
-        cache_exit_codes: frozenset[int] = frozenset(wire.DEFAULT_CACHE_EXIT_CODES),
+        cache_exit_codes: frozenset[int] = DEFAULT_EXIT_CODES,
     ) -> str:
         """The key of a command's result: the command, its run context, the exit codes
         that are answers (when not the default: a request that counts only 0 as an answer
         must not be answered with another's exit 1), and everything else that changes it."""
         text = self._key_prefix + command.encode() + key_part(context)
-        if cache_exit_codes != frozenset(wire.DEFAULT_CACHE_EXIT_CODES):
+        if cache_exit_codes != DEFAULT_EXIT_CODES:
             text += b"\0exit:" + ",".join(map(str, sorted(cache_exit_codes))).encode()
         return hashlib.sha256(text).hexdigest()
 
