@@ -292,6 +292,8 @@ def test_background_runs_join_and_cached_results_answer_at_once(
     detail = _job(http, hit["job_id"])
     assert detail["result"]["cached"] is True and detail["return_code"] == 0
     assert detail["stdout_bytes"] == 5 and detail["last_output"] == "done"
+    listed = {job["job_id"]: job["cached"] for job in http.get("/api/jobs").json()["jobs"]}
+    assert (listed[hit["job_id"]], listed[first["job_id"]]) == (True, False)
 
 
 def test_unknown_job_is_a_404_json_error(http: httpx.Client) -> None:

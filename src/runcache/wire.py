@@ -670,6 +670,8 @@ class JobRecord(Struct, frozen=True, kw_only=True):
     last_output: str
     cache_key: _CacheKey
     background: bool
+    #: Answered from the cache (a background request's hit): it never had a process.
+    cached: bool = False
     return_code: int | UnsetType = UNSET
     error: str | UnsetType = UNSET
     #: With a shared store: the server running the job, ``host:pid:suffix``.

@@ -195,6 +195,7 @@ def _fields(job: Job) -> dict[str, object]:
         "last_output": last_output,
         "cache_key": job.cache_key,
         "background": job.background,
+        "cached": job.cached,
     }
     if return_code is not None:
         fields["return_code"] = return_code
