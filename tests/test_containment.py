@@ -153,7 +153,12 @@ def test_an_escaped_process_dies_with_its_run(
     )
     thread.start()
     try:
-        until(lambda: escaped_sleep(mark), what="for the escaped process")
+        # The escape can be seen before the runner has learnt the run's pid (a loaded
+        # machine): a cancel needs that pid, so wait for both.
+        until(
+            lambda: escaped_sleep(mark) and control.pid is not None,
+            what="for the escaped process and the run's pid",
+        )
         escaped = marked(mark)
         if end == "exit":
             go.touch()
