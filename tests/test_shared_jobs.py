@@ -8,6 +8,7 @@ Each test starts its servers with a namespace (or a file) of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -256,7 +257,8 @@ def test_a_killed_servers_jobs_fail_on_the_others_and_release_their_lease(
     os.kill(one.process.pid, signal.SIGKILL)
     one.process.wait(10)
     for process in marked(mark):  # what the killed server left (its watchdog ends it too)
-        process.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
     detail = until(
         lambda: (found := get(two, f"/api/jobs/{job_id}"))["status"] == "failed" and found,
         seconds=15,
