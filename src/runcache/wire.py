@@ -218,6 +218,33 @@ Inputs = Annotated[
 ]
 
 
+#: The longest scope name.
+MAX_SCOPE = 64
+
+#: A scope's name: what a key, a Redis key and a log line can hold as it is.
+SCOPE_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_SCOPE - 1}}}$"
+
+#: What a scope may be, in the words of every message that refuses one.
+SCOPE_RULE = (
+    f"scope must be 1 to {MAX_SCOPE} letters, digits, '.', '_' or '-', "
+    "starting with a letter or digit"
+)
+
+Scope = Annotated[
+    str,
+    Meta(
+        pattern=SCOPE_PATTERN,
+        max_length=MAX_SCOPE,
+        description="A namespace of its own in the cache (a team, a project): results of "
+        "one scope never answer another's or an unscoped request, and a scope's entries "
+        "are listed and invalidated as one. Part of the cache key. "
+        + SCOPE_RULE.removeprefix("scope must be ").capitalize()
+        + ".",
+        extra={"type": "scope must be a string", "constraint": SCOPE_RULE},
+    ),
+]
+
+
 class Request(Struct, frozen=True, forbid_unknown_fields=True):
     """A request's shape. A field it does not know is refused, naming the closest one it
     knows: ``{"timeot": 5}`` must not run with the default timeout, unnoticed."""
@@ -238,6 +265,7 @@ class RunRequest(Request, frozen=True):
     cache_exit_codes: CacheExitCodes | None = None
     inputs: Inputs | None = None
     pass_env: PassEnv | None = None
+    scope: Scope | None = None
 
 
 class CommandRequest(RunRequest, frozen=True):
@@ -374,6 +402,7 @@ class PolicyRule(Request, frozen=True, kw_only=True):
     timeout: Timeout | None = None
     inputs: Inputs | None = None
     cache_exit_codes: CacheExitCodes | None = None
+    scope: Scope | None = None
     cache: Annotated[bool, Meta(extra={"type": "cache must be true or false"})] = True
 
 
