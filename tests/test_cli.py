@@ -502,6 +502,9 @@ def test_run_entries_and_invalidate_take_a_scope_through_a_server(live_server: L
     assert len(listed) == 2 and listed[1].split()[4:6] == ["team-a", "date"]
     everything = orjson.loads(runcache("entries", "--json", env=env).stdout)["entries"]
     assert sorted(str(entry["scope"]) for entry in everything) == ["None", "team-a"]
+    key = listed[1].split()[0]
+    shown = runcache("entries", "show", key, env=env).stdout.decode().splitlines()
+    assert "scope:      team-a" in shown
     done = runcache("invalidate", "--scope", "team-a", "--prefix", "date", env=env)
     assert (done.returncode, done.stdout) == (0, b"deleted 1 entry\n")
     assert runcache("entries", "--scope", "team-a", "--json", env=env).stdout.count(b"date") == 0

@@ -578,12 +578,12 @@ def show_entry(key: str, as_json: bool, server: str | None, store: str | None) -
     _fields(
         ("key", found.cache_key),
         ("command", found.command),
-        ("scope", found.scope or "-"),
         ("exit code", str(found.result.return_code)),
         ("bytes", str(found.bytes)),
         ("hits", str(found.hits)),
         ("stored", f"{max(0.0, now - found.created_at):.0f}s ago"),
         ("expires in", f"{max(0.0, found.expires_at - now):.0f}s"),
+        *((("scope", found.scope),) if found.scope else ()),
     )
     for stream, text in (("stdout", found.result.stdout), ("stderr", found.result.stderr)):
         if text:
