@@ -26,7 +26,8 @@ Keys of a namespace (all in one hash slot, thanks to the ``{namespace}`` tag):
 - ``<base>scopes``: hash of each scoped entry's scope (an unscoped one has none);
 - ``<base>scopes:<scope>``: set of the keys of one scope's entries, so that a
   scope is listed and invalidated without walking every entry;
-- ``<base>scope-names``: set of the scopes that have such a set, for a clear;
+- ``<base>scope-names``: set of the scopes stored since the last clear, whose sets the
+  next clear unlinks (a scope whose last entry went keeps its name here, not its set);
 - ``<base>lock:<key>``: the cross-instance single-flight lock;
 - ``<base>cleared``: set of the names of LRU sets that clears took out of use and
   whose entries are still being deleted, ``<base>cleared:<token>`` each.
