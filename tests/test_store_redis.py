@@ -111,6 +111,22 @@ def test_a_scope_has_its_own_set_in_the_namespace_gone_with_its_last_entry(
     assert namespace_keys(connection, namespace) == {store.counts_key.encode()}
 
 
+def test_an_entry_stored_before_scopes_is_unscoped_listed_and_invalidated(
+    make: MakeStore, connection: redis.Redis
+) -> None:
+    store = make()
+    store.put("old", b"v", 60, store.epoch(), command="echo old")
+    connection.hset(store.info_key, "old", b'["echo old",5.0,0]')  # the info written before
+    store.put("new", b"v", 60, store.epoch(), command="echo new", scope="team-a")
+    assert [(info.key, info.scope) for info in store.entries("", 0, 10)] == [
+        ("new", "team-a"),
+        ("old", ""),
+    ]
+    assert [info.key for info in store.entries("", 0, 10, scope="")] == ["old"]
+    assert store.delete_matching(any_command, scope="") == 1
+    assert [info.key for info in store.entries("", 0, 10)] == ["new"]
+
+
 def _calls(connection: redis.Redis, command: str) -> int:
     stats: dict[str, dict[str, int]] = connection.info("commandstats")
     return stats.get(f"cmdstat_{command}", {}).get("calls", 0)
