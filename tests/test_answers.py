@@ -237,6 +237,24 @@ def test_pass_env_follows_the_env_rules_and_is_never_logged(tmp_path: Path) -> N
     assert "s3cret-value" not in (tmp_path / "a").read_text()
 
 
+def test_a_scope_is_a_cache_of_its_own_and_no_scope_keeps_the_old_key(
+    engine: Engine, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    command = f"echo run >> {runs}; wc -l < {runs}"
+    plain = _run(engine, RunRequest(command))
+    team_a = _run(engine, RunRequest(command, scope="team-a"))
+    team_b = _run(engine, RunRequest(command, scope="team-b"))
+    assert [outcome.cached for outcome in (plain, team_a, team_b)] == [False, False, False]
+    assert len({_key(plain), _key(team_a), _key(team_b)}) == 3
+    assert _key(plain) == engine.cache_key(command)  # the key made before scopes
+    again = _run(engine, RunRequest(command, scope="team-a"))
+    assert again.cached and again.result().stdout == "2\n" == team_a.result().stdout
+    stored = {info.key: info.scope for info in engine.cache.store.entries("", 0, 10)}
+    assert stored == {_key(plain): "", _key(team_a): "team-a", _key(team_b): "team-b"}
+    assert runs.read_text() == "run\n" * 3
+
+
 POLICY = """
 [[rule]]
 program = "sh"
@@ -250,6 +268,10 @@ cache = false
 [[rule]]
 match = "cat *"
 inputs = ["data"]
+
+[[rule]]
+program = "date"
+scope = "clock"
 """
 
 
@@ -273,12 +295,18 @@ def test_the_first_matching_rule_sets_what_the_request_leaves_out(tmp_path: Path
         assert _run(built, read).cached
         (tmp_path / "data").write_text("two\n")
         assert _run(built, read).result().stdout == "two\n"  # the rule's inputs keyed it
+        ruled = _run(built, RunRequest("date +%N"))
+        own_scope = _run(built, RunRequest("date +%N", scope="mine"))
+        assert _key(ruled) == built.cache_key("date +%N", scope="clock") != _key(own_scope)
+        assert built.cache.store.entries("date", 0, 10, scope="clock")[0].key == _key(ruled)
         answer = built.policy.answer()
         assert answer.source == str(policy) and [r.program for r in answer.rules] == [
             "sh",
             None,
             None,
+            "date",
         ]
+        assert answer.rules[-1].scope == "clock"
     finally:
         built.close()
 

@@ -67,17 +67,18 @@ def test_runs_hits_shared_runs_jobs_and_removals_each_get_their_line(
         asker.join()
     job = post(server, "/api/command", command="sleep 0.2; exit 3", background=True)
     until(lambda: audit.exists() and "exit 3" in audit.read_text())
-    post(server, "/api/command", command="echo other")
+    post(server, "/api/command", command="echo other", scope="team-a")
     deleted = requests.delete(f"{server.url}/api/cache/entries/{ran['cache_key']}", timeout=10)
     assert deleted.status_code == 200
     post(server, "/api/cache/invalidate", glob="sleep * pair")
+    post(server, "/api/cache/invalidate", scope="team-a", prefix="echo")
     post(server, "/api/cache/clear")
 
     # A turn's lines are written when the turn ends, which may be after its answers went.
-    until(lambda: audit.read_text().count("\n") >= 9)
+    until(lambda: audit.read_text().count("\n") >= 10)
     records = lines(audit)
     assert [record["action"] for record in records] == (
-        ["command"] * 6 + ["delete", "invalidate", "clear"]
+        ["command"] * 6 + ["delete", "invalidate", "invalidate", "clear"]
     )
     run, hit, *shared, background, other = records[:6]
     for record in records:
@@ -97,10 +98,12 @@ def test_runs_hits_shared_runs_jobs_and_removals_each_get_their_line(
     assert all(record["output_bytes"] == 5 for record in shared)
     assert background["background"] is True and background["job_id"] == job["job_id"]
     assert background["return_code"] == 3 and background["output_bytes"] == 0
-    assert other["command"] == "echo other"
-    delete, invalidate, clear = records[6:]
+    assert other["command"] == "echo other" and "scope" not in other  # a run's line: no scope
+    delete, invalidate, by_scope, clear = records[6:]
     assert delete["cache_key"] == ran["cache_key"] and delete["deleted"] == 1
     assert invalidate["glob"] == "sleep * pair" and invalidate["deleted"] == 1
+    assert "scope" not in invalidate
+    assert (by_scope["scope"], by_scope["prefix"], by_scope["deleted"]) == ("team-a", "echo", 1)
     assert clear["deleted"] is None
 
 

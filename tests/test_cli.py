@@ -462,6 +462,7 @@ def test_entries_lists_and_invalidate_deletes_with_the_admin_token(
         "HITS",
         "EXPIRES",
         "IN",
+        "SCOPE",
         "COMMAND",
     ]
     assert [line.endswith(f"two {marker}'") for line in lines[1:]] == [True, False]  # newest first
@@ -486,7 +487,30 @@ def test_entries_lists_and_invalidate_deletes_with_the_admin_token(
     left = orjson.loads(runcache("entries", "--json", env=env).stdout)["entries"]
     assert [entry["command"] for entry in left] == ["sh -c 'printf other'"]
     both = runcache("invalidate", "--prefix", "a", "--glob", "b", env=env)
-    assert both.returncode == 2 and b'exactly one of "prefix" and "glob"' in both.stderr
+    assert both.returncode == 2 and b'give one of "prefix" and "glob", a "scope"' in both.stderr
+
+
+def test_run_entries_and_invalidate_take_a_scope_through_a_server(live_server: LiveServer) -> None:
+    env = {"RUNCACHE_URL": live_server.url}
+    command = f"date +%N # {uuid.uuid4().hex}"
+    plain = runcache("run", command, env=env)
+    scoped = runcache("run", "--scope", "team-a", command, env=env)
+    again = runcache("run", "--scope", "team-a", command, env=env)
+    assert plain.returncode == scoped.returncode == again.returncode == 0
+    assert scoped.stdout != plain.stdout and again.stdout == scoped.stdout
+    listed = runcache("entries", "--scope", "team-a", env=env).stdout.decode().splitlines()
+    assert len(listed) == 2 and listed[1].split()[4:6] == ["team-a", "date"]
+    everything = orjson.loads(runcache("entries", "--json", env=env).stdout)["entries"]
+    assert sorted(str(entry["scope"]) for entry in everything) == ["None", "team-a"]
+    key = listed[1].split()[0]
+    shown = runcache("entries", "show", key, env=env).stdout.decode().splitlines()
+    assert "scope:      team-a" in shown
+    done = runcache("invalidate", "--scope", "team-a", "--prefix", "date", env=env)
+    assert (done.returncode, done.stdout) == (0, b"deleted 1 entry\n")
+    assert runcache("entries", "--scope", "team-a", "--json", env=env).stdout.count(b"date") == 0
+    assert runcache("run", command, env=env).stdout == plain.stdout  # the unscoped one stays
+    bad = runcache("run", "--scope", "team a", "touch", "never", env=env)
+    assert bad.returncode == 2 and b"scope must be 1 to 64 letters" in bad.stderr
 
 
 def _commands(group: click.Group, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:

@@ -220,8 +220,9 @@ def test_invalidate_by_prefix_or_glob_needs_the_admin_token_and_one_of_them(
     assert api.commands() == ["echo other", "echo git status"]
     assert api.ok("GET", "/api/cache/stats")["size"] == 2
     bad: list[tuple[Any, str]] = [
-        ({}, 'give exactly one of "prefix" and "glob"'),
-        ({"prefix": "a", "glob": "b"}, 'give exactly one of "prefix" and "glob"'),
+        ({}, INVALIDATE_ONE),
+        ({"prefix": "a", "glob": "b"}, INVALIDATE_ONE),
+        ({"scope": "a", "prefix": "a", "glob": "b"}, INVALIDATE_ONE),
         ({"prefix": ""}, "prefix must not be empty"),
         ({"glob": 5}, "glob must be a string"),
         ({"prefix": None}, "prefix must be a string"),
@@ -237,6 +238,59 @@ def test_invalidate_by_prefix_or_glob_needs_the_admin_token_and_one_of_them(
     assert any(
         "invalidated 2 cache entries by prefix 'echo nmap '" in line for line in server.output
     )
+
+
+INVALIDATE_ONE = 'give one of "prefix" and "glob", a "scope", or a scope and one of them'
+
+
+def test_scopes_keep_their_own_entries_listed_and_invalidated_as_one(
+    live_server_factory: StartServer, store_url: str, session: requests.Session
+) -> None:
+    server = live_server_factory("--store", store_url)
+    api = Api(server, session)
+
+    def run(command: str, scope: str | None = None) -> dict[str, Any]:
+        body = {"command": command} if scope is None else {"command": command, "scope": scope}
+        answer: dict[str, Any] = api.ok("POST", "/api/command", json=body)
+        return answer
+
+    plain, team_a, team_b = run("date +%N"), run("date +%N", "team-a"), run("date +%N", "team-b")
+    assert not any(answer["cached"] for answer in (plain, team_a, team_b))
+    assert len({answer["stdout"] for answer in (plain, team_a, team_b)}) == 3
+    assert len({answer["cache_key"] for answer in (plain, team_a, team_b)}) == 3
+    again = run("date +%N", "team-a")
+    assert again["cached"] is True and again["stdout"] == team_a["stdout"]
+    run("echo other", "team-a")
+    listed = api.ok("GET", "/api/cache/entries?scope=team-a")["entries"]
+    assert [(entry["command"], entry["scope"]) for entry in listed] == [
+        ("echo other", "team-a"),
+        ("date +%N", "team-a"),
+    ]
+    everything = api.ok("GET", "/api/cache/entries")["entries"]
+    assert sorted((entry["scope"] or "") for entry in everything) == [
+        "",
+        "team-a",
+        "team-a",
+        "team-b",
+    ]
+    detail = api.ok("GET", f"/api/cache/entries/{team_b['cache_key']}")
+    assert detail["scope"] == "team-b"
+    by_both = {"scope": "team-a", "prefix": "echo o"}
+    assert api.ok("POST", "/api/cache/invalidate", json=by_both)["deleted"] == 1
+    assert api.ok("POST", "/api/cache/invalidate", json={"scope": "team-a"})["deleted"] == 1
+    assert api.ok("GET", "/api/cache/entries?scope=team-a")["entries"] == []
+    assert run("date +%N")["cached"] is True and run("date +%N", "team-b")["cached"] is True
+    assert run("date +%N", "team-a")["cached"] is False
+    server.logged(lambda line: "invalidated 1 cache entries by scope 'team-a'" in line)
+    for bad in ("", "team a", "-lead", "x" * 65, "a/b"):
+        answer = api.call("POST", "/api/command", json={"command": "true", "scope": bad})
+        assert answer.status_code == 400 and answer.json()["error"].startswith("scope must be")
+        listing = api.call("GET", "/api/cache/entries", params={"scope": bad})
+        assert listing.status_code == 400 and listing.json()["error"].startswith("scope must be")
+        invalid = api.call("POST", "/api/cache/invalidate", json={"scope": bad})
+        assert invalid.status_code == 400 and invalid.json()["error"].startswith("scope must be")
+    typo = api.call("POST", "/api/command", json={"command": "true", "scop": "a"})
+    assert typo.json() == {"error": "unknown field 'scop'; did you mean 'scope'?"}
 
 
 def test_without_tokens_the_deletions_are_open_as_the_clear_is(

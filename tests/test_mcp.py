@@ -322,6 +322,13 @@ BAD_ARGUMENTS: list[tuple[str, dict[str, Any], str]] = [
         "unknown field 'timeot'; did you mean 'timeout'?",
     ),
     ("start_command", {"command": "true", "use_cache": "maybe"}, "use_cache must be true or false"),
+    ("execute_command", {"command": "true", "scope": "team a"}, wire.SCOPE_RULE),
+    ("start_command", {"command": "true", "scope": 5}, "scope must be a string"),
+    (
+        "execute_command",
+        {"command": "true", "scop": "a"},
+        "unknown field 'scop'; did you mean 'scope'?",
+    ),
     ("job_status", {}, "job_id is required"),
     ("read_output", {"job_id": "x", "stream": "stdin"}, "stream must be stdout or stderr"),
     (
@@ -734,6 +741,22 @@ def test_mcp_over_http_with_several_workers(
                 assert ran["stdout"] == "shared by workers\n"
 
     anyio.run(main)
+
+
+def test_a_scope_keys_its_own_results_through_both_tools(driver: Driver) -> None:
+    async def scenario(session: ClientSession) -> None:
+        command = f"date +%N # {uuid.uuid4().hex}"
+        plain = await call(session, "execute_command", command=command)
+        scoped = await call(session, "execute_command", command=command, scope="team-a")
+        assert scoped["cache_key"] != plain["cache_key"]
+        assert scoped["stdout"] != plain["stdout"] and not scoped["cached"]
+        started = await call(session, "start_command", command=command, scope="team-a")
+        # The same scope: the same entry, answered from the cache (no pid: nothing ran).
+        assert (started["cache_key"], started["pid"]) == (scoped["cache_key"], None)
+        other = await call(session, "execute_command", command=command, scope="team-b")
+        assert other["cache_key"] not in {plain["cache_key"], scoped["cache_key"]}
+
+    driver(scenario)
 
 
 def test_run_context_arguments_reach_the_command_and_its_key(

@@ -299,3 +299,27 @@ def test_a_stale_answer_is_refreshed_by_a_process_that_outlives_the_call(
     until(lambda: all(expires_at > time.time() for expires_at in _expiries(home)))
     assert runcache(home, "run", command).stdout == b"2\n"
     assert _lines(runs) == 2
+
+
+def test_a_scope_is_a_cache_of_its_own_and_warm_refreshes_it(home: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    command = f"echo run >> {runs}; wc -l < {runs}"
+    assert runcache(home, "run", command).stdout == b"1\n"
+    assert runcache(home, "run", "--scope", "team-a", command).stdout == b"2\n"
+    assert runcache(home, "run", "--scope", "team-a", command).stdout == b"2\n"
+
+    def scoped() -> list[dict[str, object]]:
+        listing = orjson.loads(runcache(home, "entries", "--scope", "team-a", "--json").stdout)
+        assert isinstance(listing, dict)
+        entries: list[dict[str, object]] = listing["entries"]
+        return entries
+
+    [stored] = scoped()
+    warm = runcache(home, "run", "--warm", "--scope", "team-a", command)
+    assert (warm.returncode, warm.stdout) == (0, b"2\n")
+    # The detached refresh stored its result in the scope, not beside it.
+    until(lambda: [entry["created_at"] for entry in scoped()] > [stored["created_at"]])
+    assert runcache(home, "run", "--scope", "team-a", command).stdout == b"3\n"
+    assert runcache(home, "run", command).stdout == b"1\n"
+    assert runcache(home, "invalidate", "--scope", "team-a").stdout == b"deleted 1 entry\n"
+    assert runcache(home, "run", command).stdout == b"1\n" and _lines(runs) == 3

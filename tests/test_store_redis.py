@@ -30,6 +30,7 @@ from runcache.config import Config
 from runcache.errors import ConfigError, StoreError
 from runcache.stores import DEFAULT_TIMEOUT, open_store
 from runcache.stores import redis as redis_store
+from runcache.stores.base import any_command
 from runcache.stores.redis import NATIVE_EXPIRY_GRACE, RedisStore
 
 from conftest import FakeClock, LiveServer, RedisServer, free_port, until
@@ -93,6 +94,59 @@ def test_clear_removes_only_this_namespaces_keys(
     assert theirs.get("k3") == b"v" and theirs.stats().size == 5
 
 
+def test_a_scope_has_its_own_set_in_the_namespace_gone_with_its_last_entry(
+    make: MakeStore, connection: redis.Redis, namespace: str
+) -> None:
+    store = make()
+    store.put("a", b"v", 60, store.epoch(), command="echo a", scope="team-a")
+    store.put("b", b"v", 60, store.epoch(), command="echo b")
+    scope_set = f"runcache:{{{namespace}}}:scopes:team-a".encode()
+    keys = namespace_keys(connection, namespace)
+    assert scope_set in keys
+    assert connection.smembers(scope_set) == {b"a"}
+    assert store.delete("a")
+    assert scope_set not in namespace_keys(connection, namespace)
+    store.put("a", b"v", 60, store.epoch(), command="echo a", scope="team-a")
+    store.clear()
+    assert namespace_keys(connection, namespace) == {store.counts_key.encode()}
+
+
+def test_an_entry_stored_before_scopes_is_unscoped_listed_and_invalidated(
+    make: MakeStore, connection: redis.Redis
+) -> None:
+    store = make()
+    store.put("old", b"v", 60, store.epoch(), command="echo old")
+    connection.hset(store.info_key, "old", b'["echo old",5.0,0]')  # the info written before
+    store.put("new", b"v", 60, store.epoch(), command="echo new", scope="team-a")
+    assert [(info.key, info.scope) for info in store.entries("", 0, 10)] == [
+        ("new", "team-a"),
+        ("old", ""),
+    ]
+    assert [info.key for info in store.entries("", 0, 10, scope="")] == ["old"]
+    assert store.delete_matching(any_command, scope="") == 1
+    assert [info.key for info in store.entries("", 0, 10)] == ["new"]
+
+
+def _calls(connection: redis.Redis, command: str) -> int:
+    stats: dict[str, dict[str, int]] = connection.info("commandstats")
+    return stats.get(f"cmdstat_{command}", {}).get("calls", 0)
+
+
+def test_invalidating_a_scope_reads_its_set_not_the_whole_cache(
+    make: MakeStore, connection: redis.Redis
+) -> None:
+    store = make(max_entries=2000)
+    epoch = store.epoch()
+    for index in range(1500):  # three batches of the whole cache, one of the scope
+        store.put(f"k{index}", b"v", 60, epoch, command=f"echo {index}")
+    store.put("s", b"v", 60, epoch, command="echo s", scope="team-a")
+    zscans, hmgets = _calls(connection, "zscan"), _calls(connection, "hmget")
+    assert store.delete_matching(any_command, scope="team-a") == 1
+    assert _calls(connection, "zscan") == zscans
+    assert _calls(connection, "hmget") == hmgets + 1
+    assert store.stats().size == 1500
+
+
 def test_a_clear_of_a_big_cache_deletes_every_entry_in_batches(
     make: MakeStore, connection: redis.Redis, namespace: str
 ) -> None:
@@ -114,6 +168,7 @@ def test_a_clear_of_a_big_cache_deletes_every_entry_in_batches(
                     1 << 30,
                     store.entry_prefix,
                     b'["echo",0.0,0]',
+                    "",
                 ],
                 client=pipe,
             )

@@ -150,6 +150,45 @@ def test_a_file_from_before_entries_had_commands_keeps_working(
     assert [info.key for info in again.entries("", 0, 10)] == ["new"]
 
 
+#: An entry of a file made by runcache before entries had a scope (its columns then).
+_BEFORE_SCOPES = """
+INSERT INTO counts (namespace, entries, bytes, used) VALUES ('runcache', 1, 3, 1);
+INSERT INTO entries (id, namespace, key, size, expires_at, used, command, created_at, hits,
+                     return_code)
+    VALUES (1, 'runcache', 'old', 3, 2000000.0, 1, 'echo old', 5.0, 0, 0);
+INSERT INTO "values" VALUES (1, X'6F6C64');
+"""
+
+
+def test_a_file_from_before_scopes_opens_answers_and_gains_them(
+    db_path: Path, opened: list[SqliteStore]
+) -> None:
+    schema = _OLD_SCHEMA.split("INSERT")[0]
+    with closing(sqlite3.connect(db_path)) as db:
+        db.executescript(schema)
+        for name, definition in (
+            ("command", "TEXT NOT NULL DEFAULT ''"),
+            ("created_at", "REAL NOT NULL DEFAULT 0"),
+            ("hits", "INTEGER NOT NULL DEFAULT 0"),
+            ("return_code", "INTEGER NOT NULL DEFAULT 0"),
+        ):
+            db.execute(f"ALTER TABLE entries ADD COLUMN {name} {definition}")
+        db.execute("ALTER TABLE counts ADD COLUMN stale_hits INTEGER NOT NULL DEFAULT 0")
+        db.executescript(_BEFORE_SCOPES)
+    store = make(opened, db_path)
+    assert store.get("old") == b"old"
+    (old,) = store.entries("", 0, 10)
+    assert (old.key, old.command, old.scope) == ("old", "echo old", "")
+    assert store.put("new", b"n", 60, store.epoch(), command="echo new", scope="team-a")
+    assert [info.key for info in store.entries("", 0, 10, scope="team-a")] == ["new"]
+    assert [info.key for info in store.entries("", 0, 10, scope="")] == ["old"]
+    with closing(sqlite3.connect(db_path)) as db:
+        indexes = {row[1] for row in db.execute("PRAGMA index_list(entries)")}
+    assert "entries_by_scope" in indexes
+    assert store.delete_matching(lambda command: True, scope="team-a") == 1
+    assert store.get("old") == b"old" and store.stats().size == 1
+
+
 _FORKER = """
 import os
 import sys

@@ -11,7 +11,7 @@ import pytest
 
 from runcache.engine.engine import stats_answer
 from runcache.stores import MemoryStore, Store
-from runcache.stores.base import CacheStats
+from runcache.stores.base import CacheStats, any_command
 from runcache.stores.redis import RedisStore
 from runcache.stores.sqlite import SqliteStore
 
@@ -398,6 +398,95 @@ def test_an_entry_stored_after_a_clear_is_listed_and_kept(store_factory: StoreFa
     store.put("k", b"new", 60, store.epoch(), command="echo k")
     assert _commands(store) == ["echo k"]
     assert store.get("k") == b"new"
+
+
+# -- scopes: a namespace of its own, listed and invalidated as one -------------------
+
+
+def _scoped(store: Store, count: int = 1) -> None:
+    """``count`` entries in each of no scope, team-a and team-b, the unscoped first."""
+    epoch = store.epoch()
+    for index in range(count):
+        store.put(f"n{index}", b"n", 60, epoch, command=f"echo {index}")
+        store.put(f"a{index}", b"aa", 60, epoch, command=f"echo {index}", scope="team-a")
+        store.put(f"b{index}", b"bbb", 60, epoch, command=f"ls {index}", scope="team-b")
+
+
+def test_entries_record_their_scope_and_a_listing_filters_by_it(
+    store_factory: StoreFactory,
+) -> None:
+    store = store_factory()
+    _scoped(store)
+    assert [(info.key, info.scope) for info in store.entries("", 0, 10)] == [
+        ("b0", "team-b"),
+        ("a0", "team-a"),
+        ("n0", ""),
+    ]
+    assert [info.key for info in store.entries("", 0, 10, scope="team-a")] == ["a0"]
+    assert [info.key for info in store.entries("", 0, 10, scope="")] == ["n0"]
+    assert store.entries("", 0, 10, scope="team-c") == []
+    assert store.entries("ls", 0, 10, scope="team-a") == []
+    found = store.entry("a0")
+    assert found is not None and found[0].scope == "team-a"
+
+
+def test_delete_matching_by_scope_removes_that_scope_alone(store_factory: StoreFactory) -> None:
+    store = store_factory()
+    _scoped(store, count=2)
+    assert store.delete_matching(any_command, scope="team-a") == 2
+    assert store.delete_matching(any_command, scope="team-a") == 0
+    assert sorted(info.key for info in store.entries("", 0, 10)) == ["b0", "b1", "n0", "n1"]
+    stats = store.stats()
+    assert (stats.size, stats.bytes, stats.evictions) == (4, 2 * 1 + 2 * 3, 0)
+    assert store.get("a0") is None and store.get("n0") == b"n"
+
+
+def test_a_scope_and_a_command_test_are_one_conjunction(store_factory: StoreFactory) -> None:
+    store = store_factory()
+    _scoped(store, count=2)
+    assert store.delete_matching(lambda command: command == "echo 1", scope="team-a") == 1
+    assert store.delete_matching(lambda command: command == "echo 1", scope="team-b") == 0
+    assert store.delete_matching(lambda command: command == "echo 0", scope="") == 1
+    assert sorted(info.key for info in store.entries("", 0, 10)) == ["a0", "b0", "b1", "n1"]
+
+
+def test_a_scoped_entry_that_goes_leaves_its_scope(
+    store_factory: StoreFactory, fake_clock: FakeClock
+) -> None:
+    """Evicted, expired, deleted, cleared or stored again: a scope lists only what is live."""
+    store = store_factory(max_entries=2)
+    epoch = store.epoch()
+    store.put("a", b"1", 60, epoch, command="echo a", scope="s")
+    store.put("b", b"2", 5, epoch, command="echo b", scope="s")
+    store.put("c", b"3", 60, epoch, command="echo c")  # evicts "a"
+    assert [info.key for info in store.entries("", 0, 10, scope="s")] == ["b"]
+    fake_clock.tick(6)
+    assert store.get("b") is None  # expired, and taken away
+    assert store.entries("", 0, 10, scope="s") == []
+    assert store.delete_matching(any_command, scope="s") == 0
+    store.put("d", b"4", 60, store.epoch(), command="echo d", scope="s")
+    assert store.delete("d") and store.entries("", 0, 10, scope="s") == []
+    store.put("e", b"5", 60, store.epoch(), command="echo e", scope="s")
+    store.clear()
+    assert store.entries("", 0, 10, scope="s") == []
+    store.put("e", b"6", 60, store.epoch(), command="echo e", scope="s")
+    assert [info.key for info in store.entries("", 0, 10, scope="s")] == ["e"]
+    assert store.delete_matching(any_command, scope="s") == 1 and store.stats().size == 0
+
+
+def test_a_scope_beyond_one_batch_is_listed_in_order_and_invalidated(
+    store_factory: StoreFactory,
+) -> None:
+    """More entries of a scope than a shared store reads per step (``redis.BATCH``)."""
+    store = store_factory(max_entries=3000)
+    count = 600
+    _scoped(store, count=count)
+    listed = store.entries("", 550, 3, scope="team-b")
+    assert [info.key for info in listed] == ["b49", "b48", "b47"]
+    assert len(store.entries("", 0, 3 * count, scope="team-a")) == count
+    assert store.delete_matching(any_command, scope="team-a") == count
+    assert store.stats().size == 2 * count
+    assert store.entries("", 0, 10, scope="team-a") == []
 
 
 # -- stale answers: entries kept past expiry for readers that accept them ------------

@@ -175,6 +175,15 @@ def store_option(command: F) -> F:
     )(command)
 
 
+def scope_option(help_text: str) -> Callable[[F], F]:
+    """``--scope``: a namespace of its own in the cache, as the request field is."""
+
+    def add(command: F) -> F:
+        return click.option("--scope", default=None, metavar="NAME", help=help_text)(command)
+
+    return add
+
+
 # Options end at the command: `runcache run ls -la` gives -la to ls. An unknown option
 # before the command is refused (click names the closest), never run as the command.
 @cli.command(context_settings={"allow_interspersed_args": False})
@@ -230,6 +239,10 @@ def store_option(command: F) -> F:
     metavar="CODES",
     help="Exit codes whose results are cached (default 0): 0,1 caches grep finding nothing.",
 )
+@scope_option(
+    "A namespace of its own in the cache (a team, a project): results of one scope never"
+    " answer another's; listed and invalidated as one (--scope of entries and invalidate)."
+)
 @click.option(
     "--cwd",
     default=None,
@@ -262,6 +275,7 @@ def run(
     timeout: float | None,
     inputs: tuple[str, ...],
     cache_exit_codes: str | None,
+    scope: str | None,
     cwd: str | None,
     env_pairs: tuple[str, ...],
     feed_stdin: bool,
@@ -290,6 +304,7 @@ def run(
         stale=stale,
         inputs=list(inputs) or None,
         cache_exit_codes=_exit_codes(cache_exit_codes),
+        scope=scope,
         **_run_context(cwd, env_pairs, stdin),
     )
     with _connect(server, store) as backend:
@@ -383,6 +398,8 @@ def _refresh_later(
             "--cache-exit-codes",
             ",".join(str(int(code)) for code in fresh.cache_exit_codes),
         ]
+    if fresh.scope is not None:
+        options += ["--scope", fresh.scope]
     if fresh.cwd is not None:
         options += ["--cwd", fresh.cwd]
     for name, text in (fresh.env or {}).items():
@@ -503,6 +520,7 @@ def clear(server: str | None, store: str | None) -> None:
     metavar="N",
     help="The most entries to list.",
 )
+@scope_option("Only the entries of this scope.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON object.")
 @client_options
 @store_option
@@ -511,6 +529,7 @@ def entries(
     ctx: click.Context,
     prefix: str,
     limit: int,
+    scope: str | None,
     as_json: bool,
     server: str | None,
     store: str | None,
@@ -519,20 +538,21 @@ def entries(
     if ctx.invoked_subcommand is not None:
         return
     with _connect(server, store) as backend:
-        listing = backend.entries(prefix, limit=limit)
+        listing = backend.entries(prefix, limit=limit, scope=scope)
     if as_json:
         _print_json(listing)
         return
     now = time.time()
     # Whole keys: a key is shown to be used (entries show, GET/DELETE /api/cache/entries/{key}).
     _table(
-        ("KEY", "BYTES", "HITS", "EXPIRES IN", "COMMAND"),
+        ("KEY", "BYTES", "HITS", "EXPIRES IN", "SCOPE", "COMMAND"),
         [
             (
                 entry.cache_key,
                 str(entry.bytes),
                 str(entry.hits),
                 f"{max(0.0, entry.expires_at - now):.0f}s",
+                entry.scope or "-",
                 entry.command,
             )
             for entry in listing.entries
@@ -563,6 +583,7 @@ def show_entry(key: str, as_json: bool, server: str | None, store: str | None) -
         ("hits", str(found.hits)),
         ("stored", f"{max(0.0, now - found.created_at):.0f}s ago"),
         ("expires in", f"{max(0.0, found.expires_at - now):.0f}s"),
+        *((("scope", found.scope),) if found.scope else ()),
     )
     for stream, text in (("stdout", found.result.stdout), ("stderr", found.result.stderr)):
         if text:
@@ -595,12 +616,16 @@ def delete_entry(key: str, server: str | None, store: str | None) -> None:
     metavar="PATTERN",
     help="Delete the entries whose command matches this pattern (*, ?, [abc]).",
 )
+@scope_option("Delete the entries of this scope (with --prefix or --glob: those that match).")
 @client_options
 @store_option
-def invalidate(prefix: str | None, glob: str | None, server: str | None, store: str | None) -> None:
-    """Delete cached results by how their command starts, or by a pattern (admin token)."""
+def invalidate(
+    prefix: str | None, glob: str | None, scope: str | None, server: str | None, store: str | None
+) -> None:
+    """Delete cached results by how their command starts, by a pattern, or by scope
+    (admin token)."""
     with _connect(server, store) as backend:
-        done = backend.invalidate(prefix, glob)
+        done = backend.invalidate(prefix, glob, scope)
     click.echo(f"deleted {done.deleted} {'entry' if done.deleted == 1 else 'entries'}")
 
 

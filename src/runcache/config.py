@@ -254,8 +254,8 @@ class Config:
     policy: str = _setting(
         "",
         "A TOML file of rules matched on the command (its program or a pattern) that set"
-        " ttl, stale, timeout, inputs, cache_exit_codes or cache = false where a request leaves"
-        " them out; the first matching rule applies (empty: none).",
+        " ttl, stale, timeout, inputs, cache_exit_codes, scope or cache = false where a request"
+        " leaves them out; the first matching rule applies (empty: none).",
     )
     max_input_files: int = _setting(
         10_000,

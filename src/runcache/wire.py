@@ -218,6 +218,41 @@ Inputs = Annotated[
 ]
 
 
+#: The longest scope name.
+MAX_SCOPE = 64
+
+#: A scope's name: what a key, a Redis key and a log line can hold as it is.
+SCOPE_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_SCOPE - 1}}}$"
+
+#: What a scope may be, in the words of every message that refuses one.
+SCOPE_RULE = (
+    f"scope must be 1 to {MAX_SCOPE} letters, digits, '.', '_' or '-', "
+    "starting with a letter or digit"
+)
+
+
+def _scope(description: str) -> Meta:
+    """A scope's name, with the messages that refuse another."""
+    return Meta(
+        pattern=SCOPE_PATTERN,
+        max_length=MAX_SCOPE,
+        description=description,
+        extra={"type": "scope must be a string", "constraint": SCOPE_RULE},
+    )
+
+
+Scope = Annotated[
+    str,
+    _scope(
+        "A namespace of its own in the cache (a team, a project): results of one scope "
+        "never answer another's or an unscoped request, and a scope's entries are listed "
+        "and invalidated as one. Part of the cache key. "
+        + SCOPE_RULE.removeprefix("scope must be ").capitalize()
+        + "."
+    ),
+]
+
+
 class Request(Struct, frozen=True, forbid_unknown_fields=True):
     """A request's shape. A field it does not know is refused, naming the closest one it
     knows: ``{"timeot": 5}`` must not run with the default timeout, unnoticed."""
@@ -238,6 +273,7 @@ class RunRequest(Request, frozen=True):
     cache_exit_codes: CacheExitCodes | None = None
     inputs: Inputs | None = None
     pass_env: PassEnv | None = None
+    scope: Scope | None = None
 
 
 class CommandRequest(RunRequest, frozen=True):
@@ -374,6 +410,7 @@ class PolicyRule(Request, frozen=True, kw_only=True):
     timeout: Timeout | None = None
     inputs: Inputs | None = None
     cache_exit_codes: CacheExitCodes | None = None
+    scope: Scope | None = None
     cache: Annotated[bool, Meta(extra={"type": "cache must be true or false"})] = True
 
 
@@ -860,6 +897,8 @@ class CacheEntry(Struct, frozen=True, kw_only=True):
     expires_at: _EpochSeconds
     hits: _Count
     return_code: int
+    #: The scope of the request that stored it; null for none.
+    scope: Scope | None = None
 
 
 class CacheEntryList(Struct, frozen=True, kw_only=True):
@@ -896,7 +935,8 @@ MAX_GLOB = 1024
 
 
 class InvalidateRequest(Request, frozen=True):
-    """The body of ``POST /api/cache/invalidate``: exactly one of ``prefix`` and ``glob``."""
+    """The body of ``POST /api/cache/invalidate``: at most one of ``prefix`` and ``glob``,
+    and ``scope``, or both (a conjunction: the scope's entries whose command matches)."""
 
     prefix: (
         Annotated[str, _not_empty("prefix", "Delete the entries whose command starts with this.")]
@@ -919,11 +959,24 @@ class InvalidateRequest(Request, frozen=True):
         ]
         | UnsetType
     ) = UNSET
+    scope: (
+        Annotated[
+            str,
+            _scope(
+                "Delete the entries of this scope (with prefix or glob: those of "
+                "them whose command matches)."
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
 
 
 #: What the JSON Schema of a shape states beyond its fields.
 _SCHEMA_EXTRAS: dict[str, dict[str, Any]] = {
-    "InvalidateRequest": {"oneOf": [{"required": ["prefix"]}, {"required": ["glob"]}]},
+    "InvalidateRequest": {
+        "anyOf": [{"required": ["prefix"]}, {"required": ["glob"]}, {"required": ["scope"]}],
+        "not": {"required": ["prefix", "glob"]},
+    },
     **dict.fromkeys(
         ("RunRequest", "CommandRequest", "ExecuteRequest"),
         {
@@ -936,7 +989,7 @@ _SCHEMA_EXTRAS: dict[str, dict[str, Any]] = {
     ),
 }
 
-INVALIDATE_ONE = 'give exactly one of "prefix" and "glob"'
+INVALIDATE_ONE = 'give one of "prefix" and "glob", a "scope", or a scope and one of them'
 
 
 def decode_invalidate_request(body: bytes) -> InvalidateRequest:
@@ -944,7 +997,8 @@ def decode_invalidate_request(body: bytes) -> InvalidateRequest:
     if not body.strip():
         raise BadRequest(f"the body must be a JSON object: {INVALIDATE_ONE}")
     request = decode_request(InvalidateRequest, body)
-    if (request.prefix is UNSET) == (request.glob is UNSET):
+    commands = (request.prefix is not UNSET) + (request.glob is not UNSET)
+    if commands > 1 or (commands == 0 and request.scope is UNSET):
         raise BadRequest(INVALIDATE_ONE)
     return request
 
@@ -1011,6 +1065,7 @@ class EntryListQuery(Request, frozen=True):
     """A page of the cache's entries: the query of ``GET /api/cache/entries``."""
 
     prefix: Annotated[str, Meta(description="Only entries whose command starts with this.")] = ""
+    scope: Annotated[str, _scope("Only entries of this scope.")] | None = None
     offset: Annotated[int, _whole("offset", 0, MAX_OFFSET, "Entries to skip.")] = 0
     limit: Annotated[int, _whole("limit", 1, MAX_LIST, "Most entries to list.")] = DEFAULT_LIST
 

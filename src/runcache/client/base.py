@@ -90,9 +90,10 @@ class BaseClient(ABC):
 
     @abstractmethod
     def entries(
-        self, prefix: str = "", offset: int = 0, limit: int | None = None
+        self, prefix: str = "", offset: int = 0, limit: int | None = None, scope: str | None = None
     ) -> wire.CacheEntryList:
-        """Live entries whose command starts with ``prefix``, newest first."""
+        """Live entries whose command starts with ``prefix`` (of ``scope`` alone, given
+        one), newest first."""
 
     @abstractmethod
     def entry(self, key: str) -> wire.CacheEntryDetail:
@@ -113,10 +114,12 @@ class BaseClient(ABC):
             offset = page.next_offset
         return unique_prefix(given, keys, "cache entry")
 
-    def invalidate(self, prefix: str | None = None, glob: str | None = None) -> wire.Deleted:
-        """Delete the entries whose command starts with ``prefix`` or matches ``glob``
-        (the admin token's, when there is one)."""
-        return self._invalidate(invalidate_request(prefix, glob))
+    def invalidate(
+        self, prefix: str | None = None, glob: str | None = None, scope: str | None = None
+    ) -> wire.Deleted:
+        """Delete the entries whose command starts with ``prefix`` or matches ``glob``, of
+        ``scope`` alone when given (the admin token's, when there is one)."""
+        return self._invalidate(invalidate_request(prefix, glob, scope))
 
     @abstractmethod
     def _invalidate(self, request: wire.InvalidateRequest) -> wire.Deleted: ...
@@ -197,9 +200,10 @@ def run_request(request: wire.RunRequest | str, background: bool = False) -> wir
     return wire.decode_command_request(orjson.dumps(payload))
 
 
-def invalidate_request(prefix: str | None, glob: str | None) -> wire.InvalidateRequest:
+def invalidate_request(
+    prefix: str | None, glob: str | None, scope: str | None = None
+) -> wire.InvalidateRequest:
     """A ``POST /api/cache/invalidate`` body, checked as the server checks it."""
-    payload = {
-        name: value for name, value in (("prefix", prefix), ("glob", glob)) if value is not None
-    }
+    given = (("prefix", prefix), ("glob", glob), ("scope", scope))
+    payload = {name: value for name, value in given if value is not None}
     return wire.decode_invalidate_request(orjson.dumps(payload))

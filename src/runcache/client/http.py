@@ -178,11 +178,13 @@ class Client(BaseClient):
     # -- cache entries ------------------------------------------------------------------
 
     def entries(
-        self, prefix: str = "", offset: int = 0, limit: int | None = None
+        self, prefix: str = "", offset: int = 0, limit: int | None = None, scope: str | None = None
     ) -> wire.CacheEntryList:
         query: dict[str, str | int] = {"prefix": prefix, "offset": offset}
         if limit is not None:
             query["limit"] = limit
+        if scope is not None:
+            query["scope"] = scope
         path = f"/api/cache/entries?{urllib.parse.urlencode(query)}"
         return self._request(wire.CacheEntryList, "GET", path)
 

@@ -117,10 +117,10 @@ class LocalClient(BaseClient):
         return self._portal.call(job_answers.leave, self.engine, job)
 
     def entries(
-        self, prefix: str = "", offset: int = 0, limit: int | None = None
+        self, prefix: str = "", offset: int = 0, limit: int | None = None, scope: str | None = None
     ) -> wire.CacheEntryList:
         size = entry_answers.DEFAULT_LIST if limit is None else limit
-        return self._portal.call(entry_answers.listing, self.engine, prefix, offset, size)
+        return self._portal.call(entry_answers.listing, self.engine, prefix, offset, size, scope)
 
     def entry(self, key: str) -> wire.CacheEntryDetail:
         return self._portal.call(entry_answers.detail, self.engine, key)

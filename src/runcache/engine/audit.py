@@ -118,6 +118,7 @@ class RemovalRecord(AuditRecord, kw_only=True):
     cache_key: str | UnsetType = UNSET
     prefix: str | UnsetType = UNSET
     glob: str | UnsetType = UNSET
+    scope: str | UnsetType = UNSET
 
 
 _encoder = msgspec.json.Encoder()
@@ -279,7 +280,7 @@ class AuditLog:
 
     def removed(self, caller: Caller, action: str, deleted: int | None, **what: str) -> None:
         """A ``clear``, a ``delete`` (``cache_key=``) or an ``invalidate`` (``prefix=`` or
-        ``glob=``)."""
+        ``glob=``, and ``scope=``)."""
         if self._fd >= 0:
             self._add(
                 _fields(

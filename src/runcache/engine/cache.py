@@ -110,12 +110,13 @@ class Cache:
         epoch: int | None,
         command: str = "",
         return_code: int = 0,
+        scope: str = "",
     ) -> bool:
         """Store a result unless the store is down or was cleared since ``epoch`` was read."""
         if epoch is None:
             return False
         return await self._attempt(
-            False, lambda: self.store.put(key, value, ttl, epoch, command, return_code)
+            False, lambda: self.store.put(key, value, ttl, epoch, command, return_code, scope)
         )
 
     async def epoch(self) -> int | None:
@@ -135,8 +136,10 @@ class Cache:
 
     # What operators do to entries: each raises StoreError while the store is down.
 
-    async def entries(self, prefix: str, offset: int, limit: int) -> list[EntryInfo]:
-        return await self._insist(lambda: self.store.entries(prefix, offset, limit))
+    async def entries(
+        self, prefix: str, offset: int, limit: int, scope: str | None = None
+    ) -> list[EntryInfo]:
+        return await self._insist(lambda: self.store.entries(prefix, offset, limit, scope))
 
     async def entry(self, key: str) -> tuple[EntryInfo, bytes] | None:
         return await self._insist(lambda: self.store.entry(key))
@@ -144,13 +147,13 @@ class Cache:
     async def delete(self, key: str) -> bool:
         return await self._insist(lambda: self.store.delete(key))
 
-    async def delete_matching(self, match: CommandMatch) -> int:
-        """Delete what ``match`` accepts, in a thread on every store (the memory store's
-        other calls run on the loop): the request sets its cost, a pattern tested
-        against every command in the cache."""
+    async def delete_matching(self, match: CommandMatch, scope: str | None = None) -> int:
+        """Delete what ``match`` accepts (of ``scope`` alone, given one), in a thread on
+        every store (the memory store's other calls run on the loop): the request sets
+        its cost, a pattern tested against every command in the cache."""
         if self._threads is None:
-            return await asyncio.to_thread(self.store.delete_matching, match)
-        return await self._insist(lambda: self.store.delete_matching(match))
+            return await asyncio.to_thread(self.store.delete_matching, match, scope)
+        return await self._insist(lambda: self.store.delete_matching(match, scope))
 
     async def _call(self, operation: Callable[[], T]) -> T:
         """``operation()``: here when the store answers from memory, else in a thread.

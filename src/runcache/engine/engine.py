@@ -93,6 +93,8 @@ class Plan:
     inputs: tuple[str, ...] = ()
     #: What those inputs were when the key was made (None without inputs).
     snapshot: Snapshot | None = None
+    #: The namespace of the cache the result belongs to ("" for none: the shared one).
+    scope: str = ""
 
     def keeps(self, result: RunResult) -> bool:
         """Whether ``result`` is an answer to store: an exit code the request counts as
@@ -371,7 +373,7 @@ class Engine:
         return Plan(
             command=request.command,
             argv=self.argv(request.command),
-            key=self.cache_key(request.command, context, codes),
+            key=self.cache_key(request.command, context, codes, request.scope or ""),
             timeout=self._bounded(
                 request.timeout, "timeout", self.config.default_timeout, self.config.max_timeout
             ),
@@ -384,6 +386,7 @@ class Engine:
             ),
             cache_exit_codes=codes,
             inputs=tuple(request.inputs or ()),
+            scope=request.scope or "",
         )
 
     async def _lookup(self, plan: Plan, caller: Caller) -> Outcome | None:
@@ -516,13 +519,17 @@ class Engine:
         command: str,
         context: RunContext = NO_CONTEXT,
         cache_exit_codes: frozenset[int] = DEFAULT_EXIT_CODES,
+        scope: str = "",
     ) -> str:
         """The key of a command's result: the command, its run context, the exit codes
         that are answers (when not the default: a request that counts only 0 as an answer
-        must not be answered with another's exit 1), and everything else that changes it."""
+        must not be answered with another's exit 1), its scope (when it has one: no scope
+        keeps the keys of caches made before scopes), and everything else that changes it."""
         text = self._key_prefix + command.encode() + key_part(context)
         if cache_exit_codes != DEFAULT_EXIT_CODES:
             text += b"\0exit:" + ",".join(map(str, sorted(cache_exit_codes))).encode()
+        if scope:
+            text += b"\0scope:" + scope.encode()
         return hashlib.sha256(text).hexdigest()
 
     def _key_context(self) -> bytes:
@@ -558,7 +565,13 @@ class Engine:
                 result, body, facts = await self._execute(plan, client, job.control)
                 if plan.keeps(result) and not await self._inputs_changed(plan):
                     await self.cache.put(
-                        plan.key, body, plan.ttl, epoch, plan.command, result.return_code
+                        plan.key,
+                        body,
+                        plan.ttl,
+                        epoch,
+                        plan.command,
+                        result.return_code,
+                        plan.scope,
                     )
                 job.finish(body, result, facts=facts)
                 return body

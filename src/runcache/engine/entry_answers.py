@@ -21,7 +21,7 @@ from runcache import wire
 from runcache.engine.engine import Engine
 from runcache.engine.job_answers import as_page, read_final
 from runcache.errors import NotFound
-from runcache.stores.base import CommandMatch, EntryInfo
+from runcache.stores.base import CommandMatch, EntryInfo, any_command
 
 log = logging.getLogger("runcache")
 
@@ -39,13 +39,17 @@ def _entry_fields(info: EntryInfo) -> dict[str, Any]:
         "expires_at": round(info.expires_at, 6),
         "hits": info.hits,
         "return_code": info.return_code,
+        "scope": info.scope or None,
     }
 
 
-async def listing(engine: Engine, prefix: str, offset: int, limit: int) -> wire.CacheEntryList:
-    """``GET /api/cache/entries``: live entries whose command starts with ``prefix``,
-    newest first, ``limit`` of them from ``offset``."""
-    found = await engine.cache.entries(prefix, offset, limit + 1)  # one more: is there a next?
+async def listing(
+    engine: Engine, prefix: str, offset: int, limit: int, scope: str | None = None
+) -> wire.CacheEntryList:
+    """``GET /api/cache/entries``: live entries whose command starts with ``prefix`` (of
+    ``scope`` alone, given one), newest first, ``limit`` of them from ``offset``."""
+    # One more than asked: is there a next page?
+    found = await engine.cache.entries(prefix, offset, limit + 1, scope)
     return wire.CacheEntryList(
         entries=[wire.CacheEntry(**_entry_fields(info)) for info in found[:limit]],
         next_offset=offset + limit if len(found) > limit else None,
@@ -93,11 +97,13 @@ async def delete(engine: Engine, key: str, client: str = "-") -> wire.Deleted:
 
 def command_match(request: wire.InvalidateRequest) -> CommandMatch:
     """The test of a command that an invalidation asks for: a prefix, or a shell-style
-    pattern the whole command must match (``*`` matches ``/`` and spaces too)."""
+    pattern the whole command must match (``*`` matches ``/`` and spaces too); every
+    command when it names only a scope."""
     if isinstance(request.prefix, str):
         prefix = request.prefix
         return lambda command: command.startswith(prefix)
-    assert isinstance(request.glob, str)
+    if not isinstance(request.glob, str):
+        return any_command
     pattern = re.compile(fnmatch.translate(request.glob))
     return lambda command: pattern.match(command) is not None
 
@@ -105,12 +111,20 @@ def command_match(request: wire.InvalidateRequest) -> CommandMatch:
 async def invalidate(
     engine: Engine, request: wire.InvalidateRequest, client: str = "-"
 ) -> wire.Deleted:
-    """``POST /api/cache/invalidate``: delete every live entry whose command matches."""
-    deleted = await engine.cache.delete_matching(command_match(request))
-    how = (
-        f"prefix {request.prefix!r}"
-        if isinstance(request.prefix, str)
-        else f"glob {request.glob!r}"
-    )
+    """``POST /api/cache/invalidate``: delete every live entry whose command matches (of
+    the request's scope alone, when it names one)."""
+    scope = request.scope if isinstance(request.scope, str) else None
+    deleted = await engine.cache.delete_matching(command_match(request), scope)
+    how = " and ".join(f"{name} {value!r}" for name, value in invalidated_by(request).items())
     log.info("%s invalidated %d cache entries by %s", client, deleted, how)
     return wire.Deleted(deleted=deleted)
+
+
+def invalidated_by(request: wire.InvalidateRequest) -> dict[str, str]:
+    """What an invalidation names (``prefix``, ``glob``, ``scope``), for its log and audit
+    lines."""
+    return {
+        name: value
+        for name in ("prefix", "glob", "scope")
+        if isinstance(value := getattr(request, name), str)
+    }

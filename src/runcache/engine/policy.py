@@ -19,7 +19,7 @@ repository, that ``pytest`` results hold until the code changes, or that
     cache = false
 
 The first rule that matches applies: it sets ``ttl``, ``stale``, ``timeout``,
-``inputs`` and ``cache_exit_codes`` where the request leaves them out (a
+``inputs``, ``cache_exit_codes`` and ``scope`` where the request leaves them out (a
 request's own value wins, within the server's bounds as ever), and ``cache =
 false`` makes every run of the command run and store nothing. A file that is not
 such rules is refused at start with one line naming the rule
@@ -87,7 +87,7 @@ def _applied(rule: wire.PolicyRule, request: wire.RunRequest) -> wire.RunRequest
     """``request`` with ``rule``'s values where it left them out."""
     fields: dict[str, object] = {
         name: value
-        for name in ("ttl", "stale", "timeout", "inputs", "cache_exit_codes")
+        for name in ("ttl", "stale", "timeout", "inputs", "cache_exit_codes", "scope")
         if getattr(request, name) is None and (value := getattr(rule, name)) is not None
     }
     if not rule.cache:

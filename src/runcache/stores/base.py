@@ -88,10 +88,18 @@ class EntryInfo:
     #: Hits this entry served since it was stored.
     hits: int
     return_code: int
+    #: The scope of the request that stored it ("" for none, and for an entry stored
+    #: by a runcache older than scopes).
+    scope: str = ""
 
 
 #: A test of an entry's command, for :meth:`Store.delete_matching`.
 CommandMatch = Callable[[str], bool]
+
+
+def any_command(command: str) -> bool:
+    """The :data:`CommandMatch` of an invalidation that names no command, only a scope."""
+    return True
 
 
 class Store(Protocol):
@@ -141,12 +149,14 @@ class Store(Protocol):
         epoch: int,
         command: str = "",
         return_code: int = 0,
+        scope: str = "",
     ) -> bool:
         """Store ``value`` for ``ttl`` seconds, evicting least recently used entries to fit.
 
-        ``command`` and ``return_code`` are kept beside it for :meth:`entries`; the
-        entry's hit count starts at 0. Returns False, storing nothing, when
-        ``epoch`` is no longer current or the value alone is larger than the byte bound.
+        ``command``, ``return_code`` and ``scope`` are kept beside it for :meth:`entries`
+        and :meth:`delete_matching`; the entry's hit count starts at 0. Returns False,
+        storing nothing, when ``epoch`` is no longer current or the value alone is larger
+        than the byte bound.
         """
         ...
 
@@ -177,9 +187,12 @@ class Store(Protocol):
         """
         ...
 
-    def entries(self, prefix: str, offset: int, limit: int) -> list[EntryInfo]:
-        """Live entries whose command starts with ``prefix``, newest first: ``limit`` of
-        them after skipping ``offset``. Counts nothing and reorders nothing."""
+    def entries(
+        self, prefix: str, offset: int, limit: int, scope: str | None = None
+    ) -> list[EntryInfo]:
+        """Live entries whose command starts with ``prefix`` (and, given a ``scope``, of
+        that scope alone), newest first: ``limit`` of them after skipping ``offset``.
+        Counts nothing and reorders nothing."""
         ...
 
     def entry(self, key: str) -> tuple[EntryInfo, bytes] | None:
@@ -190,8 +203,10 @@ class Store(Protocol):
         """Remove a live entry; whether there was one. Counts no eviction or expiration."""
         ...
 
-    def delete_matching(self, match: CommandMatch) -> int:
-        """Remove every live entry whose command ``match`` accepts; how many it removed.
+    def delete_matching(self, match: CommandMatch, scope: str | None = None) -> int:
+        """Remove every live entry whose command ``match`` accepts (and, given a ``scope``,
+        of that scope alone); how many it removed. A scope's entries are found by the
+        scope, not by testing every entry of the store.
 
         A shared store may do this in batches, so entries stored meanwhile may or
         may not be tested; each batch keeps the counts consistent.

@@ -13,7 +13,16 @@ from runcache.stores.base import CacheStats, CommandMatch, EntryInfo, answers, i
 class _Entry:
     """A key's value, the clock reading after which it is expired, and what lists it."""
 
-    __slots__ = ("value", "expires_at", "command", "created_at", "return_code", "hits", "order")
+    __slots__ = (
+        "value",
+        "expires_at",
+        "command",
+        "created_at",
+        "return_code",
+        "hits",
+        "order",
+        "scope",
+    )
 
     def __init__(
         self,
@@ -23,6 +32,7 @@ class _Entry:
         created_at: float,
         return_code: int,
         order: int,
+        scope: str,
     ) -> None:
         self.value = value
         self.expires_at = expires_at
@@ -32,6 +42,7 @@ class _Entry:
         self.hits = 0
         #: Puts before this one since the store was made: newest first sorts on it.
         self.order = order
+        self.scope = scope
 
 
 #: The token :meth:`MemoryStore.acquire` grants: there is no lock to hold.
@@ -114,6 +125,7 @@ class MemoryStore:
         epoch: int,
         command: str = "",
         return_code: int = 0,
+        scope: str = "",
     ) -> bool:
         size = len(value)
         with self._lock:
@@ -125,7 +137,9 @@ class MemoryStore:
                 self._bytes -= len(old.value)
                 self._expirations += old.expires_at <= now  # a retained one, replaced
             self._puts += 1
-            self._entries[key] = _Entry(value, now + ttl, command, now, return_code, self._puts)
+            self._entries[key] = _Entry(
+                value, now + ttl, command, now, return_code, self._puts, scope
+            )
             self._bytes += size
             self._shrink_to_bounds()
             return True
@@ -156,13 +170,17 @@ class MemoryStore:
                 return None
             return entry.value
 
-    def entries(self, prefix: str, offset: int, limit: int) -> list[EntryInfo]:
+    def entries(
+        self, prefix: str, offset: int, limit: int, scope: str | None = None
+    ) -> list[EntryInfo]:
         with self._lock:
             now = self._clock()
             found = [
                 (key, entry)
                 for key, entry in self._entries.items()
-                if entry.expires_at > now and entry.command.startswith(prefix)
+                if entry.expires_at > now
+                and entry.command.startswith(prefix)
+                and scope in (None, entry.scope)
             ]
             found.sort(key=lambda item: item[1].order, reverse=True)
             return [self._info(key, entry) for key, entry in found[offset : offset + limit]]
@@ -186,6 +204,7 @@ class MemoryStore:
             expires_at=entry.expires_at + to_wall,
             hits=entry.hits,
             return_code=entry.return_code,
+            scope=entry.scope,
         )
 
     def delete(self, key: str) -> bool:
@@ -196,14 +215,18 @@ class MemoryStore:
             self._remove(key, entry)
             return True
 
-    def delete_matching(self, match: CommandMatch) -> int:
+    def delete_matching(self, match: CommandMatch, scope: str | None = None) -> int:
         """The commands are tested outside the lock, which the event loop's lookups take:
         the lock is held to copy the entries, then to remove those that matched and
         are still the same entries (one replaced meanwhile stays)."""
         with self._lock:
             now = self._clock()
             live = [(key, entry) for key, entry in self._entries.items() if entry.expires_at > now]
-        doomed = [(key, entry) for key, entry in live if match(entry.command)]
+        doomed = [
+            (key, entry)
+            for key, entry in live
+            if scope in (None, entry.scope) and match(entry.command)
+        ]
         with self._lock:
             gone = [(key, entry) for key, entry in doomed if self._entries.get(key) is entry]
             for key, entry in gone:

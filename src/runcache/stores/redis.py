@@ -23,12 +23,18 @@ Keys of a namespace (all in one hash slot, thanks to the ``{namespace}`` tag):
 - ``<base>info``: hash of each key's command, creation time and exit code (JSON);
 - ``<base>created``: sorted set of keys by the order they were stored in;
 - ``<base>counts``: hash of the counts, the byte total, the use counter and the epoch;
+- ``<base>scopes``: hash of each scoped entry's scope (an unscoped one has none);
+- ``<base>scopes:<scope>``: set of the keys of one scope's entries, so that a
+  scope is listed and invalidated without walking every entry;
+- ``<base>scope-names``: set of the scopes stored since the last clear, whose sets the
+  next clear unlinks (a scope whose last entry went keeps its name here, not its set);
 - ``<base>lock:<key>``: the cross-instance single-flight lock;
 - ``<base>cleared``: set of the names of LRU sets that clears took out of use and
   whose entries are still being deleted, ``<base>cleared:<token>`` each.
 
 An entry stored by a runcache older than ``info`` is served and counted as any
 other, but is listed by neither :meth:`RedisStore.entries` nor an invalidation.
+An entry stored before scopes has no scope, as an unscoped one has.
 
 Expiry follows the store's clock (the wall clock unless a test passes another),
 checked by the scripts; the native expiry comes a grace period later, so it only
@@ -43,7 +49,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, TypeAlias
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -101,6 +107,8 @@ class _EntryKeys(NamedTuple):
     hits_key: str
     info_key: str
     created_key: str
+    scopes_key: str
+    scope_names_key: str
 
 
 class _IndexKeys(NamedTuple):
@@ -113,6 +121,8 @@ class _IndexKeys(NamedTuple):
     hits_key: str
     info_key: str
     created_key: str
+    scopes_key: str
+    scope_names_key: str
 
 
 class _ClearKeys(NamedTuple):
@@ -125,6 +135,8 @@ class _ClearKeys(NamedTuple):
     hits_key: str
     info_key: str
     created_key: str
+    scopes_key: str
+    scope_names_key: str
     cleared_key: str
     #: The name the LRU set takes while its entries are deleted.
     trash_key: str
@@ -177,8 +189,10 @@ class _PutArgs(NamedTuple):
     max_entries: int
     max_bytes: int
     entry_prefix: str
-    #: The entry's command, creation time and exit code, as JSON.
+    #: The entry's command, creation time and exit code (and scope, if any), as JSON.
     info: bytes
+    #: The entry's scope; "" for none.
+    scope: str
 
 
 class _StatsArgs(NamedTuple):
@@ -188,7 +202,21 @@ class _StatsArgs(NamedTuple):
     entry_prefix: str
 
 
-_GET = """
+#: Forgetting a member's scope when its entry goes; a fragment of the scripts that remove
+#: entries, after they name ``scopes_key``. A scope's set is ``scopes_key .. ':' .. scope``,
+#: in the namespace's hash slot as every key here.
+_FORGET_SCOPE = """
+local function forget_scope(member)
+  local scope = redis.call('HGET', scopes_key, member)
+  if scope then
+    redis.call('SREM', scopes_key .. ':' .. scope, member)
+    redis.call('HDEL', scopes_key, member)
+  end
+end
+"""
+
+_GET = (
+    """
 local entry_key = KEYS[1]      -- the entry's bytes
 local lru_key = KEYS[2]        -- sorted set of keys by last use
 local expiry_key = KEYS[3]     -- sorted set of keys by expiry time
@@ -197,10 +225,15 @@ local counts_key = KEYS[5]     -- hash of the counts, byte total, use counter an
 local hits_key = KEYS[6]       -- hash of each key's hits
 local info_key = KEYS[7]       -- hash of each key's command, creation time and exit code
 local created_key = KEYS[8]    -- sorted set of keys by the order they were stored in
+local scopes_key = KEYS[9]     -- hash of each scoped key's scope
+local scope_names_key = KEYS[10]  -- set of the scopes that have a set of keys (unused here)
 local member = ARGV[1]         -- the cache key, as a member of the sets and the hashes above
 local now = tonumber(ARGV[2])  -- the store's clock
 local stale = tonumber(ARGV[3])  -- seconds past expiry the reader accepts; 0: none
 local retain = tonumber(ARGV[4])  -- seconds past expiry an entry is kept for such readers
+"""
+    + _FORGET_SCOPE
+    + """
 local value = redis.call('GET', entry_key)
 local expires_at = tonumber(redis.call('ZSCORE', expiry_key, member))
 -- The rule of an answer (runcache.stores.base.answers), in the script's transaction:
@@ -235,14 +268,17 @@ if size then
   redis.call('HDEL', sizes_key, member)
   redis.call('HDEL', hits_key, member)
   redis.call('HDEL', info_key, member)
+  forget_scope(member)
   redis.call('HINCRBY', counts_key, 'bytes', -tonumber(size))
   redis.call('HINCRBY', counts_key, 'expirations', 1)
 end
 redis.call('HINCRBY', counts_key, 'misses', 1)
 return false
 """
+)
 
-_PUT = """
+_PUT = (
+    """
 local entry_key = KEYS[1]              -- the entry's bytes
 local lru_key = KEYS[2]                -- sorted set of keys by last use
 local expiry_key = KEYS[3]             -- sorted set of keys by expiry time
@@ -251,6 +287,8 @@ local counts_key = KEYS[5]             -- hash of the counts, byte total, use co
 local hits_key = KEYS[6]               -- hash of each key's hits
 local info_key = KEYS[7]               -- hash of each key's command, creation time and exit code
 local created_key = KEYS[8]            -- sorted set of keys by the order they were stored in
+local scopes_key = KEYS[9]             -- hash of each scoped key's scope
+local scope_names_key = KEYS[10]       -- set of the scopes that have a set of keys
 local member = ARGV[1]                 -- the cache key, as a member of the sets and the hashes
 local value = ARGV[2]                  -- the bytes to store
 local epoch = tonumber(ARGV[3])        -- the epoch the caller read before running
@@ -261,6 +299,10 @@ local max_entries = tonumber(ARGV[7])  -- the entry bound
 local max_bytes = tonumber(ARGV[8])    -- the byte bound
 local entry_prefix = ARGV[9]           -- entry_prefix .. member is a member's entry key
 local info = ARGV[10]                  -- the entry's command, creation time and exit code
+local scope = ARGV[11]                 -- the entry's scope; empty for none
+"""
+    + _FORGET_SCOPE
+    + """
 if tonumber(redis.call('HGET', counts_key, 'epoch') or '0') ~= epoch then
   return 0
 end
@@ -284,6 +326,12 @@ redis.call('ZADD', lru_key, used, member)
 redis.call('ZADD', created_key, used, member)
 redis.call('HSET', info_key, member, info)
 redis.call('HDEL', hits_key, member)
+forget_scope(member)
+if scope ~= '' then
+  redis.call('HSET', scopes_key, member, scope)
+  redis.call('SADD', scopes_key .. ':' .. scope, member)
+  redis.call('SADD', scope_names_key, scope)
+end
 local total = redis.call('HINCRBY', counts_key, 'bytes', size)
 local count = redis.call('ZCARD', lru_key)
 while count > max_entries or total > max_bytes do
@@ -300,6 +348,7 @@ while count > max_entries or total > max_bytes do
   redis.call('HDEL', sizes_key, victim)
   redis.call('HDEL', hits_key, victim)
   redis.call('HDEL', info_key, victim)
+  forget_scope(victim)
   total = redis.call('HINCRBY', counts_key, 'bytes', -victim_size)
   if alive and victim_expires_at and victim_expires_at > now then
     redis.call('HINCRBY', counts_key, 'evictions', 1)
@@ -310,6 +359,7 @@ while count > max_entries or total > max_bytes do
 end
 return 1
 """
+)
 
 _PEEK = """
 local entry_key = KEYS[1]      -- the entry's bytes
@@ -335,7 +385,8 @@ counts[8] = redis.call('HGET', counts_key, 'stale_hits')
 """
 
 #: The index keys, as ``_IndexKeys`` passes them; a fragment of the scripts that take them.
-_INDEX_KEYS = """
+_INDEX_KEYS = (
+    """
 local lru_key = KEYS[1]       -- sorted set of keys by last use
 local expiry_key = KEYS[2]    -- sorted set of keys by expiry time
 local sizes_key = KEYS[3]     -- hash of each key's size in bytes
@@ -343,7 +394,11 @@ local counts_key = KEYS[4]    -- hash of the counts, byte total, use counter and
 local hits_key = KEYS[5]      -- hash of each key's hits
 local info_key = KEYS[6]      -- hash of each key's command, creation time and exit code
 local created_key = KEYS[7]   -- sorted set of keys by the order they were stored in
+local scopes_key = KEYS[8]    -- hash of each scoped key's scope
+local scope_names_key = KEYS[9]  -- set of the scopes that have a set of keys
 """
+    + _FORGET_SCOPE
+)
 
 _STATS = (
     _INDEX_KEYS
@@ -361,6 +416,7 @@ if #expired > 0 then
     redis.call('HDEL', sizes_key, member)
     redis.call('HDEL', hits_key, member)
     redis.call('HDEL', info_key, member)
+    forget_scope(member)
   end
   redis.call('ZREMRANGEBYSCORE', expiry_key, '-inf', now)
   redis.call('HINCRBY', counts_key, 'bytes', -freed)
@@ -379,8 +435,8 @@ return counts
 _CLEAR = (
     _INDEX_KEYS
     + """
-local cleared_key = KEYS[8]   -- set of the renamed LRU sets still to drain
-local trash_key = KEYS[9]     -- the name the LRU set takes until it is drained
+local cleared_key = KEYS[10]  -- set of the renamed LRU sets still to drain
+local trash_key = KEYS[11]    -- the name the LRU set takes until it is drained
 """
     + _COUNTS
     + """
@@ -388,7 +444,11 @@ if redis.call('EXISTS', lru_key) == 1 then
   redis.call('RENAME', lru_key, trash_key)
   redis.call('SADD', cleared_key, trash_key)
 end
-redis.call('UNLINK', expiry_key, sizes_key, hits_key, info_key, created_key)
+for _, scope in ipairs(redis.call('SMEMBERS', scope_names_key)) do
+  redis.call('UNLINK', scopes_key .. ':' .. scope)
+end
+redis.call('UNLINK', expiry_key, sizes_key, hits_key, info_key, created_key, scopes_key,
+           scope_names_key)
 local epoch = tonumber(redis.call('HGET', counts_key, 'epoch') or '0') + 1
 redis.call('DEL', counts_key)
 redis.call('HSET', counts_key, 'epoch', epoch)
@@ -437,6 +497,7 @@ for i = 3, #members do
     redis.call('HDEL', sizes_key, member)
     redis.call('HDEL', hits_key, member)
     redis.call('HDEL', info_key, member)
+    forget_scope(member)
     deleted = deleted + 1
     freed = freed + tonumber(size)
   end
@@ -601,6 +662,8 @@ class RedisStore:
         self.info_key = base + "info"
         self.created_key = base + "created"
         self.cleared_key = base + "cleared"
+        self.scopes_key = base + "scopes"
+        self.scope_names_key = base + "scope-names"
         self._index_keys = _IndexKeys(
             lru_key=self.lru_key,
             expiry_key=self.expiry_key,
@@ -609,6 +672,8 @@ class RedisStore:
             hits_key=self.hits_key,
             info_key=self.info_key,
             created_key=self.created_key,
+            scopes_key=self.scopes_key,
+            scope_names_key=self.scope_names_key,
         )
 
     @property
@@ -731,6 +796,7 @@ class RedisStore:
         epoch: int,
         command: str = "",
         return_code: int = 0,
+        scope: str = "",
     ) -> bool:
         now = self._clock()
         native_ms = math.ceil((ttl + self.retain + NATIVE_EXPIRY_GRACE) * 1000)
@@ -744,7 +810,8 @@ class RedisStore:
             max_entries=self.max_entries,
             max_bytes=self.max_bytes,
             entry_prefix=self.entry_prefix,
-            info=_encode_info((command, now, return_code)),
+            info=_encode_info((command, now, return_code, *((scope,) if scope else ()))),
+            scope=scope,
         )
         stored = self._run(self._scripts.put, self._entry_keys(key), args)
         return bool(stored == 1)
@@ -808,7 +875,11 @@ class RedisStore:
             while self._run(self._scripts.drain, keys, [self.entry_prefix, BATCH]) == 1:
                 pass
 
-    def entries(self, prefix: str, offset: int, limit: int) -> list[EntryInfo]:
+    def entries(
+        self, prefix: str, offset: int, limit: int, scope: str | None = None
+    ) -> list[EntryInfo]:
+        if scope:
+            return self._scope_entries(scope, prefix, offset, limit)
         # Newest first, a batch of the creation order at a time; each batch is read
         # in one MULTI, so an entry's fields agree with each other.
         now = self._clock()
@@ -820,9 +891,51 @@ class RedisStore:
                 break
             start += len(members)
             for info in self._infos([member.decode() for member in members]):
-                if info.expires_at > now and info.command.startswith(prefix):
+                if (
+                    info.expires_at > now
+                    and info.command.startswith(prefix)
+                    and scope in (None, info.scope)
+                ):
                     found.append(info)
         return found[offset : offset + limit]
+
+    def _scope_entries(self, scope: str, prefix: str, offset: int, limit: int) -> list[EntryInfo]:
+        """A scope's entries, newest first: its set's members ordered by when they were
+        stored, read a batch at a time; no entry of another scope is read."""
+        order: list[tuple[float, str]] = []
+        for members in self._scope_batches(scope):
+            stored = self._call(self.client.zmscore, self.created_key, members)
+            order += [
+                (score, member)
+                for member, score in zip(members, stored, strict=True)
+                if score is not None
+            ]
+        order.sort(reverse=True)
+        now = self._clock()
+        found: list[EntryInfo] = []
+        for start in range(0, len(order), BATCH):
+            if len(found) >= offset + limit:
+                break
+            members = [member for _, member in order[start : start + BATCH]]
+            found += [
+                info
+                for info in self._infos(members)
+                if info.expires_at > now and info.command.startswith(prefix)
+            ]
+        return found[offset : offset + limit]
+
+    def _scope_batches(self, scope: str) -> Iterator[list[str]]:
+        """The members of ``scope``'s set, ``BATCH`` at a time (SSCAN: a member may come
+        twice, never not at all)."""
+        cursor = 0
+        while True:
+            cursor, members = self._call(
+                self.client.sscan, f"{self.scopes_key}:{scope}", cursor, count=BATCH
+            )
+            if members:
+                yield sorted({member.decode() for member in members})
+            if cursor == 0:
+                return
 
     def _infos(self, members: list[str]) -> list[EntryInfo]:
         """What the indexes hold of each member; ones no longer held are left out."""
@@ -855,27 +968,36 @@ class RedisStore:
     def delete(self, key: str) -> bool:
         return self._delete_members([key]) == 1
 
-    def delete_matching(self, match: CommandMatch) -> int:
+    def delete_matching(self, match: CommandMatch, scope: str | None = None) -> int:
         """Test and delete the entries a batch at a time: ZSCAN walks the LRU set
         ``BATCH`` members per call (a member is met at least once, maybe twice, and
         deleting one twice deletes it once), their commands are tested here, and
-        one short script deletes those that match."""
+        one short script deletes those that match. Given a scope, SSCAN walks its set
+        instead, so the rest of the cache is not read."""
+        batches = self._scope_batches(scope) if scope else self._lru_batches()
         deleted = 0
+        for members in batches:
+            infos = self._call(self.client.hmget, self.info_key, members)
+            doomed = []
+            for member, info in zip(members, infos, strict=True):
+                if info is None:
+                    continue
+                decoded = _decode_info(info)
+                if scope in (None, decoded.scope) and match(decoded.command):
+                    doomed.append(member)
+            for start in range(0, len(doomed), BATCH):  # SCAN's COUNT is but a hint
+                deleted += self._delete_members(doomed[start : start + BATCH])
+        return deleted
+
+    def _lru_batches(self) -> Iterator[list[str]]:
+        """The members of the LRU set, about ``BATCH`` at a time (ZSCAN)."""
         cursor = 0
         while True:
             cursor, scored = self._call(self.client.zscan, self.lru_key, cursor, count=BATCH)
-            members = [member for member, _ in scored]
-            if members:
-                infos = self._call(self.client.hmget, self.info_key, members)
-                doomed = [
-                    member
-                    for member, info in zip(members, infos, strict=True)
-                    if info is not None and match(_decode_info(info)[0])
-                ]
-                for start in range(0, len(doomed), BATCH):  # ZSCAN's COUNT is but a hint
-                    deleted += self._delete_members(doomed[start : start + BATCH])
+            if scored:
+                yield [member.decode() for member, _ in scored]
             if cursor == 0:
-                return deleted
+                return
 
     def _delete_members(self, members: Sequence[str | bytes]) -> int:
         if not members:
@@ -920,8 +1042,15 @@ class RedisStore:
         return StoreError(f"redis store {self.description}: {error}")
 
 
-#: An entry's ``info``: its command, creation time and exit code.
-_Info = tuple[str, float, int]
+class _Info(msgspec.Struct, array_like=True, frozen=True):
+    """An entry's ``info``: its command, creation time and exit code, and its scope when
+    it has one (written only then, so an unscoped entry's info reads as before scopes)."""
+
+    command: str
+    created_at: float
+    return_code: int
+    scope: str = ""
+
 
 _encode_info = msgspec.json.Encoder().encode
 _decode_info = msgspec.json.Decoder(_Info).decode
@@ -929,15 +1058,16 @@ _decode_info = msgspec.json.Decoder(_Info).decode
 
 def _entry_info(key: str, info: bytes | None, hits: int, size: int, expires_at: float) -> EntryInfo:
     """An entry as listed; one stored by a runcache older than ``info`` has none."""
-    command, created_at, return_code = ("", 0.0, 0) if info is None else _decode_info(info)
+    decoded = _Info("", 0.0, 0) if info is None else _decode_info(info)
     return EntryInfo(
         key=key,
-        command=command,
+        command=decoded.command,
         size=size,
-        created_at=created_at,
+        created_at=decoded.created_at,
         expires_at=expires_at,
         hits=hits,
-        return_code=return_code,
+        return_code=decoded.return_code,
+        scope=decoded.scope,
     )
 
 

@@ -103,12 +103,17 @@ _ADDED_COLUMNS = {
         "created_at": "REAL NOT NULL DEFAULT 0",
         "hits": "INTEGER NOT NULL DEFAULT 0",
         "return_code": "INTEGER NOT NULL DEFAULT 0",
+        "scope": "TEXT NOT NULL DEFAULT ''",
     },
     "counts": {"stale_hits": "INTEGER NOT NULL DEFAULT 0"},
 }
 
+#: Indexes on added columns, made once the columns are: an invalidation by scope reads
+#: that scope's rows, not the whole table.
+_ADDED_INDEXES = "CREATE INDEX IF NOT EXISTS entries_by_scope ON entries (namespace, scope);"
+
 #: What :class:`EntryInfo` is made of, in its order.
-_INFO = "key, command, size, created_at, expires_at, hits, return_code"
+_INFO = "key, command, size, created_at, expires_at, hits, return_code, scope"
 
 #: Seconds a thread's calls go without looking at the file after a look. The look
 #: is two ``stat`` calls, 2.6 µs, against a hit's 40 µs in the store (150 µs over
@@ -239,6 +244,7 @@ class SqliteStore:
         epoch: int,
         command: str = "",
         return_code: int = 0,
+        scope: str = "",
     ) -> bool:
         size = len(value)
         if size > self.max_bytes:
@@ -264,9 +270,19 @@ class SqliteStore:
             )
             added = db.execute(
                 "INSERT INTO entries (namespace, key, size, expires_at, used, command,"
-                " created_at, return_code)"
-                " VALUES (?, ?, ?, ?, (SELECT used FROM counts WHERE namespace = ?), ?, ?, ?)",
-                (self.namespace, key, size, now + ttl, self.namespace, command, now, return_code),
+                " created_at, return_code, scope)"
+                " VALUES (?, ?, ?, ?, (SELECT used FROM counts WHERE namespace = ?), ?, ?, ?, ?)",
+                (
+                    self.namespace,
+                    key,
+                    size,
+                    now + ttl,
+                    self.namespace,
+                    command,
+                    now,
+                    return_code,
+                    scope,
+                ),
             )
             db.execute('INSERT INTO "values" (id, value) VALUES (?, ?)', (added.lastrowid, value))
             self._shrink_to_bounds(db, now)
@@ -312,14 +328,17 @@ class SqliteStore:
             ).fetchone()
         return None if row is None else bytes(row[0])
 
-    def entries(self, prefix: str, offset: int, limit: int) -> list[EntryInfo]:
+    def entries(
+        self, prefix: str, offset: int, limit: int, scope: str | None = None
+    ) -> list[EntryInfo]:
         # Newest first by id: a put inserts its row anew, and SQLite gives a new
         # row the id one above the largest in the table.
         with self._reading() as db:
             rows = db.execute(
                 f"SELECT {_INFO} FROM entries WHERE namespace = ? AND expires_at > ?"
-                " AND substr(command, 1, length(?)) = ? ORDER BY id DESC LIMIT ? OFFSET ?",
-                (self.namespace, self._clock(), prefix, prefix, limit, offset),
+                " AND substr(command, 1, length(?)) = ? AND (? IS NULL OR scope = ?)"
+                " ORDER BY id DESC LIMIT ? OFFSET ?",
+                (self.namespace, self._clock(), prefix, prefix, scope, scope, limit, offset),
             ).fetchall()
         return [EntryInfo(*row) for row in rows]
 
@@ -336,11 +355,13 @@ class SqliteStore:
         with self._transaction() as db:
             return self._delete_where(db, "key = ?", key) == 1
 
-    def delete_matching(self, match: CommandMatch) -> int:
+    def delete_matching(self, match: CommandMatch, scope: str | None = None) -> int:
         # One transaction, as a clear is: the rows are small (values live apart).
         with self._transaction() as db:
             db.create_function("runcache_match", 1, match, deterministic=True)
-            return self._delete_where(db, "runcache_match(command)")
+            if scope is None:
+                return self._delete_where(db, "runcache_match(command)")
+            return self._delete_where(db, "scope = ? AND runcache_match(command)", scope)
 
     def _delete_where(self, db: sqlite3.Connection, condition: str, *args: Any) -> int:
         """Delete the live entries of this namespace that meet ``condition`` (this
@@ -614,6 +635,7 @@ class SqliteStore:
         db.execute("PRAGMA synchronous = NORMAL")
         db.executescript(_SCHEMA)
         _add_columns(db)
+        db.executescript(_ADDED_INDEXES)
         db.execute("INSERT OR IGNORE INTO counts (namespace) VALUES (?)", (self.namespace,))
 
     def _discard(self) -> None:

@@ -26,7 +26,7 @@ def _key(request: Request) -> str:
 async def list_entries(request: Request) -> Response:
     query = wire.decode_query(wire.EntryListQuery, request.query_params)
     answer = await entry_answers.listing(
-        engine_of(request), query.prefix, query.offset, query.limit
+        engine_of(request), query.prefix, query.offset, query.limit, query.scope
     )
     return json_answer(answer)
 
@@ -56,7 +56,7 @@ async def invalidate(request: Request) -> Response:
     engine = engine_of(request)
     body = wire.decode_invalidate_request(await read_body(request, engine.config.max_body_bytes))
     answer = await entry_answers.invalidate(engine, body, client_of(request))
-    how = {"prefix": body.prefix} if isinstance(body.prefix, str) else {"glob": str(body.glob)}
+    how = entry_answers.invalidated_by(body)
     engine.audit.removed(caller_of(request.scope), "invalidate", answer.deleted, **how)
     return json_answer(answer)
 
@@ -110,8 +110,9 @@ OPERATIONS = (
         endpoint=invalidate,
         operation_id="invalidateEntries",
         summary="Delete every live entry whose command starts with `prefix`, or matches the "
-        "shell-style pattern `glob` as a whole (exactly one of them); needs the admin "
-        "token when tokens are on. Statistics are not reset.",
+        "shell-style pattern `glob` as a whole (at most one of them), of the `scope` alone "
+        "when it names one (a scope alone: all of its entries); needs the admin token when "
+        "tokens are on. Statistics are not reset.",
         ok=Answer("How many entries went.", wire.Deleted),
         body=wire.InvalidateRequest,
         errors=("400", "413", "503"),
