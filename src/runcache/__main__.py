@@ -14,9 +14,7 @@ def main() -> None:
     """Answer from the cache if the light path can, else run the full CLI."""
     from runcache.client.cached import answer
 
-    code = answer(sys.argv[1:])
-    if code is not None:
-        sys.exit(code)
+    answer(sys.argv[1:])  # ends the process if it answered
     from runcache.cli import main as full
 
     full()
