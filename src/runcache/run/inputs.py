@@ -46,6 +46,9 @@ FEW_PATHS = 32
 #: A file's stat as the cheap check sees it: size, mtime in ns, inode, device.
 Stat = tuple[int, int, int, int]
 
+#: Snapshots of plain paths kept whole (see Inputs._known): this many (cwd, paths) pairs.
+KNOWN_SNAPSHOTS = 256
+
 
 class NeedsRead(Exception):
     """A snapshot asked for without reading found a file it must read."""
@@ -78,6 +81,11 @@ class Inputs:
         #: last checked, so an unchanged regular file is not resolved and checked again.
         self._seen: dict[str, tuple[Stat, str]] = {}
         self._memo_size = memo_size or 4 * max_files
+        #: Snapshots of a few plain paths, by (cwd, paths), with the lstat of each path
+        #: (as joined to cwd) they were taken on: see :meth:`_known`.
+        self._snapshots: OrderedDict[
+            tuple[str, tuple[str, ...]], tuple[tuple[tuple[str, Stat], ...], Snapshot]
+        ] = OrderedDict()
         self._lock = threading.Lock()
 
     @staticmethod
@@ -93,6 +101,9 @@ class Inputs:
         """The inputs ``patterns`` name at ``cwd`` now; BadRequest says what is wrong.
         ``known_only``: raise :class:`NeedsRead` rather than read a file (the caller, on
         the event loop, then asks again from a thread)."""
+        known = self._known(cwd, patterns)
+        if known is not None:
+            return known
         files = self._files(cwd, patterns)
         budget = [self.max_bytes]
         digest = hashlib.blake2b(digest_size=32)
@@ -101,7 +112,59 @@ class Inputs:
             digest.update(name.encode() + b"\0" + file_digest)
         git = describe_git(cwd) if GIT in patterns else b""
         digest.update(b"\0git\0" + git)
-        return Snapshot(digest.digest(), tuple((path, found) for _, path, found in files), git)
+        snapshot = Snapshot(digest.digest(), tuple((path, found) for _, path, found in files), git)
+        self._remember(cwd, patterns, files, snapshot)
+        return snapshot
+
+    def _known(self, cwd: str, patterns: Sequence[str]) -> Snapshot | None:
+        """The snapshot taken last time of the same plain paths at ``cwd``, if each path's
+        ``lstat`` is the same as then: one ``lstat`` a path and nothing else, where the
+        full pass resolves the directory, checks each pattern, joins and normalizes each
+        path, looks each digest up and combines them again (a hit's inputs, unchanged,
+        cost it three times the ``lstat`` calls). Only remembered for paths that were
+        each a regular file, not a link (:meth:`_remember`), so an unchanged ``lstat``
+        means the same file with the same content, as the digest memo takes it."""
+        with self._lock:
+            found = self._snapshots.get((cwd, tuple(patterns)))
+        if found is None:
+            return None
+        looked, snapshot = found
+        for full, before in looked:
+            try:
+                now = os.lstat(full)
+            except OSError:
+                return None
+            if (now.st_size, now.st_mtime_ns, now.st_ino, now.st_dev) != before:
+                return None
+        return snapshot
+
+    def _remember(
+        self,
+        cwd: str,
+        patterns: Sequence[str],
+        files: list[tuple[str, str, Stat]],
+        snapshot: Snapshot,
+    ) -> None:
+        """Keep ``snapshot`` for :meth:`_known` when ``patterns`` are plain paths, each one
+        a regular file found as named (no glob, no git, no link, none missing, none
+        absolute: then the full pass must look again, since what a pattern names, or
+        whether it is allowed, may change another way)."""
+        if len(files) != len(patterns) or not self.few_paths(patterns):
+            return
+        if any(os.path.isabs(pattern) for pattern in patterns):
+            return
+        looked = []
+        for name, real, file_stat in files:
+            full = os.path.join(cwd, name)
+            seen = self._seen.get(full)
+            if seen is None or seen != (file_stat, real):  # a link, or not seen as a file
+                return
+            looked.append((full, file_stat))
+        with self._lock:
+            self._snapshots[(cwd, tuple(patterns))] = (tuple(looked), snapshot)
+            self._snapshots.move_to_end((cwd, tuple(patterns)))
+            while len(self._snapshots) > KNOWN_SNAPSHOTS:
+                self._snapshots.popitem(last=False)
 
     def changed(self, cwd: str, patterns: Sequence[str], before: Snapshot) -> bool:
         """Whether the inputs differ from ``before`` (a file added, gone or touched, or the
