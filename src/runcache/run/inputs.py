@@ -50,6 +50,12 @@ Stat = tuple[int, int, int, int]
 KNOWN_SNAPSHOTS = 256
 
 
+def _not_plain(pattern: str) -> bool:
+    """Whether ``pattern`` is a glob (what ``glob.has_magic`` finds: ``*``, ``?`` or ``[``,
+    looked for here without its regular expression, on every hit) or ``git:``."""
+    return "*" in pattern or "?" in pattern or "[" in pattern or pattern == GIT
+
+
 class NeedsRead(Exception):
     """A snapshot asked for without reading found a file it must read."""
 
@@ -84,7 +90,7 @@ class Inputs:
         #: Snapshots of a few plain paths, by (cwd, paths), with the lstat of each path
         #: (as joined to cwd) they were taken on: see :meth:`_known`.
         self._snapshots: OrderedDict[
-            tuple[str, tuple[str, ...]], tuple[tuple[tuple[str, Stat], ...], Snapshot]
+            tuple[str, tuple[str, ...]], tuple[tuple[str, ...], tuple[Stat, ...], Snapshot]
         ] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -93,9 +99,7 @@ class Inputs:
         """Whether ``patterns`` are a few plain paths (no glob, no git): their snapshot is
         a few ``lstat`` calls (and a read of a file seen changed), which the event loop
         can afford where a hop to a thread costs more."""
-        return len(patterns) <= FEW_PATHS and not any(
-            pattern == GIT or glob.has_magic(pattern) for pattern in patterns
-        )
+        return len(patterns) <= FEW_PATHS and not any(map(_not_plain, patterns))
 
     def snapshot(self, cwd: str, patterns: Sequence[str], known_only: bool = False) -> Snapshot:
         """The inputs ``patterns`` name at ``cwd`` now; BadRequest says what is wrong.
@@ -128,15 +132,14 @@ class Inputs:
             found = self._snapshots.get((cwd, tuple(patterns)))
         if found is None:
             return None
-        looked, snapshot = found
-        for full, before in looked:
-            try:
-                now = os.lstat(full)
-            except OSError:
-                return None
-            if (now.st_size, now.st_mtime_ns, now.st_ino, now.st_dev) != before:
-                return None
-        return snapshot
+        fulls, before, snapshot = found
+        try:
+            now = [
+                (at.st_size, at.st_mtime_ns, at.st_ino, at.st_dev) for at in map(os.lstat, fulls)
+            ]
+        except OSError:
+            return None
+        return snapshot if tuple(now) == before else None
 
     def _remember(
         self,
@@ -153,15 +156,13 @@ class Inputs:
             return
         if any(os.path.isabs(pattern) for pattern in patterns):
             return
-        looked = []
-        for name, real, file_stat in files:
-            full = os.path.join(cwd, name)
-            seen = self._seen.get(full)
-            if seen is None or seen != (file_stat, real):  # a link, or not seen as a file
+        fulls = tuple(os.path.join(cwd, name) for name, _, _ in files)
+        for full, (_, real, file_stat) in zip(fulls, files, strict=True):
+            if self._seen.get(full) != (file_stat, real):  # a link, or not seen as a file
                 return
-            looked.append((full, file_stat))
+        stats = tuple(file_stat for _, _, file_stat in files)
         with self._lock:
-            self._snapshots[(cwd, tuple(patterns))] = (tuple(looked), snapshot)
+            self._snapshots[(cwd, tuple(patterns))] = (fulls, stats, snapshot)
             self._snapshots.move_to_end((cwd, tuple(patterns)))
             while len(self._snapshots) > KNOWN_SNAPSHOTS:
                 self._snapshots.popitem(last=False)
