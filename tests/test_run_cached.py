@@ -177,3 +177,29 @@ def test_a_different_directory_or_variable_is_another_key(tmp_path: Path) -> Non
     again, modules = _light(tmp_path, tmp_path / "a", *args)
     assert again.stdout == f"{tmp_path / 'a'}\n".encode()
     assert _heavy(modules) == []
+
+
+def test_a_reader_that_leaves_early_ends_it_as_the_full_path_does(tmp_path: Path) -> None:
+    """``runcache run ... | head``: the output is more than a pipe holds, the reader goes
+    after a few bytes; exit 1 and nothing on stderr, as click ends the full path (a
+    partial write taken for a whole one once ended it 0, the output cut short)."""
+    args = ["run", "seq", "1", "400000"]  # 2.6 MB
+    _run([*FULL, *args], tmp_path, tmp_path)
+    codes = []
+    for way in (FULL, LIGHT):
+        with subprocess.Popen(
+            [*way, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_environment(tmp_path),
+            cwd=tmp_path,
+        ) as process:
+            assert process.stdout is not None and process.stderr is not None
+            assert process.stdout.read(10) == b"1\n2\n3\n4\n5\n"
+            process.stdout.close()
+            errors = process.stderr.read()
+            codes.append(process.wait(timeout=60))
+        if way is LIGHT:
+            assert b"click" not in errors  # answered by the light path
+            assert b"Traceback" not in errors
+    assert codes == [1, 1]

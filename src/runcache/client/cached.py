@@ -38,6 +38,11 @@ from runcache.keys import (
     key_context,
 )
 
+#: typing.TYPE_CHECKING, without importing typing (milliseconds this path saves).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import BinaryIO
+
 #: The store's namespace when its URL names none (stores.DEFAULT_NAMESPACE); a URL
 #: naming one takes the full path.
 NAMESPACE = "runcache"
@@ -93,11 +98,21 @@ def answer(args: Sequence[str], environ: Mapping[str, str] | None = None) -> Non
     for name in ("stdout", "stderr"):
         if result.get(f"{name}_truncated"):
             stderr += _CUT.format(name).encode()
-    sys.stdout.buffer.write(stdout)
-    sys.stdout.buffer.flush()
-    sys.stderr.buffer.write(stderr)
-    sys.stderr.buffer.flush()
+    try:
+        _write_all(sys.stdout.buffer, stdout)
+        _write_all(sys.stderr.buffer, stderr)
+    except BrokenPipeError:  # the reader left (| head): as click ends the full path
+        os._exit(1)
     os._exit(128 - code if code < 0 else code)  # db is still open here, on purpose
+
+
+def _write_all(stream: BinaryIO, data: bytes) -> None:
+    """Write all of ``data``: a write to a pipe whose reader is leaving (or one a signal
+    interrupts) may take only part of it and say so, rather than raise."""
+    view = memoryview(data)
+    while view:
+        view = view[stream.write(view) :]
+    stream.flush()
 
 
 def _request(
