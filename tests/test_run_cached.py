@@ -203,3 +203,18 @@ def test_a_reader_that_leaves_early_ends_it_as_the_full_path_does(tmp_path: Path
             assert b"click" not in errors  # answered by the light path
             assert b"Traceback" not in errors
     assert codes == [1, 1]
+
+
+def test_a_setting_in_the_environment_leaves_the_answer_to_the_full_path(tmp_path: Path) -> None:
+    """``RUNCACHE_MAX_OUTPUT_BYTES`` is in the key: with it set, the entry made without
+    it is not this call's answer (the light path, reading no settings, would take it)."""
+    runs = tmp_path / "runs"
+    args = ["run", "sh", "-c", f"echo ran >> {runs}; echo out"]
+    _run([*FULL, *args], tmp_path, tmp_path)
+    environment = {**_environment(tmp_path), "RUNCACHE_MAX_OUTPUT_BYTES": "1000"}
+    done = subprocess.run(
+        [*LIGHT, *args], capture_output=True, env=environment, cwd=tmp_path, timeout=60
+    )
+    assert (done.stdout, done.returncode) == (b"out\n", 0)
+    assert b" click" in done.stderr  # the full path answered: imported the CLI
+    assert runs.read_text() == "ran\n" * 2  # another key: a miss, run again

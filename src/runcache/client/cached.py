@@ -119,7 +119,7 @@ def _request(
     args: Sequence[str], environ: Mapping[str, str]
 ) -> tuple[str, frozenset[int], str] | None:
     """The command text, exit codes and SQLite file of a ``run`` this path can answer."""
-    if len(args) < 2 or args[0] != "run":
+    if len(args) < 2 or args[0] != "run" or sys.stdout is None or sys.stderr is None:
         return None
     if any(name.startswith("RUNCACHE_") and name != STORE_ENV for name in environ):
         return None  # a server, or a setting that may change the key or the answer
