@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "runcache"
 
 #: What each layer may import, besides itself. ``base`` is the package's own
-#: ``__init__`` (``__version__``), ``errors``, ``logs`` and ``wire``: every layer's.
+#: ``__init__`` (``__version__``), ``errors``, ``keys``, ``logs`` and ``wire``: every layer's.
 ALLOWED: dict[str, set[str]] = {
     "base": set(),
     "run": {"base"},
@@ -28,7 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "cli": {"base", "config", "engine", "client", "mcp", "web"},
 }
 
-BASE = {"__init__", "__version__", "errors", "logs", "wire"}
+BASE = {"__init__", "__version__", "errors", "keys", "logs", "wire"}
 
 
 def layer_of(module: str) -> str:

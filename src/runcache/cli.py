@@ -29,6 +29,7 @@ from runcache.client.follow import copy_output
 from runcache.client.http import ADMIN_TOKEN_ENV, TOKEN_ENV, URL_ENV, Client
 from runcache.config import GROUPS, Config, parse_duration, settings
 from runcache.errors import RuncacheError
+from runcache.keys import command_text
 from runcache.wire import CommandResult, RunRequest, to_builtins
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -296,7 +297,7 @@ def run(
     signal.signal(signal.SIGTERM, _interrupt)
     stdin = sys.stdin.buffer.read() if feed_stdin else None
     request = RunRequest(
-        _command_text(argv),
+        command_text(argv),
         use_cache=not no_cache,
         timeout=timeout,
         ttl=ttl,
@@ -320,18 +321,9 @@ def run(
     sys.exit(_exit_status(result))
 
 
-def _command_text(argv: tuple[str, ...]) -> str:
-    """The shell text of ``runcache run``'s COMMAND: one argument with spaces (or tabs,
-    or newlines) is shell text already; else the arguments quoted, so the shell neither
-    splits nor expands them."""
-    if len(argv) == 1 and any(space in argv[0] for space in " \t\n"):
-        return argv[0]
-    return shlex.join(argv)
-
-
 def _same_command(text: str) -> list[str]:
-    """The COMMAND arguments whose :func:`_command_text` is ``text``: itself when it has
-    spaces (shell text), else the one argument it quotes."""
+    """The COMMAND arguments whose :func:`~runcache.keys.command_text` is ``text``: itself
+    when it has spaces (shell text), else the one argument it quotes."""
     return [text] if any(space in text for space in " \t\n") else shlex.split(text)
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runcache.errors import ConfigError
+from runcache.keys import DEFAULT_MAX_OUTPUT_BYTES
 from runcache.run.run_as import OWN_PREFIX, RunAs, is_own
 
 MiB = 1024 * 1024
@@ -114,7 +115,9 @@ class Config:
         3600.0, "Longest stale a request may ask for; expired results are kept that long.", 0
     )
     max_output_bytes: int = _setting(
-        8 * MiB, "Bytes of stdout and of stderr kept per run, counted as sent (JSON-escaped).", 1
+        DEFAULT_MAX_OUTPUT_BYTES,
+        "Bytes of stdout and of stderr kept per run, counted as sent (JSON-escaped).",
+        1,
     )
     max_body_bytes: int = _setting(1 * MiB, "Largest request body accepted (413 past it).", 1)
     containment: str = _setting(

@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+from runcache import keys
 from runcache.errors import BadRequest
 
 S = TypeVar("S", bound=Struct)
@@ -176,8 +177,8 @@ Stdin = Annotated[
 ]
 
 
-#: The exit codes whose results are cached unless a request says otherwise.
-DEFAULT_CACHE_EXIT_CODES = (0,)
+#: The exit codes whose results are cached unless a request says otherwise (the key's).
+DEFAULT_CACHE_EXIT_CODES = keys.DEFAULT_CACHE_EXIT_CODES
 
 # A JSON number, not an int: JSON has one kind of number, and its Schema calls 1.0 an
 # integer; msgspec's int would refuse it where the schema (and a client) accepts it.

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
+#: typing.TYPE_CHECKING without importing typing: ``runcache run``'s light hit path
+#: imports this package, and typing costs it milliseconds (type checkers read the name).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from runcache.client.base import BaseClient
 

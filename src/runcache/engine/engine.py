@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import msgspec
-import orjson
 
 from runcache import __version__, wire
 from runcache.config import Config
@@ -39,6 +38,9 @@ from runcache.errors import (
     RuncacheError,
     StoreError,
 )
+from runcache.keys import DEFAULT_EXIT_CODES, cache_key, key_context
+from runcache.keys import KEY_ENV_VARS as KEY_ENV_VARS  # the engine's, as tests name them
+from runcache.keys import SHELL as SHELL
 from runcache.logs import loggable
 from runcache.run.allowlist import Allowlist
 from runcache.run.context import ContextRules, key_part
@@ -53,16 +55,6 @@ from runcache.stores.board import JobBoard, open_board
 
 log = logging.getLogger("runcache")
 
-#: The shell that runs a command string, as the contract has it.
-SHELL = ("/bin/sh", "-c")
-
-#: Environment variables whose values go into the cache key: a command that
-#: sees another PATH, home, user, locale or time zone may well print something else.
-KEY_ENV_VARS = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ")
-
-#: The exit codes whose results are stored unless a request says (made once: every hit
-#: plans with it).
-DEFAULT_EXIT_CODES = frozenset(wire.DEFAULT_CACHE_EXIT_CODES)
 
 #: The tail of a stored result that each answer replaces with its own flags.
 _HIT_TAIL = b',"cached":true,"coalesced":false}'
@@ -525,22 +517,12 @@ class Engine:
         that are answers (when not the default: a request that counts only 0 as an answer
         must not be answered with another's exit 1), its scope (when it has one: no scope
         keeps the keys of caches made before scopes), and everything else that changes it."""
-        text = self._key_prefix + command.encode() + key_part(context)
-        if cache_exit_codes != DEFAULT_EXIT_CODES:
-            text += b"\0exit:" + ",".join(map(str, sorted(cache_exit_codes))).encode()
-        if scope:
-            text += b"\0scope:" + scope.encode()
-        return hashlib.sha256(text).hexdigest()
+        return cache_key(self._key_prefix, command, key_part(context), cache_exit_codes, scope)
 
     def _key_context(self) -> bytes:
-        env = self.runner.env
-        context = {
-            "shell": SHELL if self.allowlist is None else "none: allowlist mode",
-            "cwd": self.runner.cwd or os.getcwd(),
-            "env": {name: env.get(name) for name in KEY_ENV_VARS},
-            "max_output_bytes": self.runner.max_output_bytes,
-        }
-        return orjson.dumps(context, option=orjson.OPT_SORT_KEYS) + b"\0"
+        shell = SHELL if self.allowlist is None else "none: allowlist mode"
+        cwd = self.runner.cwd or os.getcwd()
+        return key_context(shell, cwd, self.runner.env, self.runner.max_output_bytes)
 
     async def _run_job(self, job: Job, plan: Plan, client: str) -> bytes:
         """Run a job's command (and store its result when it may be); its result's JSON.

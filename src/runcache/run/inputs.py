@@ -46,6 +46,15 @@ FEW_PATHS = 32
 #: A file's stat as the cheap check sees it: size, mtime in ns, inode, device.
 Stat = tuple[int, int, int, int]
 
+#: Snapshots of plain paths kept whole (see Inputs._known): this many (cwd, paths) pairs.
+KNOWN_SNAPSHOTS = 256
+
+
+def _not_plain(pattern: str) -> bool:
+    """Whether ``pattern`` is a glob (what ``glob.has_magic`` finds: ``*``, ``?`` or ``[``,
+    looked for here without its regular expression, on every hit) or ``git:``."""
+    return "*" in pattern or "?" in pattern or "[" in pattern or pattern == GIT
+
 
 class NeedsRead(Exception):
     """A snapshot asked for without reading found a file it must read."""
@@ -78,6 +87,11 @@ class Inputs:
         #: last checked, so an unchanged regular file is not resolved and checked again.
         self._seen: dict[str, tuple[Stat, str]] = {}
         self._memo_size = memo_size or 4 * max_files
+        #: Snapshots of a few plain paths, by (cwd, paths), with the lstat of each path
+        #: (as joined to cwd) they were taken on: see :meth:`_known`.
+        self._snapshots: OrderedDict[
+            tuple[str, tuple[str, ...]], tuple[tuple[str, ...], tuple[Stat, ...], Snapshot]
+        ] = OrderedDict()
         self._lock = threading.Lock()
 
     @staticmethod
@@ -85,14 +99,15 @@ class Inputs:
         """Whether ``patterns`` are a few plain paths (no glob, no git): their snapshot is
         a few ``lstat`` calls (and a read of a file seen changed), which the event loop
         can afford where a hop to a thread costs more."""
-        return len(patterns) <= FEW_PATHS and not any(
-            pattern == GIT or glob.has_magic(pattern) for pattern in patterns
-        )
+        return len(patterns) <= FEW_PATHS and not any(map(_not_plain, patterns))
 
     def snapshot(self, cwd: str, patterns: Sequence[str], known_only: bool = False) -> Snapshot:
         """The inputs ``patterns`` name at ``cwd`` now; BadRequest says what is wrong.
         ``known_only``: raise :class:`NeedsRead` rather than read a file (the caller, on
         the event loop, then asks again from a thread)."""
+        known = self._known(cwd, patterns)
+        if known is not None:
+            return known
         files = self._files(cwd, patterns)
         budget = [self.max_bytes]
         digest = hashlib.blake2b(digest_size=32)
@@ -101,7 +116,56 @@ class Inputs:
             digest.update(name.encode() + b"\0" + file_digest)
         git = describe_git(cwd) if GIT in patterns else b""
         digest.update(b"\0git\0" + git)
-        return Snapshot(digest.digest(), tuple((path, found) for _, path, found in files), git)
+        snapshot = Snapshot(digest.digest(), tuple((path, found) for _, path, found in files), git)
+        self._remember(cwd, patterns, files, snapshot)
+        return snapshot
+
+    def _known(self, cwd: str, patterns: Sequence[str]) -> Snapshot | None:
+        """The snapshot taken last time of the same plain paths at ``cwd``, if each path's
+        ``lstat`` is the same as then: one ``lstat`` a path and nothing else, where the
+        full pass resolves the directory, checks each pattern, joins and normalizes each
+        path, looks each digest up and combines them again (a hit's inputs, unchanged,
+        cost it three times the ``lstat`` calls). Only remembered for paths that were
+        each a regular file, not a link (:meth:`_remember`), so an unchanged ``lstat``
+        means the same file with the same content, as the digest memo takes it."""
+        with self._lock:
+            found = self._snapshots.get((cwd, tuple(patterns)))
+        if found is None:
+            return None
+        fulls, before, snapshot = found
+        try:
+            now = [
+                (at.st_size, at.st_mtime_ns, at.st_ino, at.st_dev) for at in map(os.lstat, fulls)
+            ]
+        except OSError:
+            return None
+        return snapshot if tuple(now) == before else None
+
+    def _remember(
+        self,
+        cwd: str,
+        patterns: Sequence[str],
+        files: list[tuple[str, str, Stat]],
+        snapshot: Snapshot,
+    ) -> None:
+        """Keep ``snapshot`` for :meth:`_known` when ``patterns`` are plain paths, each one
+        a regular file found as named (no glob, no git, no link, none missing, none
+        absolute: then the full pass must look again, since what a pattern names, or
+        whether it is allowed, may change another way)."""
+        if len(files) != len(patterns) or not self.few_paths(patterns):
+            return
+        if any(os.path.isabs(pattern) for pattern in patterns):
+            return
+        fulls = tuple(os.path.join(cwd, name) for name, _, _ in files)
+        for full, (_, real, file_stat) in zip(fulls, files, strict=True):
+            if self._seen.get(full) != (file_stat, real):  # a link, or not seen as a file
+                return
+        stats = tuple(file_stat for _, _, file_stat in files)
+        with self._lock:
+            self._snapshots[(cwd, tuple(patterns))] = (fulls, stats, snapshot)
+            self._snapshots.move_to_end((cwd, tuple(patterns)))
+            while len(self._snapshots) > KNOWN_SNAPSHOTS:
+                self._snapshots.popitem(last=False)
 
     def changed(self, cwd: str, patterns: Sequence[str], before: Snapshot) -> bool:
         """Whether the inputs differ from ``before`` (a file added, gone or touched, or the
