@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 
-import orjson
+import msgspec
 
 from runcache import wire
 from runcache.client import sse
@@ -194,7 +194,7 @@ def run_request(request: wire.RunRequest | str, background: bool = False) -> wir
     )
     fields["background"] = background
     payload = {name: value for name, value in fields.items() if value is not None}
-    return wire.decode_command_request(orjson.dumps(payload))
+    return wire.decode_command_request(msgspec.json.encode(payload))
 
 
 def invalidate_request(prefix: str | None, glob: str | None) -> wire.InvalidateRequest:
@@ -202,4 +202,4 @@ def invalidate_request(prefix: str | None, glob: str | None) -> wire.InvalidateR
     payload = {
         name: value for name, value in (("prefix", prefix), ("glob", glob)) if value is not None
     }
-    return wire.decode_invalidate_request(orjson.dumps(payload))
+    return wire.decode_invalidate_request(msgspec.json.encode(payload))

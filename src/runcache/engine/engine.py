@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import msgspec
-import orjson
 
 from runcache import __version__, wire
 from runcache.config import Config, settings
@@ -541,7 +540,7 @@ class Engine:
             "env": {name: env.get(name) for name in KEY_ENV_VARS},
             "max_output_bytes": self.runner.max_output_bytes,
         }
-        return orjson.dumps(context, option=orjson.OPT_SORT_KEYS) + b"\0"
+        return msgspec.json.encode(context, order="sorted") + b"\0"
 
     async def _run_job(self, job: Job, plan: Plan, client: str) -> bytes:
         """Run a job's command (and store its result when it may be); its result's JSON.
