@@ -17,61 +17,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
-import socket
 import statistics
-import subprocess
 import sys
-import time
-import urllib.request
+
+from _harness import Server
+from run_startup import p99, timed
 
 #: The way runcache runs today.
 TODAY = "runcache run true (http.client)"
 
 #: ``runcache run true`` from this interpreter, after ``{imports}``.
 _RUN = "{imports}import sys; from runcache.cli import main; sys.argv[1:] = ['run', 'true']; main()"
-
-
-def timed(argv: list[str], env: dict[str, str], runs: int) -> tuple[list[float], list[float]]:
-    """Milliseconds each of ``runs`` processes of ``argv`` took from spawn to exit, and the
-    CPU (user + system) each used: on a busy machine the wall time waits for a core, the
-    CPU time much less so."""
-    times, cpu = [], []
-    for _ in range(runs):
-        before = _children_cpu()
-        started = time.perf_counter()
-        done = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, check=False)
-        times.append((time.perf_counter() - started) * 1000)
-        cpu.append((_children_cpu() - before) * 1000)
-        assert done.returncode == 0, argv
-    return times, cpu
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def p99(values: list[float]) -> float:
-    return sorted(values)[min(len(values) - 1, int(len(values) * 0.99))]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait_until_up(url: str, seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"no server at {url} after {seconds:.0f} s")
 
 
 def main() -> None:
@@ -81,17 +37,8 @@ def main() -> None:
     args = parser.parse_args()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")}
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed: bytecode read, not compiled
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "runcache", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_until_up(url)
-        env["RUNCACHE_URL"] = url
+    with Server() as server:
+        env["RUNCACHE_URL"] = server.url
         ways = {
             TODAY: [sys.executable, "-c", _RUN.format(imports="")],
             "the same, httpx imported": [
@@ -114,9 +61,6 @@ def main() -> None:
                 wall, used = timed(argv, env, args.runs)
                 times[name] += wall
                 cpu[name] += used
-    finally:
-        server.terminate()
-        server.wait(30)
     medians = {name: statistics.median(values) for name, values in times.items()}
     cpu_medians = {name: statistics.median(values) for name, values in cpu.items()}
     print(f"{args.rounds} rounds of {args.runs} remote hits of each, alternating; ms start to exit")

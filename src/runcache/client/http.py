@@ -6,7 +6,7 @@ carries them over HTTP, and HTTP handling lives only here.
 
 HTTP goes through the standard library's ``http.client``: a handful of small
 JSON requests per process does not justify a dependency, and importing httpx (or
-httpx2) would cost ``runcache run`` against a server 1.4 to 1.6 times its CPU,
+httpx2) would cost ``runcache run`` against a server 1.4 to 1.7 times its CPU,
 which its one request cannot win back (``benchmarks/remote_run_startup.py``).
 Holding each connection lets :meth:`Client.close` cut a request still waiting.
 Requests go straight to the server, never through an ``http_proxy``.
