@@ -198,7 +198,8 @@ def test_the_reported_allowlist_no_longer_starts() -> None:
     )
     assert done.returncode == 2, done
     assert done.stderr.count("\n") == 1
-    assert "allow: env runs other programs" in done.stderr and "--allow-runners" in done.stderr
+    assert done.stderr.startswith("runcache: --allow: env runs other programs")
+    assert "--allow-runners" in done.stderr
 
 
 # -- the environment commands see ----------------------------------------------------

@@ -166,10 +166,33 @@ def test_start_up_errors_are_one_line_and_exit_2() -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "runcache: unknown store 'ftp://nowhere': use one of "
+        "runcache: --store: unknown store 'ftp://nowhere': use one of "
         + result.stderr.split("one of ")[1].strip()
     ]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--store", "sqlite://"], "runcache: --store: store 'sqlite://' names no file"),
+        (["--allow", "echo,no-such-command-here"], "runcache: --allow: no-such-command-here"),
+        (["--audit-log", "/nonexistent/audit.log"], "runcache: --audit-log: '/nonexistent/"),
+    ],
+)
+def test_settings_checked_as_opened_are_named_by_flag(flags: list[str], message: str) -> None:
+    """The store, the allowlist and the audit log are checked after the settings load;
+    their refusals name the flag, as every other setting's do (not ``store``)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "runcache", "serve", "--port", "0", *flags],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2, result
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(message), result.stderr
 
 
 def test_port_in_use_is_one_line(live_server: LiveServer) -> None:

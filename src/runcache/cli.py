@@ -20,7 +20,6 @@ from typing import Any, TypeVar
 
 import click
 import msgspec
-import orjson
 
 from runcache import __version__
 from runcache.client import STORE_ENV, connect, local_store
@@ -485,7 +484,7 @@ def stats(as_json: bool, server: str | None, store: str | None) -> None:
     with _connect(server, store) as backend:
         found = to_builtins(backend.cache_stats())
     if as_json:
-        click.echo(orjson.dumps(found, option=orjson.OPT_INDENT_2).decode())
+        click.echo(_indented(found))
         return
     width = max(map(len, found), default=0)
     for name, value in found.items():
@@ -652,7 +651,12 @@ def jobs(ctx: click.Context, as_json: bool, server: str | None) -> None:
 
 
 def _print_json(found: Any) -> None:
-    click.echo(orjson.dumps(to_builtins(found), option=orjson.OPT_INDENT_2).decode())
+    click.echo(_indented(to_builtins(found)))
+
+
+def _indented(found: Any) -> str:
+    """``found`` as JSON indented by two spaces, for a person to read (``--json``)."""
+    return msgspec.json.format(msgspec.json.encode(found), indent=2).decode()
 
 
 #: The widest a table's last column gets when output is not a terminal of known width.
@@ -803,7 +807,7 @@ def mcp_config(
     from runcache.mcp.client_config import CLIENTS, snippet
 
     found = snippet(client, server, url, None if no_token else token_env, name)
-    click.echo(orjson.dumps(found, option=orjson.OPT_INDENT_2).decode())
+    click.echo(_indented(found))
     click.echo(f"runcache: put this in {CLIENTS[client].where}", err=True)
     if (url or server) and not no_token and CLIENTS[client].variable is None:
         click.echo(

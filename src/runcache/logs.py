@@ -21,7 +21,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
+import msgspec
 
 FORMATS = ("text", "json")
 
@@ -60,7 +60,7 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
-        return orjson.dumps(entry, default=str).decode()
+        return msgspec.json.encode(entry, enc_hook=str).decode()
 
 
 def formatter(log_format: str) -> logging.Formatter:

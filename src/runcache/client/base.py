@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 
-import orjson
+import msgspec
 
 from runcache import wire
 from runcache.client import sse
@@ -197,7 +197,7 @@ def run_request(request: wire.RunRequest | str, background: bool = False) -> wir
     )
     fields["background"] = background
     payload = {name: value for name, value in fields.items() if value is not None}
-    return wire.decode_command_request(orjson.dumps(payload))
+    return wire.decode_command_request(msgspec.json.encode(payload))
 
 
 def invalidate_request(
@@ -206,4 +206,4 @@ def invalidate_request(
     """A ``POST /api/cache/invalidate`` body, checked as the server checks it."""
     given = (("prefix", prefix), ("glob", glob), ("scope", scope))
     payload = {name: value for name, value in given if value is not None}
-    return wire.decode_invalidate_request(orjson.dumps(payload))
+    return wire.decode_invalidate_request(msgspec.json.encode(payload))

@@ -5,8 +5,10 @@ shared with the in-process :class:`~runcache.client.local.LocalClient`; this mod
 carries them over HTTP, and HTTP handling lives only here.
 
 HTTP goes through the standard library's ``http.client``: a handful of small
-JSON requests per process does not justify a dependency, and holding each
-connection lets :meth:`Client.close` cut a request that is still waiting.
+JSON requests per process does not justify a dependency, and importing httpx (or
+httpx2) would cost ``runcache run`` against a server 1.4 to 1.7 times its CPU,
+which its one request cannot win back (``benchmarks/remote_run_startup.py``).
+Holding each connection lets :meth:`Client.close` cut a request still waiting.
 Requests go straight to the server, never through an ``http_proxy``.
 """
 
@@ -20,7 +22,6 @@ import urllib.parse
 from typing import TypeVar
 
 import msgspec
-import orjson
 
 from runcache import __version__, wire
 from runcache.client import sse
@@ -356,8 +357,8 @@ def _decode(shape: type[S], body: bytes, where: str) -> S:
 def _server_error(status: int, body: bytes, where: str) -> RuncacheError:
     """The server's own message when it sent one, with the error class its status names."""
     try:
-        message = orjson.loads(body).get("error")
-    except (orjson.JSONDecodeError, AttributeError):
+        message = msgspec.json.decode(body).get("error")
+    except (msgspec.DecodeError, AttributeError):
         message = None
     if not isinstance(message, str):
         message = f"{where} answered HTTP {status}"

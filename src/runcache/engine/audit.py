@@ -195,9 +195,7 @@ class AuditLog:
                 self._open()
             except OSError as error:
                 self.close()
-                raise ConfigError(
-                    f"audit_log {path!r} cannot be opened: {error.strerror or error}"
-                ) from None
+                raise ConfigError(f"{path!r} cannot be opened: {error.strerror or error}") from None
 
     @property
     def enabled(self) -> bool:

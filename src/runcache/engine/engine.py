@@ -13,14 +13,14 @@ import hashlib
 import logging
 import os
 import shlex
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import msgspec
 
 from runcache import __version__, wire
-from runcache.config import Config
+from runcache.config import Config, settings
 from runcache.engine.audit import AuditLog
 from runcache.engine.cache import Cache
 from runcache.engine.callers import Caller
@@ -168,9 +168,10 @@ class Engine:
         )
         self.allowlist: Allowlist | None = None
         if config.allowed_commands:
-            self.allowlist = Allowlist(
-                config.allowed_commands, runner.env, runner.cwd, config.runner_names
-            )
+            with _named_by_flag("allow"):
+                self.allowlist = Allowlist(
+                    config.allowed_commands, runner.env, runner.cwd, config.runner_names
+                )
         self.context_rules = ContextRules(
             config.cwd_roots, config.env_names, self.allowlist is not None
         )
@@ -186,14 +187,20 @@ class Engine:
     @classmethod
     def from_config(cls, config: Config) -> Engine:
         Policy.load(config.policy)  # a bad file is refused before anything is opened
-        audit = AuditLog(config.audit_log, config.audit_log_max_bytes)
-        store = open_store(
-            config.store,
-            config.max_entries,
-            config.max_bytes,
-            retain=config.max_stale,
-            timeout=config.store_timeout,
-        )
+        with _named_by_flag("audit_log"):
+            audit = AuditLog(config.audit_log, config.audit_log_max_bytes)
+        try:
+            with _named_by_flag("store"):
+                store = open_store(
+                    config.store,
+                    config.max_entries,
+                    config.max_bytes,
+                    retain=config.max_stale,
+                    timeout=config.store_timeout,
+                )
+        except ConfigError:
+            audit.close()
+            raise
         try:
             runner = Runner(
                 config.max_output_bytes,
@@ -212,9 +219,10 @@ class Engine:
             store.close()
             audit.close()
             raise ConfigError(str(error)) from None
-        board = open_board(
-            config.store, config.instance_timeout, config.store_timeout, config.job_retention
-        )
+        with _named_by_flag("store"):
+            board = open_board(
+                config.store, config.instance_timeout, config.store_timeout, config.job_retention
+            )
         return cls(config, Cache(store), runner, Metrics.for_server(config.workers), audit, board)
 
     async def serve_jobs(self) -> None:
@@ -682,6 +690,21 @@ async def _facts_of(body: bytes) -> OutputFacts:
     if len(body) > _FACTS_IN_THREAD_BYTES:
         return await asyncio.to_thread(output_facts, body)
     return output_facts(body)
+
+
+@contextlib.contextmanager
+def _named_by_flag(field: str) -> Iterator[None]:
+    """A ConfigError raised while opening what setting ``field`` names, led by its flag.
+
+    The store, the allowlist and the audit log are checked as they are opened, after
+    :meth:`Config.load` (which names the settings it refuses); their errors name the
+    setting the way every other setting error does: ``--store: ...``.
+    """
+    try:
+        yield
+    except ConfigError as error:
+        flag = next(setting.flag for setting in settings() if setting.name == field)
+        raise ConfigError(f"{flag}: {error}") from None
 
 
 def _command_env(config: Config) -> dict[str, str]:

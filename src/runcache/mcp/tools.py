@@ -44,7 +44,6 @@ from typing import Any, Optional, TypeVar
 
 import anyio
 import msgspec
-import orjson
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
@@ -488,7 +487,7 @@ def _checked(shape: type[T], arguments: dict[str, Any]) -> T:
     An argument left out (None) takes the shape's default, as an absent field does."""
     present = {name: value for name, value in arguments.items() if value is not None}
     try:
-        return wire.decode_request(shape, orjson.dumps(present))  # type: ignore[type-var]
+        return wire.decode_request(shape, msgspec.json.encode(present))  # type: ignore[type-var]
     except RuncacheError as error:
         raise ToolError(error.message) from None
 

@@ -140,7 +140,7 @@ class Allowlist:
         missing = [name for name, path in self._paths.items() if path is None]
         if missing:
             raise ConfigError(
-                f"allow: {', '.join(missing)} not found on PATH {self._path!r}; "
+                f"{', '.join(missing)} not found on PATH {self._path!r}; "
                 "install it or remove it from the list"
             )
         self._refuse_runners(set(runners))
@@ -155,7 +155,7 @@ class Allowlist:
             reason = runs_programs(name) or runs_programs(target)
             if reason is not None:
                 raise ConfigError(
-                    f"allow: {name} runs other programs ({reason}), so allowing it allows "
+                    f"{name} runs other programs ({reason}), so allowing it allows "
                     f"every program; remove it, or also list it in --allow-runners "
                     f"(RUNCACHE_ALLOW_RUNNERS) if that is what you mean"
                 )

@@ -11,12 +11,16 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
-import orjson
+import msgspec
 
 from runcache.errors import BadRequest, Forbidden
 from runcache.run.run_as import OWN_PREFIX, is_own
 from runcache.run.runner import NO_CONTEXT, HeldDirectory, RunContext
 from runcache.wire import RunRequest
+
+#: Encodes a context with its keys sorted, so equal contexts give equal cache keys
+#: (an encoder made once: a hit with a context encodes one).
+_SORTED = msgspec.json.Encoder(order="sorted")
 
 
 class ContextRules:
@@ -102,7 +106,7 @@ def key_part(context: RunContext) -> bytes:
         "env": dict(context.env or {}),
         "stdin": (context.stdin or b"").decode(),
     }
-    return b"\0" + orjson.dumps(described, option=orjson.OPT_SORT_KEYS)
+    return b"\0" + _SORTED.encode(described)
 
 
 def within(path: str, root: str) -> bool:

@@ -16,7 +16,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import msgspec
-import orjson
 from msgspec import Struct
 from starlette.requests import Request
 from starlette.responses import Response
@@ -37,7 +36,7 @@ _COMPONENT = "#/components/schemas/{name}"
 
 async def openapi_json(request: Request) -> Response:
     operations: tuple[Operation, ...] = request.app.state.operations
-    return JSONBytes(orjson.dumps(build(engine_of(request).config, operations)))
+    return JSONBytes(msgspec.json.encode(build(engine_of(request).config, operations)))
 
 
 OPERATION = Operation(

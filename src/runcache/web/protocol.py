@@ -21,6 +21,14 @@ dropped, its unsent bytes with it.
 
 A request the parser refuses (a bad chunk size, conflicting lengths) gets a 400
 in runcache's one JSON error shape.
+
+uvicorn's public settings do not give this: ``timeout_keep_alive`` covers only the
+idle time between requests, ``limit_concurrency`` counts connections (a slow one
+holds its place), and ``h11_max_incomplete_event_size`` bounds headers only with
+the h11 parser and sets no deadline. So this subclasses uvicorn's internal
+``HttpToolsProtocol``, whose hooks may change in any release: it was checked
+against the versions :data:`CHECKED_UVICORN` names (pyproject.toml's bound
+follows it), and tests/test_protocol.py fails on a uvicorn outside them.
 """
 
 from __future__ import annotations
@@ -31,6 +39,10 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from runcache import wire
+
+#: The first and last uvicorn releases whose ``HttpToolsProtocol`` this was checked
+#: against: the methods overridden here, with the same signatures, called as here.
+CHECKED_UVICORN = ("0.34.0", "0.55.0")
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
