@@ -16,21 +16,23 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import psutil
 import pytest
 import requests
 
-from conftest import LiveServer, marked, marker, until
+from conftest import LiveServer, alive, marked, marker, until
+
+Json = dict[str, Any]
 
 EXTENSION = "io.modelcontextprotocol/tasks"
 #: A request's ``_meta`` declaring the extension, as the text spells it.
-DECLARED = {"io.modelcontextprotocol/clientCapabilities": {"extensions": {EXTENSION: {}}}}
+DECLARED: Json = {"io.modelcontextprotocol/clientCapabilities": {"extensions": {EXTENSION: {}}}}
 #: The same on the 2026-07-28 revision, whose requests carry their protocol version too.
 MODERN = {**DECLARED, "io.modelcontextprotocol/protocolVersion": "2026-07-28"}
 TASK_FIELDS = {"taskId", "status", "createdAt", "lastUpdatedAt", "ttlMs", "pollIntervalMs"}
 #: --job-retention as these tests set it, and so the least ttlMs a task says.
 RETENTION = 120
 
-Json = dict[str, Any]
 StartServer = Callable[..., LiveServer]
 
 
@@ -180,6 +182,12 @@ def _until_status(client: Client, task_id: str, status: str) -> Json:
     return until(probe, 30, what=f"task {task_id} {status}")
 
 
+def _sleeping(mark: str) -> psutil.Process:
+    """The ``sleep`` of a run's command (not the shell around it, which names it too)."""
+    found = until(lambda: [p for p in marked(mark) if p.name() == "sleep"], what="the sleep")
+    return found[0]
+
+
 def _check_task(task: Json, result_type: str, status: str) -> None:
     """A task as the text spells it, with runcache's ttl and poll interval."""
     assert task["resultType"] == result_type
@@ -203,7 +211,7 @@ def _tasks_run_to_their_result(client: Client) -> None:
         return found if found.get("statusMessage") == "first" else None
 
     _check_task(until(printed, 30, what="the first line"), "complete", "working")
-    (sleep,) = until(lambda: [p for p in marked(mark) if p.name() == "sleep"], what="the sleep")
+    sleep = _sleeping(mark)
     sleep.kill()  # the sleep ends now, and the shell goes on to its last line
     done = _until_status(client, task["taskId"], "completed")
     _check_task(done, "complete", "completed")
@@ -283,7 +291,7 @@ def test_a_client_that_does_not_declare_it_on_the_request_never_sees_a_task() ->
         answer = _call(client, "execute_command", {"command": "sleep 0.2; echo inline"}, meta=None)
         assert answer.get("resultType") != "task"
         assert answer["structuredContent"]["stdout"] == "inline\n"
-        other = {"io.modelcontextprotocol/clientCapabilities": {"extensions": {"x.y/z": {}}}}
+        other: Json = {"io.modelcontextprotocol/clientCapabilities": {"extensions": {"x.y/z": {}}}}
         answer = _call(client, "start_command", {"command": "sleep 0.2"}, meta=other)
         assert answer.get("resultType") != "task" and "job_id" in answer["structuredContent"]
     finally:
@@ -354,9 +362,9 @@ def test_a_task_made_on_one_server_is_read_and_cancelled_on_another(
     task = _call(on_a, "start_command", {"command": f"echo going; sleep {mark}"})
     # Handed out only once on the board: the other server finds it at once.
     _check_task(on_b.task("tasks/get", task["taskId"])["result"], "complete", "working")
-    (process,) = until(lambda: marked(mark), what="the run to start on A")
+    sleep = _sleeping(mark)
     assert on_b.task("tasks/cancel", task["taskId"])["result"]["resultType"] == "complete"
     until(lambda: not marked(mark), what="the run on A to be killed")
-    assert not process.is_running() or process.status() == "zombie"
+    assert not alive(sleep)
     _until_status(on_b, task["taskId"], "cancelled")
     assert _until_status(on_a, task["taskId"], "cancelled")["taskId"] == task["taskId"]

@@ -19,6 +19,8 @@ reports progress every ``PROGRESS_SECONDS`` while it runs, and returns at most
 them saying how to read the rest with ``read_output``), with links to the whole
 streams as resources (``runcache://jobs/{job_id}/stdout``, read in pages). A call
 the client cancels gives the job up: it is killed unless someone else still wants it.
+A client that declares MCP's tasks extension on its call may get the job as a task
+instead, polled to the same result (:mod:`runcache.mcp.tasks`).
 
 Over ``/mcp`` with tokens set, the job and process tools see and steer only the
 jobs of the caller's token, as the HTTP routes do (:mod:`runcache.web.auth`); the
