@@ -31,6 +31,7 @@ from runcache.client.http import Client
 from runcache.engine import job_answers
 from runcache.engine.callers import Caller
 from runcache.engine.engine import Engine
+from runcache.errors import StoreError
 
 T = TypeVar("T")
 
@@ -46,6 +47,10 @@ class ToolBackend(Protocol):
 
     description: str
 
+    #: Seconds a job is kept after it ends (``--job-retention``), which a task's time
+    #: to live counts; None where it is not known, and jobs are then never tasks.
+    job_retention: float | None
+
     async def start(
         self, request: wire.RunRequest, caller: Caller | None = None
     ) -> wire.JobAccepted:
@@ -58,6 +63,10 @@ class ToolBackend(Protocol):
     async def output(
         self, job_id: str, stream: str, offset: int, limit: int, viewer: str | None = None
     ) -> wire.JobOutput: ...
+
+    async def on_every_instance(self, job_id: str) -> bool:
+        """Whether every instance serving the jobs finds this one now (a task may be
+        handed out only then)."""
 
     async def cancel(self, job_id: str, viewer: str | None = None) -> wire.JobAction: ...
 
@@ -101,6 +110,7 @@ class EngineBackend:
         self.owned = owned
         self._closed = False
         self.description = f"runcache in-process (store {engine.cache.store.description})"
+        self.job_retention: float | None = engine.config.job_retention
 
     async def start(
         self, request: wire.RunRequest, caller: Caller | None = None
@@ -120,6 +130,21 @@ class EngineBackend:
 
     async def cancel(self, job_id: str, viewer: str | None = None) -> wire.JobAction:
         return await job_answers.cancel(self.engine, await self.engine.job(job_id, viewer))
+
+    async def on_every_instance(self, job_id: str) -> bool:
+        """Without a job board this process is the one instance; with one, the job's
+        record must be on it (published when the job was accepted, unless the board
+        failed then: one more round is tried)."""
+        sharing = self.engine.sharing
+        if sharing is None:
+            return True
+        try:
+            if await sharing.find(job_id) is not None:
+                return True
+            await sharing.publish_round()
+            return await sharing.find(job_id) is not None
+        except StoreError:
+            return False
 
     async def leave(self, job_id: str, viewer: str | None = None) -> wire.JobAction:
         return await job_answers.leave(self.engine, await self.engine.job(job_id, viewer))
@@ -172,6 +197,8 @@ class ServerBackend:
     def __init__(self, client: Client) -> None:
         self.client = client
         self.description = client.description
+        #: The server's retention is not known here: its jobs are not offered as tasks.
+        self.job_retention: float | None = None
 
     async def _call(self, operation: Callable[..., T], *args: object) -> T:
         """A blocking client call in a worker thread, abandoned if the tool call is
@@ -205,6 +232,9 @@ class ServerBackend:
 
     async def leave(self, job_id: str, viewer: str | None = None) -> wire.JobAction:
         return await self._call(self.client.leave, job_id)
+
+    async def on_every_instance(self, job_id: str) -> bool:
+        return False  # never asked: no tasks without a retention
 
     async def cache_stats(self) -> wire.CacheStats:
         return await self._call(self.client.cache_stats)

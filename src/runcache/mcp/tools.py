@@ -19,6 +19,8 @@ reports progress every ``PROGRESS_SECONDS`` while it runs, and returns at most
 them saying how to read the rest with ``read_output``), with links to the whole
 streams as resources (``runcache://jobs/{job_id}/stdout``, read in pages). A call
 the client cancels gives the job up: it is killed unless someone else still wants it.
+A client that declares MCP's tasks extension on its call may get the job as a task
+instead, polled to the same result (:mod:`runcache.mcp.tasks`).
 
 Over ``/mcp`` with tokens set, the job and process tools see and steer only the
 jobs of the caller's token, as the HTTP routes do (:mod:`runcache.web.auth`); the
@@ -80,6 +82,7 @@ from runcache.mcp.shapes import (
     OutputRequest,
     ProcessRef,
 )
+from runcache.mcp.tasks import Tasks, TasksExtension, answer_tasks
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +147,21 @@ class _Tools:
 
     def __init__(self, backend: ToolBackend) -> None:
         self.backend = backend
+        self.tasks = Tasks(backend, functools.partial(finished, max_chars=DEFAULT_OUTPUT_CHARS))
 
     async def execute_command(self, ctx: Context | None = None, **arguments: Any) -> CallToolResult:
         request = _checked(ExecuteRequest, arguments)
         accepted = await _call(self.backend.start(request, _caller(ctx)))
+        # A task's result is made by whichever instance the client polls, which knows
+        # nothing of this call: a call that sets its own cut is answered here.
+        if arguments.get("max_output_chars") is None and await self._as_task(accepted, ctx):
+            return _AS_TASK
         detail = await self._until_ended(accepted.job_id, ctx)
-        if isinstance(detail.result, msgspec.UnsetType):
-            raise ToolError(detail.error or f"job {detail.job_id} ended without a result")
-        cut = cut_output(detail.result, accepted.job_id, request.max_output_chars)
-        return _answer(cut, _output_links(accepted.job_id))
+        return finished(detail, request.max_output_chars)
+
+    async def _as_task(self, accepted: wire.JobAccepted, ctx: Context | None) -> bool:
+        """Whether the call is answered with the job as a task (:mod:`runcache.mcp.tasks`)."""
+        return ctx is not None and await _call(self.tasks.offer(accepted, ctx.request_context))
 
     async def _until_ended(self, job_id: str, ctx: Context | None) -> wire.JobDetail:
         """Wait for the job, reporting progress; a cancelled call gives the job up."""
@@ -175,7 +184,8 @@ class _Tools:
 
     async def start_command(self, ctx: Context | None = None, **arguments: Any) -> CallToolResult:
         request = _checked(wire.RunRequest, arguments)
-        return _answer(await _call(self.backend.start(request, _caller(ctx))))
+        accepted = await _call(self.backend.start(request, _caller(ctx)))
+        return _AS_TASK if await self._as_task(accepted, ctx) else _answer(accepted)
 
     async def job_status(self, ctx: Context | None = None, **arguments: Any) -> CallToolResult:
         job = _checked(JobRef, arguments)
@@ -282,6 +292,9 @@ assert tuple(_TOOLS) == TOOL_NAMES
 #: ``limit`` at most; an empty page past the end).
 OUTPUT_URI = "runcache://jobs/{job_id}/{stream}{?offset,limit}"
 
+#: What a tool answers when :func:`~runcache.mcp.tasks.answer_tasks` puts a task in its place.
+_AS_TASK = CallToolResult(content=[])
+
 #: What a tool tells clients of its results' size: Claude Code lifts its own cut to it.
 _META = {"anthropic/maxResultSizeChars": MAX_RESULT_CHARS}
 
@@ -302,7 +315,8 @@ def build_server(backend: ToolBackend, tools: tuple[str, ...] = DEFAULT_TOOLS) -
         instructions=INSTRUCTIONS,
         version=__version__,
         tools=[_tool(getattr(calls, name), *_TOOLS[name]) for name in tools],
-        middleware=[_hide_clear_from_non_admins],
+        middleware=[_hide_clear_from_non_admins, answer_tasks],
+        extensions=[TasksExtension(calls.tasks)] if backend.job_retention is not None else [],
     )
     server.resource(
         OUTPUT_URI,
@@ -566,6 +580,17 @@ def _output_links(job_id: str) -> list[ResourceLink]:
         )
         for stream in STREAMS
     ]
+
+
+def finished(detail: wire.JobDetail, max_chars: int) -> CallToolResult:
+    """An ended job as ``execute_command`` answers it: its result cut to ``max_chars``
+    per stream, with links to the whole streams; a job that ended without a result
+    (it never ran) is a tool error carrying why."""
+    if isinstance(detail.result, msgspec.UnsetType):
+        text = detail.error or f"job {detail.job_id} ended without a result"
+        return CallToolResult(content=[TextContent(type="text", text=text)], is_error=True)
+    cut = cut_output(detail.result, detail.job_id, max_chars)
+    return _answer(cut, _output_links(detail.job_id))
 
 
 def cut_output(result: wire.CommandResult, job_id: str, max_chars: int) -> ExecuteResult:
