@@ -200,8 +200,9 @@ class Engine:
         #: The pool this process works for, when it is a worker: it runs what it takes,
         #: keyed as the servers that queued it keyed it.
         self.worker_pool: str | None = None
-        #: The pooled jobs this server queued and waits on, by key: identical requests join.
-        self._pooled: dict[str, RemoteJob] = {}
+        #: The pooled jobs this server queued (or is queuing) and waits on, by key:
+        #: identical requests join them.
+        self._pooled: dict[str, asyncio.Future[RemoteJob]] = {}
 
     @classmethod
     def from_config(cls, config: Config) -> Engine:
@@ -539,9 +540,37 @@ class Engine:
         pool = plan.pool
         assert pool is not None and self.pools is not None and self.sharing is not None
         if plan.use_cache:
-            running = self._pooled.get(plan.key)
-            if running is not None and not running.ended:
-                return running, True
+            queuing = self._pooled.get(plan.key)
+            if queuing is not None:
+                running = await asyncio.shield(queuing)  # its 503, if it got one
+                await running.catch_up()  # its end, if it came while nobody here waited
+                if not running.ended:
+                    return running, True
+                if self._pooled.get(plan.key) is queuing:
+                    del self._pooled[plan.key]
+        # A foreground request's job is listed for the requests that join it until its
+        # waiter sees it end; a background one's is not (nobody here would see it end).
+        if plan.use_cache and not background:
+            queued: asyncio.Future[RemoteJob] = asyncio.get_running_loop().create_future()
+            self._pooled[plan.key] = queued
+            try:
+                job = await self._enqueue(plan, request, caller, background)
+            except BaseException as error:
+                if self._pooled.get(plan.key) is queued:
+                    del self._pooled[plan.key]
+                queued.set_exception(error)
+                queued.exception()  # retrieved: a request that joined it raises it itself
+                raise
+            queued.set_result(job)
+            return job, False
+        return await self._enqueue(plan, request, caller, background), False
+
+    async def _enqueue(
+        self, plan: Plan, request: wire.RunRequest, caller: Caller, background: bool
+    ) -> RemoteJob:
+        """Queue ``plan`` for its pool with its job's first record: the job."""
+        pool = plan.pool
+        assert pool is not None and self.pools is not None and self.sharing is not None
         record = JobRecord(
             job_id=secrets.token_hex(16),
             command=plan.command,
@@ -575,10 +604,7 @@ class Engine:
                 retry_after=_POOL_RETRY_SECONDS,
             )
         log.debug("%s queued %r for pool %s", caller.client, loggable(plan.command), pool)
-        job = RemoteJob(record, self.sharing.board)
-        if plan.use_cache:
-            self._pooled[plan.key] = job
-        return job, False
+        return RemoteJob(record, self.sharing.board)
 
     async def _pooled_outcome(self, job: RemoteJob, joined: bool) -> Outcome:
         """Wait for a pooled job's end on the board, as one of its clients; a job still
@@ -595,10 +621,19 @@ class Engine:
                             retry_after=_POOL_RETRY_SECONDS,
                         )
         finally:
-            if job.ended and self._pooled.get(job.cache_key) is job:
+            queued = self._pooled.get(job.cache_key)
+            if (
+                job.ended
+                and queued is not None
+                and queued.done()
+                and queued.exception() is None
+                and queued.result() is job
+            ):
                 del self._pooled[job.cache_key]
         if job.body is None:
             raise Busy(job.error or f"job {job.job_id} ended without a result", _POOL_RETRY_SECONDS)
+        if job.cached:  # the worker found it stored meanwhile
+            return Outcome(job.body, cached=True, stale=job.stale)
         coalesced = joined or job.elsewhere
         if coalesced:
             self.metrics.coalesced()
