@@ -95,6 +95,8 @@ def test_the_declaration_order_of_a_command_request() -> None:
         "inputs",
         "pass_env",
         "scope",
+        "pool",
+        "retries",
         "background",
     ]
 
@@ -114,7 +116,8 @@ def test_the_declaration_order_of_a_command_request() -> None:
         (
             b'{"command": "echo hi", "extra": [1]}',
             "unknown field 'extra'; known fields: command, use_cache, timeout, ttl, refresh, "
-            "stale, cwd, env, stdin, cache_exit_codes, inputs, pass_env, scope, background",
+            "stale, cwd, env, stdin, cache_exit_codes, inputs, pass_env, scope, pool, retries, "
+            "background",
         ),
         # A known field's own problem is named first.
         (b'{"timeot": 5, "command": "echo hi", "ttl": -1}', "ttl must be greater than 0 seconds"),

@@ -29,7 +29,7 @@ from runcache.client.http import ADMIN_TOKEN_ENV, TOKEN_ENV, URL_ENV, Client
 from runcache.config import GROUPS, Config, parse_duration, settings
 from runcache.errors import RuncacheError
 from runcache.keys import command_text
-from runcache.wire import CommandResult, RunRequest, to_builtins
+from runcache.wire import POOL_PATTERN, CommandResult, RunRequest, to_builtins
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -119,6 +119,39 @@ def serve(**options: Any) -> None:
     config = Config.load(options, flags=True)
     configure_logging(config.log_level, config.log_format)
     serve_forever(config)
+
+
+@cli.command(cls=_GroupedHelp)
+@click.option(
+    "--pool",
+    "pool",
+    required=True,
+    metavar="NAME",
+    help='The pool whose commands this worker runs (requests\' "pool", --default-pool).',
+)
+@click.option(
+    "--concurrency",
+    "concurrency",
+    type=click.IntRange(1, 1024),
+    default=None,
+    metavar="N",
+    help="Most commands this worker runs at once [default: --max-concurrent].",
+)
+@setting_options
+def worker(pool: str, concurrency: int | None, **options: Any) -> None:
+    """Run the commands queued for a pool, here, where its tools are (needs a redis:// store)."""
+    import re
+
+    from runcache.engine.worker import serve_worker
+    from runcache.web.app import configure_logging
+
+    if not re.fullmatch(POOL_PATTERN, pool):
+        raise click.BadParameter(
+            "must be 1 to 64 letters, digits, '_', '.' or '-'", param_hint="--pool"
+        )
+    config = Config.load(options, flags=True)
+    configure_logging(config.log_level, config.log_format)
+    serve_worker(config, pool, concurrency or config.max_concurrent)
 
 
 # -- client commands: through a server when given one, else an engine in this process --
@@ -262,6 +295,19 @@ def scope_option(help_text: str) -> Callable[[F], F]:
     is_flag=True,
     help="Feed this command's standard input to the run (read to its end first).",
 )
+@click.option(
+    "--pool",
+    default=None,
+    metavar="NAME",
+    help="The pool of workers that runs it (runcache worker --pool), through --server.",
+)
+@click.option(
+    "--retries",
+    type=click.IntRange(0, 10),
+    default=0,
+    metavar="N",
+    help="With --pool: runs again when its worker stops answering (default 0).",
+)
 @client_options
 @store_option
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED, metavar="COMMAND...")
@@ -279,6 +325,8 @@ def run(
     cwd: str | None,
     env_pairs: tuple[str, ...],
     feed_stdin: bool,
+    pool: str | None,
+    retries: int,
     server: str | None,
     store: str | None,
 ) -> None:
@@ -305,6 +353,8 @@ def run(
         inputs=list(inputs) or None,
         cache_exit_codes=_exit_codes(cache_exit_codes),
         scope=scope,
+        pool=pool,
+        retries=retries,
         **_run_context(cwd, env_pairs, stdin),
     )
     with _connect(server, store) as backend:

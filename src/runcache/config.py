@@ -216,6 +216,20 @@ class Config:
         " jobs are marked failed and their cache lease released.",
         3,
     )
+    default_pool: str = _setting(
+        "",
+        "The pool of workers (runcache worker --pool) that runs a request naming none;"
+        " empty: this server runs it. Needs a redis:// store.",
+    )
+    max_queued: int = _setting(
+        1000, "Most commands a pool's queue holds; past it a 503 with Retry-After.", 1
+    )
+    claim_timeout: float = _setting(
+        30.0,
+        "With pools: seconds a worker may miss its heartbeat before another finds its"
+        " command and fails it (or runs it again when its request's retries allow).",
+        3,
+    )
     env_allow: str = _setting(
         "",
         "Comma-separated environment variables commands see (empty: all of runcache's),"
@@ -582,6 +596,9 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "max_output_bytes",
         "job_retention",
         "job_output_bytes",
+        "default_pool",
+        "max_queued",
+        "claim_timeout",
     ),
     "Access": (
         "token",

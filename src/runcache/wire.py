@@ -177,6 +177,37 @@ Stdin = Annotated[
 ]
 
 
+#: What a pool's name may be: it is part of Redis keys and of Prometheus labels.
+POOL_PATTERN = "^[A-Za-z0-9_.-]{1,64}$"
+
+Pool = Annotated[
+    str,
+    Meta(
+        pattern=POOL_PATTERN,
+        description="The pool of workers that runs the command (runcache worker --pool): "
+        "where its tools are. Default --default-pool; none: the server runs it. Part of "
+        "the cache key, in place of the server's own environment.",
+        extra={
+            "type": "pool must be a string",
+            "constraint": "pool must be 1 to 64 letters, digits, '_', '.' or '-'",
+        },
+    ),
+]
+Retries = Annotated[
+    int,
+    Meta(
+        ge=0,
+        le=10,
+        description="With a pool: how many times a command whose worker stopped answering "
+        "is run again (default 0: its side effects are not runcache's to repeat).",
+        extra={
+            "type": "retries must be a whole number",
+            "constraint": "retries must be a whole number from 0 to 10",
+        },
+    ),
+]
+
+
 #: The exit codes whose results are cached unless a request says otherwise (the key's).
 DEFAULT_CACHE_EXIT_CODES = keys.DEFAULT_CACHE_EXIT_CODES
 
@@ -275,6 +306,8 @@ class RunRequest(Request, frozen=True):
     inputs: Inputs | None = None
     pass_env: PassEnv | None = None
     scope: Scope | None = None
+    pool: Pool | None = None
+    retries: Retries = 0
 
 
 class CommandRequest(RunRequest, frozen=True):

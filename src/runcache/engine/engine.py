@@ -12,7 +12,9 @@ import dataclasses
 import hashlib
 import logging
 import os
+import secrets
 import shlex
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,11 +30,12 @@ from runcache.engine.history import History
 from runcache.engine.jobs import Job, Jobs, OutputFacts, output_facts
 from runcache.engine.metrics import Metrics
 from runcache.engine.policy import Policy
-from runcache.engine.shared_jobs import SharedJobs
+from runcache.engine.shared_jobs import RemoteJob, SharedJobs
 from runcache.engine.slots import Slots
 from runcache.engine.telemetry import Telemetry
 from runcache.errors import (
     BadRequest,
+    Busy,
     ClientGone,
     ConfigError,
     RuncacheError,
@@ -51,7 +54,8 @@ from runcache.run.run_as import RunAs, without_own
 from runcache.run.runner import NO_CONTEXT, RunContext, RunControl, Runner, RunResult
 from runcache.stores import open_store
 from runcache.stores.base import CacheStats
-from runcache.stores.board import JobBoard, open_board
+from runcache.stores.board import JobBoard, JobRecord, open_board
+from runcache.stores.redis_pools import RedisPools, Task, open_pools, queue_name
 
 log = logging.getLogger("runcache")
 
@@ -87,6 +91,8 @@ class Plan:
     snapshot: Snapshot | None = None
     #: The namespace of the cache the result belongs to ("" for none: the shared one).
     scope: str = ""
+    #: The pool whose workers run it (None: this process runs it).
+    pool: str | None = None
 
     def keeps(self, result: RunResult) -> bool:
         """Whether ``result`` is an answer to store: an exit code the request counts as
@@ -146,6 +152,7 @@ class Engine:
         metrics: Metrics | None = None,
         audit: AuditLog | None = None,
         board: JobBoard | None = None,
+        pools: RedisPools | None = None,
     ) -> None:
         self.config = config
         #: Where the layers that know the caller record each request (``--audit-log``).
@@ -183,6 +190,14 @@ class Engine:
         #: Whether a stale answer starts its refresh here; a short-lived process (the
         #: CLI's) that would kill it on exit starts a refresh of its own instead.
         self.refresh_stale = True
+        #: With a redis:// store, the queues of the worker pools (:mod:`runcache.engine.worker`).
+        self.pools = pools
+        #: The pool this process works for, when it is a worker: it runs what it takes,
+        #: keyed as the servers that queued it keyed it.
+        self.worker_pool: str | None = None
+        #: The pooled jobs this server queued (or is queuing) and waits on, by key:
+        #: identical requests join them.
+        self._pooled: dict[str, asyncio.Future[RemoteJob]] = {}
 
     @classmethod
     def from_config(cls, config: Config) -> Engine:
@@ -223,7 +238,16 @@ class Engine:
             board = open_board(
                 config.store, config.instance_timeout, config.store_timeout, config.job_retention
             )
-        return cls(config, Cache(store), runner, Metrics.for_server(config.workers), audit, board)
+            pools = open_pools(config.store, config.store_timeout)
+        if config.default_pool and pools is None:
+            store.close()
+            audit.close()
+            raise ConfigError(
+                f"--default-pool {config.default_pool!r} needs a redis:// store (--store): "
+                "pools are queues on Redis Streams"
+            )
+        metrics = Metrics.for_server(config.workers)
+        return cls(config, Cache(store), runner, metrics, audit, board, pools)
 
     async def serve_jobs(self) -> None:
         """With a shared store, publish this instance's jobs from now on and answer the
@@ -237,6 +261,8 @@ class Engine:
         if self.shared is not None:
             self.jobs.on_new = None
             await self.shared.aclose()
+        if self.pools is not None:
+            await self.pools.aclose()
         await self.cache.aclose()
 
     # -- jobs of every instance ------------------------------------------------------
@@ -300,9 +326,12 @@ class Engine:
         try:
             plan = await self._planned(request)
             outcome = await self._lookup(plan, caller)
-            if outcome is None:
+            if outcome is None and plan.pool is not None:
+                remote, joined = await self._queue(plan, request, caller, background=False)
+                outcome = await self._answer(lambda: self._pooled_outcome(remote, joined), gone)
+            elif outcome is None:
                 job, joined = self._claim(plan, caller)
-                outcome = await self._answer(job, joined, gone)
+                outcome = await self._answer(lambda: self._outcome(job, joined), gone)
         except ClientGone:
             self.audit.left(caller, plan.command, plan.key)
             raise
@@ -313,22 +342,28 @@ class Engine:
             self.audit.answered(caller, plan.command, plan.key, outcome)
         return outcome
 
-    async def start(self, request: wire.RunRequest, caller: Caller) -> tuple[Job, bool]:
+    async def start(
+        self, request: wire.RunRequest, caller: Caller, job_id: str | None = None
+    ) -> tuple[Job, bool]:
         """Start (or join) a request's run in the background: its job at once, and whether
         that was an identical run already going. The one way in for a background run
         (``"background": true``, ``execute-async``, MCP's tools); the job is the caller's
         from now on, and its audit line is written when it ends (a refusal's at once).
 
         A request the cache answers gets a job that has ended already, with the
-        cached result.
+        cached result. A worker gives the ``job_id`` the queuing server chose (and
+        never joins a run here under another id: the key's lease lets one run).
         """
         try:
             plan = await self._planned(request)
             hit = await self._lookup(plan, caller)
-            if hit is None:
-                job, joined = self._claim(plan, caller, background=True)
+            job: Job
+            if hit is None and plan.pool is not None:
+                job, joined = await self._queue(plan, request, caller, background=True)
+            elif hit is None:
+                job, joined = self._claim(plan, caller, background=True, job_id=job_id)
             else:
-                job, joined = await self._answered_job(plan, hit, caller), False
+                job, joined = await self._answered_job(plan, hit, caller, job_id), False
         except RuncacheError as error:
             self.audit.refused(caller, request.command, error.message)
             raise
@@ -367,13 +402,18 @@ class Engine:
         """What a request asks for (with the server's policy where it says nothing),
         checked against this server's bounds."""
         request = self.policy.applied_to(request)
-        context = self.context_rules.check(request)
+        pool = self._pool_of(request)
+        # A pooled command's context is the worker's to check, by its own rules.
+        context = NO_CONTEXT if pool is not None else self.context_rules.check(request)
         asked = request.cache_exit_codes
         codes = DEFAULT_EXIT_CODES if asked is None else frozenset(map(int, asked))
+        keyed_by = pool or self.worker_pool
         return Plan(
             command=request.command,
-            argv=self.argv(request.command),
-            key=self.cache_key(request.command, context, codes, request.scope or ""),
+            argv=[] if pool is not None else self.argv(request.command),
+            key=self.cache_key(request.command, context, codes, request.scope or "")
+            if keyed_by is None
+            else self._pool_key(keyed_by, request, codes),
             timeout=self._bounded(
                 request.timeout, "timeout", self.config.default_timeout, self.config.max_timeout
             ),
@@ -387,6 +427,7 @@ class Engine:
             cache_exit_codes=codes,
             inputs=tuple(request.inputs or ()),
             scope=request.scope or "",
+            pool=pool,
         )
 
     async def _lookup(self, plan: Plan, caller: Caller) -> Outcome | None:
@@ -412,10 +453,12 @@ class Engine:
             log.debug("%s hit %r", caller.client, loggable(plan.command))
         return Outcome(cached, cached=True, stale=stale)
 
-    def _claim(self, plan: Plan, caller: Caller, background: bool = False) -> tuple[Job, bool]:
+    def _claim(
+        self, plan: Plan, caller: Caller, background: bool = False, job_id: str | None = None
+    ) -> tuple[Job, bool]:
         """The job that answers ``plan``: the identical one running, joined, or a new one;
         either way the caller's (:attr:`Caller.owner`) from now on."""
-        if plan.use_cache:
+        if plan.use_cache and job_id is None:
             running = self.jobs.running_for(plan.key)
             if running is not None:
                 running.holders += background
@@ -423,29 +466,36 @@ class Engine:
                 return running, True
         control = RunControl(self.runner.max_output_bytes)
         job = self.jobs.new(
-            plan.command, plan.key, control, plan.use_cache, background, caller.owner
+            plan.command, plan.key, control, plan.use_cache, background, caller.owner, job_id
         )
         control.on_output = job.attach(asyncio.get_running_loop())
         job.task = asyncio.ensure_future(self._run_job(job, plan, caller.client))
         job.task.add_done_callback(lambda _: self.jobs.ended(job))
         return job, False
 
-    async def _answered_job(self, plan: Plan, hit: Outcome, caller: Caller) -> Job:
+    async def _answered_job(
+        self, plan: Plan, hit: Outcome, caller: Caller, job_id: str | None = None
+    ) -> Job:
         """A background request the cache answered: a job that has ended, with the hit."""
         facts = await _facts_of(hit.body)
-        job = self.jobs.new(plan.command, plan.key, None, plan.use_cache, True, caller.owner)
+        job = self.jobs.new(
+            plan.command, plan.key, None, plan.use_cache, True, caller.owner, job_id
+        )
         job.cached, job.stale = True, hit.stale
         job.finish(hit.body, None, facts=facts)
         return job
 
     async def _answer(
-        self, job: Job, joined: bool, gone: Callable[[], Awaitable[object]] | None
+        self,
+        wait: Callable[[], Awaitable[Outcome]],
+        gone: Callable[[], Awaitable[object]] | None,
     ) -> Outcome:
-        """The job's answer, unless the caller goes first (``gone`` returns): then the
-        wait is cancelled, so the job counts one client less, and ClientGone is raised."""
+        """The answer ``wait`` waits for, unless the caller goes first (``gone`` returns):
+        then the wait is cancelled, so the job counts one client less, and ClientGone is
+        raised."""
         if gone is None:
-            return await self._outcome(job, joined)
-        answer = asyncio.ensure_future(self._outcome(job, joined))
+            return await wait()
+        answer = asyncio.ensure_future(wait())
         left = asyncio.ensure_future(gone())
         try:
             await asyncio.wait((answer, left), return_when=asyncio.FIRST_COMPLETED)
@@ -481,6 +531,151 @@ class Engine:
             self.metrics.coalesced()
             await self.cache.record_coalesced()
         return Outcome(body, coalesced=coalesced)
+
+    # -- pools: commands run where the tools are ------------------------------------
+
+    async def _queue(
+        self, plan: Plan, request: wire.RunRequest, caller: Caller, background: bool
+    ) -> tuple[RemoteJob, bool]:
+        """Queue ``plan`` for its pool (or join the identical pooled job this server
+        waits on): the job, read from the board, and whether it was joined. A 503 with
+        Retry-After when the pool has no live worker or a full queue."""
+        pool = plan.pool
+        assert pool is not None and self.pools is not None and self.sharing is not None
+        if plan.use_cache:
+            queuing = self._pooled.get(plan.key)
+            if queuing is not None:
+                running = await asyncio.shield(queuing)  # its 503, if it got one
+                await running.catch_up()  # its end, if it came while nobody here waited
+                if not running.ended:
+                    return running, True
+                if self._pooled.get(plan.key) is queuing:
+                    del self._pooled[plan.key]
+        # A foreground request's job is listed for the requests that join it until its
+        # waiter sees it end; a background one's is not (nobody here would see it end).
+        if plan.use_cache and not background:
+            queued: asyncio.Future[RemoteJob] = asyncio.get_running_loop().create_future()
+            self._pooled[plan.key] = queued
+            try:
+                job = await self._enqueue(plan, request, caller, background)
+            except BaseException as error:
+                if self._pooled.get(plan.key) is queued:
+                    del self._pooled[plan.key]
+                queued.set_exception(error)
+                queued.exception()  # retrieved: a request that joined it raises it itself
+                raise
+            queued.set_result(job)
+            return job, False
+        return await self._enqueue(plan, request, caller, background), False
+
+    async def _enqueue(
+        self, plan: Plan, request: wire.RunRequest, caller: Caller, background: bool
+    ) -> RemoteJob:
+        """Queue ``plan`` for its pool with its job's first record: the job."""
+        pool = plan.pool
+        assert pool is not None and self.pools is not None and self.sharing is not None
+        record = JobRecord(
+            job_id=secrets.token_hex(16),
+            command=plan.command,
+            cache_key=plan.key,
+            instance=queue_name(pool),
+            status="running",
+            started_at=time.time(),
+            owners=[] if caller.owner is None else [caller.owner],
+            cacheable=plan.use_cache,
+            background=background,
+            pool=pool,
+        )
+        task = Task(
+            job_id=record.job_id,
+            request=msgspec.json.encode(_as_run_request(request)),
+            client=caller.client,
+            credential=caller.credential,
+            identity=caller.identity,
+            background=background,
+            retries=request.retries,
+        )
+        queued, count = await self.pools.enqueue(pool, task, record, self.config.max_queued)
+        if queued == 0:
+            raise Busy(
+                f"pool {pool!r} has no live worker: start one with runcache worker --pool {pool}",
+                retry_after=_POOL_RETRY_SECONDS,
+            )
+        if queued < 0:
+            raise Busy(
+                f"pool {pool!r} has {count} commands queued, the most --max-queued allows",
+                retry_after=_POOL_RETRY_SECONDS,
+            )
+        log.debug("%s queued %r for pool %s", caller.client, loggable(plan.command), pool)
+        return RemoteJob(record, self.sharing.board)
+
+    async def _pooled_outcome(self, job: RemoteJob, joined: bool) -> Outcome:
+        """Wait for a pooled job's end on the board, as one of its clients; a job still
+        queued when its pool has lost every worker ends the wait with a 503."""
+        pool = job.record.pool
+        assert pool is not None and self.pools is not None
+        try:
+            while not job.ended:
+                await job.changed()
+                if not job.ended and job.instance == queue_name(pool):
+                    if await self.pools.live_workers(pool) == 0:
+                        raise Busy(
+                            f"pool {pool!r} has no live worker left to run job {job.job_id}",
+                            retry_after=_POOL_RETRY_SECONDS,
+                        )
+        finally:
+            queued = self._pooled.get(job.cache_key)
+            if (
+                job.ended
+                and queued is not None
+                and queued.done()
+                and queued.exception() is None
+                and queued.result() is job
+            ):
+                del self._pooled[job.cache_key]
+        if job.body is None:
+            raise Busy(job.error or f"job {job.job_id} ended without a result", _POOL_RETRY_SECONDS)
+        if job.cached:  # the worker found it stored meanwhile
+            return Outcome(job.body, cached=True, stale=job.stale)
+        coalesced = joined or job.elsewhere
+        if coalesced:
+            self.metrics.coalesced()
+        return Outcome(job.body, coalesced=coalesced)
+
+    def _pool_of(self, request: wire.RunRequest) -> str | None:
+        """The pool that runs ``request`` (None: this process does): a worker runs what it
+        takes; a server asks the request's pool, else --default-pool."""
+        if self.worker_pool is not None:
+            return None
+        pool = request.pool or self.config.default_pool or None
+        if pool is None:
+            return None
+        if self.pools is None:
+            raise BadRequest(
+                f"pool {pool!r} needs a redis:// store (--store): this server's is "
+                f"{self.cache.store.description}"
+            )
+        if self.sharing is None:
+            raise BadRequest(
+                f"pool {pool!r}: a pool's commands are queued by a runcache server "
+                "(runcache run --server URL --pool NAME)"
+            )
+        if request.inputs:
+            raise BadRequest(
+                "inputs are read where the command runs: a request with a pool cannot name them"
+            )
+        return pool
+
+    def _pool_key(
+        self, pool: str, request: wire.RunRequest, cache_exit_codes: frozenset[int]
+    ) -> str:
+        """A pooled command's key: the pool in place of this process's own environment (a
+        pool is a set of machines with its tools: the same command prints other things
+        there), and the run context as the request gives it, so the server that queues
+        it and the worker that runs it make the same key."""
+        asked = RunContext(cwd=request.cwd, env=request.env, stdin=(request.stdin or "").encode())
+        prefix = b"pool\0" + pool.encode() + b"\0"
+        return cache_key(prefix, request.command, key_part(asked), cache_exit_codes, request.scope)
 
     def cancel(self, job: Job) -> bool:
         """Kill a running job's whole group; everyone waiting gets the cancelled result."""
@@ -705,6 +900,18 @@ def _named_by_flag(field: str) -> Iterator[None]:
     except ConfigError as error:
         flag = next(setting.flag for setting in settings() if setting.name == field)
         raise ConfigError(f"{flag}: {error}") from None
+
+
+#: Seconds a 503 for a pool asks the client to wait.
+_POOL_RETRY_SECONDS = 5
+
+
+def _as_run_request(request: wire.RunRequest) -> wire.RunRequest:
+    """The run's fields of a request (a command route's body has ``background`` too)."""
+    if type(request) is wire.RunRequest:
+        return request
+    fields = {name: getattr(request, name) for name in wire.RunRequest.__struct_fields__}
+    return wire.RunRequest(**fields)
 
 
 def _command_env(config: Config) -> dict[str, str]:

@@ -171,7 +171,9 @@ async def accepted(job: Job) -> wire.JobAccepted:
     (at most ``PID_WAIT_SECONDS`` later; null while it waits for a slot, or cached), and
     the job on the job board with it."""
     deadline = asyncio.get_running_loop().time() + PID_WAIT_SECONDS
-    while job.pid is None and not job.ended and asyncio.get_running_loop().time() < deadline:
+    # A job another process runs (a pool's) has no run here to wait for.
+    loop = asyncio.get_running_loop()
+    while job.control is not None and job.pid is None and not job.ended and loop.time() < deadline:
         await asyncio.sleep(0.002)
     await job.published()  # the next request may reach another instance
     return wire.JobAccepted(job.job_id, job.status, job.cache_key, job.pid)  # type: ignore[arg-type]

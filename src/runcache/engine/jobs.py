@@ -175,6 +175,8 @@ class Job:
         #: Told on the run's thread of new output, with a shared store: it only notes it
         #: (and wakes the loop once a round), never works there.
         self.on_output: Callable[[], None] | None = None
+        #: The pool whose worker runs it (set on a worker: :mod:`runcache.engine.worker`).
+        self.pool: str | None = None
         #: Writes the job as it is now to the job board, with a shared store.
         self.on_publish: Callable[[], Awaitable[None]] | None = None
 
@@ -403,6 +405,8 @@ class Jobs:
         #: that ended or was read longest ago first.
         self._kept: OrderedDict[str, int] = OrderedDict()
         self._kept_total = 0
+        #: The pool this process works for (a worker), named on each of its jobs.
+        self.pool: str | None = None
         #: Told of each new job, with a shared store: it publishes them to the job board.
         self.on_new: Callable[[Job], None] | None = None
 
@@ -414,14 +418,23 @@ class Jobs:
         cacheable: bool,
         background: bool,
         owner: str | None = None,
+        job_id: str | None = None,
     ) -> Job:
-        """A job, listed from now on; a cacheable running one is found by its key."""
+        """A job, listed from now on; a cacheable running one is found by its key. A
+        worker gives the ``job_id`` the server that queued the command chose."""
         self.prune()
         # Hex, not token_urlsafe: one id in 64 of those began with "-", which a
         # command line (`runcache jobs logs -x…`) takes for an option.
         job = Job(
-            secrets.token_hex(16), command, cache_key, control, cacheable, background, self._clock
+            job_id or secrets.token_hex(16),
+            command,
+            cache_key,
+            control,
+            cacheable,
+            background,
+            self._clock,
         )
+        job.pool = self.pool
         job.on_kept = self._account
         job.own(owner)
         self._jobs[job.job_id] = job

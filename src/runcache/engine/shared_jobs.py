@@ -101,6 +101,7 @@ def record_of(job: Job, instance: str) -> JobRecord:
         cached=job.cached,
         coalesced=job.elsewhere,
         stale=job.stale,
+        pool=job.pool,
     )
 
 

@@ -74,6 +74,9 @@ class JobRecord(msgspec.Struct, kw_only=True):
     cached: bool = False
     coalesced: bool = False
     stale: bool = False
+    #: The pool whose worker runs it (its queue while it waits): such a job is reaped
+    #: by its pool's claim (:mod:`runcache.stores.redis_pools`), not the board's reaper.
+    pool: str | None = None
 
     @property
     def ended(self) -> bool:

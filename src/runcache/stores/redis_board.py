@@ -165,6 +165,8 @@ class RedisBoard:
     def _publish(self, pipe: Any, record: JobRecord) -> None:
         pipe.hset(self._job(record.job_id), "r", _encode(record))
         pipe.zadd(self._index, {record.job_id: record.started_at})
+        if record.pool is not None:  # its pool's claim reaps it (redis_pools)
+            return
         pipe.hset(self._running, record.job_id, record.instance)
         if record.cacheable and record.lease is not None:
             pipe.hset(self._leases, record.job_id, record.cache_key + "\n" + record.lease)

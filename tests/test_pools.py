@@ -1,0 +1,323 @@
+"""Worker pools: one ``runcache serve`` and ``runcache worker`` processes of two pools, all
+separate processes on one real redis-server. Commands land on their pool's workers
+(each sets RUNCACHE_WORKER in its commands' environment), two workers share load,
+identical requests join, control from the server reaches a worker, a SIGKILLed
+worker's job is failed (or run again with ``retries``) within the claim timeout, a
+pool without workers answers 503, and SIGTERM of a worker cancels its runs.
+
+The module's server and its workers of ``alpha`` and ``beta`` serve every test that
+does not stop a worker; those that do start workers of a pool of their own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import psutil
+import pytest
+import requests
+
+from conftest import (
+    LiveServer,
+    RedisServer,
+    json_object,
+    marked,
+    marker,
+    served,
+    serving_several_tests,
+    start_server,
+    until,
+)
+
+WORKER_STOPPED = "the worker running this job stopped answering"
+
+#: Short timeouts, so a dead worker's job is found within a few seconds.
+TIMEOUTS = ("--claim-timeout", "3", "--instance-timeout", "3")
+
+
+@dataclass
+class Worker:
+    """A ``runcache worker`` process and its name (what its commands see)."""
+
+    process: subprocess.Popen[str]
+    name: str
+    output: list[str] = field(default_factory=list)
+    reader: threading.Thread | None = None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.process.wait(5)
+        if self.reader is not None:
+            self.reader.join(10)
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+
+
+def start_worker(store: str, pool: str, *args: str) -> Worker:
+    """Start ``runcache worker`` in ``pool`` and wait until it is in it."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "runcache", "worker", "--pool", pool, "--store", store, *TIMEOUTS]
+        + list(args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=environment,
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    giving_up = threading.Timer(30, process.kill)
+    giving_up.start()
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("runcache worker ") and " serving pool " in line:
+                worker = Worker(process, line.split()[2], lines)
+                worker.reader = threading.Thread(target=_drain, args=(worker,), daemon=True)
+                worker.reader.start()
+                return worker
+    finally:
+        giving_up.cancel()
+    process.wait(10)
+    process.stdout.close()
+    raise AssertionError("runcache worker exited before joining its pool:\n" + "".join(lines))
+
+
+def _drain(worker: Worker) -> None:
+    assert worker.process.stdout is not None
+    for line in worker.process.stdout:
+        worker.output.append(line)
+
+
+@dataclass
+class Deployment:
+    store: str
+    server: LiveServer
+    alpha: list[Worker]
+    beta: Worker
+    watchdogs: list[int] = field(default_factory=list)
+
+    @property
+    def everyone(self) -> list[Worker]:
+        return [*self.alpha, self.beta]
+
+
+@pytest.fixture(scope="module")
+def deployment(redis_server: RedisServer) -> Iterator[Deployment]:
+    store = f"{redis_server.url}?namespace=pools-{uuid.uuid4().hex}"
+    alpha = [start_worker(store, "alpha", "--concurrency", "1") for _ in range(2)]
+    beta = start_worker(store, "beta")
+    server = start_server("--store", store, *TIMEOUTS)
+    pids = [server.process.pid, beta.process.pid, *(w.process.pid for w in alpha)]
+    serving_several_tests(*pids)
+    found = Deployment(store, server, alpha, beta)
+    yield found
+    server.stop()
+    for worker in [*alpha, beta]:
+        worker.stop()
+    served(*pids, *found.watchdogs)
+
+
+@pytest.fixture(autouse=True)
+def _watchdogs_serve_several_tests(deployment: Deployment) -> Iterator[None]:
+    """The module's workers and server start their run watchdog (kept, like themselves,
+    for the module's tests) with their first command: exempted as they are."""
+    yield
+    for pid in [deployment.server.process.pid, *(w.process.pid for w in deployment.everyone)]:
+        for child in psutil.Process(pid).children():
+            if "runcache.run.containment" in " ".join(child.cmdline()):
+                serving_several_tests(child.pid)
+                deployment.watchdogs.append(child.pid)
+
+
+def post(server: LiveServer, body: dict[str, Any], status: int = 200) -> dict[str, Any]:
+    answer = requests.post(server.url + "/api/command", json=body, timeout=60)
+    assert answer.status_code == status, answer.text
+    return json_object(answer)
+
+
+def job(server: LiveServer, job_id: str) -> dict[str, Any]:
+    answer = requests.get(f"{server.url}/api/jobs/{job_id}", timeout=30)
+    assert answer.status_code == 200, answer.text
+    return json_object(answer)
+
+
+def ended(server: LiveServer, job_id: str) -> dict[str, Any] | None:
+    found = job(server, job_id)
+    return found if found["status"] not in ("running", "paused") else None
+
+
+def test_commands_land_on_their_pools_workers(deployment: Deployment) -> None:
+    alpha = {worker.name for worker in deployment.alpha}
+    first = post(deployment.server, {"command": "echo $RUNCACHE_WORKER", "pool": "alpha"})
+    assert first["stdout"].strip() in alpha
+    ran = post(
+        deployment.server,
+        {"command": "echo $RUNCACHE_WORKER; env | grep -c ^RUNCACHE_", "pool": "beta"},
+    )
+    assert ran["stdout"].split() == [deployment.beta.name, "1"]  # no other runcache setting
+    # The pool is in the key: the same command on the server itself is another result.
+    here = post(deployment.server, {"command": "echo $RUNCACHE_WORKER"})
+    assert here["stdout"] == "\n" and not here["cached"]
+    again = post(deployment.server, {"command": "echo $RUNCACHE_WORKER", "pool": "alpha"})
+    assert again["cached"] and again["stdout"] == first["stdout"]
+
+
+def test_two_workers_share_a_pools_load(deployment: Deployment) -> None:
+    mark = marker()
+    started = [
+        post(
+            deployment.server,
+            {
+                "command": f"echo $RUNCACHE_WORKER; sleep 1 # {mark} {n}",
+                "pool": "alpha",
+                "background": True,
+            },
+            202,
+        )
+        for n in range(2)
+    ]
+    done = [until(partial(ended, deployment.server, j["job_id"])) for j in started]
+    assert {d["instance"] for d in done} == {w.name for w in deployment.alpha}
+
+
+def test_identical_requests_join_one_run(deployment: Deployment) -> None:
+    command = f"sleep 1; echo $RUNCACHE_WORKER $$ # {marker()}"
+
+    def ask(_: int) -> dict[str, Any]:
+        return post(deployment.server, {"command": command, "pool": "alpha"})
+
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(ask, range(3)))
+    assert len({answer["stdout"] for answer in answers}) == 1
+    assert sum(not answer["coalesced"] and not answer["cached"] for answer in answers) == 1
+
+
+def test_cancel_and_pause_from_the_server_reach_the_worker(deployment: Deployment) -> None:
+    mark = marker()
+    server = deployment.server
+    started = post(
+        server, {"command": f"sleep 30 # {mark}", "pool": "beta", "background": True}, 202
+    )
+    job_id = started["job_id"]
+    until(lambda: marked(mark), what="the command running on the worker")
+    process = marked(mark)[0]
+    answer = requests.post(f"{server.url}/api/jobs/{job_id}/pause", timeout=30)
+    assert answer.status_code == 200, answer.text
+    until(lambda: process.status() == psutil.STATUS_STOPPED, what="the run paused")
+    assert job(server, job_id)["status"] == "paused"
+    answer = requests.post(f"{server.url}/api/jobs/{job_id}/resume", timeout=30)
+    assert answer.status_code == 200, answer.text
+    until(lambda: process.status() != psutil.STATUS_STOPPED, what="the run resumed")
+    answer = requests.post(f"{server.url}/api/jobs/{job_id}/cancel", timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert until(lambda: ended(server, job_id))["status"] == "cancelled"
+    until(lambda: not marked(mark), what="the command killed")
+
+
+def test_a_pool_without_workers_answers_503_at_once(deployment: Deployment) -> None:
+    answer = requests.post(
+        deployment.server.url + "/api/command",
+        json={"command": "true", "pool": "nobody"},
+        timeout=30,
+    )
+    assert answer.status_code == 503
+    assert answer.headers["Retry-After"].isdigit()
+    assert "pool 'nobody' has no live worker" in answer.json()["error"]
+
+
+def test_a_worker_needs_redis(tmp_path: Any) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runcache",
+            "worker",
+            "--pool",
+            "x",
+            "--store",
+            f"sqlite://{tmp_path / 'c.db'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")},
+    )
+    assert done.returncode != 0
+    assert "runcache worker needs a redis:// store (--store)" in done.stdout + done.stderr
+
+
+def test_a_killed_workers_jobs_fail_or_run_again(deployment: Deployment) -> None:
+    pool = "gamma-" + uuid.uuid4().hex[:8]
+    mark = marker()
+    first = start_worker(deployment.store, pool, "--concurrency", "2")
+    second: Worker | None = None
+    try:
+        once = post(
+            deployment.server,
+            {"command": f"sleep 30 # {mark} once", "pool": pool, "background": True},
+            202,
+        )
+        again = post(
+            deployment.server,
+            {
+                "command": f"sleep 2; echo $RUNCACHE_WORKER # {mark} again",
+                "pool": pool,
+                "retries": 1,
+                "background": True,
+            },
+            202,
+        )
+        until(lambda: len(marked(mark)) >= 2, what="both commands running")
+        first.process.kill()
+        first.process.wait(10)
+        second = start_worker(deployment.store, pool)
+        failed = until(lambda: ended(deployment.server, once["job_id"]), seconds=30)
+        assert failed["status"] == "failed"
+        assert failed["error"] == WORKER_STOPPED
+        rerun = until(lambda: ended(deployment.server, again["job_id"]), seconds=30)
+        assert rerun["status"] == "completed", rerun
+        assert rerun["instance"] == second.name
+        for process in marked(mark):  # the dead worker's runs, if its containment left any
+            process.kill()
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+def test_sigterm_cancels_a_workers_runs_and_exits_0(deployment: Deployment) -> None:
+    pool = "delta-" + uuid.uuid4().hex[:8]
+    mark = marker()
+    worker = start_worker(deployment.store, pool)
+    try:
+        started = post(
+            deployment.server,
+            {"command": f"sleep 30 # {mark}", "pool": pool, "background": True},
+            202,
+        )
+        until(lambda: marked(mark), what="the command running")
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.process.wait(20) == 0
+        assert until(lambda: ended(deployment.server, started["job_id"]))["status"] == "cancelled"
+        assert not marked(mark)
+        assert any("runcache stopping" in line for line in worker.output)
+        # Its pool has no live worker now: a 503 at once.
+        post(deployment.server, {"command": "true", "pool": pool}, 503)
+    finally:
+        worker.stop()
