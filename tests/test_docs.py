@@ -151,7 +151,11 @@ class _Shell:
     def close(self) -> None:
         if self.process.stdin is not None:
             self.process.stdin.close()
-        self.process.wait(10)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:  # a command of a failed page still running
+            self.process.kill()
+            self.process.wait(10)
         if self.process.stdout is not None:
             self.process.stdout.close()
 
