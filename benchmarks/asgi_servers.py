@@ -15,7 +15,7 @@ round sends, to one server and then the other, cached ``POST /api/command``
 hits and then ``GET /livez`` over keep-alive connections. It prints each
 server's median round (requests/s, p50, p99) per route and the ratio
 granian / uvicorn for both routes. This is how runcache's server was chosen
-(see the README).
+(see docs/benchmarks.md).
 """
 
 from __future__ import annotations

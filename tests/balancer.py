@@ -1,7 +1,7 @@
 """Debian's nginx as the load balancer in front of real ``runcache serve`` processes.
 
-:func:`start_nginx` writes the configuration the README's "Run it for a team"
-section shows (round-robin over the servers, kept-alive HTTP/1.1 connections to
+:func:`start_nginx` writes the configuration that docs/team.md ("Run it for a team")
+shows (round-robin over the servers, kept-alive HTTP/1.1 connections to
 them, no buffering for event streams, long read timeouts, the client's ``Host``
 passed through) into a directory of the test's, and runs nginx in the
 foreground there: its pid file, temporary files and logs all stay in that
@@ -25,7 +25,7 @@ import requests
 from conftest import free_port, until
 
 #: The part of the configuration a team deploys, with the servers' addresses
-#: (``{servers}``), the address nginx listens on and its name filled in; the README
+#: (``{servers}``), the address nginx listens on and its name filled in; docs/team.md
 #: shows the same (a test checks it).
 SITE = """\
 upstream runcache {{

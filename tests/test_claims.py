@@ -1,4 +1,4 @@
-"""What the README claims, each tested where a small break of it would show.
+"""What the README and the docs claim, each tested where a small break of it would show.
 
 Each test here was written against a breaking change tried by hand (issue 11):
 the claim's code changed in one small way, the test failing on the changed code.
@@ -34,7 +34,8 @@ from conftest import LiveServer, until
 StartServer = Callable[..., LiveServer]
 
 MiB = 1 << 20
-README = Path(__file__).resolve().parent.parent / "README.md"
+#: The page that says how a run and the cache behave.
+BEHAVIOUR = Path(__file__).resolve().parent.parent / "docs" / "getting-started.md"
 
 
 def _running(*argv: str) -> list[psutil.Process]:
@@ -216,13 +217,13 @@ def test_a_large_result_is_streamed_so_slow_readers_cost_no_copy_of_it(
 
 # -- what goes into the cache key -------------------------------------------------------
 
-#: The variables the README names as part of the key, spelled out here rather than
+#: The variables the documentation names as part of the key, spelled out here rather than
 #: imported, so that emptying the code's list cannot empty this test too.
 KEY_VARIABLES = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ")
 
 
-def test_the_readme_names_these_variables_as_part_of_the_key() -> None:
-    sentence = " ".join(README.read_text().split()).split("The cache key is", 1)[1][:300]
+def test_the_docs_name_these_variables_as_part_of_the_key() -> None:
+    sentence = " ".join(BEHAVIOUR.read_text().split()).split("The cache key is", 1)[1][:300]
     assert "`PATH`, `HOME`, `USER`, `LANG`, `LC_ALL` and `TZ`" in sentence
 
 

@@ -70,8 +70,12 @@ def test_ci_runs_the_readme_test_command() -> None:
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert f"```sh\n{ci}\n```" in readme
+    # The documentation site shows the same two commands, word for word.
+    started = (ROOT / "docs" / "getting-started.md").read_text()
+    assert f"```sh\n{ci}\n```" in started
     assert "-r requirements/test.txt" in ci and "--require-hashes" in ci
     serve = next(line for line in readme.splitlines() if line.endswith("runcache serve"))
     assert "-r requirements/serve.txt" in serve and "--require-hashes" in serve
+    assert f"```sh\n{serve}\n```" in started
     # Two environments: the tests' editable install never replaces the server's copy.
     assert " .venv-test " in ci and ".venv-test" not in serve

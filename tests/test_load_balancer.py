@@ -1,5 +1,5 @@
 """Two ``runcache serve`` processes on one Redis behind Debian's nginx doing round-robin,
-driven only through nginx, as a team runs it (the README's "Run it for a team").
+driven only through nginx, as a team runs it (docs/team.md, "Run it for a team").
 
 nginx sends each request to the next server in turn (one nginx worker, so strictly in
 turn), so consecutive requests about one job reach both servers: every answer below
@@ -129,8 +129,8 @@ def team(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) ->
         server.assert_quiet_log()
 
 
-def test_the_readme_shows_the_configuration_tested_here() -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+def test_the_docs_show_the_configuration_tested_here() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "team.md").read_text()
     shown = site(["10.0.0.11:8888", "10.0.0.12:8888"], "80", "runcache.internal")
     assert f"```nginx\n{shown}```" in readme
     assert "--allowed-hosts runcache.internal --mcp-stateless true" in readme

@@ -101,7 +101,7 @@ def test_a_nonzero_exit_is_cached_when_asked_and_kept_byte_for_byte(
 
 def test_invalid_utf8_reads_the_same_cached_or_not(home: Path, tmp_path: Path) -> None:
     """Output is text on the wire: bytes that are not UTF-8 become U+FFFD, the same
-    whether the answer ran or came from the cache (the README says so)."""
+    whether the answer ran or came from the cache (docs/cli.md says so)."""
     runs = tmp_path / "runs"
     command = f"echo run >> {runs}; printf 'a\\377\\376b\\n'; printf '\\377' >&2"
     live, cached = runcache(home, "run", command), runcache(home, "run", command)

@@ -3,7 +3,7 @@
 Every setting is a field of :class:`Config` with its default and a line of help.
 ``RUNCACHE_<NAME>`` sets it from the environment and ``--<name>`` from the command
 line, so adding a setting here is all it takes to expose it everywhere; a test
-checks that the README documents each one.
+checks that docs/configuration.md documents each one.
 """
 
 from __future__ import annotations

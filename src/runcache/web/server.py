@@ -5,7 +5,7 @@ on the loop, and requests waiting on a command hold no thread. With
 ``--workers N`` (a shared store only) the port is bound once and N forked
 processes accept on it, each with an engine of its own, their Prometheus
 metrics summed through a private directory this process makes for them. uvicorn was chosen by
-measurement against granian (see the README and benchmarks/asgi_servers.py).
+measurement against granian (see docs/benchmarks.md and benchmarks/asgi_servers.py).
 
 SIGTERM or Ctrl-C kills every running command's group first, so the requests
 waiting on them answer at once, then lets the server finish those requests and
