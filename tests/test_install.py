@@ -5,16 +5,21 @@ and a new release changed its wording. The lock pins what the suite passed
 with; these tests fail when the lock misses a dependency that ``pyproject.toml``
 names, when a pin falls outside the range ``pyproject.toml`` allows, when the
 environment running the tests was not installed from the lock, or when CI no
-longer runs the README's test command.
+longer runs the README's test command, when a locked package needs one the lock
+misses on a Python the README names (Debian 12's python3 is 3.11.2, Ubuntu
+24.04's 3.12.3), or when ``runcache serve`` needs a package the serve lock lacks.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import tomllib
 from importlib import metadata
 from pathlib import Path
 
+import httpx
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -26,6 +31,10 @@ def _pins(lock: str) -> dict[str, str]:
     text = (ROOT / "requirements" / lock).read_text()
     found = re.findall(r"^([A-Za-z0-9._-]+)==([^\s\\;]+)", text, flags=re.MULTILINE)
     return {canonicalize_name(name): version for name, version in found}
+
+
+#: The Pythons the README's commands run on: Debian 12's, this suite's, Ubuntu 24.04's.
+PYTHONS = ("3.11.2", f"{sys.version_info[0]}.{sys.version_info[1]}.{sys.version_info[2]}", "3.12.3")
 
 
 def _requirements(*extras: str) -> list[Requirement]:
@@ -79,3 +88,82 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert f"```sh\n{serve}\n```" in started
     # Two environments: the tests' editable install never replaces the server's copy.
     assert " .venv-test " in ci and ".venv-test" not in serve
+
+
+def test_every_locked_package_finds_what_it_needs_in_its_lock_on_every_python() -> None:
+    """pip's --require-hashes refuses a dependency the lock lacks, so a package needing one
+    only on another Python (redis-py: async-timeout before 3.11.3) breaks the install."""
+    test_pins = _pins("test.txt")
+    for lock in ("serve.txt", "test.txt"):
+        pins = _pins(lock)
+        for name, version in pins.items():
+            assert test_pins.get(name) == version, f"{lock} and test.txt disagree on {name}"
+            for python in PYTHONS:
+                environment = {
+                    "python_full_version": python,
+                    "python_version": python.rsplit(".", 1)[0],
+                    "extra": "",
+                }
+                for line in metadata.requires(name) or []:
+                    needed = Requirement(line)
+                    if needed.marker is None or needed.marker.evaluate(environment):
+                        assert canonicalize_name(needed.name) in pins, (
+                            f"on Python {python}, {name} needs {line!r}: not in {lock}"
+                        )
+
+
+#: Blocks, before runcache is imported, every module only the test lock installs.
+_ONLY_THE_SERVE_LOCK = """
+import sys
+for name in sys.argv.pop(1).split(","):
+    sys.modules[name] = None  # import name: ModuleNotFoundError
+arguments = sys.argv[1:]
+if arguments[:2] == ["-m", "runcache"]:  # as start_server appends it
+    arguments = arguments[2:]
+sys.argv = ["runcache", *arguments]
+from runcache.__main__ import main
+main()
+"""
+
+
+def _modules_the_serve_lock_lacks() -> list[str]:
+    """The top-level modules whose every distribution is in the test lock only."""
+    served = set(_pins("serve.txt"))
+    tested = set(_pins("test.txt"))
+    return sorted(
+        module
+        for module, dists in metadata.packages_distributions().items()
+        if {canonicalize_name(d) for d in dists} <= tested - served
+    )
+
+
+def test_the_server_needs_only_the_serve_lock(tmp_path: Path) -> None:
+    """The README's first command installs requirements/serve.txt (no redis, no test
+    tools) and serves: once, a module-level redis import broke exactly that."""
+    from conftest import start_server
+
+    blocked = _modules_the_serve_lock_lacks()
+    assert "redis" in blocked and "pytest" in blocked
+    code = ["-c", _ONLY_THE_SERVE_LOCK, ",".join(blocked)]
+    for store in ("memory://", f"sqlite:///{tmp_path / 'cache.db'}"):
+        server = start_server("--store", store, python=[sys.executable, *code])
+        try:
+            for _ in range(2):
+                answer = httpx.post(f"{server.url}/api/command", json={"command": "echo served"})
+                assert answer.status_code == 200, answer.text
+            assert answer.json()["cached"] is True
+            assert httpx.get(f"{server.url}/").status_code == 200
+            assert httpx.get(f"{server.url}/metrics").status_code == 200
+            mcp = httpx.post(
+                f"{server.url}/mcp",
+                json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
+                headers={"Accept": "application/json, text/event-stream"},
+            )
+            assert mcp.status_code < 500, mcp.text
+        finally:
+            server.stop()
+        server.assert_quiet_log()
+    done = subprocess.run(
+        [sys.executable, *code, "run", "--help"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr

@@ -239,6 +239,10 @@ def test_a_pool_without_workers_answers_503_at_once(deployment: Deployment) -> N
     assert answer.status_code == 503
     assert answer.headers["Retry-After"].isdigit()
     assert "pool 'nobody' has no live worker" in answer.json()["error"]
+    # With a redis:// store the schema names pools; a memory store's allows only null.
+    document = requests.get(deployment.server.url + "/openapi.json", timeout=30).json()
+    pool = document["components"]["schemas"]["CommandRequest"]["properties"]["pool"]
+    assert "string" in [option["type"] for option in pool["anyOf"]]
 
 
 def test_a_worker_needs_redis(tmp_path: Any) -> None:

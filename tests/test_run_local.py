@@ -175,7 +175,10 @@ def test_a_short_lived_call_leaves_no_job_board_or_files_behind(home: Path) -> N
     assert runcache(home, "run", "echo", "x").returncode == 0
     assert runcache(home, "run", "echo", "x").returncode == 0
     folder = home / "runcache"
-    assert sorted(path.name for path in folder.iterdir()) == ["cache.db"]  # no -wal, -shm
+    # The cache's file and SQLite's own companions, nothing else: the hit's light path
+    # (runcache.client.cached) exits without the checkpoint that closing would cost,
+    # leaving the -wal and -shm for the store's next writer.
+    assert {path.name for path in folder.iterdir()} <= {"cache.db", "cache.db-wal", "cache.db-shm"}
     with sqlite3.connect(folder / "cache.db") as database:
         tables = {row[0] for row in database.execute("SELECT name FROM sqlite_master")}
     assert not any(name.startswith("board") for name in tables), tables

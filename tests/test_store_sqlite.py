@@ -19,7 +19,9 @@ import pytest
 
 from runcache.errors import ConfigError, StoreError
 from runcache.stores import open_store
+from runcache.stores.board import open_board
 from runcache.stores.sqlite import SqliteStore
+from runcache.stores.sqlite_board import SqliteBoard
 
 from conftest import FakeClock
 
@@ -293,14 +295,20 @@ def test_missing_directories_are_made(tmp_path: Path, opened: list[SqliteStore])
     ("url", "path", "namespace"),
     [
         ("sqlite:///var/cache/rc.db", "/var/cache/rc.db", "runcache"),
+        # SQLAlchemy's absolute form: once read as the relative var/cache/rc.db.
+        ("sqlite:////var/cache/rc.db", "/var/cache/rc.db", "runcache"),
         ("sqlite://rel/rc.db?namespace=team-a", "rel/rc.db", "team-a"),
     ],
 )
 def test_url_names_the_file_and_namespace(url: str, path: str, namespace: str) -> None:
+    """The cache and the job board of one URL open one file."""
     store = open_store(url, 10, 100)
     assert isinstance(store, SqliteStore)
     assert (store.path, store.namespace) == (Path(path), namespace)
     assert store.description == f"sqlite://{path}?namespace={namespace}"
+    board = open_board(url, 10.0, 5.0, 60.0)
+    assert isinstance(board, SqliteBoard)
+    assert board._path == Path(path)
 
 
 @pytest.mark.parametrize(

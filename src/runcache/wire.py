@@ -193,9 +193,11 @@ Pool = Annotated[
         },
     ),
 ]
+# A JSON number, as cache_exit_codes below says why: the schema's integer accepts 10.0.
 Retries = Annotated[
-    int,
+    float,
     Meta(
+        multiple_of=1,
         ge=0,
         le=10,
         description="With a pool: how many times a command whose worker stopped answering "
@@ -648,11 +650,22 @@ def _message_for(messages: dict[str, str], value: object, error: str, name: str)
     return messages.get(kind) or messages.get("type") or f"{name} is not valid: {error}"
 
 
-def command_request_schema(bounds: dict[str, tuple[float, float]]) -> dict[str, Any]:
+def command_request_schema(
+    bounds: dict[str, tuple[float, float]], pools: bool = True
+) -> dict[str, Any]:
     """The request's JSON Schema with this server's bounds and defaults written in:
-    ``bounds`` maps each bounded field (timeout, ttl, stale) to its (most, default)."""
+    ``bounds`` maps each bounded field (timeout, ttl, stale) to its (most, default).
+    Without ``pools`` (a store that holds none), ``pool`` may only be null: a pool's
+    name would be refused, and the schema says what this server accepts."""
     schema: dict[str, Any] = schema_components()["CommandRequest"]
     properties = schema["properties"]
+    if not pools:
+        properties["pool"] = {
+            "type": "null",
+            "default": None,
+            "description": "This server's store is not a redis:// one, so it has no worker "
+            "pools: it runs every command itself.",
+        }
     for name, (limit, default) in bounds.items():
         number = next(
             option for option in properties[name]["anyOf"] if option.get("type") == "number"

@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -55,7 +56,10 @@ from runcache.run.runner import NO_CONTEXT, RunContext, RunControl, Runner, RunR
 from runcache.stores import open_store
 from runcache.stores.base import CacheStats
 from runcache.stores.board import JobBoard, JobRecord, open_board
-from runcache.stores.redis_pools import RedisPools, Task, open_pools, queue_name
+from runcache.stores.pools import Task, open_pools, queue_name
+
+if TYPE_CHECKING:  # redis-py only with a redis:// store (runcache.stores.pools says why)
+    from runcache.stores.redis_pools import RedisPools
 
 log = logging.getLogger("runcache")
 
@@ -593,7 +597,7 @@ class Engine:
             credential=caller.credential,
             identity=caller.identity,
             background=background,
-            retries=request.retries,
+            retries=int(request.retries),
         )
         queued, count = await self.pools.enqueue(pool, task, record, self.config.max_queued)
         if queued == 0:

@@ -36,7 +36,8 @@ from runcache.engine.engine import Engine
 from runcache.engine.jobs import Job
 from runcache.errors import ConfigError, RuncacheError, StoreError
 from runcache.stores.board import HEARTBEAT_SECONDS, JobRecord
-from runcache.stores.redis_pools import RedisPools, Task
+from runcache.stores.pools import Task
+from runcache.stores.redis_pools import RedisPools
 
 log = logging.getLogger("runcache")
 

@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from runcache.errors import ConfigError
 from runcache.stores.base import DEFAULT_TIMEOUT, Store
@@ -43,16 +43,9 @@ def _open_sqlite(
 ) -> Store:
     from runcache.stores.sqlite import SqliteStore
 
-    rest, namespace = _split_namespace(url)
-    parts = urlsplit(rest)
-    if parts.query:
-        raise ConfigError(f"store {url!r}: sqlite takes no options but namespace")
-    # sqlite:///abs/path.db is absolute; sqlite://relative/path.db is relative.
-    path = parts.netloc + parts.path
-    if not path:
-        raise ConfigError(f"store {url!r} names no file: use sqlite:///path/to/cache.db")
+    path, namespace = sqlite_file(url)
     return SqliteStore(
-        Path(path),
+        path,
         max_entries,
         max_bytes,
         namespace,
@@ -125,9 +118,10 @@ def open_store(
 
 
 def _split_namespace(url: str) -> tuple[str, str]:
-    """The URL without its ``namespace`` option, and the namespace (checked)."""
-    parts = urlsplit(url)
-    options = parse_qsl(parts.query, keep_blank_values=True)
+    """The URL without its ``namespace`` option, and the namespace (checked). The rest is
+    kept as written: urlunsplit would turn ``sqlite:////abs`` into ``sqlite://abs``."""
+    base, _, query = url.partition("?")
+    options = parse_qsl(query, keep_blank_values=True)
     names = [value for name, value in options if name == "namespace"]
     namespace = names[-1] if names else DEFAULT_NAMESPACE
     if not _NAMESPACE.fullmatch(namespace):
@@ -135,4 +129,20 @@ def _split_namespace(url: str) -> tuple[str, str]:
             f"store namespace {namespace!r} must be 1 to 64 letters, digits, '.', '_' or '-'"
         )
     rest = urlencode([(name, value) for name, value in options if name != "namespace"])
-    return urlunsplit(parts._replace(query=rest)), namespace
+    return (f"{base}?{rest}" if rest else base), namespace
+
+
+def sqlite_file(url: str) -> tuple[Path, str]:
+    """The file and the namespace a ``sqlite://`` URL names, for the cache and the job
+    board alike: ``sqlite:///abs/cache.db`` (and SQLAlchemy's ``sqlite:////abs/cache.db``)
+    is absolute, ``sqlite://relative/cache.db`` relative to the working directory."""
+    rest, namespace = _split_namespace(url)
+    parts = urlsplit(rest)
+    if parts.query:
+        raise ConfigError(f"store {url!r}: sqlite takes no options but namespace")
+    path = parts.netloc + parts.path
+    if not path:
+        raise ConfigError(f"store {url!r} names no file: use sqlite:///path/to/cache.db")
+    if path.startswith("//"):
+        path = "/" + path.lstrip("/")
+    return Path(path), namespace

@@ -183,17 +183,14 @@ def open_board(
     """The board of the store ``url`` names: SQLite's or Redis's, None for memory (whose
     jobs stay in their process). ``timeout`` bounds each call that does not wait;
     ended jobs are kept ``retention`` seconds."""
-    from runcache.stores import _split_namespace
+    from runcache.stores import _split_namespace, sqlite_file
 
     scheme = urlsplit(url).scheme
     if scheme == "sqlite":
         from runcache.stores.sqlite_board import SqliteBoard
 
-        rest, namespace = _split_namespace(url)
-        parts = urlsplit(rest)
-        return SqliteBoard(
-            parts.netloc + parts.path, namespace, instance_timeout, timeout, retention
-        )
+        path, namespace = sqlite_file(url)
+        return SqliteBoard(str(path), namespace, instance_timeout, timeout, retention)
     if scheme in ("redis", "rediss"):
         from runcache.stores.redis_board import RedisBoard
 

@@ -29,38 +29,9 @@ import redis
 import redis.asyncio
 
 from runcache.stores.board import JobRecord
+from runcache.stores.pools import GROUP, WORKER_STOPPED, PoolCounts, Task, queue_name
 from runcache.stores.redis import mask_password
 from runcache.stores.redis_board import _encode, _Failing
-
-#: What the claim writes on a job whose worker stopped answering.
-WORKER_STOPPED = "the worker running this job stopped answering"
-
-#: The consumer group of every pool's stream.
-GROUP = "workers"
-
-
-class Task(msgspec.Struct, kw_only=True):
-    """One command queued for a pool: the request as sent, and what the server decided."""
-
-    job_id: str
-    #: The request's JSON (a :class:`~runcache.wire.RunRequest`).
-    request: bytes
-    client: str
-    credential: str
-    identity: str
-    background: bool
-    retries: int = 0
-    attempt: int = 0
-
-
-class PoolCounts(msgspec.Struct):
-    """One pool as ``/metrics`` and the dashboard show it."""
-
-    pool: str
-    workers: int
-    queued: int
-    running: int
-
 
 _decode_task = msgspec.json.Decoder(Task).decode
 _decode_record = msgspec.json.Decoder(JobRecord).decode
@@ -136,11 +107,6 @@ redis.call('XDEL', stream, ARGV[1])
 redis.call('XADD', stream, '*', 't', ARGV[2])
 return 1
 """
-
-
-def queue_name(pool: str) -> str:
-    """What a job's record names as its instance while it waits in ``pool``'s queue."""
-    return f"pool {pool} (queued)"
 
 
 class RedisPools:
@@ -353,16 +319,4 @@ class RedisPools:
             await client.aclose()
 
 
-def open_pools(url: str, timeout: float) -> RedisPools | None:
-    """The pools of the store ``url`` names: Redis's (``redis://``), else None."""
-    from urllib.parse import urlsplit
-
-    from runcache.stores import _split_namespace
-
-    if urlsplit(url).scheme not in ("redis", "rediss"):
-        return None
-    rest, namespace = _split_namespace(url)
-    return RedisPools(rest, namespace, timeout)
-
-
-__all__ = ["GROUP", "WORKER_STOPPED", "PoolCounts", "RedisPools", "Task", "open_pools"]
+__all__ = ["RedisPools"]

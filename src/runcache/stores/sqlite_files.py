@@ -113,6 +113,9 @@ def create_private(path: str | os.PathLike[str]) -> None:
     """Create the database file readable by runcache's user alone, if it is not there
     (SQLite would make it 0644 less the umask, and its -wal and -shm take the database's
     mode): a run as --run-as cannot read it. Whoever opens the file first (the cache or
-    the job board) must call this before SQLite creates it."""
+    the job board) must call this before SQLite creates it; it makes the file's directory
+    too, so whichever of the two comes first finds it."""
+    with contextlib.suppress(OSError):  # SQLite says what is wrong when it opens the file
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(OSError):  # there already, or SQLite will say what is wrong
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))

@@ -36,7 +36,9 @@ _COMPONENT = "#/components/schemas/{name}"
 
 async def openapi_json(request: Request) -> Response:
     operations: tuple[Operation, ...] = request.app.state.operations
-    return JSONBytes(msgspec.json.encode(build(engine_of(request).config, operations)))
+    engine = engine_of(request)
+    document = build(engine.config, operations, pools=engine.pools is not None)
+    return JSONBytes(msgspec.json.encode(document))
 
 
 OPERATION = Operation(
@@ -50,8 +52,9 @@ OPERATION = Operation(
 )
 
 
-def build(config: Config, operations: Iterable[Operation]) -> Schema:
-    """The whole document for a server running with ``config`` and serving ``operations``."""
+def build(config: Config, operations: Iterable[Operation], pools: bool = False) -> Schema:
+    """The whole document for a server running with ``config`` and serving ``operations``
+    (with worker ``pools`` when its store holds them)."""
     protected = bool(config.token)
     paths: Schema = {}
     for operation in operations:
@@ -73,7 +76,7 @@ def build(config: Config, operations: Iterable[Operation]) -> Schema:
         },
         "paths": paths,
         "components": {
-            "schemas": _schemas(config),
+            "schemas": _schemas(config, pools),
             "responses": _error_responses(config),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
@@ -207,7 +210,7 @@ def _error_responses(config: Config) -> Schema:
     return responses
 
 
-def _schemas(config: Config) -> Schema:
+def _schemas(config: Config, pools: bool) -> Schema:
     """The components of :mod:`runcache.wire`, the request's with this server's bounds."""
     components = wire.schema_components()
     components["CommandRequest"] = wire.command_request_schema(
@@ -215,6 +218,7 @@ def _schemas(config: Config) -> Schema:
             "timeout": (config.max_timeout, config.default_timeout),
             "ttl": (config.max_ttl, config.default_ttl),
             "stale": (config.max_stale, config.default_stale),
-        }
+        },
+        pools,
     )
     return components
