@@ -256,7 +256,7 @@ def test_the_watchdog_kills_a_run_whose_runner_is_gone_and_ends(way: str) -> Non
     )
     thread.start()
     until(lambda: escaped_sleep(mark), what="for the run")
-    watchdog = psutil.Process(runner._watchdog.pid)
+    watchdog = psutil.Process(until(lambda: runner._watchdog.pid, what="the watchdog"))
     # Started outside the run's namespace, or it would die with the run it watches.
     assert os.readlink(f"/proc/{watchdog.pid}/ns/pid") == os.readlink("/proc/self/ns/pid")
     escaped = marked(mark)
@@ -378,7 +378,9 @@ def test_the_watchdogs_stdin_cannot_be_opened_and_garbage_does_not_stop_it(way: 
     thread.start()
     try:
         until(lambda: marked(mark), what="for the run")
-        watchdog = psutil.Process(runner._watchdog.pid)
+        # The run is visible a moment before the runner tells the watchdog of it (and
+        # starts it): psutil.Process(None) would be this very process.
+        watchdog = psutil.Process(until(lambda: runner._watchdog.pid, what="the watchdog"))
         with pytest.raises(OSError):  # a socket: not even root opens it through /proc
             open(f"/proc/{watchdog.pid}/fd/0", "wb").close()
         runner._watchdog._send("garbage\n+\n-\n+-1\n+99999999999999\n" + "x" * 100_000 + "\n-abc\n")

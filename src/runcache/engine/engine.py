@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -645,6 +646,29 @@ class Engine:
         if coalesced:
             self.metrics.coalesced()
         return Outcome(job.body, coalesced=coalesced)
+
+    def queued(self, job: RemoteJob) -> bool:
+        """Whether ``job`` waits in its pool's queue, as last read: no worker runs it."""
+        pool = job.record.pool
+        return pool is not None and not job.ended and job.instance == queue_name(pool)
+
+    async def cancel_queued(self, job: RemoteJob) -> bool:
+        """Cancel a pooled job before any worker takes it: it never runs, and its clients
+        get a cancelled result at once (no instance runs it, so none is asked). False once
+        a worker has it: then that worker is asked, as for any other instance's job."""
+        if self.pools is None or not self.queued(job):
+            return False
+        timestamp = datetime.now(UTC).isoformat()
+        never_ran = RunResult(
+            bytearray(), bytearray(), -9, False, False, False, 0.0, timestamp, cancelled=True
+        )
+        body = encode_result(never_ran, job.cache_key)
+        cancelled = await self.pools.end_queued(job.job_id, body, self.config.job_retention)
+        assert self.sharing is not None
+        found = await self.sharing.board.get(job.job_id)
+        if found is not None:
+            job._update(found)
+        return cancelled
 
     def _pool_of(self, request: wire.RunRequest) -> str | None:
         """The pool that runs ``request`` (None: this process does): a worker runs what it

@@ -264,6 +264,10 @@ async def _steer(engine: Engine, job: Job, verb: str) -> bool:
     """Do ``verb`` to ``job`` here, or (another instance's job) ask the instance that runs
     it, through the job board; whether it was done."""
     if isinstance(job, RemoteJob):
+        if verb == "cancel" and await engine.cancel_queued(job):
+            return True
+        if engine.queued(job):  # no worker has it: nothing runs to pause, resume or leave
+            return False
         sharing = engine.sharing
         assert sharing is not None
         return (await sharing.control(job, verb)).done
@@ -301,6 +305,8 @@ async def resume(engine: Engine, job: Job) -> wire.JobAction:
 def _cannot(done: str, job: Job) -> str:
     if job.ended:
         state = f"has ended ({job.status})"
+    elif isinstance(job, RemoteJob) and job.record.pool is not None and job.pid is None:
+        state = f"waits in pool {job.record.pool!r}'s queue for a worker"
     elif job.pid is None:
         state = "has not started yet (it waits for a free slot)"
     else:

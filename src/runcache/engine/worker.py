@@ -126,6 +126,9 @@ class Worker:
         engine = self.engine
         caller = Caller(task.client, task.credential, task.identity)
         try:
+            if not await self.pools.take_job(task.job_id, self.name):
+                await self.pools.done(self.pool, entry)  # cancelled while it waited
+                return
             try:
                 request = _decode_request(task.request)
                 job, _ = await engine.start(request, caller, job_id=task.job_id)

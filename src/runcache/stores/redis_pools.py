@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -93,6 +94,21 @@ redis.call('XDEL', stream, ARGV[1])
 return 1
 """
 
+#: Swaps a queued job's record for another while it is the one read (compare and set),
+#: so a job is cancelled in its queue or taken by a worker, never both. KEYS: the job's
+#: hash, its output. ARGV: the record read, the new one, and for an ended one its
+#: retention in ms ('' while it runs). Answers 1 swapped, 0 changed meanwhile.
+_SWAP = """
+if redis.call('HGET', KEYS[1], 'r') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'r', ARGV[2])
+if ARGV[3] ~= '' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  redis.call('XADD', KEYS[2], '*', 'end', '1')
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+return 1
+"""
+
 #: Queues a task again after its worker stopped answering (``retries`` allowed it).
 #: KEYS: the stream, the job's hash. ARGV: the old entry, the task, the record, the
 #: lock key, the token.
@@ -124,6 +140,7 @@ class RedisPools:
         self._live = self._redis.register_script(_LIVE)
         self._fail = self._redis.register_script(_FAIL)
         self._requeue = self._redis.register_script(_REQUEUE)
+        self._swap = self._redis.register_script(_SWAP)
 
     def _stream(self, pool: str) -> str:
         return self._base + "pool:" + pool
@@ -242,6 +259,45 @@ class RedisPools:
             pipe.xack(self._stream(pool), GROUP, entry)
             pipe.xdel(self._stream(pool), entry)
             await pipe.execute()
+
+    async def end_queued(self, job_id: str, body: bytes, retention: float) -> bool:
+        """End a job no worker has taken yet as cancelled, ``body`` its result; False
+        once a worker has it (ask that worker instead). Its entry stays in the queue
+        until a worker reads it and, finding the job ended, drops it (:meth:`take_job`)."""
+
+        def cancel(record: JobRecord) -> None:
+            record.status, record.ended_at, record.body = "cancelled", time.time(), body.decode()
+            record.return_code = None
+
+        return await self._swap_queued(job_id, cancel, max(1, math.ceil(retention * 1000)))
+
+    async def take_job(self, job_id: str, worker: str) -> bool:
+        """Make a queued job ``worker``'s before it runs it: False when it was cancelled
+        (or ended) while it waited, and must not run."""
+
+        def take(record: JobRecord) -> None:
+            record.instance = worker
+
+        return await self._swap_queued(job_id, take, None)
+
+    async def _swap_queued(
+        self, job_id: str, change: Callable[[JobRecord], None], retention_ms: int | None
+    ) -> bool:
+        """Apply ``change`` to a job's record if it is still queued, and it alone changed it."""
+        key = self._base + "job:" + job_id
+        async with self._failing():
+            read: Any = await self._redis.hget(key, "r")
+            if read is None:
+                return False
+            record = _decode_record(read)
+            if record.ended or record.pool is None or record.instance != queue_name(record.pool):
+                return False
+            change(record)
+            swapped = await self._swap(
+                keys=[key, self._base + "out:" + job_id],
+                args=[read, _encode(record), "" if retention_ms is None else retention_ms],
+            )
+        return bool(swapped)
 
     async def fail(
         self, pool: str, entry: str, record: JobRecord, retention: float, lock: str = ""
