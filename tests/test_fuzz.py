@@ -77,6 +77,7 @@ OPERATIONS = {
     "GET /livez",
     "GET /metrics",
     "GET /api/jobs",
+    "GET /api/pools",
     "GET /api/jobs/{job_id}",
     "GET /api/jobs/{job_id}/output",
     "GET /api/jobs/{job_id}/events",

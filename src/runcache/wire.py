@@ -1061,6 +1061,30 @@ class Deleted(Struct, frozen=True, kw_only=True):
 SHAPES = (*SHAPES, CacheEntryList, CacheEntryDetail, InvalidateRequest, Deleted)
 
 
+# -- worker pools: what each pool has now ---------------------------------------------
+
+
+class PoolCounts(Struct, frozen=True):
+    """One worker pool now: its live workers (their heartbeat has not lapsed), the
+    commands queued for them, and those they run. Read from Redis, so every server
+    sharing the store answers the same figures."""
+
+    pool: Annotated[str, Meta(pattern=POOL_PATTERN)]
+    workers: _Count
+    queued: _Count
+    running: _Count
+
+
+class PoolList(Struct, frozen=True):
+    """The answer of ``GET /api/pools``: every pool a worker ever joined on this store,
+    by name (none without a redis:// store)."""
+
+    pools: list[PoolCounts]
+
+
+SHAPES = (*SHAPES, PoolList)
+
+
 # -- query strings: a page of output, a page of entries ------------------------------
 # Declared once, for the routes that read them from a query string (decode_query), the
 # OpenAPI document's parameters and the MCP tool that reads a page (mcp/shapes.py).

@@ -203,6 +203,9 @@ class Engine:
         #: The pooled jobs this server queued (or is queuing) and waits on, by key:
         #: identical requests join them.
         self._pooled: dict[str, asyncio.Future[RemoteJob]] = {}
+        #: Why the pools' counts could not be read last time (None: they could), so an
+        #: outage is logged once, and its end once.
+        self._pools_failing: str | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> Engine:
@@ -704,6 +707,25 @@ class Engine:
         asked = RunContext(cwd=request.cwd, env=request.env, stdin=(request.stdin or "").encode())
         prefix = b"pool\0" + pool.encode() + b"\0"
         return cache_key(prefix, request.command, key_part(asked), cache_exit_codes, request.scope)
+
+    async def pool_counts(self) -> list[wire.PoolCounts]:
+        """Every pool's live workers, queued and running commands, as ``GET /api/pools``
+        and ``/metrics`` show them: none without a redis:// store. A StoreError when
+        Redis fails, logged once per outage (every scrape and poll would repeat it)."""
+        if self.pools is None:
+            return []
+        try:
+            counts = await self.pools.counts()
+        except StoreError as error:
+            if self._pools_failing is None:
+                log.warning("worker pools unreadable: %s", error.message)
+            self._pools_failing = error.message
+            self.metrics.store_error()
+            raise
+        if self._pools_failing is not None:
+            log.warning("worker pools readable again")
+            self._pools_failing = None
+        return counts
 
     def cancel(self, job: Job) -> bool:
         """Kill a running job's whole group; everyone waiting gets the cancelled result."""

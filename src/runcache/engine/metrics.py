@@ -18,7 +18,10 @@ Three kinds of figure, by where they come from:
   multiprocess directory), so workers reading one shared store do not add its
   figures twice; servers with their own ledgers that share one store each
   report the store's whole figure.
-- **Read at scrape time**: the store's entries and bytes.
+- **Read at scrape time**: the store's entries and bytes, and with a redis:// store
+  each worker pool's live workers, queued and running commands (``{pool}``): Redis
+  holds them for every server, so any server's scrape shows the same figures. A
+  pool read that fails leaves the pool series out of that scrape; the rest answers.
 
 **Several processes** (``--workers N``): the supervising process makes a
 private directory and names it in ``PROMETHEUS_MULTIPROC_DIR`` before it forks
@@ -40,7 +43,7 @@ import shutil
 import tempfile
 import threading
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 
 from prometheus_client import (
@@ -68,6 +71,7 @@ from prometheus_client.utils import floatToGoString
 from runcache import __version__
 from runcache.run.runner import RunResult
 from runcache.stores.base import CacheStats
+from runcache.wire import PoolCounts
 
 #: The variable prometheus_client's multiprocess mode reads its directory from.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -276,9 +280,10 @@ class Metrics:
 
     # -- the scrape ------------------------------------------------------------
 
-    def exposition(self, entries: int, size: int) -> bytes:
-        """The text ``GET /metrics`` answers, with the store's entries and bytes as read now."""
-        self._figures.entries, self._figures.bytes = entries, size
+    def exposition(self, entries: int, size: int, pools: Sequence[PoolCounts] = ()) -> bytes:
+        """The text ``GET /metrics`` answers, with the store's entries and bytes and the
+        worker pools' counts as read now."""
+        self._figures.entries, self._figures.bytes, self._figures.pools = entries, size, pools
         return generate_latest(self._registry)
 
 
@@ -321,7 +326,7 @@ class NoMetrics(Metrics):
     def stream(self, route: str, seconds: float) -> None:
         pass
 
-    def exposition(self, entries: int, size: int) -> bytes:
+    def exposition(self, entries: int, size: int, pools: Sequence[PoolCounts] = ()) -> bytes:
         return b""
 
 
@@ -445,12 +450,14 @@ class _SharedRouteDurations:
 
 
 class _ScrapeFigures:
-    """The figures made at scrape time: counters derived from the store, and its size."""
+    """The figures made at scrape time: counters derived from the store, its size, and
+    the worker pools' counts."""
 
     def __init__(self, store_counts: StoreCounts) -> None:
         self._store_counts = store_counts
         self.entries = 0
         self.bytes = 0
+        self.pools: Sequence[PoolCounts] = ()
 
     def collect(self) -> Iterable[Metric]:
         totals = self._store_counts.totals()
@@ -470,6 +477,25 @@ class _ScrapeFigures:
         yield GaugeMetricFamily(
             "runcache_cache_bytes", "Bytes of results the store holds.", value=self.bytes
         )
+        if self.pools:  # no pools (or none readable now): no pool series at all
+            yield from _pool_gauges(self.pools)
+
+
+#: The gauges of each worker pool: name, help, and the field of PoolCounts they show.
+_POOL_GAUGES = (
+    ("runcache_pool_workers", "Live workers of the pool (heartbeat not lapsed).", "workers"),
+    ("runcache_pool_queued", "Commands queued for the pool, not yet taken.", "queued"),
+    ("runcache_pool_running", "Commands the pool's workers are running.", "running"),
+)
+
+
+def _pool_gauges(pools: Sequence[PoolCounts]) -> Iterator[Metric]:
+    """One gauge per figure, one series per pool (``{pool}``)."""
+    for name, documentation, field in _POOL_GAUGES:
+        family = GaugeMetricFamily(name, documentation, labels=["pool"])
+        for counts in pools:
+            family.add_metric([counts.pool], getattr(counts, field))
+        yield family
 
 
 # -- the supervisor's side of multiprocess mode -----------------------------------

@@ -1,5 +1,6 @@
-"""What a server and its workers say about worker pools, without Redis: the queued task,
-a pool's counts, and the one lookup that opens a store's pools.
+"""What a server and its workers say about worker pools, without Redis: the queued task
+and the one lookup that opens a store's pools (a pool's counts are a wire shape,
+:class:`runcache.wire.PoolCounts`).
 
 The queues themselves are :mod:`runcache.stores.redis_pools`; it imports redis-py,
 which ``runcache serve`` on a memory or SQLite store must not need (the serve lock,
@@ -37,15 +38,6 @@ class Task(msgspec.Struct, kw_only=True):
     attempt: int = 0
 
 
-class PoolCounts(msgspec.Struct):
-    """One pool as ``/metrics`` and the dashboard show it."""
-
-    pool: str
-    workers: int
-    queued: int
-    running: int
-
-
 def queue_name(pool: str) -> str:
     """What a job's record names as its instance while it waits in ``pool``'s queue."""
     return f"pool {pool} (queued)"
@@ -62,4 +54,4 @@ def open_pools(url: str, timeout: float) -> RedisPools | None:
     return RedisPools(rest, namespace, timeout)
 
 
-__all__ = ["GROUP", "WORKER_STOPPED", "PoolCounts", "Task", "open_pools", "queue_name"]
+__all__ = ["GROUP", "WORKER_STOPPED", "Task", "open_pools", "queue_name"]

@@ -306,17 +306,19 @@ class RedisBoard:
 
 
 class _Failing:
-    """Turns a Redis error (or a call that outlived its socket) into a StoreError."""
+    """Turns a Redis error (or a call that outlived its socket) into a StoreError that
+    names what failed (``what``: the job board, or the worker pools) and where."""
 
-    def __init__(self, description: str) -> None:
+    def __init__(self, description: str, what: str = "job board") -> None:
         self._description = description
+        self._what = what
 
     async def __aenter__(self) -> None:
         return None
 
     async def __aexit__(self, kind: type[BaseException] | None, error: Any, trace: Any) -> None:
         if isinstance(error, redis.RedisError | asyncio.TimeoutError | OSError):
-            raise StoreError(f"job board {self._description}: {error}") from error
+            raise StoreError(f"{self._what} {self._description}: {error}") from error
 
 
 def _record(fields: list[bytes | None]) -> JobRecord | None:

@@ -30,9 +30,10 @@ import redis
 import redis.asyncio
 
 from runcache.stores.board import JobRecord
-from runcache.stores.pools import GROUP, WORKER_STOPPED, PoolCounts, Task, queue_name
+from runcache.stores.pools import GROUP, WORKER_STOPPED, Task, queue_name
 from runcache.stores.redis import mask_password
 from runcache.stores.redis_board import _encode, _Failing
+from runcache.wire import PoolCounts
 
 _decode_task = msgspec.json.Decoder(Task).decode
 _decode_record = msgspec.json.Decoder(JobRecord).decode
@@ -149,7 +150,7 @@ class RedisPools:
         return self._base + "pool:" + pool + ":workers"
 
     def _failing(self) -> _Failing:
-        return _Failing(self.description)
+        return _Failing(self.description, "worker pools on")
 
     # -- the server's side ------------------------------------------------------------
 

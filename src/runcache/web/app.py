@@ -20,7 +20,7 @@ from runcache.web import dashboard, openapi, operations
 from runcache.web.auth import TokenGate
 from runcache.web.operations import Operation
 from runcache.web.origins import OriginGuard
-from runcache.web.routes import commands, entries, jobs, metrics, processes
+from runcache.web.routes import commands, entries, jobs, metrics, pools, processes
 from runcache.web.routes.mcp import McpEndpoint
 from runcache.web.streams import StreamSlots
 
@@ -30,6 +30,7 @@ OPERATIONS: tuple[Operation, ...] = (
     *commands.OPERATIONS,
     *entries.OPERATIONS,
     *jobs.OPERATIONS,
+    *pools.OPERATIONS,
     *processes.OPERATIONS,
     *dashboard.OPERATIONS,
     *metrics.OPERATIONS,

@@ -11,15 +11,21 @@ from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runcache.engine.metrics import CONTENT_TYPE, OTHER_ROUTE, Metrics
+from runcache.errors import StoreError
 from runcache.web.operations import Answer, Operation
 from runcache.web.routes.commands import engine_of
 
 
 async def metrics(request: Request) -> Response:
-    """The Prometheus text: the counters, and the store's size read now."""
+    """The Prometheus text: the counters, and the store's size and the pools read now."""
     engine = engine_of(request)
     stats = await engine.cache_stats()  # the last known figures while the store is down
-    return Response(engine.metrics.exposition(stats.size, stats.bytes), media_type=CONTENT_TYPE)
+    try:
+        pools = await engine.pool_counts()
+    except StoreError:  # logged by the engine; a scrape still answers the other figures
+        pools = []
+    text = engine.metrics.exposition(stats.size, stats.bytes, pools)
+    return Response(text, media_type=CONTENT_TYPE)
 
 
 OPERATIONS = (
@@ -29,7 +35,8 @@ OPERATIONS = (
         endpoint=metrics,
         operation_id="metrics",
         summary="Prometheus metrics in the text format: counts no clear resets, "
-        "durations, and the cache's size now.",
+        "durations, the cache's size now, and with a redis:// store each worker pool's "
+        "workers, queued and running commands.",
         ok=Answer("The metrics.", media="text/plain"),
     ),
 )
