@@ -120,6 +120,65 @@ def test_cancel_and_pause_from_the_server_reach_the_worker(deployment: Deploymen
     until(lambda: not marked(mark), what="the command killed")
 
 
+def test_a_job_still_in_its_queue_is_cancelled_at_once_and_never_runs(
+    deployment: Deployment,
+) -> None:
+    """No instance runs a queued job, so none is asked (once, a 503 after seconds): its
+    record is ended in the store, its waiting client answered, and the worker that reads
+    its entry later drops it."""
+    server, busy, waiting, pool = deployment.server, marker(), marker(), "alpha"
+    running = [
+        post(server, {"command": f"sleep 30 # {busy} {n}", "pool": pool, "background": True}, 202)
+        for n in range(2)  # alpha: two workers of concurrency 1, both busy now
+    ]
+    until(lambda: len(marked(busy)) == 2 or None, what="both alpha workers busy")
+    queued = post(
+        server, {"command": f"echo {waiting} queued", "pool": "alpha", "background": True}, 202
+    )
+    with ThreadPoolExecutor(1) as client:
+        foreground = client.submit(
+            post, server, {"command": f"echo {waiting} waited", "pool": "alpha"}
+        )
+        waited = until(
+            lambda: next(
+                (
+                    j["job_id"]
+                    for j in requests.get(f"{server.url}/api/jobs", timeout=30).json()["jobs"]
+                    if j["command"] == f"echo {waiting} waited"
+                ),
+                None,
+            ),
+            what="the foreground request's job",
+        )
+        paused = requests.post(f"{server.url}/api/jobs/{queued['job_id']}/pause", timeout=30)
+        assert paused.status_code == 409, paused.text
+        assert "waits in the queue of pool 'alpha'" in paused.json()["error"]
+        for job_id in (queued["job_id"], waited):
+            answer = requests.post(f"{server.url}/api/jobs/{job_id}/cancel", timeout=30)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["status"] == "cancelled"
+        result = foreground.result(30)
+    assert result["cancelled"] is True and result["stdout"] == ""
+    assert job(server, queued["job_id"])["status"] == "cancelled"
+    for started in running:
+        requests.post(f"{server.url}/api/jobs/{started['job_id']}/cancel", timeout=30)
+    # The workers, free again, read both entries and drop them: nothing queued, nothing run.
+    until(
+        lambda: (
+            next(
+                p
+                for p in requests.get(f"{server.url}/api/pools", timeout=30).json()["pools"]
+                if p["pool"] == "alpha"
+            )["queued"]
+            == 0
+            or None
+        ),
+        what="alpha's queue empty",
+    )
+    assert not any(waiting in line for worker in deployment.alpha for line in worker.output)
+    assert job(server, queued["job_id"])["status"] == "cancelled"
+
+
 def test_a_pool_without_workers_answers_503_at_once(deployment: Deployment) -> None:
     answer = requests.post(
         deployment.server.url + "/api/command",

@@ -306,7 +306,7 @@ def _cannot(done: str, job: Job) -> str:
     if job.ended:
         state = f"has ended ({job.status})"
     elif isinstance(job, RemoteJob) and job.record.pool is not None and job.pid is None:
-        state = f"waits in pool {job.record.pool!r}'s queue for a worker"
+        state = f"waits in the queue of pool {job.record.pool!r} for a worker"
     elif job.pid is None:
         state = "has not started yet (it waits for a free slot)"
     else:
