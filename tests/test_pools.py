@@ -23,6 +23,8 @@ from typing import Any
 import psutil
 import requests
 
+from test_mcp_tasks import Http, _call, _until_status
+
 from conftest import LiveServer, json_object, marked, marker, until
 from pool_workers import (  # noqa: F401 - deployment_fixture and deployment_watchdogs: fixtures
     Deployment,
@@ -177,6 +179,20 @@ def test_a_job_still_in_its_queue_is_cancelled_at_once_and_never_runs(
     )
     assert not any(waiting in line for worker in deployment.alpha for line in worker.output)
     assert job(server, queued["job_id"])["status"] == "cancelled"
+
+
+def test_mcp_runs_in_a_pool_as_a_call_and_as_a_task(deployment: Deployment) -> None:
+    """The pool is an MCP argument as it is a request field: a plain call waits for the
+    worker's result; a task (the client declares the extension) ends with it."""
+    client = Http(deployment.server)
+    arguments = {"command": "echo $RUNCACHE_WORKER; echo mcp", "pool": "beta"}
+    plain = _call(client, "execute_command", arguments, meta=None)
+    assert plain["structuredContent"]["stdout"] == f"{deployment.beta.name}\nmcp\n"
+    arguments["use_cache"] = False
+    task = _call(client, "execute_command", arguments)
+    assert task["resultType"] == "task", task
+    done = _until_status(client, task["taskId"], "completed")
+    assert done["result"]["structuredContent"]["stdout"] == f"{deployment.beta.name}\nmcp\n"
 
 
 def test_a_pool_without_workers_answers_503_at_once(deployment: Deployment) -> None:
