@@ -185,7 +185,7 @@ def test_mcp_runs_in_a_pool_as_a_call_and_as_a_task(deployment: Deployment) -> N
     """The pool is an MCP argument as it is a request field: a plain call waits for the
     worker's result; a task (the client declares the extension) ends with it."""
     client = Http(deployment.server)
-    arguments = {"command": "echo $RUNCACHE_WORKER; echo mcp", "pool": "beta"}
+    arguments: dict[str, Any] = {"command": "echo $RUNCACHE_WORKER; echo mcp", "pool": "beta"}
     plain = _call(client, "execute_command", arguments, meta=None)
     assert plain["structuredContent"]["stdout"] == f"{deployment.beta.name}\nmcp\n"
     arguments["use_cache"] = False
