@@ -190,7 +190,8 @@ def test_jobs_are_steered_through_the_balancer(team: Team) -> None:
     # The job routes, whichever server each request reaches.
     paused = team.post(f"/api/jobs/{job_id}/pause")
     assert paused == {"success": True, "job_id": job_id, "status": "paused"}
-    assert state(mark) == psutil.STATUS_STOPPED
+    # SIGSTOP takes effect when the kernel next schedules the process: waited for.
+    until(lambda: state(mark) == psutil.STATUS_STOPPED, what="the pause")
     conflict = team.post(f"/api/jobs/{job_id}/pause", 409)
     assert conflict["error"] == f"job {job_id} cannot be paused: it is paused"
     assert team.post(f"/api/jobs/{job_id}/resume")["status"] == "running"
@@ -201,7 +202,8 @@ def test_jobs_are_steered_through_the_balancer(team: Team) -> None:
     assert team.get(f"/api/processes/status/{pid}")["process"]["status"] == "running"
     message = team.post(f"/api/processes/pause/{pid}")["message"]
     assert message == f"Process {pid} paused successfully"
-    assert state(mark) == psutil.STATUS_STOPPED
+    # SIGSTOP takes effect when the kernel next schedules the process: waited for.
+    until(lambda: state(mark) == psutil.STATUS_STOPPED, what="the pause")
     assert team.get(f"/api/processes/status/{pid}")["process"]["status"] == "paused"
     assert team.post(f"/api/processes/resume/{pid}")["success"] is True
     until(lambda: state(mark) != psutil.STATUS_STOPPED, what="the resume")

@@ -96,7 +96,7 @@ def test_a_job_started_on_one_server_is_the_deployments(
     assert (
         post(two, f"/api/processes/pause/{pid}")["message"] == f"Process {pid} paused successfully"
     )
-    assert state(mark) == psutil.STATUS_STOPPED
+    until(lambda: state(mark) == psutil.STATUS_STOPPED, what="the pause")  # when scheduled
     assert post(two, f"/api/processes/resume/{pid}")["success"] is True
     until(lambda: state(mark) != psutil.STATUS_STOPPED, what="the resume")
     # The job routes steer it, with today's answers and conflicts.
@@ -105,7 +105,7 @@ def test_a_job_started_on_one_server_is_the_deployments(
         "job_id": job_id,
         "status": "paused",
     }
-    assert state(mark) == psutil.STATUS_STOPPED
+    until(lambda: state(mark) == psutil.STATUS_STOPPED, what="the pause")  # when scheduled
     conflict = post(two, f"/api/jobs/{job_id}/pause", status=409)
     assert conflict["error"] == f"job {job_id} cannot be paused: it is paused"
     assert post(two, f"/api/jobs/{job_id}/resume")["status"] == "running"
