@@ -209,7 +209,10 @@ def test_jobs_are_steered_through_the_balancer(team: Team) -> None:
     until(lambda: state(mark) != psutil.STATUS_STOPPED, what="the resume")
     task = team.get(f"/api/process/get-task-result/{second['task_id']}")
     assert task["result"]["status"] == "running"
-    other_pid = listed[second["task_id"]]["pid"]
+    # execute-async answers before its run has a pid: the record on the board gains it.
+    other_pid = until(
+        lambda: team.get(f"/api/jobs/{second['task_id']}")["pid"], what="the second run's pid"
+    )
     assert team.post(f"/api/processes/terminate/{other_pid}")["success"] is True
     until(lambda: not marked(other), what="the terminated run to go")
     # The dashboard's cancel: a same-origin POST, its Origin the balancer's.

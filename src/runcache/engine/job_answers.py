@@ -272,7 +272,12 @@ async def _steer(engine: Engine, job: Job, verb: str) -> bool:
         assert sharing is not None
         return (await sharing.control(job, verb)).done
     act: Callable[[Job], bool] = getattr(engine, verb)
-    return act(job)
+    done = act(job)
+    if done and verb in ("pause", "resume", "cancel"):
+        if verb == "cancel":
+            await until_ended(job)
+        await job.published()  # the next request may reach another instance
+    return done
 
 
 async def cancel(engine: Engine, job: Job) -> wire.JobAction:
