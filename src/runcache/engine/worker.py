@@ -126,7 +126,7 @@ class Worker:
         engine = self.engine
         caller = Caller(task.client, task.credential, task.identity)
         try:
-            if not await self.pools.take_job(task.job_id, self.name):
+            if not await self.pools.take_job(self.pool, task.job_id, self.name):
                 await self.pools.done(self.pool, entry)  # cancelled while it waited
                 return
             try:

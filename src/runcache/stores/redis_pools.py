@@ -110,6 +110,20 @@ end
 return 1
 """
 
+#: Makes a queued job a worker's in one round trip: its record's instance and status,
+#: found as written (a JSON string's own quotes are escaped, so only the record's fields
+#: match), swapped for the worker's. KEYS: the job's hash. ARGV: the fields while queued,
+#: the worker's. Answers 1 taken, 0 not queued (cancelled meanwhile, or gone).
+_TAKE = """
+local record = redis.call('HGET', KEYS[1], 'r')
+if not record then return 0 end
+local first, last = string.find(record, ARGV[1], 1, true)
+if not first then return 0 end
+local taken = string.sub(record, 1, first - 1) .. ARGV[2] .. string.sub(record, last + 1)
+redis.call('HSET', KEYS[1], 'r', taken)
+return 1
+"""
+
 #: Queues a task again after its worker stopped answering (``retries`` allowed it).
 #: KEYS: the stream, the job's hash. ARGV: the old entry, the task, the record, the
 #: lock key, the token.
@@ -124,6 +138,12 @@ redis.call('XDEL', stream, ARGV[1])
 redis.call('XADD', stream, '*', 't', ARGV[2])
 return 1
 """
+
+
+def _instance_and_running(instance: str) -> bytes:
+    """A running record's ``instance`` and ``status`` fields as msgspec writes them: next
+    to each other, in the order :class:`JobRecord` declares them."""
+    return b'"instance":' + _encode(instance) + b',"status":"running"'
 
 
 class RedisPools:
@@ -142,6 +162,7 @@ class RedisPools:
         self._fail = self._redis.register_script(_FAIL)
         self._requeue = self._redis.register_script(_REQUEUE)
         self._swap = self._redis.register_script(_SWAP)
+        self._take = self._redis.register_script(_TAKE)
 
     def _stream(self, pool: str) -> str:
         return self._base + "pool:" + pool
@@ -272,14 +293,15 @@ class RedisPools:
 
         return await self._swap_queued(job_id, cancel, max(1, math.ceil(retention * 1000)))
 
-    async def take_job(self, job_id: str, worker: str) -> bool:
+    async def take_job(self, pool: str, job_id: str, worker: str) -> bool:
         """Make a queued job ``worker``'s before it runs it: False when it was cancelled
         (or ended) while it waited, and must not run."""
-
-        def take(record: JobRecord) -> None:
-            record.instance = worker
-
-        return await self._swap_queued(job_id, take, None)
+        queued = _instance_and_running(queue_name(pool))
+        async with self._failing():
+            taken = await self._take(
+                keys=[self._base + "job:" + job_id], args=[queued, _instance_and_running(worker)]
+            )
+        return bool(taken)
 
     async def _swap_queued(
         self, job_id: str, change: Callable[[JobRecord], None], retention_ms: int | None
