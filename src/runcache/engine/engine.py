@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import os
@@ -72,9 +71,10 @@ _SHARED_TAIL = b',"cached":false,"coalesced":true}'
 _STALE_TAIL = b',"cached":true,"coalesced":false,"stale":true}'
 
 
-@dataclass(frozen=True)
-class Plan:
-    """A checked request: what to run, under which key, for how long, kept how long."""
+class Plan(msgspec.Struct, frozen=True):
+    """A checked request: what to run, under which key, for how long, kept how long.
+    (A Struct, not a dataclass: made for every request, and copied for one with inputs,
+    where ``dataclasses.replace`` cost a hit 12 us and ``msgspec.structs.replace`` 0.3.)"""
 
     command: str
     argv: list[str]
@@ -384,14 +384,16 @@ class Engine:
         plan = self.plan(request)
         if not plan.inputs:
             return plan
-        snapshot = None
-        if self.inputs.few_paths(plan.inputs):  # a stat each, on the loop: cheaper than a thread
+        cwd = self._cwd(plan)
+        # The same few plain paths as last time, unchanged: a stat each, on the loop.
+        snapshot = self.inputs.known(cwd, plan.inputs)
+        if snapshot is None and self.inputs.few_paths(plan.inputs):  # cheaper than a thread
             with contextlib.suppress(NeedsRead):  # one to read: then in a thread
-                snapshot = self.inputs.snapshot(self._cwd(plan), plan.inputs, known_only=True)
+                snapshot = self.inputs.snapshot(cwd, plan.inputs, known_only=True)
         if snapshot is None:
-            snapshot = await asyncio.to_thread(self.inputs.snapshot, self._cwd(plan), plan.inputs)
+            snapshot = await asyncio.to_thread(self.inputs.snapshot, cwd, plan.inputs)
         key = hashlib.sha256(plan.key.encode() + b"\0inputs\0" + snapshot.digest).hexdigest()
-        return dataclasses.replace(plan, key=key, snapshot=snapshot)
+        return msgspec.structs.replace(plan, key=key, snapshot=snapshot)
 
     def _cwd(self, plan: Plan) -> str:
         """The directory ``plan`` runs in."""
@@ -456,7 +458,7 @@ class Engine:
             self.metrics.stale_hit()
             if self.refresh_stale and self.jobs.running_for(plan.key) is None:
                 log.debug("%s stale hit %r: refreshing it", caller.client, loggable(plan.command))
-                self._claim(dataclasses.replace(plan, refresh=True), caller, background=True)
+                self._claim(msgspec.structs.replace(plan, refresh=True), caller, background=True)
         elif log.isEnabledFor(logging.DEBUG):
             log.debug("%s hit %r", caller.client, loggable(plan.command))
         return Outcome(cached, cached=True, stale=stale)

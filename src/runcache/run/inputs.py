@@ -46,7 +46,7 @@ FEW_PATHS = 32
 #: A file's stat as the cheap check sees it: size, mtime in ns, inode, device.
 Stat = tuple[int, int, int, int]
 
-#: Snapshots of plain paths kept whole (see Inputs._known): this many (cwd, paths) pairs.
+#: Snapshots of plain paths kept whole (see Inputs.known): this many (cwd, paths) pairs.
 KNOWN_SNAPSHOTS = 256
 
 
@@ -88,7 +88,7 @@ class Inputs:
         self._seen: dict[str, tuple[Stat, str]] = {}
         self._memo_size = memo_size or 4 * max_files
         #: Snapshots of a few plain paths, by (cwd, paths), with the lstat of each path
-        #: (as joined to cwd) they were taken on: see :meth:`_known`.
+        #: (as joined to cwd) they were taken on: see :meth:`known`.
         self._snapshots: OrderedDict[
             tuple[str, tuple[str, ...]], tuple[tuple[str, ...], tuple[Stat, ...], Snapshot]
         ] = OrderedDict()
@@ -105,7 +105,7 @@ class Inputs:
         """The inputs ``patterns`` name at ``cwd`` now; BadRequest says what is wrong.
         ``known_only``: raise :class:`NeedsRead` rather than read a file (the caller, on
         the event loop, then asks again from a thread)."""
-        known = self._known(cwd, patterns)
+        known = self.known(cwd, patterns)
         if known is not None:
             return known
         files = self._files(cwd, patterns)
@@ -120,7 +120,7 @@ class Inputs:
         self._remember(cwd, patterns, files, snapshot)
         return snapshot
 
-    def _known(self, cwd: str, patterns: Sequence[str]) -> Snapshot | None:
+    def known(self, cwd: str, patterns: Sequence[str]) -> Snapshot | None:
         """The snapshot taken last time of the same plain paths at ``cwd``, if each path's
         ``lstat`` is the same as then: one ``lstat`` a path and nothing else, where the
         full pass resolves the directory, checks each pattern, joins and normalizes each
@@ -148,7 +148,7 @@ class Inputs:
         files: list[tuple[str, str, Stat]],
         snapshot: Snapshot,
     ) -> None:
-        """Keep ``snapshot`` for :meth:`_known` when ``patterns`` are plain paths, each one
+        """Keep ``snapshot`` for :meth:`known` when ``patterns`` are plain paths, each one
         a regular file found as named (no glob, no git, no link, none missing, none
         absolute: then the full pass must look again, since what a pattern names, or
         whether it is allowed, may change another way)."""
