@@ -1,6 +1,7 @@
 """Jobs across instances: follow and control latency, and hits beside printing jobs, in one run.
 
 Run:  python3 benchmarks/shared_jobs.py [--lines 100] [--controls 30] [--seconds 3] [--rounds 3]
+          [--jobs 20] [--interval 0.01]
 
 For each shared store (two ``runcache serve`` on one throwaway ``redis-server``,
 then two on one SQLite file: the same code as ``--workers 2`` on that file,
@@ -12,10 +13,12 @@ with each server addressable) it measures:
 - control latency: ``POST /api/jobs/{id}/pause`` (then ``/resume``) sent to B for
   a job on A, from the request to the process's state changing (psutil, read
   in a tight loop) (p50, p99; goal p99 < 100 ms);
-- cache hits on A and B at once with 20 jobs printing a line every 10 ms (10 on
-  each) and with the same jobs paused (no job running), in alternating rounds, and
-  the ratio of their medians (goal >= 0.9); and the servers' own CPU while the 20
-  jobs print and no hit comes (what publishing them costs).
+- cache hits on A and B at once with ``--jobs`` jobs printing a line every
+  ``--interval`` seconds (20 every 10 ms by default, half on each) and with the same
+  jobs paused (no job running), in alternating rounds, and the ratio of their medians
+  (goal >= 0.9); and the servers' own CPU while the jobs print and no hit comes (what
+  publishing them costs). ``--jobs 2 --interval 0.05`` is the issue's case: a job
+  running on each, printing as a build or a scan does.
 
 Then the same hits with two servers on the memory store (no board: each keeps its
 own jobs), for what the 20 printing jobs cost the machine without a board: on a
@@ -48,11 +51,11 @@ PRINTER = (
 )
 
 
-#: A job printing a line every 10 ms until cancelled, without forking for each (a shell
-#: loop's ``sleep`` would cost the machine more than any server does).
+#: A job printing a line every ``{interval}`` seconds until cancelled, without forking for
+#: each (a shell loop's ``sleep`` would cost the machine more than any server does).
 PRINTING = (
     "import time\nwhile True:\n"
-    "    print('printing a line of output', flush=True)\n    time.sleep(0.01)\n"
+    "    print('printing a line of output', flush=True)\n    time.sleep({interval})\n"
 )
 
 
@@ -164,7 +167,7 @@ def server_cpu(servers: tuple[Server, Server]) -> float:
 
 def measure(name: str, store: str, args: argparse.Namespace, shared: bool = True) -> None:
     """``shared``: the store is shared (a job board); else (memory) only the hits, for
-    what 20 printing jobs cost the machine without a board."""
+    what the printing jobs cost the machine without a board."""
     with Server(["--store", store]) as one, Server(["--store", store]) as two:
         for server in (one, two):
             server.request("POST", "/api/command", json.loads(HIT_BODY))
@@ -173,11 +176,12 @@ def measure(name: str, store: str, args: argparse.Namespace, shared: bool = True
             control = control_latency(one, two, args.controls)
             print(f"{name}: follow A -> SSE on B   {percentiles(follow)}  ({len(follow)} lines)")
             print(f"{name}: control B -> A        {percentiles(control)}  ({len(control)} ops)")
-        printer = f"{shlex.quote(sys.executable)} -c {shlex.quote(PRINTING)}"
+        printing = PRINTING.format(interval=args.interval)
+        printer = f"{shlex.quote(sys.executable)} -c {shlex.quote(printing)}"
         jobs = [
             # Distinct commands: the same one on A and B would run once (single flight).
             (server, start_job(server, f"{printer} # {index} {server.port}")["job_id"])
-            for index in range(10)
+            for index in range(max(1, args.jobs // 2))
             for server in (one, two)
         ]
         for server, job_id in jobs:  # each has its slot and its process
@@ -199,10 +203,11 @@ def measure(name: str, store: str, args: argparse.Namespace, shared: bool = True
             busy_runs.append(hits_on_both(one, two, args.seconds))
         quiet, busy = median_load(quiet_runs), median_load(busy_runs)
         steer(jobs, "cancel")
-    print(f"{name}: server CPU with 20 jobs printing, no hits: {idle_cpu:.1%} of a core each")
-    print(f"{name}: hits A+B, 20 jobs paused {quiet.describe()}")
-    print(f"{name}: hits A+B, 20 jobs printing {busy.describe()}")
-    print(ratio_line(f"{name}: hits with 20 jobs printing / paused", busy, quiet, 0.9))
+    count = f"{len(jobs)} jobs"
+    print(f"{name}: server CPU with {count} printing, no hits: {idle_cpu:.1%} of a core each")
+    print(f"{name}: hits A+B, {count} paused {quiet.describe()}")
+    print(f"{name}: hits A+B, {count} printing every {args.interval:g}s {busy.describe()}")
+    print(ratio_line(f"{name}: hits with {count} printing / paused", busy, quiet, 0.9))
 
 
 def main() -> None:
@@ -211,6 +216,8 @@ def main() -> None:
     parser.add_argument("--controls", type=int, default=30)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=20, help="printing jobs, half on each")
+    parser.add_argument("--interval", type=float, default=0.01, help="seconds between lines")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
         redis_process, port = start_redis(Path(directory))
