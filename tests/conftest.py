@@ -36,6 +36,8 @@ from runcache.web.app import create_app
 
 #: Child processes that outlive a single test on purpose (session servers).
 _LONG_LIVED: set[int] = set()
+#: Long-lived processes whose descendants are theirs to end (a browser and its renderers).
+_LONG_LIVED_TREES: set[int] = set()
 
 
 class FakeClock:
@@ -218,9 +220,14 @@ def _no_leftover_processes(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 def _leftovers(before: set[int]) -> list[psutil.Process]:
-    """The processes this test run started and left running, but for the long-lived ones."""
+    """The processes this test run started and left running, but for the long-lived ones
+    (and what the long-lived trees, a module's browser, have under them)."""
     own = os.getpid()
     found = {child.pid: child for child in psutil.Process().children(recursive=True)}
+    for root in list(_LONG_LIVED_TREES):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for kept in psutil.Process(root).children(recursive=True):
+                found.pop(kept.pid, None)
     for pid in set(psutil.pids()) - before - found.keys() - {own}:
         if _marked(pid):
             with contextlib.suppress(psutil.NoSuchProcess):
@@ -241,6 +248,14 @@ def serving_several_tests(*pids: int) -> None:
 def served(*pids: int) -> None:
     """The processes of :func:`serving_several_tests` stopped: checked again as any."""
     _LONG_LIVED.difference_update(pids)
+    _LONG_LIVED_TREES.difference_update(pids)
+
+
+def serving_several_tests_with_children(pid: int) -> None:
+    """As :func:`serving_several_tests`, for a process whose children come and go while
+    it serves (a browser's renderers): they are its own to end, when it ends."""
+    _LONG_LIVED.add(pid)
+    _LONG_LIVED_TREES.add(pid)
 
 
 def _marked(pid: int) -> bool:

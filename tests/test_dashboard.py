@@ -15,10 +15,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
-from conftest import LiveServer, until
+from conftest import LiveServer, served, serving_several_tests_with_children, until
 
 TOKEN, ADMIN = "t" * 32, "a" * 32
 
@@ -34,15 +35,24 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    """A browser per test: the suite checks that a test leaves no process behind."""
+    """A browser per module, each test in a context of its own: launching Chromium costs
+    a test about a second of CPU. Its driver (and so the browser and its renderers) is
+    exempt from the leftover check while it serves, and checked once it has closed."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "Debian's chromium is needed: apt-get install chromium"
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        # The driver, the browser, and its crash handlers (which leave the browser's tree
+        # for this process's, their subreaper).
+        started = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        for pid in started:
+            serving_several_tests_with_children(pid)
         yield launched
         launched.close()
+    served(*started)
 
 
 @pytest.fixture
