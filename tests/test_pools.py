@@ -21,6 +21,7 @@ from functools import partial
 from typing import Any
 
 import psutil
+import pytest
 import requests
 
 from test_mcp_tasks import Http, _call, _until_status
@@ -193,6 +194,23 @@ def test_mcp_runs_in_a_pool_as_a_call_and_as_a_task(deployment: Deployment) -> N
     assert task["resultType"] == "task", task
     done = _until_status(client, task["taskId"], "completed")
     assert done["result"]["structuredContent"]["stdout"] == f"{deployment.beta.name}\nmcp\n"
+
+
+def test_a_foreground_client_that_hangs_up_cancels_its_pooled_run(
+    deployment: Deployment,
+) -> None:
+    """As a local run only its own callers wanted: the worker's command is killed."""
+    mark, server = marker(), deployment.server
+    with pytest.raises(requests.Timeout):  # the client gives up, and its connection closes
+        requests.post(
+            f"{server.url}/api/command",
+            json={"command": f"sleep 30 # {mark}", "pool": "beta"},
+            timeout=(10, 1.5),
+        )
+    until(lambda: not marked(mark), what="the abandoned run killed on the worker")
+    listed = requests.get(f"{server.url}/api/jobs", timeout=30).json()["jobs"]
+    [abandoned] = [j for j in listed if j["command"] == f"sleep 30 # {mark}"]
+    assert until(lambda: ended(server, abandoned["job_id"]))["status"] == "cancelled"
 
 
 def test_a_pool_without_workers_answers_503_at_once(deployment: Deployment) -> None:

@@ -203,6 +203,12 @@ class Engine:
         #: The pooled jobs this server queued (or is queuing) and waits on, by key:
         #: identical requests join them.
         self._pooled: dict[str, asyncio.Future[RemoteJob]] = {}
+        #: Foreground requests waiting here on each pooled job, by job id; and the pooled
+        #: foreground jobs a background request joined (theirs to keep). A job whose
+        #: last waiter hangs up, that none holds, is cancelled, as a local run is.
+        self._pooled_waiting: dict[str, int] = {}
+        self._pooled_held: set[str] = set()
+        self._abandoning: set[asyncio.Future[None]] = set()
         #: Why the pools' counts could not be read last time (None: they could), so an
         #: outage is logged once, and its end once.
         self._pools_failing: str | None = None
@@ -336,7 +342,11 @@ class Engine:
             outcome = await self._lookup(plan, caller)
             if outcome is None and plan.pool is not None:
                 remote, joined = await self._queue(plan, request, caller, background=False)
-                outcome = await self._answer(lambda: self._pooled_outcome(remote, joined), gone)
+                try:
+                    outcome = await self._answer(lambda: self._pooled_outcome(remote, joined), gone)
+                except ClientGone:
+                    self._abandon(remote)
+                    raise
             elif outcome is None:
                 job, joined = self._claim(plan, caller)
                 outcome = await self._answer(lambda: self._outcome(job, joined), gone)
@@ -558,6 +568,8 @@ class Engine:
                 running = await asyncio.shield(queuing)  # its 503, if it got one
                 await running.catch_up()  # its end, if it came while nobody here waited
                 if not running.ended:
+                    if background:
+                        self._pooled_held.add(running.job_id)
                     return running, True
                 if self._pooled.get(plan.key) is queuing:
                     del self._pooled[plan.key]
@@ -624,6 +636,7 @@ class Engine:
         queued when its pool has lost every worker ends the wait with a 503."""
         pool = job.record.pool
         assert pool is not None and self.pools is not None
+        self._pooled_waiting[job.job_id] = self._pooled_waiting.get(job.job_id, 0) + 1
         try:
             while not job.ended:
                 await job.changed()
@@ -634,6 +647,11 @@ class Engine:
                             retry_after=_POOL_RETRY_SECONDS,
                         )
         finally:
+            self._pooled_waiting[job.job_id] -= 1
+            if not self._pooled_waiting[job.job_id]:
+                del self._pooled_waiting[job.job_id]
+            if job.ended:
+                self._pooled_held.discard(job.job_id)
             queued = self._pooled.get(job.cache_key)
             if (
                 job.ended
@@ -651,6 +669,27 @@ class Engine:
         if coalesced:
             self.metrics.coalesced()
         return Outcome(job.body, coalesced=coalesced)
+
+    def _abandon(self, job: RemoteJob) -> None:
+        """A foreground request's client hung up on a pooled job: cancel it (in its queue,
+        or on its worker) unless another request here waits on it or a background one
+        joined it, as a local run only its own callers wanted is killed."""
+        if job.ended or self._pooled_waiting.get(job.job_id) or job.job_id in self._pooled_held:
+            return
+        cancelling = asyncio.ensure_future(self._cancel_pooled(job))
+        self._abandoning.add(cancelling)
+        cancelling.add_done_callback(self._abandoning.discard)
+
+    async def _cancel_pooled(self, job: RemoteJob) -> None:
+        try:
+            if not await self.cancel_queued(job) and self.sharing is not None:
+                await self.sharing.control(job, "cancel")
+        except RuncacheError as error:  # a store down: the run goes on to its timeout
+            log.warning(
+                "job %s: its client left, and it could not be cancelled: %s",
+                job.job_id,
+                error.message,
+            )
 
     def queued(self, job: RemoteJob) -> bool:
         """Whether ``job`` waits in its pool's queue, as last read: no worker runs it."""
