@@ -162,6 +162,11 @@ def test_a_job_still_in_its_queue_is_cancelled_at_once_and_never_runs(
             assert answer.json()["status"] == "cancelled"
         result = foreground.result(30)
     assert result["cancelled"] is True and result["stdout"] == ""
+    # Left by the one background request that wanted it: nobody does, so it is cancelled.
+    body = {"command": f"echo {waiting} left", "pool": "alpha", "background": True}
+    left = post(server, body, 202)
+    answer = requests.post(f"{server.url}/api/jobs/{left['job_id']}/leave", timeout=30)
+    assert answer.status_code == 200 and answer.json()["status"] == "cancelled", answer.text
     assert job(server, queued["job_id"])["status"] == "cancelled"
     for started in running:
         requests.post(f"{server.url}/api/jobs/{started['job_id']}/cancel", timeout=30)

@@ -264,10 +264,15 @@ async def _steer(engine: Engine, job: Job, verb: str) -> bool:
     """Do ``verb`` to ``job`` here, or (another instance's job) ask the instance that runs
     it, through the job board; whether it was done."""
     if isinstance(job, RemoteJob):
-        if verb == "cancel" and await engine.cancel_queued(job):
-            return True
-        if engine.queued(job):  # no worker has it: nothing runs to pause, resume or leave
-            return False
+        if engine.queued(job):  # no worker has it: nothing runs to pause or resume
+            # Left by its one background owner, nobody wants it: cancelled, as a run is.
+            alone = job.record.background and len(job.record.owners) <= 1
+            if (verb == "cancel" or (verb == "leave" and alone)) and await engine.cancel_queued(
+                job
+            ):
+                return True
+            if engine.queued(job):  # still (cancel_queued read it again): a worker has not
+                return False
         sharing = engine.sharing
         assert sharing is not None
         return (await sharing.control(job, verb)).done
