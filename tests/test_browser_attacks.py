@@ -22,9 +22,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, Route, sync_playwright
+from playwright.sync_api import Browser, Page, Playwright, Route
 
-from test_dashboard import CHROMIUM_ARGS, browser  # noqa: F401 - the fixture
+from test_dashboard import CHROMIUM_ARGS, browser, driver  # noqa: F401 - the fixtures
 
 from conftest import LiveServer, free_port
 
@@ -138,7 +138,7 @@ def test_a_page_of_another_origin_runs_clears_and_reads_nothing(
 
 
 @pytest.fixture
-def rebinding_browser() -> Iterator[Browser]:
+def rebinding_browser(driver: Playwright) -> Iterator[Browser]:  # noqa: F811 - the fixture
     """Chromium whose resolver answers 127.0.0.1 for evil.example: the rebound name.
 
     The page playwright serves counts as a public one, which Chromium's own Local
@@ -146,18 +146,17 @@ def rebinding_browser() -> Iterator[Browser]:
     before they leave, old code or new): those checks are off here, so the test is
     of runcache's guard, as it must hold in browsers without them (Firefox, older
     Chromium, a user who granted a site local network access)."""
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium",
-            args=[
-                *CHROMIUM_ARGS,
-                "--host-resolver-rules=MAP evil.example 127.0.0.1",
-                "--disable-features=LocalNetworkAccessChecks,BlockInsecurePrivateNetworkRequests,"
-                "PrivateNetworkAccessSendPreflights",
-            ],
-        )
-        yield launched
-        launched.close()
+    launched = driver.chromium.launch(
+        executable_path="/usr/bin/chromium",
+        args=[
+            *CHROMIUM_ARGS,
+            "--host-resolver-rules=MAP evil.example 127.0.0.1",
+            "--disable-features=LocalNetworkAccessChecks,BlockInsecurePrivateNetworkRequests,"
+            "PrivateNetworkAccessSendPreflights",
+        ],
+    )
+    yield launched
+    launched.close()
 
 
 def test_dns_rebinding_in_the_browser_runs_and_reads_nothing(

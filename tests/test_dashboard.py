@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, Playwright, expect, sync_playwright
 
 from conftest import LiveServer, served, serving_several_tests_with_children, until
 
@@ -35,23 +35,41 @@ CHROMIUM_ARGS = [
 ]
 
 
+def _descendants() -> set[int]:
+    return {process.pid for process in psutil.Process().children(recursive=True)}
+
+
+def _keep_while_serving(before: set[int]) -> list[int]:
+    """Exempt what started since ``before`` from the leftover check while it serves (a
+    driver, a browser and its crash handlers, which leave the browser's tree for this
+    process's, their subreaper): it is checked once it has ended."""
+    started = sorted(_descendants() - before)
+    for pid in started:
+        serving_several_tests_with_children(pid)
+    return started
+
+
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
+def driver() -> Iterator[Playwright]:
+    """One Playwright driver per module: a thread may run only one at a time."""
+    before = _descendants()
+    with sync_playwright() as playwright:
+        started = _keep_while_serving(before)
+        yield playwright
+    served(*started)
+
+
+@pytest.fixture(scope="module")
+def browser(driver: Playwright) -> Iterator[Browser]:
     """A browser per module, each test in a context of its own: launching Chromium costs
-    a test about a second of CPU. Its driver (and so the browser and its renderers) is
-    exempt from the leftover check while it serves, and checked once it has closed."""
+    a test about a second of CPU."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "Debian's chromium is needed: apt-get install chromium"
-    before = {child.pid for child in psutil.Process().children(recursive=True)}
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        # The driver, the browser, and its crash handlers (which leave the browser's tree
-        # for this process's, their subreaper).
-        started = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in before]
-        for pid in started:
-            serving_several_tests_with_children(pid)
-        yield launched
-        launched.close()
+    before = _descendants()
+    launched = driver.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+    started = _keep_while_serving(before)
+    yield launched
+    launched.close()
     served(*started)
 
 

@@ -137,8 +137,9 @@ def test_the_docs_show_the_configuration_tested_here() -> None:
 
 
 def state(mark: str) -> str:
-    """The state of the process sleeping on ``mark`` (``stopped`` when paused)."""
-    processes = marked(mark)
+    """The state of the ``sleep`` on ``mark`` (``stopped`` when paused), not of the shell
+    around it, which names the mark too."""
+    processes = [process for process in marked(mark) if process.name() == "sleep"]
     return processes[0].status() if processes else "gone"
 
 

@@ -14,7 +14,7 @@ import requests
 from playwright.sync_api import Page, expect
 from prometheus_client.parser import text_string_to_metric_families
 
-from test_dashboard import browser, open_page  # noqa: F401 - the fixtures
+from test_dashboard import browser, driver, open_page  # noqa: F401 - the fixtures
 
 from conftest import (
     LiveServer,

@@ -70,8 +70,9 @@ def events(server: LiveServer, job_id: str, last: str | None = None) -> list[tup
 
 
 def state(mark: str) -> str:
-    """The state of the process sleeping on ``mark`` (``stopped`` when paused)."""
-    processes = marked(mark)
+    """The state of the ``sleep`` on ``mark`` (``stopped`` when paused), not of the shell
+    around it, which names the mark too."""
+    processes = [process for process in marked(mark) if process.name() == "sleep"]
     return processes[0].status() if processes else "gone"
 
 

@@ -225,7 +225,7 @@ async def on_http_error(request: Request, error: Exception) -> Response:
             return Response(status_code=200, headers={"Allow": ", ".join(allowed)})
         return error_answer(MethodNotAllowed(f"method {method} is not allowed on {path}", allowed))
     if error.status_code == 404:
-        return error_answer(NotFound(f"no endpoint at {path}; see the README for the API"))
+        return error_answer(NotFound(f"no endpoint at {path}; GET /openapi.json lists them all"))
     problem = RuncacheError(error.detail)
     problem.status = error.status_code
     return error_answer(problem)
