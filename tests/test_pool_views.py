@@ -7,6 +7,7 @@ server without pools (a memory store) that shows none.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,11 @@ def scraped_pools(server: LiveServer) -> dict[str, dict[str, Any]]:
             pool = sample.labels["pool"]
             found.setdefault(pool, {"pool": pool})[figure] = int(sample.value)
     return found
+
+
+def _ended(server: LiveServer, job_id: str) -> bool | None:
+    answer = requests.get(f"{server.url}/api/jobs/{job_id}", timeout=30).json()
+    return answer["status"] != "running" or None
 
 
 def counts(pool: str, workers: int, queued: int, running: int) -> dict[str, Any]:
@@ -146,9 +152,10 @@ def test_redis_gone_leaves_metrics_answering_and_pools_a_503(
         redis.stop()
 
 
-def test_the_dashboard_shows_each_pool(
+def test_the_dashboard_shows_each_pool_and_a_queued_job_as_queued(
     deployment: Deployment,
     open_page: Callable[..., Page],  # noqa: F811 - the fixture
+    tmp_path: Path,
 ) -> None:
     page = open_page(deployment.server)
     try:
@@ -159,6 +166,30 @@ def test_the_dashboard_shows_each_pool(
             expect(row.locator("td.workers")).to_have_text(workers)
             expect(row.locator("td.queued")).to_have_text("0")
             expect(row.locator("td.running")).to_have_text("0")
+        # A pool of one worker of concurrency 1: the second job waits in its queue.
+        pool, gate = "solo-" + marker()[:8], tmp_path / "gate"
+        worker = start_worker(deployment.store, pool, "--concurrency", "1")
+        try:
+            jobs = [
+                requests.post(
+                    deployment.server.url + "/api/command",
+                    json={
+                        "command": f"while [ ! -e {gate} ]; do sleep 0.05; done # {n}",
+                        "pool": pool,
+                        "background": True,
+                    },
+                    timeout=30,
+                ).json()["job_id"]
+                for n in range(2)
+            ]
+            badges = [page.locator(f'#running tr[data-job-id="{j}"] .badge') for j in jobs]
+            expect(badges[0].first).to_have_text("running")
+            expect(badges[1].first).to_have_text("queued")
+            gate.touch()
+            for job_id in jobs:
+                until(partial(_ended, deployment.server, job_id), what="the gated jobs")
+        finally:
+            worker.stop()
     finally:
         page.close()
 
