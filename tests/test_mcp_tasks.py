@@ -47,13 +47,17 @@ def _initialize(capabilities: Json | None = None) -> Json:
 class Stdio:
     """JSON-RPC over a ``runcache mcp`` process's stdin and stdout, a line each."""
 
-    def __init__(self, capabilities: Json | None = None, handshake: bool = True) -> None:
+    def __init__(
+        self, capabilities: Json | None = None, handshake: bool = True, server: str = ""
+    ) -> None:
         """``handshake``: open with ``initialize`` (2025-11-25), or not (2026-07-28, where
-        each request carries its protocol version and capabilities in its ``_meta``)."""
+        each request carries its protocol version and capabilities in its ``_meta``).
+        ``server``: forward to the runcache server at that URL (``--server``)."""
         environment = {k: v for k, v in os.environ.items() if not k.startswith("RUNCACHE_")}
         environment["RUNCACHE_JOB_RETENTION"] = str(RETENTION)
+        forward = ["--server", server] if server else []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "runcache", "mcp"],
+            [sys.executable, "-m", "runcache", "mcp", *forward],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -258,6 +262,20 @@ def test_over_stdio_a_declared_call_is_a_task_polled_to_its_result(stdio: Stdio)
 
 def test_over_stdio_tasks_cancel_kills_the_run(stdio: Stdio) -> None:
     _cancel_kills_the_run(stdio)
+
+
+def test_through_mcp_server_forwarding_tasks_run_and_are_cancelled(
+    live_server_factory: Callable[..., LiveServer],
+) -> None:
+    """``runcache mcp --server URL`` offers tasks with the server's --job-retention (its
+    /health says it), and reads and cancels them through the server."""
+    server = live_server_factory("--job-retention", str(RETENTION))
+    client = Stdio(server=server.url)
+    try:
+        _tasks_run_to_their_result(client)
+        _cancel_kills_the_run(client)
+    finally:
+        client.close()
 
 
 def test_over_stdio_the_errors_are_the_texts(stdio: Stdio) -> None:

@@ -813,7 +813,7 @@ def mcp_command(server: str | None, mcp_tools: str) -> None:
     log_level, log_format = "INFO", "text"
     if server:
         client = Client(server, os.environ.get(TOKEN_ENV), os.environ.get(ADMIN_TOKEN_ENV))
-        backend = ServerBackend(client)
+        backend = ServerBackend.connect(client)
     else:  # settings apply to an engine in this process; a forwarding adapter needs none
         from runcache.engine.engine import Engine
 

@@ -419,6 +419,9 @@ class Health(Struct, frozen=True):
     running_commands: _Count
     slots: SlotUse
     reason: str | UnsetType = UNSET
+    #: Seconds an ended job is kept (--job-retention): what ``runcache mcp --server``
+    #: offers its MCP tasks' time to live from (absent from servers before it).
+    job_retention: _Seconds | UnsetType = UNSET
 
 
 class HitSample(Struct, frozen=True):

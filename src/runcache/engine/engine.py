@@ -943,6 +943,7 @@ class Engine:
                 size=self.slots.size, in_use=self.slots.held, queued=self.slots.waiting
             ),
             reason=f"cache store failed: {reason}" if reason else msgspec.UNSET,
+            job_retention=self.config.job_retention,
         )
 
 

@@ -20,18 +20,22 @@ ignores the viewer: the server it forwards to decides by the token it sends.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
+import msgspec
 
 from runcache import wire
 from runcache.client.http import Client
 from runcache.engine import job_answers
 from runcache.engine.callers import Caller
 from runcache.engine.engine import Engine
-from runcache.errors import StoreError
+from runcache.errors import NotFound, RuncacheError, StoreError
+
+log = logging.getLogger("runcache")
 
 T = TypeVar("T")
 
@@ -194,11 +198,23 @@ class EngineBackend:
 class ServerBackend:
     """The tools forwarded to a runcache server, with its tokens."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, job_retention: float | None = None) -> None:
         self.client = client
         self.description = client.description
-        #: The server's retention is not known here: its jobs are not offered as tasks.
-        self.job_retention: float | None = None
+        #: The server's --job-retention, as its /health says (:meth:`connect`); None
+        #: where it is not known (a server too old to say): its jobs are then not tasks.
+        self.job_retention = job_retention
+
+    @classmethod
+    def connect(cls, client: Client) -> ServerBackend:
+        """The backend of the server ``client`` reaches, its retention asked once: the
+        tasks extension is declared (or not) when the MCP server is built."""
+        try:
+            retention = client.health().job_retention
+        except RuncacheError as error:
+            log.warning("runcache server %s: %s; MCP tasks off", client.description, error.message)
+            return cls(client)
+        return cls(client, None if retention is msgspec.UNSET else float(retention))
 
     async def _call(self, operation: Callable[..., T], *args: object) -> T:
         """A blocking client call in a worker thread, abandoned if the tool call is
@@ -234,7 +250,13 @@ class ServerBackend:
         return await self._call(self.client.leave, job_id)
 
     async def on_every_instance(self, job_id: str) -> bool:
-        return False  # never asked: no tasks without a retention
+        """Whether the server finds the job: it answers for every instance sharing its
+        store, and each call of this adapter goes to it."""
+        try:
+            await self._call(self.client.job, job_id)
+        except NotFound:
+            return False
+        return True
 
     async def cache_stats(self) -> wire.CacheStats:
         return await self._call(self.client.cache_stats)
