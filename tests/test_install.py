@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,7 +93,8 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 def test_every_locked_package_finds_what_it_needs_in_its_lock_on_every_python() -> None:
     """pip's --require-hashes refuses a dependency the lock lacks, so a package needing one
-    only on another Python (redis-py: async-timeout before 3.11.3) breaks the install."""
+    only on another Python (redis-py: async-timeout before 3.11.3) breaks the install;
+    and a pin that needs a newer Python than one the README names cannot install there."""
     test_pins = _pins("test.txt")
     for lock in ("serve.txt", "test.txt"):
         pins = _pins(lock)
@@ -110,6 +112,13 @@ def test_every_locked_package_finds_what_it_needs_in_its_lock_on_every_python() 
                         assert canonicalize_name(needed.name) in pins, (
                             f"on Python {python}, {name} needs {line!r}: not in {lock}"
                         )
+                # A pin whose release needs a newer Python has no file pip may install
+                # there (pymdown-extensions 13 needs 3.11.5: Debian 12's is 3.11.2).
+                supported = SpecifierSet(metadata.metadata(name).get("Requires-Python") or "")
+                assert supported.contains(python, prereleases=True), (
+                    f"{lock} pins {name}=={version}, which needs Python {supported}: "
+                    f"not {python} (compile the lock on Debian 12's python3)"
+                )
 
 
 #: Blocks, before runcache is imported, every module only the test lock installs.
