@@ -114,7 +114,7 @@ def test_every_locked_package_finds_what_it_needs_in_its_lock_on_every_python() 
                         )
                 # A pin whose release needs a newer Python has no file pip may install
                 # there (pymdown-extensions 13 needs 3.11.5: Debian 12's is 3.11.2).
-                supported = SpecifierSet(metadata.metadata(name).get("Requires-Python") or "")
+                supported = SpecifierSet(metadata.metadata(name)["Requires-Python"] or "")
                 assert supported.contains(python, prereleases=True), (
                     f"{lock} pins {name}=={version}, which needs Python {supported}: "
                     f"not {python} (compile the lock on Debian 12's python3)"
