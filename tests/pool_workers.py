@@ -8,6 +8,7 @@ are watched); each module gets a deployment of its own, in a namespace of its ow
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -125,7 +126,13 @@ def deployment_watchdogs(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     deployment: Deployment = request.getfixturevalue("deployment")
     for pid in [deployment.server.process.pid, *(w.process.pid for w in deployment.everyone)]:
-        for child in psutil.Process(pid).children():
-            if "runcache.run.containment" in " ".join(child.cmdline()):
-                serving_several_tests(child.pid)
-                deployment.watchdogs.append(child.pid)
+        children: list[psutil.Process] = []
+        with contextlib.suppress(psutil.Error):  # a process gone meanwhile fails its own test
+            children = psutil.Process(pid).children()
+        for child in children:
+            # A watchdog the leftover check killed is a zombie until its runner starts
+            # another: it is no one's to keep.
+            with contextlib.suppress(psutil.Error):
+                if "runcache.run.containment" in " ".join(child.cmdline()):
+                    serving_several_tests(child.pid)
+                    deployment.watchdogs.append(child.pid)
