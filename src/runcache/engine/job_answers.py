@@ -278,9 +278,7 @@ async def _steer(engine: Engine, job: Job, verb: str) -> bool:
         return (await sharing.control(job, verb)).done
     act: Callable[[Job], bool] = getattr(engine, verb)
     done = act(job)
-    if done and verb in ("pause", "resume", "cancel"):
-        if verb == "cancel":
-            await until_ended(job)
+    if done and verb in ("pause", "resume"):
         await job.published()  # the next request may reach another instance
     return done
 
@@ -290,6 +288,7 @@ async def cancel(engine: Engine, job: Job) -> wire.JobAction:
     if not await _steer(engine, job, "cancel"):
         raise Conflict(_cannot("cancelled", job))
     await until_ended(job)
+    await job.published()  # its end, before the next request reaches another instance
     return _action(job)
 
 
