@@ -315,6 +315,23 @@ def marker() -> str:
     return f"{300 + next(_MARKS)}.{os.getpid()}"
 
 
+def held(process: psutil.Process) -> bool:
+    """Whether ``process`` is stopped, or cannot go on: a shell paused between its vfork
+    and the child's exec waits in the kernel (D) on a child that is itself stopped."""
+    try:
+        status = process.status()
+    except psutil.NoSuchProcess:
+        return False
+    if status == psutil.STATUS_STOPPED:
+        return True
+    children = process.children()
+    return (
+        status == psutil.STATUS_DISK_SLEEP
+        and bool(children)
+        and all(child.status() == psutil.STATUS_STOPPED for child in children)
+    )
+
+
 def marked(mark: str) -> list[psutil.Process]:
     """The live processes whose command line holds ``mark``."""
     found = []

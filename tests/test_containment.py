@@ -28,7 +28,7 @@ from runcache.errors import ConfigError
 from runcache.run import containment
 from runcache.run.runner import RunControl, Runner, RunResult
 
-from conftest import LiveServer, alive, marked, marker, until
+from conftest import LiveServer, alive, held, marked, marker, until
 
 
 @pytest.fixture(autouse=True)
@@ -190,20 +190,6 @@ def test_the_issues_job_control_case_times_out_and_leaves_nothing(way: str) -> N
     runner.kill_all()
 
 
-def _held(process: psutil.Process) -> bool:
-    """Whether ``process`` is stopped, or cannot go on: a shell paused between its vfork
-    and the child's exec waits in the kernel (D) on a child that is itself stopped."""
-    status = process.status()
-    if status == psutil.STATUS_STOPPED:
-        return True
-    children = process.children()
-    return (
-        status == psutil.STATUS_DISK_SLEEP
-        and bool(children)
-        and all(child.status() == psutil.STATUS_STOPPED for child in children)
-    )
-
-
 def test_pause_stops_processes_that_left_the_group_and_resume_continues_them(
     tmp_path: Path, way: str
 ) -> None:
@@ -219,7 +205,7 @@ def test_pause_stops_processes_that_left_the_group_and_resume_continues_them(
         assert control.pause()
         leader = psutil.Process(control.pid)
         until(lambda: escaped.status() == psutil.STATUS_STOPPED, 5, "for the stop")
-        until(lambda: _held(leader), 5, "for the leader's stop")
+        until(lambda: held(leader), 5, "for the leader's stop")
         assert control.resume()
         until(lambda: escaped.status() != psutil.STATUS_STOPPED, 5, "for the resume")
         assert control.cancel()

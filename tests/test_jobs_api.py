@@ -18,7 +18,7 @@ import pytest
 import requests
 from jsonschema import Draft202012Validator, FormatChecker
 
-from conftest import LiveServer, until
+from conftest import LiveServer, held, until
 
 Json = dict[str, Any]
 
@@ -259,7 +259,7 @@ def test_pause_stops_every_process_and_paused_time_is_off_the_clock(
     until(lambda: len(_group(pid)) >= 2 or None)  # the shell, and its first sleep
     paused = http.post(f"/api/jobs/{job_id}/pause")
     assert _valid(http, paused, "JobAction")["status"] == "paused"
-    until(lambda: all(_stopped(process) for process in _group(pid)) or None)
+    until(lambda: all(map(held, _group(pid))) or None)
     assert _job(http, job_id)["status"] == "paused"
     twice = http.post(f"/api/jobs/{job_id}/pause")
     assert twice.status_code == 409 and "is paused" in twice.json()["error"]
@@ -272,15 +272,6 @@ def test_pause_stops_every_process_and_paused_time_is_off_the_clock(
     assert ended["result"]["timed_out"] is False and ended["result"]["execution_time"] > 1.5
     late = http.post(f"/api/jobs/{job_id}/resume")
     assert late.status_code == 409 and "has ended" in late.json()["error"]
-
-
-def _stopped(process: psutil.Process) -> bool:
-    """Whether a process is stopped; one that has ended (its sleep ran out while it was
-    stopped, so it ends as soon as it goes on) is not."""
-    try:
-        return process.status() == psutil.STATUS_STOPPED
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_background_runs_join_and_cached_results_answer_at_once(

@@ -40,7 +40,7 @@ from runcache.mcp.shapes import (
 )
 from runcache.mcp.tools import _lean_schema
 
-from conftest import LiveServer, free_port
+from conftest import LiveServer, free_port, held
 
 #: Each tool and the shape it answers with.
 ANSWERS: dict[str, type[msgspec.Struct]] = {
@@ -627,7 +627,7 @@ def test_process_tools_list_pause_resume_and_terminate(driver: Driver) -> None:
         )
 
         async def stopped() -> bool:
-            return all(process.status() == psutil.STATUS_STOPPED for process in group)
+            return all(map(held, group))
 
         await _until(stopped)
         await call(session, "resume_process", pid=pid)

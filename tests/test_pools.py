@@ -26,7 +26,7 @@ import requests
 
 from test_mcp_tasks import Http, _call, _until_status
 
-from conftest import LiveServer, json_object, marked, marker, until
+from conftest import LiveServer, held, json_object, marked, marker, until
 from pool_workers import (  # noqa: F401 - deployment_fixture and deployment_watchdogs: fixtures
     Deployment,
     Worker,
@@ -112,7 +112,7 @@ def test_cancel_and_pause_from_the_server_reach_the_worker(deployment: Deploymen
     process = marked(mark)[0]
     answer = requests.post(f"{server.url}/api/jobs/{job_id}/pause", timeout=30)
     assert answer.status_code == 200, answer.text
-    until(lambda: process.status() == psutil.STATUS_STOPPED, what="the run paused")
+    until(lambda: held(process), what="the run paused")
     assert job(server, job_id)["status"] == "paused"
     answer = requests.post(f"{server.url}/api/jobs/{job_id}/resume", timeout=30)
     assert answer.status_code == 200, answer.text

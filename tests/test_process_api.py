@@ -18,7 +18,7 @@ import psutil
 import pytest
 from jsonschema import Draft202012Validator, FormatChecker
 
-from conftest import LiveServer, until
+from conftest import LiveServer, held, until
 
 Json = dict[str, Any]
 
@@ -323,7 +323,7 @@ def test_pause_stops_every_process_of_the_group_and_resume_continues_them(
 
     answer = api.call("POST", "/api/processes/pause/{pid}", "done", pid=str(pid))
     assert answer == {"success": True, "message": f"Process {pid} paused successfully"}
-    until(lambda: states() == {psutil.STATUS_STOPPED})
+    until(lambda: all(map(held, group)))
     status = api.call("GET", "/api/processes/status/{pid}", "status", pid=str(pid))
     assert status["process"]["status"] == "paused"
     assert api.active()[str(pid)]["status"] == "paused"
